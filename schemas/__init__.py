@@ -1,0 +1,68 @@
+"""Wire models of job-orchestrator and the JSON Schema files generated from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from schemas.messages import (
+    ALL_MODELS,
+    ENDED_STATUSES,
+    DeadLetter,
+    DeadLetterReason,
+    EventType,
+    Header,
+    JobRequest,
+    JobResult,
+    RunStatus,
+    Source,
+    StatusEvent,
+)
+
+SCHEMA_DIR = Path(__file__).parent
+
+__all__ = [
+    "ALL_MODELS",
+    "ENDED_STATUSES",
+    "SCHEMA_DIR",
+    "DeadLetter",
+    "DeadLetterReason",
+    "EventType",
+    "Header",
+    "JobRequest",
+    "JobResult",
+    "RunStatus",
+    "Source",
+    "StatusEvent",
+    "export_json_schemas",
+    "json_schema_documents",
+]
+
+# Inputs are described as accepted (validation); outputs as written (serialization).
+_INPUTS = {"job_request", "job_result"}
+
+
+def json_schema_documents() -> dict[str, str]:
+    """File name -> JSON Schema text, for every wire model."""
+    docs = {}
+    for name, model in ALL_MODELS.items():
+        mode: Literal["validation", "serialization"] = (
+            "validation" if name in _INPUTS else "serialization"
+        )
+        schema = model.model_json_schema(mode=mode)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"{name}.schema.json"
+        docs[f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return docs
+
+
+def export_json_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    """Write the JSON Schema files into `directory`; return the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, text in json_schema_documents().items():
+        path = directory / filename
+        path.write_text(text)
+        written.append(path)
+    return written

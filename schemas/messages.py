@@ -1,0 +1,181 @@
+"""Wire models of every message: frozen pydantic models, snake_case on the wire.
+
+Input models (requests and results) also accept the seed's camelCase names (``jobType``,
+``clientId``, ``initialData``, ``runId``, ``finalMetrics``, ``requestId``) and reject unknown
+fields, so a misspelt field is reported instead of silently dropped.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+
+def _snake_or_camel(name: str) -> AliasChoices:
+    return AliasChoices(name, to_camel(name))
+
+
+class WireModel(BaseModel):
+    """Base of all wire models: immutable, strict about unknown fields."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=AliasGenerator(validation_alias=_snake_or_camel),
+        populate_by_name=True,
+    )
+
+
+JobType = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\s]+$"),
+]
+ClientId = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=r"^[^\s]+$"),
+]
+RequestId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+RunIdText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=400)]
+
+
+class RunStatus(StrEnum):
+    """The status of a run."""
+
+    RUNNING = "RUNNING"  # started, no result yet
+    COMPLETED = "COMPLETED"  # ended: the executor reported success
+    FAILED = "FAILED"  # ended: the executor reported failure
+    CANCELLED = "CANCELLED"  # ended: cancelled before it finished
+    TIMED_OUT = "TIMED_OUT"  # ended: no result or heartbeat within its timeout
+
+
+ENDED_STATUSES = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
+)
+
+
+class EventType(StrEnum):
+    """What a status event reports."""
+
+    STARTED = "started"  # a run was created; executors start it
+    REFUSED = "refused"  # a start while a run of the same scope is active
+    QUEUED = "queued"  # a start waits for the active run of its scope to end
+    DUPLICATE = "duplicate"  # a repeated request_id; carries the original decision
+    REJECTED = "rejected"  # an input that cannot apply; state unchanged
+    PROGRESS = "progress"  # an executor reported progress metrics
+    COMPLETED = "completed"  # a run ended successfully
+    FAILED = "failed"  # a run ended in failure
+    CANCELLED = "cancelled"  # a run was cancelled; executors stop it
+    TIMED_OUT = "timed_out"  # a run ended for lack of a result or heartbeat
+
+
+class Source(WireModel):
+    """Coordinates of the input record that caused an event or a dead letter."""
+
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+
+
+class JobRequest(WireModel):
+    """A request to start a job, or to cancel one, written to `<prefix>.requests`."""
+
+    kind: Literal["start", "cancel"] = "start"
+    request_id: RequestId | None = None
+    job_type: JobType
+    client_id: ClientId | None = None
+    initial_data: dict[str, Any] = Field(default_factory=dict)
+    run_id: RunIdText | None = None
+
+
+class JobResult(WireModel):
+    """An executor's report, written to `<prefix>.results`: a result, progress or heartbeat."""
+
+    kind: Literal["result", "progress"] = "result"
+    job_type: JobType
+    run_id: RunIdText
+    status: Literal["COMPLETED", "FAILED"] | None = None
+    final_metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    request_id: RequestId | None = None
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _upper_status(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _status_for_results(self) -> JobResult:
+        if self.kind == "result" and self.status is None:
+            raise ValueError("a result needs a status: COMPLETED or FAILED")
+        return self
+
+
+class StatusEvent(WireModel):
+    """One decision or lifecycle transition, written by the orchestrator to `<prefix>.status`."""
+
+    event_id: str
+    type: EventType
+    status: RunStatus | None = Field(
+        default=None, description="The status of the run named by run_id after the event."
+    )
+    from_status: RunStatus | None = None
+    request_id: str | None = None
+    job_type: str
+    client_id: str | None = None
+    run_id: str | None = None
+    reason: str | None = None
+    metrics: dict[str, Any] | None = None
+    initial_data: dict[str, Any] | None = Field(
+        default=None, description="The run's initial data, on `started` events."
+    )
+    started_at: datetime | None = Field(
+        default=None, description="When the run named by run_id started."
+    )
+    occurred_at: datetime
+    source: Source | None = None
+
+
+class DeadLetterReason(WireModel):
+    """Why a record was dead-lettered: a stable code and a sentence for people."""
+
+    code: str
+    message: str
+
+
+class Header(WireModel):
+    """One Kafka record header; the value is base64 so any bytes survive."""
+
+    key: str
+    value: str | None
+
+
+class DeadLetter(WireModel):
+    """An input record the orchestrator could not use, written to `<prefix>.dlq`."""
+
+    reason: DeadLetterReason
+    source: Source
+    key: str | None = Field(description="The original key, base64.")
+    value: str | None = Field(description="The original value, base64.")
+    headers: tuple[Header, ...] = ()
+    dead_lettered_at: datetime
+
+
+ALL_MODELS: dict[str, type[BaseModel]] = {
+    "job_request": JobRequest,
+    "job_result": JobResult,
+    "status_event": StatusEvent,
+    "dead_letter": DeadLetter,
+}

@@ -1,0 +1,68 @@
+"""Settings from the environment (prefix ``JOBS_``) or keyword arguments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Worker and client settings; every field reads `JOBS_<NAME>` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="JOBS_", frozen=True)
+
+    bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
+    )
+    topic_prefix: str = Field(default="jobs", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    db_path: Path = Field(default=Path("jobs.db"), description="The worker's SQLite file.")
+    config: Path | None = Field(default=None, description="Per-job-type TOML settings.")
+    max_record_bytes: int = Field(
+        default=1_048_576, gt=0, description="Larger input records are dead-lettered."
+    )
+    batch_max_records: int = Field(default=500, gt=0)
+    poll_timeout_ms: int = Field(default=200, gt=0)
+    session_timeout_ms: int = Field(default=10_000, gt=0)
+    heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def topics(self) -> Topics:
+        """The five topic names under this prefix."""
+        return Topics.for_prefix(self.topic_prefix)
+
+    @property
+    def group_id(self) -> str:
+        """The orchestrator's consumer group."""
+        return f"{self.topic_prefix}.orchestrator"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names of DESIGN §2."""
+
+    requests: str
+    results: str
+    status: str
+    state: str
+    dlq: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> Topics:
+        """Names for `prefix`: `<prefix>.requests`, `<prefix>.results`, ..."""
+        return cls(
+            requests=f"{prefix}.requests",
+            results=f"{prefix}.results",
+            status=f"{prefix}.status",
+            state=f"{prefix}.state",
+            dlq=f"{prefix}.dlq",
+        )
+
+    def all(self) -> tuple[str, ...]:
+        """All five names, inputs first."""
+        return (self.requests, self.results, self.status, self.state, self.dlq)

@@ -1,0 +1,218 @@
+"""SQLite store (aiosqlite, WAL): run history, each job type's core state, applied offsets.
+
+Runs are written from status events by `apply_events`, the same function whether the events
+were just decided or are being replayed from the status topic, so a store rebuilt from the
+decision log equals the live one by construction. Rows are tagged with their partition.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from schemas import EventType, RunStatus, StatusEvent
+from worker.lifecycle import JobState, dump_state, load_state
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       TEXT PRIMARY KEY,
+    job_type     TEXT NOT NULL,
+    client_id    TEXT,
+    request_id   TEXT,
+    status       TEXT NOT NULL,
+    partition    INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    ended_at     TEXT,
+    initial_data TEXT NOT NULL,
+    metrics      TEXT,
+    reason       TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_type ON runs (job_type, started_at);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+CREATE TABLE IF NOT EXISTS job_states (
+    job_type  TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    state     BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_states_by_partition ON job_states (partition);
+CREATE TABLE IF NOT EXISTS applied_offsets (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+_ENDING = {
+    EventType.COMPLETED,
+    EventType.FAILED,
+    EventType.CANCELLED,
+    EventType.TIMED_OUT,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """One run as recorded."""
+
+    run_id: str
+    job_type: str
+    client_id: str | None
+    request_id: str | None
+    status: RunStatus
+    partition: int
+    started_at: datetime
+    ended_at: datetime | None
+    initial_data: dict[str, Any]
+    metrics: dict[str, Any] | None
+    reason: str | None
+
+
+def _dumps(value: object) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class Store:
+    """The worker's SQLite file. Open with `await Store.open(path)`; close with `close()`."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Store:
+        """Open (creating if needed) the store at `path`, in WAL mode."""
+        db = await aiosqlite.connect(str(path))
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(_SCHEMA)
+        await db.commit()
+        return cls(db)
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._db.close()
+
+    async def load_partition(self, partition: int) -> dict[str, JobState]:
+        """The core state of every job type recorded on `partition`."""
+        async with self._db.execute(
+            "SELECT job_type, state FROM job_states WHERE partition = ?", (partition,)
+        ) as cursor:
+            return {job_type: load_state(state) async for job_type, state in cursor}
+
+    async def applied_offsets(self, partition: int) -> dict[str, int]:
+        """Topic -> next offset to apply, for input topics of `partition`."""
+        async with self._db.execute(
+            "SELECT topic, next_offset FROM applied_offsets WHERE partition = ?", (partition,)
+        ) as cursor:
+            return {topic: offset async for topic, offset in cursor}
+
+    async def commit_batch(
+        self,
+        partition: int,
+        events: Sequence[StatusEvent],
+        states: Iterable[JobState],
+        next_offsets: Mapping[str, int],
+    ) -> None:
+        """Record one processed batch of `partition` atomically."""
+        await self._apply(partition, events)
+        await self._db.executemany(
+            "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
+            "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, "
+            "state = excluded.state",
+            [(s.job_type, partition, dump_state(s)) for s in states],
+        )
+        await self._db.executemany(
+            "INSERT INTO applied_offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+            "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+            [(topic, partition, offset) for topic, offset in next_offsets.items()],
+        )
+        await self._db.commit()
+
+    async def apply_events(self, partition: int, events: Sequence[StatusEvent]) -> None:
+        """Update run history from status events (live or replayed) and commit."""
+        await self._apply(partition, events)
+        await self._db.commit()
+
+    async def _apply(self, partition: int, events: Sequence[StatusEvent]) -> None:
+        for event in events:
+            if event.type is EventType.STARTED:
+                assert event.run_id is not None
+                assert event.started_at is not None
+                await self._db.execute(
+                    "INSERT OR REPLACE INTO runs (run_id, job_type, client_id, request_id, "
+                    "status, partition, started_at, initial_data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.run_id,
+                        event.job_type,
+                        event.client_id,
+                        event.request_id,
+                        event.status,
+                        partition,
+                        event.started_at.isoformat(),
+                        _dumps(event.initial_data or {}),
+                    ),
+                )
+            elif event.type in _ENDING:
+                await self._db.execute(
+                    "UPDATE runs SET status = ?, ended_at = ?, metrics = ?, reason = ? "
+                    "WHERE run_id = ?",
+                    (
+                        event.status,
+                        event.occurred_at.isoformat(),
+                        _dumps(event.metrics),
+                        event.reason,
+                        event.run_id,
+                    ),
+                )
+
+    async def runs(
+        self,
+        *,
+        job_type: str | None = None,
+        client_id: str | None = None,
+        status: RunStatus | None = None,
+        limit: int | None = None,
+    ) -> list[RunRow]:
+        """Run history, newest first, optionally filtered."""
+        clauses, params = [], []
+        for column, value in (("job_type", job_type), ("client_id", client_id), ("status", status)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(str(value))
+        sql = "SELECT * FROM runs"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY started_at DESC, run_id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        async with self._db.execute(sql, params) as cursor:
+            rows = await cursor.fetchall()
+        return [_row(r) for r in rows]
+
+    async def run(self, run_id: str) -> RunRow | None:
+        """One run by ID."""
+        async with self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _row(row)
+
+
+def _row(r: Any) -> RunRow:
+    return RunRow(
+        run_id=r[0],
+        job_type=r[1],
+        client_id=r[2],
+        request_id=r[3],
+        status=RunStatus(r[4]),
+        partition=r[5],
+        started_at=datetime.fromisoformat(r[6]),
+        ended_at=None if r[7] is None else datetime.fromisoformat(r[7]),
+        initial_data=json.loads(r[8]),
+        metrics=None if r[9] is None else json.loads(r[9]),
+        reason=r[10],
+    )

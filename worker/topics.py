@@ -1,0 +1,114 @@
+"""The five topics: their configurations, idempotent creation and the partition-count check."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import for_code
+
+from worker.settings import Topics
+
+# Requests and results carry broker time, so run IDs and timeouts never depend on a
+# producer's clock; the status topic is the decision log and is kept; the state topic is
+# a changelog, compacted to the latest row per key.
+TOPIC_CONFIGS: Mapping[str, Mapping[str, str]] = {
+    "requests": {"message.timestamp.type": "LogAppendTime"},
+    "results": {"message.timestamp.type": "LogAppendTime"},
+    "status": {"retention.ms": "-1"},
+    "state": {"cleanup.policy": "compact"},
+    "dlq": {},
+}
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class TopicError(RuntimeError):
+    """The topics are missing or inconsistent; the message names them and says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    """A topic as the cluster describes it."""
+
+    name: str
+    partitions: int | None  # None when the topic does not exist
+
+
+def _role_configs(topics: Topics) -> dict[str, Mapping[str, str]]:
+    return {
+        topics.requests: TOPIC_CONFIGS["requests"],
+        topics.results: TOPIC_CONFIGS["results"],
+        topics.status: TOPIC_CONFIGS["status"],
+        topics.state: TOPIC_CONFIGS["state"],
+        topics.dlq: TOPIC_CONFIGS["dlq"],
+    }
+
+
+async def describe(admin: AIOKafkaAdminClient, topics: Topics) -> list[TopicInfo]:
+    """Partition counts of the five topics (None for missing ones)."""
+    found = await admin.describe_topics(list(topics.all()))
+    counts: dict[str, int | None] = dict.fromkeys(topics.all())
+    for entry in found:
+        if entry.get("error_code", 0) == 0:
+            counts[entry["topic"]] = len(entry["partitions"])
+    return [TopicInfo(name, counts[name]) for name in topics.all()]
+
+
+def check_counts(infos: list[TopicInfo]) -> int:
+    """Return the common partition count, or raise `TopicError` naming what is wrong."""
+    missing = [i.name for i in infos if i.partitions is None]
+    if missing:
+        raise TopicError(
+            f"missing topics: {', '.join(missing)}. Create them with `jobctl topics create`."
+        )
+    counts = {i.partitions for i in infos}
+    if len(counts) != 1:
+        listing = ", ".join(f"{i.name}={i.partitions}" for i in infos)
+        raise TopicError(
+            "all five topics must have the same partition count, so that records about a job "
+            f"type live on the same partition everywhere; found {listing}"
+        )
+    (count,) = counts
+    assert count is not None
+    return count
+
+
+async def create(
+    admin: AIOKafkaAdminClient,
+    topics: Topics,
+    partitions: int,
+    replication_factor: int | None = None,
+) -> list[str]:
+    """Create the missing topics; refuse when existing ones have another count. Idempotent."""
+    existing = await describe(admin, topics)
+    wrong = [i for i in existing if i.partitions is not None and i.partitions != partitions]
+    if wrong:
+        listing = ", ".join(f"{i.name} has {i.partitions}" for i in wrong)
+        raise TopicError(
+            f"cannot use {partitions} partitions: {listing}. All five topics must have the "
+            "same count; pass --partitions to match, or delete and recreate the topics."
+        )
+    if replication_factor is None:
+        brokers = (await admin.describe_cluster())["brokers"]
+        replication_factor = min(3, len(brokers))
+    configs = _role_configs(topics)
+    new = [
+        NewTopic(i.name, partitions, replication_factor, topic_configs=dict(configs[i.name]))
+        for i in existing
+        if i.partitions is None
+    ]
+    if not new:
+        return []
+    response = await admin.create_topics(new)
+    errors = []
+    for name, code, *rest in response.topic_errors:
+        if code not in (0, _TOPIC_ALREADY_EXISTS):
+            message = rest[0] if rest and rest[0] else for_code(code).__name__
+            errors.append(f"{name}: {message}")
+    if errors:
+        raise TopicError("could not create topics: " + "; ".join(errors))
+    # A concurrent creator may have won with another count; check what exists now.
+    check_counts(await describe(admin, topics))
+    return [t.name for t in new]

@@ -1,0 +1,136 @@
+"""A read_committed tail of the status and dead-letter topics, for the demo, the CLI and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from pydantic import ValidationError
+
+from schemas import DeadLetter, StatusEvent
+from worker.settings import Topics
+
+log = structlog.get_logger("watch")
+
+Item = StatusEvent | DeadLetter
+
+
+class StatusTail:
+    """Collects every committed status event and dead letter, in arrival order."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topics: Topics,
+        *,
+        from_beginning: bool = True,
+        on_item: Callable[[Item], None] | None = None,
+    ) -> None:
+        self._topics = topics
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest" if from_beginning else "latest",
+        )
+        self._from_beginning = from_beginning
+        self._on_item = on_item
+        self.items: list[Item] = []
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def events(self) -> list[StatusEvent]:
+        """Status events seen so far."""
+        return [i for i in self.items if isinstance(i, StatusEvent)]
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        """Dead letters seen so far."""
+        return [i for i in self.items if isinstance(i, DeadLetter)]
+
+    async def start(self) -> None:
+        """Assign every partition of both topics and start reading."""
+        await self._consumer.start()
+        parts: list[TopicPartition] = []
+        for topic in (self._topics.status, self._topics.dlq):
+            found = self._consumer.partitions_for_topic(topic)
+            if not found:
+                await self._consumer._client.force_metadata_update()
+                found = self._consumer.partitions_for_topic(topic) or set()
+            parts.extend(TopicPartition(topic, p) for p in sorted(found))
+        self._consumer.assign(parts)
+        if self._from_beginning:
+            await self._consumer.seek_to_beginning(*parts)
+        else:
+            await self._consumer.seek_to_end(*parts)
+            for tp in parts:  # resolve the end position now, not at the first fetch
+                await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=500)
+            fresh: list[Item] = []
+            for tp, records in batch.items():
+                model: Any = StatusEvent if tp.topic == self._topics.status else DeadLetter
+                for record in records:
+                    try:
+                        fresh.append(model.model_validate_json(record.value))
+                    except ValidationError as exc:
+                        log.warning("unreadable record", topic=tp.topic, error=str(exc))
+            if fresh:
+                async with self._changed:
+                    self.items.extend(fresh)
+                    self._changed.notify_all()
+                if self._on_item is not None:
+                    for item in fresh:
+                        self._on_item(item)
+
+    async def wait_for(self, predicate: Callable[[Item], bool], timeout: float = 30.0) -> Item:
+        """The first item (seen or to come) matching `predicate`; TimeoutError after `timeout`."""
+
+        def find() -> Item | None:
+            return next((i for i in self.items if predicate(i)), None)
+
+        async with asyncio.timeout(timeout), self._changed:
+            while (found := find()) is None:
+                await self._changed.wait()
+            return found
+
+    async def wait_event(self, timeout: float = 30.0, **fields: object) -> StatusEvent:
+        """The first status event whose attributes equal `fields`."""
+
+        def match(item: Item) -> bool:
+            return isinstance(item, StatusEvent) and all(
+                getattr(item, k) == v for k, v in fields.items()
+            )
+
+        found = await self.wait_for(match, timeout)
+        assert isinstance(found, StatusEvent)
+        return found
+
+    async def stop(self) -> None:
+        """Stop reading."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+    async def __aenter__(self) -> StatusTail:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
