@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -109,6 +110,24 @@ async def create(
             errors.append(f"{name}: {message}")
     if errors:
         raise TopicError("could not create topics: " + "; ".join(errors))
+    await _wait_for_leaders(admin, [t.name for t in new])
     # A concurrent creator may have won with another count; check what exists now.
     check_counts(await describe(admin, topics))
     return [t.name for t in new]
+
+
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30
+) -> None:
+    """Wait until every partition of `names` has a leader, so first reads and writes succeed."""
+    async with asyncio.timeout(timeout):
+        while True:
+            found = await admin.describe_topics(names)
+            if all(
+                t.get("error_code", 0) == 0
+                and t["partitions"]
+                and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in found
+            ):
+                return
+            await asyncio.sleep(0.05)

@@ -1,0 +1,127 @@
+"""Shared fixtures: one real Kafka broker per test session, a unique topic prefix per test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from worker import topics as topic_admin
+from worker.localkafka import LocalKafka
+from worker.runner import Worker
+from worker.settings import Settings
+from worker.watch import StatusTail
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """JOBS_BOOTSTRAP_SERVERS when set, else a local broker started for this session."""
+    configured = os.environ.get("JOBS_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    with LocalKafka() as kafka:
+        yield kafka.bootstrap_servers
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix no other test uses."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> Settings:
+    """Worker settings on the session broker with this test's prefix and SQLite file."""
+    return Settings(
+        bootstrap_servers=kafka_bootstrap,
+        topic_prefix=prefix,
+        db_path=tmp_path / "worker.db",
+        poll_timeout_ms=100,
+        session_timeout_ms=6_000,
+        heartbeat_interval_ms=1_000,
+    )
+
+
+async def create_topics(settings: Settings, partitions: int) -> None:
+    """Create the five topics of `settings` with `partitions` partitions each."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        await topic_admin.create(admin, settings.topics, partitions)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topics(settings: Settings) -> Settings:
+    """The five topics, two partitions each."""
+    await create_topics(settings, 2)
+    return settings
+
+
+class RunningWorker:
+    """A worker running as a task of the test's event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.worker = Worker(settings)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> RunningWorker:
+        """Start and wait until the worker owns its partitions."""
+        self._task = asyncio.create_task(self.worker.run(self._stop))
+        ready = asyncio.create_task(self.worker.ready.wait())
+        await asyncio.wait({self._task, ready}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if self._task.done():
+            self._task.result()  # start-up failed: raise its error here
+        assert self.worker.ready.is_set(), "the worker got no partitions within 60 s"
+        return self
+
+    async def stop(self) -> None:
+        """Stop after the batch in flight (which is then fully recorded) and wait for exit."""
+        if self._task is not None:
+            self._stop.set()
+            await asyncio.wait_for(self._task, 30)
+            self._task = None
+
+
+@pytest.fixture
+async def worker(topics: Settings) -> AsyncIterator[RunningWorker]:
+    """A running worker on this test's topics, stopped cleanly after the test."""
+    running = await RunningWorker(topics).start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def producer(kafka_bootstrap: str) -> AsyncIterator[AIOKafkaProducer]:
+    """A plain producer with aiokafka's default (murmur2) partitioner."""
+    instance = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await instance.start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def tail(topics: Settings) -> AsyncIterator[StatusTail]:
+    """A read_committed tail of this test's status and dead-letter topics."""
+    instance = StatusTail(topics.bootstrap_servers, topics.topics)
+    await instance.start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Undo any logging configuration a test (or the CLI it runs) made."""
+    yield
+    structlog.reset_defaults()
