@@ -224,7 +224,8 @@ def demo(
     """
     from worker.demo import run_demo
 
-    configure_logs("error", "console")
+    # The demo reports every outcome itself; the clients' transient retries are noise here.
+    configure_logs("error", "console", library_level="critical")
     kafka: localkafka.LocalKafka | None = None
     try:
         if bootstrap is None:
