@@ -145,8 +145,10 @@ def dump_state(state: JobState) -> bytes:
     return _STATE_ADAPTER.dump_json(state)
 
 
-def load_state(data: bytes | str) -> JobState:
-    """Inverse of `dump_state`."""
+def load_state(data: bytes | str | dict[str, Any]) -> JobState:
+    """Inverse of `dump_state`; also accepts the already-parsed JSON object."""
+    if isinstance(data, dict):
+        return _STATE_ADAPTER.validate_python(data)
     return _STATE_ADAPTER.validate_json(data)
 
 

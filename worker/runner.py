@@ -2,26 +2,38 @@
 
 One consumer in the group `<prefix>.orchestrator` reads `<prefix>.requests` and
 `<prefix>.results`; the range assignor keeps partition N of both topics on one member, so the
-owner of N serializes every transition of N's job types. Per batch and partition:
+owner of N serializes every transition of N's job types. Partitions are processed
+concurrently, each by one batch at a time (N is paused while its batch is in flight):
 
 1. decode and validate each record (bad input becomes a dead letter, and a `rejected` event
    where the sender can be identified);
 2. feed the commands to the core in broker-time order;
-3. publish the status events and dead letters to partition N and wait for the broker's acks;
-4. record runs, job states and applied offsets in SQLite in one transaction;
-5. commit the consumer offsets.
+3. in ONE transaction of N's producer (transactional ID `<group>.<N>`): the status events,
+   changelog rows and dead letters, all to partition N, and the input offsets of requests N
+   and results N (`send_offsets_to_transaction`); commit;
+4. then record runs, job states and applied offsets in SQLite.
 
-This is at-least-once: a crash between 3 and 5 republishes that batch's events on restart.
-SQLite's applied offsets make the store itself apply each input once.
+On assignment of N, in this order: start N's producer (which fences the previous owner and
+waits out its open transaction), read the group's committed offsets for N and seek to them,
+and restore N from `<prefix>.state` when SQLite's applied offsets differ. On revocation the
+batch in flight finishes (commits or aborts) and N's producer is closed.
+
+With `processing_guarantee = "at_least_once"` step 3 uses one idempotent producer without a
+transaction, and the offsets are committed after step 4: a crash in between republishes.
+Any failure of a batch resets the partition to what Kafka committed (the in-memory state is
+rebuilt), so a failed attempt leaves no trace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -29,25 +41,45 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    ProducerFenced,
+)
+from aiokafka.producer.transaction_manager import TransactionState
 
-from schemas import DeadLetter, StatusEvent
+from schemas import DeadLetter, EventType, RunStatus, StatusEvent
+from worker import changelog
 from worker import topics as topic_admin
 from worker.codec import Bad, InputRecord, TopicRole, decode
-from worker.lifecycle import JobState, decide
+from worker.lifecycle import Command, JobState, decide
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import RunRow, Store
 
 log = structlog.get_logger("worker")
 
+_ENDING = frozenset(
+    {EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, EventType.TIMED_OUT}
+)
+
+
+class FencedError(RuntimeError):
+    """Another worker owns the partition now; this one must stop writing to it."""
+
 
 @dataclass
-class PartitionState:
+class Owner:
     """What the owner of one partition holds in memory."""
 
     number: int
+    producer: AIOKafkaProducer | None  # N's transactional producer (exactly_once)
     jobs: dict[str, JobState]
+    runs: dict[str, RunRow]  # active runs, by run ID
+    retained: list[tuple[datetime, str]]  # heap of ended runs still in the changelog
     applied: dict[str, int]  # input topic -> next offset to apply
+    task: asyncio.Task[None] | None = None
+    fenced: bool = False
 
 
 @dataclass
@@ -57,6 +89,8 @@ class BatchOutcome:
     events: list[StatusEvent] = field(default_factory=list)
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     changed: dict[str, JobState] = field(default_factory=dict)
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    tombstones: list[str] = field(default_factory=list)
     next_offsets: dict[str, int] = field(default_factory=dict)
 
 
@@ -65,7 +99,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # aiokafka swallows exceptions raised here; log them ourselves.
+        # aiokafka swallows exceptions raised in listeners; log them ourselves.
         try:
             await self._worker._on_revoked(revoked)
         except Exception:
@@ -86,17 +120,23 @@ class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topics = settings.topics
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
         self._roles: dict[str, TopicRole] = {
             self.topics.requests: "requests",
             self.topics.results: "results",
         }
-        self._partitions: dict[int, PartitionState] = {}
-        self._lock = asyncio.Lock()
+        self._owners: dict[int, Owner] = {}
         self._store: Store | None = None
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: AIOKafkaProducer | None = None  # at_least_once only
+        self._restorer: AIOKafkaConsumer | None = None
+        self._failure: BaseException | None = None
+        self._batches = 0
+        self._retention = timedelta(seconds=settings.run_retention_s)
         self.partition_count = 0
         self.ready = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def _check_topics(self) -> int:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
@@ -112,12 +152,6 @@ class Worker:
         s = self.settings
         self.partition_count = await self._check_topics()
         self._store = await Store.open(s.db_path)
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=2,
-        )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=s.group_id,
@@ -129,8 +163,21 @@ class Worker:
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_records=s.batch_max_records,
         )
+        self._restorer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
         try:
-            await self._producer.start()
+            await self._restorer.start()
+            if not self.exactly_once:
+                self._producer = AIOKafkaProducer(
+                    bootstrap_servers=s.bootstrap_servers,
+                    enable_idempotence=True,
+                    acks="all",
+                    linger_ms=s.linger_ms,
+                )
+                await self._producer.start()
             self._consumer.subscribe(
                 [self.topics.requests, self.topics.results], listener=_Rebalance(self)
             )
@@ -139,65 +186,156 @@ class Worker:
                 "worker started",
                 group=s.group_id,
                 partitions=self.partition_count,
+                guarantee=s.processing_guarantee,
                 db=str(s.db_path),
             )
-            stopping = asyncio.ensure_future(stop.wait())
-            try:
-                while not stop.is_set():
-                    fetch = asyncio.ensure_future(
-                        self._consumer.getmany(
-                            timeout_ms=s.poll_timeout_ms, max_records=s.batch_max_records
-                        )
-                    )
-                    await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                    if not fetch.done():
-                        fetch.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await fetch
-                        break
-                    batch = fetch.result()
-                    if batch:
-                        async with self._lock:
-                            await self._process(batch)
-            finally:
-                stopping.cancel()
+            await self._loop(stop)
         finally:
             await self._shutdown()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        assert self._consumer is not None
+        s = self.settings
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set() and self._failure is None:
+                fetch = asyncio.ensure_future(
+                    self._consumer.getmany(
+                        timeout_ms=s.poll_timeout_ms, max_records=s.batch_max_records
+                    )
+                )
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fetch
+                    break
+                self._dispatch(fetch.result())
+        finally:
+            stopping.cancel()
+            # Graceful stop: let every batch in flight commit before leaving the group.
+            await self._drain()
+
+    async def _drain(self) -> None:
+        tasks = [o.task for o in self._owners.values() if o.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _shutdown(self) -> None:
         # Shielded so a second cancellation cannot leave the group membership dangling.
         async def close() -> None:
+            await self._drain()
             if self._consumer is not None:
                 with contextlib.suppress(KafkaError):
-                    await self._consumer.stop()
-            if self._producer is not None:
-                with contextlib.suppress(KafkaError):
-                    await self._producer.stop()
+                    await self._consumer.stop()  # leaves the group; revokes the partitions
+            for owner in list(self._owners.values()):
+                await self._close_owner(owner)
+            self._owners.clear()
+            for client in (self._producer, self._restorer):
+                if client is not None:
+                    with contextlib.suppress(KafkaError):
+                        await client.stop()
             if self._store is not None:
                 await self._store.close()
             log.info("worker stopped")
 
         await asyncio.shield(close())
 
+    # -- ownership ---------------------------------------------------------------------------
+
+    def _tps(self, number: int) -> tuple[TopicPartition, TopicPartition]:
+        return (
+            TopicPartition(self.topics.requests, number),
+            TopicPartition(self.topics.results, number),
+        )
+
     async def _on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        assert self._store is not None
-        for number in sorted({tp.partition for tp in assigned}):
-            self._partitions[number] = PartitionState(
-                number=number,
-                jobs=await self._store.load_partition(number),
-                applied=await self._store.applied_offsets(number),
-            )
-        log.info("partitions assigned", partitions=sorted(self._partitions))
+        numbers = sorted({tp.partition for tp in assigned})
+        await asyncio.gather(*(self._take(n) for n in numbers))
+        log.info("partitions assigned", partitions=numbers)
         self.ready.set()
 
     async def _on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Wait for the batch in flight: it commits its offsets before the partition moves.
-        async with self._lock:
-            for number in {tp.partition for tp in revoked}:
-                self._partitions.pop(number, None)
-        log.info("partitions revoked", partitions=sorted({tp.partition for tp in revoked}))
+        numbers = sorted({tp.partition for tp in revoked})
+        for number in numbers:
+            owner = self._owners.pop(number, None)
+            if owner is not None:
+                await self._close_owner(owner)
+        log.info("partitions revoked", partitions=numbers)
 
-    async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+    async def _close_owner(self, owner: Owner) -> None:
+        if owner.task is not None and owner.task is not asyncio.current_task():
+            # The batch in flight commits or aborts before the partition moves.
+            await asyncio.gather(owner.task, return_exceptions=True)
+        if owner.producer is not None:
+            with contextlib.suppress(KafkaError):
+                await owner.producer.stop()
+            owner.producer = None
+
+    async def _take(self, number: int) -> None:
+        """Become the owner of partition `number` (DESIGN §5 order)."""
+        assert self._consumer is not None
+        assert self._store is not None
+        s = self.settings
+        producer = None
+        if self.exactly_once:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=s.bootstrap_servers,
+                transactional_id=f"{s.group_id}.{number}",
+                linger_ms=s.linger_ms,
+                transaction_timeout_ms=s.transaction_timeout_ms,
+            )
+            await producer.start()  # fences the previous owner, waits out its transaction
+        committed: dict[str, int] = {}
+        for tp in self._tps(number):
+            offset = await self._consumer.committed(tp)
+            if offset is not None:
+                committed[tp.topic] = offset
+                self._consumer.seek(tp, offset)
+        applied = await self._store.applied_offsets(number)
+        restored = False
+        behind = any(applied.get(t, 0) < o for t, o in committed.items())
+        if behind or (self.exactly_once and applied != committed):
+            await self._restore(number, committed)
+            applied = committed
+            restored = True
+        jobs = await self._store.load_partition(number)
+        runs = await self._store.retained_runs(number)
+        retained = [(r.ended_at, r.run_id) for r in runs if r.ended_at is not None]
+        heapq.heapify(retained)
+        self._owners[number] = Owner(
+            number=number,
+            producer=producer,
+            jobs=jobs,
+            runs={r.run_id: r for r in runs if r.status is RunStatus.RUNNING},
+            retained=retained,
+            applied=dict(applied),
+        )
+        log.debug("partition taken", partition=number, committed=committed, restored=restored)
+
+    async def _restore(self, number: int, committed: dict[str, int]) -> None:
+        assert self._restorer is not None
+        assert self._store is not None
+        started = time.perf_counter()
+        snapshot = await changelog.read_partition(self._restorer, self.topics.state, number)
+        await self._store.replace_partition(
+            number, snapshot.jobs.values(), snapshot.runs.values(), committed
+        )
+        log.info(
+            "partition restored from changelog",
+            partition=number,
+            job_types=len(snapshot.jobs),
+            runs=len(snapshot.runs),
+            records=snapshot.records,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def _dispatch(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        assert self._consumer is not None
         by_partition: dict[int, list[InputRecord]] = {}
         for tp, records in batch.items():
             role = self._roles[tp.topic]
@@ -215,74 +353,104 @@ class Worker:
                 for r in records
             )
         for number, records in by_partition.items():
-            part = self._partitions.get(number)
-            if part is None:
-                continue  # revoked while the batch was fetched; the new owner reads it again
+            owner = self._owners.get(number)
+            if owner is None or owner.fenced:
+                continue  # not ours (any more); whoever owns it reads from the committed offset
+            self._consumer.pause(*self._tps(number))
             records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
-            outcome = self.apply(part, records)
-            await self._publish(number, outcome)
+            owner.task = asyncio.create_task(self._run_batch(owner, records))
+
+    async def _run_batch(self, owner: Owner, records: list[InputRecord]) -> None:
+        assert self._consumer is not None
+        try:
+            outcome = self.apply(owner, records)
+            if self.exactly_once:
+                await self._commit_transaction(owner, outcome)
+            else:
+                await self._publish(self._producer, owner.number, outcome)
+            self._fault("after_commit")
             assert self._store is not None
             await self._store.commit_batch(
-                number, outcome.events, outcome.changed.values(), outcome.next_offsets
+                owner.number,
+                outcome.runs.values(),
+                outcome.changed.values(),
+                outcome.next_offsets,
+                outcome.tombstones,
             )
-            part.applied.update(outcome.next_offsets)
-            await self._commit_offsets(number, outcome.next_offsets)
-
-    def apply(self, part: PartitionState, records: Sequence[InputRecord]) -> BatchOutcome:
-        """Decide on `records` of one partition; update its in-memory state."""
-        outcome = BatchOutcome()
-        now = datetime.now(UTC)
-        for record in records:
-            if record.offset < part.applied.get(record.topic, 0):
-                continue  # already applied before a restart
-            outcome.next_offsets[record.topic] = record.offset + 1
-            decoded = decode(
-                record,
-                partitions=self.partition_count,
-                max_bytes=self.settings.max_record_bytes,
-                now=now,
+            if not self.exactly_once:
+                await self._commit_offsets(owner.number, outcome.next_offsets)
+        except (ProducerFenced, FencedError) as exc:
+            owner.fenced = True
+            log.error(
+                "fenced: another worker owns this partition now; stopped writing to it",
+                partition=owner.number,
+                error=repr(exc),
             )
-            if isinstance(decoded, Bad):
-                letter = decoded.dead_letter
-                outcome.dead_letters.append((record.key, letter))
-                log.warning(
-                    "dead-lettered",
-                    code=letter.reason.code,
-                    reason=letter.reason.message,
-                    partition=record.partition,
-                    offset=record.offset,
-                    topic=record.topic,
-                )
-                if decoded.reject is None:
-                    continue
-                command: Any = decoded.reject
-            else:
-                command = decoded
-            job_type = command.job_type
-            state = part.jobs.get(job_type) or JobState(job_type)
-            new_state, events = decide(state, command)
-            if new_state is not state:
-                part.jobs[job_type] = new_state
-                outcome.changed[job_type] = new_state
-            outcome.events.extend(events)
-            for event in events:
-                log.debug(
-                    "decided",
-                    type=event.type,
-                    job_type=job_type,
-                    run_id=event.run_id,
-                    partition=record.partition,
-                    offset=record.offset,
-                )
-        return outcome
+        except KafkaError as exc:
+            log.warning(
+                "batch failed; resetting the partition to its committed offsets",
+                partition=owner.number,
+                error=repr(exc),
+            )
+            await self._reset(owner)
+        except Exception as exc:
+            log.exception("batch failed unexpectedly; stopping", partition=owner.number)
+            self._failure = exc
+        finally:
+            current = self._owners.get(owner.number)
+            if current is not None and not current.fenced:
+                with contextlib.suppress(IllegalStateError):
+                    self._consumer.resume(*self._tps(owner.number))
 
-    async def _publish(self, number: int, outcome: BatchOutcome) -> None:
-        assert self._producer is not None
+    async def _reset(self, owner: Owner) -> None:
+        if self._owners.get(owner.number) is not owner:
+            return
+        if owner.producer is not None:
+            with contextlib.suppress(KafkaError):
+                await owner.producer.stop()
+            owner.producer = None
+        del self._owners[owner.number]
+        try:
+            await self._take(owner.number)
+        except KafkaError as exc:
+            log.error("could not re-take partition", partition=owner.number, error=repr(exc))
+
+    def _fault(self, point: str) -> None:
+        """Test-only fault injection: exit hard at `point` in the configured batch."""
+        s = self.settings
+        if s.fault_point == point and self._batches >= s.fault_after_batches:
+            log.warning("injected fault: exiting hard", point=point)
+            os._exit(70)
+
+    async def _commit_transaction(self, owner: Owner, outcome: BatchOutcome) -> None:
+        producer = owner.producer
+        if producer is None:
+            raise FencedError(f"partition {owner.number} has no producer")
+        await producer.begin_transaction()
+        try:
+            await self._publish(producer, owner.number, outcome)
+            offsets = {
+                TopicPartition(topic, owner.number): offset
+                for topic, offset in outcome.next_offsets.items()
+            }
+            if offsets:
+                await producer.send_offsets_to_transaction(offsets, self.settings.group_id)
+            self._fault("in_transaction")
+            await producer.commit_transaction()
+        except BaseException:
+            await _abort_quietly(producer)
+            raise
+
+    async def _publish(
+        self, producer: AIOKafkaProducer | None, number: int, outcome: BatchOutcome
+    ) -> None:
+        assert producer is not None
         futures = []
+        t = self.topics
         for event in outcome.events:
             futures.append(
-                await self._producer.send(
-                    self.topics.status,
+                await producer.send(
+                    t.status,
                     value=event.model_dump_json().encode(),
                     key=event.job_type.encode(),
                     partition=number,
@@ -290,12 +458,19 @@ class Worker:
             )
         for key, letter in outcome.dead_letters:
             futures.append(
-                await self._producer.send(
-                    self.topics.dlq,
-                    value=letter.model_dump_json().encode(),
-                    key=key,
-                    partition=number,
+                await producer.send(
+                    t.dlq, value=letter.model_dump_json().encode(), key=key, partition=number
                 )
+            )
+        for state in outcome.changed.values():
+            key, value = changelog.job_row(state)
+            futures.append(await producer.send(t.state, value=value, key=key, partition=number))
+        for row in outcome.runs.values():
+            key, value = changelog.run_row(row)
+            futures.append(await producer.send(t.state, value=value, key=key, partition=number))
+        for run_id in outcome.tombstones:
+            futures.append(
+                await producer.send(t.state, value=None, key=run_id.encode(), partition=number)
             )
         if futures:
             await asyncio.gather(*futures)
@@ -310,3 +485,113 @@ class Worker:
         except CommitFailedError as exc:
             # The partition moved on; its new owner reads from the last committed offset.
             log.warning("offset commit failed", partition=number, error=str(exc))
+
+    # -- deciding ----------------------------------------------------------------------------
+
+    def apply(self, owner: Owner, records: Sequence[InputRecord]) -> BatchOutcome:
+        """Decide on `records` of one partition, updating the owner's in-memory state.
+
+        A batch that then fails to commit resets the owner, so nothing here is undone.
+        """
+        self._batches += 1
+        outcome = BatchOutcome()
+        now = datetime.now(UTC)
+        stream_time: datetime | None = None
+        for record in records:
+            if record.offset < owner.applied.get(record.topic, 0):
+                continue  # already applied (at_least_once after a restart)
+            outcome.next_offsets[record.topic] = record.offset + 1
+            stream_time = record.at if stream_time is None else max(stream_time, record.at)
+            decoded = decode(
+                record,
+                partitions=self.partition_count,
+                max_bytes=self.settings.max_record_bytes,
+                now=now,
+            )
+            command: Command
+            if isinstance(decoded, Bad):
+                letter = decoded.dead_letter
+                outcome.dead_letters.append((record.key, letter))
+                log.warning(
+                    "dead-lettered",
+                    code=letter.reason.code,
+                    reason=letter.reason.message,
+                    partition=record.partition,
+                    offset=record.offset,
+                    topic=record.topic,
+                )
+                if decoded.reject is None:
+                    continue
+                command = decoded.reject
+            else:
+                command = decoded
+            job_type = command.job_type
+            state = owner.jobs.get(job_type) or JobState(job_type)
+            new_state, events = decide(state, command)
+            if new_state is not state:
+                owner.jobs[job_type] = new_state
+                outcome.changed[job_type] = new_state
+            for event in events:
+                self._track_run(owner, outcome, event)
+            outcome.events.extend(events)
+        owner.applied.update(outcome.next_offsets)
+        if stream_time is not None:
+            horizon = stream_time - self._retention
+            while owner.retained and owner.retained[0][0] <= horizon:
+                _, run_id = heapq.heappop(owner.retained)
+                outcome.tombstones.append(run_id)
+        return outcome
+
+    def _track_run(self, owner: Owner, outcome: BatchOutcome, event: StatusEvent) -> None:
+        """Keep the run rows (changelog and SQLite) in step with an event."""
+        run_id = event.run_id
+        if run_id is None:
+            return
+        if event.type is EventType.STARTED:
+            assert event.started_at is not None
+            row = RunRow(
+                run_id=run_id,
+                job_type=event.job_type,
+                client_id=event.client_id,
+                request_id=event.request_id,
+                status=RunStatus.RUNNING,
+                partition=owner.number,
+                started_at=event.started_at,
+                ended_at=None,
+                initial_data=dict(event.initial_data or {}),
+                metrics=None,
+                reason=None,
+            )
+            owner.runs[run_id] = row
+            outcome.runs[run_id] = row
+        elif event.type in _ENDING:
+            active = owner.runs.pop(run_id, None)
+            if active is None:
+                log.error("ending event for a run without a row", run_id=run_id)
+                return
+            assert event.status is not None
+            row = replace(
+                active,
+                status=event.status,
+                ended_at=event.occurred_at,
+                metrics=event.metrics,
+                reason=event.reason,
+            )
+            outcome.runs[run_id] = row
+            heapq.heappush(owner.retained, (event.occurred_at, run_id))
+
+
+async def _abort_quietly(producer: AIOKafkaProducer) -> None:
+    """Abort the open transaction when the producer still can; a fatal one cannot.
+
+    aiokafka exposes no public "is a transaction open" check; its transaction manager does.
+    Where abort is impossible, the next owner's producer start aborts the transaction.
+    """
+    txn = getattr(producer, "_txn_manager", None)
+    if txn is None or txn.is_fatal_error():
+        return
+    if txn.state not in (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR):
+        return
+    with contextlib.suppress(KafkaError, TimeoutError, AssertionError):
+        async with asyncio.timeout(10):
+            await producer.abort_transaction()

@@ -28,6 +28,26 @@ class Settings(BaseSettings):
     poll_timeout_ms: int = Field(default=200, gt=0)
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
+        default="exactly_once",
+        description="exactly_once: one Kafka transaction per partition batch; "
+        "at_least_once: no transactions, a crash may republish a batch's events.",
+    )
+    linger_ms: int = Field(default=2, ge=0, description="Producer linger before sending.")
+    transaction_timeout_ms: int = Field(default=60_000, gt=0)
+    run_retention_s: float = Field(
+        default=86_400,
+        gt=0,
+        description="Ended runs stay in the changelog this long (broker time), then are "
+        "tombstoned; SQLite keeps the history.",
+    )
+    fault_point: Literal["", "in_transaction", "after_commit"] = Field(
+        default="",
+        description="Testing only: exit the process hard at this point of a batch.",
+    )
+    fault_after_batches: int = Field(
+        default=0, ge=0, description="Testing only: the batch number at which to fault."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -7,6 +7,7 @@ decision log equals the live one by construction. Rows are tagged with their par
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,10 +32,13 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at     TEXT,
     initial_data TEXT NOT NULL,
     metrics      TEXT,
-    reason       TEXT
+    reason       TEXT,
+    -- 1 while the run's row is in the changelog (not yet tombstoned)
+    retained     INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_by_type ON runs (job_type, started_at);
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+CREATE INDEX IF NOT EXISTS runs_retained ON runs (partition, retained);
 CREATE TABLE IF NOT EXISTS job_states (
     job_type  TEXT PRIMARY KEY,
     partition INTEGER NOT NULL,
@@ -48,6 +52,11 @@ CREATE TABLE IF NOT EXISTS applied_offsets (
     PRIMARY KEY (topic, partition)
 );
 """
+
+_COLUMNS = (
+    "run_id, job_type, client_id, request_id, status, partition, started_at, ended_at, "
+    "initial_data, metrics, reason"
+)
 
 _ENDING = {
     EventType.COMPLETED,
@@ -83,6 +92,9 @@ class Store:
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
+        # Several partitions' batches finish concurrently; each SQLite transaction is a
+        # sequence of awaits on one connection, so they must not interleave.
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -115,29 +127,90 @@ class Store:
     async def commit_batch(
         self,
         partition: int,
-        events: Sequence[StatusEvent],
+        runs: Iterable[RunRow],
         states: Iterable[JobState],
         next_offsets: Mapping[str, int],
+        tombstoned: Iterable[str] = (),
     ) -> None:
         """Record one processed batch of `partition` atomically."""
-        await self._apply(partition, events)
+        async with self._lock:
+            await self._upsert_runs(runs, retained=True)
+            await self._db.executemany(
+                "UPDATE runs SET retained = 0 WHERE run_id = ?", [(r,) for r in tombstoned]
+            )
+            await self._put_states(partition, states)
+            await self._put_offsets(partition, next_offsets)
+            await self._db.commit()
+
+    async def replace_partition(
+        self,
+        partition: int,
+        states: Iterable[JobState],
+        runs: Iterable[RunRow],
+        next_offsets: Mapping[str, int],
+    ) -> None:
+        """Replace what is known of `partition` by a snapshot restored from the changelog."""
+        async with self._lock:
+            await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
+            await self._db.execute("UPDATE runs SET retained = 0 WHERE partition = ?", (partition,))
+            await self._upsert_runs(runs, retained=True)
+            await self._put_states(partition, states)
+            await self._db.execute("DELETE FROM applied_offsets WHERE partition = ?", (partition,))
+            await self._put_offsets(partition, next_offsets)
+            await self._db.commit()
+
+    async def _upsert_runs(self, runs: Iterable[RunRow], *, retained: bool) -> None:
+        await self._db.executemany(
+            "INSERT OR REPLACE INTO runs (run_id, job_type, client_id, request_id, status, "
+            "partition, started_at, ended_at, initial_data, metrics, reason, retained) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.run_id,
+                    r.job_type,
+                    r.client_id,
+                    r.request_id,
+                    r.status,
+                    r.partition,
+                    r.started_at.isoformat(),
+                    None if r.ended_at is None else r.ended_at.isoformat(),
+                    _dumps(r.initial_data),
+                    _dumps(r.metrics),
+                    r.reason,
+                    int(retained),
+                )
+                for r in runs
+            ],
+        )
+
+    async def _put_states(self, partition: int, states: Iterable[JobState]) -> None:
         await self._db.executemany(
             "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
             "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, "
             "state = excluded.state",
             [(s.job_type, partition, dump_state(s)) for s in states],
         )
+
+    async def _put_offsets(self, partition: int, next_offsets: Mapping[str, int]) -> None:
         await self._db.executemany(
             "INSERT INTO applied_offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
             "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
             [(topic, partition, offset) for topic, offset in next_offsets.items()],
         )
-        await self._db.commit()
+
+    async def retained_runs(self, partition: int) -> list[RunRow]:
+        """Runs of `partition` whose rows are still in the changelog."""
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM runs WHERE partition = ? AND retained = 1", (partition,)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_row(r) for r in rows]
 
     async def apply_events(self, partition: int, events: Sequence[StatusEvent]) -> None:
-        """Update run history from status events (live or replayed) and commit."""
-        await self._apply(partition, events)
-        await self._db.commit()
+        """Update run history from status events (as replayed from the status topic); commit."""
+        async with self._lock:
+            await self._apply(partition, events)
+            await self._db.commit()
 
     async def _apply(self, partition: int, events: Sequence[StatusEvent]) -> None:
         for event in events:
@@ -185,7 +258,7 @@ class Store:
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(str(value))
-        sql = "SELECT * FROM runs"
+        sql = f"SELECT {_COLUMNS} FROM runs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         sql += " ORDER BY started_at DESC, run_id DESC"
@@ -197,7 +270,9 @@ class Store:
 
     async def run(self, run_id: str) -> RunRow | None:
         """One run by ID."""
-        async with self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)) as cursor:
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+        ) as cursor:
             row = await cursor.fetchone()
         return None if row is None else _row(row)
 
