@@ -27,8 +27,14 @@ def kafka_bootstrap() -> Iterator[str]:
     if configured:
         yield configured
         return
-    with LocalKafka() as kafka:
+    # A low minimum session timeout lets kill tests move partitions in seconds.
+    with LocalKafka(extra_config={"group.min.session.timeout.ms": "1000"}) as kafka:
         yield kafka.bootstrap_servers
+
+
+def session_timeout_ms() -> int:
+    """Session timeout for tests: low on the local broker, the broker default's minimum else."""
+    return 6_000 if os.environ.get("JOBS_BOOTSTRAP_SERVERS") else 2_000
 
 
 @pytest.fixture
@@ -45,8 +51,8 @@ def settings(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> Settings:
         topic_prefix=prefix,
         db_path=tmp_path / "worker.db",
         poll_timeout_ms=100,
-        session_timeout_ms=6_000,
-        heartbeat_interval_ms=1_000,
+        session_timeout_ms=session_timeout_ms(),
+        heartbeat_interval_ms=session_timeout_ms() // 4,
     )
 
 

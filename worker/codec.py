@@ -112,6 +112,10 @@ def _reject_for(
     )
 
 
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode(record: InputRecord, *, partitions: int, max_bytes: int, now: datetime) -> Command | Bad:
     """Turn an input record into a core command, or explain why it cannot be one."""
 
@@ -120,7 +124,7 @@ def decode(record: InputRecord, *, partitions: int, max_bytes: int, now: datetim
         return Bad(dead_letter(record, code, message, now), reject)
 
     value = record.value
-    if value is None:
+    if not value:
         return bad("empty_value", "the record has no value; expected a JSON object")
     if len(value) > max_bytes:
         return bad(
@@ -128,11 +132,16 @@ def decode(record: InputRecord, *, partitions: int, max_bytes: int, now: datetim
             f"the record is {len(value)} bytes; the limit is {max_bytes} (JOBS_MAX_RECORD_BYTES)",
         )
     try:
-        payload = json.loads(value)
+        # Decode explicitly: json.loads(bytes) would also accept UTF-16 and UTF-32.
+        text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         return bad("malformed_json", f"the value is not UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         return bad("malformed_json", f"the value is not JSON: {exc.msg} at position {exc.pos}")
+    except ValueError as exc:
+        return bad("malformed_json", f"the value is not JSON: {exc}")
     key_text: str | None = None
     if record.key is not None:
         try:

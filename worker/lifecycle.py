@@ -324,5 +324,7 @@ def _finish(state: JobState, cmd: Finish, limits: Limits) -> Decision:
         occurred_at=cmd.at,
         source=cmd.source,
     )
-    ended_runs = (*state.ended, EndedRun(run_id, status, cmd.at))[-limits.ended_window :]
+    ended_runs = (*state.ended, EndedRun(run_id, status, cmd.at))
+    # Explicit start index: a window of 0 must keep nothing, and `[-0:]` would keep all.
+    ended_runs = ended_runs[max(0, len(ended_runs) - limits.ended_window) :]
     return Decision(replace(state, active=None, ended=ended_runs), (event,))

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import heapq
 import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
+    InvalidProducerEpoch,
     KafkaError,
     ProducerFenced,
 )
@@ -131,7 +133,9 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None  # at_least_once only
         self._restorer: AIOKafkaConsumer | None = None
         self._failure: BaseException | None = None
+        self._restoring = asyncio.Lock()
         self._batches = 0
+        self._faulted = False
         self._retention = timedelta(seconds=settings.run_retention_s)
         self.partition_count = 0
         self.ready = asyncio.Event()
@@ -253,7 +257,14 @@ class Worker:
 
     async def _on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         numbers = sorted({tp.partition for tp in assigned})
-        await asyncio.gather(*(self._take(n) for n in numbers))
+        results = await asyncio.gather(*(self._take(n) for n in numbers), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            # A partition we own but cannot serve must not sit idle: stop, so that a
+            # supervisor restarts us or the group gives the partition to another member.
+            log.error("could not take partitions; stopping", error=repr(failures[0]))
+            self._failure = failures[0]
+            return
         log.info("partitions assigned", partitions=numbers)
         self.ready.set()
 
@@ -279,6 +290,10 @@ class Worker:
         assert self._consumer is not None
         assert self._store is not None
         s = self.settings
+        # aiokafka may hand out N's records while this listener still runs; paused, N yields
+        # none until it is positioned and loaded (records handed out earlier are dropped by
+        # `_dispatch`, harmlessly, since N is re-positioned below).
+        self._consumer.pause(*self._tps(number))
         producer = None
         if self.exactly_once:
             producer = AIOKafkaProducer(
@@ -288,12 +303,29 @@ class Worker:
                 transaction_timeout_ms=s.transaction_timeout_ms,
             )
             await producer.start()  # fences the previous owner, waits out its transaction
+        try:
+            await self._position_and_load(number, producer)
+        except BaseException:
+            if producer is not None:
+                with contextlib.suppress(KafkaError):
+                    await producer.stop()
+            raise
+
+    async def _position_and_load(self, number: int, producer: AIOKafkaProducer | None) -> None:
+        assert self._consumer is not None
+        assert self._store is not None
+        # Always position N ourselves, after the fencing: aiokafka fetched committed offsets
+        # while joining, possibly including the offsets of the previous owner's transaction
+        # that the producer start above has just aborted.
         committed: dict[str, int] = {}
         for tp in self._tps(number):
             offset = await self._consumer.committed(tp)
             if offset is not None:
                 committed[tp.topic] = offset
-                self._consumer.seek(tp, offset)
+            # Offset 0 when nothing is committed: if retention deleted it, the consumer's
+            # out-of-range reset ("earliest") moves to the log start. (`seek_to_beginning`
+            # inside the rebalance listener stalls aiokafka's fetcher.)
+            self._consumer.seek(tp, offset or 0)
         applied = await self._store.applied_offsets(number)
         restored = False
         behind = any(applied.get(t, 0) < o for t, o in committed.items())
@@ -313,13 +345,15 @@ class Worker:
             retained=retained,
             applied=dict(applied),
         )
+        self._consumer.resume(*self._tps(number))
         log.debug("partition taken", partition=number, committed=committed, restored=restored)
 
     async def _restore(self, number: int, committed: dict[str, int]) -> None:
         assert self._restorer is not None
         assert self._store is not None
         started = time.perf_counter()
-        snapshot = await changelog.read_partition(self._restorer, self.topics.state, number)
+        async with self._restoring:  # one restore consumer, re-assigned per partition
+            snapshot = await changelog.read_partition(self._restorer, self.topics.state, number)
         await self._store.replace_partition(
             number, snapshot.jobs.values(), snapshot.runs.values(), committed
         )
@@ -379,13 +413,22 @@ class Worker:
             )
             if not self.exactly_once:
                 await self._commit_offsets(owner.number, outcome.next_offsets)
-        except (ProducerFenced, FencedError) as exc:
+            log.debug(
+                "batch committed",
+                partition=owner.number,
+                records=len(records),
+                events=len(outcome.events),
+                dead_letters=len(outcome.dead_letters),
+                offsets=outcome.next_offsets,
+            )
+        except (ProducerFenced, InvalidProducerEpoch, FencedError) as exc:
             owner.fenced = True
             log.error(
                 "fenced: another worker owns this partition now; stopped writing to it",
                 partition=owner.number,
                 error=repr(exc),
             )
+            self._request_rejoin()
         except KafkaError as exc:
             log.warning(
                 "batch failed; resetting the partition to its committed offsets",
@@ -402,6 +445,15 @@ class Worker:
                 with contextlib.suppress(IllegalStateError):
                     self._consumer.resume(*self._tps(owner.number))
 
+    def _request_rejoin(self) -> None:
+        """Ask the group for a new assignment, so a fenced partition is settled promptly.
+
+        aiokafka has no public call for this; its group coordinator has `request_rejoin`.
+        """
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None and hasattr(coordinator, "request_rejoin"):
+            coordinator.request_rejoin()
+
     async def _reset(self, owner: Owner) -> None:
         if self._owners.get(owner.number) is not owner:
             return
@@ -416,11 +468,17 @@ class Worker:
             log.error("could not re-take partition", partition=owner.number, error=repr(exc))
 
     def _fault(self, point: str) -> None:
-        """Test-only fault injection: exit hard at `point` in the configured batch."""
+        """Testing only: exit hard (or freeze) at `point` in the configured batch."""
         s = self.settings
-        if s.fault_point == point and self._batches >= s.fault_after_batches:
-            log.warning("injected fault: exiting hard", point=point)
-            os._exit(70)
+        if s.fault_point != point or self._batches < s.fault_after_batches or self._faulted:
+            return
+        self._faulted = True
+        if point == "stop_in_transaction":
+            log.warning("injected fault: freezing inside an open transaction", point=point)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
+        log.warning("injected fault: exiting hard", point=point)
+        os._exit(70)
 
     async def _commit_transaction(self, owner: Owner, outcome: BatchOutcome) -> None:
         producer = owner.producer
@@ -436,6 +494,7 @@ class Worker:
             if offsets:
                 await producer.send_offsets_to_transaction(offsets, self.settings.group_id)
             self._fault("in_transaction")
+            self._fault("stop_in_transaction")
             await producer.commit_transaction()
         except BaseException:
             await _abort_quietly(producer)

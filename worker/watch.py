@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from schemas import DeadLetter, StatusEvent
+from worker.kafkaio import partitions_of
 from worker.settings import Topics
 
 log = structlog.get_logger("watch")
@@ -59,11 +60,7 @@ class StatusTail:
         await self._consumer.start()
         parts: list[TopicPartition] = []
         for topic in (self._topics.status, self._topics.dlq):
-            found = self._consumer.partitions_for_topic(topic)
-            if not found:
-                await self._consumer._client.force_metadata_update()
-                found = self._consumer.partitions_for_topic(topic) or set()
-            parts.extend(TopicPartition(topic, p) for p in sorted(found))
+            parts.extend(await partitions_of(self._consumer, topic))
         self._consumer.assign(parts)
         if self._from_beginning:
             await self._consumer.seek_to_beginning(*parts)

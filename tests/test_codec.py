@@ -1,0 +1,526 @@
+"""Decoding input records: commands for good input, dead letters (and rejects) for bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from schemas import DeadLetter, RunStatus, Source
+from worker.codec import Bad, InputRecord, TopicRole, decode, partition_for
+from worker.lifecycle import Finish, Reject, Start
+
+PARTITIONS = 6
+MAX_BYTES = 1024
+JOB = "post_scoring"
+TIMESTAMP_MS = 1_735_787_045_250  # 2025-01-02 03:04:05.250 UTC
+AT = datetime(2025, 1, 2, 3, 4, 5, 250_000, tzinfo=UTC)
+NOW = datetime(2025, 1, 2, 3, 5, 0, tzinfo=UTC)
+RUN_ID = "250102-030405-5.17"
+
+
+def p(key: str) -> int:
+    """The partition `key` belongs to."""
+    return partition_for(key.encode(), PARTITIONS)
+
+
+def wrong_p(key: str) -> int:
+    """A partition `key` does not belong to."""
+    return (p(key) + 1) % PARTITIONS
+
+
+def record(
+    value: bytes | dict[str, Any] | list[Any] | None,
+    *,
+    role: TopicRole = "requests",
+    key: bytes | None = JOB.encode(),
+    partition: int | None = None,
+    offset: int = 17,
+    headers: Sequence[tuple[str, bytes | None]] = (),
+) -> InputRecord:
+    """An input record; dicts and lists are encoded as JSON, keys default to the right partition."""
+    if isinstance(value, dict | list):
+        value = json.dumps(value).encode()
+    if partition is None:
+        partition = partition_for(key or b"", PARTITIONS)
+    return InputRecord(
+        role=role,
+        topic=f"jobs.{role}",
+        partition=partition,
+        offset=offset,
+        timestamp_ms=TIMESTAMP_MS,
+        key=key,
+        value=value,
+        headers=headers,
+    )
+
+
+def run(rec: InputRecord) -> Start | Finish | Reject | Bad:
+    """Decode `rec` with the test's limits and clock."""
+    return decode(rec, partitions=PARTITIONS, max_bytes=MAX_BYTES, now=NOW)
+
+
+def b64(data: bytes) -> str:
+    """Base64 text of `data`."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def test_partition_for_is_stable_and_in_range() -> None:
+    """partition_for is murmur2 mod count: deterministic and within the partition count."""
+    assert p(JOB) == p(JOB)
+    assert all(0 <= partition_for(k.encode(), PARTITIONS) < PARTITIONS for k in ("a", "b", JOB))
+    assert partition_for(JOB.encode(), 1) == 0
+
+
+def test_record_time_and_source() -> None:
+    """An input record's time is its broker timestamp in UTC; its source is its coordinates."""
+    rec = record({"job_type": JOB})
+    assert rec.at == AT
+    assert rec.source == Source(topic="jobs.requests", partition=p(JOB), offset=17)
+
+
+# --- good input -------------------------------------------------------------------------------
+
+
+def test_start_snake_case() -> None:
+    """A snake_case start request becomes a Start with the record's time and coordinates."""
+    rec = record(
+        {
+            "kind": "start",
+            "request_id": "req-1",
+            "job_type": JOB,
+            "client_id": "acme",
+            "initial_data": {"batch": [1, 2], "deep": {"x": None}},
+        }
+    )
+    assert run(rec) == Start(
+        request_id="req-1",
+        job_type=JOB,
+        client_id="acme",
+        initial_data={"batch": [1, 2], "deep": {"x": None}},
+        at=AT,
+        source=rec.source,
+    )
+
+
+def test_start_seed_camel_case() -> None:
+    """The seed's camelCase names are accepted on a start request."""
+    rec = record(
+        {"requestId": "req-2", "jobType": JOB, "clientId": "acme", "initialData": {"n": 1}}
+    )
+    command = run(rec)
+    assert isinstance(command, Start)
+    assert command.request_id == "req-2"
+    assert command.job_type == JOB
+    assert command.client_id == "acme"
+    assert command.initial_data == {"n": 1}
+
+
+def test_start_without_request_id_gets_one_from_its_coordinates() -> None:
+    """A start with no request_id gets auto-<partition>.<offset>."""
+    rec = record({"job_type": JOB}, offset=4242)
+    command = run(rec)
+    assert isinstance(command, Start)
+    assert command.request_id == f"auto-{p(JOB)}.4242"
+    assert command.client_id is None
+    assert command.initial_data == {}
+
+
+@pytest.mark.parametrize("status", ["COMPLETED", "completed", " Completed "])
+def test_result_completed(status: str) -> None:
+    """A result becomes a Finish with its run ID, upper-cased status and final metrics."""
+    rec = record(
+        {
+            "job_type": JOB,
+            "run_id": RUN_ID,
+            "status": status,
+            "final_metrics": {"scored": 3},
+            "request_id": "res-1",
+        },
+        role="results",
+    )
+    assert run(rec) == Finish(
+        job_type=JOB,
+        run_id=RUN_ID,
+        status=RunStatus.COMPLETED,
+        metrics={"scored": 3},
+        request_id="res-1",
+        at=AT,
+        source=Source(topic="jobs.results", partition=p(JOB), offset=17),
+    )
+
+
+def test_result_failed_camel_case() -> None:
+    """A camelCase FAILED result becomes a Finish with status FAILED."""
+    rec = record(
+        {"jobType": JOB, "runId": RUN_ID, "status": "FAILED", "finalMetrics": {"error": "x"}},
+        role="results",
+    )
+    command = run(rec)
+    assert isinstance(command, Finish)
+    assert command.status is RunStatus.FAILED
+    assert command.metrics == {"error": "x"}
+    assert command.request_id is None
+
+
+def test_value_at_the_size_limit_is_accepted() -> None:
+    """A record of exactly max_bytes is decoded."""
+    body = {"job_type": JOB, "initial_data": {"pad": ""}}
+    pad = MAX_BYTES - len(json.dumps(body).encode())
+    body["initial_data"] = {"pad": "x" * pad}
+    value = json.dumps(body).encode()
+    assert len(value) == MAX_BYTES
+    assert isinstance(run(record(value)), Start)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+HEADERS: tuple[tuple[str, bytes | None], ...] = (
+    ("traceparent", b"00-abc-01"),
+    ("binary", b"\x00\xff\xfe"),
+    ("empty", None),
+)
+
+
+def bad(rec: InputRecord, code: str) -> Bad:
+    """Decode `rec`, check it is a dead letter with `code` that keeps the original record."""
+    outcome = run(rec)
+    assert isinstance(outcome, Bad), outcome
+    letter = outcome.dead_letter
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason.code == code
+    assert letter.reason.message
+    assert letter.source == rec.source
+    assert letter.key == (None if rec.key is None else b64(rec.key))
+    assert letter.value == (None if rec.value is None else b64(rec.value))
+    assert [(h.key, h.value) for h in letter.headers] == [
+        (k, None if v is None else b64(v)) for k, v in rec.headers
+    ]
+    assert letter.dead_lettered_at == NOW
+    # The dead letter survives its own wire format.
+    assert DeadLetter.model_validate_json(letter.model_dump_json()) == letter
+    if outcome.reject is not None:
+        reject = outcome.reject
+        assert reject.reason.startswith(f"{code}: ")
+        assert letter.reason.message in reject.reason
+        assert reject.at == rec.at
+        assert reject.source == rec.source
+    return outcome
+
+
+def test_empty_value() -> None:
+    """A record with no value is dead-lettered as empty_value, with no reject."""
+    outcome = bad(record(None, headers=HEADERS), "empty_value")
+    assert outcome.reject is None
+
+
+def test_zero_length_value_is_empty() -> None:
+    """A record whose value is zero bytes long is dead-lettered as empty_value."""
+    bad(record(b""), "empty_value")
+
+
+def test_oversized() -> None:
+    """A value over max_bytes is dead-lettered as oversized, naming both sizes, unparsed."""
+    value = json.dumps(
+        {"request_id": "req-1", "job_type": JOB, "initial_data": {"pad": "x" * MAX_BYTES}}
+    ).encode()
+    outcome = bad(record(value, headers=HEADERS), "oversized")
+    assert str(len(value)) in outcome.dead_letter.reason.message
+    assert str(MAX_BYTES) in outcome.dead_letter.reason.message
+    assert outcome.reject is None
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (b"{not json", "not JSON"),
+        (b'{"job_type": "post_scoring"', "not JSON"),
+        (b"   ", "not JSON"),
+        (b'{"job_type": "post_scoring"} trailing', "not JSON"),
+        (b'{"request_id": "r\xff\xfe", "job_type": "post_scoring"}', "not UTF-8"),
+        (b"\xc3\x28", "not UTF-8"),
+    ],
+)
+def test_malformed_json(value: bytes, fragment: str) -> None:
+    """A value that is not UTF-8 JSON is dead-lettered as malformed_json with the bytes intact."""
+    outcome = bad(record(value, headers=HEADERS), "malformed_json")
+    assert fragment in outcome.dead_letter.reason.message
+    assert outcome.reject is None
+    assert outcome.dead_letter.value is not None
+    assert base64.b64decode(outcome.dead_letter.value) == value
+
+
+def test_utf16_json_is_malformed() -> None:
+    """A UTF-16 encoded JSON value is not UTF-8 and is dead-lettered as malformed_json."""
+    value = json.dumps({"request_id": "r", "job_type": JOB}).encode("utf-16")
+    bad(record(value), "malformed_json")
+
+
+def test_nan_is_malformed_json() -> None:
+    """NaN and Infinity are not JSON; a value using them is dead-lettered as malformed_json."""
+    value = b'{"request_id": "r", "job_type": "post_scoring", "initial_data": {"x": NaN}}'
+    bad(record(value), "malformed_json")
+
+
+@pytest.mark.parametrize(
+    ("role", "body", "key", "fragment", "reject"),
+    [
+        pytest.param(
+            "requests",
+            {"request_id": "req-1", "jobtype": JOB},
+            JOB,
+            "jobtype",
+            ("req-1", None, JOB),
+            id="unknown-field-job-type-from-key",
+        ),
+        pytest.param(
+            "requests",
+            {"request_id": "req-1", "job_type": JOB, "initial_dat": {}},
+            JOB,
+            "initial_dat",
+            ("req-1", None, JOB),
+            id="misspelt-field",
+        ),
+        pytest.param(
+            "requests",
+            {"requestId": "req-1", "jobType": JOB, "initialData": []},
+            JOB,
+            "initialData",  # the error names the field as the sender spelt it
+            ("req-1", None, JOB),
+            id="camel-case-wrong-type",
+        ),
+        pytest.param(
+            "requests",
+            {"request_id": "req-1", "job_type": "has space"},
+            "has space",
+            "job_type",
+            ("req-1", None, "has space"),
+            id="job-type-with-space",
+        ),
+        pytest.param(
+            "requests",
+            {"request_id": "req-1", "job_type": JOB, "kind": "stop"},
+            JOB,
+            "kind",
+            ("req-1", None, JOB),
+            id="unknown-kind-value",
+        ),
+        pytest.param(
+            "requests",
+            {"job_type": JOB, "extra": 1},
+            JOB,
+            "extra",
+            None,
+            id="no-request-id-no-reject",
+        ),
+        pytest.param(
+            "requests",
+            {"request_id": "req-1"},
+            None,
+            "job_type",
+            None,
+            id="no-job-type-anywhere-no-reject",
+        ),
+        pytest.param(
+            "requests",
+            ["not", "an", "object"],
+            JOB,
+            "",
+            None,
+            id="array-not-object",
+        ),
+        pytest.param(
+            "requests",
+            {"request_id": 5, "job_type": JOB},
+            JOB,
+            "request_id",
+            None,
+            id="request-id-not-text",
+        ),
+        pytest.param(
+            "results",
+            {"job_type": JOB, "run_id": RUN_ID},
+            JOB,
+            "status",
+            (None, RUN_ID, JOB),
+            id="result-without-status",
+        ),
+        pytest.param(
+            "results",
+            {"jobType": JOB, "runId": RUN_ID, "status": "DONE"},
+            JOB,
+            "status",
+            (None, RUN_ID, JOB),
+            id="result-bad-status",
+        ),
+        pytest.param(
+            "results",
+            {"job_type": JOB, "status": "COMPLETED", "request_id": "res-1"},
+            JOB,
+            "run_id",
+            ("res-1", None, JOB),
+            id="result-without-run-id",
+        ),
+        pytest.param(
+            "results",
+            {"run_id": RUN_ID, "status": "COMPLETED"},
+            JOB,
+            "job_type",
+            (None, RUN_ID, JOB),
+            id="result-job-type-from-key",
+        ),
+    ],
+)
+def test_schema_invalid(
+    role: TopicRole,
+    body: dict[str, Any] | list[Any],
+    key: str | None,
+    fragment: str,
+    reject: tuple[str | None, str | None, str] | None,
+) -> None:
+    """A value failing the schema is schema_invalid; a Reject only when the sender is known."""
+    rec = record(body, role=role, key=None if key is None else key.encode(), headers=HEADERS)
+    outcome = bad(rec, "schema_invalid")
+    message = outcome.dead_letter.reason.message
+    assert message.startswith(f"invalid {'request' if role == 'requests' else 'result'}: ")
+    assert fragment in message
+    if reject is None:
+        assert outcome.reject is None
+    else:
+        assert outcome.reject is not None
+        got = (outcome.reject.request_id, outcome.reject.run_id, outcome.reject.job_type)
+        assert got == reject
+
+
+def test_schema_invalid_message_is_bounded() -> None:
+    """A value with many errors gets a summary of the first few, not all of them."""
+    body = {f"unknown_{i}": i for i in range(12)} | {"job_type": JOB}
+    outcome = bad(record(body), "schema_invalid")
+    message = outcome.dead_letter.reason.message
+    assert "and 7 more" in message
+    assert "unknown_11" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "role", "body", "reject"),
+    [
+        pytest.param(
+            b"feed_import",
+            "requests",
+            {"request_id": "req-1", "job_type": JOB},
+            ("req-1", None),
+            id="other-job-type",
+        ),
+        pytest.param(None, "requests", {"request_id": "req-1", "job_type": JOB}, ("req-1", None)),
+        pytest.param(b"\xff\xfe", "requests", {"job_type": JOB}, None, id="undecodable-no-id"),
+        pytest.param(
+            JOB.upper().encode(),
+            "results",
+            {"job_type": JOB, "run_id": RUN_ID, "status": "FAILED"},
+            (None, RUN_ID),
+            id="case-differs",
+        ),
+    ],
+)
+def test_key_mismatch(
+    key: bytes | None,
+    role: TopicRole,
+    body: dict[str, Any],
+    reject: tuple[str | None, str | None] | None,
+) -> None:
+    """A record not keyed by its job type is key_mismatch; the Reject names the payload's type."""
+    rec = record(body, role=role, key=key, partition=p(JOB), headers=HEADERS)
+    outcome = bad(rec, "key_mismatch")
+    message = outcome.dead_letter.reason.message
+    assert repr(JOB) in message
+    if reject is None:
+        assert outcome.reject is None
+    else:
+        assert outcome.reject is not None
+        assert (outcome.reject.request_id, outcome.reject.run_id) == reject
+        assert outcome.reject.job_type == JOB
+
+
+@pytest.mark.parametrize("role", ["requests", "results"])
+def test_wrong_partition(role: TopicRole) -> None:
+    """A record on another partition than its key's murmur2 partition is wrong_partition."""
+    body = {"job_type": JOB, "run_id": RUN_ID, "status": "COMPLETED", "request_id": "r-1"}
+    if role == "requests":
+        body = {"job_type": JOB, "request_id": "r-1"}
+    rec = record(body, role=role, partition=wrong_p(JOB), headers=HEADERS)
+    outcome = bad(rec, "wrong_partition")
+    message = outcome.dead_letter.reason.message
+    assert f"partition {p(JOB)}" in message
+    assert f"not {wrong_p(JOB)}" in message
+    assert "murmur2" in message
+    assert outcome.reject is not None
+    assert outcome.reject.job_type == JOB
+    assert outcome.reject.request_id == "r-1"
+
+
+@pytest.mark.parametrize(
+    ("role", "body", "reject"),
+    [
+        pytest.param(
+            "requests",
+            {"kind": "cancel", "request_id": "req-1", "job_type": JOB, "run_id": RUN_ID},
+            ("req-1", RUN_ID),
+            id="cancel",
+        ),
+        pytest.param(
+            "requests",
+            {"kind": "cancel", "job_type": JOB},
+            None,
+            id="cancel-no-ids",
+        ),
+        pytest.param(
+            "results",
+            {"kind": "progress", "job_type": JOB, "run_id": RUN_ID, "metrics": {"done": 1}},
+            (None, RUN_ID),
+            id="progress",
+        ),
+        pytest.param(
+            "results",
+            {"kind": "progress", "jobType": JOB, "runId": RUN_ID, "requestId": "hb-1"},
+            ("hb-1", RUN_ID),
+            id="heartbeat",
+        ),
+    ],
+)
+def test_unsupported_kind(
+    role: TopicRole, body: dict[str, Any], reject: tuple[str | None, str | None] | None
+) -> None:
+    """Cancel requests and progress reports are not supported yet: unsupported_kind."""
+    outcome = bad(record(body, role=role, headers=HEADERS), "unsupported_kind")
+    assert repr(body["kind"]) in outcome.dead_letter.reason.message
+    if reject is None:
+        assert outcome.reject is None
+    else:
+        assert outcome.reject is not None
+        assert (outcome.reject.request_id, outcome.reject.run_id) == reject
+        assert outcome.reject.job_type == JOB
+
+
+def test_checks_run_in_order() -> None:
+    """Size comes before JSON, schema before key, and key before partition."""
+    huge_garbage = b"{" * (MAX_BYTES + 1)
+    bad(record(huge_garbage), "oversized")
+    invalid_and_unkeyed = record({"request_id": "r", "job_type": JOB, "x": 1}, key=b"other")
+    bad(invalid_and_unkeyed, "schema_invalid")
+    unkeyed_and_misplaced = record(
+        {"request_id": "r", "job_type": JOB}, key=b"other", partition=wrong_p("other")
+    )
+    bad(unkeyed_and_misplaced, "key_mismatch")
+
+
+def test_reject_prefers_payload_ids_to_key() -> None:
+    """A Reject takes the job type from the payload when it has one, else from the key."""
+    rec = record({"requestId": " req-7 ", "jobType": "feed_import", "x": 1}, key=JOB.encode())
+    outcome = bad(rec, "schema_invalid")
+    assert outcome.reject is not None
+    assert outcome.reject.request_id == "req-7"
+    assert outcome.reject.job_type == "feed_import"

@@ -1,0 +1,194 @@
+"""Exactly-once under crashes, fault injection, scale-out and zombies, on the real broker.
+
+Every test drives `jobctl run` processes with real signals and checks the oracle of
+`tests.chaos`: each input decided once, legal lifecycles, one `started` per run ID, and
+SQLite equal to the state rebuilt from the status topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.chaos import Load, WorkerProcess, oracle, wait_until_processed
+from tests.conftest import create_topics
+from worker.settings import Settings
+
+pytestmark = pytest.mark.kafka
+SEED = 20261128
+
+
+@pytest.fixture
+async def cluster(settings: Settings) -> Settings:
+    """Four partitions per topic, so several workers have something to share."""
+    await create_topics(settings, 4)
+    return settings
+
+
+@pytest.fixture
+def spawn(cluster: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Make worker processes; any left running are killed after the test."""
+    made: list[WorkerProcess] = []
+
+    def make(name: str, **extra: str) -> WorkerProcess:
+        process = WorkerProcess(cluster, name, tmp_path, **extra)
+        made.append(process)
+        return process
+
+    yield make
+    for process in made:
+        process.ensure_dead()
+
+
+@contextlib.asynccontextmanager
+async def flowing(load: Load) -> AsyncIterator[asyncio.Task[None]]:
+    """Run the load's producer and executor; yield the producer task."""
+    producer = AIOKafkaProducer(bootstrap_servers=load.settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    producing = asyncio.create_task(load.produce(producer))
+    executing = asyncio.create_task(load.execute(producer))
+    try:
+        yield producing
+    finally:
+        for task in (producing, executing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await producer.stop()
+
+
+def log_events(process: WorkerProcess) -> list[dict[str, object]]:
+    """The worker's JSON log lines."""
+    out = []
+    for line in process.log_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            item = json.loads(line)
+            if isinstance(item, dict):
+                out.append(item)
+    return out
+
+
+async def finish(cluster: Settings, load: Load, workers: list[WorkerProcess], tmp: Path) -> None:
+    """Wait for the backlog, stop the workers with SIGTERM (exit 0), and run the oracle."""
+    await wait_until_processed(cluster, load, timeout=180)
+    for process in workers:
+        if process.alive():
+            assert await process.terminate() == 0, process.log_text()[-3000:]
+    verdict = await oracle(cluster, [w.db_path for w in workers], tmp)
+    assert verdict.problems == []
+    assert verdict.runs > 0
+    assert verdict.dead_letters > 0
+
+
+async def test_sigkill_at_random_moments_neither_loses_nor_repeats(
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """Killed with SIGKILL at least 10 times mid-stream, the worker still decides each input once."""
+    worker = spawn("crashy")
+    worker.start()
+    load = Load(cluster, seed=SEED, requests=3600, rate=220)
+    rng = random.Random(SEED)
+    async with flowing(load):
+        kills = 0
+        while kills < 12:
+            # The chaos schedule: seeded random moments, not a wait for anything.
+            await asyncio.sleep(rng.uniform(0.4, 2.0))
+            worker.kill()
+            kills += 1
+            worker.start()
+        await finish(cluster, load, [worker], tmp_path)
+    assert worker.starts == 13
+    verdict = await oracle(cluster, [worker.db_path], tmp_path)
+    assert verdict.inputs >= 5000
+
+
+@pytest.mark.parametrize("point", ["in_transaction", "after_commit"])
+async def test_hard_exit_at_a_fault_point_is_recovered(
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, point: str
+) -> None:
+    """A hard exit inside an open transaction, or after the Kafka commit, is recovered exactly."""
+    worker = spawn("faulty")
+    worker.start(fault_point=point, fault_after_batches="8")
+    load = Load(cluster, seed=SEED + 1, requests=600, rate=300)
+    async with flowing(load):
+        assert await worker.wait_exit(timeout=120) == 70
+        assert "injected fault" in worker.log_text()
+        worker.start()
+        await finish(cluster, load, [worker], tmp_path)
+    if point == "after_commit":
+        restores = [
+            e for e in log_events(worker) if e.get("event") == "partition restored from changelog"
+        ]
+        assert restores, "the SQLite file was behind Kafka, so the partition must be restored"
+
+
+async def test_survivors_take_over_a_killed_workers_partitions(
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """Three workers share the partitions; one is killed; the others restore its partitions."""
+    workers = [spawn(f"member{i}") for i in range(3)]
+    for process in workers:
+        process.start()
+    load = Load(cluster, seed=SEED + 2, requests=1500, rate=250)
+    async with flowing(load):
+        await asyncio.wait_for(load.third_sent.wait(), 60)  # the moment to kill
+        victim = workers[0]
+        victim.kill()
+        await finish(cluster, load, workers, tmp_path)
+    survivors_restored = [
+        e
+        for w in workers[1:]
+        for e in log_events(w)
+        if e.get("event") == "partition restored from changelog"
+    ]
+    assert survivors_restored, "a survivor must restore the victim's partitions from the changelog"
+
+
+def _stopped(process: WorkerProcess) -> bool:
+    assert process.proc is not None
+    stat = Path(f"/proc/{process.proc.pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    # Polls another process's state (its /proc entry, its log file): there is no event to await.
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    assert predicate(), what
+
+
+async def test_a_frozen_zombie_cannot_publish_after_its_partitions_move(
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    """A worker frozen inside an open transaction is fenced: nothing it sent becomes visible."""
+    zombie = spawn("zombie")
+    zombie.start(fault_point="stop_in_transaction", fault_after_batches="5")
+    heir = spawn("heir")
+    heir.start()
+    load = Load(cluster, seed=SEED + 3, requests=900, rate=200)
+    async with flowing(load):
+        await _until(lambda: _stopped(zombie), 60, "the zombie froze in its transaction")
+
+        def heir_owns_all() -> bool:
+            return any(
+                e.get("event") == "partitions assigned" and e.get("partitions") == [0, 1, 2, 3]
+                for e in log_events(heir)
+            )
+
+        await _until(heir_owns_all, 60, "the heir took every partition")
+        zombie.signal(signal.SIGCONT)
+        await _until(
+            lambda: any(str(e.get("event", "")).startswith("fenced") for e in log_events(zombie)),
+            60,
+            "the resumed zombie found itself fenced",
+        )
+        await finish(cluster, load, [zombie, heir], tmp_path)

@@ -1,0 +1,277 @@
+"""Wire models: JSON Schema files in step with the models, and the models' input rules."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+import schemas
+from schemas import (
+    ALL_MODELS,
+    SCHEMA_DIR,
+    DeadLetter,
+    DeadLetterReason,
+    EventType,
+    Header,
+    JobRequest,
+    JobResult,
+    RunStatus,
+    Source,
+    StatusEvent,
+)
+
+AT = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+DOCUMENTS = schemas.json_schema_documents()
+
+
+@pytest.mark.parametrize(("name", "text"), sorted(DOCUMENTS.items()))
+def test_schema_file_matches_models(name: str, text: str) -> None:
+    """Each JSON Schema file on disk is exactly what the models generate."""
+    path = SCHEMA_DIR / name
+    assert path.exists(), f"{path} is missing: run `jobctl schemas export`"
+    assert path.read_text() == text, (
+        f"{path} is out of date with schemas/messages.py: run `jobctl schemas export`"
+    )
+
+
+def test_every_model_has_a_schema_document() -> None:
+    """There is one schema document per wire model, each a valid JSON object with its $id."""
+    assert set(DOCUMENTS) == {f"{name}.schema.json" for name in ALL_MODELS}
+    for name, text in DOCUMENTS.items():
+        document = json.loads(text)
+        assert document["$id"] == name
+        assert document["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+
+def test_no_stray_schema_files() -> None:
+    """Every schema file in schemas/ belongs to a model (a removed model leaves no file)."""
+    on_disk = {path.name for path in SCHEMA_DIR.glob("*.schema.json")}
+    assert on_disk == set(DOCUMENTS)
+
+
+def test_export_writes_the_documents(tmp_path: Path) -> None:
+    """export_json_schemas writes exactly the generated documents."""
+    written = schemas.export_json_schemas(tmp_path)
+    assert {path.name for path in written} == set(DOCUMENTS)
+    for path in written:
+        assert path.read_text() == DOCUMENTS[path.name]
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+def test_request_defaults() -> None:
+    """A request with only a job type is a start with no IDs and empty initial data."""
+    request = JobRequest.model_validate({"job_type": "a"})
+    assert request.kind == "start"
+    assert request.request_id is None
+    assert request.client_id is None
+    assert request.initial_data == {}
+    assert request.run_id is None
+
+
+def test_request_camel_case_equals_snake_case() -> None:
+    """The seed's camelCase names give the same request as snake_case."""
+    snake = JobRequest.model_validate(
+        {"request_id": "r", "job_type": "a", "client_id": "c", "initial_data": {"x": 1}}
+    )
+    camel = JobRequest.model_validate(
+        {"requestId": "r", "jobType": "a", "clientId": "c", "initialData": {"x": 1}}
+    )
+    assert snake == camel
+
+
+def test_request_round_trip_is_snake_case() -> None:
+    """A request serializes with snake_case names and reads back equal."""
+    request = JobRequest(
+        kind="cancel", request_id="r", job_type="a", client_id="c", run_id="250102-030405-0.1"
+    )
+    data = json.loads(request.model_dump_json())
+    assert "job_type" in data
+    assert "jobType" not in data
+    assert JobRequest.model_validate(data) == request
+    assert JobRequest.model_validate_json(request.model_dump_json()) == request
+
+
+def test_request_strips_identifiers() -> None:
+    """Job type, client ID and request ID are stripped of surrounding whitespace."""
+    request = JobRequest.model_validate({"request_id": " r ", "job_type": " a ", "client_id": " c"})
+    assert (request.request_id, request.job_type, request.client_id) == ("r", "a", "c")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {},
+        {"job_type": ""},
+        {"job_type": "   "},
+        {"job_type": "two words"},
+        {"job_type": "x" * 201},
+        {"job_type": "a", "client_id": "has space"},
+        {"job_type": "a", "request_id": ""},
+        {"job_type": "a", "kind": "stop"},
+        {"job_type": "a", "initial_data": [1]},
+        {"job_type": "a", "unknown": 1},
+        {"job_type": "a", "JobType": "a"},
+    ],
+)
+def test_request_invalid(data: dict[str, Any]) -> None:
+    """Missing, empty, oversized, mistyped and unknown fields are rejected."""
+    with pytest.raises(ValidationError):
+        JobRequest.model_validate(data)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("COMPLETED", "COMPLETED"), ("completed", "COMPLETED"), (" Failed ", "FAILED")],
+)
+def test_result_status_is_upper_cased(given: str, expected: str) -> None:
+    """A result's status is upper-cased and stripped before validation."""
+    result = JobResult.model_validate({"job_type": "a", "run_id": "r", "status": given})
+    assert result.status == expected
+
+
+def test_result_camel_case_equals_snake_case() -> None:
+    """The seed's camelCase names give the same result as snake_case."""
+    snake = JobResult.model_validate(
+        {
+            "job_type": "a",
+            "run_id": "r",
+            "status": "FAILED",
+            "final_metrics": {"e": 1},
+            "request_id": "q",
+        }
+    )
+    camel = JobResult.model_validate(
+        {
+            "jobType": "a",
+            "runId": "r",
+            "status": "failed",
+            "finalMetrics": {"e": 1},
+            "requestId": "q",
+        }
+    )
+    assert snake == camel
+
+
+def test_result_round_trip() -> None:
+    """A result serializes and reads back equal."""
+    result = JobResult(job_type="a", run_id="r", status="COMPLETED", final_metrics={"n": [1, 2]})
+    assert JobResult.model_validate_json(result.model_dump_json()) == result
+
+
+def test_progress_needs_no_status() -> None:
+    """A progress record, with or without metrics, needs no status."""
+    heartbeat = JobResult.model_validate({"kind": "progress", "job_type": "a", "run_id": "r"})
+    assert heartbeat.metrics is None
+    progress = JobResult.model_validate(
+        {"kind": "progress", "job_type": "a", "run_id": "r", "metrics": {"done": 3}}
+    )
+    assert progress.metrics == {"done": 3}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"job_type": "a", "run_id": "r"},
+        {"job_type": "a", "run_id": "r", "status": "DONE"},
+        {"job_type": "a", "run_id": "r", "status": "RUNNING"},
+        {"job_type": "a", "run_id": "r", "status": 1},
+        {"job_type": "a", "status": "COMPLETED"},
+        {"job_type": "a", "run_id": " ", "status": "COMPLETED"},
+        {"run_id": "r", "status": "COMPLETED"},
+        {"job_type": "a", "run_id": "r", "status": "COMPLETED", "finalmetrics": {}},
+    ],
+)
+def test_result_invalid(data: dict[str, Any]) -> None:
+    """A result without a valid status, run ID or job type, or with unknown fields, is invalid."""
+    with pytest.raises(ValidationError):
+        JobResult.model_validate(data)
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def _event() -> StatusEvent:
+    return StatusEvent(
+        event_id="e-1",
+        type=EventType.COMPLETED,
+        status=RunStatus.COMPLETED,
+        from_status=RunStatus.RUNNING,
+        request_id="q",
+        job_type="a",
+        client_id="c",
+        run_id="250102-030405-0.1",
+        metrics={"n": 1},
+        started_at=AT,
+        occurred_at=AT,
+        source=Source(topic="jobs.results", partition=0, offset=3),
+    )
+
+
+def _letter() -> DeadLetter:
+    return DeadLetter(
+        reason=DeadLetterReason(code="malformed_json", message="not JSON"),
+        source=Source(topic="jobs.requests", partition=1, offset=2),
+        key="YQ==",
+        value=None,
+        headers=(Header(key="h", value="AA=="), Header(key="n", value=None)),
+        dead_lettered_at=AT,
+    )
+
+
+def test_status_event_round_trip() -> None:
+    """A status event serializes with string enums and reads back equal."""
+    event = _event()
+    data = json.loads(event.model_dump_json())
+    assert data["type"] == "completed"
+    assert data["status"] == "COMPLETED"
+    assert data["from_status"] == "RUNNING"
+    assert StatusEvent.model_validate_json(event.model_dump_json()) == event
+
+
+def test_dead_letter_round_trip() -> None:
+    """A dead letter serializes and reads back equal, headers included."""
+    letter = _letter()
+    assert DeadLetter.model_validate_json(letter.model_dump_json()) == letter
+
+
+def test_source_rejects_negative_coordinates() -> None:
+    """A source's partition and offset cannot be negative."""
+    with pytest.raises(ValidationError):
+        Source(topic="t", partition=-1, offset=0)
+    with pytest.raises(ValidationError):
+        Source(topic="t", partition=0, offset=-1)
+
+
+@pytest.mark.parametrize(
+    ("model", "field"),
+    [
+        (JobRequest.model_validate({"job_type": "a"}), "job_type"),
+        (JobResult.model_validate({"job_type": "a", "run_id": "r", "status": "FAILED"}), "status"),
+        (_event(), "run_id"),
+        (_letter(), "reason"),
+        (Source(topic="t", partition=0, offset=0), "offset"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseModel) else str(v),
+)
+def test_models_are_frozen(model: BaseModel, field: str) -> None:
+    """Wire models cannot be changed after creation."""
+    with pytest.raises(ValidationError, match="frozen"):
+        setattr(model, field, None)
+
+
+def test_models_are_hashable_when_fields_are() -> None:
+    """Frozen models without dict fields can be used as set members."""
+    assert (
+        len({Source(topic="t", partition=0, offset=0), Source(topic="t", partition=0, offset=0)})
+        == 1
+    )
