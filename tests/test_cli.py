@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -11,9 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from typer.testing import CliRunner
 
 from worker.cli import app
+from worker.settings import Topics
+from worker.topics import wait_for_leaders
 
 pytestmark = pytest.mark.kafka
 runner = CliRunner()
@@ -170,3 +174,34 @@ def test_demo_plays_its_scenario(kafka_bootstrap: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for text in ("refused", "failed", "malformed_json", "rejected", "every outcome matched"):
         assert text in result.stdout
+
+
+def test_run_refuses_mismatched_partition_counts(
+    kafka_bootstrap: str, prefix: str, tmp_path: Path
+) -> None:
+    """`jobctl run` on topics with differing partition counts exits 1 naming each count."""
+    topics = Topics.for_prefix(prefix)
+
+    async def make() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [NewTopic(n, 3 if n == topics.dlq else 2, 1) for n in topics.all()]
+            )
+            await wait_for_leaders(admin, list(topics.all()))
+        finally:
+            await admin.close()
+
+    asyncio.run(make())
+    result = subprocess.run(
+        [*JOBCTL, "run", "-b", kafka_bootstrap, "--prefix", prefix, "--db", str(tmp_path / "j.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"{prefix}.dlq=3" in result.stderr
+    assert f"{prefix}.requests=2" in result.stderr
+    assert "Traceback" not in result.stderr

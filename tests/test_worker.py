@@ -17,7 +17,7 @@ from worker.runid import RUN_ID_RE
 from worker.runner import Worker
 from worker.settings import Settings
 from worker.store import Store
-from worker.topics import TopicError
+from worker.topics import TopicError, wait_for_leaders
 from worker.watch import Item, StatusTail
 
 pytestmark = pytest.mark.kafka
@@ -237,6 +237,7 @@ async def test_start_up_refuses_mismatched_partition_counts(
         await admin.create_topics(
             [NewTopic(name, 3 if name == t.results else 2, 1) for name in t.all()]
         )
+        await wait_for_leaders(admin, list(t.all()))
     finally:
         await admin.close()
     with pytest.raises(TopicError) as caught:
@@ -244,3 +245,9 @@ async def test_start_up_refuses_mismatched_partition_counts(
     message = str(caught.value)
     assert f"{settings.topics.results}=3" in message
     assert f"{settings.topics.requests}=2" in message
+
+
+@pytest.fixture(params=["exactly_once", "at_least_once"])
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """Every test of this module runs under both processing guarantees."""
+    return settings.model_copy(update={"processing_guarantee": request.param})

@@ -532,7 +532,11 @@ class Worker:
                 await producer.send(t.state, value=None, key=run_id.encode(), partition=number)
             )
         if futures:
-            await asyncio.gather(*futures)
+            # Wait for every delivery, so no failure is left unretrieved; raise the first.
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            for item in outcomes:
+                if isinstance(item, BaseException):
+                    raise item
 
     async def _commit_offsets(self, number: int, next_offsets: dict[str, int]) -> None:
         assert self._consumer is not None

@@ -110,13 +110,13 @@ async def create(
             errors.append(f"{name}: {message}")
     if errors:
         raise TopicError("could not create topics: " + "; ".join(errors))
-    await _wait_for_leaders(admin, [t.name for t in new])
+    await wait_for_leaders(admin, [t.name for t in new])
     # A concurrent creator may have won with another count; check what exists now.
     check_counts(await describe(admin, topics))
     return [t.name for t in new]
 
 
-async def _wait_for_leaders(
+async def wait_for_leaders(
     admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30
 ) -> None:
     """Wait until every partition of `names` has a leader, so first reads and writes succeed."""
