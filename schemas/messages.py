@@ -54,6 +54,7 @@ RunIdText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1
 class RunStatus(StrEnum):
     """The status of a run."""
 
+    QUEUED = "QUEUED"  # waiting for the active run of its scope to end
     RUNNING = "RUNNING"  # started, no result yet
     COMPLETED = "COMPLETED"  # ended: the executor reported success
     FAILED = "FAILED"  # ended: the executor reported failure
@@ -97,7 +98,10 @@ class JobRequest(WireModel):
     job_type: JobType
     client_id: ClientId | None = None
     initial_data: dict[str, Any] = Field(default_factory=dict)
-    run_id: RunIdText | None = None
+    run_id: RunIdText | None = Field(
+        default=None, description="For a cancel: the run to cancel (else the scope's active run)."
+    )
+    reason: str | None = Field(default=None, max_length=1000, description="Why, for a cancel.")
 
 
 class JobResult(WireModel):
@@ -143,6 +147,9 @@ class StatusEvent(WireModel):
     )
     started_at: datetime | None = Field(
         default=None, description="When the run named by run_id started."
+    )
+    original_type: EventType | None = Field(
+        default=None, description="On `duplicate` events: the original decision's type."
     )
     occurred_at: datetime
     source: Source | None = None

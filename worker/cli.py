@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ import typer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from worker import localkafka
@@ -166,14 +168,18 @@ def run(
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
     db: Path = typer.Option(None, "--db", help="SQLite file (default: JOBS_DB_PATH or jobs.db)."),
+    config: Path = typer.Option(
+        None, "--config", help="Per-job-type settings, TOML (default: JOBS_CONFIG)."
+    ),
 ) -> None:
     """Run the orchestrator worker until SIGTERM or Ctrl-C.
 
     Example: JOBS_BOOTSTRAP_SERVERS=kafka:9092 jobctl run --db /var/lib/jobs/jobs.db
     """
+    from worker.config import ConfigError
     from worker.runner import Worker
 
-    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db)
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     configure_logs(s.log_level, s.log_format)
 
     async def main() -> None:
@@ -183,7 +189,105 @@ def run(
             loop.add_signal_handler(sig, stop.set)
         await Worker(s).run(stop)
 
-    _run(main())
+    try:
+        _run(main())
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _progress_bar(description: str) -> tuple[Progress, Callable[[int, int], None]]:
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    )
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+@app.command()
+def replay(
+    db: Path = typer.Option(..., "--db", help="The SQLite file to (re)build."),
+    from_offset: int = typer.Option(
+        None, "--from-offset", min=0, help="Start at this offset of every status partition."
+    ),
+    from_timestamp: datetime = typer.Option(
+        None,
+        "--from-timestamp",
+        formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"],
+        help="Start at the first event at or after this time (UTC unless it has an offset).",
+    ),
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+) -> None:
+    """Rebuild a store's run history from the status topic (the decision log).
+
+    Example: jobctl replay --db rebuilt.db --from-offset 0
+    """
+    from worker.replay import replay as run_replay
+
+    if from_offset is not None and from_timestamp is not None:
+        raise _fail("give --from-offset or --from-timestamp, not both")
+    if from_timestamp is not None and from_timestamp.tzinfo is None:
+        from_timestamp = from_timestamp.replace(tzinfo=UTC)
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    bar, update = _progress_bar("replaying")
+    with bar:
+        report = _run(
+            run_replay(
+                s, db, from_offset=from_offset, from_timestamp=from_timestamp, progress=update
+            )
+        )
+    console.print(
+        f"applied {report.events} status events in {report.seconds:.2f}s "
+        f"({report.rate:,.0f}/s); {report.runs} runs in {db}"
+    )
+
+
+@app.command()
+def verify(
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+    config: Path = typer.Option(
+        None, "--config", help="Job-type settings to verify against (default: JOBS_CONFIG)."
+    ),
+    show: int = typer.Option(10, "--show", min=0, help="How many divergences to print."),
+) -> None:
+    """Re-decide every logged input with the current code; exit 1 on any divergence.
+
+    Example: jobctl verify --prefix jobs --config jobs.toml
+    """
+    from worker.config import ConfigError
+    from worker.config import load as load_config
+    from worker.replay import verify as run_verify
+
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, config=config)
+    try:
+        jobs_config = load_config(s.config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    bar, update = _progress_bar("verifying")
+    with bar:
+        report = _run(run_verify(s, jobs_config, progress=update))
+    for divergence in report.divergences[:show]:
+        console.print(f"[red]✗[/] partition {divergence.partition}, caused by {divergence.cause}")
+        console.print("  logged:    ", divergence.logged or "no event")
+        console.print("  recomputed:", divergence.recomputed or "no event")
+    summary = (
+        f"{report.inputs} inputs, {report.events} logged events, "
+        f"{len(report.divergences)} divergences"
+    )
+    if report.foreign:
+        summary += f", {report.foreign} records that are not status events"
+    if report.divergences or report.foreign:
+        raise _fail(summary)
+    console.print(f"[green]✓[/] {summary}")
 
 
 @schemas_app.command("export")

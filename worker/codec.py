@@ -1,9 +1,10 @@
 """Input records to core commands, or to dead letters with a specific reason.
 
 Checks, in order: size, JSON, schema, key (every record is keyed by its job type), partition
-(the key's murmur2 partition). A record that fails a check becomes a dead letter carrying the
-original bytes; if the sender can be identified (a request ID or run ID and a job type), it
-also becomes a `Reject` command so the sender gets a `rejected` status event.
+(the key's murmur2 partition; a valid record on another partition is re-routed there). A
+record that fails a check becomes a dead letter carrying the original bytes; if the sender can
+be identified (a request ID or run ID and a job type), it also becomes a `Reject` command so
+the sender gets a `rejected` status event.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from aiokafka.partitioner import murmur2
 from pydantic import ValidationError
 
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
-from worker.lifecycle import Command, Finish, Reject, Start
+from worker.lifecycle import Cancel, Command, Finish, Progress, Reject, Start
 
 TopicRole = Literal["requests", "results"]
 
@@ -46,6 +47,17 @@ class InputRecord:
     def at(self) -> datetime:
         """The record's broker time (UTC)."""
         return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Reroute:
+    """A valid record on the wrong partition: it belongs on `partition`, keyed `key`."""
+
+    partition: int
+    key: bytes
+
+
+REROUTED_FROM = "jobs.rerouted-from"  # header: "<topic>:<partition>:<offset>" of the original
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +128,9 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def decode(record: InputRecord, *, partitions: int, max_bytes: int, now: datetime) -> Command | Bad:
+def decode(
+    record: InputRecord, *, partitions: int, max_bytes: int, now: datetime
+) -> Command | Bad | Reroute:
     """Turn an input record into a core command, or explain why it cannot be one."""
 
     def bad(code: str, message: str, payload: object = None, key_text: str | None = None) -> Bad:
@@ -156,38 +170,49 @@ def decode(record: InputRecord, *, partitions: int, max_bytes: int, now: datetim
     except ValidationError as exc:
         what = "request" if record.role == "requests" else "result"
         return bad("schema_invalid", f"invalid {what}: {_summarize(exc)}", payload, key_text)
-    if key_text != message.job_type:
+    if record.key is not None and key_text != message.job_type:
         return bad(
             "key_mismatch",
             f"records must be keyed by their job type {message.job_type!r}; "
             f"the key is {key_text!r}",
             payload,
         )
-    expected = partition_for(record.key or b"", partitions)
-    if expected != record.partition:
-        return bad(
-            "wrong_partition",
-            f"job type {message.job_type!r} belongs to partition {expected} (murmur2), "
-            f"not {record.partition}; use the murmur2 partitioner",
-            payload,
-        )
+    key = message.job_type.encode()
+    expected = partition_for(key, partitions)
+    if expected != record.partition or record.key is None:
+        # Another partitioner (librdkafka's CRC32, a keyless send): the owner of the job
+        # type's partition must decide, so the record moves there inside this transaction.
+        return Reroute(partition=expected, key=key)
     if isinstance(message, JobRequest):
-        if message.kind != "start":
-            return bad(
-                "unsupported_kind", f"request kind {message.kind!r} is not supported yet", payload
+        request_id = message.request_id or f"auto-{record.partition}.{record.offset}"
+        if message.kind == "cancel":
+            return Cancel(
+                request_id=request_id,
+                job_type=message.job_type,
+                client_id=message.client_id,
+                run_id=message.run_id,
+                reason=message.reason,
+                at=record.at,
+                source=record.source,
             )
         return Start(
-            request_id=message.request_id or f"auto-{record.partition}.{record.offset}",
+            request_id=request_id,
             job_type=message.job_type,
             client_id=message.client_id,
             initial_data=message.initial_data,
             at=record.at,
             source=record.source,
         )
-    if message.kind != "result" or message.status is None:
-        return bad(
-            "unsupported_kind", f"result kind {message.kind!r} is not supported yet", payload
+    if message.kind == "progress":
+        return Progress(
+            job_type=message.job_type,
+            run_id=message.run_id,
+            metrics=message.metrics,
+            request_id=message.request_id,
+            at=record.at,
+            source=record.source,
         )
+    assert message.status is not None
     return Finish(
         job_type=message.job_type,
         run_id=message.run_id,

@@ -3,20 +3,28 @@
 Theory of operation:
 
 1. All records about a job type share one key and so one partition; every decision about a
-   job type depends only on that job type's state. The core therefore works on one
-   `JobState` at a time: ``decide(state, command) -> Decision(state, events)``.
+   job type depends only on that job type's state and configuration. The core therefore
+   works on one `JobState` at a time: ``decide(state, command, config) -> Decision``.
 2. Time and the coordinates of the record that caused a command come in with the command.
    Run IDs are made from them (see `worker.runid`), so replaying the same commands gives the
-   same run IDs, states and events.
-3. Every lifecycle move is a row of `TRANSITIONS`: (status before, action) -> (status after,
-   event type). A command whose move is not in the table yields one `rejected` event and
-   leaves the state unchanged; bad input is data, not a crash.
-4. At most one run per job type is active. A start while one is active is `refused` and
-   names the active run's ID and start time.
-5. A result names its run. An unknown run, a run of another job type, and a run that has
-   already ended are all `rejected`; a result never touches another run's state.
-6. Each event gets an ID derived from its cause (source coordinates and position), so the
-   same input always yields the same event IDs.
+   same run IDs, states and events. Time passes only through `AdvanceTime`.
+3. Every change of a run's status is a row of `TRANSITIONS`: (status before, action) ->
+   (status after, event type). A command whose move is not in the table yields one
+   `rejected` event and leaves the state unchanged; bad input is data, not a crash.
+4. A scope (the job type, or the job type and client) has at most one active run. A start
+   while one is active follows the job type's policy: `reject` (a `refused` event naming the
+   active run), `queue` (`queued` now, `started` in FIFO order when the scope frees up) or
+   `replace` (the active run ends `cancelled`, the new one starts).
+5. A request ID seen within the idempotency window is answered with `duplicate`, carrying
+   the original decision; it never changes state.
+6. A result, progress report or cancel names its run. An unknown run, a run of another job
+   type, a run that has already ended are all `rejected`; a command never touches another
+   run's state.
+7. A run with a timeout must report (result, progress or heartbeat) before its deadline;
+   `AdvanceTime(now)` ends overdue runs `timed_out`. Progress and heartbeats renew the
+   deadline; a heartbeat (progress without metrics) changes nothing else and emits nothing.
+8. Each event gets an ID derived from its cause (source coordinates or the time advance, and
+   its position among the command's events), so the same input always yields the same IDs.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -39,17 +47,60 @@ _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 class Action(StrEnum):
     """What a command asks of a run."""
 
-    START = "start"  # create a run
+    START = "start"  # create a run and start it
+    ENQUEUE = "enqueue"  # create a run that waits for its scope to free up
+    DEQUEUE = "dequeue"  # start a queued run
     COMPLETE = "complete"  # the executor reports success
     FAIL = "fail"  # the executor reports failure
+    CANCEL = "cancel"  # a cancel request, or a replacing start
+    PROGRESS = "progress"  # the executor reports progress metrics
+    TIME_OUT = "time_out"  # the deadline passed without a report
 
 
-# (status before or None for "no run", action) -> (status after, event emitted)
+# (status before, or None for "no run yet", action) -> (status after, event emitted)
 TRANSITIONS: Mapping[tuple[RunStatus | None, Action], tuple[RunStatus, EventType]] = {
     (None, Action.START): (RunStatus.RUNNING, EventType.STARTED),
+    (None, Action.ENQUEUE): (RunStatus.QUEUED, EventType.QUEUED),
+    (RunStatus.QUEUED, Action.DEQUEUE): (RunStatus.RUNNING, EventType.STARTED),
+    (RunStatus.QUEUED, Action.CANCEL): (RunStatus.CANCELLED, EventType.CANCELLED),
     (RunStatus.RUNNING, Action.COMPLETE): (RunStatus.COMPLETED, EventType.COMPLETED),
     (RunStatus.RUNNING, Action.FAIL): (RunStatus.FAILED, EventType.FAILED),
+    (RunStatus.RUNNING, Action.CANCEL): (RunStatus.CANCELLED, EventType.CANCELLED),
+    (RunStatus.RUNNING, Action.PROGRESS): (RunStatus.RUNNING, EventType.PROGRESS),
+    (RunStatus.RUNNING, Action.TIME_OUT): (RunStatus.TIMED_OUT, EventType.TIMED_OUT),
 }
+
+
+class Policy(StrEnum):
+    """What a start does while its scope has an active run."""
+
+    REJECT = "reject"  # refuse the start, naming the active run
+    QUEUE = "queue"  # queue the start; FIFO when the scope frees up
+    REPLACE = "replace"  # cancel the active run and start the new one
+
+
+class Scope(StrEnum):
+    """What "at most one active run" counts over."""
+
+    JOB_TYPE = "job_type"  # one run per job type
+    JOB_TYPE_CLIENT = "job_type+client"  # one run per job type and client ID
+
+
+@dataclass(frozen=True, slots=True)
+class JobConfig:
+    """Per-job-type settings (the TOML file's `[job_types.NAME]` or `[defaults]`)."""
+
+    policy: Policy = Policy.REJECT
+    scope: Scope = Scope.JOB_TYPE
+    timeout: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on the state kept per job type."""
+
+    ended_window: int = 256
+    idempotency_window: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +114,20 @@ class Run:
     status: RunStatus
     started_at: datetime
     initial_data: Mapping[str, Any] = field(default_factory=dict)
+    scope: str = ""
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A start waiting for its scope to free up; its run ID is fixed when it is queued."""
+
+    run_id: str
+    request_id: str
+    client_id: str | None
+    initial_data: Mapping[str, Any]
+    scope: str
+    queued_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,29 +140,51 @@ class EndedRun:
 
 
 @dataclass(frozen=True, slots=True)
+class Decided:
+    """A request ID and the decision it got, for idempotency."""
+
+    request_id: str
+    type: EventType
+    run_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class JobState:
     """Everything the core knows about one job type."""
 
     job_type: str
-    active: Run | None = None
-    ended: tuple[EndedRun, ...] = ()  # oldest first, at most `Limits.ended_window` long
+    active: tuple[Run, ...] = ()  # at most one per scope
+    queue: tuple[Queued, ...] = ()  # FIFO over all scopes
+    ended: tuple[EndedRun, ...] = ()  # oldest first, at most `Limits.ended_window`
+    decided: tuple[Decided, ...] = ()  # oldest first, at most `Limits.idempotency_window`
 
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds on the state kept per job type."""
-
-    ended_window: int = 256
+    def next_deadline(self) -> datetime | None:
+        """The earliest deadline of an active run, if any."""
+        deadlines = [r.deadline for r in self.active if r.deadline is not None]
+        return min(deadlines) if deadlines else None
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """Start a run of `job_type`."""
+    """Start a run of `job_type` (requests topic, kind `start`)."""
 
     request_id: str
     job_type: str
     client_id: str | None
     initial_data: Mapping[str, Any]
+    at: datetime
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Cancel a run by ID, or the active run of a scope (requests topic, kind `cancel`)."""
+
+    request_id: str
+    job_type: str
+    client_id: str | None
+    run_id: str | None
+    reason: str | None
     at: datetime
     source: Source
 
@@ -116,6 +203,26 @@ class Finish:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """An executor's progress report; `metrics=None` is a heartbeat."""
+
+    job_type: str
+    run_id: str
+    metrics: Mapping[str, Any] | None
+    request_id: str | None
+    at: datetime
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceTime:
+    """Time has reached `now` for this job type: overdue runs time out."""
+
+    job_type: str
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
     """An input the shell could not turn into a command, but whose sender can be told."""
 
@@ -127,7 +234,7 @@ class Reject:
     source: Source
 
 
-Command = Start | Finish | Reject
+Command = Start | Cancel | Finish | Progress | AdvanceTime | Reject
 
 
 class Decision(NamedTuple):
@@ -154,96 +261,248 @@ def load_state(data: bytes | str | dict[str, Any]) -> JobState:
 
 def event_id(source: Source, index: int) -> str:
     """A deterministic event ID: the same cause always gets the same ID."""
-    name = f"{source.topic}/{source.partition}/{source.offset}/{index}"
-    return str(uuid.uuid5(_EVENT_NAMESPACE, name))
+    return _event_id(f"{source.topic}/{source.partition}/{source.offset}", index)
 
 
-def decide(state: JobState, command: Command, limits: Limits = Limits()) -> Decision:
+def _event_id(cause: str, index: int) -> str:
+    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{cause}/{index}"))
+
+
+def scope_key(config: JobConfig, client_id: str | None) -> str:
+    """The scope a request with `client_id` counts against."""
+    return (client_id or "") if config.scope is Scope.JOB_TYPE_CLIENT else ""
+
+
+def is_running(
+    state: JobState, client_id: str | None = None, config: JobConfig = JobConfig()
+) -> bool:
+    """Whether a run is active in the scope of `client_id` (any scope, for `job_type`)."""
+    return running_info(state, client_id, config) is not None
+
+
+def running_info(
+    state: JobState, client_id: str | None = None, config: JobConfig = JobConfig()
+) -> Run | None:
+    """The active run in the scope of `client_id`, if any."""
+    if config.scope is Scope.JOB_TYPE_CLIENT and client_id is None:
+        return state.active[0] if state.active else None
+    return _active_in(state, scope_key(config, client_id))
+
+
+def _active_in(state: JobState, scope: str) -> Run | None:
+    return next((r for r in state.active if r.scope == scope), None)
+
+
+class _Out:
+    """Collects one command's events, numbering them for their IDs."""
+
+    def __init__(self, cause: str, at: datetime, source: Source | None) -> None:
+        self.cause = cause
+        self.at = at
+        self.source = source
+        self.events: list[StatusEvent] = []
+
+    def emit(self, type: EventType, job_type: str, **fields: Any) -> StatusEvent:
+        event = StatusEvent(
+            event_id=_event_id(self.cause, len(self.events)),
+            type=type,
+            job_type=job_type,
+            occurred_at=self.at,
+            source=self.source,
+            **fields,
+        )
+        self.events.append(event)
+        return event
+
+
+def _out_for(command: Command) -> _Out:
+    if isinstance(command, AdvanceTime):
+        return _Out(f"advance/{command.job_type}/{command.now.isoformat()}", command.now, None)
+    s = command.source
+    return _Out(f"{s.topic}/{s.partition}/{s.offset}", command.at, s)
+
+
+def decide(
+    state: JobState,
+    command: Command,
+    config: JobConfig = JobConfig(),
+    limits: Limits = Limits(),
+) -> Decision:
     """Apply one command to one job type's state."""
     if command.job_type != state.job_type:
         raise ValueError(f"command for {command.job_type!r} given state of {state.job_type!r}")
-    if isinstance(command, Start):
-        return _start(state, command)
-    if isinstance(command, Finish):
-        return _finish(state, command, limits)
-    return _rejected(state, command, command.reason, request_id=command.request_id)
+    out = _out_for(command)
+    if isinstance(command, AdvanceTime):
+        new = _advance(state, command.now, config, limits, out)
+    elif isinstance(command, Reject):
+        out.emit(
+            EventType.REJECTED,
+            command.job_type,
+            request_id=command.request_id,
+            run_id=command.run_id,
+            reason=command.reason,
+        )
+        new = state
+    elif (
+        isinstance(command, Start | Cancel)
+        and (seen := _decided(state, command.request_id)) is not None
+    ):
+        out.emit(
+            EventType.DUPLICATE,
+            command.job_type,
+            request_id=command.request_id,
+            client_id=command.client_id,
+            run_id=seen.run_id,
+            original_type=seen.type,
+            status=_status_of(state, seen.run_id),
+            reason=f"request {command.request_id} was already decided: {seen.type}",
+        )
+        new = state
+    elif isinstance(command, Start):
+        new = _remember(_start(state, command, config, limits, out), command, out, limits)
+    elif isinstance(command, Cancel):
+        new = _remember(_cancel(state, command, config, limits, out), command, out, limits)
+    elif isinstance(command, Finish):
+        new = _finish(state, command, config, limits, out)
+    else:
+        new = _progress(state, command, config, out)
+    return Decision(new, tuple(out.events))
 
 
-def is_running(state: JobState) -> bool:
-    """Whether a run of this job type is active."""
-    return state.active is not None
+# -- helpers ------------------------------------------------------------------------------------
 
 
-def running_info(state: JobState) -> Run | None:
-    """The active run of this job type, if any."""
-    return state.active
+def _move(before: RunStatus | None, action: Action) -> tuple[RunStatus, EventType] | None:
+    return TRANSITIONS.get((before, action))
 
 
-def _rejected(
+def _decided(state: JobState, request_id: str) -> Decided | None:
+    return next((d for d in reversed(state.decided) if d.request_id == request_id), None)
+
+
+def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limits) -> JobState:
+    """Record the request's decision (its first event) in the idempotency window."""
+    first = out.events[0]
+    decided = (*state.decided, Decided(command.request_id, first.type, first.run_id))
+    return replace(state, decided=_tail(decided, limits.idempotency_window))
+
+
+def _tail(items: tuple[Any, ...], size: int) -> tuple[Any, ...]:
+    # Explicit start index: a size of 0 must keep nothing, and `[-0:]` would keep all.
+    return items[max(0, len(items) - size) :]
+
+
+def _status_of(state: JobState, run_id: str | None) -> RunStatus | None:
+    if run_id is None:
+        return None
+    if (run := next((r for r in state.active if r.run_id == run_id), None)) is not None:
+        return run.status
+    if any(q.run_id == run_id for q in state.queue):
+        return RunStatus.QUEUED
+    ended = _ended(state, run_id)
+    return ended.status if ended is not None else None
+
+
+def _ended(state: JobState, run_id: str) -> EndedRun | None:
+    return next((e for e in reversed(state.ended) if e.run_id == run_id), None)
+
+
+def _deadline(config: JobConfig, at: datetime) -> datetime | None:
+    return None if config.timeout is None else at + config.timeout
+
+
+def _start_run(
     state: JobState,
-    command: Command,
-    reason: str,
+    *,
+    run_id: str,
+    request_id: str,
+    client_id: str | None,
+    initial_data: Mapping[str, Any],
+    scope: str,
+    before: RunStatus | None,
+    action: Action,
+    config: JobConfig,
+    out: _Out,
+) -> JobState:
+    move = _move(before, action)
+    assert move is not None
+    status, event_type = move
+    run = Run(
+        run_id=run_id,
+        job_type=state.job_type,
+        client_id=client_id,
+        request_id=request_id,
+        status=status,
+        started_at=out.at,
+        initial_data=initial_data,
+        scope=scope,
+        deadline=_deadline(config, out.at),
+    )
+    out.emit(
+        event_type,
+        state.job_type,
+        status=status,
+        from_status=before,
+        request_id=request_id,
+        client_id=client_id,
+        run_id=run_id,
+        initial_data=dict(initial_data),
+        started_at=out.at,
+    )
+    return replace(state, active=(*state.active, run))
+
+
+def _end_run(
+    state: JobState,
+    run: Run,
+    action: Action,
+    limits: Limits,
+    out: _Out,
     *,
     request_id: str | None,
-    run_id: str | None = None,
-    status: RunStatus | None = None,
-) -> Decision:
-    event = StatusEvent(
-        event_id=event_id(command.source, 0),
-        type=EventType.REJECTED,
+    metrics: Mapping[str, Any] | None = None,
+    reason: str | None = None,
+) -> JobState:
+    """End an active run and start the next queued run of its scope, if any."""
+    move = _move(run.status, action)
+    assert move is not None
+    status, event_type = move
+    out.emit(
+        event_type,
+        state.job_type,
         status=status,
+        from_status=run.status,
         request_id=request_id,
-        job_type=command.job_type,
-        client_id=getattr(command, "client_id", None),
-        run_id=run_id if run_id is not None else getattr(command, "run_id", None),
-        reason=reason,
-        occurred_at=command.at,
-        source=command.source,
-    )
-    return Decision(state, (event,))
-
-
-def _start(state: JobState, cmd: Start) -> Decision:
-    active = state.active
-    if active is not None:
-        event = StatusEvent(
-            event_id=event_id(cmd.source, 0),
-            type=EventType.REFUSED,
-            status=active.status,
-            request_id=cmd.request_id,
-            job_type=cmd.job_type,
-            client_id=cmd.client_id,
-            run_id=active.run_id,
-            started_at=active.started_at,
-            reason=f"job type {cmd.job_type!r} is already running as run {active.run_id}",
-            occurred_at=cmd.at,
-            source=cmd.source,
-        )
-        return Decision(state, (event,))
-    status, event_type = TRANSITIONS[(None, Action.START)]
-    run = Run(
-        run_id=make_run_id(cmd.at, cmd.source.partition, cmd.source.offset),
-        job_type=cmd.job_type,
-        client_id=cmd.client_id,
-        request_id=cmd.request_id,
-        status=status,
-        started_at=cmd.at,
-        initial_data=cmd.initial_data,
-    )
-    event = StatusEvent(
-        event_id=event_id(cmd.source, 0),
-        type=event_type,
-        status=status,
-        request_id=cmd.request_id,
-        job_type=cmd.job_type,
-        client_id=cmd.client_id,
+        client_id=run.client_id,
         run_id=run.run_id,
-        initial_data=dict(run.initial_data),
+        metrics=None if metrics is None else dict(metrics),
+        reason=reason,
         started_at=run.started_at,
-        occurred_at=cmd.at,
-        source=cmd.source,
     )
-    return Decision(replace(state, active=run), (event,))
+    ended = _tail((*state.ended, EndedRun(run.run_id, status, out.at)), limits.ended_window)
+    return replace(state, active=tuple(r for r in state.active if r is not run), ended=ended)
+
+
+def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobState:
+    """Start the oldest queued run of `scope` if the scope is free."""
+    if _active_in(state, scope) is not None:
+        return state
+    waiting = next((q for q in state.queue if q.scope == scope), None)
+    if waiting is None:
+        return state
+    state = replace(state, queue=tuple(q for q in state.queue if q is not waiting))
+    return _start_run(
+        state,
+        run_id=waiting.run_id,
+        request_id=waiting.request_id,
+        client_id=waiting.client_id,
+        initial_data=waiting.initial_data,
+        scope=scope,
+        before=RunStatus.QUEUED,
+        action=Action.DEQUEUE,
+        config=config,
+        out=out,
+    )
 
 
 def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:
@@ -254,77 +513,230 @@ def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:
         return None, str(exc)
     if isinstance(normalized, str):
         return normalized, None
-    known = [r.run_id for r in state.ended]
-    if state.active is not None:
-        known.append(state.active.run_id)
+    known = [e.run_id for e in state.ended]
+    known += [r.run_id for r in state.active] + [q.run_id for q in state.queue]
     matches = [run_id for run_id in known if normalized.matches(run_id)]
     if len(matches) == 1:
         return matches[0], None
     if not matches:
         return None, f"no run of {state.job_type!r} matches the seed-style run ID {raw!r}"
-    return None, (
-        f"the seed-style run ID {raw!r} is ambiguous: it matches runs {', '.join(matches)}"
+    return None, f"the seed-style run ID {raw!r} is ambiguous: it matches runs {', '.join(matches)}"
+
+
+def _reject(
+    state: JobState,
+    out: _Out,
+    reason: str,
+    *,
+    request_id: str | None,
+    run_id: str | None = None,
+    client_id: str | None = None,
+) -> JobState:
+    out.emit(
+        EventType.REJECTED,
+        state.job_type,
+        status=_status_of(state, run_id),
+        request_id=request_id,
+        client_id=client_id,
+        run_id=run_id,
+        reason=reason,
     )
+    return state
 
 
-def _ended(state: JobState, run_id: str) -> EndedRun | None:
-    for ended in reversed(state.ended):
-        if ended.run_id == run_id:
-            return ended
-    return None
+def _why_not(state: JobState, run_id: str, action: Action) -> str:
+    ended = _ended(state, run_id)
+    if ended is not None:
+        return f"run {run_id} already ended {ended.status}"
+    if any(q.run_id == run_id for q in state.queue):
+        return f"run {run_id} is queued and has not started; cannot {action}"
+    return f"unknown run {run_id} of job type {state.job_type!r}"
 
 
-def _finish(state: JobState, cmd: Finish, limits: Limits) -> Decision:
+# -- commands -----------------------------------------------------------------------------------
+
+
+def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: _Out) -> JobState:
+    scope = scope_key(config, cmd.client_id)
+    suffix = cmd.client_id if config.scope is Scope.JOB_TYPE_CLIENT else None
+    run_id = make_run_id(cmd.at, cmd.source.partition, cmd.source.offset, suffix)
+    active = _active_in(state, scope)
+    fields: dict[str, Any] = {
+        "run_id": run_id,
+        "request_id": cmd.request_id,
+        "client_id": cmd.client_id,
+        "initial_data": cmd.initial_data,
+        "scope": scope,
+        "config": config,
+        "out": out,
+    }
+    if active is None:
+        return _start_run(state, before=None, action=Action.START, **fields)
+    if config.policy is Policy.QUEUE:
+        status, event_type = TRANSITIONS[(None, Action.ENQUEUE)]
+        out.emit(
+            event_type,
+            state.job_type,
+            status=status,
+            request_id=cmd.request_id,
+            client_id=cmd.client_id,
+            run_id=run_id,
+            initial_data=dict(cmd.initial_data),
+            reason=f"waiting for run {active.run_id}",
+        )
+        waiting = Queued(run_id, cmd.request_id, cmd.client_id, cmd.initial_data, scope, cmd.at)
+        return replace(state, queue=(*state.queue, waiting))
+    if config.policy is Policy.REPLACE:
+        state = _end_run(
+            state,
+            active,
+            Action.CANCEL,
+            limits,
+            out,
+            request_id=cmd.request_id,
+            reason=f"replaced by request {cmd.request_id}",
+        )
+        # A replacing start jumps the queue: it was asked for last, but it is what is wanted.
+        return _start_run(state, before=None, action=Action.START, **fields)
+    what = f"job type {cmd.job_type!r}"
+    if scope:
+        what += f" for client {cmd.client_id!r}"
+    out.emit(
+        EventType.REFUSED,
+        state.job_type,
+        status=active.status,
+        request_id=cmd.request_id,
+        client_id=cmd.client_id,
+        run_id=active.run_id,
+        started_at=active.started_at,
+        reason=f"{what} is already running as run {active.run_id}",
+    )
+    return state
+
+
+def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out: _Out) -> JobState:
+    reason = cmd.reason or f"cancelled by request {cmd.request_id}"
+    if cmd.run_id is None:
+        scope = scope_key(config, cmd.client_id)
+        active = _active_in(state, scope)
+        if active is None:
+            what = f"job type {cmd.job_type!r}"
+            if scope:
+                what += f" for client {cmd.client_id!r}"
+            return _reject(
+                state,
+                out,
+                f"nothing to cancel: {what} has no active run",
+                request_id=cmd.request_id,
+                client_id=cmd.client_id,
+            )
+        state = _end_run(
+            state, active, Action.CANCEL, limits, out, request_id=cmd.request_id, reason=reason
+        )
+        return _promote(state, active.scope, config, out)
     run_id, problem = _resolve(state, cmd.run_id)
     if run_id is None:
         assert problem is not None
-        return _rejected(state, cmd, problem, request_id=cmd.request_id)
-    action = Action.COMPLETE if cmd.status is RunStatus.COMPLETED else Action.FAIL
-    active = state.active
-    if active is None or active.run_id != run_id:
-        ended = _ended(state, run_id)
-        if ended is None:
-            return _rejected(
-                state,
-                cmd,
-                f"unknown run {run_id} of job type {cmd.job_type!r}",
-                request_id=cmd.request_id,
-                run_id=run_id,
-            )
-        return _rejected(
+        return _reject(state, out, problem, request_id=cmd.request_id, client_id=cmd.client_id)
+    active = next((r for r in state.active if r.run_id == run_id), None)
+    if active is not None:
+        state = _end_run(
+            state, active, Action.CANCEL, limits, out, request_id=cmd.request_id, reason=reason
+        )
+        return _promote(state, active.scope, config, out)
+    waiting = next((q for q in state.queue if q.run_id == run_id), None)
+    if waiting is None:
+        return _reject(
             state,
-            cmd,
-            f"run {run_id} already ended {ended.status}",
+            out,
+            _why_not(state, run_id, Action.CANCEL),
             request_id=cmd.request_id,
             run_id=run_id,
-            status=ended.status,
+            client_id=cmd.client_id,
         )
-    move = TRANSITIONS.get((active.status, action))
-    if move is None:
-        return _rejected(
-            state,
-            cmd,
-            f"cannot {action} run {run_id} in status {active.status}",
-            request_id=cmd.request_id,
-            run_id=run_id,
-            status=active.status,
-        )
-    status, event_type = move
-    event = StatusEvent(
-        event_id=event_id(cmd.source, 0),
-        type=event_type,
+    status, event_type = TRANSITIONS[(RunStatus.QUEUED, Action.CANCEL)]
+    out.emit(
+        event_type,
+        state.job_type,
         status=status,
-        from_status=active.status,
+        from_status=RunStatus.QUEUED,
         request_id=cmd.request_id,
-        job_type=cmd.job_type,
-        client_id=active.client_id,
+        client_id=waiting.client_id,
         run_id=run_id,
-        metrics=dict(cmd.metrics),
-        started_at=active.started_at,
-        occurred_at=cmd.at,
-        source=cmd.source,
+        reason=reason,
     )
-    ended_runs = (*state.ended, EndedRun(run_id, status, cmd.at))
-    # Explicit start index: a window of 0 must keep nothing, and `[-0:]` would keep all.
-    ended_runs = ended_runs[max(0, len(ended_runs) - limits.ended_window) :]
-    return Decision(replace(state, active=None, ended=ended_runs), (event,))
+    ended = _tail((*state.ended, EndedRun(run_id, status, cmd.at)), limits.ended_window)
+    return replace(state, queue=tuple(q for q in state.queue if q is not waiting), ended=ended)
+
+
+def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out: _Out) -> JobState:
+    run_id, problem = _resolve(state, cmd.run_id)
+    if run_id is None:
+        assert problem is not None
+        return _reject(state, out, problem, request_id=cmd.request_id)
+    action = Action.COMPLETE if cmd.status is RunStatus.COMPLETED else Action.FAIL
+    active = next((r for r in state.active if r.run_id == run_id), None)
+    if active is None or _move(active.status, action) is None:
+        return _reject(
+            state, out, _why_not(state, run_id, action), request_id=cmd.request_id, run_id=run_id
+        )
+    state = _end_run(
+        state, active, action, limits, out, request_id=cmd.request_id, metrics=cmd.metrics
+    )
+    return _promote(state, active.scope, config, out)
+
+
+def _progress(state: JobState, cmd: Progress, config: JobConfig, out: _Out) -> JobState:
+    run_id, problem = _resolve(state, cmd.run_id)
+    if run_id is None:
+        assert problem is not None
+        return _reject(state, out, problem, request_id=cmd.request_id)
+    active = next((r for r in state.active if r.run_id == run_id), None)
+    move = None if active is None else _move(active.status, Action.PROGRESS)
+    if active is None or move is None:
+        return _reject(
+            state,
+            out,
+            _why_not(state, run_id, Action.PROGRESS),
+            request_id=cmd.request_id,
+            run_id=run_id,
+        )
+    renewed = replace(active, deadline=_deadline(config, cmd.at))
+    if cmd.metrics is not None:
+        status, event_type = move
+        out.emit(
+            event_type,
+            state.job_type,
+            status=status,
+            from_status=active.status,
+            request_id=cmd.request_id,
+            client_id=active.client_id,
+            run_id=run_id,
+            metrics=dict(cmd.metrics),
+            started_at=active.started_at,
+        )
+    if renewed == active:
+        return state
+    return replace(state, active=tuple(renewed if r is active else r for r in state.active))
+
+
+def _advance(
+    state: JobState, now: datetime, config: JobConfig, limits: Limits, out: _Out
+) -> JobState:
+    overdue = sorted(
+        (r for r in state.active if r.deadline is not None and r.deadline <= now),
+        key=lambda r: (r.deadline, r.run_id),
+    )
+    for run in overdue:
+        assert run.deadline is not None
+        state = _end_run(
+            state,
+            run,
+            Action.TIME_OUT,
+            limits,
+            out,
+            request_id=None,
+            reason=f"timed out: no result or heartbeat by {run.deadline.isoformat()}",
+        )
+        state = _promote(state, run.scope, config, out)
+    return state

@@ -54,8 +54,10 @@ from aiokafka.producer.transaction_manager import TransactionState
 from schemas import DeadLetter, EventType, RunStatus, StatusEvent
 from worker import changelog
 from worker import topics as topic_admin
-from worker.codec import Bad, InputRecord, TopicRole, decode
-from worker.lifecycle import Command, JobState, decide
+from worker.codec import REROUTED_FROM, Bad, InputRecord, Reroute, TopicRole, decode
+from worker.config import JobsConfig
+from worker.config import load as load_config
+from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide
 from worker.settings import Settings
 from worker.store import RunRow, Store
 
@@ -80,6 +82,8 @@ class Owner:
     runs: dict[str, RunRow]  # active runs, by run ID
     retained: list[tuple[datetime, str]]  # heap of ended runs still in the changelog
     applied: dict[str, int]  # input topic -> next offset to apply
+    deadlines: list[tuple[datetime, str]] = field(default_factory=list)  # heap, may be stale
+    stream_time: datetime | None = None  # highest broker time seen
     task: asyncio.Task[None] | None = None
     fenced: bool = False
 
@@ -93,7 +97,21 @@ class BatchOutcome:
     changed: dict[str, JobState] = field(default_factory=dict)
     runs: dict[str, RunRow] = field(default_factory=dict)
     tombstones: list[str] = field(default_factory=list)
+    reroutes: list[tuple[InputRecord, Reroute]] = field(default_factory=list)
     next_offsets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to publish or record."""
+        return not (
+            self.events
+            or self.dead_letters
+            or self.changed
+            or self.runs
+            or self.tombstones
+            or self.reroutes
+            or self.next_offsets
+        )
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -137,6 +155,11 @@ class Worker:
         self._batches = 0
         self._faulted = False
         self._retention = timedelta(seconds=settings.run_retention_s)
+        self._limits = Limits(
+            ended_window=settings.ended_window, idempotency_window=settings.idempotency_window
+        )
+        # Read at construction so that an invalid file stops start-up before any I/O.
+        self.jobs_config: JobsConfig = load_config(settings.config)
         self.partition_count = 0
         self.ready = asyncio.Event()
 
@@ -203,6 +226,7 @@ class Worker:
         assert self._consumer is not None
         s = self.settings
         stopping = asyncio.ensure_future(stop.wait())
+        next_tick = time.monotonic() + s.tick_s
         try:
             while not stop.is_set() and self._failure is None:
                 fetch = asyncio.ensure_future(
@@ -217,6 +241,9 @@ class Worker:
                         await fetch
                     break
                 self._dispatch(fetch.result())
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + s.tick_s
+                    self._tick(datetime.now(UTC))
         finally:
             stopping.cancel()
             # Graceful stop: let every batch in flight commit before leaving the group.
@@ -337,6 +364,12 @@ class Worker:
         runs = await self._store.retained_runs(number)
         retained = [(r.ended_at, r.run_id) for r in runs if r.ended_at is not None]
         heapq.heapify(retained)
+        deadlines = [
+            (deadline, job_type)
+            for job_type, state in jobs.items()
+            if (deadline := state.next_deadline()) is not None
+        ]
+        heapq.heapify(deadlines)
         self._owners[number] = Owner(
             number=number,
             producer=producer,
@@ -344,6 +377,7 @@ class Worker:
             runs={r.run_id: r for r in runs if r.status is RunStatus.RUNNING},
             retained=retained,
             applied=dict(applied),
+            deadlines=deadlines,
         )
         self._consumer.resume(*self._tps(number))
         log.debug("partition taken", partition=number, committed=committed, restored=restored)
@@ -394,10 +428,24 @@ class Worker:
             records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
             owner.task = asyncio.create_task(self._run_batch(owner, records))
 
-    async def _run_batch(self, owner: Owner, records: list[InputRecord]) -> None:
+    def _tick(self, now: datetime) -> None:
+        """Time out overdue runs of idle partitions by the wall clock."""
+        assert self._consumer is not None
+        for owner in self._owners.values():
+            busy = owner.task is not None and not owner.task.done()
+            if busy or owner.fenced or not owner.deadlines or owner.deadlines[0][0] > now:
+                continue
+            self._consumer.pause(*self._tps(owner.number))
+            owner.task = asyncio.create_task(self._run_batch(owner, [], wall_clock=now))
+
+    async def _run_batch(
+        self, owner: Owner, records: list[InputRecord], wall_clock: datetime | None = None
+    ) -> None:
         assert self._consumer is not None
         try:
-            outcome = self.apply(owner, records)
+            outcome = self.apply(owner, records, wall_clock)
+            if outcome.empty:
+                return
             if self.exactly_once:
                 await self._commit_transaction(owner, outcome)
             else:
@@ -521,6 +569,17 @@ class Worker:
                     t.dlq, value=letter.model_dump_json().encode(), key=key, partition=number
                 )
             )
+        for record, reroute in outcome.reroutes:
+            origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
+            futures.append(
+                await producer.send(
+                    record.topic,
+                    value=record.value,
+                    key=reroute.key,
+                    partition=reroute.partition,
+                    headers=[*record.headers, (REROUTED_FROM, origin)],
+                )
+            )
         for state in outcome.changed.values():
             key, value = changelog.job_row(state)
             futures.append(await producer.send(t.state, value=value, key=key, partition=number))
@@ -551,26 +610,36 @@ class Worker:
 
     # -- deciding ----------------------------------------------------------------------------
 
-    def apply(self, owner: Owner, records: Sequence[InputRecord]) -> BatchOutcome:
+    def apply(
+        self,
+        owner: Owner,
+        records: Sequence[InputRecord],
+        wall_clock: datetime | None = None,
+    ) -> BatchOutcome:
         """Decide on `records` of one partition, updating the owner's in-memory state.
 
-        A batch that then fails to commit resets the owner, so nothing here is undone.
+        Time advances with the partition's stream time (the highest broker time seen) and,
+        when `wall_clock` is given (an idle partition's tick), with the wall clock. A batch
+        that then fails to commit resets the owner, so nothing here is undone.
         """
         self._batches += 1
         outcome = BatchOutcome()
         now = datetime.now(UTC)
-        stream_time: datetime | None = None
         for record in records:
             if record.offset < owner.applied.get(record.topic, 0):
                 continue  # already applied (at_least_once after a restart)
             outcome.next_offsets[record.topic] = record.offset + 1
-            stream_time = record.at if stream_time is None else max(stream_time, record.at)
+            if owner.stream_time is None or record.at > owner.stream_time:
+                owner.stream_time = record.at
             decoded = decode(
                 record,
                 partitions=self.partition_count,
                 max_bytes=self.settings.max_record_bytes,
                 now=now,
             )
+            if isinstance(decoded, Reroute):
+                outcome.reroutes.append((record, decoded))
+                continue
             command: Command
             if isinstance(decoded, Bad):
                 letter = decoded.dead_letter
@@ -588,22 +657,57 @@ class Worker:
                 command = decoded.reject
             else:
                 command = decoded
-            job_type = command.job_type
-            state = owner.jobs.get(job_type) or JobState(job_type)
-            new_state, events = decide(state, command)
-            if new_state is not state:
-                owner.jobs[job_type] = new_state
-                outcome.changed[job_type] = new_state
-            for event in events:
-                self._track_run(owner, outcome, event)
-            outcome.events.extend(events)
+            # A run whose deadline passed before this record arrived has timed out first.
+            self._decide(owner, outcome, AdvanceTime(command.job_type, record.at), only_due=True)
+            self._decide(owner, outcome, command)
+        clock = owner.stream_time
+        if wall_clock is not None and (clock is None or wall_clock > clock):
+            clock = wall_clock
+        if clock is not None:
+            self._time_out(owner, outcome, clock)
         owner.applied.update(outcome.next_offsets)
-        if stream_time is not None:
-            horizon = stream_time - self._retention
+        if owner.stream_time is not None:
+            horizon = owner.stream_time - self._retention
             while owner.retained and owner.retained[0][0] <= horizon:
                 _, run_id = heapq.heappop(owner.retained)
                 outcome.tombstones.append(run_id)
         return outcome
+
+    def _decide(
+        self, owner: Owner, outcome: BatchOutcome, command: Command, *, only_due: bool = False
+    ) -> None:
+        job_type = command.job_type
+        state = owner.jobs.get(job_type) or JobState(job_type)
+        if only_due:
+            assert isinstance(command, AdvanceTime)
+            deadline = state.next_deadline()
+            if deadline is None or deadline > command.now:
+                return
+        new_state, events = decide(state, command, self.jobs_config.for_job(job_type), self._limits)
+        if new_state is not state:
+            owner.jobs[job_type] = new_state
+            outcome.changed[job_type] = new_state
+            deadline = new_state.next_deadline()
+            if deadline is not None:
+                heapq.heappush(owner.deadlines, (deadline, job_type))
+        for event in events:
+            self._track_run(owner, outcome, event)
+            log.debug(
+                "decided",
+                type=event.type,
+                job_type=job_type,
+                run_id=event.run_id,
+                partition=owner.number,
+                offset=event.source.offset if event.source else None,
+            )
+        outcome.events.extend(events)
+
+    def _time_out(self, owner: Owner, outcome: BatchOutcome, now: datetime) -> None:
+        """End every run of the partition whose deadline is at or before `now`."""
+        while owner.deadlines and owner.deadlines[0][0] <= now:
+            _, job_type = heapq.heappop(owner.deadlines)
+            # Entries are not removed when a deadline moves; `only_due` checks the real one.
+            self._decide(owner, outcome, AdvanceTime(job_type, now), only_due=True)
 
     def _track_run(self, owner: Owner, outcome: BatchOutcome, event: StatusEvent) -> None:
         """Keep the run rows (changelog and SQLite) in step with an event."""
@@ -627,17 +731,20 @@ class Worker:
             )
             owner.runs[run_id] = row
             outcome.runs[run_id] = row
+        elif event.type is EventType.PROGRESS:
+            active = owner.runs.get(run_id)
+            if active is not None:
+                owner.runs[run_id] = outcome.runs[run_id] = replace(active, metrics=event.metrics)
         elif event.type in _ENDING:
             active = owner.runs.pop(run_id, None)
             if active is None:
-                log.error("ending event for a run without a row", run_id=run_id)
-                return
+                return  # a queued run cancelled before it started has no row
             assert event.status is not None
             row = replace(
                 active,
                 status=event.status,
                 ended_at=event.occurred_at,
-                metrics=event.metrics,
+                metrics=event.metrics if event.metrics is not None else active.metrics,
                 reason=event.reason,
             )
             outcome.runs[run_id] = row

@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     fault_after_batches: int = Field(
         default=0, ge=0, description="Testing only: the batch number at which to fault."
     )
+    idempotency_window: int = Field(
+        default=1000, ge=0, description="Request IDs remembered per job type for duplicates."
+    )
+    ended_window: int = Field(
+        default=256, ge=0, description="Ended runs remembered per job type for late results."
+    )
+    tick_s: float = Field(
+        default=1.0, gt=0, description="How often idle partitions check for timed-out runs."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

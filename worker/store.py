@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -213,36 +213,62 @@ class Store:
             await self._db.commit()
 
     async def _apply(self, partition: int, events: Sequence[StatusEvent]) -> None:
+        # Fold the batch first (a run often starts and ends within one), then write each
+        # run once: replay speed is bounded by SQLite statements, not by events.
+        fresh: dict[str, RunRow] = {}
+        changes: dict[str, dict[str, Any]] = {}
         for event in events:
+            run_id = event.run_id
+            if run_id is None:
+                continue
             if event.type is EventType.STARTED:
-                assert event.run_id is not None
                 assert event.started_at is not None
-                await self._db.execute(
-                    "INSERT OR REPLACE INTO runs (run_id, job_type, client_id, request_id, "
-                    "status, partition, started_at, initial_data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        event.run_id,
-                        event.job_type,
-                        event.client_id,
-                        event.request_id,
-                        event.status,
-                        partition,
-                        event.started_at.isoformat(),
-                        _dumps(event.initial_data or {}),
-                    ),
+                fresh[run_id] = RunRow(
+                    run_id=run_id,
+                    job_type=event.job_type,
+                    client_id=event.client_id,
+                    request_id=event.request_id,
+                    status=RunStatus.RUNNING,
+                    partition=partition,
+                    started_at=event.started_at,
+                    ended_at=None,
+                    initial_data=dict(event.initial_data or {}),
+                    metrics=None,
+                    reason=None,
                 )
+                changes.pop(run_id, None)
+                continue
+            if event.type is EventType.PROGRESS:
+                change: dict[str, Any] = {"metrics": event.metrics}
             elif event.type in _ENDING:
-                await self._db.execute(
-                    "UPDATE runs SET status = ?, ended_at = ?, metrics = ?, reason = ? "
-                    "WHERE run_id = ?",
+                assert event.status is not None
+                change = {"status": event.status, "ended_at": event.occurred_at}
+                change["reason"] = event.reason
+                if event.metrics is not None:  # else the last progress metrics stay
+                    change["metrics"] = event.metrics
+            else:
+                continue
+            if run_id in fresh:
+                fresh[run_id] = replace(fresh[run_id], **change)
+            else:
+                changes.setdefault(run_id, {}).update(change)
+        if fresh:
+            await self._upsert_runs(fresh.values(), retained=False)
+        if changes:
+            await self._db.executemany(
+                "UPDATE runs SET status = COALESCE(?, status), ended_at = COALESCE(?, ended_at), "
+                "metrics = COALESCE(?, metrics), reason = COALESCE(?, reason) WHERE run_id = ?",
+                [
                     (
-                        event.status,
-                        event.occurred_at.isoformat(),
-                        _dumps(event.metrics),
-                        event.reason,
-                        event.run_id,
-                    ),
-                )
+                        c.get("status"),
+                        c["ended_at"].isoformat() if "ended_at" in c else None,
+                        _dumps(c.get("metrics")),
+                        c.get("reason"),
+                        run_id,
+                    )
+                    for run_id, c in changes.items()
+                ],
+            )
 
     async def runs(
         self,

@@ -1,0 +1,146 @@
+"""Per-job-type settings from a TOML file (`JOBS_CONFIG`).
+
+    [defaults]                # for job types without a table of their own
+    policy = "reject"         # reject | queue | replace
+    scope = "job_type"        # job_type | job_type+client
+    timeout = "30m"           # seconds as a number, or "90s", "15m", "2h", "1d"; none by default
+
+    [job_types.post_scoring]
+    policy = "queue"
+    timeout = 600
+
+An invalid file stops start-up with a message naming the file, the line and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from worker.lifecycle import JobConfig, Policy, Scope
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    """The TOML file is unreadable or invalid; the message names the line and the problem."""
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["reject", "queue", "replace"] | None = None
+    scope: Literal["job_type", "job_type+client"] | None = None
+    timeout: float | None = None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+            if m is None:
+                raise ValueError('a duration is a number of seconds or like "90s", "15m", "2h"')
+            return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("the timeout must be positive")
+        return value
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    defaults: _Table = _Table()
+    job_types: dict[str, _Table] = {}
+
+
+def _merge(base: JobConfig, table: _Table) -> JobConfig:
+    return JobConfig(
+        policy=Policy(table.policy) if table.policy else base.policy,
+        scope=Scope(table.scope) if table.scope else base.scope,
+        timeout=timedelta(seconds=table.timeout) if table.timeout is not None else base.timeout,
+    )
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Resolved settings: `for_job(job_type)` answers for any job type."""
+
+    defaults: JobConfig = field(default_factory=JobConfig)
+    job_types: dict[str, JobConfig] = field(default_factory=dict)
+
+    def for_job(self, job_type: str) -> JobConfig:
+        """The settings of `job_type` (its own table, else `[defaults]`)."""
+        return self.job_types.get(job_type, self.defaults)
+
+
+def parse(text: str, source: str = "<config>") -> JobsConfig:
+    """Parse TOML text; raise `ConfigError` with `source:line: problem` when invalid."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        parsed = _File.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            f"{source}:{_line_of(text, item['loc'])}: {'.'.join(map(str, item['loc']))}: "
+            f"{item['msg']}"
+            for item in exc.errors(include_url=False)
+        ]
+        raise ConfigError("\n".join(problems)) from None
+    defaults = _merge(JobConfig(), parsed.defaults)
+    return JobsConfig(
+        defaults=defaults,
+        job_types={name: _merge(defaults, table) for name, table in parsed.job_types.items()},
+    )
+
+
+def load(path: Path | None) -> JobsConfig:
+    """Read the TOML file at `path` (no file: every job type uses the built-in defaults)."""
+    if path is None:
+        return JobsConfig()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the job-type settings {path}: {exc.strerror}") from None
+    return parse(text, str(path))
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int:
+    """Best-effort line number of the setting at `loc` (tomllib keeps no positions)."""
+    lines = text.splitlines()
+    if not loc:
+        return 1
+    if loc[0] == "defaults":
+        header = r"\[\s*defaults\s*\]"
+        key_index = 1
+    elif loc[0] == "job_types" and len(loc) > 1:
+        name = re.escape(str(loc[1]))
+        header = rf'\[\s*job_types\s*\.\s*("?){name}\1\s*\]'
+        key_index = 2
+    else:
+        header = rf"\[\s*{re.escape(str(loc[0]))}\b"
+        key_index = 1
+    start = next((i for i, line in enumerate(lines) if re.match(header, line.strip())), None)
+    if start is None:
+        return 1
+    if len(loc) > key_index:
+        key = re.escape(str(loc[key_index]))
+        for i in range(start + 1, len(lines)):
+            stripped = lines[i].strip()
+            if stripped.startswith("["):
+                break
+            if re.match(rf'("?){key}\1\s*=', stripped):
+                return i + 1
+    return start + 1
