@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -126,8 +128,18 @@ async def tail(topics: Settings) -> AsyncIterator[StatusTail]:
     await instance.stop()
 
 
+def _quiet_structlog() -> None:
+    # Warnings and up, to the real stderr: in-process workers must not write into the
+    # output of a CLI command that a test captures.
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__),
+    )
+
+
 @pytest.fixture(autouse=True)
 def _reset_structlog() -> Iterator[None]:
-    """Undo any logging configuration a test (or the CLI it runs) made."""
+    """Quiet logging for each test; undo any configuration a test (or its CLI) made."""
+    _quiet_structlog()
     yield
     structlog.reset_defaults()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from schemas import EventType, RunStatus, StatusEvent
 from worker import localkafka
 from worker import topics as topic_admin
 from worker.logs import configure as configure_logs
@@ -288,6 +290,322 @@ def verify(
     if report.divergences or report.foreign:
         raise _fail(summary)
     console.print(f"[green]✓[/] {summary}")
+
+
+JSON_OUT = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+def _json_data(text: str | None, what: str) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise _fail(f"{what} must be a JSON object, like '{{\"rows\": 10}}'")
+    return data
+
+
+async def _with_client(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    from worker.client import JobClient
+
+    async with JobClient(s) as client:
+        return await action(client)
+
+
+def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+    from worker.client import JobRejectedError, JobTimeoutError
+
+    try:
+        return _run(_with_client(s, action))
+    except JobTimeoutError as exc:
+        raise _fail(str(exc), code=2) from None
+    except JobRejectedError as exc:
+        raise _fail(f"rejected: {exc}") from None
+    except LookupError as exc:
+        raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
+
+
+def _print_event(event: StatusEvent | None, as_json: bool) -> None:
+    if event is None:
+        if as_json:
+            print(json.dumps({"sent": True}))
+        else:
+            console.print("sent")
+        return
+    if as_json:
+        print(event.model_dump_json())
+        return
+    parts = [f"[bold]{event.type}[/]", event.job_type]
+    if event.run_id:
+        parts.append(f"run {event.run_id}")
+    if event.status:
+        parts.append(f"status {event.status}")
+    if event.metrics:
+        parts.append(f"metrics {json.dumps(event.metrics)}")
+    if event.reason:
+        parts.append(f"— {event.reason}")
+    console.print(" ".join(parts))
+
+
+@app.command()
+def submit(
+    job_type: str = typer.Argument(..., help="The job type to start."),
+    client_id: str = typer.Option(None, "--client-id", help="The requesting client."),
+    data: str = typer.Option(None, "--data", help="Initial data, a JSON object."),
+    request_id: str = typer.Option(None, "--request-id", help="Retry a request safely."),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Send and exit; don't wait."),
+    timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the decision."),
+    as_json: bool = JSON_OUT,
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+) -> None:
+    """Ask the orchestrator to start a job; print its decision.
+
+    Example: jobctl submit report.daily --data '{"day": "2026-11-28"}'
+    """
+    initial = _json_data(data, "--data")
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+
+    async def action(client: Any) -> Any:
+        return await client.start_job(
+            job_type, client_id, initial, not no_wait, timeout, request_id=request_id
+        )
+
+    decision = _client_call(s, action)
+    _print_event(None if decision is None else decision.event, as_json)
+    if decision is not None and decision.type in (EventType.REFUSED,):
+        raise typer.Exit(3)
+
+
+def _result_command(status: str) -> Callable[..., None]:
+    def command(
+        job_type: str = typer.Argument(..., help="The run's job type."),
+        run_id: str = typer.Argument(..., help="The run to report on."),
+        metrics: str = typer.Option(None, "--metrics", help="Final metrics, a JSON object."),
+        timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the answer."),
+        as_json: bool = JSON_OUT,
+        bootstrap: str = BOOTSTRAP,
+        prefix: str = PREFIX,
+    ) -> None:
+        final = _json_data(metrics, "--metrics")
+        s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+
+        async def action(client: Any) -> Any:
+            return await client.complete_job(job_type, run_id, final, status, True, timeout)
+
+        _print_event(_client_call(s, action), as_json)
+
+    verb = "complete" if status == "COMPLETED" else "fail"
+    command.__doc__ = (
+        f"Report a run as {status} (as an executor would).\n\n"
+        f"Example: jobctl {verb} report.daily 261128-093000-4.1187 --metrics '{{\"rows\": 12}}'"
+    )
+    return command
+
+
+app.command("complete")(_result_command("COMPLETED"))
+app.command("fail")(_result_command("FAILED"))
+
+
+@app.command()
+def cancel(
+    run_id: str = typer.Argument(None, help="The run to cancel (or give --job-type)."),
+    job_type: str = typer.Option(None, "--job-type", help="Cancel this job type's run."),
+    client_id: str = typer.Option(None, "--client-id", help="With --job-type: this client's."),
+    reason: str = typer.Option(None, "--reason", help="Why; recorded in the event."),
+    timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the answer."),
+    as_json: bool = JSON_OUT,
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+) -> None:
+    """Cancel a run by ID, or the running run of a job type.
+
+    Example: jobctl cancel --job-type report.daily --reason "wrong input"
+    """
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    if job_type is None:
+        if run_id is None:
+            raise _fail("give a RUN_ID or --job-type")
+        job_type = _job_type_of(s, run_id)
+
+    async def action(client: Any) -> Any:
+        return await client.cancel_job(job_type, run_id, client_id, reason, True, timeout)
+
+    _print_event(_client_call(s, action), as_json)
+
+
+def _job_type_of(s: Settings, run_id: str) -> str:
+    """Find a running run's job type from the running view."""
+
+    async def action(client: Any) -> list[Any]:
+        return list(await client.running_jobs())
+
+    for info in _client_call(s, action):
+        if info.run_id == run_id.strip().lower():
+            return str(info.job_type)
+    raise _fail(f"no running run {run_id}; to cancel a queued run, also give --job-type")
+
+
+@app.command()
+def status(
+    as_json: bool = JSON_OUT,
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+) -> None:
+    """Show the running jobs (from the orchestrator's state topic).
+
+    Example: jobctl status --json
+    """
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+
+    async def action(client: Any) -> list[Any]:
+        return list(await client.running_jobs())
+
+    infos = _client_call(s, action)
+    if as_json:
+        rows = [
+            {
+                "job_type": i.job_type,
+                "run_id": i.run_id,
+                "client_id": i.client_id,
+                "started_at": i.started_at.isoformat(),
+                "initial_data": dict(i.initial_data),
+            }
+            for i in infos
+        ]
+        print(json.dumps(rows))
+        return
+    table = Table("job type", "run ID", "client", "started at", title="running jobs")
+    for i in infos:
+        table.add_row(i.job_type, i.run_id, i.client_id or "", i.started_at.isoformat())
+    console.print(table if infos else "no job is running")
+
+
+@app.command()
+def runs(
+    db: Path = typer.Option(None, "--db", help="The worker's SQLite file (default: JOBS_DB_PATH)."),
+    job_type: str = typer.Option(None, "--job-type"),
+    client_id: str = typer.Option(None, "--client-id"),
+    status_filter: str = typer.Option(None, "--status", help="RUNNING, COMPLETED, FAILED..."),
+    since: datetime = typer.Option(
+        None, "--since", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"], help="Started at or after."
+    ),
+    limit: int = typer.Option(50, "--limit", min=1),
+    as_json: bool = JSON_OUT,
+) -> None:
+    """List run history from the worker's SQLite file, newest first.
+
+    Example: jobctl runs --job-type report.daily --status FAILED --since 2026-11-01
+    """
+    from worker.store import Store
+
+    s = _settings(db_path=db)
+    if not s.db_path.exists():
+        raise _fail(f"{s.db_path} does not exist; point --db (or JOBS_DB_PATH) at a worker's file")
+    wanted = None
+    if status_filter is not None:
+        try:
+            wanted = RunStatus(status_filter.upper())
+        except ValueError:
+            names = ", ".join(m.value for m in RunStatus)
+            raise _fail(f"unknown status {status_filter!r}; one of {names}") from None
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+
+    async def load() -> list[Any]:
+        store = await Store.open(s.db_path)
+        try:
+            rows = await store.runs(job_type=job_type, client_id=client_id, status=wanted)
+        finally:
+            await store.close()
+        if since is not None:
+            rows = [r for r in rows if r.started_at >= since]
+        return rows[:limit]
+
+    rows = _run(load())
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "job_type": r.job_type,
+                        "client_id": r.client_id,
+                        "status": r.status,
+                        "started_at": r.started_at.isoformat(),
+                        "ended_at": r.ended_at.isoformat() if r.ended_at else None,
+                        "metrics": r.metrics,
+                        "reason": r.reason,
+                    }
+                    for r in rows
+                ]
+            )
+        )
+        return
+    table = Table("run ID", "job type", "client", "status", "started", "ended", "metrics")
+    for r in rows:
+        table.add_row(
+            r.run_id,
+            r.job_type,
+            r.client_id or "",
+            r.status,
+            r.started_at.isoformat(timespec="seconds"),
+            r.ended_at.isoformat(timespec="seconds") if r.ended_at else "",
+            json.dumps(r.metrics) if r.metrics else "",
+        )
+    console.print(table if rows else "no runs match")
+
+
+@app.command()
+def watch(
+    job_type: str = typer.Option(None, "--job-type"),
+    client_id: str = typer.Option(None, "--client-id"),
+    status_filter: str = typer.Option(None, "--status", help="Only events leaving this status."),
+    from_beginning: bool = typer.Option(False, "--from-beginning", help="Replay history first."),
+    count: int = typer.Option(None, "--count", min=1, help="Stop after this many events."),
+    as_json: bool = JSON_OUT,
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+) -> None:
+    """Follow status events as the orchestrator publishes them (Ctrl-C stops).
+
+    Example: jobctl watch --job-type report.daily --json
+    """
+    from worker.watch import StatusTail
+
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    wanted = status_filter.upper() if status_filter else None
+    seen = 0
+    done = asyncio.Event()
+
+    def show(item: Any) -> None:
+        nonlocal seen
+        if not isinstance(item, StatusEvent) or done.is_set():
+            return
+        if job_type and item.job_type != job_type:
+            return
+        if client_id and item.client_id != client_id:
+            return
+        if wanted and item.status != wanted:
+            return
+        _print_event(item, as_json)
+        seen += 1
+        if count is not None and seen >= count:
+            done.set()
+
+    async def follow() -> None:
+        async with StatusTail(
+            s.bootstrap_servers, s.topics, from_beginning=from_beginning, on_item=show
+        ):
+            await done.wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        try:
+            _run(follow())
+        except LookupError as exc:
+            raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
 
 
 @schemas_app.command("export")

@@ -1,0 +1,208 @@
+"""JobClient, the executor helper and the jobctl client commands, on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from schemas import EventType, RunStatus
+from tests.conftest import RunningWorker
+from worker.cli import app
+from worker.client import JobClient, JobRejectedError, JobTimeoutError
+from worker.executor import Executor, RunContext
+from worker.settings import Settings
+from worker.watch import StatusTail
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def client(topics: Settings) -> AsyncIterator[JobClient]:
+    """A client on this test's topics."""
+    async with JobClient(topics) as instance:
+        yield instance
+
+
+async def test_start_refuse_inspect_and_complete(worker: RunningWorker, client: JobClient) -> None:
+    """The seed's calls: start, refused second start, running info, completion."""
+    first = await client.start_job("sync", initial_data={"day": 1})
+    assert first is not None
+    assert first.started
+    assert first.run_id is not None
+    second = await client.start_job("sync")
+    assert second is not None
+    assert second.already_running
+    assert second.run_id == first.run_id
+    assert await client.is_job_running("sync")
+    info = await client.get_running_job_info("sync")
+    assert info is not None
+    assert (info.run_id, dict(info.initial_data)) == (first.run_id, {"day": 1})
+    done = await client.complete_job("sync", first.run_id, {"rows": 3})
+    assert done is not None
+    assert (done.type, done.metrics) == (EventType.COMPLETED, {"rows": 3})
+    assert not await client.is_job_running("sync")
+    assert await client.get_running_job_info("sync") is None
+
+
+async def test_fail_cancel_and_rejections(worker: RunningWorker, client: JobClient) -> None:
+    """fail_job records the error; cancel_job cancels; an unknown run raises JobRejectedError."""
+    run = await client.start_job("etl")
+    assert run is not None
+    assert run.run_id is not None
+    failed = await client.fail_job("etl", run.run_id, error=ValueError("disk full"))
+    assert failed is not None
+    assert failed.status is RunStatus.FAILED
+    assert failed.metrics == {"error": "ValueError('disk full')"}
+    again = await client.start_job("etl")
+    assert again is not None
+    cancelled = await client.cancel_job("etl", reason="not today")
+    assert cancelled is not None
+    assert (cancelled.type, cancelled.run_id, cancelled.reason) == (
+        EventType.CANCELLED,
+        again.run_id,
+        "not today",
+    )
+    with pytest.raises(JobRejectedError, match="unknown run"):
+        await client.complete_job("etl", "261128-000000-0.424242")
+
+
+async def test_start_without_worker_times_out_and_retry_is_safe(
+    topics: Settings, client: JobClient
+) -> None:
+    """With no worker, start_job times out; retried with its request ID it starts one run."""
+    with pytest.raises(JobTimeoutError, match="retry-1") as caught:
+        await client.start_job("nightly", timeout=1, request_id="retry-1")
+    assert "safe" in str(caught.value)
+    running = await RunningWorker(topics).start()
+    try:
+        decision = await client.start_job("nightly", request_id="retry-1")
+        assert decision is not None
+        assert decision.type in (EventType.STARTED, EventType.DUPLICATE)
+        info = await client.get_running_job_info("nightly")
+        assert info is not None
+        assert info.run_id == decision.run_id
+        assert info.request_id == "retry-1"
+    finally:
+        await running.stop()
+
+
+async def test_progress_reports_are_published(
+    worker: RunningWorker, client: JobClient, tail: StatusTail
+) -> None:
+    """report_progress with metrics yields a `progress` event for the run."""
+    run = await client.start_job("long")
+    assert run is not None
+    assert run.run_id is not None
+    await client.report_progress("long", run.run_id, {"done": 0.5})
+    event = await tail.wait_event(run_id=run.run_id, type=EventType.PROGRESS)
+    assert event.metrics == {"done": 0.5}
+
+
+async def test_executor_completes_fails_cancels_and_reports_progress(
+    worker: RunningWorker, client: JobClient, tail: StatusTail
+) -> None:
+    """Return completes, raise fails, a cancel reaches the coroutine, progress is published."""
+    executor = Executor(client)
+    cancelled = asyncio.Event()
+    blocked = asyncio.Event()
+
+    @executor.job("ok")
+    async def ok(run: RunContext) -> dict[str, Any]:
+        await run.progress({"half": True})
+        return {"echo": run.initial_data["n"]}
+
+    @executor.job("boom")
+    async def boom(run: RunContext) -> None:
+        raise RuntimeError("exploded")
+
+    @executor.job("forever")
+    async def forever(run: RunContext) -> None:
+        blocked.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(executor.run(stop))
+    try:
+        await asyncio.wait_for(executor.ready.wait(), 30)
+        ok_run = await client.start_job("ok", initial_data={"n": 7})
+        boom_run = await client.start_job("boom")
+        forever_run = await client.start_job("forever")
+        assert ok_run is not None
+        assert boom_run is not None
+        assert forever_run is not None
+        done = await tail.wait_event(run_id=ok_run.run_id, type=EventType.COMPLETED)
+        assert done.metrics == {"echo": 7}
+        half = await tail.wait_event(run_id=ok_run.run_id, type=EventType.PROGRESS)
+        assert half.metrics == {"half": True}
+        failed = await tail.wait_event(run_id=boom_run.run_id, type=EventType.FAILED)
+        assert failed.metrics == {"error": "RuntimeError('exploded')"}
+        await asyncio.wait_for(blocked.wait(), 30)
+        await client.cancel_job("forever", forever_run.run_id)
+        await asyncio.wait_for(cancelled.wait(), 30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _cli(*args: str) -> Any:
+    # The CLI runs its own event loop, so it runs in a thread here.
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args))
+
+
+async def test_cli_submit_status_complete_runs_and_watch(
+    worker: RunningWorker, topics: Settings
+) -> None:
+    """submit, status, complete, fail, cancel, runs and watch: output and exit codes."""
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    submitted = await _cli("submit", "report", "--data", '{"day": 2}', "--json", *base)
+    assert submitted.exit_code == 0, submitted.output
+    started = json.loads(submitted.output)
+    assert started["type"] == "started"
+    refused = await _cli("submit", "report", *base)
+    assert refused.exit_code == 3
+    assert "refused" in refused.output
+    bad = await _cli("submit", "report", "--data", "[1,", *base)
+    assert bad.exit_code == 1
+    assert "--data is not valid JSON" in bad.output
+    shown = await _cli("status", "--json", *base)
+    assert [r["run_id"] for r in json.loads(shown.output)] == [started["run_id"]]
+    completed = await _cli(
+        "complete", "report", started["run_id"], "--metrics", '{"rows": 5}', *base
+    )
+    assert completed.exit_code == 0, completed.output
+    assert "completed" in completed.output
+    rejected = await _cli("fail", "report", started["run_id"], *base)
+    assert rejected.exit_code == 1
+    assert "already ended" in rejected.output
+    nothing = await _cli("cancel", "--job-type", "report", *base)
+    assert nothing.exit_code == 1
+    assert "nothing to cancel" in nothing.output
+    watched = await _cli("watch", "--from-beginning", "--count", "2", "--json", *base)
+    assert watched.exit_code == 0, watched.output
+    types = [json.loads(line)["type"] for line in watched.output.splitlines()]
+    assert types == ["started", "refused"]
+    await worker.stop()
+    history = await _cli("runs", "--db", str(topics.db_path), "--json", "--status", "completed")
+    assert history.exit_code == 0, history.output
+    rows = json.loads(history.output)
+    assert [(r["run_id"], r["metrics"]) for r in rows] == [(started["run_id"], {"rows": 5})]
+    missing = await _cli("runs", "--db", str(topics.db_path) + ".missing")
+    assert missing.exit_code == 1
+    assert "does not exist" in missing.output
+
+
+async def test_cli_without_worker_times_out_with_exit_2(topics: Settings) -> None:
+    """`submit` with no worker to answer fails after --timeout with exit code 2."""
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    result = await _cli("submit", "x", "--timeout", "1", *base)
+    assert result.exit_code == 2
+    assert "no answer" in result.output
