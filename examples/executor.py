@@ -1,0 +1,18 @@
+"""Run `report.daily` jobs: the return value completes the run, an exception fails it."""
+
+import asyncio
+
+from worker.client import JobClient
+from worker.executor import Executor, RunContext
+
+
+async def main(stop: asyncio.Event) -> None:
+    async with JobClient() as jobs:
+        executor = Executor(jobs)
+
+        @executor.job("report.daily")
+        async def report(run: RunContext) -> dict[str, int]:
+            await run.progress({"rows": 600})  # also renews the run's timeout
+            return {"rows": 1200}
+
+        await executor.run(stop)
