@@ -1,8 +1,9 @@
 """`jobctl demo`: a scripted scenario on a real broker, checked step by step.
 
-The demo plays a producer and an executor against a worker running in this process, prints
-each status event as the orchestrator publishes it, then a table of runs from the worker's
-SQLite file. It returns the list of steps whose outcome differed from the script.
+The demo runs a worker, a producer (`JobClient`) and an executor (`worker.executor`) in this
+process against a real broker, prints each status event as the orchestrator publishes it,
+then a table of runs from the worker's SQLite file. It returns the list of steps whose outcome
+differed from the script.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from rich.table import Table
 
 from schemas import DeadLetter, EventType, StatusEvent
 from worker import topics as topic_admin
+from worker.client import JobClient, JobRejectedError
+from worker.executor import Executor, RunContext
 from worker.runner import Worker
-from worker.settings import Settings
+from worker.settings import Settings, Topics
 from worker.store import Store
 from worker.watch import Item, StatusTail
 
@@ -121,55 +124,78 @@ async def _scenario(
 ) -> list[str]:
     topics = settings.topics
     failures: list[str] = []
+    gates = {"report.daily": asyncio.Event(), "index.rebuild": asyncio.Event()}
 
-    async def request(job_type: str, **fields: Any) -> str:
-        request_id = fields.pop("request_id", None) or str(uuid.uuid4())
-        body = {"job_type": job_type, "request_id": request_id, **fields}
-        await producer.send_and_wait(
-            topics.requests, json.dumps(body).encode(), key=job_type.encode()
-        )
-        return request_id
+    async with JobClient(settings) as jobs:
+        executor = Executor(jobs)
 
-    async def result(job_type: str, run_id: str, status: str, metrics: dict[str, Any]) -> str:
-        request_id = str(uuid.uuid4())
-        body = {
-            "job_type": job_type,
-            "run_id": run_id,
-            "status": status,
-            "final_metrics": metrics,
-            "request_id": request_id,
-        }
-        await producer.send_and_wait(
-            topics.results, json.dumps(body).encode(), key=job_type.encode()
-        )
-        return request_id
+        @executor.job("report.daily")
+        async def report(run: RunContext) -> dict[str, Any]:
+            await gates["report.daily"].wait()  # held until the script has shown a refusal
+            return {"rows": 1200 if run.initial_data.get("day") == "2026-11-27" else 1310}
 
-    async def expect(step: str, **fields: Any) -> StatusEvent | None:
-        console.print(f"[bold cyan]▶ {step}[/]")
+        @executor.job("email.digest")
+        async def digest(run: RunContext) -> dict[str, Any]:
+            raise RuntimeError("SMTP timeout")
+
+        @executor.job("index.rebuild")
+        async def rebuild(run: RunContext) -> dict[str, Any]:
+            await run.progress({"documents": 21})
+            await gates["index.rebuild"].wait()
+            return {"documents": 42}
+
+        stop = asyncio.Event()
+        executing = asyncio.create_task(executor.run(stop))
+        try:
+            await asyncio.wait_for(executor.ready.wait(), 60)
+            failures = await _play(jobs, producer, topics, tail, gates, console)
+        finally:
+            stop.set()
+            await executing
+    return failures
+
+
+async def _play(
+    jobs: JobClient,
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    tail: StatusTail,
+    gates: dict[str, asyncio.Event],
+    console: Console,
+) -> list[str]:
+    failures: list[str] = []
+
+    def step(title: str) -> None:
+        console.print(f"[bold cyan]▶ {title}[/]")
+
+    async def expect(what: str, **fields: Any) -> StatusEvent | None:
         try:
             return await tail.wait_event(timeout=30, **fields)
         except TimeoutError:
-            failures.append(f"{step}: no event with {fields} within 30 s")
+            failures.append(f"{what}: no event with {fields} within 30 s")
             return None
 
-    r = await request("report.daily", initial_data={"day": "2026-11-27"})
-    daily = await expect("start report.daily", request_id=r, type=EventType.STARTED)
-    r = await request("report.daily", initial_data={"day": "2026-11-28"})
-    refused = await expect("start report.daily again", request_id=r, type=EventType.REFUSED)
-    if daily and refused and refused.run_id != daily.run_id:
+    step("start report.daily")
+    daily = await jobs.start_job("report.daily", initial_data={"day": "2026-11-27"})
+    step("start report.daily again while it runs")
+    again = await jobs.start_job("report.daily", initial_data={"day": "2026-11-28"})
+    if daily is None or again is None or not daily.started or not again.already_running:
+        failures.append("the second start of report.daily was not refused")
+    elif again.run_id != daily.run_id:
         failures.append("the refusal does not name the running run")
-    r = await request("email.digest", client_id="acme")
-    digest = await expect("start email.digest for client acme", request_id=r, type="started")
-    r = await request("index.rebuild")
-    index = await expect("start index.rebuild", request_id=r, type=EventType.STARTED)
-    if daily and daily.run_id:
-        r = await result("report.daily", daily.run_id, "COMPLETED", {"rows": 1200})
-        await expect("report.daily completes", request_id=r, type=EventType.COMPLETED)
-    if digest and digest.run_id:
-        r = await result("email.digest", digest.run_id, "FAILED", {"error": "SMTP timeout"})
-        await expect("email.digest fails", request_id=r, type=EventType.FAILED)
+    step("the executor finishes report.daily")
+    gates["report.daily"].set()
+    if daily is not None:
+        await expect("report.daily completes", run_id=daily.run_id, type=EventType.COMPLETED)
 
-    console.print("[bold cyan]▶ a producer sends malformed JSON[/]")
+    step("start email.digest for client acme; its executor raises")
+    digest = await jobs.start_job("email.digest", client_id="acme")
+    if digest is not None:
+        failed = await expect("email.digest fails", run_id=digest.run_id, type=EventType.FAILED)
+        if failed is not None and "SMTP timeout" not in str(failed.metrics):
+            failures.append("the failure does not carry the executor's error")
+
+    step("a producer sends malformed JSON")
     sent = await producer.send_and_wait(
         topics.requests, b'{"job_type": "index.rebuild", oops', key=b"index.rebuild"
     )
@@ -187,14 +213,24 @@ async def _scenario(
     except TimeoutError:
         failures.append("the malformed message was not dead-lettered")
 
-    r = await result("index.rebuild", "261128-120000-0.999", "COMPLETED", {})
-    await expect("a result for an unknown run", request_id=r, type=EventType.REJECTED)
-    if index and index.run_id:
-        r = await result("index.rebuild", index.run_id, "COMPLETED", {"documents": 42})
-        await expect("index.rebuild completes", request_id=r, type=EventType.COMPLETED)
-    r = await request("report.daily", initial_data={"day": "2026-11-28"})
-    again = await expect("start report.daily once more", request_id=r, type=EventType.STARTED)
-    if again and again.run_id:
-        r = await result("report.daily", again.run_id, "COMPLETED", {"rows": 1310})
-        await expect("report.daily completes again", request_id=r, type=EventType.COMPLETED)
+    step("an executor reports a result for a run that does not exist")
+    try:
+        await jobs.complete_job("index.rebuild", "261128-120000-0.999")
+        failures.append("a result for an unknown run was accepted")
+    except JobRejectedError:
+        pass
+
+    step("start index.rebuild; it reports progress, then completes")
+    index = await jobs.start_job("index.rebuild")
+    if index is not None:
+        await expect("index.rebuild progress", run_id=index.run_id, type=EventType.PROGRESS)
+        gates["index.rebuild"].set()
+        await expect("index.rebuild completes", run_id=index.run_id, type=EventType.COMPLETED)
+
+    step("start report.daily once more: the slot is free again")
+    last = await jobs.start_job("report.daily", initial_data={"day": "2026-11-28"})
+    if last is None or not last.started:
+        failures.append("report.daily did not start after its run ended")
+    else:
+        await expect("report.daily completes again", run_id=last.run_id, type="completed")
     return failures
