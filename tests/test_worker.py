@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas import DeadLetter, EventType, RunStatus
+from tests.chaos import read_topic
 from tests.conftest import RunningWorker
 from worker.codec import partition_for
 from worker.runid import RUN_ID_RE
@@ -251,3 +253,35 @@ async def test_start_up_refuses_mismatched_partition_counts(
 def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
     """Every test of this module runs under both processing guarantees."""
     return settings.model_copy(update={"processing_guarantee": request.param})
+
+
+async def test_ended_runs_are_tombstoned_and_a_fresh_owner_continues(
+    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+) -> None:
+    """Ended runs leave the changelog after retention; a fresh SQLite file restores the rest."""
+    brief = topics.model_copy(update={"run_retention_s": 0.001})
+    first = await RunningWorker(brief).start()
+    done = await tail.wait_event(request_id=await request(producer, topics, "tomb"))
+    assert done.run_id is not None
+    await tail.wait_event(request_id=await result(producer, topics, "tomb", done.run_id))
+    active = await tail.wait_event(request_id=await request(producer, topics, "tomb"))
+    await first.stop()
+
+    rows = await read_topic(topics.bootstrap_servers, topics.topics.state)
+    latest = {r.key: r.value for records in rows.values() for r in records}
+    assert latest[done.run_id.encode()] is None  # tombstoned
+    assert active.run_id is not None
+    assert latest[active.run_id.encode()] is not None
+
+    fresh = brief.model_copy(update={"db_path": tmp_path / "fresh.db"})
+    second = await RunningWorker(fresh).start()
+    try:
+        refused = await tail.wait_event(request_id=await request(producer, topics, "tomb"))
+        assert (refused.type, refused.run_id) == (EventType.REFUSED, active.run_id)
+    finally:
+        await second.stop()
+    store = await Store.open(fresh.db_path)
+    try:
+        assert [r.run_id for r in await store.runs()] == [active.run_id]
+    finally:
+        await store.close()
