@@ -38,6 +38,20 @@ class InputRecord:
     value: bytes | None
     headers: Sequence[tuple[str, bytes | None]] = ()
 
+    @classmethod
+    def of(cls, role: TopicRole, record: Any) -> InputRecord:
+        """From an aiokafka `ConsumerRecord` of the requests or results topic."""
+        return cls(
+            role=role,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+            key=record.key,
+            value=record.value,
+            headers=tuple(record.headers or ()),
+        )
+
     @property
     def source(self) -> Source:
         """The record's coordinates."""

@@ -163,16 +163,7 @@ async def verify(
             starts = await consumer.beginning_offsets(tps)
             async for tp, records in _read(consumer, starts, ends):
                 for r in records:
-                    inputs[tp.partition][(topic, r.offset)] = InputRecord(
-                        role=roles[topic],
-                        topic=topic,
-                        partition=r.partition,
-                        offset=r.offset,
-                        timestamp_ms=r.timestamp,
-                        key=r.key,
-                        value=r.value,
-                        headers=tuple(r.headers or ()),
-                    )
+                    inputs[tp.partition][(topic, r.offset)] = InputRecord.of(roles[topic], r)
         status_tps = await partitions_of(consumer, t.status)
         partitions = len(status_tps)
         logged: dict[int, list[StatusEvent]] = defaultdict(list)

@@ -408,17 +408,7 @@ class Worker:
         for tp, records in batch.items():
             role = self._roles[tp.topic]
             by_partition.setdefault(tp.partition, []).extend(
-                InputRecord(
-                    role=role,
-                    topic=r.topic,
-                    partition=r.partition,
-                    offset=r.offset,
-                    timestamp_ms=r.timestamp,
-                    key=r.key,
-                    value=r.value,
-                    headers=tuple(r.headers or ()),
-                )
-                for r in records
+                InputRecord.of(role, r) for r in records
             )
         for number, records in by_partition.items():
             owner = self._owners.get(number)
