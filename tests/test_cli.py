@@ -205,3 +205,20 @@ def test_run_refuses_mismatched_partition_counts(
     assert f"{prefix}.dlq=3" in result.stderr
     assert f"{prefix}.requests=2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_an_invalid_settings_file(tmp_path: Path) -> None:
+    """`jobctl run` with an invalid TOML file exits 1 naming the file, the line and the field."""
+    bad = tmp_path / "jobs.toml"
+    bad.write_text('[defaults]\npolicy = "reject"\n\n[job_types.etl]\npolicy = "sometimes"\n')
+    result = subprocess.run(
+        [*JOBCTL, "run", "--config", str(bad), "--db", str(tmp_path / "j.db")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"{bad}:5:" in result.stderr
+    assert "job_types.etl.policy" in result.stderr
+    assert "Traceback" not in result.stderr

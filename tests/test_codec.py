@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from schemas import DeadLetter, RunStatus, Source
-from worker.codec import Bad, InputRecord, TopicRole, decode, partition_for
-from worker.lifecycle import Finish, Reject, Start
+from worker.codec import Bad, InputRecord, Reroute, TopicRole, decode, partition_for
+from worker.lifecycle import Cancel, Finish, Progress, Reject, Start
 
 PARTITIONS = 6
 MAX_BYTES = 1024
@@ -415,7 +415,6 @@ def test_schema_invalid_message_is_bounded() -> None:
             ("req-1", None),
             id="other-job-type",
         ),
-        pytest.param(None, "requests", {"request_id": "req-1", "job_type": JOB}, ("req-1", None)),
         pytest.param(b"\xff\xfe", "requests", {"job_type": JOB}, None, id="undecodable-no-id"),
         pytest.param(
             JOB.upper().encode(),
@@ -446,63 +445,50 @@ def test_key_mismatch(
 
 
 @pytest.mark.parametrize("role", ["requests", "results"])
-def test_wrong_partition(role: TopicRole) -> None:
-    """A record on another partition than its key's murmur2 partition is wrong_partition."""
+def test_wrong_partition_is_rerouted(role: TopicRole) -> None:
+    """A valid record on another partition than murmur2's is re-routed to the right one."""
     body = {"job_type": JOB, "run_id": RUN_ID, "status": "COMPLETED", "request_id": "r-1"}
     if role == "requests":
         body = {"job_type": JOB, "request_id": "r-1"}
-    rec = record(body, role=role, partition=wrong_p(JOB), headers=HEADERS)
-    outcome = bad(rec, "wrong_partition")
-    message = outcome.dead_letter.reason.message
-    assert f"partition {p(JOB)}" in message
-    assert f"not {wrong_p(JOB)}" in message
-    assert "murmur2" in message
-    assert outcome.reject is not None
-    assert outcome.reject.job_type == JOB
-    assert outcome.reject.request_id == "r-1"
+    outcome = run(record(body, role=role, partition=wrong_p(JOB), headers=HEADERS))
+    assert outcome == Reroute(partition=p(JOB), key=JOB.encode())
 
 
-@pytest.mark.parametrize(
-    ("role", "body", "reject"),
-    [
-        pytest.param(
-            "requests",
-            {"kind": "cancel", "request_id": "req-1", "job_type": JOB, "run_id": RUN_ID},
-            ("req-1", RUN_ID),
-            id="cancel",
-        ),
-        pytest.param(
-            "requests",
-            {"kind": "cancel", "job_type": JOB},
-            None,
-            id="cancel-no-ids",
-        ),
-        pytest.param(
-            "results",
+def test_keyless_record_is_rerouted_with_its_job_type_as_key() -> None:
+    """A record without a key is re-keyed by its job type, even on the right partition."""
+    outcome = run(record({"job_type": JOB}, key=None, partition=p(JOB)))
+    assert outcome == Reroute(partition=p(JOB), key=JOB.encode())
+
+
+def test_cancel_requests_decode_to_cancel_commands() -> None:
+    """A cancel by run ID or by scope keeps its run ID, client and reason."""
+    by_run = run(record({"kind": "cancel", "request_id": "c-1", "job_type": JOB, "run_id": RUN_ID}))
+    assert isinstance(by_run, Cancel)
+    assert (by_run.request_id, by_run.run_id, by_run.client_id) == ("c-1", RUN_ID, None)
+    by_scope = run(record({"kind": "cancel", "jobType": JOB, "clientId": "acme", "reason": "stop"}))
+    assert isinstance(by_scope, Cancel)
+    assert (by_scope.run_id, by_scope.client_id, by_scope.reason) == (None, "acme", "stop")
+    assert by_scope.request_id.startswith("auto-")
+
+
+def test_progress_and_heartbeats_decode_to_progress_commands() -> None:
+    """Progress carries its metrics; a heartbeat has none."""
+    report = run(
+        record(
             {"kind": "progress", "job_type": JOB, "run_id": RUN_ID, "metrics": {"done": 1}},
-            (None, RUN_ID),
-            id="progress",
-        ),
-        pytest.param(
-            "results",
+            role="results",
+        )
+    )
+    assert isinstance(report, Progress)
+    assert report.metrics == {"done": 1}
+    beat = run(
+        record(
             {"kind": "progress", "jobType": JOB, "runId": RUN_ID, "requestId": "hb-1"},
-            ("hb-1", RUN_ID),
-            id="heartbeat",
-        ),
-    ],
-)
-def test_unsupported_kind(
-    role: TopicRole, body: dict[str, Any], reject: tuple[str | None, str | None] | None
-) -> None:
-    """Cancel requests and progress reports are not supported yet: unsupported_kind."""
-    outcome = bad(record(body, role=role, headers=HEADERS), "unsupported_kind")
-    assert repr(body["kind"]) in outcome.dead_letter.reason.message
-    if reject is None:
-        assert outcome.reject is None
-    else:
-        assert outcome.reject is not None
-        assert (outcome.reject.request_id, outcome.reject.run_id) == reject
-        assert outcome.reject.job_type == JOB
+            role="results",
+        )
+    )
+    assert isinstance(beat, Progress)
+    assert (beat.metrics, beat.request_id) == (None, "hb-1")
 
 
 def test_checks_run_in_order() -> None:

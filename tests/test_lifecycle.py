@@ -16,12 +16,18 @@ from schemas import ENDED_STATUSES, EventType, RunStatus, Source, StatusEvent
 from worker.lifecycle import (
     TRANSITIONS,
     Action,
+    AdvanceTime,
+    Cancel,
     Command,
     Decision,
     EndedRun,
     Finish,
+    JobConfig,
     JobState,
     Limits,
+    Policy,
+    Progress,
+    Queued,
     Reject,
     Run,
     Start,
@@ -104,6 +110,12 @@ def reject(
     )
 
 
+def active(state: JobState) -> Run | None:
+    """The single active run of a job-type-scoped state, if any."""
+    assert len(state.active) <= 1
+    return state.active[0] if state.active else None
+
+
 def only(decision: Decision) -> StatusEvent:
     """The single event of a decision."""
     assert len(decision.events) == 1, decision.events
@@ -113,8 +125,9 @@ def only(decision: Decision) -> StatusEvent:
 def running_state(job_type: str = JOB, offset: int = 10, at: datetime = T0) -> tuple[JobState, Run]:
     """A state with one active run started from `offset`, and that run."""
     state = decide(JobState(job_type), start(offset, job_type=job_type, at=at)).state
-    assert state.active is not None
-    return state, state.active
+    run = active(state)
+    assert run is not None
+    return state, run
 
 
 def ended_state(status: RunStatus) -> tuple[JobState, str]:
@@ -146,7 +159,7 @@ def test_start_creates_a_run() -> None:
     assert event.source == cmd.source
     assert event.event_id == event_id(cmd.source, 0)
     assert event.reason is None
-    run = decision.state.active
+    run = active(decision.state)
     assert run == Run(
         run_id=event.run_id,
         job_type=JOB,
@@ -174,7 +187,7 @@ def test_second_start_is_refused() -> None:
     assert event.occurred_at == later
     assert event.reason is not None
     assert run.run_id in event.reason
-    assert decision.state is state
+    assert replace(decision.state, decided=state.decided) == state
 
 
 def test_refused_start_in_the_same_second_keeps_the_first_run() -> None:
@@ -195,8 +208,10 @@ def test_refused_start_in_the_same_second_keeps_the_first_run() -> None:
 def test_result_ends_the_run(status: RunStatus, event_type: EventType) -> None:
     """A result for the active run ends it with its metrics, from RUNNING, and frees the slot."""
     state = decide(JobState(JOB), start(10, client_id="acme", request_id="r1")).state
-    assert state.active is not None
-    run_id = state.active.run_id
+    assert active(state) is not None
+    run = active(state)
+    assert run is not None
+    run_id = run.run_id
     at = T0 + timedelta(minutes=5)
     cmd = finish(run_id, 3, status=status, metrics={"scored": 12}, request_id="res-1", at=at)
     decision = decide(state, cmd)
@@ -212,7 +227,7 @@ def test_result_ends_the_run(status: RunStatus, event_type: EventType) -> None:
     assert event.occurred_at == at
     assert event.source == cmd.source
     assert event.event_id == event_id(cmd.source, 0)
-    assert decision.state.active is None
+    assert active(decision.state) is None
     assert decision.state.ended == (EndedRun(run_id, status, at),)
     restarted = only(decide(decision.state, start(11, at=at)))
     assert restarted.type is EventType.STARTED
@@ -387,8 +402,10 @@ def test_seed_run_id_ambiguous() -> None:
     state, first = running_state(offset=10)
     state = decide(state, finish(first.run_id, 1, at=T0)).state
     state = decide(state, start(11, at=T0)).state
-    assert state.active is not None
-    second = state.active.run_id
+    assert active(state) is not None
+    second_run = active(state)
+    assert second_run is not None
+    second = second_run.run_id
     assert second != first.run_id
     decision = decide(state, finish("250102-030405", 2))
     event = only(decision)
@@ -410,88 +427,92 @@ def test_seed_run_id_with_no_runs_at_all() -> None:
 
 # --- the transition table ---------------------------------------------------------------------
 
-STATUSES: tuple[RunStatus | None, ...] = (None, *RunStatus)
 FINISH_STATUS = {Action.COMPLETE: RunStatus.COMPLETED, Action.FAIL: RunStatus.FAILED}
+QUEUE = JobConfig(policy=Policy.QUEUE, timeout=timedelta(seconds=30))
+# Actions a command names a run for; START/ENQUEUE/DEQUEUE/TIME_OUT are driven differently.
+NAMING = (Action.COMPLETE, Action.FAIL, Action.CANCEL, Action.PROGRESS)
 
 
-def _apply(status_before: RunStatus | None, action: Action) -> tuple[JobState, Decision]:
-    """Apply `action` to a state whose run (the one the command names) has `status_before`."""
-    run_id = make_run_id(T0, 0, 10)
-    if status_before is None:
-        state = JobState(JOB)
-    else:
-        # The active run is built directly so any status can be tried, even unreachable ones.
-        active = Run(run_id, JOB, None, "req-0", status_before, T0)
-        state = JobState(JOB, active=active)
-    if action is Action.START:
-        cmd: Command = start(11, at=T0 + timedelta(seconds=1))
-    else:
-        cmd = finish(run_id, 1, status=FINISH_STATUS[action])
-    return state, decide(state, cmd)
-
-
-def test_every_action_is_covered_by_the_pair_tests() -> None:
-    """The table tests below know how to apply every action (update them with new actions)."""
-    assert set(Action) == {Action.START, *FINISH_STATUS}
-    assert set(TRANSITIONS) <= {(s, a) for s in STATUSES for a in Action}
-
-
-@pytest.mark.parametrize(
-    ("status_before", "action"),
-    list(TRANSITIONS),
-    ids=lambda v: str(v),
-)
-def test_transition_row(status_before: RunStatus | None, action: Action) -> None:
-    """Each row of TRANSITIONS moves the run to its status and emits its event type."""
-    status_after, event_type = TRANSITIONS[(status_before, action)]
-    _, decision = _apply(status_before, action)
-    event = only(decision)
-    assert event.type is event_type
-    assert event.status is status_after
-    assert event.from_status is status_before
-    if status_after in ENDED_STATUSES:
-        assert decision.state.active is None
-        assert decision.state.ended[-1].status is status_after
-    else:
-        assert decision.state.active is not None
-        assert decision.state.active.status is status_after
+def _naming(action: Action, run_id: str, offset: int) -> Command:
+    """A command that applies `action` to `run_id`."""
+    at = T0 + timedelta(seconds=1)
+    results = Source(topic=RESULTS, partition=0, offset=offset)
+    if action is Action.CANCEL:
+        requests = Source(topic=REQUESTS, partition=0, offset=offset)
+        return Cancel(f"cancel-{offset}", JOB, None, run_id, None, at, requests)
+    if action is Action.PROGRESS:
+        return Progress(JOB, run_id, {"p": 1}, None, at, results)
+    return finish(run_id, offset, status=FINISH_STATUS[action])
 
 
 def test_every_transition_row_is_exercised() -> None:
-    """A scripted life of a job type goes through every row of TRANSITIONS."""
+    """A scripted life under the queue policy goes through every row of TRANSITIONS."""
     row_of = {
         (before, after, event_type): (before, action)
         for (before, action), (after, event_type) in TRANSITIONS.items()
     }
-    state = JobState(JOB)
     events: list[StatusEvent] = []
-    for i, status in enumerate([RunStatus.COMPLETED, RunStatus.FAILED]):
-        at = T0 + timedelta(hours=i)
-        decision = decide(state, start(i, at=at))
+
+    def step(state: JobState, cmd: Command) -> JobState:
+        decision = decide(state, cmd, QUEUE)
         events.extend(decision.events)
-        assert decision.state.active is not None
-        run_id = decision.state.active.run_id
-        for cmd in (start(100 + i, at=at), finish(run_id, i, status=status, at=at)):
-            decision = decide(decision.state, cmd)
-            events.extend(decision.events)
-        state = decision.state
+        return decision.state
+
+    state = step(JobState(JOB), start(1))  # START
+    first = active(state)
+    assert first is not None
+    state = step(state, start(2))  # ENQUEUE
+    state = step(state, start(3))  # ENQUEUE
+    queued = [q.run_id for q in state.queue]
+    state = step(state, _naming(Action.PROGRESS, first.run_id, 1))  # PROGRESS
+    state = step(state, finish(first.run_id, 2))  # COMPLETE, then DEQUEUE
+    second = active(state)
+    assert second is not None
+    assert second.run_id == queued[0]
+    state = step(state, _naming(Action.CANCEL, queued[1], 4))  # CANCEL of a queued run
+    state = step(state, start(5))  # ENQUEUE
+    state = step(state, _naming(Action.CANCEL, second.run_id, 6))  # CANCEL, then DEQUEUE
+    third = active(state)
+    assert third is not None
+    state = step(state, AdvanceTime(JOB, T0 + timedelta(hours=1)))  # TIME_OUT
+    state = step(state, start(7, at=T0 + timedelta(hours=2)))
+    fourth = active(state)
+    assert fourth is not None
+    state = step(state, finish(fourth.run_id, 8, status=RunStatus.FAILED))  # FAIL
     exercised = {row_of.get((e.from_status, e.status, e.type)) for e in events} - {None}
     assert exercised == set(TRANSITIONS)
 
 
 @pytest.mark.parametrize(
     ("status_before", "action"),
-    [(s, a) for s in STATUSES for a in Action if (s, a) not in TRANSITIONS],
+    [
+        (s, a)
+        for s in (None, RunStatus.QUEUED, *sorted(ENDED_STATUSES))
+        for a in NAMING
+        if (s, a) not in TRANSITIONS
+    ],
     ids=lambda v: str(v),
 )
 def test_pair_not_in_table_changes_nothing(status_before: RunStatus | None, action: Action) -> None:
-    """A move not in TRANSITIONS is rejected (a start is refused) and the state is unchanged."""
-    state, decision = _apply(status_before, action)
+    """A move not in TRANSITIONS is rejected, with a reason, and the state is unchanged."""
+    run_id = make_run_id(T0, 0, 10)
+    if status_before is None:
+        state = JobState(JOB)
+    elif status_before is RunStatus.QUEUED:
+        state = JobState(JOB, queue=(Queued(run_id, "req-0", None, {}, "", T0),))
+    else:
+        state = JobState(JOB, ended=(EndedRun(run_id, status_before, T0),))
+    decision = decide(state, _naming(action, run_id, 20), QUEUE)
     event = only(decision)
-    expected = EventType.REFUSED if action is Action.START else EventType.REJECTED
-    assert event.type is expected
-    assert decision.state is state
-    assert event.from_status is None
+    assert event.type is EventType.REJECTED
+    assert event.reason
+    assert decision.state == state
+
+
+def test_every_action_has_a_row() -> None:
+    """Each action appears in the table, and ended statuses are final."""
+    assert {action for _, action in TRANSITIONS} == set(Action)
+    assert all(before not in ENDED_STATUSES for before, _ in TRANSITIONS)
 
 
 @pytest.mark.parametrize("status", sorted(ENDED_STATUSES))
@@ -505,11 +526,6 @@ def test_result_for_ended_run_rejected(status: RunStatus, action: Action) -> Non
     assert event.status is status
     assert event.reason == f"run {run_id} already ended {status}"
     assert decision.state is state
-
-
-def test_transitions_only_start_from_no_run_or_running() -> None:
-    """Ended statuses are final: no row of TRANSITIONS leaves one."""
-    assert all(before not in ENDED_STATUSES for before, _ in TRANSITIONS)
 
 
 # --- Reject commands --------------------------------------------------------------------------
@@ -569,12 +585,12 @@ def _run_n(n: int, limits: Limits) -> tuple[JobState, list[str]]:
     run_ids = []
     for i in range(n):
         at = T0 + timedelta(minutes=i)
-        decision = decide(state, start(i, at=at), limits)
+        decision = decide(state, start(i, at=at), limits=limits)
         event = only(decision)
         assert event.run_id is not None
         state = decision.state
         run_ids.append(event.run_id)
-        state = decide(state, finish(event.run_id, i, at=at), limits).state
+        state = decide(state, finish(event.run_id, i, at=at), limits=limits).state
     return state, run_ids
 
 
@@ -589,11 +605,11 @@ def test_late_result_past_the_window_is_an_unknown_run() -> None:
     """A result for a run that fell out of the window is rejected as unknown, inside as ended."""
     limits = Limits(ended_window=3)
     state, run_ids = _run_n(5, limits)
-    old = only(decide(state, finish(run_ids[0], 99), limits))
+    old = only(decide(state, finish(run_ids[0], 99), limits=limits))
     assert old.type is EventType.REJECTED
     assert old.reason is not None
     assert "unknown run" in old.reason
-    recent = only(decide(state, finish(run_ids[-3], 99), limits))
+    recent = only(decide(state, finish(run_ids[-3], 99), limits=limits))
     assert recent.reason is not None
     assert "already ended" in recent.reason
 
@@ -642,8 +658,8 @@ def test_restored_state_decides_the_same(state: JobState) -> None:
     """A state restored from its dump makes the same decisions as the original."""
     restored = load_state(dump_state(state))
     commands: list[Command] = [start(50, at=T0 + timedelta(days=1))]
-    if state.active is not None:
-        commands.append(finish(state.active.run_id, 50))
+    if (running := active(state)) is not None:
+        commands.append(finish(running.run_id, 50))
     for cmd in commands:
         assert decide(restored, cmd) == decide(state, cmd)
 
@@ -764,7 +780,7 @@ def _run(
         before = states[job_type]
         if restore:
             before = load_state(dump_state(before))
-        decision = decide(before, cmd, limits)
+        decision = decide(before, cmd, limits=limits)
         assert len(decision.events) == 1
         event = decision.events[0]
         if event.type is EventType.STARTED:
@@ -834,7 +850,10 @@ def test_lifecycle_invariants(spec_list: list[tuple[Any, ...]], window: int) -> 
             open_run[event.job_type] = None
         else:
             assert event.type in (EventType.REFUSED, EventType.REJECTED)
-            assert after is before, "a refusal or rejection changed the state"
+            # A refusal is remembered for idempotency; nothing else changes.
+            assert replace(after, decided=before.decided) == before, "a refusal changed runs"
+            if event.type is EventType.REJECTED:
+                assert after is before, "a rejection changed the state"
         if event.type is EventType.REFUSED:
             assert event.run_id == open_run[event.job_type]
         assert len(after.ended) <= window

@@ -381,8 +381,13 @@ def _decided(state: JobState, request_id: str) -> Decided | None:
 
 
 def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limits) -> JobState:
-    """Record the request's decision (its first event) in the idempotency window."""
+    """Record the request's decision (its first event) in the idempotency window.
+
+    A rejection is not recorded: an input that cannot apply leaves the state unchanged.
+    """
     first = out.events[0]
+    if first.type is EventType.REJECTED:
+        return state
     decided = (*state.decided, Decided(command.request_id, first.type, first.run_id))
     return replace(state, decided=_tail(decided, limits.idempotency_window))
 
@@ -637,7 +642,14 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
     run_id, problem = _resolve(state, cmd.run_id)
     if run_id is None:
         assert problem is not None
-        return _reject(state, out, problem, request_id=cmd.request_id, client_id=cmd.client_id)
+        return _reject(
+            state,
+            out,
+            problem,
+            request_id=cmd.request_id,
+            run_id=cmd.run_id,
+            client_id=cmd.client_id,
+        )
     active = next((r for r in state.active if r.run_id == run_id), None)
     if active is not None:
         state = _end_run(
@@ -673,7 +685,7 @@ def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out
     run_id, problem = _resolve(state, cmd.run_id)
     if run_id is None:
         assert problem is not None
-        return _reject(state, out, problem, request_id=cmd.request_id)
+        return _reject(state, out, problem, request_id=cmd.request_id, run_id=cmd.run_id)
     action = Action.COMPLETE if cmd.status is RunStatus.COMPLETED else Action.FAIL
     active = next((r for r in state.active if r.run_id == run_id), None)
     if active is None or _move(active.status, action) is None:
@@ -690,7 +702,7 @@ def _progress(state: JobState, cmd: Progress, config: JobConfig, out: _Out) -> J
     run_id, problem = _resolve(state, cmd.run_id)
     if run_id is None:
         assert problem is not None
-        return _reject(state, out, problem, request_id=cmd.request_id)
+        return _reject(state, out, problem, request_id=cmd.request_id, run_id=cmd.run_id)
     active = next((r for r in state.active if r.run_id == run_id), None)
     move = None if active is None else _move(active.status, Action.PROGRESS)
     if active is None or move is None:

@@ -1,0 +1,145 @@
+"""Properties of the full lifecycle core over random command sequences (hypothesis)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from schemas import EventType, RunStatus, Source, StatusEvent
+from worker.lifecycle import (
+    AdvanceTime,
+    Cancel,
+    Command,
+    Finish,
+    JobConfig,
+    JobState,
+    Limits,
+    Policy,
+    Progress,
+    Scope,
+    Start,
+    decide,
+    dump_state,
+    load_state,
+)
+
+JOB = "post_scoring"
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+CLIENTS = [None, "acme", "globex"]
+
+configs = st.builds(
+    JobConfig,
+    policy=st.sampled_from(list(Policy)),
+    scope=st.sampled_from(list(Scope)),
+    timeout=st.sampled_from([None, timedelta(seconds=30), timedelta(seconds=90)]),
+)
+steps = st.lists(
+    st.tuples(
+        st.sampled_from(["start", "start", "repeat", "cancel", "finish", "progress", "advance"]),
+        st.integers(0, 2),  # client, or which known run
+        st.integers(0, 40),  # seconds to move time forward
+        st.booleans(),  # by run ID (cancel), success (finish), metrics (progress)
+    ),
+    max_size=40,
+)
+
+
+def _play(
+    config: JobConfig, spec: list[tuple[str, int, int, bool]], window: int, restore: bool = False
+) -> list[tuple[JobState, Command, JobState, tuple[StatusEvent, ...]]]:
+    state = JobState(JOB)
+    limits = Limits(idempotency_window=window)
+    at = T0
+    runs: list[str] = []
+    requests: list[str] = []
+    history = []
+    for n, (kind, pick, dt, flag) in enumerate(spec):
+        at += timedelta(seconds=dt)
+        source = Source(topic="jobs.requests", partition=0, offset=n)
+        client = CLIENTS[pick]
+        command: Command
+        if kind == "start" or (kind == "repeat" and not requests):
+            requests.append(f"req-{n}")
+            command = Start(requests[-1], JOB, client, {"n": n}, at, source)
+        elif kind == "repeat":
+            command = Start(requests[pick % len(requests)], JOB, client, {"n": n}, at, source)
+        elif kind == "cancel":
+            run_id = runs[pick % len(runs)] if runs and flag else None
+            command = Cancel(f"cancel-{n}", JOB, client, run_id, None, at, source)
+        elif kind == "advance":
+            command = AdvanceTime(JOB, at)
+        else:
+            run_id = runs[pick % len(runs)] if runs else "260101-000000-0.1"
+            results = Source(topic="jobs.results", partition=0, offset=n)
+            if kind == "finish":
+                status = RunStatus.COMPLETED if flag else RunStatus.FAILED
+                command = Finish(JOB, run_id, status, {"n": n}, None, at, results)
+            else:
+                command = Progress(JOB, run_id, {"n": n} if flag else None, None, at, results)
+        before = load_state(dump_state(state)) if restore else state
+        state, events = decide(before, command, config, limits)
+        for event in events:
+            if event.type in (EventType.STARTED, EventType.QUEUED) and event.run_id:
+                runs.append(event.run_id)
+        history.append((before, command, state, events))
+    return history
+
+
+SETTINGS = settings(
+    max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@SETTINGS
+@given(config=configs, spec=steps, window=st.sampled_from([0, 3, 1000]))
+def test_replay_and_restore_are_deterministic(
+    config: JobConfig, spec: list[Any], window: int
+) -> None:
+    """The same commands give the same states and events, also restored from dumps each step."""
+    plain = _play(config, spec, window)
+    assert plain == _play(config, spec, window)
+    restored = _play(config, spec, window, restore=True)
+    assert [(s, e) for _, _, s, e in plain] == [(s, e) for _, _, s, e in restored]
+
+
+@SETTINGS
+@given(config=configs, spec=steps, window=st.sampled_from([0, 3, 1000]))
+def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -> None:
+    """One active run per scope; runs end once; queued runs start once; repeats change nothing."""
+    started: set[str] = set()
+    ended: set[str] = set()
+    queued: set[str] = set()
+    event_ids: set[str] = set()
+    for before, command, after, events in _play(config, spec, window):
+        scopes = [r.scope for r in after.active]
+        assert len(scopes) == len(set(scopes)), "two active runs in one scope"
+        for event in events:
+            assert event.event_id not in event_ids
+            event_ids.add(event.event_id)
+            run_id = event.run_id
+            if event.type is EventType.STARTED:
+                assert run_id not in started, "a run started twice"
+                started.add(run_id or "")
+                if event.from_status is RunStatus.QUEUED:
+                    assert run_id in queued
+            elif event.type is EventType.QUEUED:
+                queued.add(run_id or "")
+            elif event.type in (
+                EventType.COMPLETED,
+                EventType.FAILED,
+                EventType.CANCELLED,
+                EventType.TIMED_OUT,
+            ):
+                assert run_id not in ended, "a run ended twice"
+                ended.add(run_id or "")
+            elif event.type is EventType.DUPLICATE:
+                assert after == before, "an idempotent repeat changed the state"
+            elif event.type is EventType.REJECTED:
+                assert after == before, "a rejection changed the state"
+        if isinstance(command, AdvanceTime):
+            assert all(r.deadline is None or r.deadline > command.now for r in after.active)
+        if isinstance(command, Progress) and command.metrics is None:
+            assert all(e.type is EventType.REJECTED for e in events), "a heartbeat spoke"
