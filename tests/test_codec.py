@@ -1,4 +1,4 @@
-"""Decoding input records: commands for good input, dead letters (and rejects) for bad input."""
+"""Decoding input records: commands for good input, re-routes for misplaced input, dead letters."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from schemas import DeadLetter, RunStatus, Source
 from worker.codec import Bad, InputRecord, Reroute, TopicRole, decode, partition_for
-from worker.lifecycle import Cancel, Finish, Progress, Reject, Start
+from worker.lifecycle import Cancel, Command, Finish, Progress, Start
 
 PARTITIONS = 6
 MAX_BYTES = 1024
@@ -59,7 +59,7 @@ def record(
     )
 
 
-def run(rec: InputRecord) -> Start | Finish | Reject | Bad:
+def run(rec: InputRecord) -> Command | Bad | Reroute:
     """Decode `rec` with the test's limits and clock."""
     return decode(rec, partitions=PARTITIONS, max_bytes=MAX_BYTES, now=NOW)
 
@@ -444,63 +444,173 @@ def test_key_mismatch(
         assert outcome.reject.job_type == JOB
 
 
-@pytest.mark.parametrize("role", ["requests", "results"])
-def test_wrong_partition_is_rerouted(role: TopicRole) -> None:
-    """A valid record on another partition than murmur2's is re-routed to the right one."""
-    body = {"job_type": JOB, "run_id": RUN_ID, "status": "COMPLETED", "request_id": "r-1"}
-    if role == "requests":
-        body = {"job_type": JOB, "request_id": "r-1"}
-    outcome = run(record(body, role=role, partition=wrong_p(JOB), headers=HEADERS))
-    assert outcome == Reroute(partition=p(JOB), key=JOB.encode())
+MISPLACEABLE: list[tuple[TopicRole, dict[str, Any]]] = [
+    ("requests", {"job_type": JOB, "request_id": "r-1"}),
+    ("requests", {"kind": "cancel", "jobType": JOB, "requestId": "r-1", "runId": RUN_ID}),
+    ("results", {"job_type": JOB, "run_id": RUN_ID, "status": "COMPLETED", "request_id": "r-1"}),
+    ("results", {"kind": "progress", "job_type": JOB, "run_id": RUN_ID}),
+]
+MISPLACEABLE_IDS = ["start", "cancel", "result", "heartbeat"]
 
 
-def test_keyless_record_is_rerouted_with_its_job_type_as_key() -> None:
-    """A record without a key is re-keyed by its job type, even on the right partition."""
-    outcome = run(record({"job_type": JOB}, key=None, partition=p(JOB)))
-    assert outcome == Reroute(partition=p(JOB), key=JOB.encode())
+@pytest.mark.parametrize(("role", "body"), MISPLACEABLE, ids=MISPLACEABLE_IDS)
+def test_wrong_partition_is_rerouted(role: TopicRole, body: dict[str, Any]) -> None:
+    """A valid record on another partition than its key's murmur2 partition is re-routed there."""
+    rec = record(body, role=role, partition=wrong_p(JOB), headers=HEADERS)
+    assert run(rec) == Reroute(partition=partition_for(JOB.encode(), PARTITIONS), key=JOB.encode())
 
 
-def test_cancel_requests_decode_to_cancel_commands() -> None:
-    """A cancel by run ID or by scope keeps its run ID, client and reason."""
-    by_run = run(record({"kind": "cancel", "request_id": "c-1", "job_type": JOB, "run_id": RUN_ID}))
-    assert isinstance(by_run, Cancel)
-    assert (by_run.request_id, by_run.run_id, by_run.client_id) == ("c-1", RUN_ID, None)
-    by_scope = run(record({"kind": "cancel", "jobType": JOB, "clientId": "acme", "reason": "stop"}))
-    assert isinstance(by_scope, Cancel)
-    assert (by_scope.run_id, by_scope.client_id, by_scope.reason) == (None, "acme", "stop")
-    assert by_scope.request_id.startswith("auto-")
+@pytest.mark.parametrize(("role", "body"), MISPLACEABLE, ids=MISPLACEABLE_IDS)
+@pytest.mark.parametrize("partition", [p(JOB), wrong_p(JOB)], ids=["right", "wrong"])
+def test_keyless_record_is_rerouted_with_the_job_type_as_key(
+    role: TopicRole, body: dict[str, Any], partition: int
+) -> None:
+    """A valid keyless record is re-routed, keyed by its job type, even from the right partition."""
+    rec = record(body, role=role, key=None, partition=partition)
+    assert run(rec) == Reroute(partition=p(JOB), key=JOB.encode())
 
 
-def test_progress_and_heartbeats_decode_to_progress_commands() -> None:
-    """Progress carries its metrics; a heartbeat has none."""
-    report = run(
-        record(
-            {"kind": "progress", "job_type": JOB, "run_id": RUN_ID, "metrics": {"done": 1}},
-            role="results",
-        )
+def test_reroute_targets_each_job_types_own_partition() -> None:
+    """Keyless records of different job types arriving on one partition go to their own ones."""
+    for job_type in ("a", "b", "report.daily", JOB, "ünïcode"):
+        key = job_type.encode()
+        outcome = run(record({"job_type": job_type}, key=None, partition=0))
+        assert outcome == Reroute(partition=partition_for(key, PARTITIONS), key=key)
+
+
+# --- cancel and progress ----------------------------------------------------------------------
+
+
+def test_cancel_by_run_id() -> None:
+    """A cancel request naming a run becomes a Cancel with that run ID and the reason."""
+    rec = record(
+        {
+            "kind": "cancel",
+            "request_id": "c-1",
+            "job_type": JOB,
+            "run_id": RUN_ID,
+            "reason": "wrong input",
+        }
     )
-    assert isinstance(report, Progress)
-    assert report.metrics == {"done": 1}
-    beat = run(
-        record(
-            {"kind": "progress", "jobType": JOB, "runId": RUN_ID, "requestId": "hb-1"},
-            role="results",
-        )
+    assert run(rec) == Cancel(
+        request_id="c-1",
+        job_type=JOB,
+        client_id=None,
+        run_id=RUN_ID,
+        reason="wrong input",
+        at=AT,
+        source=rec.source,
     )
-    assert isinstance(beat, Progress)
-    assert (beat.metrics, beat.request_id) == (None, "hb-1")
+
+
+def test_cancel_by_scope_camel_case() -> None:
+    """A camelCase cancel naming no run becomes a Cancel of the job type and client's run."""
+    rec = record(
+        {"kind": "cancel", "requestId": "c-2", "jobType": JOB, "clientId": "acme", "reason": "x"}
+    )
+    assert run(rec) == Cancel(
+        request_id="c-2",
+        job_type=JOB,
+        client_id="acme",
+        run_id=None,
+        reason="x",
+        at=AT,
+        source=rec.source,
+    )
+
+
+def test_cancel_without_request_id_gets_one_from_its_coordinates() -> None:
+    """A cancel with no request_id gets auto-<partition>.<offset>, like a start."""
+    command = run(record({"kind": "cancel", "job_type": JOB}, offset=77))
+    assert isinstance(command, Cancel)
+    assert command.request_id == f"auto-{p(JOB)}.77"
+    assert (command.run_id, command.client_id, command.reason) == (None, None, None)
+
+
+def test_progress_with_metrics() -> None:
+    """A progress report becomes a Progress carrying its metrics."""
+    rec = record(
+        {
+            "kind": "progress",
+            "job_type": JOB,
+            "run_id": RUN_ID,
+            "metrics": {"done": 3, "of": 10},
+            "request_id": "p-1",
+        },
+        role="results",
+    )
+    assert run(rec) == Progress(
+        job_type=JOB,
+        run_id=RUN_ID,
+        metrics={"done": 3, "of": 10},
+        request_id="p-1",
+        at=AT,
+        source=rec.source,
+    )
+
+
+def test_heartbeat_is_progress_without_metrics() -> None:
+    """A progress report with no metrics (camelCase here) becomes a heartbeat: metrics None."""
+    rec = record(
+        {"kind": "progress", "jobType": JOB, "runId": RUN_ID, "requestId": "hb-1"}, role="results"
+    )
+    assert run(rec) == Progress(
+        job_type=JOB, run_id=RUN_ID, metrics=None, request_id="hb-1", at=AT, source=rec.source
+    )
+
+
+@pytest.mark.parametrize(
+    ("role", "body", "fragment", "reject"),
+    [
+        pytest.param(
+            "requests",
+            {"kind": "cancel", "request_id": "c-1", "job_type": JOB, "reason": ["why"]},
+            "reason",
+            ("c-1", None),
+            id="cancel-reason-not-text",
+        ),
+        pytest.param(
+            "results",
+            {"kind": "progress", "job_type": JOB, "run_id": RUN_ID, "metrics": [1]},
+            "metrics",
+            (None, RUN_ID),
+            id="progress-metrics-not-an-object",
+        ),
+        pytest.param(
+            "results",
+            {"kind": "progress", "job_type": JOB, "request_id": "p-1"},
+            "run_id",
+            ("p-1", None),
+            id="progress-without-run-id",
+        ),
+    ],
+)
+def test_invalid_cancel_or_progress(
+    role: TopicRole,
+    body: dict[str, Any],
+    fragment: str,
+    reject: tuple[str | None, str | None],
+) -> None:
+    """An invalid cancel or progress report is schema_invalid, with a Reject for its sender."""
+    outcome = bad(record(body, role=role, headers=HEADERS), "schema_invalid")
+    assert fragment in outcome.dead_letter.reason.message
+    assert outcome.reject is not None
+    assert (outcome.reject.request_id, outcome.reject.run_id) == reject
+    assert outcome.reject.job_type == JOB
 
 
 def test_checks_run_in_order() -> None:
-    """Size comes before JSON, schema before key, and key before partition."""
+    """Size comes before JSON, schema before key, and key before re-routing."""
     huge_garbage = b"{" * (MAX_BYTES + 1)
     bad(record(huge_garbage), "oversized")
-    invalid_and_unkeyed = record({"request_id": "r", "job_type": JOB, "x": 1}, key=b"other")
-    bad(invalid_and_unkeyed, "schema_invalid")
-    unkeyed_and_misplaced = record(
-        {"request_id": "r", "job_type": JOB}, key=b"other", partition=wrong_p("other")
+    invalid_and_miskeyed = record({"request_id": "r", "job_type": JOB, "x": 1}, key=b"other")
+    bad(invalid_and_miskeyed, "schema_invalid")
+    invalid_and_keyless = record({"request_id": "r", "job_type": JOB, "x": 1}, key=None)
+    bad(invalid_and_keyless, "schema_invalid")
+    miskeyed_and_misplaced = record(
+        {"request_id": "r", "job_type": JOB}, key=b"other", partition=wrong_p(JOB)
     )
-    bad(unkeyed_and_misplaced, "key_mismatch")
+    bad(miskeyed_and_misplaced, "key_mismatch")
 
 
 def test_reject_prefers_payload_ids_to_key() -> None:

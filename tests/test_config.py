@@ -1,4 +1,4 @@
-"""Per-job-type TOML settings: values, defaults, and errors that name the line."""
+"""Per-job-type TOML settings: values, defaults, and errors that name the file, line and field."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, load, parse
+from worker.config import ConfigError, JobsConfig, load, parse
 from worker.lifecycle import JobConfig, Policy, Scope
 
 VALID = """\
+# Job-type settings for the orchestrator.
 [defaults]
 policy = "queue"
 timeout = "15m"
@@ -21,57 +22,308 @@ policy = "replace"
 [job_types."email.digest"]
 scope = "job_type+client"
 timeout = 90
+
+[job_types.nightly]
+policy = "reject"
+scope = "job_type"
+timeout = "1d"
+
+[job_types.plain]
 """
 
 
+def error_of(text: str) -> BaseException | None:
+    """The exception `parse` raises for `text` (any kind), or None when it parses."""
+    try:
+        parse(text, "jobs.toml")
+    except Exception as exc:  # the tests check the kind
+        return exc
+    return None
+
+
+# --- valid files ------------------------------------------------------------------------------
+
+
 def test_tables_override_defaults_and_inherit_the_rest() -> None:
-    """A job type's table overrides `[defaults]` field by field; others use the defaults."""
+    """A job type's table overrides `[defaults]` field by field and inherits the others."""
     config = parse(VALID)
+    assert config.defaults == JobConfig(Policy.QUEUE, Scope.JOB_TYPE, timedelta(minutes=15))
     assert config.for_job("post_scoring") == JobConfig(
         Policy.REPLACE, Scope.JOB_TYPE, timedelta(minutes=15)
     )
     assert config.for_job("email.digest") == JobConfig(
         Policy.QUEUE, Scope.JOB_TYPE_CLIENT, timedelta(seconds=90)
     )
-    assert config.for_job("unknown") == JobConfig(
-        Policy.QUEUE, Scope.JOB_TYPE, timedelta(minutes=15)
-    )
+    assert config.for_job("nightly") == JobConfig(Policy.REJECT, Scope.JOB_TYPE, timedelta(days=1))
+    assert config.for_job("plain") == config.defaults
+    assert set(config.job_types) == {"post_scoring", "email.digest", "nightly", "plain"}
+
+
+def test_unknown_job_type_uses_the_defaults() -> None:
+    """A job type without a table of its own gets `[defaults]`."""
+    config = parse(VALID)
+    assert config.for_job("never_mentioned") == config.defaults
+    assert config.for_job("post_scoring.extra") == config.defaults
+
+
+def test_empty_file_gives_the_built_in_defaults() -> None:
+    """An empty file (or one without `[defaults]`) means reject, job-type scope, no timeout."""
+    assert parse("") == JobsConfig()
+    assert parse("# nothing yet\n").for_job("x") == JobConfig()
+    only_one = parse('[job_types.a]\npolicy = "queue"\n')
+    assert only_one.for_job("a") == JobConfig(policy=Policy.QUEUE)
+    assert only_one.for_job("b") == JobConfig()
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400), ("2.5", 2.5), ("45", 45)],
-)
-def test_durations(text: str, seconds: float) -> None:
-    """Timeouts are seconds, or a number with s, m, h or d."""
-    value = f'"{text}"' if not text.replace(".", "").isdigit() else text
-    config = parse(f"[defaults]\ntimeout = {value}\n")
-    assert config.defaults.timeout == timedelta(seconds=seconds)
-
-
-@pytest.mark.parametrize(
-    ("text", "line", "fragment"),
+    ("value", "expected"),
     [
-        ('[defaults]\npolicy = "reject"\n\n[job_types.a]\npolicy = "queu"\n', 5, "policy"),
-        ('[job_types.a]\ntimeout = 5\n\n[job_types.b]\nscope = "client"\n', 5, "scope"),
-        ("[defaults]\n# comment\ntimeout = -3\n", 3, "positive"),
-        ('[defaults]\ntimeout = "soon"\n', 2, "duration"),
-        ("[defaults]\npolicy = 'reject'\nretries = 3\n", 3, "retries"),
-        ("[defaults\npolicy = 'reject'\n", 1, "line 1"),
+        ('"90s"', timedelta(seconds=90)),
+        ('"15m"', timedelta(minutes=15)),
+        ('"2h"', timedelta(hours=2)),
+        ('"1d"', timedelta(days=1)),
+        ('"1.5h"', timedelta(minutes=90)),
+        ('"45"', timedelta(seconds=45)),
+        ("45", timedelta(seconds=45)),
+        ("2.5", timedelta(seconds=2.5)),
     ],
 )
-def test_invalid_files_name_the_line_and_the_problem(text: str, line: int, fragment: str) -> None:
-    """Each error says which file, which line and what is wrong."""
+def test_durations(value: str, expected: timedelta) -> None:
+    """A timeout is a number of seconds, or a string with an s, m, h or d unit."""
+    assert parse(f"[defaults]\ntimeout = {value}\n").defaults.timeout == expected
+
+
+# --- invalid files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "fragment"),
+    [
+        pytest.param(
+            '[defaults]\npolicy = "reject"\n\n[job_types.a]\nscope = "job_type"\npolicy = "drop"\n',
+            6,
+            "job_types.a.policy",
+            "'reject', 'queue' or 'replace'",
+            id="bad-policy-in-job-type",
+        ),
+        pytest.param(
+            '[defaults]\npolicy = "first"\n',
+            2,
+            "defaults.policy",
+            "'reject', 'queue' or 'replace'",
+            id="bad-policy-in-defaults",
+        ),
+        pytest.param(
+            "[defaults]\npolicy = 3\n",
+            2,
+            "defaults.policy",
+            "'reject', 'queue' or 'replace'",
+            id="policy-not-text",
+        ),
+        pytest.param(
+            '[job_types.a]\ntimeout = 5\n\n[job_types.b]\nscope = "client"\n',
+            5,
+            "job_types.b.scope",
+            "'job_type' or 'job_type+client'",
+            id="bad-scope",
+        ),
+        pytest.param(
+            "[defaults]\n# no timeout yet\ntimeout = -3\n",
+            3,
+            "defaults.timeout",
+            "positive",
+            id="negative-timeout",
+        ),
+        pytest.param(
+            '[job_types.b]\ntimeout = "0s"\n',
+            2,
+            "job_types.b.timeout",
+            "positive",
+            id="zero-timeout",
+        ),
+        pytest.param(
+            '[defaults]\npolicy = "queue"\ntimeout = "10 minutes"\n',
+            3,
+            "defaults.timeout",
+            "duration",
+            id="bad-duration",
+        ),
+        pytest.param(
+            '[defaults]\ntimeout = "soon"\n',
+            2,
+            "defaults.timeout",
+            "duration",
+            id="duration-without-number",
+        ),
+        pytest.param(
+            '[defaults]\npolicy = "queue"\n[job_types.c]\npolicy = "queue"\npolcy = "reject"\n',
+            5,
+            "job_types.c.polcy",
+            "Extra inputs are not permitted",
+            id="unknown-key-in-job-type",
+        ),
+        pytest.param(
+            "[defaults]\npolicy = 'reject'\nretries = 3\n",
+            3,
+            "defaults.retries",
+            "Extra inputs are not permitted",
+            id="unknown-key-in-defaults",
+        ),
+        pytest.param(
+            '[defaults]\n\n[jobtypes.c]\npolicy = "queue"\n',
+            3,
+            "jobtypes",
+            "Extra inputs are not permitted",
+            id="unknown-table",
+        ),
+        pytest.param(
+            '[job_types."feed.import"]\npolicy = "bad"\n',
+            2,
+            "job_types.feed.import.policy",
+            "'reject', 'queue' or 'replace'",
+            id="quoted-job-type-name",
+        ),
+        pytest.param(
+            '[job_types.ab]\npolicy = "queue"\n[job_types.a]\npolicy = "bad"\n',
+            4,
+            "job_types.a.policy",
+            "'reject'",
+            id="job-type-name-prefix-of-another",
+        ),
+        pytest.param(
+            '# policy = "x"\n[defaults]\n# policy = "reject"\n  policy = "bad"\n',
+            4,
+            "defaults.policy",
+            "'reject'",
+            id="commented-out-key-first",
+        ),
+    ],
+)
+def test_invalid_setting_names_the_file_line_and_field(
+    text: str, line: int, field: str, fragment: str
+) -> None:
+    """An invalid setting is a ConfigError saying `file:line: field: problem`."""
     with pytest.raises(ConfigError) as caught:
         parse(text, "jobs.toml")
     message = str(caught.value)
-    assert message.startswith("jobs.toml")
-    assert f"jobs.toml:{line}:" in message or f"line {line}" in message
+    assert message.startswith(f"jobs.toml:{line}: {field}: ")
     assert fragment in message
 
 
-def test_no_file_means_built_in_defaults(tmp_path: Path) -> None:
+def test_every_invalid_setting_is_reported() -> None:
+    """Several invalid settings give one line each, every one with its own line number."""
+    text = '[defaults]\npolicy = "x"\nscope = "y"\n\n[job_types.a]\ntimeout = "z"\n'
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "jobs.toml")
+    lines = str(caught.value).splitlines()
+    assert [line.split(": ")[0:2] for line in lines] == [
+        ["jobs.toml:2", "defaults.policy"],
+        ["jobs.toml:3", "defaults.scope"],
+        ["jobs.toml:6", "job_types.a.timeout"],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('[defaults]\npolicy = "queue"\nscope = \n', 3),
+        ("[defaults\npolicy = 'reject'\n", 1),
+        ('[defaults]\npolicy = "queue"\npolicy = "reject"\n', 3),
+        ('[defaults]\ntimeout = "90s\n', 2),
+    ],
+    ids=["missing-value", "unclosed-header", "duplicate-key", "unclosed-string"],
+)
+def test_toml_syntax_error_names_the_file_and_line(text: str, line: int) -> None:
+    """A file that is not TOML is a ConfigError naming the file and the line of the problem."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text, "jobs.toml")
+    message = str(caught.value)
+    assert message.startswith("jobs.toml: ")
+    assert f"line {line}," in message
+
+
+def test_boolean_timeout_is_invalid() -> None:
+    """`timeout = true` is not a duration and is reported, not read as one second."""
+    error = error_of("[defaults]\ntimeout = true\n")
+    assert isinstance(error, ConfigError), error
+    assert str(error).startswith("jobs.toml:2: defaults.timeout: ")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e20", '"99999999999d"'])
+def test_out_of_range_timeout_is_a_config_error(value: str) -> None:
+    """A timeout too large for a duration (or not a number) is a ConfigError naming its line."""
+    error = error_of(f'[defaults]\npolicy = "queue"\ntimeout = {value}\n')
+    assert isinstance(error, ConfigError), repr(error)
+    assert str(error).startswith("jobs.toml:3: defaults.timeout: ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[job_types.'feed.import']\npolicy = 'bad'\n",
+        '[job_types]\nfeed.policy = "bad"\n',
+    ],
+    ids=["literal-string-name", "dotted-key"],
+)
+def test_other_toml_spellings_get_the_right_line(text: str) -> None:
+    """Errors in tables spelt with TOML's other valid syntaxes still name line 2."""
+    error = error_of(text)
+    assert isinstance(error, ConfigError)
+    assert str(error).startswith("jobs.toml:2: ")
+
+
+# --- load -------------------------------------------------------------------------------------
+
+
+def test_no_file_means_built_in_defaults() -> None:
     """Without JOBS_CONFIG every job type is `reject`, scoped by job type, with no timeout."""
-    assert load(None).for_job("x") == JobConfig()
+    config = load(None)
+    assert config == JobsConfig()
+    assert config.for_job("x") == JobConfig()
+
+
+def test_load_reads_a_file(tmp_path: Path) -> None:
+    """load() parses the file at the path."""
+    path = tmp_path / "jobs.toml"
+    path.write_text(VALID, encoding="utf-8")
+    assert load(path) == parse(VALID)
+
+
+def test_load_names_the_file_in_errors(tmp_path: Path) -> None:
+    """An invalid file's errors start with its path."""
+    path = tmp_path / "jobs.toml"
+    path.write_text('[defaults]\npolicy = "bad"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value).startswith(f"{path}:2: defaults.policy: ")
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A path with no file is a ConfigError naming the path and the reason."""
+    path = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert "cannot read" in message
+    assert str(path) in message
+    assert "No such file" in message
+
+
+def test_directory_is_a_clear_error(tmp_path: Path) -> None:
+    """A path naming a directory is a ConfigError, not a crash."""
     with pytest.raises(ConfigError, match="cannot read"):
-        load(tmp_path / "missing.toml")
+        load(tmp_path)
+
+
+def test_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """A file that is not UTF-8 is a ConfigError naming the file."""
+    path = tmp_path / "jobs.toml"
+    path.write_bytes(b'[defaults]\npolicy = "\xff"\n')
+    try:
+        load(path)
+    except Exception as exc:  # the test checks the kind
+        error: BaseException | None = exc
+    else:
+        error = None
+    assert isinstance(error, ConfigError), repr(error)
+    assert str(path) in str(error)

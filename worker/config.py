@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from worker.lifecycle import JobConfig, Policy, Scope
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_LONGEST = 10 * 365 * 86400  # also rules out inf and nan, which compare false
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,8 @@ class _Table(BaseModel):
     @field_validator("timeout", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError('a duration is a number of seconds or like "90s", not true/false')
         if isinstance(value, str):
             m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
             if m is None:
@@ -52,8 +55,8 @@ class _Table(BaseModel):
     @field_validator("timeout")
     @classmethod
     def _positive(cls, value: float | None) -> float | None:
-        if value is not None and value <= 0:
-            raise ValueError("the timeout must be positive")
+        if value is not None and not 0 < value <= _LONGEST:
+            raise ValueError("the timeout must be positive and at most 10 years")
         return value
 
 
@@ -111,9 +114,11 @@ def load(path: Path | None) -> JobsConfig:
     if path is None:
         return JobsConfig()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read the job-type settings {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse(text, str(path))
 
 
@@ -127,12 +132,18 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int:
         key_index = 1
     elif loc[0] == "job_types" and len(loc) > 1:
         name = re.escape(str(loc[1]))
-        header = rf'\[\s*job_types\s*\.\s*("?){name}\1\s*\]'
+        header = rf"""\[\s*job_types\s*\.\s*(["']?){name}\1\s*\]"""
         key_index = 2
     else:
         header = rf"\[\s*{re.escape(str(loc[0]))}\b"
         key_index = 1
     start = next((i for i, line in enumerate(lines) if re.match(header, line.strip())), None)
+    if start is None and loc[0] == "job_types" and len(loc) > 2:
+        # `[job_types]` with dotted keys: `name.key = ...`
+        name, key = re.escape(str(loc[1])), re.escape(str(loc[2]))
+        dotted = rf"""(["']?){name}\1\s*\.\s*(["']?){key}\2\s*="""
+        found = next((i for i, line in enumerate(lines) if re.match(dotted, line.strip())), None)
+        return 1 if found is None else found + 1
     if start is None:
         return 1
     if len(loc) > key_index:

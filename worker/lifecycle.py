@@ -315,9 +315,15 @@ class _Out:
         return event
 
 
-def _out_for(command: Command) -> _Out:
+def _out_for(command: Command, state: JobState) -> _Out:
     if isinstance(command, AdvanceTime):
-        return _Out(f"advance/{command.job_type}/{command.now.isoformat()}", command.now, None)
+        # Named after the runs it times out, each of which times out once: two advances to
+        # the same time (the two input topics' broker times interleave) get distinct IDs.
+        due = sorted(
+            r.run_id for r in state.active if r.deadline is not None and r.deadline <= command.now
+        )
+        cause = f"advance/{command.job_type}/{command.now.isoformat()}/{','.join(due)}"
+        return _Out(cause, command.now, None)
     s = command.source
     return _Out(f"{s.topic}/{s.partition}/{s.offset}", command.at, s)
 
@@ -331,7 +337,7 @@ def decide(
     """Apply one command to one job type's state."""
     if command.job_type != state.job_type:
         raise ValueError(f"command for {command.job_type!r} given state of {state.job_type!r}")
-    out = _out_for(command)
+    out = _out_for(command, state)
     if isinstance(command, AdvanceTime):
         new = _advance(state, command.now, config, limits, out)
     elif isinstance(command, Reject):
@@ -380,6 +386,9 @@ def _decided(state: JobState, request_id: str) -> Decided | None:
     return next((d for d in reversed(state.decided) if d.request_id == request_id), None)
 
 
+_START_ANSWERS = frozenset({EventType.STARTED, EventType.QUEUED, EventType.REFUSED})
+
+
 def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limits) -> JobState:
     """Record the request's decision (its first event) in the idempotency window.
 
@@ -388,6 +397,9 @@ def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limit
     first = out.events[0]
     if first.type is EventType.REJECTED:
         return state
+    if isinstance(command, Start):
+        # A replacing start first cancels the old run; its answer is the run it started.
+        first = next(e for e in out.events if e.type in _START_ANSWERS)
     decided = (*state.decided, Decided(command.request_id, first.type, first.run_id))
     return replace(state, decided=_tail(decided, limits.idempotency_window))
 
@@ -624,6 +636,15 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
     if cmd.run_id is None:
         scope = scope_key(config, cmd.client_id)
         active = _active_in(state, scope)
+        if active is None and config.scope is Scope.JOB_TYPE_CLIENT and cmd.client_id is None:
+            clients = sorted(r.client_id or "" for r in state.active)
+            return _reject(
+                state,
+                out,
+                f"job type {cmd.job_type!r} runs one run per client: name the client_id or the "
+                f"run_id to cancel (running for clients: {', '.join(clients) or 'none'})",
+                request_id=cmd.request_id,
+            )
         if active is None:
             what = f"job type {cmd.job_type!r}"
             if scope:
