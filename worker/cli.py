@@ -608,6 +608,51 @@ def watch(
             raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
 
 
+@app.command()
+def bench(
+    bootstrap: str = typer.Option(
+        None, "--bootstrap", "-b", help="Use this cluster instead of starting a local broker."
+    ),
+    lifecycles: int = typer.Option(20_000, "--lifecycles", min=1, help="Starts + completions."),
+    partitions: int = typer.Option(4, "--partitions", min=1),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds per figure (median, min, max)."),
+    batch: int = typer.Option(500, "--batch-max-records", min=1),
+    rate: float = typer.Option(1000.0, "--latency-rate", help="Offered requests/s for latency."),
+    latency_seconds: float = typer.Option(10.0, "--latency-seconds"),
+    restore_runs: int = typer.Option(10_000, "--restore-runs", min=1),
+    history_runs: int = typer.Option(100_000, "--history-runs", min=1),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
+    json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """Measure throughput, latency, restore, memory and replay, side by side with raw aiokafka.
+
+    Example: jobctl bench --lifecycles 20000 --rounds 3 --json bench.json
+    """
+    from worker.bench import BenchOptions, run_bench
+
+    configure_logs("error", "console", library_level="critical")
+    options = BenchOptions(
+        bootstrap=bootstrap,
+        lifecycles=lifecycles,
+        partitions=partitions,
+        rounds=rounds,
+        batch_max_records=batch,
+        latency_rate=rate,
+        latency_seconds=latency_seconds,
+        restore_runs=restore_runs,
+        history_runs=history_runs,
+        quick=quick,
+    )
+    try:
+        report = _run(run_bench(options, console))
+    except localkafka.LocalKafkaError as exc:
+        raise _fail(str(exc)) from None
+    console.print(report.table())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
 @schemas_app.command("export")
 def schemas_export(
     directory: Path = typer.Option(None, "--dir", help="Where to write (default: schemas/)."),

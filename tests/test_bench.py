@@ -1,0 +1,45 @@
+"""The benchmark, at its quick size: it completes and reports every figure."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from worker.bench import BenchOptions, run_bench
+
+pytestmark = pytest.mark.kafka
+
+
+async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
+    """Every throughput, latency, restore, memory and replay figure is measured and plausible."""
+    out = io.StringIO()
+    report = await run_bench(BenchOptions(bootstrap=kafka_bootstrap, quick=True), Console(file=out))
+
+    for figure in (
+        report.eos_transitions_per_s,
+        report.alo_transitions_per_s,
+        report.baseline_records_per_s,
+        report.latency_achieved_rate,
+        report.latency_p50_ms,
+        report.latency_p95_ms,
+        report.latency_p99_ms,
+        report.restore_seconds,
+        report.replay_records_per_s,
+    ):
+        assert len(figure.samples) == report.rounds == 1
+        assert 0 < figure.low <= figure.median <= figure.high
+    assert report.eos_over_baseline > 0
+    assert report.latency_p50_ms.median <= report.latency_p95_ms.median
+    assert report.latency_p95_ms.median <= report.latency_p99_ms.median
+    assert report.latency_requests > 0
+    assert report.restored_runs == report.restore_runs_requested == 300
+    assert report.restored_records > 0
+    assert report.peak_rss_mb > 0
+
+    # The report serializes and renders.
+    assert json.loads(json.dumps(report.to_json()))["restored_runs"] == 300
+    Console(file=out, width=120).print(report.table())
+    assert "exactly_once" in out.getvalue()

@@ -1,0 +1,1055 @@
+"""Benchmark of the orchestrator worker on a real broker: `python -m worker.bench`.
+
+Every figure comes from the worker exactly as it runs in production: `python -m worker.cli
+run` in a child process, configured only through `JOBS_*` variables and stopped with
+SIGTERM (which must exit 0). The bench process plays the producers and a simulated executor
+that answers every `started` event with a `COMPLETED` result.
+
+What is measured (throughput and latency as the median of `rounds` rounds, with min and max;
+each round on fresh topics under a unique prefix, with a fresh SQLite file):
+
+1. Worker throughput, transitions per second, with `exactly_once` and `at_least_once`,
+   rounds interleaved so both see the same machine state. N start requests, each of its own
+   job type (so none is refused), wait as a backlog before the worker starts; the executor
+   answers each `started`. Transitions are the 2N `started` and `completed` events; the time
+   runs from the first event a read_committed consumer sees to the last one.
+2. Baseline: the same input records (copied byte for byte, same keys and partitions, from
+   an exactly-once round) through a raw aiokafka consume-transform-produce loop with the
+   worker's transaction sizing: one transactional producer per partition, one transaction per
+   partition batch with `send_offsets_to_transaction`, partitions processed concurrently and
+   paused while their transaction is in flight. Timed the same way, first to last output
+   record seen. The ratio worker ÷ baseline says what the orchestrator's own work costs on
+   top of the Kafka transactions it cannot avoid (one input record yields one transition).
+3. End-to-end latency: from producing a request to its `started` event being visible to a
+   read_committed consumer, at a fixed offered rate against a caught-up worker.
+4. Restore: a worker with an empty SQLite file rebuilds a 1-partition changelog holding
+   `restore_runs` runs; the figure is the `seconds` of its "partition restored from
+   changelog" log line. The changelog is written once and restored `rounds` times (a restore
+   writes nothing, so each restore reads exactly the same log).
+5. Peak RSS (VmHWM) of a worker after `history_runs` lifecycles.
+6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files.
+
+The bench sets the worker's configuration itself; other `JOBS_*` variables inherited from the
+shell are dropped so that they cannot skew the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiokafka
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from rich.console import Console
+from rich.table import Table
+
+from worker import topics as topic_admin
+from worker.kafkaio import partitions_of
+from worker.localkafka import LocalKafka, _die_with_parent
+from worker.replay import replay
+from worker.settings import Settings, Topics
+
+_GUARANTEES = ("exactly_once", "at_least_once")
+_RESTORED = "partition restored from changelog"
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not measure something; the message says what went wrong."""
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure and how much of it. `quick` caps every size for the test suite."""
+
+    bootstrap: str | None = None  # None: start a local broker for the bench
+    lifecycles: int = 20_000
+    partitions: int = 4
+    rounds: int = 3
+    batch_max_records: int = 500
+    latency_rate: float = 1000.0
+    latency_seconds: float = 10.0
+    restore_runs: int = 10_000
+    history_runs: int = 100_000
+    quick: bool = False
+
+    def sized(self) -> BenchOptions:
+        """The options actually run: with `quick`, every size capped to a few seconds' work."""
+        counts = {
+            "lifecycles": self.lifecycles,
+            "partitions": self.partitions,
+            "rounds": self.rounds,
+            "batch_max_records": self.batch_max_records,
+            "restore_runs": self.restore_runs,
+            "history_runs": self.history_runs,
+        }
+        bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
+        if self.latency_rate <= 0 or self.latency_seconds <= 0:
+            bad.append(f"latency_rate={self.latency_rate}, latency_seconds={self.latency_seconds}")
+        if bad:
+            raise ValueError(f"bench sizes must be positive: {', '.join(bad)}")
+        if not self.quick:
+            return self
+        return replace(
+            self,
+            lifecycles=min(self.lifecycles, 300),
+            rounds=min(self.rounds, 1),
+            latency_seconds=min(self.latency_seconds, 2.0),
+            restore_runs=min(self.restore_runs, 300),
+            history_runs=min(self.history_runs, 300),
+        )
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure measured over rounds: the median, the extremes and every sample."""
+
+    median: float
+    low: float
+    high: float
+    samples: tuple[float, ...]
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Figure:
+        """Summarize `samples` (at least one)."""
+        if not samples:
+            raise BenchError("no samples")
+        return cls(statistics.median(samples), min(samples), max(samples), tuple(samples))
+
+    def to_json(self) -> dict[str, Any]:
+        """`median`, `min`, `max`, `samples`."""
+        return {
+            "median": self.median,
+            "min": self.low,
+            "max": self.high,
+            "samples": list(self.samples),
+        }
+
+
+@dataclass
+class BenchReport:
+    """Every figure of a bench run, with the sizes it was measured at."""
+
+    lifecycles: int
+    partitions: int
+    rounds: int
+    batch_max_records: int
+    eos_transitions_per_s: Figure
+    alo_transitions_per_s: Figure
+    baseline_records_per_s: Figure
+    eos_over_baseline: float  # worker EOS transitions/s ÷ baseline records/s (medians)
+    latency_offered_rate: float
+    latency_achieved_rate: Figure  # requests/s the paced producer actually sent
+    latency_requests: int  # per round
+    latency_p50_ms: Figure
+    latency_p95_ms: Figure
+    latency_p99_ms: Figure
+    restore_runs_requested: int
+    restored_runs: int  # `runs` of the worker's restore log line
+    restored_records: int  # changelog records read by the restore
+    restore_seconds: Figure  # `seconds` of the worker's restore log line
+    history_runs: int
+    peak_rss_mb: float
+    replay_records_per_s: Figure  # status events `jobctl replay` applies per second
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; figures as `{"median", "min", "max", "samples"}`."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.to_json() if isinstance(value, Figure) else value
+        return out
+
+    def table(self) -> Table:
+        """The figures as a rich table."""
+        table = Table(
+            "measure",
+            "median",
+            "min",
+            "max",
+            "unit",
+            title=f"worker bench: {self.lifecycles:,} lifecycles, {self.partitions} partitions, "
+            f"{self.rounds} round(s), batches of {self.batch_max_records}",
+            caption="baseline: a raw aiokafka transactional pass-through of the same inputs; "
+            f"latency at {self.latency_offered_rate:,.0f} requests/s offered",
+        )
+
+        def row(name: str, figure: Figure, unit: str, fmt: str = ",.0f") -> None:
+            table.add_row(
+                name,
+                format(figure.median, fmt),
+                format(figure.low, fmt),
+                format(figure.high, fmt),
+                unit,
+            )
+
+        def single(name: str, value: str, unit: str) -> None:
+            table.add_row(name, value, "", "", unit)
+
+        row("worker exactly_once", self.eos_transitions_per_s, "transitions/s")
+        row("worker at_least_once", self.alo_transitions_per_s, "transitions/s")
+        row("baseline", self.baseline_records_per_s, "records/s")
+        single("exactly_once ÷ baseline", f"{self.eos_over_baseline:.2f}", "ratio")
+        row("latency p50", self.latency_p50_ms, "ms", ",.1f")
+        row("latency p95", self.latency_p95_ms, "ms", ",.1f")
+        row("latency p99", self.latency_p99_ms, "ms", ",.1f")
+        row("latency: rate sent", self.latency_achieved_rate, "requests/s")
+        row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
+        single(f"peak RSS, {self.history_runs:,} runs", f"{self.peak_rss_mb:,.1f}", "MB")
+        row(f"replay, {2 * self.history_runs:,} events", self.replay_records_per_s, "records/s")
+        return table
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    rank = max(0, math.ceil(q / 100 * len(ordered)) - 1)
+    return ordered[rank]
+
+
+def _start_body(job_type: str, request_id: str) -> bytes:
+    return json.dumps(
+        {"job_type": job_type, "request_id": request_id, "initial_data": {"bench": True}},
+        separators=(",", ":"),
+    ).encode()
+
+
+async def _send_starts(
+    producer: AIOKafkaProducer, topics: Topics, items: Sequence[tuple[str, str]]
+) -> None:
+    """Send (job type, request ID) start requests keyed by job type; wait for every ack."""
+    futures = [
+        await producer.send(
+            topics.requests, _start_body(job_type, request_id), key=job_type.encode()
+        )
+        for job_type, request_id in items
+    ]
+    await asyncio.gather(*futures)
+
+
+@contextlib.asynccontextmanager
+async def _producer(bootstrap: str, **config: Any) -> AsyncIterator[AIOKafkaProducer]:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **config)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+async def _stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Stop a group-less consumer, absorbing aiokafka's spurious CancelledError.
+
+    aiokafka can raise CancelledError when such a consumer stops soon after it started; only
+    a cancellation really requested of this task is passed on.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+def _timeout_for(records: int) -> float:
+    # Generous: a stuck bench should fail with a clear message, not hang for ever, but a slow
+    # machine must not fail a healthy run (100 records/s is far below anything seen).
+    return 120.0 + records / 100
+
+
+class _Worker:
+    """`python -m worker.cli run` in a child process, its stderr parsed as JSON log lines."""
+
+    def __init__(self, env: dict[str, str], directory: Path, name: str) -> None:
+        self.env = env
+        self.directory = directory
+        self.name = name
+        self.proc: asyncio.subprocess.Process | None = None
+        self.events: list[dict[str, Any]] = []
+        self.tail: deque[str] = deque(maxlen=40)
+        self._changed = asyncio.Condition()
+        self._reader: asyncio.Task[None] | None = None
+        self.spawned_at = 0.0
+
+    async def start(self) -> None:
+        """Spawn the worker; its log lines are collected as they come."""
+        self.spawned_at = time.perf_counter()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker.cli",
+            "run",
+            env=self.env,
+            cwd=self.directory,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            limit=4 * 1024 * 1024,
+            # A bench killed outright must not leave workers behind: they get SIGTERM.
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        # The pipe must be drained continuously, or a chatty worker blocks on its stderr.
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.tail.append(line)
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(line)
+                if isinstance(parsed, dict):
+                    self.events.append(parsed)
+            async with self._changed:
+                self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        """The worker's process ID."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def check_alive(self) -> None:
+        """Raise `BenchError` with the worker's last log lines if it has exited."""
+        if self.proc is not None and self.proc.returncode is not None:
+            raise BenchError(
+                f"worker {self.name} exited with code {self.proc.returncode}:\n"
+                + "\n".join(self.tail)
+            )
+
+    async def wait_log(self, message: str, timeout: float) -> dict[str, Any]:
+        """The first JSON log line whose `event` is `message`."""
+
+        def found() -> dict[str, Any] | None:
+            return next((e for e in self.events if e.get("event") == message), None)
+
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while (line := found()) is None:
+                    if self._reader is None or self._reader.done():
+                        self.check_alive()
+                        raise BenchError(f"worker {self.name} closed its log without {message!r}")
+                    await self._changed.wait()
+                return line
+        except TimeoutError:
+            raise BenchError(
+                f"worker {self.name} did not log {message!r} within {timeout:.0f} s:\n"
+                + "\n".join(self.tail)
+            ) from None
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM, the peak resident set size, from /proc (Linux)."""
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError as exc:
+            raise BenchError(f"cannot read the worker's memory figures: {exc}") from exc
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+        raise BenchError("no VmHWM in /proc/<pid>/status")
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, as a supervisor stops it; the worker must exit 0."""
+        assert self.proc is not None
+        self.check_alive()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise BenchError(f"worker {self.name} did not exit within {timeout:.0f} s") from None
+        if self._reader is not None:
+            await self._reader
+        if code != 0:
+            raise BenchError(
+                f"worker {self.name} exited with code {code} on SIGTERM:\n" + "\n".join(self.tail)
+            )
+
+    async def close(self) -> None:
+        """Kill the process if it still runs (clean-up after a failure); reap it."""
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class _Tail:
+    """A read_committed reader of one output topic: counts, first/last seen, and optionally
+    the simulated executor (a `COMPLETED` result for every `started` event).
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        *,
+        decode: bool = True,
+        executor: tuple[AIOKafkaProducer, str] | None = None,
+        track: bool = False,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.decode = decode
+        self.executor = executor
+        self.track = track
+        self.count = 0
+        self.types: Counter[str] = Counter()
+        self.first_seen: float | None = None
+        self.last_seen: float | None = None
+        self.started_seen: dict[str, float] = {}  # request ID -> when its `started` was seen
+        self._changed = asyncio.Condition()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._delivery_errors: list[BaseException] = []
+
+    async def start(self) -> None:
+        """Subscribe from the beginning of the (fresh) topic and read in the background."""
+        self._consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.bootstrap,
+            isolation_level="read_committed",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._read())
+
+    def _delivered(self, future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._delivery_errors.append(future.exception())  # type: ignore[arg-type]
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            # One timestamp per fetched batch: records arrive together, and this is when the
+            # bench could first act on them.
+            now = time.perf_counter()
+            for records in batch.values():
+                for record in records:
+                    self.count += 1
+                    if self.decode:
+                        await self._handle(json.loads(record.value), now)
+                    if self.first_seen is None:
+                        self.first_seen = now
+                    self.last_seen = now
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _handle(self, event: dict[str, Any], now: float) -> None:
+        kind = event["type"]
+        self.types[kind] += 1
+        if kind != "started":
+            return
+        if self.track and event.get("request_id") is not None:
+            self.started_seen.setdefault(event["request_id"], now)
+        if self.executor is not None:
+            producer, results = self.executor
+            body = {
+                "job_type": event["job_type"],
+                "run_id": event["run_id"],
+                "status": "COMPLETED",
+                "final_metrics": {"n": self.types["started"]},
+            }
+            # Not awaited here: waiting for each ack would serialize the executor on the
+            # broker's round trip; failures are collected and raised by `until`.
+            future = await producer.send(
+                results,
+                json.dumps(body, separators=(",", ":")).encode(),
+                key=event["job_type"].encode(),
+            )
+            future.add_done_callback(self._delivered)
+
+    def _check(self, worker: _Worker | None) -> None:
+        if self._delivery_errors:
+            raise BenchError(f"executor could not send a result: {self._delivery_errors[0]!r}")
+        if self._task is not None and self._task.done():
+            error = self._task.exception()
+            raise BenchError(f"reading {self.topic} failed: {error!r}")
+        if worker is not None:
+            worker.check_alive()
+
+    async def until(
+        self,
+        predicate: Callable[[], bool],
+        what: str,
+        timeout: float,
+        worker: _Worker | None = None,
+    ) -> None:
+        """Wait until `predicate()` holds (checked after every fetch), the worker alive."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while not predicate():
+                    self._check(worker)
+                    await self._changed.wait()
+        except TimeoutError:
+            raise BenchError(
+                f"timed out after {timeout:.0f} s waiting for {what}; {self.topic} had "
+                f"{self.count} records ({dict(self.types)})"
+            ) from None
+        self._check(worker)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the first record seen to the last."""
+        if self.first_seen is None or self.last_seen is None or self.last_seen <= self.first_seen:
+            raise BenchError(f"too few records on {self.topic} to time anything")
+        return self.last_seen - self.first_seen
+
+    async def stop(self) -> None:
+        """Stop reading."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await _stop_consumer(self._consumer)
+
+
+@dataclass
+class _Recorded:
+    """Input records of one round: topic role -> partition -> [(key, value)]."""
+
+    records: dict[str, dict[int, list[tuple[bytes | None, bytes | None]]]]
+
+    @property
+    def count(self) -> int:
+        """How many records in all."""
+        return sum(len(rs) for parts in self.records.values() for rs in parts.values())
+
+
+class _Bench:
+    """Shared state of one bench run: broker clients, temp directory, created topics."""
+
+    def __init__(self, options: BenchOptions, console: Console, bootstrap: str, tmp: Path):
+        self.options = options
+        self.console = console
+        self.bootstrap = bootstrap
+        self.tmp = tmp
+        self.created: list[str] = []
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        # One long-lived group-less reader for metadata and for reading topics back.
+        self.reader = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+        )
+        self._workers = 0
+
+    async def start(self) -> None:
+        """Connect the admin client and the reader."""
+        await self.admin.start()
+        await self.reader.start()
+
+    async def close(self, delete_topics: bool) -> None:
+        """Disconnect; on a shared cluster, delete the topics this run created."""
+        await _stop_consumer(self.reader)
+        if delete_topics and self.created:
+            # Leave a shared cluster as we found it (a local broker is discarded whole).
+            with contextlib.suppress(Exception):
+                await self.admin.delete_topics(self.created)
+        await self.admin.close()
+
+    async def topics(self, label: str, partitions: int) -> Topics:
+        """Fresh topics under a prefix no other round uses."""
+        prefix = f"bench-{uuid.uuid4().hex[:8]}-{label}"
+        topics = Topics.for_prefix(prefix)
+        self.created.extend(topics.all())
+        await topic_admin.create(self.admin, topics, partitions)
+        return topics
+
+    def worker(self, topics: Topics, guarantee: str, log_level: str = "warning") -> _Worker:
+        """A worker on `topics` with an empty SQLite file of its own."""
+        self._workers += 1
+        name = f"{topics.requests.removesuffix('.requests')}-{self._workers}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JOBS_")}
+        env.update(
+            JOBS_BOOTSTRAP_SERVERS=self.bootstrap,
+            JOBS_TOPIC_PREFIX=topics.requests.removesuffix(".requests"),
+            JOBS_DB_PATH=str(self.tmp / f"{name}.db"),
+            JOBS_PROCESSING_GUARANTEE=guarantee,
+            JOBS_BATCH_MAX_RECORDS=str(self.options.batch_max_records),
+            JOBS_LOG_LEVEL=log_level,
+            JOBS_LOG_FORMAT="json",
+            PYTHONUNBUFFERED="1",
+        )
+        return _Worker(env, self.tmp, name)
+
+    async def read_all(self, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
+        """Every committed record of `topic`, per partition, in offset order."""
+        tps = await partitions_of(self.reader, topic)
+        self.reader.assign(tps)
+        await self.reader.seek_to_beginning(*tps)
+        ends = await self.reader.end_offsets(tps)
+        out: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
+        for tp in tps:
+            rows = out.setdefault(tp.partition, [])
+            # Compare positions with the end (the last stable offset): the last record of a
+            # transactional topic is often a commit marker, which is never returned.
+            while await self.reader.position(tp) < ends[tp]:
+                batch = await self.reader.getmany(tp, timeout_ms=1000, max_records=10_000)
+                rows.extend((r.key, r.value) for r in batch.get(tp, ()))
+        self.reader.assign([])
+        return out
+
+    def say(self, message: str) -> None:
+        """A progress line."""
+        self.console.print(message, highlight=False)
+
+
+async def _run_lifecycles(
+    bench: _Bench,
+    topics: Topics,
+    worker: _Worker,
+    count: int,
+    on_done: Callable[[], None] | None = None,
+) -> _Tail:
+    """Put `count` start requests in a backlog, run the worker and the executor until every
+    run completed, call `on_done` while the worker still runs, then stop the worker (exit 0).
+    """
+    prefix = topics.requests.removesuffix(".requests")
+    async with _producer(bench.bootstrap, linger_ms=5) as producer:
+        await _send_starts(
+            producer, topics, [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
+        )
+        tail = _Tail(bench.bootstrap, topics.status, executor=(producer, topics.results))
+        await tail.start()
+        try:
+            await worker.start()
+            await tail.until(
+                lambda: tail.types["completed"] >= count,
+                f"{count} completed runs",
+                _timeout_for(2 * count),
+                worker,
+            )
+            if on_done is not None:
+                on_done()
+            await worker.stop()
+        finally:
+            await worker.close()
+            await tail.stop()
+    expected = Counter({"started": count, "completed": count})
+    if tail.types != expected:
+        raise BenchError(f"unexpected events: {dict(tail.types)}; expected {dict(expected)}")
+    return tail
+
+
+# -- the measurements ------------------------------------------------------------------------
+
+
+async def _throughput_round(
+    bench: _Bench, guarantee: str, record: bool
+) -> tuple[float, _Recorded | None]:
+    """Transitions/s of one round; the round's input records when `record`."""
+    o = bench.options
+    label = "eos" if guarantee == "exactly_once" else "alo"
+    topics = await bench.topics(label, o.partitions)
+    tail = await _run_lifecycles(bench, topics, bench.worker(topics, guarantee), o.lifecycles)
+    rate = (2 * o.lifecycles) / tail.elapsed
+    recorded = None
+    if record:
+        recorded = _Recorded(
+            {
+                "requests": await bench.read_all(topics.requests),
+                "results": await bench.read_all(topics.results),
+            }
+        )
+        if recorded.count != 2 * o.lifecycles:
+            raise BenchError(f"recorded {recorded.count} inputs, expected {2 * o.lifecycles}")
+    return rate, recorded
+
+
+async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
+    """Records/s of a raw transactional pass-through of `recorded`, sized like the worker."""
+    o = bench.options
+    topics = await bench.topics("base", o.partitions)
+    inputs = {"requests": topics.requests, "results": topics.results}
+    async with _producer(bench.bootstrap, linger_ms=5) as copier:
+        futures = [
+            await copier.send(inputs[role], value, key=key, partition=partition)
+            for role, parts in recorded.records.items()
+            for partition, rows in parts.items()
+            for key, value in rows
+        ]
+        await asyncio.gather(*futures)
+
+    total = recorded.count
+    group = f"{topics.requests.removesuffix('.requests')}.baseline"
+    producers = {
+        n: AIOKafkaProducer(
+            bootstrap_servers=bench.bootstrap,
+            transactional_id=f"{group}.{n}",
+            linger_ms=2,  # the worker's default `linger_ms`
+        )
+        for n in range(o.partitions)
+    }
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bench.bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        partition_assignment_strategy=(RangePartitionAssignor,),
+        max_poll_records=o.batch_max_records,
+    )
+    observer = _Tail(bench.bootstrap, topics.status, decode=False)
+    committed = 0
+    tasks: list[asyncio.Task[None]] = []
+
+    def tps(n: int) -> tuple[TopicPartition, TopicPartition]:
+        return TopicPartition(topics.requests, n), TopicPartition(topics.results, n)
+
+    async def pass_through(n: int, records: list[Any]) -> None:
+        # The worker's transaction, minus the worker: same records out, same offsets in.
+        nonlocal committed
+        producer = producers[n]
+        await producer.begin_transaction()
+        try:
+            futures = [
+                await producer.send(topics.status, r.value, key=r.key, partition=n) for r in records
+            ]
+            await asyncio.gather(*futures)
+            offsets: dict[TopicPartition, int] = {}
+            for r in records:
+                tp = TopicPartition(r.topic, n)
+                offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+            await producer.send_offsets_to_transaction(offsets, group)
+            await producer.commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.abort_transaction()
+            raise
+        finally:
+            consumer.resume(*tps(n))
+        committed += len(records)
+
+    await asyncio.gather(*(p.start() for p in producers.values()))
+    try:
+        await observer.start()
+        consumer.subscribe([topics.requests, topics.results])
+        await consumer.start()
+        async with asyncio.timeout(_timeout_for(total)):
+            while committed < total:
+                batch = await consumer.getmany(timeout_ms=100, max_records=o.batch_max_records)
+                by_partition: dict[int, list[Any]] = {}
+                for tp, records in batch.items():
+                    by_partition.setdefault(tp.partition, []).extend(records)
+                for n, records in by_partition.items():
+                    # Like the worker: N is paused while its transaction is in flight, and
+                    # the other partitions keep flowing.
+                    consumer.pause(*tps(n))
+                    tasks.append(asyncio.create_task(pass_through(n, records)))
+                for task in tasks:
+                    if task.done() and task.exception() is not None:
+                        raise BenchError(f"baseline transaction failed: {task.exception()!r}")
+                tasks = [t for t in tasks if not t.done()]
+        await observer.until(lambda: observer.count >= total, f"{total} records", 60)
+    finally:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await consumer.stop()
+        await observer.stop()
+        await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
+    if observer.count != total:
+        raise BenchError(f"baseline produced {observer.count} records, expected {total}")
+    return total / observer.elapsed
+
+
+async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int]:
+    """(p50, p95, p99 in ms, achieved rate, requests) against a caught-up EOS worker."""
+    o = bench.options
+    topics = await bench.topics("lat", o.partitions)
+    prefix = topics.requests.removesuffix(".requests")
+    total = max(1, round(o.latency_rate * o.latency_seconds))
+    worker = bench.worker(topics, "exactly_once")
+    # linger 0: a request goes out as soon as it is due; batching would add latency.
+    async with _producer(bench.bootstrap, linger_ms=0) as producer:
+        tail = _Tail(
+            bench.bootstrap, topics.status, executor=(producer, topics.results), track=True
+        )
+        await tail.start()
+        try:
+            await worker.start()
+            # Warm-up: a few lifecycles on every partition, answered and completed, so the
+            # worker owns its partitions, its producers are connected and it is idle.
+            warm = [(f"bench-warm-{i}", f"{prefix}-warm-{i}") for i in range(4 * o.partitions)]
+            await _send_starts(producer, topics, warm)
+            await tail.until(
+                lambda: tail.types["completed"] >= len(warm), "warm-up", _timeout_for(0), worker
+            )
+            sent: dict[str, float] = {}
+            futures = []
+            began = time.perf_counter()
+            for i in range(total):
+                # Paced by an absolute schedule: a late send does not delay the ones after it.
+                delay = began + i / o.latency_rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                job_type, request_id = f"bench-{i}", f"{prefix}-{i}"
+                sent[request_id] = time.perf_counter()
+                futures.append(
+                    await producer.send(
+                        topics.requests,
+                        _start_body(job_type, request_id),
+                        key=job_type.encode(),
+                    )
+                )
+            finished = time.perf_counter()
+            await asyncio.gather(*futures)
+            await tail.until(
+                lambda: tail.types["started"] >= len(warm) + total,
+                f"{total} started events",
+                _timeout_for(total),
+                worker,
+            )
+            await worker.stop()
+        finally:
+            await worker.close()
+            await tail.stop()
+    latencies = sorted((tail.started_seen[rid] - at) * 1000 for rid, at in sent.items())
+    achieved = total / (finished - began) if finished > began else float(total)
+    return (
+        _percentile(latencies, 50),
+        _percentile(latencies, 95),
+        _percentile(latencies, 99),
+        achieved,
+        total,
+    )
+
+
+async def _restore(bench: _Bench) -> tuple[Figure, int, int]:
+    """(seconds, runs, changelog records) of restoring a 1-partition changelog."""
+    o = bench.options
+    topics = await bench.topics("restore", 1)
+    bench.say(f"restore: writing {o.restore_runs:,} runs to a 1-partition changelog")
+    await _run_lifecycles(bench, topics, bench.worker(topics, "exactly_once"), o.restore_runs)
+    seconds: list[float] = []
+    runs = records = 0
+    for r in range(o.rounds):
+        # A new SQLite file: its applied offsets (none) differ from the group's, so the new
+        # worker restores the partition from the changelog before taking it.
+        worker = bench.worker(topics, "exactly_once", log_level="info")
+        try:
+            await worker.start()
+            line = await worker.wait_log(_RESTORED, _timeout_for(o.restore_runs))
+            await worker.stop()
+        finally:
+            await worker.close()
+        seconds.append(float(line["seconds"]))
+        runs, records = int(line["runs"]), int(line["records"])
+        bench.say(f"  restore {r + 1}/{o.rounds}: {runs:,} runs in {seconds[-1]:.3f} s")
+    return Figure.of(seconds), runs, records
+
+
+async def _peak_rss(bench: _Bench) -> tuple[float, Topics]:
+    """VmHWM in MB of a worker that has `history_runs` runs in its history; its topics."""
+    o = bench.options
+    topics = await bench.topics("rss", o.partitions)
+    worker = bench.worker(topics, "exactly_once")
+    peak: list[float] = []
+    await _run_lifecycles(
+        bench, topics, worker, o.history_runs, on_done=lambda: peak.append(worker.peak_rss_mb())
+    )
+    return peak[0], topics
+
+
+async def _replay(bench: _Bench, topics: Topics) -> Figure:
+    """Status events per second that `jobctl replay` applies into a fresh SQLite file."""
+    prefix = topics.status.rsplit(".", 1)[0]
+    settings = Settings(bootstrap_servers=bench.bootstrap, topic_prefix=prefix)
+    rates = []
+    for r in range(bench.options.rounds):
+        path = bench.tmp / f"replay-{r}.db"
+        report = await replay(settings, path, from_offset=0)
+        rates.append(report.rate)
+        bench.say(
+            f"  replay {r + 1}/{bench.options.rounds}: {report.events:,} events "
+            f"in {report.seconds:.2f} s ({report.rate:,.0f}/s)"
+        )
+    return Figure.of(rates)
+
+
+def _environment(bootstrap: str, local: LocalKafka | None) -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "aiokafka": aiokafka.__version__,
+        "platform": platform.platform(),
+        "cpus": str(os.cpu_count()),
+        "broker": f"local Apache Kafka {local.version}" if local is not None else bootstrap,
+    }
+
+
+async def run_bench(options: BenchOptions, console: Console) -> BenchReport:
+    """Run every measurement and return the report; progress goes to `console`.
+
+    The caller prints `report.table()` (or `report.to_json()`). With `options.bootstrap`
+    None a local broker is started for the run and stopped afterwards; on a given cluster the
+    bench deletes the topics it created.
+    """
+    o = options.sized()
+    local: LocalKafka | None = None
+    bootstrap = o.bootstrap
+    if bootstrap is None:
+        console.print("starting a local Kafka broker")
+        local = LocalKafka()
+        await asyncio.to_thread(local.start)  # blocking, and runs its own event loop inside
+        bootstrap = local.bootstrap_servers
+    try:
+        with tempfile.TemporaryDirectory(prefix="jobs-bench-") as tmp:
+            bench = _Bench(o, console, bootstrap, Path(tmp))
+            await bench.start()
+            try:
+                return await _measure(bench, _environment(bootstrap, local))
+            finally:
+                await bench.close(delete_topics=local is None)
+    finally:
+        if local is not None:
+            await asyncio.to_thread(local.stop)
+
+
+async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
+    o = bench.options
+    rates: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
+    baseline: list[float] = []
+    recorded: _Recorded | None = None
+    for r in range(o.rounds):
+        # Interleaved, so that both guarantees and the baseline see the same machine state.
+        for guarantee in _GUARANTEES:
+            rate, got = await _throughput_round(bench, guarantee, record=recorded is None)
+            recorded = recorded or got
+            rates[guarantee].append(rate)
+            bench.say(
+                f"round {r + 1}/{o.rounds} {guarantee}: {rate:,.0f} transitions/s "
+                f"({o.lifecycles:,} lifecycles)"
+            )
+        assert recorded is not None
+        baseline.append(await _baseline_round(bench, recorded))
+        bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
+
+    p50: list[float] = []
+    p95: list[float] = []
+    p99: list[float] = []
+    achieved: list[float] = []
+    requests = 0
+    for r in range(o.rounds):
+        a, b, c, rate, requests = await _latency_round(bench)
+        p50.append(a)
+        p95.append(b)
+        p99.append(c)
+        achieved.append(rate)
+        bench.say(
+            f"latency {r + 1}/{o.rounds} at {rate:,.0f}/s: "
+            f"p50 {a:.1f} ms, p95 {b:.1f} ms, p99 {c:.1f} ms"
+        )
+
+    restore_seconds, restored_runs, restored_records = await _restore(bench)
+    bench.say(f"peak RSS: running {o.history_runs:,} lifecycles through one worker")
+    rss, history = await _peak_rss(bench)
+    bench.say(f"peak RSS: {rss:,.1f} MB")
+    bench.say("replay: rebuilding a store from that worker's status topic")
+    replayed = await _replay(bench, history)
+
+    eos, alo, base = (
+        Figure.of(rates["exactly_once"]),
+        Figure.of(rates["at_least_once"]),
+        Figure.of(baseline),
+    )
+    return BenchReport(
+        lifecycles=o.lifecycles,
+        partitions=o.partitions,
+        rounds=o.rounds,
+        batch_max_records=o.batch_max_records,
+        eos_transitions_per_s=eos,
+        alo_transitions_per_s=alo,
+        baseline_records_per_s=base,
+        eos_over_baseline=eos.median / base.median,
+        latency_offered_rate=o.latency_rate,
+        latency_achieved_rate=Figure.of(achieved),
+        latency_requests=requests,
+        latency_p50_ms=Figure.of(p50),
+        latency_p95_ms=Figure.of(p95),
+        latency_p99_ms=Figure.of(p99),
+        restore_runs_requested=o.restore_runs,
+        restored_runs=restored_runs,
+        restored_records=restored_records,
+        restore_seconds=restore_seconds,
+        history_runs=o.history_runs,
+        peak_rss_mb=rss,
+        replay_records_per_s=replayed,
+        environment=environment,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m worker.bench [--bootstrap HOST:PORT] [--quick] [--json PATH] ...`."""
+    defaults = BenchOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.bench",
+        description="Benchmark the orchestrator worker on a real Kafka broker.",
+    )
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: a local broker)")
+    parser.add_argument("--lifecycles", type=int, default=defaults.lifecycles)
+    parser.add_argument("--partitions", type=int, default=defaults.partitions)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--batch-max-records", type=int, default=defaults.batch_max_records)
+    parser.add_argument("--latency-rate", type=float, default=defaults.latency_rate)
+    parser.add_argument("--latency-seconds", type=float, default=defaults.latency_seconds)
+    parser.add_argument("--restore-runs", type=int, default=defaults.restore_runs)
+    parser.add_argument("--history-runs", type=int, default=defaults.history_runs)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report here")
+    args = parser.parse_args(argv)
+    # aiokafka logs the errors it retries (a fresh topic's leader not serving yet on the first
+    # produce or offset lookup, before anything is timed), which would drown the progress
+    # lines; errors it gives up on are raised, and the bench reports them.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    options = BenchOptions(
+        bootstrap=args.bootstrap,
+        lifecycles=args.lifecycles,
+        partitions=args.partitions,
+        rounds=args.rounds,
+        batch_max_records=args.batch_max_records,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds,
+        restore_runs=args.restore_runs,
+        history_runs=args.history_runs,
+        quick=args.quick,
+    )
+    console = Console()
+    try:
+        report = asyncio.run(run_bench(options, console))
+    except BenchError as exc:
+        console.print(f"[red]bench failed:[/] {exc}", highlight=False)
+        return 1
+    console.print(report.table())
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        console.print(f"report written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
