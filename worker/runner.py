@@ -189,6 +189,7 @@ class Worker:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_records=s.batch_max_records,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
         self._restorer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,

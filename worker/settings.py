@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     )
     batch_max_records: int = Field(default=500, gt=0)
     poll_timeout_ms: int = Field(default=200, gt=0)
+    fetch_max_wait_ms: int = Field(
+        default=50,
+        gt=0,
+        description="Longest a fetch waits at the broker for data. A partition resumed after "
+        "its batch waits for the fetch in flight, so this bounds the latency it adds.",
+    )
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
