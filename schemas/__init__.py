@@ -9,6 +9,7 @@ from typing import Literal
 from schemas.messages import (
     ALL_MODELS,
     ENDED_STATUSES,
+    ENDING_EVENTS,
     DeadLetter,
     DeadLetterReason,
     EventType,
@@ -25,6 +26,7 @@ SCHEMA_DIR = Path(__file__).parent
 __all__ = [
     "ALL_MODELS",
     "ENDED_STATUSES",
+    "ENDING_EVENTS",
     "SCHEMA_DIR",
     "DeadLetter",
     "DeadLetterReason",

@@ -82,6 +82,11 @@ class EventType(StrEnum):
     TIMED_OUT = "timed_out"  # a run ended for lack of a result or heartbeat
 
 
+ENDING_EVENTS = frozenset(
+    {EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, EventType.TIMED_OUT}
+)
+
+
 class Source(WireModel):
     """Coordinates of the input record that caused an event or a dead letter."""
 

@@ -38,15 +38,15 @@ from worker.settings import Settings
 
 log = structlog.get_logger("client")
 
-_ANSWERS = {
-    "start": {
+_START_ANSWERS = frozenset(
+    {
         EventType.STARTED,
         EventType.REFUSED,
         EventType.QUEUED,
         EventType.DUPLICATE,
         EventType.REJECTED,
-    },
-}
+    }
+)
 
 
 class JobError(Exception):
@@ -279,7 +279,7 @@ class JobClient:
         if client_id is not None:
             body["client_id"] = client_id
         event = await self._request(
-            self.topics.requests, body, _ANSWERS["start"] if wait else None, timeout
+            self.topics.requests, body, set(_START_ANSWERS) if wait else None, timeout
         )
         if event is None:
             return None

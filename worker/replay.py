@@ -112,7 +112,7 @@ async def replay(
             done += len(records)
             if progress is not None:
                 progress(done, total)
-        runs = len(await store.runs())
+        runs = await store.count_runs()
     finally:
         await store.close()
         await consumer.stop()

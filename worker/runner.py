@@ -59,13 +59,9 @@ from worker.config import JobsConfig
 from worker.config import load as load_config
 from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide
 from worker.settings import Settings
-from worker.store import RunRow, Store
+from worker.store import RunRow, Store, run_change, started_row
 
 log = structlog.get_logger("worker")
-
-_ENDING = frozenset(
-    {EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED, EventType.TIMED_OUT}
-)
 
 
 class FencedError(RuntimeError):
@@ -706,39 +702,19 @@ class Worker:
         if run_id is None:
             return
         if event.type is EventType.STARTED:
-            assert event.started_at is not None
-            row = RunRow(
-                run_id=run_id,
-                job_type=event.job_type,
-                client_id=event.client_id,
-                request_id=event.request_id,
-                status=RunStatus.RUNNING,
-                partition=owner.number,
-                started_at=event.started_at,
-                ended_at=None,
-                initial_data=dict(event.initial_data or {}),
-                metrics=None,
-                reason=None,
-            )
+            row = started_row(event, owner.number)
+            owner.runs[run_id] = outcome.runs[run_id] = row
+            return
+        change = run_change(event)
+        active = owner.runs.get(run_id)
+        if change is None or active is None:
+            return  # a queued run cancelled before it started has no row
+        row = replace(active, **change)
+        outcome.runs[run_id] = row
+        if event.type is EventType.PROGRESS:
             owner.runs[run_id] = row
-            outcome.runs[run_id] = row
-        elif event.type is EventType.PROGRESS:
-            active = owner.runs.get(run_id)
-            if active is not None:
-                owner.runs[run_id] = outcome.runs[run_id] = replace(active, metrics=event.metrics)
-        elif event.type in _ENDING:
-            active = owner.runs.pop(run_id, None)
-            if active is None:
-                return  # a queued run cancelled before it started has no row
-            assert event.status is not None
-            row = replace(
-                active,
-                status=event.status,
-                ended_at=event.occurred_at,
-                metrics=event.metrics if event.metrics is not None else active.metrics,
-                reason=event.reason,
-            )
-            outcome.runs[run_id] = row
+        else:
+            del owner.runs[run_id]
             heapq.heappush(owner.retained, (event.occurred_at, run_id))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from schemas import EventType, RunStatus, StatusEvent
+from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
 from worker.lifecycle import JobState, dump_state, load_state
 
 _SCHEMA = """
@@ -58,13 +58,6 @@ _COLUMNS = (
     "initial_data, metrics, reason"
 )
 
-_ENDING = {
-    EventType.COMPLETED,
-    EventType.FAILED,
-    EventType.CANCELLED,
-    EventType.TIMED_OUT,
-}
-
 
 @dataclass(frozen=True, slots=True)
 class RunRow:
@@ -81,6 +74,45 @@ class RunRow:
     initial_data: dict[str, Any]
     metrics: dict[str, Any] | None
     reason: str | None
+
+
+def started_row(event: StatusEvent, partition: int) -> RunRow:
+    """The row of a run as its `started` event creates it."""
+    assert event.run_id is not None
+    assert event.started_at is not None
+    return RunRow(
+        run_id=event.run_id,
+        job_type=event.job_type,
+        client_id=event.client_id,
+        request_id=event.request_id,
+        status=RunStatus.RUNNING,
+        partition=partition,
+        started_at=event.started_at,
+        ended_at=None,
+        initial_data=dict(event.initial_data or {}),
+        metrics=None,
+        reason=None,
+    )
+
+
+def run_change(event: StatusEvent) -> dict[str, Any] | None:
+    """The fields of an existing run row that `event` changes (None: it changes none).
+
+    The worker's live rows and `replay` both go through here, so they cannot drift apart.
+    """
+    if event.type is EventType.PROGRESS:
+        return {"metrics": event.metrics}
+    if event.type not in ENDING_EVENTS:
+        return None
+    assert event.status is not None
+    change: dict[str, Any] = {
+        "status": event.status,
+        "ended_at": event.occurred_at,
+        "reason": event.reason,
+    }
+    if event.metrics is not None:  # else the last progress metrics stay
+        change["metrics"] = event.metrics
+    return change
 
 
 def _dumps(value: object) -> str | None:
@@ -222,31 +254,11 @@ class Store:
             if run_id is None:
                 continue
             if event.type is EventType.STARTED:
-                assert event.started_at is not None
-                fresh[run_id] = RunRow(
-                    run_id=run_id,
-                    job_type=event.job_type,
-                    client_id=event.client_id,
-                    request_id=event.request_id,
-                    status=RunStatus.RUNNING,
-                    partition=partition,
-                    started_at=event.started_at,
-                    ended_at=None,
-                    initial_data=dict(event.initial_data or {}),
-                    metrics=None,
-                    reason=None,
-                )
+                fresh[run_id] = started_row(event, partition)
                 changes.pop(run_id, None)
                 continue
-            if event.type is EventType.PROGRESS:
-                change: dict[str, Any] = {"metrics": event.metrics}
-            elif event.type in _ENDING:
-                assert event.status is not None
-                change = {"status": event.status, "ended_at": event.occurred_at}
-                change["reason"] = event.reason
-                if event.metrics is not None:  # else the last progress metrics stay
-                    change["metrics"] = event.metrics
-            else:
+            change = run_change(event)
+            if change is None:
                 continue
             if run_id in fresh:
                 fresh[run_id] = replace(fresh[run_id], **change)
@@ -293,6 +305,12 @@ class Store:
         async with self._db.execute(sql, params) as cursor:
             rows = await cursor.fetchall()
         return [_row(r) for r in rows]
+
+    async def count_runs(self) -> int:
+        """How many runs the store records."""
+        async with self._db.execute("SELECT COUNT(*) FROM runs") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def run(self, run_id: str) -> RunRow | None:
         """One run by ID."""
