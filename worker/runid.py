@@ -40,8 +40,11 @@ class SeedRunId:
 
 def make_run_id(at: datetime, partition: int, offset: int, client_id: str | None = None) -> str:
     """The run ID of a request recorded at broker time `at` on `partition` at `offset`."""
-    stamp = at.astimezone(UTC).strftime("%y%m%d-%H%M%S")
-    run_id = f"{stamp}-{partition}.{offset}"
+    t = at.astimezone(UTC)
+    run_id = (
+        f"{t.year % 100:02d}{t.month:02d}{t.day:02d}-{t.hour:02d}{t.minute:02d}{t.second:02d}"
+        f"-{partition}.{offset}"
+    )
     if client_id is not None:
         run_id += f"-{client_id.strip().lower()}"
     return run_id

@@ -57,6 +57,7 @@ from worker import topics as topic_admin
 from worker.codec import REROUTED_FROM, Bad, InputRecord, Reroute, TopicRole, decode
 from worker.config import JobsConfig
 from worker.config import load as load_config
+from worker.kafkaio import Outbox
 from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide
 from worker.settings import Settings
 from worker.store import RunRow, Store, run_change, started_row
@@ -158,6 +159,9 @@ class Worker:
         self.jobs_config: JobsConfig = load_config(settings.config)
         self.partition_count = 0
         self.ready = asyncio.Event()
+        # Bound once: the module's lazy proxy re-binds on every call, which the per-record
+        # debug lines of the hot path cannot afford.
+        self._log = log.bind()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class Worker:
                     enable_idempotence=True,
                     acks="all",
                     linger_ms=s.linger_ms,
+                    max_batch_size=s.producer_batch_bytes,
                 )
                 await self._producer.start()
             self._consumer.subscribe(
@@ -324,6 +329,7 @@ class Worker:
                 bootstrap_servers=s.bootstrap_servers,
                 transactional_id=f"{s.group_id}.{number}",
                 linger_ms=s.linger_ms,
+                max_batch_size=s.producer_batch_bytes,
                 transaction_timeout_ms=s.transaction_timeout_ms,
             )
             await producer.start()  # fences the previous owner, waits out its transaction
@@ -448,7 +454,7 @@ class Worker:
             )
             if not self.exactly_once:
                 await self._commit_offsets(owner.number, outcome.next_offsets)
-            log.debug(
+            self._log.debug(
                 "batch committed",
                 partition=owner.number,
                 records=len(records),
@@ -539,50 +545,28 @@ class Worker:
         self, producer: AIOKafkaProducer | None, number: int, outcome: BatchOutcome
     ) -> None:
         assert producer is not None
-        futures = []
         t = self.topics
+        out = Outbox(producer)
         for event in outcome.events:
-            futures.append(
-                await producer.send(
-                    t.status,
-                    value=event.model_dump_json().encode(),
-                    key=event.job_type.encode(),
-                    partition=number,
-                )
-            )
+            out.add(t.status, number, event.job_type.encode(), event.model_dump_json().encode())
         for key, letter in outcome.dead_letters:
-            futures.append(
-                await producer.send(
-                    t.dlq, value=letter.model_dump_json().encode(), key=key, partition=number
-                )
-            )
+            out.add(t.dlq, number, key, letter.model_dump_json().encode())
         for record, reroute in outcome.reroutes:
             origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
-            futures.append(
-                await producer.send(
-                    record.topic,
-                    value=record.value,
-                    key=reroute.key,
-                    partition=reroute.partition,
-                    headers=[*record.headers, (REROUTED_FROM, origin)],
-                )
+            out.add(
+                record.topic,
+                reroute.partition,
+                reroute.key,
+                record.value,
+                [*record.headers, (REROUTED_FROM, origin)],
             )
         for state in outcome.changed.values():
-            key, value = changelog.job_row(state)
-            futures.append(await producer.send(t.state, value=value, key=key, partition=number))
+            out.add(t.state, number, *changelog.job_row(state))
         for row in outcome.runs.values():
-            key, value = changelog.run_row(row)
-            futures.append(await producer.send(t.state, value=value, key=key, partition=number))
+            out.add(t.state, number, *changelog.run_row(row))
         for run_id in outcome.tombstones:
-            futures.append(
-                await producer.send(t.state, value=None, key=run_id.encode(), partition=number)
-            )
-        if futures:
-            # Wait for every delivery, so no failure is left unretrieved; raise the first.
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
-            for item in outcomes:
-                if isinstance(item, BaseException):
-                    raise item
+            out.add(t.state, number, run_id.encode(), None)
+        await out.flush()
 
     async def _commit_offsets(self, number: int, next_offsets: dict[str, int]) -> None:
         assert self._consumer is not None
@@ -631,7 +615,7 @@ class Worker:
             if isinstance(decoded, Bad):
                 letter = decoded.dead_letter
                 outcome.dead_letters.append((record.key, letter))
-                log.warning(
+                self._log.warning(
                     "dead-lettered",
                     code=letter.reason.code,
                     reason=letter.reason.message,
@@ -679,7 +663,7 @@ class Worker:
                 heapq.heappush(owner.deadlines, (deadline, job_type))
         for event in events:
             self._track_run(owner, outcome, event)
-            log.debug(
+            self._log.debug(
                 "decided",
                 type=event.type,
                 job_type=job_type,

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         "at_least_once: no transactions, a crash may republish a batch's events.",
     )
     linger_ms: int = Field(default=2, ge=0, description="Producer linger before sending.")
+    producer_batch_bytes: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Largest record batch per partition. aiokafka sends one batch per "
+        "partition per request, so a batch's output should fit in one; keep it below the "
+        "topics' max.message.bytes (1 MiB by default).",
+    )
     transaction_timeout_ms: int = Field(default=60_000, gt=0)
     run_retention_s: float = Field(
         default=86_400,
