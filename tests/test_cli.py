@@ -150,7 +150,9 @@ def test_broker_prints_its_address_and_stops_on_ctrl_c() -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 pass
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=60) == 0
+            # communicate() drains both pipes, so a chatty shutdown cannot block on them.
+            out, errors = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"{out}\n{errors}"
             with (
                 pytest.raises(ConnectionRefusedError),
                 socket.create_connection(("127.0.0.1", port), timeout=2),

@@ -307,7 +307,7 @@ class LocalKafka:
                 )
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after `timeout`) and remove its data."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:

@@ -11,7 +11,10 @@ concurrently, each by one batch at a time (N is paused while its batch is in fli
 3. in ONE transaction of N's producer (transactional ID `<group>.<N>`): the status events,
    changelog rows and dead letters, all to partition N, and the input offsets of requests N
    and results N (`send_offsets_to_transaction`); commit;
-4. then record runs, job states and applied offsets in SQLite.
+4. then queue runs, job states and applied offsets for SQLite. N is resumed at once; a
+   writer task merges the queued batches of all partitions into one SQLite transaction at a
+   time, so the file always holds a prefix of what Kafka committed (a crash before the
+   write is the restore case below).
 
 On assignment of N, in this order: start N's producer (which fences the previous owner and
 waits out its open transaction), read the group's committed offsets for N and seek to them,
@@ -19,7 +22,8 @@ and restore N from `<prefix>.state` when SQLite's applied offsets differ. On rev
 batch in flight finishes (commits or aborts) and N's producer is closed.
 
 With `processing_guarantee = "at_least_once"` step 3 uses one idempotent producer without a
-transaction, and the offsets are committed after step 4: a crash in between republishes.
+transaction, and the offsets are committed once its records are acknowledged: a crash in
+between republishes.
 Any failure of a batch resets the partition to what Kafka committed (the in-memory state is
 rebuilt), so a failed attempt leaves no trace.
 """
@@ -243,6 +247,11 @@ class Worker:
                         await fetch
                     break
                 self._dispatch(fetch.result())
+                if self._store is not None and self._store.failure is not None:
+                    log.error(
+                        "writing the SQLite file failed; stopping", error=repr(self._store.failure)
+                    )
+                    self._failure = self._store.failure
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + s.tick_s
                     self._tick(datetime.now(UTC))
@@ -356,6 +365,7 @@ class Worker:
             # out-of-range reset ("earliest") moves to the log start. (`seek_to_beginning`
             # inside the rebalance listener stalls aiokafka's fetcher.)
             self._consumer.seek(tp, offset or 0)
+        await self._store.flush()  # SQLite holds every batch this process committed
         applied = await self._store.applied_offsets(number)
         restored = False
         behind = any(applied.get(t, 0) < o for t, o in committed.items())
@@ -443,17 +453,18 @@ class Worker:
                 await self._commit_transaction(owner, outcome)
             else:
                 await self._publish(self._producer, owner.number, outcome)
+                await self._commit_offsets(owner.number, outcome.next_offsets)
             self._fault("after_commit")
             assert self._store is not None
-            await self._store.commit_batch(
+            # Written behind: the partition goes on while SQLite catches up (a crash before
+            # the write is the restore-from-changelog case); `_take` flushes before reading.
+            self._store.record_batch(
                 owner.number,
                 outcome.runs.values(),
                 outcome.changed.values(),
                 outcome.next_offsets,
                 outcome.tombstones,
             )
-            if not self.exactly_once:
-                await self._commit_offsets(owner.number, outcome.next_offsets)
             self._log.debug(
                 "batch committed",
                 partition=owner.number,

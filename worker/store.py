@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS applied_offsets (
     PRIMARY KEY (topic, partition)
 );
 """
+
+_PUT_STATE = (
+    "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
+    "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, state = excluded.state"
+)
+_PUT_OFFSET = (
+    "INSERT INTO applied_offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+    "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset"
+)
 
 _COLUMNS = (
     "run_id, job_type, client_id, request_id, status, partition, started_at, ended_at, "
@@ -119,14 +128,26 @@ def _dumps(value: object) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+@dataclass
+class _Pending:
+    """Batches queued for writing, merged: later rows win, tombstones apply after rows."""
+
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    states: dict[str, tuple[int, JobState]] = field(default_factory=dict)  # -> (partition, _)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
+    tombstoned: list[str] = field(default_factory=list)
+
+
 class Store:
     """The worker's SQLite file. Open with `await Store.open(path)`; close with `close()`."""
 
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
-        # Several partitions' batches finish concurrently; each SQLite transaction is a
-        # sequence of awaits on one connection, so they must not interleave.
+        # Each SQLite transaction is a sequence of awaits on one connection (queued writes,
+        # a restore, replay), so they must not interleave.
         self._lock = asyncio.Lock()
+        self._pending: _Pending | None = None
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -139,8 +160,11 @@ class Store:
         return cls(db)
 
     async def close(self) -> None:
-        """Close the connection."""
-        await self._db.close()
+        """Write what is queued, then close the connection."""
+        try:
+            await self.flush()
+        finally:
+            await self._db.close()
 
     async def load_partition(self, partition: int) -> dict[str, JobState]:
         """The core state of every job type recorded on `partition`."""
@@ -156,7 +180,7 @@ class Store:
         ) as cursor:
             return {topic: offset async for topic, offset in cursor}
 
-    async def commit_batch(
+    def record_batch(
         self,
         partition: int,
         runs: Iterable[RunRow],
@@ -164,15 +188,60 @@ class Store:
         next_offsets: Mapping[str, int],
         tombstoned: Iterable[str] = (),
     ) -> None:
-        """Record one processed batch of `partition` atomically."""
-        async with self._lock:
-            await self._upsert_runs(runs, retained=True)
-            await self._db.executemany(
-                "UPDATE runs SET retained = 0 WHERE run_id = ?", [(r,) for r in tombstoned]
-            )
-            await self._put_states(partition, states)
-            await self._put_offsets(partition, next_offsets)
-            await self._db.commit()
+        """Queue one processed batch of `partition` for writing; `flush` waits for it.
+
+        Batches queued while a write is in progress are merged (later rows win) and written
+        together in one SQLite transaction, with their applied offsets, so the file always
+        holds a prefix of what was committed to Kafka.
+        """
+        if (failure := self.failure) is not None:
+            raise failure  # a write failed: what follows it must not be written either
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = _Pending()
+        for row in runs:
+            pending.runs[row.run_id] = row
+        for state in states:
+            pending.states[state.job_type] = (partition, state)
+        for topic, offset in next_offsets.items():
+            pending.offsets[(topic, partition)] = offset
+        pending.tombstoned.extend(tombstoned)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+
+    async def flush(self) -> None:
+        """Wait until every queued batch is written; raise the error of a failed write."""
+        while self._writer is not None:
+            writer = self._writer
+            await asyncio.shield(writer)  # raises the writer's error
+            if self._writer is writer:
+                return
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error of the last queued write, if it failed (nothing queued is written after)."""
+        writer = self._writer
+        if writer is None or not writer.done() or writer.cancelled():
+            return None
+        return writer.exception()
+
+    async def _write_pending(self) -> None:
+        while (pending := self._pending) is not None:
+            self._pending = None
+            async with self._lock:
+                await self._upsert_runs(pending.runs.values(), retained=True)
+                await self._db.executemany(
+                    "UPDATE runs SET retained = 0 WHERE run_id = ?",
+                    [(r,) for r in pending.tombstoned],
+                )
+                await self._db.executemany(
+                    _PUT_STATE,
+                    [(s.job_type, p, dump_state(s)) for p, s in pending.states.values()],
+                )
+                await self._db.executemany(
+                    _PUT_OFFSET, [(t, p, o) for (t, p), o in pending.offsets.items()]
+                )
+                await self._db.commit()
 
     async def replace_partition(
         self,
@@ -217,17 +286,12 @@ class Store:
 
     async def _put_states(self, partition: int, states: Iterable[JobState]) -> None:
         await self._db.executemany(
-            "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
-            "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, "
-            "state = excluded.state",
-            [(s.job_type, partition, dump_state(s)) for s in states],
+            _PUT_STATE, [(s.job_type, partition, dump_state(s)) for s in states]
         )
 
     async def _put_offsets(self, partition: int, next_offsets: Mapping[str, int]) -> None:
         await self._db.executemany(
-            "INSERT INTO applied_offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
-            "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-            [(topic, partition, offset) for topic, offset in next_offsets.items()],
+            _PUT_OFFSET, [(topic, partition, offset) for topic, offset in next_offsets.items()]
         )
 
     async def retained_runs(self, partition: int) -> list[RunRow]:
