@@ -136,7 +136,13 @@ def test_failed_download_is_reported(tmp_path: Path) -> None:
 def test_broker_prints_its_address_and_stops_on_ctrl_c() -> None:
     """`jobctl broker` prints 127.0.0.1:PORT, serves it, and on Ctrl-C stops the JVM."""
     with subprocess.Popen(
-        [*JOBCTL, "broker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*JOBCTL, "broker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As from a terminal: a shell without job control starts background commands (such
+        # as a test run under `nohup ... &`) with SIGINT ignored, and the child inherits it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as proc:
         try:
             assert proc.stdout is not None
