@@ -22,16 +22,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
-from worker.lifecycle import JobState, dump_state, load_state
+from worker.lifecycle import JobState, load_state
 from worker.store import RunRow
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 
 
-def job_row(state: JobState) -> tuple[bytes, bytes]:
-    """(key, value) of a job type's state row."""
-    value = b'{"row":"job","state":' + dump_state(state) + b"}"
-    return state.job_type.encode(), value
+def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
+    """(key, value) of a job type's state row; `state` is `dump_state`'s JSON."""
+    return job_type.encode(), b'{"row":"job","state":' + state + b"}"
 
 
 def run_row(row: RunRow) -> tuple[bytes, bytes]:

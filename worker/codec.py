@@ -83,7 +83,7 @@ class Bad:
     reject: Reject | None
 
 
-@functools.lru_cache(maxsize=65_536)
+@functools.lru_cache(maxsize=4096)
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition of `key` under murmur2, as the Java client and aiokafka choose it.
 

@@ -62,7 +62,7 @@ from worker.codec import REROUTED_FROM, Bad, InputRecord, Reroute, TopicRole, de
 from worker.config import JobsConfig
 from worker.config import load as load_config
 from worker.kafkaio import Outbox
-from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide
+from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide, dump_state, load_state
 from worker.settings import Settings
 from worker.store import RunRow, Store, run_change, started_row
 
@@ -79,7 +79,9 @@ class Owner:
 
     number: int
     producer: AIOKafkaProducer | None  # N's transactional producer (exactly_once)
-    jobs: dict[str, JobState]
+    # Job types with an active or queued run as objects; idle ones serialized (`dump_state`),
+    # which takes a third of the memory and nothing from the garbage collector.
+    jobs: dict[str, JobState | bytes]
     runs: dict[str, RunRow]  # active runs, by run ID
     retained: list[tuple[datetime, str]]  # heap of ended runs still in the changelog
     applied: dict[str, int]  # input topic -> next offset to apply
@@ -96,6 +98,7 @@ class BatchOutcome:
     events: list[StatusEvent] = field(default_factory=list)
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     changed: dict[str, JobState] = field(default_factory=dict)
+    states: dict[str, bytes] = field(default_factory=dict)  # `changed`, serialized
     runs: dict[str, RunRow] = field(default_factory=dict)
     tombstones: list[str] = field(default_factory=list)
     reroutes: list[tuple[InputRecord, Reroute]] = field(default_factory=list)
@@ -386,7 +389,10 @@ class Worker:
         self._owners[number] = Owner(
             number=number,
             producer=producer,
-            jobs=jobs,
+            jobs={
+                job_type: state if state.active or state.queue else dump_state(state)
+                for job_type, state in jobs.items()
+            },
             runs={r.run_id: r for r in runs if r.status is RunStatus.RUNNING},
             retained=retained,
             applied=dict(applied),
@@ -461,10 +467,14 @@ class Worker:
             self._store.record_batch(
                 owner.number,
                 outcome.runs.values(),
-                outcome.changed.values(),
+                outcome.states.items(),
                 outcome.next_offsets,
                 outcome.tombstones,
             )
+            if self._store.backlog > self.settings.batch_max_records:
+                # SQLite fell behind: hold this partition until it catches up, so the lag
+                # (and the memory it takes) stays within about a batch.
+                await self._store.flush()
             self._log.debug(
                 "batch committed",
                 partition=owner.number,
@@ -571,8 +581,8 @@ class Worker:
                 record.value,
                 [*record.headers, (REROUTED_FROM, origin)],
             )
-        for state in outcome.changed.values():
-            out.add(t.state, number, *changelog.job_row(state))
+        for job_type, state in outcome.states.items():
+            out.add(t.state, number, *changelog.job_row(job_type, state))
         for row in outcome.runs.values():
             out.add(t.state, number, *changelog.run_row(row))
         for run_id in outcome.tombstones:
@@ -648,6 +658,10 @@ class Worker:
         if clock is not None:
             self._time_out(owner, outcome, clock)
         owner.applied.update(outcome.next_offsets)
+        for job_type, state in outcome.changed.items():
+            blob = outcome.states[job_type] = dump_state(state)
+            if not state.active and not state.queue:
+                owner.jobs[job_type] = blob
         if owner.stream_time is not None:
             horizon = owner.stream_time - self._retention
             while owner.retained and owner.retained[0][0] <= horizon:
@@ -659,7 +673,15 @@ class Worker:
         self, owner: Owner, outcome: BatchOutcome, command: Command, *, only_due: bool = False
     ) -> None:
         job_type = command.job_type
-        state = owner.jobs.get(job_type) or JobState(job_type)
+        held = owner.jobs.get(job_type)
+        if only_due and not isinstance(held, JobState):
+            return  # unknown or idle: no run, no deadline
+        if held is None:
+            state = JobState(job_type)
+        elif isinstance(held, bytes):
+            state = load_state(held)
+        else:
+            state = held
         if only_due:
             assert isinstance(command, AdvanceTime)
             deadline = state.next_deadline()

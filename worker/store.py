@@ -133,7 +133,7 @@ class _Pending:
     """Batches queued for writing, merged: later rows win, tombstones apply after rows."""
 
     runs: dict[str, RunRow] = field(default_factory=dict)
-    states: dict[str, tuple[int, JobState]] = field(default_factory=dict)  # -> (partition, _)
+    states: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # (partition, JSON)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
     tombstoned: list[str] = field(default_factory=list)
 
@@ -184,7 +184,7 @@ class Store:
         self,
         partition: int,
         runs: Iterable[RunRow],
-        states: Iterable[JobState],
+        states: Iterable[tuple[str, bytes]],
         next_offsets: Mapping[str, int],
         tombstoned: Iterable[str] = (),
     ) -> None:
@@ -201,8 +201,8 @@ class Store:
             pending = self._pending = _Pending()
         for row in runs:
             pending.runs[row.run_id] = row
-        for state in states:
-            pending.states[state.job_type] = (partition, state)
+        for job_type, state in states:
+            pending.states[job_type] = (partition, state)
         for topic, offset in next_offsets.items():
             pending.offsets[(topic, partition)] = offset
         pending.tombstoned.extend(tombstoned)
@@ -216,6 +216,12 @@ class Store:
             await asyncio.shield(writer)  # raises the writer's error
             if self._writer is writer:
                 return
+
+    @property
+    def backlog(self) -> int:
+        """Rows queued and not yet being written."""
+        pending = self._pending
+        return 0 if pending is None else len(pending.runs) + len(pending.states)
 
     @property
     def failure(self) -> BaseException | None:
@@ -236,7 +242,7 @@ class Store:
                 )
                 await self._db.executemany(
                     _PUT_STATE,
-                    [(s.job_type, p, dump_state(s)) for p, s in pending.states.values()],
+                    [(job_type, p, state) for job_type, (p, state) in pending.states.items()],
                 )
                 await self._db.executemany(
                     _PUT_OFFSET, [(t, p, o) for (t, p), o in pending.offsets.items()]
