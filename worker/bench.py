@@ -63,7 +63,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker import topics as topic_admin
-from worker.kafkaio import partitions_of
+from worker.kafkaio import Outbox, partitions_of
 from worker.localkafka import LocalKafka, _die_with_parent
 from worker.replay import replay
 from worker.settings import Settings, Topics
@@ -699,11 +699,14 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
 
     total = recorded.count
     group = f"{topics.requests.removesuffix('.requests')}.baseline"
+    # The worker's client configuration, as it runs (its defaults, like the bench's workers).
+    worker_settings = Settings.model_construct()
     producers = {
         n: AIOKafkaProducer(
             bootstrap_servers=bench.bootstrap,
             transactional_id=f"{group}.{n}",
-            linger_ms=2,  # the worker's default `linger_ms`
+            linger_ms=worker_settings.linger_ms,
+            max_batch_size=worker_settings.producer_batch_bytes,
         )
         for n in range(o.partitions)
     }
@@ -715,6 +718,7 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
         isolation_level="read_committed",
         partition_assignment_strategy=(RangePartitionAssignor,),
         max_poll_records=o.batch_max_records,
+        fetch_max_wait_ms=worker_settings.fetch_max_wait_ms,
     )
     observer = _Tail(bench.bootstrap, topics.status, decode=False)
     committed = 0
@@ -724,15 +728,16 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
         return TopicPartition(topics.requests, n), TopicPartition(topics.results, n)
 
     async def pass_through(n: int, records: list[Any]) -> None:
-        # The worker's transaction, minus the worker: same records out, same offsets in.
+        # The worker's transaction, minus the worker: same records out through the same
+        # batching `Outbox`, same offsets in.
         nonlocal committed
         producer = producers[n]
         await producer.begin_transaction()
         try:
-            futures = [
-                await producer.send(topics.status, r.value, key=r.key, partition=n) for r in records
-            ]
-            await asyncio.gather(*futures)
+            out = Outbox(producer)
+            for r in records:
+                out.add(topics.status, n, r.key, r.value)
+            await out.flush()
             offsets: dict[TopicPartition, int] = {}
             for r in records:
                 tp = TopicPartition(r.topic, n)

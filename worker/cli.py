@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import signal
 import sys
@@ -22,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from schemas import EventType, RunStatus, StatusEvent
-from worker import localkafka
+from worker import gctuning, localkafka
 from worker import topics as topic_admin
 from worker.logs import configure as configure_logs
 from worker.settings import Settings
@@ -184,10 +183,7 @@ def run(
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     configure_logs(s.log_level, s.log_format)
-    # Each decision allocates a few dozen short-lived objects while the state of every job
-    # type stays alive; at the default threshold (700) young collections ran every few
-    # records and cost a fifth of the worker's time (`jobctl bench`).
-    gc.set_threshold(10_000, 10, 10)
+    gctuning.tune()
 
     async def main() -> None:
         stop = asyncio.Event()

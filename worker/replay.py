@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from schemas import StatusEvent
+from worker import gctuning
 from worker.codec import Bad, InputRecord, Reroute, TopicRole, decode
 from worker.config import JobsConfig
 from worker.kafkaio import partitions_of
@@ -31,6 +34,22 @@ from worker.settings import Settings
 from worker.store import Store
 
 Progress = Callable[[int, int], None]  # (records done, records in all)
+
+
+def parse_events(values: Sequence[bytes | None]) -> list[StatusEvent]:
+    """The status events among `values`; records that are not status events are skipped."""
+    events = []
+    for value in values:
+        if not value:
+            continue
+        try:
+            events.append(StatusEvent.model_validate_json(value))
+        except ValidationError:
+            continue  # not ours; `verify` reports foreign records
+    return events
+
+
+_BATCH = 20_000  # records per fetch
 
 
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
@@ -53,7 +72,7 @@ async def _read(
     for tp in todo:
         consumer.seek(tp, starts[tp])
     while todo:
-        batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=20_000)
+        batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=_BATCH)
         for tp, records in batch.items():
             yield tp, records
         todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
@@ -82,6 +101,17 @@ async def replay(
     progress: Progress | None = None,
 ) -> ReplayReport:
     """Apply `<prefix>.status` from an offset (each partition) or a time to `db_path`."""
+    with gctuning.tuned():
+        return await _replay(settings, db_path, from_offset, from_timestamp, progress)
+
+
+async def _replay(
+    settings: Settings,
+    db_path: Path,
+    from_offset: int | None,
+    from_timestamp: datetime | None,
+    progress: Progress | None,
+) -> ReplayReport:
     started = time.perf_counter()
     consumer = _consumer(settings)
     await consumer.start()
@@ -100,18 +130,25 @@ async def replay(
             starts = {tp: max(starts[tp], beginnings[tp]) for tp in tps}
         total = sum(max(0, ends[tp] - starts[tp]) for tp in tps)
         done = 0
-        async for tp, records in _read(consumer, starts, ends):
-            events = []
-            for record in records:
-                try:
-                    events.append(StatusEvent.model_validate_json(record.value))
-                except ValidationError:
-                    continue  # not ours; `verify` reports foreign records
-            await store.apply_events(tp.partition, events)
-            applied += len(events)
-            done += len(records)
-            if progress is not None:
-                progress(done, total)
+        writing: asyncio.Task[None] | None = None
+        try:
+            async for tp, records in _read(consumer, starts, ends):
+                events = parse_events([r.value for r in records])
+                # SQLite writes one batch (in its thread) while the next is fetched and parsed.
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(store.apply_events(tp.partition, events))
+                applied += len(events)
+                done += len(records)
+                if progress is not None:
+                    progress(done, total)
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
         runs = await store.count_runs()
     finally:
         await store.close()

@@ -39,7 +39,12 @@ class Settings(BaseSettings):
         description="exactly_once: one Kafka transaction per partition batch; "
         "at_least_once: no transactions, a crash may republish a batch's events.",
     )
-    linger_ms: int = Field(default=2, ge=0, description="Producer linger before sending.")
+    linger_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Producer linger. The worker hands each batch's records to the producer at "
+        "once, so waiting for more only adds latency.",
+    )
     producer_batch_bytes: int = Field(
         default=1_000_000,
         gt=0,

@@ -124,8 +124,12 @@ def run_change(event: StatusEvent) -> dict[str, Any] | None:
     return change
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # built once: dumps() with
+# arguments builds an encoder per call
+
+
 def _dumps(value: object) -> str | None:
-    return None if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return None if value is None else _ENCODER.encode(value)
 
 
 @dataclass
