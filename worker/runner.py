@@ -79,8 +79,9 @@ class Owner:
 
     number: int
     producer: AIOKafkaProducer | None  # N's transactional producer (exactly_once)
-    # Job types with an active or queued run as objects; idle ones serialized (`dump_state`),
-    # which takes a third of the memory and nothing from the garbage collector.
+    # Job types with an active or queued run, plus idle ones a batch has loaded (serialized
+    # with `dump_state`). Idle job types are dropped after each batch: memory follows the
+    # work in flight, not the history; SQLite (or the write queue) has their state.
     jobs: dict[str, JobState | bytes]
     runs: dict[str, RunRow]  # active runs, by run ID
     retained: list[tuple[datetime, str]]  # heap of ended runs still in the changelog
@@ -389,10 +390,7 @@ class Worker:
         self._owners[number] = Owner(
             number=number,
             producer=producer,
-            jobs={
-                job_type: state if state.active or state.queue else dump_state(state)
-                for job_type, state in jobs.items()
-            },
+            jobs={job_type: state for job_type, state in jobs.items() if not _idle(state)},
             runs={r.run_id: r for r in runs if r.status is RunStatus.RUNNING},
             retained=retained,
             applied=dict(applied),
@@ -437,6 +435,22 @@ class Worker:
             records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
             owner.task = asyncio.create_task(self._run_batch(owner, records))
 
+    async def _load_idle(self, owner: Owner, records: Sequence[InputRecord]) -> list[str]:
+        """Load the state of the idle job types `records` are about.
+
+        Every record that can change a job type's state is keyed by that job type (others
+        are dead-lettered or re-routed), so the keys name every state a batch can change.
+        """
+        assert self._store is not None
+        keys = {r.key for r in records if r.key is not None}
+        wanted = [k.decode("utf-8", "replace") for k in keys]
+        missing = [job_type for job_type in wanted if job_type not in owner.jobs]
+        if not missing:
+            return []
+        loaded = await self._store.load_states(missing)
+        owner.jobs.update(loaded)
+        return list(loaded)
+
     def _tick(self, now: datetime) -> None:
         """Time out overdue runs of idle partitions by the wall clock."""
         assert self._consumer is not None
@@ -452,7 +466,12 @@ class Worker:
     ) -> None:
         assert self._consumer is not None
         try:
+            loaded = await self._load_idle(owner, records)
             outcome = self.apply(owner, records, wall_clock)
+            for job_type in (*loaded, *outcome.changed):
+                held = owner.jobs.get(job_type)
+                if held is not None and _idle(held):
+                    del owner.jobs[job_type]
             if outcome.empty:
                 return
             if self.exactly_once:
@@ -659,9 +678,7 @@ class Worker:
             self._time_out(owner, outcome, clock)
         owner.applied.update(outcome.next_offsets)
         for job_type, state in outcome.changed.items():
-            blob = outcome.states[job_type] = dump_state(state)
-            if not state.active and not state.queue:
-                owner.jobs[job_type] = blob
+            outcome.states[job_type] = dump_state(state)
         if owner.stream_time is not None:
             horizon = owner.stream_time - self._retention
             while owner.retained and owner.retained[0][0] <= horizon:
@@ -733,6 +750,11 @@ class Worker:
         else:
             del owner.runs[run_id]
             heapq.heappush(owner.retained, (event.occurred_at, run_id))
+
+
+def _idle(held: JobState | bytes) -> bool:
+    """Whether a job type has no active or queued run (its state can live in SQLite alone)."""
+    return isinstance(held, bytes) or not (held.active or held.queue)
 
 
 async def _abort_quietly(producer: AIOKafkaProducer) -> None:

@@ -151,6 +151,7 @@ class Store:
         # a restore, replay), so they must not interleave.
         self._lock = asyncio.Lock()
         self._pending: _Pending | None = None
+        self._writing: _Pending | None = None  # being written by `_write_pending`
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -176,6 +177,30 @@ class Store:
             "SELECT job_type, state FROM job_states WHERE partition = ?", (partition,)
         ) as cursor:
             return {job_type: load_state(state) async for job_type, state in cursor}
+
+    async def load_states(self, job_types: Iterable[str]) -> dict[str, bytes]:
+        """The serialized state (`dump_state`) of those of `job_types` that have one.
+
+        Queued states count: the latest queued or being-written state wins over the file's.
+        """
+        found: dict[str, bytes] = {}
+        rest: list[str] = []
+        for job_type in job_types:
+            for queued in (self._pending, self._writing):
+                if queued is not None and job_type in queued.states:
+                    found[job_type] = queued.states[job_type][1]
+                    break
+            else:
+                rest.append(job_type)
+        for i in range(0, len(rest), 500):
+            chunk = rest[i : i + 500]
+            marks = ", ".join("?" * len(chunk))
+            async with self._db.execute(
+                f"SELECT job_type, state FROM job_states WHERE job_type IN ({marks})", chunk
+            ) as cursor:
+                async for job_type, state in cursor:
+                    found[job_type] = bytes(state)
+        return found
 
     async def applied_offsets(self, partition: int) -> dict[str, int]:
         """Topic -> next offset to apply, for input topics of `partition`."""
@@ -238,6 +263,7 @@ class Store:
     async def _write_pending(self) -> None:
         while (pending := self._pending) is not None:
             self._pending = None
+            self._writing = pending
             async with self._lock:
                 await self._upsert_runs(pending.runs.values(), retained=True)
                 await self._db.executemany(
@@ -252,6 +278,7 @@ class Store:
                     _PUT_OFFSET, [(t, p, o) for (t, p), o in pending.offsets.items()]
                 )
                 await self._db.commit()
+            self._writing = None
 
     async def replace_partition(
         self,
