@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 from collections.abc import Iterator
 
 THRESHOLDS = (10_000, 10, 10)
 
 
 def tune() -> None:
-    """Use `THRESHOLDS` for the rest of the process (the worker's `jobctl run`)."""
+    """For the rest of the process (the worker's `jobctl run`): `THRESHOLDS`, and what is
+    alive after start-up (modules, classes) frozen out of every later collection."""
     gc.set_threshold(*THRESHOLDS)
+    gc.freeze()
+
+
+def collect() -> float:
+    """A full collection; returns the seconds it took.
+
+    The worker runs one per tick: aiokafka's delivered record batches (up to
+    `producer_batch_bytes` each) and fetch responses end up in reference cycles, which only
+    a full collection frees; with the thresholds above those come rarely, and the peak RSS
+    of a 100,000-run bench was 30-40 MB higher without this.
+    """
+    started = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - started
 
 
 @contextlib.contextmanager

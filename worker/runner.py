@@ -56,7 +56,7 @@ from aiokafka.errors import (
 from aiokafka.producer.transaction_manager import TransactionState
 
 from schemas import DeadLetter, EventType, RunStatus, StatusEvent
-from worker import changelog
+from worker import changelog, gctuning
 from worker import topics as topic_admin
 from worker.codec import REROUTED_FROM, Bad, InputRecord, Reroute, TopicRole, decode
 from worker.config import JobsConfig
@@ -259,6 +259,8 @@ class Worker:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + s.tick_s
                     self._tick(datetime.now(UTC))
+                    pause = gctuning.collect()
+                    self._log.debug("garbage collected", ms=round(pause * 1000, 1))
         finally:
             stopping.cancel()
             # Graceful stop: let every batch in flight commit before leaving the group.
