@@ -88,8 +88,12 @@ class Owner:
     applied: dict[str, int]  # input topic -> next offset to apply
     deadlines: list[tuple[datetime, str]] = field(default_factory=list)  # heap, may be stale
     stream_time: datetime | None = None  # highest broker time seen
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # the batch in flight
     fenced: bool = False
+    # Records fetched while a batch is in flight, in fetch order (so each topic's records
+    # in offset order); N is paused only when this is full. Pausing makes aiokafka drop
+    # what it has prefetched for N, and the refetch cost a round trip per batch.
+    backlog: list[InputRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Worker:
         self._restoring = asyncio.Lock()
         self._batches = 0
         self._faulted = False
+        self._stopping = False
         self._retention = timedelta(seconds=settings.run_retention_s)
         self._limits = Limits(
             ended_window=settings.ended_window, idempotency_window=settings.idempotency_window
@@ -267,6 +272,7 @@ class Worker:
             await self._drain()
 
     async def _drain(self) -> None:
+        self._stopping = True  # no new batches from the backlogs
         tasks = [o.task for o in self._owners.values() if o.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -433,9 +439,27 @@ class Worker:
             owner = self._owners.get(number)
             if owner is None or owner.fenced:
                 continue  # not ours (any more); whoever owns it reads from the committed offset
-            self._consumer.pause(*self._tps(number))
+            owner.backlog.extend(records)
+            self._next_batch(owner)
+
+    def _next_batch(self, owner: Owner) -> None:
+        """Start the owner's next batch from its backlog unless one is in flight; pause N
+        while the backlog holds two batches, resume it below that."""
+        assert self._consumer is not None
+        s = self.settings
+        task = owner.task
+        busy = task is not None and not task.done() and task is not asyncio.current_task()
+        if not busy and owner.backlog and not self._stopping:
+            # A prefix in fetch order: every topic's records taken are an offset prefix.
+            records = owner.backlog[: s.batch_max_records]
+            del owner.backlog[: s.batch_max_records]
             records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
             owner.task = asyncio.create_task(self._run_batch(owner, records))
+        with contextlib.suppress(IllegalStateError):
+            if len(owner.backlog) >= 2 * s.batch_max_records:
+                self._consumer.pause(*self._tps(owner.number))
+            else:
+                self._consumer.resume(*self._tps(owner.number))
 
     async def _load_idle(self, owner: Owner, records: Sequence[InputRecord]) -> list[str]:
         """Load the state of the idle job types `records` are about.
@@ -460,7 +484,6 @@ class Worker:
             busy = owner.task is not None and not owner.task.done()
             if busy or owner.fenced or not owner.deadlines or owner.deadlines[0][0] > now:
                 continue
-            self._consumer.pause(*self._tps(owner.number))
             owner.task = asyncio.create_task(self._run_batch(owner, [], wall_clock=now))
 
     async def _run_batch(
@@ -523,10 +546,8 @@ class Worker:
             log.exception("batch failed unexpectedly; stopping", partition=owner.number)
             self._failure = exc
         finally:
-            current = self._owners.get(owner.number)
-            if current is not None and not current.fenced:
-                with contextlib.suppress(IllegalStateError):
-                    self._consumer.resume(*self._tps(owner.number))
+            if self._owners.get(owner.number) is owner and not owner.fenced and not self._failure:
+                self._next_batch(owner)
 
     def _request_rejoin(self) -> None:
         """Ask the group for a new assignment, so a fenced partition is settled promptly.
@@ -641,7 +662,9 @@ class Worker:
         for record in records:
             if record.offset < owner.applied.get(record.topic, 0):
                 continue  # already applied (at_least_once after a restart)
-            outcome.next_offsets[record.topic] = record.offset + 1
+            # The highest offset: broker times (CreateTime) need not follow offsets.
+            next_offset = outcome.next_offsets.get(record.topic, 0)
+            outcome.next_offsets[record.topic] = max(next_offset, record.offset + 1)
             if owner.stream_time is None or record.at > owner.stream_time:
                 owner.stream_time = record.at
             decoded = decode(

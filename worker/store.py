@@ -152,6 +152,10 @@ class Store:
         self._lock = asyncio.Lock()
         self._pending: _Pending | None = None
         self._writing: _Pending | None = None  # being written by `_write_pending`
+        self._path: str | None = None
+        # `load_states` reads through a connection (and thread) of its own, so a batch that
+        # needs states does not queue behind the writes (WAL readers never wait for them).
+        self._reader: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -162,13 +166,17 @@ class Store:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
         await db.commit()
-        return cls(db)
+        store = cls(db)
+        store._path = str(path)
+        return store
 
     async def close(self) -> None:
-        """Write what is queued, then close the connection."""
+        """Write what is queued, then close the connections."""
         try:
             await self.flush()
         finally:
+            if self._reader is not None and self._reader is not self._db:
+                await self._reader.close()
             await self._db.close()
 
     async def load_partition(self, partition: int) -> dict[str, JobState]:
@@ -192,10 +200,15 @@ class Store:
                     break
             else:
                 rest.append(job_type)
+        if rest and self._reader is None:
+            self._reader = await aiosqlite.connect(self._path) if self._path else self._db
+        reader = self._reader or self._db
+        # What is not queued was committed before this call (`_writing` is cleared only after
+        # the commit), so the reader's snapshot has it.
         for i in range(0, len(rest), 500):
             chunk = rest[i : i + 500]
             marks = ", ".join("?" * len(chunk))
-            async with self._db.execute(
+            async with reader.execute(
                 f"SELECT job_type, state FROM job_states WHERE job_type IN ({marks})", chunk
             ) as cursor:
                 async for job_type, state in cursor:
