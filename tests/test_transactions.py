@@ -146,3 +146,37 @@ async def test_second_producer_with_same_id_fences_the_first(
         await successor.stop()
         await zombie.stop()
     assert await _read_all(kafka_bootstrap, sink) == [b"from-successor"]
+
+
+async def test_outbox_keeps_order_across_full_batches_and_commits_atomically(
+    kafka_bootstrap: str, two_topics: tuple[str, str]
+) -> None:
+    """Records added through the `Outbox` arrive in order even when they span many record
+    batches, and an aborted transaction's outbox is invisible."""
+    from worker.kafkaio import Outbox
+
+    _, out_topic = two_topics
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap,
+        transactional_id=f"outbox-{uuid.uuid4().hex}",
+        max_batch_size=1024,  # a few records per batch: the outbox opens many
+    )
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        aborted = Outbox(producer)
+        aborted.add(out_topic, 0, b"k", b"aborted")
+        await aborted.flush()
+        await producer.abort_transaction()
+
+        await producer.begin_transaction()
+        out = Outbox(producer)
+        for i in range(300):
+            out.add(out_topic, 0, b"k", f"record-{i:03d}-".encode() * 4, [("n", str(i).encode())])
+        assert out.records == 300
+        await out.flush()
+        await producer.commit_transaction()
+    finally:
+        await producer.stop()
+    values = await _read_all(kafka_bootstrap, out_topic)
+    assert values == [f"record-{i:03d}-".encode() * 4 for i in range(300)]

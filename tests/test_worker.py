@@ -139,6 +139,33 @@ async def test_results_complete_and_fail_runs_with_their_metrics(
     assert runs[again.run_id].status is RunStatus.RUNNING
 
 
+async def test_an_idle_job_types_state_is_loaded_again_when_named(
+    worker: RunningWorker, producer: AIOKafkaProducer, tail: StatusTail, topics: Settings
+) -> None:
+    """A job type without runs leaves memory after its batch; the next record naming it
+    loads its state back: a repeated request is a duplicate, a late result is rejected with
+    the run's end, and a new start starts."""
+    first = await request(producer, topics, "nightly")
+    started = await tail.wait_event(request_id=first)
+    assert started.run_id is not None
+    done = await tail.wait_event(
+        request_id=await result(producer, topics, "nightly", started.run_id)
+    )
+    assert done.type is EventType.COMPLETED
+    body = {"job_type": "nightly", "request_id": first}
+    await producer.send_and_wait(topics.topics.requests, json.dumps(body).encode(), key=b"nightly")
+    duplicate = await tail.wait_event(request_id=first, type=EventType.DUPLICATE)
+    assert (duplicate.run_id, duplicate.status) == (started.run_id, RunStatus.COMPLETED)
+    late = await tail.wait_event(
+        request_id=await result(producer, topics, "nightly", started.run_id)
+    )
+    assert late.type is EventType.REJECTED
+    assert late.reason == f"run {started.run_id} already ended COMPLETED"
+    again = await tail.wait_event(request_id=await request(producer, topics, "nightly"))
+    assert again.type is EventType.STARTED
+    assert again.run_id != started.run_id
+
+
 async def test_bad_input_is_dead_lettered_and_processing_goes_on(
     worker: RunningWorker, producer: AIOKafkaProducer, tail: StatusTail, topics: Settings
 ) -> None:

@@ -36,7 +36,7 @@ import heapq
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,6 +54,7 @@ from aiokafka.errors import (
     ProducerFenced,
 )
 from aiokafka.producer.transaction_manager import TransactionState
+from rbloom import Bloom
 
 from schemas import DeadLetter, EventType, RunStatus, StatusEvent
 from worker import changelog, gctuning
@@ -88,12 +89,11 @@ class Owner:
     applied: dict[str, int]  # input topic -> next offset to apply
     deadlines: list[tuple[datetime, str]] = field(default_factory=list)  # heap, may be stale
     stream_time: datetime | None = None  # highest broker time seen
-    task: asyncio.Task[None] | None = None  # the batch in flight
+    task: asyncio.Task[None] | None = None  # the batch in flight (N is paused meanwhile)
     fenced: bool = False
-    # Records fetched while a batch is in flight, in fetch order (so each topic's records
-    # in offset order); N is paused only when this is full. Pausing makes aiokafka drop
-    # what it has prefetched for N, and the refetch cost a round trip per batch.
-    backlog: list[InputRecord] = field(default_factory=list)
+    # Job types that may have a stored state; a job type not in it is new, and its first
+    # records need no SQLite read (a Bloom filter: false positives only cost that read).
+    known: Bloom = field(default_factory=lambda: Bloom(_KNOWN_CAPACITY, 0.01))
 
 
 @dataclass
@@ -163,7 +163,6 @@ class Worker:
         self._restoring = asyncio.Lock()
         self._batches = 0
         self._faulted = False
-        self._stopping = False
         self._retention = timedelta(seconds=settings.run_retention_s)
         self._limits = Limits(
             ended_window=settings.ended_window, idempotency_window=settings.idempotency_window
@@ -272,7 +271,6 @@ class Worker:
             await self._drain()
 
     async def _drain(self) -> None:
-        self._stopping = True  # no new batches from the backlogs
         tasks = [o.task for o in self._owners.values() if o.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -399,6 +397,7 @@ class Worker:
             number=number,
             producer=producer,
             jobs={job_type: state for job_type, state in jobs.items() if not _idle(state)},
+            known=_known(jobs),
             runs={r.run_id: r for r in runs if r.status is RunStatus.RUNNING},
             retained=retained,
             applied=dict(applied),
@@ -439,27 +438,9 @@ class Worker:
             owner = self._owners.get(number)
             if owner is None or owner.fenced:
                 continue  # not ours (any more); whoever owns it reads from the committed offset
-            owner.backlog.extend(records)
-            self._next_batch(owner)
-
-    def _next_batch(self, owner: Owner) -> None:
-        """Start the owner's next batch from its backlog unless one is in flight; pause N
-        while the backlog holds two batches, resume it below that."""
-        assert self._consumer is not None
-        s = self.settings
-        task = owner.task
-        busy = task is not None and not task.done() and task is not asyncio.current_task()
-        if not busy and owner.backlog and not self._stopping:
-            # A prefix in fetch order: every topic's records taken are an offset prefix.
-            records = owner.backlog[: s.batch_max_records]
-            del owner.backlog[: s.batch_max_records]
+            self._consumer.pause(*self._tps(number))
             records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
             owner.task = asyncio.create_task(self._run_batch(owner, records))
-        with contextlib.suppress(IllegalStateError):
-            if len(owner.backlog) >= 2 * s.batch_max_records:
-                self._consumer.pause(*self._tps(owner.number))
-            else:
-                self._consumer.resume(*self._tps(owner.number))
 
     async def _load_idle(self, owner: Owner, records: Sequence[InputRecord]) -> list[str]:
         """Load the state of the idle job types `records` are about.
@@ -470,7 +451,8 @@ class Worker:
         assert self._store is not None
         keys = {r.key for r in records if r.key is not None}
         wanted = [k.decode("utf-8", "replace") for k in keys]
-        missing = [job_type for job_type in wanted if job_type not in owner.jobs]
+        known = owner.known
+        missing = [j for j in wanted if j not in owner.jobs and j in known]
         if not missing:
             return []
         loaded = await self._store.load_states(missing)
@@ -484,6 +466,7 @@ class Worker:
             busy = owner.task is not None and not owner.task.done()
             if busy or owner.fenced or not owner.deadlines or owner.deadlines[0][0] > now:
                 continue
+            self._consumer.pause(*self._tps(owner.number))
             owner.task = asyncio.create_task(self._run_batch(owner, [], wall_clock=now))
 
     async def _run_batch(
@@ -546,8 +529,10 @@ class Worker:
             log.exception("batch failed unexpectedly; stopping", partition=owner.number)
             self._failure = exc
         finally:
-            if self._owners.get(owner.number) is owner and not owner.fenced and not self._failure:
-                self._next_batch(owner)
+            current = self._owners.get(owner.number)
+            if current is not None and not current.fenced:
+                with contextlib.suppress(IllegalStateError):
+                    self._consumer.resume(*self._tps(owner.number))
 
     def _request_rejoin(self) -> None:
         """Ask the group for a new assignment, so a fenced partition is settled promptly.
@@ -704,6 +689,7 @@ class Worker:
         owner.applied.update(outcome.next_offsets)
         for job_type, state in outcome.changed.items():
             outcome.states[job_type] = dump_state(state)
+        owner.known.update(outcome.states)
         if owner.stream_time is not None:
             horizon = owner.stream_time - self._retention
             while owner.retained and owner.retained[0][0] <= horizon:
@@ -775,6 +761,16 @@ class Worker:
         else:
             del owner.runs[run_id]
             heapq.heappush(owner.retained, (event.occurred_at, run_id))
+
+
+_KNOWN_CAPACITY = 250_000  # per partition at 1% false positives (~300 KB); more job types
+# only raise the rate of needless reads
+
+
+def _known(job_types: Iterable[str]) -> Bloom:
+    known = Bloom(_KNOWN_CAPACITY, 0.01)
+    known.update(job_types)
+    return known
 
 
 def _idle(held: JobState | bytes) -> bool:

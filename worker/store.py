@@ -208,11 +208,10 @@ class Store:
         for i in range(0, len(rest), 500):
             chunk = rest[i : i + 500]
             marks = ", ".join("?" * len(chunk))
-            async with reader.execute(
+            rows = await reader.execute_fetchall(  # one trip to the reader's thread
                 f"SELECT job_type, state FROM job_states WHERE job_type IN ({marks})", chunk
-            ) as cursor:
-                async for job_type, state in cursor:
-                    found[job_type] = bytes(state)
+            )
+            found.update((job_type, bytes(state)) for job_type, state in rows)
         return found
 
     async def applied_offsets(self, partition: int) -> dict[str, int]:

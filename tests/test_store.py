@@ -1,0 +1,89 @@
+"""The SQLite store's write queue: batches written behind, merged, readable before written."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from schemas import RunStatus
+from worker.lifecycle import JobState, dump_state
+from worker.store import RunRow, Store
+
+AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+
+
+def run(run_id: str, status: RunStatus = RunStatus.RUNNING) -> RunRow:
+    return RunRow(
+        run_id=run_id,
+        job_type="report",
+        client_id=None,
+        request_id=f"req-{run_id}",
+        status=status,
+        partition=0,
+        started_at=AT,
+        ended_at=None if status is RunStatus.RUNNING else AT,
+        initial_data={"day": "monday"},
+        metrics=None,
+        reason=None,
+    )
+
+
+def state(job_type: str) -> tuple[str, bytes]:
+    return job_type, dump_state(JobState(job_type))
+
+
+async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path: Path) -> None:
+    """Later rows win, offsets move forward, and the file holds them once flushed."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        store.record_batch(0, [run("r1")], [state("report")], {"jobs.requests": 5})
+        store.record_batch(
+            0, [run("r1", RunStatus.COMPLETED), run("r2")], [], {"jobs.requests": 9}, ["r0"]
+        )
+        await store.flush()
+        assert store.backlog == 0
+        rows = {r.run_id: r.status for r in await store.runs()}
+        assert rows == {"r1": RunStatus.COMPLETED, "r2": RunStatus.RUNNING}
+        assert await store.applied_offsets(0) == {"jobs.requests": 9}
+        assert set(await store.load_partition(0)) == {"report"}
+    finally:
+        await store.close()
+
+
+async def test_states_are_readable_while_queued_and_after_they_are_written(
+    tmp_path: Path,
+) -> None:
+    """`load_states` answers from the queue first, then from the file; unknown ones are absent."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        old = JobState("report")
+        newer = replace(old, decided=())
+        store.record_batch(0, [], [("report", dump_state(old))], {})
+        await store.flush()
+        store.record_batch(0, [], [("report", dump_state(newer) + b" ")], {})
+        queued = await store.load_states(["report", "never-seen"])
+        assert queued == {"report": dump_state(newer) + b" "}
+        await store.flush()
+        assert await store.load_states(["report"]) == {"report": dump_state(newer) + b" "}
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_stops_the_queue(tmp_path: Path) -> None:
+    """After a write fails nothing later is written: the file stays a prefix of the batches."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        bad = replace(run("r1"), initial_data={"not json": {1, 2}})  # a set cannot be stored
+        store.record_batch(0, [bad], [], {"jobs.requests": 1})
+        with pytest.raises(TypeError):
+            await store.flush()
+        assert isinstance(store.failure, TypeError)
+        with pytest.raises(TypeError):
+            store.record_batch(0, [run("r2")], [], {"jobs.requests": 2})
+        assert await store.applied_offsets(0) == {}
+    finally:
+        with pytest.raises(TypeError):
+            await store.close()
