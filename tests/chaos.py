@@ -91,7 +91,12 @@ class WorkerProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.terminate()
-        return await self.wait_exit(timeout)
+        try:
+            return await self.wait_exit(timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.name} did not exit {timeout}s after SIGTERM:\n{self.log_text()[-4000:]}"
+            ) from None
 
     def alive(self) -> bool:
         """Whether the process is running."""

@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 
 from schemas import DeadLetter, RunStatus, Source
-from worker.codec import Bad, InputRecord, Reroute, TopicRole, decode, partition_for
+from worker.codec import (
+    MAX_DEAD_LETTER_VALUE,
+    Bad,
+    InputRecord,
+    Reroute,
+    TopicRole,
+    decode,
+    partition_for,
+)
 from worker.lifecycle import Cancel, Command, Finish, Progress, Start
 
 PARTITIONS = 6
@@ -232,6 +240,19 @@ def test_oversized() -> None:
     assert str(len(value)) in outcome.dead_letter.reason.message
     assert str(MAX_BYTES) in outcome.dead_letter.reason.message
     assert outcome.reject is None
+
+
+def test_a_dead_letter_leaves_out_a_value_too_large_to_forward() -> None:
+    """A value over MAX_DEAD_LETTER_VALUE is not copied into the dead letter (it would be
+    larger than the broker accepts and stall the partition); the reason says where it is."""
+    value = b"{" + b" " * MAX_DEAD_LETTER_VALUE + b"]"
+    outcome = decode(record(value), partitions=PARTITIONS, max_bytes=2 * len(value), now=NOW)
+    assert isinstance(outcome, Bad)
+    letter = outcome.dead_letter
+    assert letter.reason.code == "malformed_json"
+    assert letter.value is None
+    assert f"the {len(value)}-byte value is not copied here" in letter.reason.message
+    assert len(letter.model_dump_json()) < 10_000
 
 
 @pytest.mark.parametrize(

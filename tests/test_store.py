@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,3 +89,17 @@ async def test_a_failed_write_stops_the_queue(tmp_path: Path) -> None:
     finally:
         with pytest.raises(TypeError):
             await store.close()
+
+
+async def test_concurrent_reads_open_one_reading_connection(tmp_path: Path) -> None:
+    """Batches of several partitions reading at once share one extra connection, and
+    closing the store closes it (a leaked one would keep the process from exiting)."""
+    before = threading.active_count()
+    store = await Store.open(tmp_path / "jobs.db")
+    store.record_batch(0, [], [state("a"), state("b")], {})
+    await store.flush()
+    results = await asyncio.gather(*(store.load_states([j]) for j in ("a", "b", "c")))
+    assert [set(r) for r in results] == [{"a"}, {"b"}, set()]
+    assert threading.active_count() == before + 2  # the writing and the reading connection
+    await store.close()
+    assert threading.active_count() == before

@@ -17,7 +17,9 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    an exactly-once round) through a raw aiokafka consume-transform-produce loop with the
    worker's transaction sizing: one transactional producer per partition, one transaction per
    partition batch with `send_offsets_to_transaction`, partitions processed concurrently and
-   paused while their transaction is in flight. Timed the same way, first to last output
+   paused while their transaction is in flight; and with the worker's client settings (fetch
+   wait, linger, batch size) and produce path (`worker.kafkaio.Outbox`), so that it is the
+   fastest pass-through this client gives, not a strawman. Timed the same way, first to last output
    record seen. The ratio worker ÷ baseline says what the orchestrator's own work costs on
    top of the Kafka transactions it cannot avoid (one input record yields one transition).
 3. End-to-end latency: from producing a request to its `started` event being visible to a

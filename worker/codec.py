@@ -96,13 +96,29 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
+# Base64 grows a value by a third: a larger original would make a dead letter the broker
+# refuses (1 MiB by default), and the partition could not move past it.
+MAX_DEAD_LETTER_VALUE = 512 * 1024
+
+
 def dead_letter(record: InputRecord, code: str, message: str, now: datetime) -> DeadLetter:
-    """A dead letter for `record` with the original key, value and headers intact."""
+    """A dead letter for `record` with the original key, value and headers intact.
+
+    A value over `MAX_DEAD_LETTER_VALUE` bytes is left out (the reason says so); `source`
+    still points at the original record.
+    """
+    value = record.value
+    if value is not None and len(value) > MAX_DEAD_LETTER_VALUE:
+        message += (
+            f" (the {len(value)}-byte value is not copied here: over {MAX_DEAD_LETTER_VALUE}"
+            " bytes; read it at the source offset)"
+        )
+        value = None
     return DeadLetter(
         reason=DeadLetterReason(code=code, message=message),
         source=record.source,
         key=_b64(record.key),
-        value=_b64(record.value),
+        value=_b64(value),
         headers=tuple(Header(key=k, value=_b64(v)) for k, v in record.headers),
         dead_lettered_at=now,
     )

@@ -156,6 +156,7 @@ class Store:
         # `load_states` reads through a connection (and thread) of its own, so a batch that
         # needs states does not queue behind the writes (WAL readers never wait for them).
         self._reader: aiosqlite.Connection | None = None
+        self._reader_opening = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -200,9 +201,7 @@ class Store:
                     break
             else:
                 rest.append(job_type)
-        if rest and self._reader is None:
-            self._reader = await aiosqlite.connect(self._path) if self._path else self._db
-        reader = self._reader or self._db
+        reader = await self._reading_connection() if rest else self._db
         # What is not queued was committed before this call (`_writing` is cleared only after
         # the commit), so the reader's snapshot has it.
         for i in range(0, len(rest), 500):
@@ -213,6 +212,14 @@ class Store:
             )
             found.update((job_type, bytes(state)) for job_type, state in rows)
         return found
+
+    async def _reading_connection(self) -> aiosqlite.Connection:
+        # Opened once, under a lock: two batches asking at once must not both open one (an
+        # unclosed connection's thread would keep the process from exiting).
+        async with self._reader_opening:
+            if self._reader is None:
+                self._reader = await aiosqlite.connect(self._path) if self._path else self._db
+            return self._reader
 
     async def applied_offsets(self, partition: int) -> dict[str, int]:
         """Topic -> next offset to apply, for input topics of `partition`."""
