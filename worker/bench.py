@@ -89,6 +89,7 @@ class BenchOptions:
     batch_max_records: int = 500
     latency_rate: float = 1000.0
     latency_seconds: float = 10.0
+    latency_warmup_seconds: float = 3.0
     restore_runs: int = 10_000
     history_runs: int = 100_000
     quick: bool = False
@@ -104,8 +105,11 @@ class BenchOptions:
             "history_runs": self.history_runs,
         }
         bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
-        if self.latency_rate <= 0 or self.latency_seconds <= 0:
-            bad.append(f"latency_rate={self.latency_rate}, latency_seconds={self.latency_seconds}")
+        if self.latency_rate <= 0 or self.latency_seconds <= 0 or self.latency_warmup_seconds < 0:
+            bad.append(
+                f"latency_rate={self.latency_rate}, latency_seconds={self.latency_seconds}, "
+                f"latency_warmup_seconds={self.latency_warmup_seconds}"
+            )
         if bad:
             raise ValueError(f"bench sizes must be positive: {', '.join(bad)}")
         if not self.quick:
@@ -115,6 +119,7 @@ class BenchOptions:
             lifecycles=min(self.lifecycles, 300),
             rounds=min(self.rounds, 1),
             latency_seconds=min(self.latency_seconds, 2.0),
+            latency_warmup_seconds=min(self.latency_warmup_seconds, 0.5),
             restore_runs=min(self.restore_runs, 300),
             history_runs=min(self.history_runs, 300),
         )
@@ -785,6 +790,33 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
     return total / observer.elapsed
 
 
+async def _paced(
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    rate: float,
+    prefix: str,
+    count: int,
+    sent: dict[str, float] | None = None,
+) -> None:
+    """Send `count` start requests at `rate` per second; note each send time in `sent`."""
+    futures = []
+    began = time.perf_counter()
+    for i in range(count):
+        # Paced by an absolute schedule: a late send does not delay the ones after it.
+        delay = began + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        job_type, request_id = f"{prefix}-job-{i}", f"{prefix}-{i}"
+        if sent is not None:
+            sent[request_id] = time.perf_counter()
+        futures.append(
+            await producer.send(
+                topics.requests, _start_body(job_type, request_id), key=job_type.encode()
+            )
+        )
+    await asyncio.gather(*futures)
+
+
 async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int]:
     """(p50, p95, p99 in ms, achieved rate, requests) against a caught-up EOS worker."""
     o = bench.options
@@ -801,33 +833,26 @@ async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int
         try:
             await worker.start()
             # Warm-up: a few lifecycles on every partition, answered and completed, so the
-            # worker owns its partitions, its producers are connected and it is idle.
+            # worker owns its partitions, its producers are connected and it is idle; then
+            # the offered rate for a few seconds, unmeasured, so that the figures describe
+            # the steady state rather than the first seconds of a process and a broker.
             warm = [(f"bench-warm-{i}", f"{prefix}-warm-{i}") for i in range(4 * o.partitions)]
             await _send_starts(producer, topics, warm)
             await tail.until(
                 lambda: tail.types["completed"] >= len(warm), "warm-up", _timeout_for(0), worker
             )
-            sent: dict[str, float] = {}
-            futures = []
-            began = time.perf_counter()
-            for i in range(total):
-                # Paced by an absolute schedule: a late send does not delay the ones after it.
-                delay = began + i / o.latency_rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                job_type, request_id = f"bench-{i}", f"{prefix}-{i}"
-                sent[request_id] = time.perf_counter()
-                futures.append(
-                    await producer.send(
-                        topics.requests,
-                        _start_body(job_type, request_id),
-                        key=job_type.encode(),
-                    )
-                )
-            finished = time.perf_counter()
-            await asyncio.gather(*futures)
+            warm_count = round(o.latency_rate * o.latency_warmup_seconds)
+            await _paced(producer, topics, o.latency_rate, f"{prefix}-paced-warm", warm_count)
+            warmed = len(warm) + warm_count
             await tail.until(
-                lambda: tail.types["started"] >= len(warm) + total,
+                lambda: tail.types["started"] >= warmed, "warm-up", _timeout_for(warm_count), worker
+            )
+            sent: dict[str, float] = {}
+            began = time.perf_counter()
+            await _paced(producer, topics, o.latency_rate, prefix, total, sent)
+            finished = time.perf_counter()
+            await tail.until(
+                lambda: tail.types["started"] >= warmed + total,
                 f"{total} started events",
                 _timeout_for(total),
                 worker,
@@ -1024,6 +1049,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-max-records", type=int, default=defaults.batch_max_records)
     parser.add_argument("--latency-rate", type=float, default=defaults.latency_rate)
     parser.add_argument("--latency-seconds", type=float, default=defaults.latency_seconds)
+    parser.add_argument(
+        "--latency-warmup-seconds", type=float, default=defaults.latency_warmup_seconds
+    )
     parser.add_argument("--restore-runs", type=int, default=defaults.restore_runs)
     parser.add_argument("--history-runs", type=int, default=defaults.history_runs)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
@@ -1041,6 +1069,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_max_records=args.batch_max_records,
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds,
+        latency_warmup_seconds=args.latency_warmup_seconds,
         restore_runs=args.restore_runs,
         history_runs=args.history_runs,
         quick=args.quick,

@@ -620,6 +620,9 @@ def bench(
     batch: int = typer.Option(500, "--batch-max-records", min=1),
     rate: float = typer.Option(1000.0, "--latency-rate", help="Offered requests/s for latency."),
     latency_seconds: float = typer.Option(10.0, "--latency-seconds"),
+    latency_warmup: float = typer.Option(
+        3.0, "--latency-warmup-seconds", help="Unmeasured load at the same rate first."
+    ),
     restore_runs: int = typer.Option(10_000, "--restore-runs", min=1),
     history_runs: int = typer.Option(100_000, "--history-runs", min=1),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
@@ -640,6 +643,7 @@ def bench(
         batch_max_records=batch,
         latency_rate=rate,
         latency_seconds=latency_seconds,
+        latency_warmup_seconds=latency_warmup,
         restore_runs=restore_runs,
         history_runs=history_runs,
         quick=quick,
