@@ -101,16 +101,17 @@ def broker(
     except localkafka.LocalKafkaError as exc:
         raise _fail(str(exc)) from None
     try:
-        console.print(
-            f"Kafka {kafka.version} ready in {time.monotonic() - started:.1f}s; bootstrap servers:"
-        )
-        print(kafka.bootstrap_servers, flush=True)
-        console.print("Ctrl-C stops it.")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # From the moment the address is out a Ctrl-C may come: it stops the broker cleanly.
         with contextlib.suppress(KeyboardInterrupt):
+            console.print(
+                f"Kafka {kafka.version} ready in {time.monotonic() - started:.1f}s; "
+                "bootstrap servers:"
+            )
+            print(kafka.bootstrap_servers, flush=True)
+            console.print("Ctrl-C stops it.")
             while kafka.running:
                 time.sleep(0.5)
-        if not kafka.running:
             raise _fail("the broker exited unexpectedly")
     finally:
         kafka.stop()
