@@ -38,7 +38,7 @@ def collect() -> float:
 
 @contextlib.contextmanager
 def tuned() -> Iterator[None]:
-    """Use `THRESHOLDS` inside the block (a replay, a restore), then restore the previous."""
+    """Use `THRESHOLDS` inside the block (a replay), then put the previous ones back."""
     previous = gc.get_threshold()
     gc.set_threshold(*THRESHOLDS)
     try:

@@ -49,9 +49,6 @@ def parse_events(values: Sequence[bytes | None]) -> list[StatusEvent]:
     return events
 
 
-_BATCH = 20_000  # records per fetch
-
-
 def _consumer(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
@@ -72,7 +69,7 @@ async def _read(
     for tp in todo:
         consumer.seek(tp, starts[tp])
     while todo:
-        batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=_BATCH)
+        batch = await consumer.getmany(*todo, timeout_ms=1000, max_records=20_000)
         for tp, records in batch.items():
             yield tp, records
         todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]

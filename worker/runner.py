@@ -93,7 +93,7 @@ class Owner:
     fenced: bool = False
     # Job types that may have a stored state; a job type not in it is new, and its first
     # records need no SQLite read (a Bloom filter: false positives only cost that read).
-    known: Bloom = field(default_factory=lambda: Bloom(_KNOWN_CAPACITY, 0.01))
+    known: Bloom = field(default_factory=lambda: _known(()))
 
 
 @dataclass

@@ -145,14 +145,14 @@ class _Pending:
 class Store:
     """The worker's SQLite file. Open with `await Store.open(path)`; close with `close()`."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self._db = db
+        self._path = path
         # Each SQLite transaction is a sequence of awaits on one connection (queued writes,
         # a restore, replay), so they must not interleave.
         self._lock = asyncio.Lock()
         self._pending: _Pending | None = None
         self._writing: _Pending | None = None  # being written by `_write_pending`
-        self._path: str | None = None
         # `load_states` reads through a connection (and thread) of its own, so a batch that
         # needs states does not queue behind the writes (WAL readers never wait for them).
         self._reader: aiosqlite.Connection | None = None
@@ -167,16 +167,14 @@ class Store:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
         await db.commit()
-        store = cls(db)
-        store._path = str(path)
-        return store
+        return cls(db, str(path))
 
     async def close(self) -> None:
         """Write what is queued, then close the connections."""
         try:
             await self.flush()
         finally:
-            if self._reader is not None and self._reader is not self._db:
+            if self._reader is not None:
                 await self._reader.close()
             await self._db.close()
 
@@ -218,7 +216,7 @@ class Store:
         # unclosed connection's thread would keep the process from exiting).
         async with self._reader_opening:
             if self._reader is None:
-                self._reader = await aiosqlite.connect(self._path) if self._path else self._db
+                self._reader = await aiosqlite.connect(self._path)
             return self._reader
 
     async def applied_offsets(self, partition: int) -> dict[str, int]:
