@@ -255,10 +255,15 @@ async def wait_until_processed(settings: Settings, load: Load | None, timeout: f
                     if load is None or await load.executor_caught_up(status_ends):
                         ends = await end_offsets(probe, [t.requests, t.results])
                         committed = await admin.list_consumer_group_offsets(settings.group_id)
-                        if all(
-                            tp in committed and committed[tp].offset >= end
-                            for tp, end in ends.items()
-                            if end > 0
+                        # Done only if no decision came after `status_ends`: a start the
+                        # worker decided meanwhile gets an answer the worker must see too.
+                        if (
+                            all(
+                                tp in committed and committed[tp].offset >= end
+                                for tp, end in ends.items()
+                                if end > 0
+                            )
+                            and await end_offsets(probe, [t.status]) == status_ends
                         ):
                             return
                 await asyncio.sleep(0.2)
