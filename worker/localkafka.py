@@ -147,8 +147,13 @@ def _free_port() -> int:
 
 def _cluster_id() -> str:
     # Kafka's cluster IDs are 16 random bytes in URL-safe base64 without padding, exactly
-    # what `kafka-storage random-uuid` prints; making it here saves a JVM start.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # what `kafka-storage random-uuid` prints; making it here saves a JVM start. Like Kafka's
+    # own generator, never one starting with "-": `format -t -xyz` reads it as an option
+    # (one format in 64 failed that way).
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _die_with_parent() -> None:
