@@ -65,7 +65,7 @@ from rich.console import Console
 from rich.table import Table
 
 from worker import topics as topic_admin
-from worker.kafkaio import Outbox, partitions_of
+from worker.kafkaio import Outbox, partitions_of, read_until
 from worker.localkafka import LocalKafka, _die_with_parent
 from worker.replay import replay
 from worker.settings import Settings, Topics
@@ -615,11 +615,8 @@ class _Bench:
         out: dict[int, list[tuple[bytes | None, bytes | None]]] = {}
         for tp in tps:
             rows = out.setdefault(tp.partition, [])
-            # Compare positions with the end (the last stable offset): the last record of a
-            # transactional topic is often a commit marker, which is never returned.
-            while await self.reader.position(tp) < ends[tp]:
-                batch = await self.reader.getmany(tp, timeout_ms=1000, max_records=10_000)
-                rows.extend((r.key, r.value) for r in batch.get(tp, ()))
+            async for _, records in read_until(self.reader, {tp: ends[tp]}, max_records=10_000):
+                rows.extend((r.key, r.value) for r in records)
         self.reader.assign([])
         return out
 

@@ -22,6 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
+from worker.kafkaio import read_until
 from worker.lifecycle import JobState, load_state
 from worker.store import RunRow
 
@@ -74,9 +75,8 @@ async def read_partition(
     await consumer.seek_to_beginning(tp)
     end = (await consumer.end_offsets([tp]))[tp]
     snapshot = PartitionSnapshot()
-    while await consumer.position(tp) < end:
-        batch = await consumer.getmany(tp, timeout_ms=1000, max_records=10_000)
-        for record in batch.get(tp, ()):
+    async for _, records in read_until(consumer, {tp: end}, max_records=10_000):
+        for record in records:
             if record.key is not None:
                 apply_row(snapshot, record.key, record.value)
     return snapshot

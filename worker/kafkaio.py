@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -22,6 +22,26 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
     if not found:
         raise LookupError(f"topic {topic!r} does not exist")
     return [TopicPartition(topic, p) for p in sorted(found)]
+
+
+# How long one fetch for records waits while reading up to known end offsets. A fetch that
+# brings only a transaction marker (often the last entry of a partition) returns no records
+# but moves the position to the end, and `getmany` keeps waiting out its whole timeout after
+# it: with a one-second wait every replay and restore ended with a second of nothing.
+_READ_WAIT_MS = 50
+
+
+async def read_until(
+    consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int], *, max_records: int
+) -> AsyncIterator[tuple[TopicPartition, list[Any]]]:
+    """Batches of records from the (assigned, positioned) partitions of `ends` until each
+    position reaches its end offset (for read_committed, the last stable offset)."""
+    todo = [tp for tp, end in ends.items() if await consumer.position(tp) < end]
+    while todo:
+        batch = await consumer.getmany(*todo, timeout_ms=_READ_WAIT_MS, max_records=max_records)
+        for tp, records in batch.items():
+            yield tp, records
+        todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
 
 
 class Outbox:
