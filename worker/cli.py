@@ -227,6 +227,12 @@ def replay(
         formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"],
         help="Start at the first event at or after this time (UTC unless it has an offset).",
     ),
+    processes: int = typer.Option(
+        None,
+        "--processes",
+        min=1,
+        help="Replay the status partitions in this many processes (default: one per CPU).",
+    ),
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
 ) -> None:
@@ -234,6 +240,7 @@ def replay(
 
     Example: jobctl replay --db rebuilt.db --from-offset 0
     """
+    from worker.replay import ReplayError
     from worker.replay import replay as run_replay
 
     if from_offset is not None and from_timestamp is not None:
@@ -242,15 +249,24 @@ def replay(
         from_timestamp = from_timestamp.replace(tzinfo=UTC)
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     bar, update = _progress_bar("replaying")
-    with bar:
-        report = _run(
-            run_replay(
-                s, db, from_offset=from_offset, from_timestamp=from_timestamp, progress=update
+    try:
+        with bar:
+            report = _run(
+                run_replay(
+                    s,
+                    db,
+                    from_offset=from_offset,
+                    from_timestamp=from_timestamp,
+                    progress=update,
+                    processes=processes,
+                )
             )
-        )
+    except ReplayError as exc:
+        raise _fail(str(exc)) from None
     console.print(
         f"applied {report.events} status events in {report.seconds:.2f}s "
-        f"({report.rate:,.0f}/s); {report.runs} runs in {db}"
+        f"({report.rate:,.0f}/s, {report.processes} process{'es' if report.processes > 1 else ''})"
+        f"; {report.runs} runs in {db}"
     )
 
 

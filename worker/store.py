@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,9 @@ CREATE TABLE IF NOT EXISTS applied_offsets (
 );
 """
 
+# How long a statement waits for another connection's write lock (a replay process's
+# transaction, a restore) before failing.
+_BUSY_TIMEOUT_S = 60.0
 _PUT_STATE = (
     "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
     "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, state = excluded.state"
@@ -132,6 +135,83 @@ def _dumps(value: object) -> str | None:
     return None if value is None else _ENCODER.encode(value)
 
 
+_UPSERT_RUN = f"INSERT OR REPLACE INTO runs ({_COLUMNS}, retained) VALUES ({', '.join('?' * 12)})"
+_UPDATE_RUN = (
+    "UPDATE runs SET status = COALESCE(?, status), ended_at = COALESCE(?, ended_at), "
+    "metrics = COALESCE(?, metrics), reason = COALESCE(?, reason) WHERE run_id = ?"
+)
+
+
+def _params(r: RunRow, *, retained: bool) -> list[Any]:
+    """`_UPSERT_RUN` parameters of a row."""
+    return [
+        r.run_id,
+        r.job_type,
+        r.client_id,
+        r.request_id,
+        r.status,
+        r.partition,
+        r.started_at.isoformat(),
+        None if r.ended_at is None else r.ended_at.isoformat(),
+        _dumps(r.initial_data),
+        _dumps(r.metrics),
+        r.reason,
+        int(retained),
+    ]
+
+
+# Each `run_change` field: its position in an `_UPSERT_RUN` row and in an `_UPDATE_RUN` one,
+# and how it is stored.
+_CHANGED: dict[str, tuple[int, int, Callable[[Any], Any]]] = {
+    "status": (4, 0, str),
+    "ended_at": (7, 1, datetime.isoformat),
+    "metrics": (9, 2, _dumps),
+    "reason": (10, 3, str),
+}
+
+
+@dataclass(slots=True)
+class RunWrites:
+    """Run rows folded from a batch of status events, as `Store.write_runs` writes them."""
+
+    fresh: dict[str, list[Any]] = field(default_factory=dict)  # `_UPSERT_RUN` parameters
+    changes: list[tuple[Any, ...]] = field(default_factory=list)  # `_UPDATE_RUN` parameters
+
+
+def fold_events(partition: int, events: Iterable[StatusEvent]) -> RunWrites:
+    """The rows `events` write, each run once (a run often starts and ends in one batch).
+
+    Runs started in the batch become whole rows; changes to runs started before it become
+    updates in event order (a None keeps the column). Replay speed is bounded by this fold
+    and SQLite's statements, so rows are built as plain parameter lists.
+    """
+    writes = RunWrites()
+    fresh = writes.fresh
+    for event in events:
+        run_id = event.run_id
+        if run_id is None:
+            continue
+        if event.type is EventType.STARTED:
+            fresh[run_id] = _params(started_row(event, partition), retained=False)
+            continue
+        change = run_change(event)
+        if change is None:
+            continue
+        row = fresh.get(run_id)
+        if row is not None:  # started in this batch
+            for name, value in change.items():
+                at, _, stored = _CHANGED[name]
+                row[at] = None if value is None else stored(value)
+            continue
+        update: list[Any] = [None, None, None, None, run_id]
+        for name, value in change.items():
+            if value is not None:
+                _, at, stored = _CHANGED[name]
+                update[at] = stored(value)
+        writes.changes.append(tuple(update))
+    return writes
+
+
 @dataclass
 class _Pending:
     """Batches queued for writing, merged: later rows win, tombstones apply after rows."""
@@ -162,7 +242,7 @@ class Store:
     @classmethod
     async def open(cls, path: Path | str) -> Store:
         """Open (creating if needed) the store at `path`, in WAL mode."""
-        db = await aiosqlite.connect(str(path))
+        db = await aiosqlite.connect(str(path), timeout=_BUSY_TIMEOUT_S)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
@@ -315,28 +395,7 @@ class Store:
             await self._db.commit()
 
     async def _upsert_runs(self, runs: Iterable[RunRow], *, retained: bool) -> None:
-        await self._db.executemany(
-            "INSERT OR REPLACE INTO runs (run_id, job_type, client_id, request_id, status, "
-            "partition, started_at, ended_at, initial_data, metrics, reason, retained) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    r.run_id,
-                    r.job_type,
-                    r.client_id,
-                    r.request_id,
-                    r.status,
-                    r.partition,
-                    r.started_at.isoformat(),
-                    None if r.ended_at is None else r.ended_at.isoformat(),
-                    _dumps(r.initial_data),
-                    _dumps(r.metrics),
-                    r.reason,
-                    int(retained),
-                )
-                for r in runs
-            ],
-        )
+        await self._db.executemany(_UPSERT_RUN, [_params(r, retained=retained) for r in runs])
 
     async def _put_states(self, partition: int, states: Iterable[JobState]) -> None:
         await self._db.executemany(
@@ -358,47 +417,20 @@ class Store:
 
     async def apply_events(self, partition: int, events: Sequence[StatusEvent]) -> None:
         """Update run history from status events (as replayed from the status topic); commit."""
-        async with self._lock:
-            await self._apply(partition, events)
-            await self._db.commit()
+        await self.write_runs(fold_events(partition, events))
 
-    async def _apply(self, partition: int, events: Sequence[StatusEvent]) -> None:
-        # Fold the batch first (a run often starts and ends within one), then write each
-        # run once: replay speed is bounded by SQLite statements, not by events.
-        fresh: dict[str, RunRow] = {}
-        changes: dict[str, dict[str, Any]] = {}
-        for event in events:
-            run_id = event.run_id
-            if run_id is None:
-                continue
-            if event.type is EventType.STARTED:
-                fresh[run_id] = started_row(event, partition)
-                changes.pop(run_id, None)
-                continue
-            change = run_change(event)
-            if change is None:
-                continue
-            if run_id in fresh:
-                fresh[run_id] = replace(fresh[run_id], **change)
-            else:
-                changes.setdefault(run_id, {}).update(change)
-        if fresh:
-            await self._upsert_runs(fresh.values(), retained=False)
-        if changes:
-            await self._db.executemany(
-                "UPDATE runs SET status = COALESCE(?, status), ended_at = COALESCE(?, ended_at), "
-                "metrics = COALESCE(?, metrics), reason = COALESCE(?, reason) WHERE run_id = ?",
-                [
-                    (
-                        c.get("status"),
-                        c["ended_at"].isoformat() if "ended_at" in c else None,
-                        _dumps(c.get("metrics")),
-                        c.get("reason"),
-                        run_id,
-                    )
-                    for run_id, c in changes.items()
-                ],
-            )
+    async def write_runs(self, writes: RunWrites) -> None:
+        """Write rows folded by `fold_events`, in one SQLite transaction."""
+        async with self._lock:
+            # Replay processes share the file: take the write lock first (waiting for
+            # another's transaction) rather than upgrade a read, which fails at once when
+            # another process wrote in between.
+            await self._db.execute("BEGIN IMMEDIATE")
+            if writes.fresh:
+                await self._db.executemany(_UPSERT_RUN, writes.fresh.values())
+            if writes.changes:
+                await self._db.executemany(_UPDATE_RUN, writes.changes)
+            await self._db.commit()
 
     async def runs(
         self,

@@ -1,0 +1,163 @@
+"""`jobctl replay` on a real broker: parallel processes, resuming from a time, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from schemas import EventType, RunStatus, StatusEvent
+from tests.conftest import create_topics
+from worker.codec import partition_for
+from worker.replay import ReplayError, _follow, replay
+from worker.settings import Settings
+from worker.store import RunRow, Store
+
+PARTITIONS = 4
+T0 = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
+
+
+def lifecycle(n: int, at: datetime) -> list[StatusEvent]:
+    """Run `n`'s events: started, a progress report for some, and an ending of each kind."""
+    job_type = f"report-{n % 13}"
+    run_id = f"{job_type}:{n}"
+    started = StatusEvent(
+        event_id=f"s{n}",
+        type=EventType.STARTED,
+        status=RunStatus.RUNNING,
+        request_id=f"req-{n}",
+        job_type=job_type,
+        client_id=f"c{n % 3}" if n % 2 else None,
+        run_id=run_id,
+        initial_data={"n": n, "day": "monday"},
+        started_at=at,
+        occurred_at=at,
+    )
+    events = [started]
+    if n % 3 == 0:
+        events.append(
+            started.model_copy(
+                update={"event_id": f"p{n}", "type": EventType.PROGRESS, "metrics": {"done": n}}
+            )
+        )
+    ending, status = [
+        (EventType.COMPLETED, RunStatus.COMPLETED),
+        (EventType.FAILED, RunStatus.FAILED),
+        (EventType.CANCELLED, RunStatus.CANCELLED),
+        (EventType.TIMED_OUT, RunStatus.TIMED_OUT),
+    ][n % 4]
+    if n % 5 != 0:  # every fifth run stays running
+        events.append(
+            StatusEvent(
+                event_id=f"e{n}",
+                type=ending,
+                status=status,
+                from_status=RunStatus.RUNNING,
+                job_type=job_type,
+                run_id=run_id,
+                metrics={"rows": n} if n % 2 else None,
+                reason=None if ending is EventType.COMPLETED else f"because {n}",
+                started_at=at,
+                occurred_at=at + timedelta(seconds=1),
+            )
+        )
+    return events
+
+
+async def publish(settings: Settings, events: list[StatusEvent], at: datetime) -> None:
+    """Write `events` to the status topic as the worker does (keyed, by job type)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        for event in events:
+            key = event.job_type.encode()
+            await producer.send(
+                settings.topics.status,
+                event.model_dump_json().encode(),
+                key=key,
+                partition=partition_for(key, PARTITIONS),
+                timestamp_ms=int(at.timestamp() * 1000),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def rows(path: Path) -> list[RunRow]:
+    store = await Store.open(path)
+    try:
+        return await store.runs()
+    finally:
+        await store.close()
+
+
+async def test_parallel_replay_and_a_replay_resumed_from_a_time_equal_one_process(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Runs started before the resume point and ended after it are updated, not lost."""
+    await create_topics(settings, PARTITIONS)
+    first = [e for n in range(0, 300) for e in lifecycle(n, T0)]
+    # The second half ends runs of the first (their endings come later) and starts new ones.
+    later = T0 + timedelta(hours=1)
+    opened = [e for e in first if e.type is EventType.STARTED and e.run_id]
+    closers = [e for n in range(300, 400) for e in lifecycle(n, later)]
+    first_half = [e for e in first if e.type is not EventType.COMPLETED]
+    second_half = [e for e in first if e.type is EventType.COMPLETED] + closers
+    await publish(settings, first_half, T0)
+
+    resumed = tmp_path / "resumed.db"
+    report = await replay(settings, resumed, from_offset=0, processes=2)
+    assert report.processes == 2
+    assert report.events == len(first_half)
+    await publish(settings, second_half, later)
+    progress: list[tuple[int, int]] = []
+    await replay(
+        settings,
+        resumed,
+        from_timestamp=later,
+        processes=3,
+        progress=lambda done, total: progress.append((done, total)),
+    )
+    assert progress[-1] == (len(second_half), len(second_half))
+
+    alone, parallel = tmp_path / "alone.db", tmp_path / "parallel.db"
+    one = await replay(settings, alone, from_offset=0, processes=1)
+    default = await replay(settings, parallel, from_offset=0)
+    assert (one.processes, one.events, one.runs) == (1, len(first) + len(closers), 400)
+    assert (default.events, default.runs) == (one.events, one.runs)
+
+    expected = await rows(alone)
+    assert {r.status for r in expected} == set(RunStatus) - {RunStatus.QUEUED}
+    assert len({r.partition for r in expected}) == PARTITIONS
+    assert await rows(parallel) == expected
+    assert await rows(resumed) == expected
+    completed = {r.run_id: r for r in expected if r.status is RunStatus.COMPLETED}
+    assert completed, "no run completed after the resume point"
+    for event in opened:
+        row = next(r for r in expected if r.run_id == event.run_id)
+        assert row.initial_data == event.initial_data
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob(".*.replay-lock")))
+
+
+async def test_a_failed_replay_process_names_its_partitions_and_reason() -> None:
+    """The parent relays progress up to the failure, then the child's last error line."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        'import sys; print(\'{"records": 7, "events": 5}\', flush=True); '
+        "sys.exit('KafkaConnectionError: Unable to bootstrap from [(\"nowhere\", 9092)]')",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    seen: list[tuple[int, int]] = []
+    with pytest.raises(ReplayError) as failed:
+        await _follow(child, [1, 3], lambda records, events: seen.append((records, events)))
+    assert seen == [(7, 5)]
+    assert str(failed.value) == (
+        "replaying status partitions [1, 3] failed: "
+        'KafkaConnectionError: Unable to bootstrap from [("nowhere", 9092)]'
+    )
