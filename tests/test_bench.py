@@ -38,6 +38,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert report.restored_runs == report.restore_runs_requested == 300
     assert report.restored_records > 0
     assert report.peak_rss_mb > 0
+    assert report.replay_processes >= 1
 
     # The report serializes and renders.
     assert json.loads(json.dumps(report.to_json()))["restored_runs"] == 300

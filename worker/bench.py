@@ -29,7 +29,8 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    changelog" log line. The changelog is written once and restored `rounds` times (a restore
    writes nothing, so each restore reads exactly the same log).
 5. Peak RSS (VmHWM) of a worker after `history_runs` lifecycles.
-6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files.
+6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files, as
+   `jobctl replay` runs by default (one process per CPU).
 
 The bench sets the worker's configuration itself; other `JOBS_*` variables inherited from the
 shell are dropped so that they cannot skew the figures.
@@ -176,6 +177,7 @@ class BenchReport:
     history_runs: int
     peak_rss_mb: float
     replay_records_per_s: Figure  # status events `jobctl replay` applies per second
+    replay_processes: int  # processes `jobctl replay` used (one per CPU)
     environment: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -222,7 +224,11 @@ class BenchReport:
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
         single(f"peak RSS, {self.history_runs:,} runs", f"{self.peak_rss_mb:,.1f}", "MB")
-        row(f"replay, {2 * self.history_runs:,} events", self.replay_records_per_s, "records/s")
+        row(
+            f"replay, {2 * self.history_runs:,} events, {self.replay_processes} processes",
+            self.replay_records_per_s,
+            "records/s",
+        )
         return table
 
 
@@ -905,20 +911,23 @@ async def _peak_rss(bench: _Bench) -> tuple[float, Topics]:
     return peak[0], topics
 
 
-async def _replay(bench: _Bench, topics: Topics) -> Figure:
-    """Status events per second that `jobctl replay` applies into a fresh SQLite file."""
+async def _replay(bench: _Bench, topics: Topics) -> tuple[Figure, int]:
+    """Status events per second that `jobctl replay` applies into a fresh SQLite file, and
+    the processes it replayed in."""
     prefix = topics.status.rsplit(".", 1)[0]
     settings = Settings(bootstrap_servers=bench.bootstrap, topic_prefix=prefix)
     rates = []
+    processes = 1
     for r in range(bench.options.rounds):
         path = bench.tmp / f"replay-{r}.db"
         report = await replay(settings, path, from_offset=0)
         rates.append(report.rate)
+        processes = report.processes
         bench.say(
             f"  replay {r + 1}/{bench.options.rounds}: {report.events:,} events "
-            f"in {report.seconds:.2f} s ({report.rate:,.0f}/s)"
+            f"in {report.seconds:.2f} s ({report.rate:,.0f}/s, {processes} processes)"
         )
-    return Figure.of(rates)
+    return Figure.of(rates), processes
 
 
 def _environment(bootstrap: str, local: LocalKafka | None) -> dict[str, str]:
@@ -999,7 +1008,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     rss, history = await _peak_rss(bench)
     bench.say(f"peak RSS: {rss:,.1f} MB")
     bench.say("replay: rebuilding a store from that worker's status topic")
-    replayed = await _replay(bench, history)
+    replayed, replay_processes = await _replay(bench, history)
 
     eos, alo, base = (
         Figure.of(rates["exactly_once"]),
@@ -1028,6 +1037,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         history_runs=o.history_runs,
         peak_rss_mb=rss,
         replay_records_per_s=replayed,
+        replay_processes=replay_processes,
         environment=environment,
     )
 
