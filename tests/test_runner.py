@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from worker.codec import InputRecord
-from worker.runner import Owner, Worker
+from worker.runner import Owner, Retained, Worker
 from worker.settings import Settings
 
 
@@ -22,7 +23,7 @@ def test_the_highest_offset_is_committed_when_broker_times_go_backwards(tmp_path
     even when a later offset carries an earlier time (CreateTime set by producers)."""
     worker = Worker(Settings(db_path=tmp_path / "jobs.db"))
     worker.partition_count = 1
-    owner = Owner(number=0, producer=None, jobs={}, runs={}, retained=[], applied={})
+    owner = Owner(number=0, producer=None, jobs={}, runs={}, retained=Retained(), applied={})
     records = [start(0, 2_000, "late"), start(1, 1_000, "early")]
     records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
     outcome = worker.apply(owner, records)
@@ -30,3 +31,24 @@ def test_the_highest_offset_is_committed_when_broker_times_go_backwards(tmp_path
     assert outcome.next_offsets == {"jobs.requests": 2}
     assert owner.applied == {"jobs.requests": 2}
     assert set(outcome.states) == {"early", "late"}
+
+
+def test_ended_runs_leave_in_order_once_retention_has_passed_never_earlier() -> None:
+    """A run leaves at the first horizon at or after its end; one that ended earlier than the
+    run before it (a producer clock gone back) leaves with that run, not before."""
+    t0 = datetime(2026, 11, 29, 7, 0, tzinfo=UTC)
+    retained = Retained()
+    for i, run_id in enumerate(["a", "b", "c"]):
+        retained.add(t0 + timedelta(seconds=i), run_id)
+    retained.add(t0 + timedelta(seconds=1.5), "late-clock")
+    retained.add(t0 + timedelta(seconds=4), "d")
+
+    assert retained.expire(t0 - timedelta(seconds=1)) == []
+    assert retained.expire(t0 + timedelta(seconds=1)) == ["a", "b"]
+    assert retained.expire(t0 + timedelta(seconds=1.9)) == []  # "late-clock" waits behind "c"
+    assert len(retained) == 3
+    retained.add(t0 + timedelta(seconds=5), "e")
+    assert retained.expire(t0 + timedelta(seconds=4)) == ["c", "late-clock", "d"]
+    assert retained.expire(t0 + timedelta(seconds=4)) == []
+    assert (len(retained), retained.expire(t0 + timedelta(days=1))) == (1, ["e"])
+    assert len(retained) == 0
