@@ -1,7 +1,8 @@
 """Replay and audit from the decision log (`<prefix>.status`).
 
 - `replay` rebuilds a SQLite store's run history from status events, from an offset or a
-  timestamp, into the same rows the worker records live (`Store.apply_events`, `run_change`).
+  timestamp, into the rows the worker records live (`store.fold_events` builds them with the
+  worker's `started_row` and `run_change`).
   Partitions are replayed in parallel processes (`python -m worker.replay`).
 - `verify` re-runs the core over the input records in the order the decision log recorded and
   lists every decision the current code would make differently. Inputs that caused no event
@@ -123,23 +124,21 @@ async def replay(
     started = time.perf_counter()
     ranges = await _ranges(settings, from_offset, from_timestamp)
     store = await Store.open(db_path)  # the schema exists before processes share the file
-    await store.close()
-    groups = _groups_of(ranges, processes or os.cpu_count() or 1)
-    total = sum(end - start for start, end in ranges.values())
-    done = 0
-
-    def advance(records: int, events: int) -> None:
-        nonlocal done
-        done += records
-        if progress is not None:
-            progress(done, total)
-
-    if len(groups) <= 1:
-        applied = await _apply_ranges(settings, db_path, ranges, advance)
-    else:
-        applied = await _in_processes(settings, db_path, groups, advance)
-    store = await Store.open(db_path)
     try:
+        groups = _groups_of(ranges, processes or os.cpu_count() or 1)
+        total = sum(max(0, end - start) for start, end in ranges.values())
+        done = 0
+
+        def advance(records: int, events: int) -> None:
+            nonlocal done
+            done += records
+            if progress is not None:
+                progress(done, total)
+
+        if len(groups) <= 1:
+            applied = await _apply_ranges(settings, db_path, ranges, advance)
+        else:
+            applied = await _in_processes(settings, db_path, groups, advance)
         runs = await store.count_runs()
     finally:
         await store.close()
@@ -153,18 +152,16 @@ async def _ranges(
     consumer = _consumer(settings)
     await consumer.start()
     try:
-        tps = await partitions_of(consumer, settings.topics.status)
-        ends = await consumer.end_offsets(tps)
-        if from_timestamp is not None:
-            stamp = int(from_timestamp.timestamp() * 1000)
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, stamp))
-            starts = {tp: (found[tp].offset if found.get(tp) else ends[tp]) for tp in tps}
-        else:
-            beginnings = await consumer.beginning_offsets(tps)
-            starts = {tp: max(from_offset or 0, beginnings[tp]) for tp in tps}
+        whole = await _whole(consumer, settings.topics.status)
+        if from_timestamp is None:
+            return {p: (max(from_offset or 0, start), end) for p, (start, end) in whole.items()}
+        topic = settings.topics.status
+        stamp = int(from_timestamp.timestamp() * 1000)
+        found = await consumer.offsets_for_times({TopicPartition(topic, p): stamp for p in whole})
+        firsts = {tp.partition: at.offset for tp, at in found.items() if at is not None}
+        return {p: (firsts.get(p, end), end) for p, (_, end) in whole.items()}
     finally:
         await consumer.stop()
-    return {tp.partition: (starts[tp], max(starts[tp], ends[tp])) for tp in tps}
 
 
 def _groups_of(

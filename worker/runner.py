@@ -428,8 +428,8 @@ class Worker:
         jobs = await self._store.load_partition(number)
         runs = await self._store.retained_runs(number)
         retained = Retained()
-        for row in sorted((r for r in runs if r.ended_at is not None), key=_ended_at):
-            retained.add(_ended_at(row), row.run_id)
+        for ended_at, run_id in sorted((r.ended_at, r.run_id) for r in runs if r.ended_at):
+            retained.add(ended_at, run_id)
         deadlines = [
             (deadline, job_type)
             for job_type, state in jobs.items()
@@ -802,11 +802,6 @@ class Worker:
         else:
             del owner.runs[run_id]
             owner.retained.add(event.occurred_at, run_id)
-
-
-def _ended_at(row: RunRow) -> datetime:
-    assert row.ended_at is not None
-    return row.ended_at
 
 
 _KNOWN_CAPACITY = 250_000  # per partition at 1% false positives (~300 KB); more job types
