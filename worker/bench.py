@@ -1,4 +1,4 @@
-"""Benchmark of the orchestrator worker on a real broker: `python -m worker.bench`.
+"""Benchmark of the orchestrator worker on a real broker: `jobctl bench`.
 
 Every figure comes from the worker exactly as it runs in production: `python -m worker.cli
 run` in a child process, configured only through `JOBS_*` variables and stopped with
@@ -28,7 +28,11 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    `restore_runs` runs; the figure is the `seconds` of its "partition restored from
    changelog" log line. The changelog is written once and restored `rounds` times (a restore
    writes nothing, so each restore reads exactly the same log).
-5. Peak RSS (VmHWM) of a worker after `history_runs` lifecycles.
+5. Peak RSS (VmHWM) of a worker after `history_runs` lifecycles, run as an executor pool
+   would: at most `history_in_flight` requests outstanding (sent, not yet completed). Ended
+   runs cost the worker little (their ID and end time until the changelog tombstone); active
+   runs are held in memory, so a backlog with every run active at once measures the backlog,
+   not the history.
 6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files, as
    `jobctl replay` runs by default (one process per CPU).
 
@@ -38,11 +42,9 @@ shell are dropped so that they cannot skew the figures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import os
 import platform
@@ -93,6 +95,7 @@ class BenchOptions:
     latency_warmup_seconds: float = 3.0
     restore_runs: int = 10_000
     history_runs: int = 100_000
+    history_in_flight: int = 1_000
     quick: bool = False
 
     def sized(self) -> BenchOptions:
@@ -104,6 +107,7 @@ class BenchOptions:
             "batch_max_records": self.batch_max_records,
             "restore_runs": self.restore_runs,
             "history_runs": self.history_runs,
+            "history_in_flight": self.history_in_flight,
         }
         bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
         if self.latency_rate <= 0 or self.latency_seconds <= 0 or self.latency_warmup_seconds < 0:
@@ -123,6 +127,7 @@ class BenchOptions:
             latency_warmup_seconds=min(self.latency_warmup_seconds, 0.5),
             restore_runs=min(self.restore_runs, 300),
             history_runs=min(self.history_runs, 300),
+            history_in_flight=min(self.history_in_flight, 100),
         )
 
 
@@ -175,6 +180,7 @@ class BenchReport:
     restored_records: int  # changelog records read by the restore
     restore_seconds: Figure  # `seconds` of the worker's restore log line
     history_runs: int
+    history_in_flight: int  # requests outstanding at most while the history was made
     peak_rss_mb: float
     replay_records_per_s: Figure  # status events `jobctl replay` applies per second
     replay_processes: int  # processes `jobctl replay` used (one per CPU)
@@ -223,7 +229,11 @@ class BenchReport:
         row("latency p99", self.latency_p99_ms, "ms", ",.1f")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
-        single(f"peak RSS, {self.history_runs:,} runs", f"{self.peak_rss_mb:,.1f}", "MB")
+        single(
+            f"peak RSS, {self.history_runs:,} runs (≤ {self.history_in_flight:,} in flight)",
+            f"{self.peak_rss_mb:,.1f}",
+            "MB",
+        )
         row(
             f"replay, {2 * self.history_runs:,} events, {self.replay_processes} processes",
             self.replay_records_per_s,
@@ -637,19 +647,41 @@ async def _run_lifecycles(
     worker: _Worker,
     count: int,
     on_done: Callable[[], None] | None = None,
+    in_flight: int | None = None,
 ) -> _Tail:
-    """Put `count` start requests in a backlog, run the worker and the executor until every
-    run completed, call `on_done` while the worker still runs, then stop the worker (exit 0).
+    """Run `count` lifecycles through the worker and the executor until every run completed,
+    call `on_done` while the worker still runs, then stop the worker (exit 0).
+
+    Without `in_flight`, every start request is put in a backlog before the worker starts;
+    with it, start requests are sent as runs complete, at most `in_flight` outstanding.
     """
     prefix = topics.requests.removesuffix(".requests")
+    starts = [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
     async with _producer(bench.bootstrap, linger_ms=5) as producer:
-        await _send_starts(
-            producer, topics, [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
-        )
+        if in_flight is None:
+            await _send_starts(producer, topics, starts)
         tail = _Tail(bench.bootstrap, topics.status, executor=(producer, topics.results))
         await tail.start()
         try:
             await worker.start()
+            if in_flight is not None:
+
+                def completed_more_than(n: int) -> Callable[[], bool]:
+                    return lambda: tail.types["completed"] > n
+
+                sent = 0
+                while sent < count:
+                    completed = tail.types["completed"]
+                    more = min(count, completed + in_flight) - sent
+                    await _send_starts(producer, topics, starts[sent : sent + more])
+                    sent += more
+                    if sent < count:
+                        await tail.until(
+                            completed_more_than(completed),
+                            "a run to complete",
+                            _timeout_for(in_flight),
+                            worker,
+                        )
             await tail.until(
                 lambda: tail.types["completed"] >= count,
                 f"{count} completed runs",
@@ -906,7 +938,12 @@ async def _peak_rss(bench: _Bench) -> tuple[float, Topics]:
     worker = bench.worker(topics, "exactly_once")
     peak: list[float] = []
     await _run_lifecycles(
-        bench, topics, worker, o.history_runs, on_done=lambda: peak.append(worker.peak_rss_mb())
+        bench,
+        topics,
+        worker,
+        o.history_runs,
+        on_done=lambda: peak.append(worker.peak_rss_mb()),
+        in_flight=o.history_in_flight,
     )
     return peak[0], topics
 
@@ -987,6 +1024,18 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         baseline.append(await _baseline_round(bench, recorded))
         bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
 
+    restore_seconds, restored_runs, restored_records = await _restore(bench)
+    bench.say(
+        f"peak RSS: running {o.history_runs:,} lifecycles through one worker, "
+        f"at most {o.history_in_flight:,} in flight"
+    )
+    rss, history = await _peak_rss(bench)
+    bench.say(f"peak RSS: {rss:,.1f} MB")
+    bench.say("replay: rebuilding a store from that worker's status topic")
+    replayed, replay_processes = await _replay(bench, history)
+
+    # Latency last: a broker's first minutes (its JIT compiling, on a machine this small)
+    # add tens of ms to the tail; a worker's production cluster has long since warmed up.
     p50: list[float] = []
     p95: list[float] = []
     p99: list[float] = []
@@ -1002,13 +1051,6 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
             f"latency {r + 1}/{o.rounds} at {rate:,.0f}/s: "
             f"p50 {a:.1f} ms, p95 {b:.1f} ms, p99 {c:.1f} ms"
         )
-
-    restore_seconds, restored_runs, restored_records = await _restore(bench)
-    bench.say(f"peak RSS: running {o.history_runs:,} lifecycles through one worker")
-    rss, history = await _peak_rss(bench)
-    bench.say(f"peak RSS: {rss:,.1f} MB")
-    bench.say("replay: rebuilding a store from that worker's status topic")
-    replayed, replay_processes = await _replay(bench, history)
 
     eos, alo, base = (
         Figure.of(rates["exactly_once"]),
@@ -1035,64 +1077,9 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         restored_records=restored_records,
         restore_seconds=restore_seconds,
         history_runs=o.history_runs,
+        history_in_flight=o.history_in_flight,
         peak_rss_mb=rss,
         replay_records_per_s=replayed,
         replay_processes=replay_processes,
         environment=environment,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m worker.bench [--bootstrap HOST:PORT] [--quick] [--json PATH] ...`."""
-    defaults = BenchOptions()
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.bench",
-        description="Benchmark the orchestrator worker on a real Kafka broker.",
-    )
-    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: a local broker)")
-    parser.add_argument("--lifecycles", type=int, default=defaults.lifecycles)
-    parser.add_argument("--partitions", type=int, default=defaults.partitions)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--batch-max-records", type=int, default=defaults.batch_max_records)
-    parser.add_argument("--latency-rate", type=float, default=defaults.latency_rate)
-    parser.add_argument("--latency-seconds", type=float, default=defaults.latency_seconds)
-    parser.add_argument(
-        "--latency-warmup-seconds", type=float, default=defaults.latency_warmup_seconds
-    )
-    parser.add_argument("--restore-runs", type=int, default=defaults.restore_runs)
-    parser.add_argument("--history-runs", type=int, default=defaults.history_runs)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the report here")
-    args = parser.parse_args(argv)
-    # aiokafka logs the errors it retries (a fresh topic's leader not serving yet on the first
-    # produce or offset lookup, before anything is timed), which would drown the progress
-    # lines; errors it gives up on are raised, and the bench reports them.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    options = BenchOptions(
-        bootstrap=args.bootstrap,
-        lifecycles=args.lifecycles,
-        partitions=args.partitions,
-        rounds=args.rounds,
-        batch_max_records=args.batch_max_records,
-        latency_rate=args.latency_rate,
-        latency_seconds=args.latency_seconds,
-        latency_warmup_seconds=args.latency_warmup_seconds,
-        restore_runs=args.restore_runs,
-        history_runs=args.history_runs,
-        quick=args.quick,
-    )
-    console = Console()
-    try:
-        report = asyncio.run(run_bench(options, console))
-    except BenchError as exc:
-        console.print(f"[red]bench failed:[/] {exc}", highlight=False)
-        return 1
-    console.print(report.table())
-    if args.json is not None:
-        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        console.print(f"report written to {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

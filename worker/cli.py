@@ -642,6 +642,12 @@ def bench(
     ),
     restore_runs: int = typer.Option(10_000, "--restore-runs", min=1),
     history_runs: int = typer.Option(100_000, "--history-runs", min=1),
+    history_in_flight: int = typer.Option(
+        1_000,
+        "--history-in-flight",
+        min=1,
+        help="Requests outstanding at most while the peak-RSS history is made.",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
@@ -649,7 +655,7 @@ def bench(
 
     Example: jobctl bench --lifecycles 20000 --rounds 3 --json bench.json
     """
-    from worker.bench import BenchOptions, run_bench
+    from worker.bench import BenchError, BenchOptions, run_bench
 
     configure_logs("error", "console", library_level="critical")
     options = BenchOptions(
@@ -663,11 +669,12 @@ def bench(
         latency_warmup_seconds=latency_warmup,
         restore_runs=restore_runs,
         history_runs=history_runs,
+        history_in_flight=history_in_flight,
         quick=quick,
     )
     try:
         report = _run(run_bench(options, console))
-    except localkafka.LocalKafkaError as exc:
+    except (localkafka.LocalKafkaError, BenchError) as exc:
         raise _fail(str(exc)) from None
     console.print(report.table())
     if json_path is not None:
