@@ -22,6 +22,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.eos_transitions_per_s,
         report.alo_transitions_per_s,
         report.baseline_records_per_s,
+        report.floor_records_per_s,
         report.latency_achieved_rate,
         report.latency_p50_ms,
         report.latency_p95_ms,
@@ -32,6 +33,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         assert len(figure.samples) == report.rounds == 1
         assert 0 < figure.low <= figure.median <= figure.high
     assert report.eos_over_baseline > 0
+    assert report.floor_over_baseline > 0
     assert report.latency_p50_ms.median <= report.latency_p95_ms.median
     assert report.latency_p95_ms.median <= report.latency_p99_ms.median
     assert report.latency_requests > 0
@@ -45,4 +47,5 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert json.loads(json.dumps(report.to_json()))["restored_runs"] == 300
     Console(file=out, width=120).print(report.table())
     assert "exactly_once" in out.getvalue()
+    assert "contract floor ÷ baseline" in out.getvalue()
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()

@@ -22,6 +22,11 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    fastest pass-through this client gives, not a strawman. Timed the same way, first to last output
    record seen. The ratio worker ÷ baseline says what the orchestrator's own work costs on
    top of the Kafka transactions it cannot avoid (one input record yields one transition).
+   The contract floor is the same loop doing the least the worker's contract asks of each
+   record, without deciding anything: validate it (pydantic, as the worker must to
+   dead-letter bad input), serialize one status event, send three records (the event and
+   two changelog records) and write one run row to SQLite behind the commit. Floor ÷
+   baseline bounds what any worker on this stack could reach on the same machine.
 3. End-to-end latency: from producing a request to its `started` event being visible to a
    read_committed consumer, at a fixed offered rate against a caught-up worker.
 4. Restore: a worker with an empty SQLite file rebuilds a 1-partition changelog holding
@@ -57,16 +62,19 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiokafka
+import aiosqlite
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from rich.console import Console
 from rich.table import Table
 
+from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import topics as topic_admin
 from worker.kafkaio import Outbox, partitions_of, read_until
 from worker.localkafka import LocalKafka, _die_with_parent
@@ -169,6 +177,8 @@ class BenchReport:
     alo_transitions_per_s: Figure
     baseline_records_per_s: Figure
     eos_over_baseline: float  # worker EOS transitions/s ÷ baseline records/s (medians)
+    floor_records_per_s: Figure  # the contract floor (module docstring, item 2)
+    floor_over_baseline: float  # what any worker on this stack could reach at best
     latency_offered_rate: float
     latency_achieved_rate: Figure  # requests/s the paced producer actually sent
     latency_requests: int  # per round
@@ -224,6 +234,8 @@ class BenchReport:
         row("worker at_least_once", self.alo_transitions_per_s, "transitions/s")
         row("baseline", self.baseline_records_per_s, "records/s")
         single("exactly_once ÷ baseline", f"{self.eos_over_baseline:.2f}", "ratio")
+        row("contract floor", self.floor_records_per_s, "records/s")
+        single("contract floor ÷ baseline", f"{self.floor_over_baseline:.2f}", "ratio")
         row("latency p50", self.latency_p50_ms, "ms", ",.1f")
         row("latency p95", self.latency_p95_ms, "ms", ",.1f")
         row("latency p99", self.latency_p99_ms, "ms", ",.1f")
@@ -725,10 +737,85 @@ async def _throughput_round(
     return rate, recorded
 
 
-async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
-    """Records/s of a raw transactional pass-through of `recorded`, sized like the worker."""
+class _FloorWork:
+    """The contract floor's work per record (see the module docstring, item 2)."""
+
+    def __init__(self, topics: Topics, db: aiosqlite.Connection) -> None:
+        self.topics = topics
+        self.db = db
+        self.now = datetime.now(UTC)
+        self._rows: list[tuple[str, str, str, str]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, topics: Topics, path: Path) -> _FloorWork:
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute(
+            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, job_type TEXT NOT NULL, "
+            "status TEXT NOT NULL, event TEXT NOT NULL)"
+        )
+        await db.commit()
+        return cls(topics, db)
+
+    def add(self, out: Outbox, partition: int, record: Any) -> tuple[str, str, str, str]:
+        """Validate `record`, send its event and two changelog records to `out`; its row."""
+        message: JobRequest | JobResult
+        if record.topic == self.topics.requests:
+            message = JobRequest.model_validate_json(record.value)
+            event_type, status = EventType.STARTED, RunStatus.RUNNING
+            run_id = f"{partition}.{record.offset}"
+        else:
+            message = JobResult.model_validate_json(record.value)
+            event_type, status, run_id = EventType.COMPLETED, RunStatus.COMPLETED, message.run_id
+        event = StatusEvent(
+            event_id=f"{record.topic}:{partition}:{record.offset}",
+            type=event_type,
+            status=status,
+            job_type=message.job_type,
+            run_id=run_id,
+            occurred_at=self.now,
+        )
+        value = event.model_dump_json().encode()
+        out.add(self.topics.status, partition, record.key, value)
+        out.add(self.topics.state, partition, record.key, value)
+        out.add(self.topics.state, partition, run_id.encode(), value)
+        return run_id, message.job_type, status, value.decode()
+
+    def committed(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """Write the rows of a committed batch behind, one SQLite transaction at a time."""
+        self._rows.extend(rows)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._rows:
+            rows, self._rows = self._rows, []
+            await self.db.executemany(
+                "INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
+                "status = excluded.status, event = excluded.event",
+                rows,
+            )
+            await self.db.commit()
+
+    async def close(self) -> int:
+        """Finish writing; how many rows were written."""
+        try:
+            if self._writer is not None:
+                await self._writer
+            async with self.db.execute("SELECT count(*) FROM runs") as cursor:
+                row = await cursor.fetchone()
+            return 0 if row is None else int(row[0])
+        finally:
+            await self.db.close()
+
+
+async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = False) -> float:
+    """Records/s of a raw transactional pass-through of `recorded`, sized like the worker;
+    with `floor`, of the contract floor."""
     o = bench.options
-    topics = await bench.topics("base", o.partitions)
+    topics = await bench.topics("floor" if floor else "base", o.partitions)
     inputs = {"requests": topics.requests, "results": topics.results}
     async with _producer(bench.bootstrap, linger_ms=5) as copier:
         futures = [
@@ -741,6 +828,7 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
 
     total = recorded.count
     group = f"{topics.requests.removesuffix('.requests')}.baseline"
+    work = await _FloorWork.open(topics, bench.tmp / f"{group}.db") if floor else None
     # The worker's client configuration, as it runs (its defaults, like the bench's workers).
     worker_settings = Settings.model_construct()
     producers = {
@@ -774,11 +862,15 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
         # batching `Outbox`, same offsets in.
         nonlocal committed
         producer = producers[n]
+        rows: list[tuple[str, str, str, str]] = []
         await producer.begin_transaction()
         try:
             out = Outbox(producer)
             for r in records:
-                out.add(topics.status, n, r.key, r.value)
+                if work is None:
+                    out.add(topics.status, n, r.key, r.value)
+                else:
+                    rows.append(work.add(out, n, r))
             await out.flush()
             offsets: dict[TopicPartition, int] = {}
             for r in records:
@@ -793,6 +885,8 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
         finally:
             consumer.resume(*tps(n))
         committed += len(records)
+        if work is not None:
+            work.committed(rows)
 
     await asyncio.gather(*(p.start() for p in producers.values()))
     try:
@@ -820,6 +914,9 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
         await consumer.stop()
         await observer.stop()
         await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
+        written = await work.close() if work is not None else total
+    if written != total:
+        raise BenchError(f"contract floor wrote {written} rows, expected {total}")
     if observer.count != total:
         raise BenchError(f"baseline produced {observer.count} records, expected {total}")
     return total / observer.elapsed
@@ -1009,6 +1106,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     o = bench.options
     rates: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
     baseline: list[float] = []
+    floor: list[float] = []
     recorded: _Recorded | None = None
     for r in range(o.rounds):
         # Interleaved, so that both guarantees and the baseline see the same machine state.
@@ -1023,6 +1121,8 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         assert recorded is not None
         baseline.append(await _baseline_round(bench, recorded))
         bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
+        floor.append(await _baseline_round(bench, recorded, floor=True))
+        bench.say(f"round {r + 1}/{o.rounds} contract floor: {floor[-1]:,.0f} records/s")
 
     restore_seconds, restored_runs, restored_records = await _restore(bench)
     bench.say(
@@ -1052,10 +1152,11 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
             f"p50 {a:.1f} ms, p95 {b:.1f} ms, p99 {c:.1f} ms"
         )
 
-    eos, alo, base = (
+    eos, alo, base, least = (
         Figure.of(rates["exactly_once"]),
         Figure.of(rates["at_least_once"]),
         Figure.of(baseline),
+        Figure.of(floor),
     )
     return BenchReport(
         lifecycles=o.lifecycles,
@@ -1066,6 +1167,8 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         alo_transitions_per_s=alo,
         baseline_records_per_s=base,
         eos_over_baseline=eos.median / base.median,
+        floor_records_per_s=least,
+        floor_over_baseline=least.median / base.median,
         latency_offered_rate=o.latency_rate,
         latency_achieved_rate=Figure.of(achieved),
         latency_requests=requests,
