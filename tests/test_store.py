@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from pydantic_core import PydanticSerializationError
 
 from schemas import RunStatus
-from worker.lifecycle import JobState, dump_state
+from worker.lifecycle import JobState, Queued, Run, dump_state
 from worker.store import RunRow, Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
@@ -51,7 +51,48 @@ async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path
         rows = {r.run_id: r.status for r in await store.runs()}
         assert rows == {"r1": RunStatus.COMPLETED, "r2": RunStatus.RUNNING}
         assert await store.applied_offsets(0) == {"jobs.requests": 9}
-        assert set(await store.load_partition(0)) == {"report"}
+        assert [n async for n in store.job_types(0)] == [["report"]]
+    finally:
+        await store.close()
+
+
+async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) -> None:
+    """A worker taking a partition gets the busy job states, every job type's name, the
+    running runs' rows and the retained ended runs in end order; idle states stay unread."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        active = Run("r-active", "busy", None, "req-a", RunStatus.RUNNING, AT)
+        queued = Queued("r-queued", "req-q", None, {}, "", AT)
+        early, late = (
+            replace(run(r, RunStatus.COMPLETED), ended_at=AT + timedelta(seconds=s))
+            for r, s in (("r-z", 1), ("r-a", 2))
+        )
+        store.record_batch(
+            0,
+            [run("r-running"), late, early],
+            [
+                ("busy", dump_state(JobState("busy", active=(active,)))),
+                ("waiting", dump_state(JobState("waiting", queue=(queued,)))),
+                state("idle"),
+            ],
+            {},
+        )
+        store.record_batch(1, [replace(run("r-other"), partition=1)], [state("elsewhere")], {})
+        await store.flush()
+
+        busy = await store.busy_states(0)
+        assert busy == {
+            "busy": JobState("busy", active=(active,)),
+            "waiting": JobState("waiting", queue=(queued,)),
+        }
+        assert sorted(n for chunk in [c async for c in store.job_types(0)] for n in chunk) == [
+            "busy",
+            "idle",
+            "waiting",
+        ]
+        assert [r.run_id for r in await store.active_runs(0)] == ["r-running"]
+        ends = [e async for chunk in store.retained_ends(0) for e in chunk]
+        assert ends == [(AT + timedelta(seconds=1), "r-z"), (AT + timedelta(seconds=2), "r-a")]
     finally:
         await store.close()
 

@@ -57,7 +57,7 @@ from aiokafka.errors import (
 from aiokafka.producer.transaction_manager import TransactionState
 from rbloom import Bloom
 
-from schemas import DeadLetter, EventType, RunStatus, StatusEvent
+from schemas import DeadLetter, EventType, StatusEvent
 from worker import changelog, gctuning
 from worker import topics as topic_admin
 from worker.codec import REROUTED_FROM, Bad, InputRecord, Reroute, TopicRole, decode
@@ -425,11 +425,15 @@ class Worker:
             await self._restore(number, committed)
             applied = committed
             restored = True
-        jobs = await self._store.load_partition(number)
-        runs = await self._store.retained_runs(number)
+        # Only what has work in flight is loaded: a long history stays in SQLite.
+        jobs = await self._store.busy_states(number)
+        known = _known(())
+        async for names in self._store.job_types(number):
+            known.update(names)
         retained = Retained()
-        for ended_at, run_id in sorted((r.ended_at, r.run_id) for r in runs if r.ended_at):
-            retained.add(ended_at, run_id)
+        async for ends in self._store.retained_ends(number):
+            for ended_at, run_id in ends:
+                retained.add(ended_at, run_id)
         deadlines = [
             (deadline, job_type)
             for job_type, state in jobs.items()
@@ -439,9 +443,9 @@ class Worker:
         self._owners[number] = Owner(
             number=number,
             producer=producer,
-            jobs={job_type: state for job_type, state in jobs.items() if not _idle(state)},
-            known=_known(jobs),
-            runs={r.run_id: r for r in runs if r.status is RunStatus.RUNNING},
+            jobs=dict[str, JobState | bytes](jobs),
+            known=known,
+            runs={r.run_id: r for r in await self._store.active_runs(number)},
             retained=retained,
             applied=dict(applied),
             deadlines=deadlines,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS applied_offsets (
     PRIMARY KEY (topic, partition)
 );
 """
+
+# A job state's JSON with an active or queued run (`dump_state` writes both lists).
+_BUSY = (
+    "json_array_length(CAST(state AS TEXT), '$.active') > 0 "
+    "OR json_array_length(CAST(state AS TEXT), '$.queue') > 0"
+)
+_CHUNK = 5_000  # rows a time when a partition's history is read
 
 # How long a statement waits for another connection's write lock (a replay process's
 # transaction, a restore) before failing.
@@ -264,12 +271,25 @@ class Store:
                 await self._reader.close()
             await self._db.close()
 
-    async def load_partition(self, partition: int) -> dict[str, JobState]:
-        """The core state of every job type recorded on `partition`."""
+    async def busy_states(self, partition: int) -> dict[str, JobState]:
+        """The state of each job type of `partition` that has an active or queued run.
+
+        SQLite looks into each state's JSON, so the idle ones (nearly all, with a long
+        history) are neither sent over nor parsed.
+        """
         async with self._db.execute(
-            "SELECT job_type, state FROM job_states WHERE partition = ?", (partition,)
+            f"SELECT job_type, state FROM job_states WHERE partition = ? AND ({_BUSY})",
+            (partition,),
         ) as cursor:
             return {job_type: load_state(state) async for job_type, state in cursor}
+
+    async def job_types(self, partition: int) -> AsyncIterator[list[str]]:
+        """Every job type recorded on `partition`, a chunk at a time."""
+        async with self._db.execute(
+            "SELECT job_type FROM job_states WHERE partition = ?", (partition,)
+        ) as cursor:
+            while rows := await cursor.fetchmany(_CHUNK):
+                yield [job_type for (job_type,) in rows]
 
     async def load_states(self, job_types: Iterable[str]) -> dict[str, bytes]:
         """The serialized state (`dump_state`) of those of `job_types` that have one.
@@ -413,13 +433,25 @@ class Store:
             _PUT_OFFSET, [(topic, partition, offset) for topic, offset in next_offsets.items()]
         )
 
-    async def retained_runs(self, partition: int) -> list[RunRow]:
-        """Runs of `partition` whose rows are still in the changelog."""
+    async def active_runs(self, partition: int) -> list[RunRow]:
+        """The rows of `partition`'s running runs."""
         async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM runs WHERE partition = ? AND retained = 1", (partition,)
+            f"SELECT {_COLUMNS} FROM runs WHERE partition = ? AND retained = 1 AND status = ?",
+            (partition, RunStatus.RUNNING),
         ) as cursor:
-            rows = await cursor.fetchall()
-        return [_row(r) for r in rows]
+            return [_row(r) async for r in cursor]
+
+    async def retained_ends(self, partition: int) -> AsyncIterator[list[tuple[datetime, str]]]:
+        """(end time, run ID) of `partition`'s ended runs still in the changelog, in end order,
+        a chunk at a time: their rows await a tombstone, so they may be many."""
+        async with self._db.execute(
+            "SELECT ended_at, run_id FROM runs "
+            "WHERE partition = ? AND retained = 1 AND ended_at IS NOT NULL "
+            "ORDER BY ended_at, run_id",
+            (partition,),
+        ) as cursor:
+            while rows := await cursor.fetchmany(_CHUNK):
+                yield [(datetime.fromisoformat(ended), run_id) for ended, run_id in rows]
 
     async def apply_events(self, partition: int, events: Sequence[StatusEvent]) -> None:
         """Update run history from status events (as replayed from the status topic); commit."""
