@@ -37,7 +37,8 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    would: at most `history_in_flight` requests outstanding (sent, not yet completed). Ended
    runs cost the worker little (their ID and end time until the changelog tombstone); active
    runs are held in memory, so a backlog with every run active at once measures the backlog,
-   not the history.
+   not the history. Then the peak RSS of a worker restarted on that worker's SQLite file,
+   once it has taken every partition.
 6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files, as
    `jobctl replay` runs by default (one process per CPU).
 
@@ -192,6 +193,7 @@ class BenchReport:
     history_runs: int
     history_in_flight: int  # requests outstanding at most while the history was made
     peak_rss_mb: float
+    restart_peak_rss_mb: float  # a worker restarted on that history, its partitions taken
     replay_records_per_s: Figure  # status events `jobctl replay` applies per second
     replay_processes: int  # processes `jobctl replay` used (one per CPU)
     environment: dict[str, str] = field(default_factory=dict)
@@ -246,6 +248,7 @@ class BenchReport:
             f"{self.peak_rss_mb:,.1f}",
             "MB",
         )
+        single("peak RSS, restarted on them", f"{self.restart_peak_rss_mb:,.1f}", "MB")
         row(
             f"replay, {2 * self.history_runs:,} events, {self.replay_processes} processes",
             self.replay_records_per_s,
@@ -617,15 +620,17 @@ class _Bench:
         await topic_admin.create(self.admin, topics, partitions)
         return topics
 
-    def worker(self, topics: Topics, guarantee: str, log_level: str = "warning") -> _Worker:
-        """A worker on `topics` with an empty SQLite file of its own."""
+    def worker(
+        self, topics: Topics, guarantee: str, log_level: str = "warning", db: str | None = None
+    ) -> _Worker:
+        """A worker on `topics` with an empty SQLite file of its own, or with `db`."""
         self._workers += 1
         name = f"{topics.requests.removesuffix('.requests')}-{self._workers}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("JOBS_")}
         env.update(
             JOBS_BOOTSTRAP_SERVERS=self.bootstrap,
             JOBS_TOPIC_PREFIX=topics.requests.removesuffix(".requests"),
-            JOBS_DB_PATH=str(self.tmp / f"{name}.db"),
+            JOBS_DB_PATH=db or str(self.tmp / f"{name}.db"),
             JOBS_PROCESSING_GUARANTEE=guarantee,
             JOBS_BATCH_MAX_RECORDS=str(self.options.batch_max_records),
             JOBS_LOG_LEVEL=log_level,
@@ -1028,8 +1033,9 @@ async def _restore(bench: _Bench) -> tuple[Figure, int, int]:
     return Figure.of(seconds), runs, records
 
 
-async def _peak_rss(bench: _Bench) -> tuple[float, Topics]:
-    """VmHWM in MB of a worker that has `history_runs` runs in its history; its topics."""
+async def _peak_rss(bench: _Bench) -> tuple[float, float, Topics]:
+    """VmHWM in MB of a worker that made `history_runs` runs, then of one restarted on its
+    SQLite file once it has taken every partition; the topics of that history."""
     o = bench.options
     topics = await bench.topics("rss", o.partitions)
     worker = bench.worker(topics, "exactly_once")
@@ -1042,7 +1048,17 @@ async def _peak_rss(bench: _Bench) -> tuple[float, Topics]:
         on_done=lambda: peak.append(worker.peak_rss_mb()),
         in_flight=o.history_in_flight,
     )
-    return peak[0], topics
+    restarted = bench.worker(
+        topics, "exactly_once", log_level="info", db=worker.env["JOBS_DB_PATH"]
+    )
+    try:
+        await restarted.start()
+        await restarted.wait_log("partitions assigned", _timeout_for(o.history_runs))
+        peak.append(restarted.peak_rss_mb())
+        await restarted.stop()
+    finally:
+        await restarted.close()
+    return peak[0], peak[1], topics
 
 
 async def _replay(bench: _Bench, topics: Topics) -> tuple[Figure, int]:
@@ -1129,8 +1145,8 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         f"peak RSS: running {o.history_runs:,} lifecycles through one worker, "
         f"at most {o.history_in_flight:,} in flight"
     )
-    rss, history = await _peak_rss(bench)
-    bench.say(f"peak RSS: {rss:,.1f} MB")
+    rss, restart_rss, history = await _peak_rss(bench)
+    bench.say(f"peak RSS: {rss:,.1f} MB; restarted on that history: {restart_rss:,.1f} MB")
     bench.say("replay: rebuilding a store from that worker's status topic")
     replayed, replay_processes = await _replay(bench, history)
 
@@ -1182,6 +1198,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         history_runs=o.history_runs,
         history_in_flight=o.history_in_flight,
         peak_rss_mb=rss,
+        restart_peak_rss_mb=restart_rss,
         replay_records_per_s=replayed,
         replay_processes=replay_processes,
         environment=environment,
