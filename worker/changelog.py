@@ -23,44 +23,75 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
 from worker.kafkaio import read_until
-from worker.lifecycle import JobState, load_state
+from worker.lifecycle import dump_state, load_state
 from worker.store import RunRow
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 
 
+_JOB = b'{"row":"job","state":'
+_RUN = b'{"row":"run","run":'
+
+
 def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
     """(key, value) of a job type's state row; `state` is `dump_state`'s JSON."""
-    return job_type.encode(), b'{"row":"job","state":' + state + b"}"
+    return job_type.encode(), _JOB + state + b"}"
 
 
 def run_row(row: RunRow) -> tuple[bytes, bytes]:
     """(key, value) of a run's row."""
-    value = b'{"row":"run","run":' + _RUN_ADAPTER.dump_json(row) + b"}"
-    return row.run_id.encode(), value
+    return row.run_id.encode(), _RUN + _RUN_ADAPTER.dump_json(row) + b"}"
+
+
+def split_row(value: bytes) -> tuple[str, bytes]:
+    """("job", `dump_state` JSON) or ("run", run row JSON) of a row's value, not validated.
+
+    Rows as `job_row` and `run_row` write them are cut out of the value; any other spelling
+    of the same JSON is parsed. Raises ValueError for anything else.
+    """
+    for kind, head in (("job", _JOB), ("run", _RUN)):
+        if value.startswith(head) and value.endswith(b"}"):
+            return kind, value[len(head) : -1]
+    data: dict[str, Any] = json.loads(value)
+    if data.get("row") == "job":
+        return "job", dump_state(load_state(data["state"]))
+    if data.get("row") == "run":
+        return "run", _RUN_ADAPTER.dump_json(_RUN_ADAPTER.validate_python(data["run"]))
+    raise ValueError(f"not a changelog row: {value[:100]!r}")
+
+
+def load_run(data: bytes) -> RunRow:
+    """A run row from `split_row`'s JSON."""
+    return _RUN_ADAPTER.validate_json(data)
 
 
 @dataclass
 class PartitionSnapshot:
-    """A partition's state as the changelog holds it."""
+    """A partition's state as the changelog holds it, rows kept serialized: with a long
+    history nearly all of them are only copied into SQLite."""
 
-    jobs: dict[str, JobState] = field(default_factory=dict)
-    runs: dict[str, RunRow] = field(default_factory=dict)
+    jobs: dict[str, bytes] = field(default_factory=dict)  # job type -> `dump_state` JSON
+    runs: dict[str, bytes] = field(default_factory=dict)  # run ID -> run row JSON
     records: int = 0
 
 
 def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> None:
-    """Fold one changelog record into `snapshot` (later rows win; tombstones delete)."""
+    """Fold one changelog record into `snapshot` (later rows win; tombstones delete).
+
+    A job state is validated here, so a damaged changelog fails the restore; run rows are
+    parsed when they are written to SQLite.
+    """
     snapshot.records += 1
     text = key.decode()
     if value is None:
         snapshot.runs.pop(text, None)
         return
-    data: dict[str, Any] = json.loads(value)
-    if data["row"] == "job":
-        snapshot.jobs[text] = load_state(data["state"])
-    elif data["row"] == "run":
-        snapshot.runs[text] = _RUN_ADAPTER.validate_python(data["run"])
+    kind, data = split_row(value)
+    if kind == "job":
+        load_state(data)
+        snapshot.jobs[text] = data
+    else:
+        snapshot.runs[text] = data
 
 
 async def read_partition(

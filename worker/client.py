@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from schemas import EventType, StatusEvent
 from worker import changelog
 from worker.kafkaio import partitions_of
-from worker.lifecycle import JobState, Run
+from worker.lifecycle import JobState, Run, load_state
 from worker.settings import Settings
 
 log = structlog.get_logger("client")
@@ -143,7 +143,7 @@ class JobClient:
             bootstrap_servers=bs, isolation_level="read_committed", enable_auto_commit=False
         )
         self._waiters: dict[str, list[tuple[set[EventType], asyncio.Future[StatusEvent]]]] = {}
-        self._view = changelog.PartitionSnapshot()
+        self._jobs: dict[str, JobState] = {}  # the running view: every job type's state
         self._view_changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -205,8 +205,10 @@ class JobClient:
             async with self._view_changed:
                 for records in batch.values():
                     for record in records:
-                        if record.key is not None:
-                            changelog.apply_row(self._view, record.key, record.value)
+                        if record.key is not None and record.value is not None:
+                            kind, data = changelog.split_row(record.value)
+                            if kind == "job":
+                                self._jobs[record.key.decode()] = load_state(data)
                 self._view_changed.notify_all()
 
     async def _sync_view(self, timeout: float = 30) -> None:
@@ -372,7 +374,7 @@ class JobClient:
     ) -> RunInfo | None:
         """The running run of `job_type` (for `client_id`, if given), or None."""
         await self._sync_view()
-        state: JobState | None = self._view.jobs.get(job_type)
+        state: JobState | None = self._jobs.get(job_type)
         if state is None:
             return None
         for run in state.active:
@@ -389,8 +391,8 @@ class JobClient:
         await self._sync_view()
         return [
             RunInfo.of(run)
-            for job_type in sorted(self._view.jobs)
-            for run in self._view.jobs[job_type].active
+            for job_type in sorted(self._jobs)
+            for run in self._jobs[job_type].active
         ]
 
     async def answer(self, request_id: str, timeout: float = 30) -> StatusEvent:

@@ -457,11 +457,16 @@ class Worker:
         assert self._restorer is not None
         assert self._store is not None
         started = time.perf_counter()
-        async with self._restoring:  # one restore consumer, re-assigned per partition
+        # One partition at a time, read and written: one restore consumer, re-assigned per
+        # partition, and one snapshot in memory.
+        async with self._restoring:
             snapshot = await changelog.read_partition(self._restorer, self.topics.state, number)
-        await self._store.replace_partition(
-            number, snapshot.jobs.values(), snapshot.runs.values(), committed
-        )
+            await self._store.replace_partition(
+                number,
+                snapshot.jobs.items(),
+                map(changelog.load_run, snapshot.runs.values()),
+                committed,
+            )
         log.info(
             "partition restored from changelog",
             partition=number,

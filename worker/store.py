@@ -8,18 +8,19 @@ decision log equals the live one by construction. Rows are tagged with their par
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from pydantic_core import to_json
 
 from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
-from worker.lifecycle import JobState, dump_state, load_state
+from worker.lifecycle import JobState, load_state
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -59,7 +60,17 @@ _BUSY = (
     "json_array_length(CAST(state AS TEXT), '$.active') > 0 "
     "OR json_array_length(CAST(state AS TEXT), '$.queue') > 0"
 )
-_CHUNK = 5_000  # rows a time when a partition's history is read
+_CHUNK = 5_000  # rows a time when a partition's history is read or restored
+
+
+T = TypeVar("T")
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
 
 # How long a statement waits for another connection's write lock (a replay process's
 # transaction, a restore) before failing.
@@ -406,27 +417,27 @@ class Store:
     async def replace_partition(
         self,
         partition: int,
-        states: Iterable[JobState],
+        states: Iterable[tuple[str, bytes]],
         runs: Iterable[RunRow],
         next_offsets: Mapping[str, int],
     ) -> None:
-        """Replace what is known of `partition` by a snapshot restored from the changelog."""
+        """Replace what is known of `partition` by a snapshot restored from the changelog:
+        (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time."""
         async with self._lock:
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
             await self._db.execute("UPDATE runs SET retained = 0 WHERE partition = ?", (partition,))
-            await self._upsert_runs(runs, retained=True)
-            await self._put_states(partition, states)
+            for chunk in _chunks(runs, _CHUNK):
+                await self._upsert_runs(chunk, retained=True)
+            for pairs in _chunks(states, _CHUNK):
+                await self._db.executemany(
+                    _PUT_STATE, [(job_type, partition, state) for job_type, state in pairs]
+                )
             await self._db.execute("DELETE FROM applied_offsets WHERE partition = ?", (partition,))
             await self._put_offsets(partition, next_offsets)
             await self._db.commit()
 
     async def _upsert_runs(self, runs: Iterable[RunRow], *, retained: bool) -> None:
         await self._db.executemany(_UPSERT_RUN, [_params(r, retained=retained) for r in runs])
-
-    async def _put_states(self, partition: int, states: Iterable[JobState]) -> None:
-        await self._db.executemany(
-            _PUT_STATE, [(s.job_type, partition, dump_state(s)) for s in states]
-        )
 
     async def _put_offsets(self, partition: int, next_offsets: Mapping[str, int]) -> None:
         await self._db.executemany(
