@@ -41,6 +41,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert report.restored_records > 0
     assert report.peak_rss_mb > 0
     assert report.restart_peak_rss_mb > 0
+    assert report.restore_peak_rss_mb > 0
     assert report.history_in_flight == 100  # 300 runs made with at most 100 outstanding
     assert report.replay_processes >= 1
 
@@ -51,3 +52,4 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "contract floor ÷ baseline" in out.getvalue()
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()
     assert "peak RSS, restarted on them" in out.getvalue()
+    assert "peak RSS, restoring them" in out.getvalue()

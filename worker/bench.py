@@ -38,6 +38,7 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    runs cost the worker little (their ID and end time until the changelog tombstone); active
    runs are held in memory, so a backlog with every run active at once measures the backlog,
    not the history. Then the peak RSS of a worker restarted on that worker's SQLite file,
+   and of one with an empty file, which restores every partition from the changelog, each
    once it has taken every partition.
 6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files, as
    `jobctl replay` runs by default (one process per CPU).
@@ -194,6 +195,7 @@ class BenchReport:
     history_in_flight: int  # requests outstanding at most while the history was made
     peak_rss_mb: float
     restart_peak_rss_mb: float  # a worker restarted on that history, its partitions taken
+    restore_peak_rss_mb: float  # a worker with an empty SQLite file, having restored them
     replay_records_per_s: Figure  # status events `jobctl replay` applies per second
     replay_processes: int  # processes `jobctl replay` used (one per CPU)
     environment: dict[str, str] = field(default_factory=dict)
@@ -249,6 +251,7 @@ class BenchReport:
             "MB",
         )
         single("peak RSS, restarted on them", f"{self.restart_peak_rss_mb:,.1f}", "MB")
+        single("peak RSS, restoring them", f"{self.restore_peak_rss_mb:,.1f}", "MB")
         row(
             f"replay, {2 * self.history_runs:,} events, {self.replay_processes} processes",
             self.replay_records_per_s,
@@ -1033,9 +1036,10 @@ async def _restore(bench: _Bench) -> tuple[Figure, int, int]:
     return Figure.of(seconds), runs, records
 
 
-async def _peak_rss(bench: _Bench) -> tuple[float, float, Topics]:
-    """VmHWM in MB of a worker that made `history_runs` runs, then of one restarted on its
-    SQLite file once it has taken every partition; the topics of that history."""
+async def _peak_rss(bench: _Bench) -> tuple[float, float, float, Topics]:
+    """VmHWM in MB of a worker that made `history_runs` runs, of one restarted on its SQLite
+    file, and of one with an empty file (it restores every partition from the changelog),
+    the last two once they have taken every partition; the topics of that history."""
     o = bench.options
     topics = await bench.topics("rss", o.partitions)
     worker = bench.worker(topics, "exactly_once")
@@ -1048,17 +1052,16 @@ async def _peak_rss(bench: _Bench) -> tuple[float, float, Topics]:
         on_done=lambda: peak.append(worker.peak_rss_mb()),
         in_flight=o.history_in_flight,
     )
-    restarted = bench.worker(
-        topics, "exactly_once", log_level="info", db=worker.env["JOBS_DB_PATH"]
-    )
-    try:
-        await restarted.start()
-        await restarted.wait_log("partitions assigned", _timeout_for(o.history_runs))
-        peak.append(restarted.peak_rss_mb())
-        await restarted.stop()
-    finally:
-        await restarted.close()
-    return peak[0], peak[1], topics
+    for db in (worker.env["JOBS_DB_PATH"], None):
+        taker = bench.worker(topics, "exactly_once", log_level="info", db=db)
+        try:
+            await taker.start()
+            await taker.wait_log("partitions assigned", _timeout_for(o.history_runs))
+            peak.append(taker.peak_rss_mb())
+            await taker.stop()
+        finally:
+            await taker.close()
+    return peak[0], peak[1], peak[2], topics
 
 
 async def _replay(bench: _Bench, topics: Topics) -> tuple[Figure, int]:
@@ -1145,8 +1148,11 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         f"peak RSS: running {o.history_runs:,} lifecycles through one worker, "
         f"at most {o.history_in_flight:,} in flight"
     )
-    rss, restart_rss, history = await _peak_rss(bench)
-    bench.say(f"peak RSS: {rss:,.1f} MB; restarted on that history: {restart_rss:,.1f} MB")
+    rss, restart_rss, restore_rss, history = await _peak_rss(bench)
+    bench.say(
+        f"peak RSS: {rss:,.1f} MB; restarted on that history: {restart_rss:,.1f} MB; "
+        f"restoring it from the changelog: {restore_rss:,.1f} MB"
+    )
     bench.say("replay: rebuilding a store from that worker's status topic")
     replayed, replay_processes = await _replay(bench, history)
 
@@ -1199,6 +1205,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         history_in_flight=o.history_in_flight,
         peak_rss_mb=rss,
         restart_peak_rss_mb=restart_rss,
+        restore_peak_rss_mb=restore_rss,
         replay_records_per_s=replayed,
         replay_processes=replay_processes,
         environment=environment,
