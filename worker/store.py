@@ -455,6 +455,8 @@ class Store:
     async def retained_ends(self, partition: int) -> AsyncIterator[list[tuple[datetime, str]]]:
         """(end time, run ID) of `partition`'s ended runs still in the changelog, in end order,
         a chunk at a time: their rows await a tombstone, so they may be many."""
+        # The worker's times are UTC ISO strings, which sort as text; a row out of order would
+        # only leave the retention list late (`runner.Retained`), never early.
         async with self._db.execute(
             "SELECT ended_at, run_id FROM runs "
             "WHERE partition = ? AND retained = 1 AND ended_at IS NOT NULL "
