@@ -39,16 +39,24 @@ class WireModel(BaseModel):
     )
 
 
+# Names: no whitespace and no control characters (a NUL in a key or a log line is trouble
+# for every consumer downstream). IDs may hold spaces but no control characters.
+_NAME = r"^[^\s\x00-\x1f\x7f]+$"
+_TEXT = r"^[^\x00-\x1f\x7f]+$"
 JobType = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\s]+$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NAME),
 ]
 ClientId = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=r"^[^\s]+$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=_NAME),
 ]
-RequestId = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-RunIdText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=400)]
+RequestId = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_TEXT)
+]
+RunIdText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=400, pattern=_TEXT)
+]
 
 
 class RunStatus(StrEnum):
@@ -107,6 +115,14 @@ class JobRequest(WireModel):
         default=None, description="For a cancel: the run to cancel (else the scope's active run)."
     )
     reason: str | None = Field(default=None, max_length=1000, description="Why, for a cancel.")
+
+    @model_validator(mode="after")
+    def _no_run_id_on_start(self) -> JobRequest:
+        if self.kind == "start" and self.run_id is not None:
+            raise ValueError(
+                "a start request cannot carry run_id: the orchestrator assigns run IDs"
+            )
+        return self
 
 
 class JobResult(WireModel):

@@ -14,10 +14,13 @@ from schemas import DeadLetter, RunStatus, Source
 from worker.codec import (
     MAX_DEAD_LETTER_VALUE,
     Bad,
+    InputLimits,
     InputRecord,
     Reroute,
     TopicRole,
+    dead_letter,
     decode,
+    nesting_depth_over,
     partition_for,
 )
 from worker.lifecycle import Cancel, Command, Finish, Progress, Start
@@ -69,7 +72,7 @@ def record(
 
 def run(rec: InputRecord) -> Command | Bad | Reroute:
     """Decode `rec` with the test's limits and clock."""
-    return decode(rec, partitions=PARTITIONS, max_bytes=MAX_BYTES, now=NOW)
+    return decode(rec, partitions=PARTITIONS, limits=InputLimits(record_bytes=MAX_BYTES), now=NOW)
 
 
 def b64(data: bytes) -> str:
@@ -246,7 +249,12 @@ def test_a_dead_letter_leaves_out_a_value_too_large_to_forward() -> None:
     """A value over MAX_DEAD_LETTER_VALUE is not copied into the dead letter (it would be
     larger than the broker accepts and stall the partition); the reason says where it is."""
     value = b"{" + b" " * MAX_DEAD_LETTER_VALUE + b"]"
-    outcome = decode(record(value), partitions=PARTITIONS, max_bytes=2 * len(value), now=NOW)
+    outcome = decode(
+        record(value),
+        partitions=PARTITIONS,
+        limits=InputLimits(record_bytes=2 * len(value)),
+        now=NOW,
+    )
     assert isinstance(outcome, Bad)
     letter = outcome.dead_letter
     assert letter.reason.code == "malformed_json"
@@ -641,3 +649,110 @@ def test_reject_prefers_payload_ids_to_key() -> None:
     assert outcome.reject is not None
     assert outcome.reject.request_id == "req-7"
     assert outcome.reject.job_type == "feed_import"
+
+
+@pytest.mark.parametrize(
+    ("text", "over"),
+    [
+        pytest.param(b'{"a": [[[]]]}', False, id="four-deep"),
+        pytest.param(b'{"a": [[[[]]]]}', True, id="five-deep"),
+        pytest.param(b'{"a": "[[[[[[[[[[[[", "b": [[]]}', False, id="brackets-in-a-string"),
+        pytest.param(b'{"a": "\\"[[[[[[", "b": [{}]}', False, id="escaped-quote-then-brackets"),
+        pytest.param(b"[]" * 50, False, id="many-shallow"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, True, id="100000-deep"),
+        pytest.param(b'{"a": [[[[[[\xff', True, id="not-utf8-still-scanned"),
+    ],
+)
+def test_nesting_depth_is_counted_outside_strings(text: bytes, over: bool) -> None:
+    """Brackets inside JSON strings do not count; nesting is scanned, not recursed into."""
+    assert nesting_depth_over(text, 4) is over
+
+
+def test_a_start_nested_100000_deep_is_dead_lettered_too_deep() -> None:
+    """Nesting beyond JOBS_MAX_NESTING_DEPTH is a `too_deep` dead letter, not a crash."""
+    value = b'{"job_type": "post_scoring", "initial_data": {"a": ' + b"[" * 100_000
+    value += b"]" * 100_000 + b"}}"
+    outcome = decode(record(value), partitions=PARTITIONS, limits=InputLimits(), now=NOW)
+    assert isinstance(outcome, Bad)
+    assert outcome.dead_letter.reason.code == "too_deep"
+    assert "JOBS_MAX_NESTING_DEPTH" in outcome.dead_letter.reason.message
+
+
+def test_a_header_name_that_is_not_utf8_is_dead_lettered() -> None:
+    """A header name read with its bad bytes escaped is dead-lettered `malformed_header`."""
+    name = b"\xff\xfeX".decode("utf-8", "surrogateescape")
+    outcome = run(record({"job_type": JOB}, headers=[(name, b"v"), ("ok", None)]))
+    assert isinstance(outcome, Bad)
+    letter = outcome.dead_letter
+    assert letter.reason.code == "malformed_header"
+    assert [h.key for h in letter.headers] == ["\ufffd\ufffdX", "ok"]
+    letter.model_dump_json()  # publishable: no surrogates left
+
+
+@pytest.mark.parametrize("role", ["requests", "results"])
+def test_data_over_the_limit_is_too_large_and_rejected(role: TopicRole) -> None:
+    """`initial_data` or `final_metrics` over JOBS_MAX_DATA_BYTES: dead letter and reject."""
+    blob = {"blob": "x" * 2000}
+    body: dict[str, Any] = (
+        {"job_type": JOB, "request_id": "r1", "initial_data": blob}
+        if role == "requests"
+        else {"job_type": JOB, "run_id": RUN_ID, "status": "COMPLETED", "final_metrics": blob}
+    )
+    limits = InputLimits(data_bytes=1000)
+    outcome = decode(record(body, role=role), partitions=PARTITIONS, limits=limits, now=NOW)
+    assert isinstance(outcome, Bad)
+    assert outcome.dead_letter.reason.code == "too_large"
+    assert "JOBS_MAX_DATA_BYTES" in outcome.dead_letter.reason.message
+    assert outcome.reject is not None
+    small = decode(record(body, role=role), partitions=PARTITIONS, limits=InputLimits(), now=NOW)
+    assert not isinstance(small, Bad)
+
+
+def test_a_start_carrying_a_run_id_is_schema_invalid() -> None:
+    """Only the orchestrator assigns run IDs: a start naming one is refused as invalid."""
+    outcome = run(record({"job_type": JOB, "request_id": "r1", "run_id": RUN_ID}))
+    assert isinstance(outcome, Bad)
+    assert outcome.dead_letter.reason.code == "schema_invalid"
+    assert "assigns run IDs" in outcome.dead_letter.reason.message
+    assert outcome.reject is not None
+
+
+def test_rejects_never_name_a_huge_job_type_or_key() -> None:
+    """A reject names only well-formed IDs, and reasons quote at most a few hundred bytes."""
+    huge = "j" * 900_000
+    body = {"job_type": huge, "run_id": RUN_ID, "status": "COMPLETED", "request_id": "r1"}
+    outcome = decode(
+        record(body, role="results", key=b"k" * 500_000),
+        partitions=PARTITIONS,
+        limits=InputLimits(record_bytes=2_000_000),
+        now=NOW,
+    )
+    assert isinstance(outcome, Bad)
+    assert outcome.reject is None  # neither the job type nor the key can name the sender
+    assert len(outcome.dead_letter.reason.message) < 3000
+    letter = outcome.dead_letter
+    assert letter.key is not None
+    assert letter.value is None
+    assert "value is not copied here" in letter.reason.message
+
+    mismatch = decode(
+        record({"job_type": JOB, "request_id": "r1"}, key=b"k" * 500_000),
+        partitions=PARTITIONS,
+        limits=InputLimits(),
+        now=NOW,
+    )
+    assert isinstance(mismatch, Bad)
+    assert mismatch.dead_letter.reason.code == "key_mismatch"
+    assert "and 499800 more bytes" in mismatch.dead_letter.reason.message
+    assert mismatch.reject is not None
+    assert len(mismatch.reject.reason) < 3000
+
+
+def test_a_dead_letter_without_copy_carries_only_the_coordinates() -> None:
+    """The last-resort dead letter copies nothing of the record, and says so."""
+    letter = dead_letter(
+        record(b"x" * 100, headers=[("h", b"v")]), "unprocessable", "boom", NOW, copy=False
+    )
+    assert (letter.key, letter.value, letter.headers) == (None, None, ())
+    assert "nothing of the original" in letter.reason.message
+    assert letter.source.offset == 17

@@ -12,15 +12,18 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiokafka.partitioner import murmur2
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import to_json
 
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
+from schemas.messages import RequestId, RunIdText
 from worker.lifecycle import Cancel, Command, Finish, Progress, Reject, Start
 
 TopicRole = Literal["requests", "results"]
@@ -96,30 +99,90 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-# Base64 grows a value by a third: a larger original would make a dead letter the broker
-# refuses (1 MiB by default), and the partition could not move past it.
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    """Bounds on an input record; beyond them it is dead-lettered (settings `JOBS_MAX_*`)."""
+
+    record_bytes: int = 1_048_576  # the whole value
+    nesting_depth: int = 32  # arrays and objects inside one another, the message itself is 1
+    data_bytes: int = 65_536  # `initial_data`, `final_metrics` or `metrics`, as JSON
+
+
+# What a dead letter copies of the original (key, headers, value) stays under this: base64
+# grows it by a third, and a dead letter over the topic's 1 MiB limit would be refused by the
+# broker, so the partition could not move past its record.
 MAX_DEAD_LETTER_VALUE = 512 * 1024
 
 
-def dead_letter(record: InputRecord, code: str, message: str, now: datetime) -> DeadLetter:
-    """A dead letter for `record` with the original key, value and headers intact.
+def _header_name(name: str) -> tuple[str, bytes]:
+    """A header name as text fit for JSON, and its original bytes.
 
-    A value over `MAX_DEAD_LETTER_VALUE` bytes is left out (the reason says so); `source`
-    still points at the original record.
+    Names that are not UTF-8 arrive with their bytes escaped as surrogates (see
+    `worker.kafkarecords`); the text shows them as U+FFFD.
     """
-    value = record.value
-    if value is not None and len(value) > MAX_DEAD_LETTER_VALUE:
-        message += (
-            f" (the {len(value)}-byte value is not copied here: over {MAX_DEAD_LETTER_VALUE}"
-            " bytes; read it at the source offset)"
+    raw = name.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "replace"), raw
+
+
+_DEAD_LETTER_KEY_BYTES = 1024
+
+
+def dead_letter_key(record: InputRecord) -> bytes | None:
+    """The Kafka key of `record`'s dead letter: its own key, unless that is oversized."""
+    key = record.key
+    return key if key is None or len(key) <= _DEAD_LETTER_KEY_BYTES else None
+
+
+def dead_letter(
+    record: InputRecord, code: str, message: str, now: datetime, *, copy: bool = True
+) -> DeadLetter:
+    """A dead letter for `record` with the original key, value and headers.
+
+    Together they stay under `MAX_DEAD_LETTER_VALUE` bytes: the key first, then the headers,
+    then the value; what does not fit is left out and the reason says so. With `copy=False`
+    nothing of them is copied. `source` still points at the original record.
+    """
+    if not copy:
+        return DeadLetter(
+            reason=DeadLetterReason(
+                code=code, message=f"{message} (nothing of the original is copied here)"
+            ),
+            source=record.source,
+            key=None,
+            value=None,
+            dead_lettered_at=now,
         )
-        value = None
+    budget = MAX_DEAD_LETTER_VALUE
+    left_out: list[str] = []
+
+    def fits(what: str, size: int) -> bool:
+        nonlocal budget
+        if size <= budget:
+            budget -= size
+            return True
+        left_out.append(f"the {size}-byte {what}")
+        return False
+
+    key = record.key if record.key is None or fits("key", len(record.key)) else None
+    headers: list[Header] = []
+    if record.headers:
+        named = [(_header_name(k), v) for k, v in record.headers]
+        size = sum(len(raw) + len(v or b"") for (_, raw), v in named)
+        if fits("headers", size):
+            headers = [Header(key=text, value=_b64(v)) for (text, _), v in named]
+    value = record.value if record.value is None or fits("value", len(record.value)) else None
+    if left_out:
+        message += (
+            f" ({' and '.join(left_out)} {'is' if len(left_out) == 1 else 'are'} not copied "
+            f"here: a dead letter carries at most "
+            f"{MAX_DEAD_LETTER_VALUE} bytes of the original; read it at the source offset)"
+        )
     return DeadLetter(
         reason=DeadLetterReason(code=code, message=message),
         source=record.source,
-        key=_b64(record.key),
+        key=_b64(key),
         value=_b64(value),
-        headers=tuple(Header(key=k, value=_b64(v)) for k, v in record.headers),
+        headers=tuple(headers),
         dead_lettered_at=now,
     )
 
@@ -135,8 +198,22 @@ def _summarize(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _text(value: object) -> str | None:
-    return value.strip() if isinstance(value, str) and value.strip() else None
+# A job type with spaces is invalid, yet its sender can be answered: rejects take any job
+# type a request ID could be (at most 200 characters, no control characters).
+_JOB_TYPE: TypeAdapter[str] = TypeAdapter(RequestId)
+_REQUEST_ID: TypeAdapter[str] = TypeAdapter(RequestId)
+_RUN_ID: TypeAdapter[str] = TypeAdapter(RunIdText)
+
+
+def _valid(adapter: TypeAdapter[str], value: object) -> str | None:
+    """`value` as `adapter` accepts it, else None: a reject only names what is well-formed,
+    so that no input can make its `rejected` event too large or malformed to publish."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return adapter.validate_python(value)
+    except ValidationError:
+        return None
 
 
 def _reject_for(
@@ -144,9 +221,11 @@ def _reject_for(
 ) -> Reject | None:
     """A `Reject` when the sender can be identified from what did parse."""
     data: dict[str, Any] = payload if isinstance(payload, dict) else {}
-    request_id = _text(data.get("request_id", data.get("requestId")))
-    run_id = _text(data.get("run_id", data.get("runId")))
-    job_type = _text(data.get("job_type", data.get("jobType"))) or key_text
+    request_id = _valid(_REQUEST_ID, data.get("request_id", data.get("requestId")))
+    run_id = _valid(_RUN_ID, data.get("run_id", data.get("runId")))
+    job_type = _valid(_JOB_TYPE, data.get("job_type", data.get("jobType"))) or _valid(
+        _JOB_TYPE, key_text
+    )
     if job_type is None or (request_id is None and run_id is None):
         return None
     return Reject(
@@ -159,37 +238,113 @@ def _reject_for(
     )
 
 
+_REASON_CHARS = 2000  # of a dead letter's or rejection's reason
+_QUOTED_BYTES = 200  # of a key quoted in a reason
+
+
+def _quoted(data: bytes | None) -> str:
+    """`data` for a reason: its text (or bytes) repr, cut to a few hundred characters."""
+    if data is None:
+        return "missing"
+    try:
+        shown: object = data.decode("utf-8")[:_QUOTED_BYTES]
+    except UnicodeDecodeError:
+        shown = data[:_QUOTED_BYTES]
+    more = f" (and {len(data) - _QUOTED_BYTES} more bytes)" if len(data) > _QUOTED_BYTES else ""
+    return f"{shown!r}{more}"
+
+
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# A JSON string (escapes included) or one bracket: what the nesting scan steps over.
+_DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_OPENING = frozenset(b"[{")
+
+
+def nesting_depth_over(value: bytes, limit: int) -> bool:
+    """Whether arrays and objects in the JSON text `value` nest deeper than `limit`.
+
+    Scanned before parsing, so a record nested 100,000 deep costs a pass over its bytes, not
+    a recursion that ends in `RecursionError`. Values with at most `limit` brackets (nearly
+    all) are answered by counting alone.
+    """
+    if value.count(b"[") + value.count(b"{") <= limit:
+        return False
+    depth = 0
+    for token in _DEPTH_TOKENS.finditer(value):
+        first = token.group()[0]
+        if first in _OPENING:
+            depth += 1
+            if depth > limit:
+                return True
+        elif first != 0x22:  # a closing bracket; strings (") are skipped whole
+            depth -= 1
+    return False
+
+
+def _bad_header(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
+    """The first header name that is not UTF-8, shown with its bad bytes replaced."""
+    for name, _ in headers:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            return _header_name(name)[0]
+    return None
+
+
+def _data_size(data: Any, record_size: int, limit: int) -> int | None:
+    """The JSON size of `data` when it may exceed `limit`, else None.
+
+    `data` came out of a record of `record_size` bytes, and its compact JSON is no larger
+    than its part of that record, so only records over `limit` are measured.
+    """
+    if data is None or record_size <= limit:
+        return None
+    size = len(to_json(data))
+    return size if size > limit else None
+
+
 def decode(
-    record: InputRecord, *, partitions: int, max_bytes: int, now: datetime
+    record: InputRecord, *, partitions: int, limits: InputLimits, now: datetime
 ) -> Command | Bad | Reroute:
     """Turn an input record into a core command, or explain why it cannot be one."""
 
     def bad(code: str, message: str, payload: object = None, key_text: str | None = None) -> Bad:
+        if len(message) > _REASON_CHARS:  # it quotes input: keep events and letters small
+            message = message[: _REASON_CHARS - 1] + "…"
         reject = _reject_for(record, payload, f"{code}: {message}", key_text)
         return Bad(dead_letter(record, code, message, now), reject)
 
     value = record.value
     if not value:
         return bad("empty_value", "the record has no value; expected a JSON object")
-    if len(value) > max_bytes:
+    if len(value) > limits.record_bytes:
         return bad(
             "oversized",
-            f"the record is {len(value)} bytes; the limit is {max_bytes} (JOBS_MAX_RECORD_BYTES)",
+            f"the record is {len(value)} bytes; the limit is {limits.record_bytes} "
+            "(JOBS_MAX_RECORD_BYTES)",
         )
+    if record.headers and (name := _bad_header(record.headers)) is not None:
+        return bad("malformed_header", f"a header name is not UTF-8: {name!r}")
     try:
         # Decode explicitly: json.loads(bytes) would also accept UTF-16 and UTF-32.
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         return bad("malformed_json", f"the value is not UTF-8: {exc.reason} at byte {exc.start}")
+    if nesting_depth_over(value, limits.nesting_depth):
+        return bad(
+            "too_deep",
+            f"arrays and objects nest more than {limits.nesting_depth} deep "
+            "(JOBS_MAX_NESTING_DEPTH)",
+        )
     try:
         payload = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         return bad("malformed_json", f"the value is not JSON: {exc.msg} at position {exc.pos}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: NaN or Infinity, or an integer of more digits than Python converts.
         return bad("malformed_json", f"the value is not JSON: {exc}")
     key_text: str | None = None
     if record.key is not None:
@@ -209,8 +364,28 @@ def decode(
         return bad(
             "key_mismatch",
             f"records must be keyed by their job type {message.job_type!r}; "
-            f"the key is {key_text!r}",
+            f"the key is {_quoted(record.key)}",
             payload,
+        )
+    data = (
+        message.initial_data
+        if isinstance(message, JobRequest)
+        else (message.metrics if message.kind == "progress" else message.final_metrics)
+    )
+    if (size := _data_size(data, len(value), limits.data_bytes)) is not None:
+        field_name = (
+            "initial_data"
+            if isinstance(message, JobRequest)
+            else "metrics"
+            if message.kind == "progress"
+            else "final_metrics"
+        )
+        return bad(
+            "too_large",
+            f"{field_name} is {size} bytes as JSON; the limit is {limits.data_bytes} "
+            "(JOBS_MAX_DATA_BYTES)",
+            payload,
+            key_text,
         )
     key = message.job_type.encode()
     expected = partition_for(key, partitions)

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from schemas import StatusEvent
 from worker import gctuning
-from worker.codec import Bad, InputRecord, Reroute, TopicRole, decode
+from worker.codec import Bad, InputLimits, InputRecord, Reroute, TopicRole, decode
 from worker.config import JobsConfig
 from worker.kafkaio import partitions_of, read_until
 from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide
@@ -385,7 +385,14 @@ async def verify(
         done = 0
         for partition in sorted(set(inputs) | set(logged)):
             _verify_partition(
-                partition, partitions, inputs[partition], logged[partition], config, limits, report
+                partition,
+                partitions,
+                inputs[partition],
+                logged[partition],
+                config,
+                limits,
+                settings.input_limits,
+                report,
             )
             done += len(logged[partition])
             if progress is not None:
@@ -417,6 +424,7 @@ def _verify_partition(
     events: list[StatusEvent],
     config: JobsConfig,
     limits: Limits,
+    input_limits: InputLimits,
     report: VerifyReport,
 ) -> None:
     jobs: dict[str, JobState] = {}
@@ -436,7 +444,7 @@ def _verify_partition(
         return run(AdvanceTime(job_type, at))
 
     def command_of(record: InputRecord) -> Command | None:
-        decoded = decode(record, partitions=partitions, max_bytes=2**31, now=now)
+        decoded = decode(record, partitions=partitions, limits=input_limits, now=now)
         if isinstance(decoded, Reroute):
             return None
         if isinstance(decoded, Bad):

@@ -35,6 +35,7 @@ import contextlib
 import heapq
 import os
 import signal
+import sqlite3
 import time
 from array import array
 from collections.abc import Iterable, Sequence
@@ -49,18 +50,34 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
+    CorruptRecordException,
     IllegalStateError,
+    InvalidMessageError,
     InvalidProducerEpoch,
+    InvalidTimestampError,
     KafkaError,
+    MessageSizeTooLargeError,
     ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
 )
 from aiokafka.producer.transaction_manager import TransactionState
 from rbloom import Bloom
 
 from schemas import DeadLetter, EventType, StatusEvent
-from worker import changelog, gctuning
+from worker import changelog, gctuning, kafkarecords
 from worker import topics as topic_admin
-from worker.codec import REROUTED_FROM, Bad, InputRecord, Reroute, TopicRole, decode
+from worker.codec import (
+    REROUTED_FROM,
+    Bad,
+    InputRecord,
+    Reroute,
+    TopicRole,
+    dead_letter,
+    dead_letter_key,
+    decode,
+)
 from worker.config import JobsConfig
 from worker.config import load as load_config
 from worker.kafkaio import Outbox
@@ -73,6 +90,77 @@ log = structlog.get_logger("worker")
 
 class FencedError(RuntimeError):
     """Another worker owns the partition now; this one must stop writing to it."""
+
+
+class InjectedFault(RuntimeError):
+    """Testing only: a record marked to fail (`JOBS_FAULT_RECORD`)."""
+
+
+# Kafka errors caused by what a batch holds, not by the broker's health: retrying the batch
+# as it is cannot succeed.
+_RECORD_ERRORS = (
+    CorruptRecordException,
+    InvalidMessageError,
+    InvalidTimestampError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnsupportedForMessageFormatError,
+)
+RECORD_ATTEMPTS = 3  # a record that fails alone this often is dead-lettered `unprocessable`
+_BACKOFF_FIRST_S = 0.2
+_BACKOFF_MAX_S = 10.0
+_ERROR_CHARS = 500  # of an error's text, in a dead letter's reason
+
+
+def tied_to_input(exc: BaseException) -> bool:
+    """Whether a failed batch may have failed because of one of its input records.
+
+    Kafka's own failures (connections, timeouts, coordinators) are the broker's; retrying
+    them later succeeds. SQLite's are the machine's. Anything else came from deciding or
+    serializing what the records hold.
+    """
+    if isinstance(exc, KafkaError):
+        return isinstance(exc, _RECORD_ERRORS)
+    return not isinstance(exc, sqlite3.Error | OSError)
+
+
+@dataclass
+class Trouble:
+    """A partition whose batches fail: retried with backoff, then one record at a time.
+
+    After a batch fails for a reason tied to its input, the records it held (up to `until`,
+    the next offset of each input topic) are applied one per batch, so the record at fault
+    fails alone and the others go through; a record that fails alone `RECORD_ATTEMPTS`
+    times is dead-lettered `unprocessable`, in a transaction with its offset, exactly once.
+    """
+
+    failures: int = 0  # consecutive failed attempts, for the backoff
+    until: dict[str, int] = field(default_factory=dict)  # empty: not isolating
+    record: tuple[str, int] | None = None  # the record last tried alone
+    record_failures: int = 0  # how often it failed alone
+    error: str = ""  # the last failure
+
+    def backoff(self) -> float:
+        """Seconds to wait before the next attempt."""
+        return float(min(_BACKOFF_FIRST_S * 2 ** (self.failures - 1), _BACKOFF_MAX_S))
+
+    def given_up(self, record: InputRecord) -> bool:
+        """Whether `record` failed alone often enough to be dead-lettered."""
+        return (
+            self.record == (record.topic, record.offset) and self.record_failures >= RECORD_ATTEMPTS
+        )
+
+    def failed_alone(self, record: InputRecord) -> None:
+        """Count a failure of `record` tried alone."""
+        if self.record == (record.topic, record.offset):
+            self.record_failures += 1
+        else:
+            self.record, self.record_failures = (record.topic, record.offset), 1
+
+    def passed(self, applied: dict[str, int]) -> bool:
+        """Whether every record of the failed batch has been applied or dead-lettered."""
+        return all(applied.get(topic, 0) >= offset for topic, offset in self.until.items())
 
 
 @dataclass
@@ -202,10 +290,14 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None  # at_least_once only
         self._restorer: AIOKafkaConsumer | None = None
         self._failure: BaseException | None = None
+        self._trouble: dict[int, Trouble] = {}  # partitions whose batches failed
+        self._stopping = asyncio.Event()
+        self._fault_record = settings.fault_record.encode()
         self._restoring = asyncio.Lock()
         self._batches = 0
         self._faulted = False
         self._retention = timedelta(seconds=settings.run_retention_s)
+        self._input_limits = settings.input_limits
         self._limits = Limits(
             ended_window=settings.ended_window, idempotency_window=settings.idempotency_window
         )
@@ -231,6 +323,7 @@ class Worker:
         """Run until `stop` is set (or the task is cancelled), then shut down cleanly."""
         stop = stop or asyncio.Event()
         s = self.settings
+        kafkarecords.install()
         self.partition_count = await self._check_topics()
         self._store = await Store.open(s.db_path)
         self._consumer = AIOKafkaConsumer(
@@ -309,6 +402,7 @@ class Worker:
                     self._log.debug("garbage collected", ms=round(pause * 1000, 1))
         finally:
             stopping.cancel()
+            self._stopping.set()  # cuts short any retry's backoff
             # Graceful stop: let every batch in flight commit before leaving the group.
             await self._drain()
 
@@ -492,6 +586,11 @@ class Worker:
                 continue  # not ours (any more); whoever owns it reads from the committed offset
             self._consumer.pause(*self._tps(number))
             records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
+            trouble = self._trouble.get(number)
+            if trouble is not None and trouble.until:
+                # One record per batch until the failed batch is behind; the rest are read
+                # again (the partition is re-positioned after the batch).
+                records = records[:1]
             owner.task = asyncio.create_task(self._run_batch(owner, records))
 
     async def _load_idle(self, owner: Owner, records: Sequence[InputRecord]) -> list[str]:
@@ -525,43 +624,14 @@ class Worker:
         self, owner: Owner, records: list[InputRecord], wall_clock: datetime | None = None
     ) -> None:
         assert self._consumer is not None
+        trouble = self._trouble.get(owner.number)
+        alone = trouble is not None and bool(trouble.until) and len(records) == 1
         try:
-            loaded = await self._load_idle(owner, records)
-            outcome = self.apply(owner, records, wall_clock)
-            for job_type in (*loaded, *outcome.changed):
-                held = owner.jobs.get(job_type)
-                if held is not None and _idle(held):
-                    del owner.jobs[job_type]
-            if outcome.empty:
-                return
-            if self.exactly_once:
-                await self._commit_transaction(owner, outcome)
+            if trouble is not None and alone and trouble.given_up(records[0]):
+                outcome = self._unprocessable(owner, records[0], trouble)
             else:
-                await self._publish(self._producer, owner.number, outcome)
-                await self._commit_offsets(owner.number, outcome.next_offsets)
-            self._fault("after_commit")
-            assert self._store is not None
-            # Written behind: the partition goes on while SQLite catches up (a crash before
-            # the write is the restore-from-changelog case); `_take` flushes before reading.
-            self._store.record_batch(
-                owner.number,
-                outcome.runs.values(),
-                outcome.states.items(),
-                outcome.next_offsets,
-                outcome.tombstones,
-            )
-            if self._store.backlog > self.settings.batch_max_records:
-                # SQLite fell behind: hold this partition until it catches up, so the lag
-                # (and the memory it takes) stays within about a batch.
-                await self._store.flush()
-            self._log.debug(
-                "batch committed",
-                partition=owner.number,
-                records=len(records),
-                events=len(outcome.events),
-                dead_letters=len(outcome.dead_letters),
-                offsets=outcome.next_offsets,
-            )
+                outcome = await self._decide_batch(owner, records, wall_clock)
+            await self._commit(owner, outcome, records)
         except (ProducerFenced, InvalidProducerEpoch, FencedError) as exc:
             owner.fenced = True
             log.error(
@@ -570,21 +640,132 @@ class Worker:
                 error=repr(exc),
             )
             self._request_rejoin()
-        except KafkaError as exc:
-            log.warning(
-                "batch failed; resetting the partition to its committed offsets",
-                partition=owner.number,
-                error=repr(exc),
-            )
-            await self._reset(owner)
         except Exception as exc:
-            log.exception("batch failed unexpectedly; stopping", partition=owner.number)
-            self._failure = exc
+            await self._failed(owner, records, exc, alone)
+        else:
+            if trouble is not None:
+                self._recovered(owner, trouble, alone)
         finally:
             current = self._owners.get(owner.number)
             if current is not None and not current.fenced:
                 with contextlib.suppress(IllegalStateError):
                     self._consumer.resume(*self._tps(owner.number))
+
+    async def _decide_batch(
+        self, owner: Owner, records: list[InputRecord], wall_clock: datetime | None
+    ) -> BatchOutcome:
+        loaded = await self._load_idle(owner, records)
+        outcome = self.apply(owner, records, wall_clock)
+        for job_type in (*loaded, *outcome.changed):
+            held = owner.jobs.get(job_type)
+            if held is not None and _idle(held):
+                del owner.jobs[job_type]
+        return outcome
+
+    async def _commit(
+        self, owner: Owner, outcome: BatchOutcome, records: list[InputRecord]
+    ) -> None:
+        """Publish `outcome` with its input offsets, then queue it for SQLite."""
+        if outcome.empty:
+            return
+        if self.exactly_once:
+            await self._commit_transaction(owner, outcome)
+        else:
+            await self._publish(self._producer, owner.number, outcome)
+            await self._commit_offsets(owner.number, outcome.next_offsets)
+        self._fault("after_commit")
+        assert self._store is not None
+        # Written behind: the partition goes on while SQLite catches up (a crash before
+        # the write is the restore-from-changelog case); `_take` flushes before reading.
+        self._store.record_batch(
+            owner.number,
+            outcome.runs.values(),
+            outcome.states.items(),
+            outcome.next_offsets,
+            outcome.tombstones,
+        )
+        if self._store.backlog > self.settings.batch_max_records:
+            # SQLite fell behind: hold this partition until it catches up, so the lag
+            # (and the memory it takes) stays within about a batch.
+            await self._store.flush()
+        self._log.debug(
+            "batch committed",
+            partition=owner.number,
+            records=len(records),
+            events=len(outcome.events),
+            dead_letters=len(outcome.dead_letters),
+            offsets=outcome.next_offsets,
+        )
+
+    async def _failed(
+        self, owner: Owner, records: list[InputRecord], exc: Exception, alone: bool
+    ) -> None:
+        """Retry after a backoff from what Kafka committed; isolate records at fault."""
+        tied = tied_to_input(exc)
+        if not tied and not isinstance(exc, KafkaError):
+            log.exception("batch failed unexpectedly; stopping", partition=owner.number)
+            self._failure = exc
+            return
+        trouble = self._trouble.setdefault(owner.number, Trouble())
+        trouble.failures += 1
+        trouble.error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        if tied and records:
+            if alone:
+                trouble.failed_alone(records[0])
+            elif not trouble.until:
+                for record in records:
+                    end = trouble.until.get(record.topic, 0)
+                    trouble.until[record.topic] = max(end, record.offset + 1)
+        backoff = trouble.backoff()
+        log.warning(
+            "batch failed; retrying from the committed offsets",
+            partition=owner.number,
+            error=trouble.error,
+            attempt=trouble.failures,
+            backoff_s=backoff,
+            one_record_at_a_time=bool(trouble.until),
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), backoff)
+        await self._reset(owner)
+
+    def _recovered(self, owner: Owner, trouble: Trouble, alone: bool) -> None:
+        """A batch of a troubled partition committed: go on, or back to whole batches."""
+        trouble.failures = 0
+        if alone:
+            # Records fetched after this one were not applied: read them again.
+            assert self._consumer is not None
+            for tp in self._tps(owner.number):
+                self._consumer.seek(tp, owner.applied.get(tp.topic, 0))
+        if trouble.passed(owner.applied):
+            del self._trouble[owner.number]
+            log.info("partition back to whole batches", partition=owner.number)
+
+    def _unprocessable(self, owner: Owner, record: InputRecord, trouble: Trouble) -> BatchOutcome:
+        """Dead-letter a record that failed alone `RECORD_ATTEMPTS` times, and move on.
+
+        When even that dead letter failed, the next one copies nothing of the record.
+        """
+        message = (
+            f"processing failed {trouble.record_failures} times with this record alone; "
+            f"last error: {trouble.error}"
+        )
+        copy = trouble.record_failures <= RECORD_ATTEMPTS
+        letter = dead_letter(record, "unprocessable", message, datetime.now(UTC), copy=copy)
+        log.error(
+            "dead-lettered after repeated failures",
+            code="unprocessable",
+            error=trouble.error,
+            partition=record.partition,
+            offset=record.offset,
+            topic=record.topic,
+        )
+        next_offset = record.offset + 1
+        owner.applied[record.topic] = next_offset
+        return BatchOutcome(
+            dead_letters=[(dead_letter_key(record), letter)],
+            next_offsets={record.topic: next_offset},
+        )
 
     def _request_rejoin(self) -> None:
         """Ask the group for a new assignment, so a fenced partition is settled promptly.
@@ -702,12 +883,14 @@ class Worker:
             # The highest offset: broker times (CreateTime) need not follow offsets.
             next_offset = outcome.next_offsets.get(record.topic, 0)
             outcome.next_offsets[record.topic] = max(next_offset, record.offset + 1)
+            if self._fault_record and record.value and self._fault_record in record.value:
+                raise InjectedFault(f"injected fault at {record.topic}:{record.offset}")
             if owner.stream_time is None or record.at > owner.stream_time:
                 owner.stream_time = record.at
             decoded = decode(
                 record,
                 partitions=self.partition_count,
-                max_bytes=self.settings.max_record_bytes,
+                limits=self._input_limits,
                 now=now,
             )
             if isinstance(decoded, Reroute):
@@ -716,7 +899,7 @@ class Worker:
             command: Command
             if isinstance(decoded, Bad):
                 letter = decoded.dead_letter
-                outcome.dead_letters.append((record.key, letter))
+                outcome.dead_letters.append((dead_letter_key(record), letter))
                 self._log.warning(
                     "dead-lettered",
                     code=letter.reason.code,

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.codec import InputLimits
+
 
 class Settings(BaseSettings):
     """Worker and client settings; every field reads `JOBS_<NAME>` from the environment."""
@@ -23,6 +25,17 @@ class Settings(BaseSettings):
     config: Path | None = Field(default=None, description="Per-job-type TOML settings.")
     max_record_bytes: int = Field(
         default=1_048_576, gt=0, description="Larger input records are dead-lettered."
+    )
+    max_nesting_depth: int = Field(
+        default=32,
+        gt=0,
+        description="Input records whose arrays and objects nest deeper are dead-lettered.",
+    )
+    max_data_bytes: int = Field(
+        default=65_536,
+        gt=0,
+        description="Largest initial_data, final_metrics or metrics (as JSON) of an input "
+        "record; larger ones are dead-lettered and the sender gets a `rejected` event.",
     )
     batch_max_records: int = Field(default=500, gt=0)
     poll_timeout_ms: int = Field(default=200, gt=0)
@@ -67,6 +80,11 @@ class Settings(BaseSettings):
     fault_after_batches: int = Field(
         default=0, ge=0, description="Testing only: the batch number at which to fault."
     )
+    fault_record: str = Field(
+        default="",
+        description="Testing only: an input record whose value contains this text fails "
+        "to process, every time it is tried.",
+    )
     idempotency_window: int = Field(
         default=1000, ge=0, description="Request IDs remembered per job type for duplicates."
     )
@@ -78,6 +96,15 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def input_limits(self) -> InputLimits:
+        """What an input record may be before it is dead-lettered."""
+        return InputLimits(
+            record_bytes=self.max_record_bytes,
+            nesting_depth=self.max_nesting_depth,
+            data_bytes=self.max_data_bytes,
+        )
 
     @property
     def topics(self) -> Topics:

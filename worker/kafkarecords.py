@@ -1,0 +1,131 @@
+"""Fetched records whose header names are not UTF-8 become readable, not fatal.
+
+Kafka header names are strings, but the broker does not check their bytes, and any client
+can write a name that is not UTF-8. aiokafka decodes header names strictly while it iterates
+a fetched batch: one such record raises `UnicodeDecodeError` out of `getmany` on every
+fetch, so the partition, and every valid record behind it, could never be read again.
+
+`install()` wraps the record sets aiokafka's fetcher builds. Batches are read by aiokafka's
+own (compiled) decoder as before; only a batch that fails to decode is read again here, with
+header names decoded with `surrogateescape`, so the original bytes can still be recovered
+(`name.encode("utf-8", "surrogateescape")`) and the worker dead-letters the record
+(`malformed_header`) instead of stopping.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from aiokafka.consumer import fetcher
+from aiokafka.record.default_records import _DefaultRecordBatchPy, _DefaultRecordPy
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.record.util import decode_varint
+
+_LENGTH = struct.Struct(">i")  # a batch: base offset (int64), then its length (int32)
+_BATCH_PREFIX = 12
+
+
+def install() -> None:
+    """Make every aiokafka consumer of this process read such records (idempotent)."""
+    fetcher.MemoryRecords = TolerantMemoryRecords
+
+
+class TolerantMemoryRecords:
+    """aiokafka's `MemoryRecords`, whose batches fall back to `tolerant_records`."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._inner = MemoryRecords(data)
+        self._pos = 0
+
+    def size_in_bytes(self) -> int:
+        """The size of the fetched record set."""
+        return int(self._inner.size_in_bytes())
+
+    def has_next(self) -> bool:
+        """Whether another whole batch follows."""
+        return bool(self._inner.has_next())
+
+    def next_batch(self) -> TolerantBatch | None:
+        """The next batch, which knows its own bytes."""
+        batch = self._inner.next_batch()
+        if batch is None:
+            return None
+        start = self._pos
+        (length,) = _LENGTH.unpack_from(self._data, start + 8)
+        self._pos = start + _BATCH_PREFIX + length
+        return TolerantBatch(batch, self._data, start, self._pos)
+
+
+class TolerantBatch:
+    """One fetched batch: aiokafka's, read again tolerantly if its decoder fails."""
+
+    def __init__(self, batch: Any, data: bytes, start: int, end: int) -> None:
+        self._batch = batch
+        self._data = data
+        self._start = start
+        self._end = end
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._batch, name)
+
+    def __next__(self) -> Any:
+        return next(self._batch)
+
+    def __iter__(self) -> Iterator[Any]:
+        last = -1
+        try:
+            for record in self._batch:
+                last = record.offset
+                yield record
+            return
+        except UnicodeDecodeError:
+            pass
+        for record in tolerant_records(bytes(self._data[self._start : self._end])):
+            if record.offset > last:
+                yield record
+
+
+def tolerant_records(batch: bytes) -> Iterator[_DefaultRecordPy]:
+    """The records of one v2 batch, header names decoded with `surrogateescape`.
+
+    aiokafka's pure-Python batch reads the batch header and decompresses; the records are
+    read here, in the format of the Kafka protocol's `Record`.
+    """
+    parsed = _DefaultRecordBatchPy(batch)
+    parsed._maybe_uncompress()
+    buffer, pos = parsed._buffer, parsed._pos
+    log_append = parsed.timestamp_type == parsed.LOG_APPEND_TIME
+    for _ in range(parsed._num_records):
+        _, pos = decode_varint(buffer, pos)  # length
+        pos += 1  # attributes
+        ts_delta, pos = decode_varint(buffer, pos)
+        offset_delta, pos = decode_varint(buffer, pos)
+        key, pos = _bytes(buffer, pos)
+        value, pos = _bytes(buffer, pos)
+        count, pos = decode_varint(buffer, pos)
+        headers: list[tuple[str, bytes | None]] = []
+        for _ in range(count):
+            name_len, pos = decode_varint(buffer, pos)
+            name = bytes(buffer[pos : pos + name_len]).decode("utf-8", "surrogateescape")
+            pos += name_len
+            header_value, pos = _bytes(buffer, pos)
+            headers.append((name, header_value))
+        timestamp = parsed.max_timestamp if log_append else parsed.first_timestamp + ts_delta
+        yield _DefaultRecordPy(
+            parsed.base_offset + offset_delta,
+            timestamp,
+            parsed.timestamp_type,
+            key,
+            value,
+            headers,
+        )
+
+
+def _bytes(buffer: bytearray, pos: int) -> tuple[bytes | None, int]:
+    length, pos = decode_varint(buffer, pos)
+    if length < 0:
+        return None, pos
+    return bytes(buffer[pos : pos + length]), pos + length
