@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AliasGenerator,
     BaseModel,
@@ -40,23 +41,32 @@ class WireModel(BaseModel):
 
 
 # Names: no whitespace and no control characters (a NUL in a key or a log line is trouble
-# for every consumer downstream). IDs may hold spaces but no control characters.
+# for every consumer downstream). IDs may hold spaces but no control characters. Lengths are
+# bounded in characters and in UTF-8 bytes alike: the orchestrator's state repeats these IDs,
+# and what it keeps per job type must fit one Kafka record.
 _NAME = r"^[^\s\x00-\x1f\x7f]+$"
 _TEXT = r"^[^\x00-\x1f\x7f]+$"
-JobType = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_NAME),
-]
-ClientId = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=_NAME),
-]
-RequestId = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=_TEXT)
-]
-RunIdText = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=400, pattern=_TEXT)
-]
+
+
+def _utf8_at_most(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        if len(value.encode("utf-8", "surrogatepass")) > limit:
+            raise ValueError(f"at most {limit} bytes as UTF-8")
+        return value
+
+    return AfterValidator(check)
+
+
+def _chars(max_length: int, pattern: str) -> StringConstraints:
+    return StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=max_length, pattern=pattern
+    )
+
+
+JobType = Annotated[str, _chars(200, _NAME), _utf8_at_most(200)]
+ClientId = Annotated[str, _chars(128, _NAME), _utf8_at_most(128)]
+RequestId = Annotated[str, _chars(200, _TEXT), _utf8_at_most(200)]
+RunIdText = Annotated[str, _chars(400, _TEXT), _utf8_at_most(400)]
 
 
 class RunStatus(StrEnum):

@@ -23,7 +23,7 @@ from worker.codec import (
     nesting_depth_over,
     partition_for,
 )
-from worker.lifecycle import Cancel, Command, Finish, Progress, Start
+from worker.lifecycle import Cancel, Command, Finish, Progress, Start, run_size
 
 PARTITIONS = 6
 MAX_BYTES = 1024
@@ -115,6 +115,7 @@ def test_start_snake_case() -> None:
         initial_data={"batch": [1, 2], "deep": {"x": None}},
         at=AT,
         source=rec.source,
+        size=run_size(len(rec.value or b""), "acme"),
     )
 
 

@@ -219,3 +219,37 @@ async def test_hostile_input_at_volume(settings: Settings, tmp_path: Path) -> No
         assert await worker.terminate() == 0
     finally:
         worker.ensure_dead()
+
+
+async def test_a_queue_cannot_grow_past_what_one_changelog_record_carries(
+    settings: Settings, producer: AIOKafkaProducer, tmp_path: Path
+) -> None:
+    """Starts queued with large `initial_data` fill the job type up to JOBS_MAX_RUN_BYTES;
+    the rest are rejected, and no batch fails on a job state too large to publish."""
+    topics = await _one_partition(settings)
+    config = tmp_path / "jobs.toml"
+    config.write_text('[defaults]\npolicy = "queue"\n')
+    queueing = topics.model_copy(update={"config": config})
+    running = await RunningWorker(queueing).start()
+    try:
+        async with StatusTail(topics.bootstrap_servers, topics.topics) as tail:
+            blob = {"blob": "x" * 60_000}  # under JOBS_MAX_DATA_BYTES
+            for i in range(20):
+                await producer.send(
+                    topics.topics.requests,
+                    _start("bulk", f"bulk-{i}", initial_data=blob),
+                    key=b"bulk",
+                )
+            await producer.send_and_wait(topics.topics.requests, _start("etl", "after"), key=b"etl")
+            assert (await tail.wait_event(request_id="after")).type is EventType.STARTED
+            answers = [(await tail.wait_event(request_id=f"bulk-{i}")).type for i in range(20)]
+            accepted = answers.count(EventType.STARTED) + answers.count(EventType.QUEUED)
+            # 60 KB requests and 384 KiB allowed: six runs, the rest rejected.
+            assert accepted == 6
+            assert answers[6:] == [EventType.REJECTED] * 14
+            rejected = await tail.wait_event(request_id="bulk-6")
+            assert rejected.reason is not None
+            assert "JOBS_MAX_RUN_BYTES" in rejected.reason
+            assert tail.dead_letters == []
+    finally:
+        await running.stop()

@@ -1921,3 +1921,60 @@ def test_lifecycle_invariants(
                 assert running_info(state, run.client_id, config) == run
             if config.scope is Scope.JOB_TYPE_CLIENT and run.client_id is not None:
                 assert run.run_id.endswith(f"-{run.client_id.lower()}")
+
+
+# -- capacity: what a job type's runs may hold -------------------------------------------------
+
+
+def sized(offset: int, size: int, **fields: Any) -> Start:
+    """A start whose run counts `size` bytes against `Limits.run_bytes`."""
+    return replace(start(offset, **fields), size=size)
+
+
+SMALL = Limits(run_bytes=1000)
+
+
+def test_a_start_beyond_the_run_bytes_is_rejected_and_can_be_retried() -> None:
+    """Queued runs fill the job type up to its limit; the next start is `rejected` (not
+    remembered, so the same request succeeds once runs have ended)."""
+    state = JobState(JOB)
+    for offset in range(3):
+        state, events = decide(state, sized(offset, 300), QUEUE, SMALL)
+        assert events[0].type in (EventType.STARTED, EventType.QUEUED)
+    full, events = decide(state, sized(3, 300), QUEUE, SMALL)
+    assert [e.type for e in events] == [EventType.REJECTED]
+    assert events[0].reason is not None
+    assert "is full" in events[0].reason
+    assert "JOBS_MAX_RUN_BYTES" in events[0].reason
+    assert full == state
+    running = state.active[0].run_id
+    state, _ = decide(state, finish(running, 10), QUEUE, SMALL)
+    _, events = decide(state, sized(3, 300), QUEUE, SMALL)
+    assert EventType.QUEUED in [e.type for e in events]
+
+
+def test_a_replacing_start_counts_without_the_run_it_replaces() -> None:
+    """Under `replace`, the run being replaced frees its share before the new one counts."""
+    state, _ = decide(JobState(JOB), sized(0, 700), REPLACE, SMALL)
+    state, events = decide(state, sized(1, 700), REPLACE, SMALL)
+    assert [e.type for e in events] == [EventType.CANCELLED, EventType.STARTED]
+    assert state.active[0].size == 700
+
+
+def test_a_refusal_is_not_a_capacity_question() -> None:
+    """Under `reject`, a start while the scope is busy is refused, whatever the sizes."""
+    state, _ = decide(JobState(JOB), sized(0, 900), REJECT, SMALL)
+    _, events = decide(state, sized(1, 900), REJECT, SMALL)
+    assert [e.type for e in events] == [EventType.REFUSED]
+
+
+def test_sizes_survive_serialization_and_old_states_load() -> None:
+    """Run and queue sizes are part of the state; states written without them load as 0."""
+    state, _ = decide(JobState(JOB), sized(0, 300), QUEUE, SMALL)
+    state, _ = decide(state, sized(1, 200), QUEUE, SMALL)
+    loaded = load_state(dump_state(state))
+    assert (loaded.active[0].size, loaded.queue[0].size) == (300, 200)
+    old = json.loads(dump_state(state))
+    del old["active"][0]["size"]
+    del old["queue"][0]["size"]
+    assert load_state(json.dumps(old)).active[0].size == 0

@@ -24,7 +24,7 @@ from pydantic_core import to_json
 
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
 from schemas.messages import RequestId, RunIdText
-from worker.lifecycle import Cancel, Command, Finish, Progress, Reject, Start
+from worker.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
 
 TopicRole = Literal["requests", "results"]
 
@@ -412,6 +412,7 @@ def decode(
             initial_data=message.initial_data,
             at=record.at,
             source=record.source,
+            size=run_size(len(value), message.client_id),
         )
     if message.kind == "progress":
         return Progress(

@@ -23,7 +23,11 @@ Theory of operation:
 7. A run with a timeout must report (result, progress or heartbeat) before its deadline;
    `AdvanceTime(now)` ends overdue runs `timed_out`. Progress and heartbeats renew the
    deadline; a heartbeat (progress without metrics) changes nothing else and emits nothing.
-8. Each event gets an ID derived from its cause (source coordinates or the time advance, and
+8. A job type's active and queued runs together hold at most `Limits.run_bytes` (each run
+   counts `Start.size`, what its request took on the wire, with room for its IDs); a start
+   that would go over is `rejected`, so no producer can grow a job type's state past what
+   one changelog record can carry.
+9. Each event gets an ID derived from its cause (source coordinates or the time advance, and
    its position among the command's events), so the same input always yields the same IDs.
 """
 
@@ -103,6 +107,7 @@ class Limits:
 
     ended_window: int = 256
     idempotency_window: int = 1000
+    run_bytes: int = 393_216  # what active and queued runs of a job type may hold together
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,7 @@ class Run:
     initial_data: Mapping[str, Any] = field(default_factory=dict)
     scope: str = ""
     deadline: datetime | None = None
+    size: int = 0  # counted against `Limits.run_bytes`
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,7 @@ class Queued:
     initial_data: Mapping[str, Any]
     scope: str
     queued_at: datetime
+    size: int = 0  # counted against `Limits.run_bytes`
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +183,7 @@ class Start:
     initial_data: Mapping[str, Any]
     at: datetime
     source: Source
+    size: int = 0  # what the run will hold in the state: see `run_size`
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,6 +455,7 @@ def _start_run(
     action: Action,
     config: JobConfig,
     out: _Out,
+    size: int = 0,
 ) -> JobState:
     move = _move(before, action)
     assert move is not None
@@ -461,6 +470,7 @@ def _start_run(
         initial_data=initial_data,
         scope=scope,
         deadline=_deadline(config, out.at),
+        size=size,
     )
     out.emit(
         event_type,
@@ -526,6 +536,7 @@ def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobSt
         action=Action.DEQUEUE,
         config=config,
         out=out,
+        size=waiting.size,
     )
 
 
@@ -584,11 +595,38 @@ def _why_not(state: JobState, run_id: str, action: Action) -> str:
 # -- commands -----------------------------------------------------------------------------------
 
 
+def run_size(request_bytes: int, client_id: str | None) -> int:
+    """What a run started by a request of `request_bytes` counts against `Limits.run_bytes`.
+
+    A run in the state holds what its request held, its client ID twice more (in the scope
+    and the run ID), and its own fields (run ID, status, times): at most this many bytes.
+    """
+    client = len(client_id.encode()) if client_id else 0
+    return request_bytes + 2 * client + 512
+
+
+def _held(state: JobState) -> int:
+    return sum(r.size for r in state.active) + sum(q.size for q in state.queue)
+
+
 def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: _Out) -> JobState:
     scope = scope_key(config, cmd.client_id)
     suffix = cmd.client_id if config.scope is Scope.JOB_TYPE_CLIENT else None
     run_id = make_run_id(cmd.at, cmd.source.partition, cmd.source.offset, suffix)
     active = _active_in(state, scope)
+    freed = active.size if active is not None and config.policy is Policy.REPLACE else 0
+    if (active is None or config.policy is not Policy.REJECT) and (
+        _held(state) - freed + cmd.size > limits.run_bytes
+    ):
+        return _reject(
+            state,
+            out,
+            f"job type {cmd.job_type!r} is full: its active and queued runs hold "
+            f"{_held(state)} bytes, and this start needs {cmd.size} more of the "
+            f"{limits.run_bytes} allowed (JOBS_MAX_RUN_BYTES); try again when runs end",
+            request_id=cmd.request_id,
+            client_id=cmd.client_id,
+        )
     fields: dict[str, Any] = {
         "run_id": run_id,
         "request_id": cmd.request_id,
@@ -597,6 +635,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
         "scope": scope,
         "config": config,
         "out": out,
+        "size": cmd.size,
     }
     if active is None:
         return _start_run(state, before=None, action=Action.START, **fields)
@@ -612,7 +651,9 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             initial_data=dict(cmd.initial_data),
             reason=f"waiting for run {active.run_id}",
         )
-        waiting = Queued(run_id, cmd.request_id, cmd.client_id, cmd.initial_data, scope, cmd.at)
+        waiting = Queued(
+            run_id, cmd.request_id, cmd.client_id, cmd.initial_data, scope, cmd.at, cmd.size
+        )
         return replace(state, queue=(*state.queue, waiting))
     if config.policy is Policy.REPLACE:
         state = _end_run(

@@ -361,9 +361,7 @@ async def verify(
     consumer = _consumer(settings)
     await consumer.start()
     report = VerifyReport()
-    limits = Limits(
-        ended_window=settings.ended_window, idempotency_window=settings.idempotency_window
-    )
+    limits = settings.limits
     try:
         t = settings.topics
         inputs: dict[int, dict[tuple[str, int], InputRecord]] = defaultdict(dict)

@@ -81,7 +81,7 @@ from worker.codec import (
 from worker.config import JobsConfig
 from worker.config import load as load_config
 from worker.kafkaio import Outbox
-from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide, dump_state, load_state
+from worker.lifecycle import AdvanceTime, Command, JobState, decide, dump_state, load_state
 from worker.settings import Settings
 from worker.store import RunRow, Store, run_change, started_row
 
@@ -298,9 +298,7 @@ class Worker:
         self._faulted = False
         self._retention = timedelta(seconds=settings.run_retention_s)
         self._input_limits = settings.input_limits
-        self._limits = Limits(
-            ended_window=settings.ended_window, idempotency_window=settings.idempotency_window
-        )
+        self._limits = settings.limits
         # Read at construction so that an invalid file stops start-up before any I/O.
         self.jobs_config: JobsConfig = load_config(settings.config)
         self.partition_count = 0

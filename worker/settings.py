@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.codec import InputLimits
+from worker.lifecycle import Limits
 
 
 class Settings(BaseSettings):
@@ -85,6 +86,14 @@ class Settings(BaseSettings):
         description="Testing only: an input record whose value contains this text fails "
         "to process, every time it is tried.",
     )
+    max_run_bytes: int = Field(
+        default=393_216,
+        gt=0,
+        description="What the active and queued runs of one job type may hold together "
+        "(each about its start request's size plus 512 bytes); a start beyond is rejected. "
+        "The job type's state, with its idempotency and ended windows, must fit one Kafka "
+        "record of the state topic (1 MiB by default).",
+    )
     idempotency_window: int = Field(
         default=1000, ge=0, description="Request IDs remembered per job type for duplicates."
     )
@@ -104,6 +113,15 @@ class Settings(BaseSettings):
             record_bytes=self.max_record_bytes,
             nesting_depth=self.max_nesting_depth,
             data_bytes=self.max_data_bytes,
+        )
+
+    @property
+    def limits(self) -> Limits:
+        """Bounds on the state the core keeps per job type."""
+        return Limits(
+            ended_window=self.ended_window,
+            idempotency_window=self.idempotency_window,
+            run_bytes=self.max_run_bytes,
         )
 
     @property
