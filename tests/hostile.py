@@ -143,7 +143,7 @@ def hostile_records(topics: Topics, partitions: int, count: int, seed: int = 7) 
                 "nan_result",
                 res,
                 b"h",
-                result("h", status="FAILED").replace(b"{}", b'{"x": Infinity}'),
+                result("h", status="FAILED", final_metrics={}).replace(b"{}", b'{"x": Infinity}'),
             ),
         ),
         (

@@ -111,6 +111,10 @@ RECORD_ATTEMPTS = 3  # a record that fails alone this often is dead-lettered `un
 _BACKOFF_FIRST_S = 0.2
 _BACKOFF_MAX_S = 10.0
 _ERROR_CHARS = 500  # of an error's text, in a dead letter's reason
+# Failed attempts in a row after which the worker stops (about five minutes of backoff): a
+# fault that outlasts them needs a restart or a person, and a supervisor sees the exit.
+_MAX_FAILURES = 35
+_TAKE_ATTEMPTS = 5
 
 
 def tied_to_input(exc: BaseException) -> bool:
@@ -707,6 +711,15 @@ class Worker:
         trouble = self._trouble.setdefault(owner.number, Trouble())
         trouble.failures += 1
         trouble.error = f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+        if trouble.failures > _MAX_FAILURES:
+            log.error(
+                "batches keep failing; stopping",
+                partition=owner.number,
+                attempts=trouble.failures,
+                error=trouble.error,
+            )
+            self._failure = exc
+            return
         if tied and records:
             if alone:
                 trouble.failed_alone(records[0])
@@ -723,8 +736,7 @@ class Worker:
             backoff_s=backoff,
             one_record_at_a_time=bool(trouble.until),
         )
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), backoff)
+        await self._back_off(backoff)
         await self._reset(owner)
 
     def _recovered(self, owner: Owner, trouble: Trouble, alone: bool) -> None:
@@ -782,10 +794,34 @@ class Worker:
                 await owner.producer.stop()
             owner.producer = None
         del self._owners[owner.number]
-        try:
-            await self._take(owner.number)
-        except KafkaError as exc:
-            log.error("could not re-take partition", partition=owner.number, error=repr(exc))
+        for attempt in range(1, _TAKE_ATTEMPTS + 1):
+            try:
+                await self._take(owner.number)
+                return
+            except KafkaError as exc:
+                if attempt == _TAKE_ATTEMPTS:
+                    # Owned but not served: stop, so that a supervisor restarts the worker
+                    # or the group gives the partition to another member.
+                    log.error(
+                        "could not take the partition again; stopping",
+                        partition=owner.number,
+                        attempts=attempt,
+                        error=repr(exc),
+                    )
+                    self._failure = exc
+                    return
+                log.warning(
+                    "could not take the partition again; retrying",
+                    partition=owner.number,
+                    attempt=attempt,
+                    error=repr(exc),
+                )
+                await self._back_off(_BACKOFF_FIRST_S * 2**attempt)
+
+    async def _back_off(self, seconds: float) -> None:
+        """Wait `seconds`, or less when the worker is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), min(seconds, _BACKOFF_MAX_S))
 
     def _fault(self, point: str) -> None:
         """Testing only: exit hard (or freeze) at `point` in the configured batch."""
