@@ -2,8 +2,7 @@
 
 import asyncio
 
-from worker.client import JobClient
-from worker.executor import Executor, RunContext
+from worker.client import Executor, JobClient, RunContext
 
 
 async def main(stop: asyncio.Event) -> None:

@@ -29,10 +29,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import DeadLetter, EventType, StatusEvent
-from worker.kafkaio import partitions_of
-from worker.lifecycle import TRANSITIONS, Action
+from worker.core.lifecycle import TRANSITIONS, Action
+from worker.engine.kafkaio import partitions_of
+from worker.engine.store import RunRow, Store
 from worker.settings import Settings
-from worker.store import RunRow, Store
 
 
 class WorkerProcess:

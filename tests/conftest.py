@@ -15,11 +15,11 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from worker import topics as topic_admin
-from worker.localkafka import LocalKafka
-from worker.runner import Worker
+from worker.client.watch import StatusTail
+from worker.devtools.localkafka import LocalKafka
+from worker.engine import topics as topic_admin
+from worker.engine.worker import Worker
 from worker.settings import Settings
-from worker.watch import StatusTail
 
 
 @pytest.fixture(scope="session")

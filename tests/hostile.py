@@ -18,7 +18,7 @@ import confluent_kafka
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
-from worker.codec import partition_for
+from worker.engine.codec import partition_for
 from worker.settings import Topics
 
 

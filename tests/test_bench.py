@@ -8,7 +8,7 @@ import json
 import pytest
 from rich.console import Console
 
-from worker.bench import BenchOptions, run_bench
+from worker.devtools.bench import BenchOptions, run_bench
 
 pytestmark = pytest.mark.kafka
 

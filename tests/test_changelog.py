@@ -10,9 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import RunStatus
-from worker import changelog
-from worker.lifecycle import JobState, Run, dump_state
-from worker.store import RunRow
+from worker.core.lifecycle import JobState, Run, dump_state
+from worker.engine import changelog
+from worker.engine.store import RunRow
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 STATE = JobState("report", active=(Run("r1", "report", None, "req-1", RunStatus.RUNNING, AT),))

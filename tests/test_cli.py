@@ -16,8 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from typer.testing import CliRunner
 
 from worker.cli import app
+from worker.engine.topics import wait_for_leaders
 from worker.settings import Topics
-from worker.topics import wait_for_leaders
 
 pytestmark = pytest.mark.kafka
 runner = CliRunner()

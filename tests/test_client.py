@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from schemas import EventType, RunStatus
 from tests.conftest import RunningWorker
 from worker.cli import app
-from worker.client import JobClient, JobRejectedError, JobTimeoutError
-from worker.executor import Executor, RunContext
+from worker.client.executor import Executor, RunContext
+from worker.client.jobclient import JobClient, JobRejectedError, JobTimeoutError
+from worker.client.watch import StatusTail
 from worker.settings import Settings
-from worker.watch import StatusTail
 
 pytestmark = pytest.mark.kafka
 

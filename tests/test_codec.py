@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from schemas import DeadLetter, RunStatus, Source
-from worker.codec import (
+from worker.core.lifecycle import Cancel, Command, Finish, Progress, Start, run_size
+from worker.engine.codec import (
     MAX_DEAD_LETTER_VALUE,
     Bad,
     InputLimits,
@@ -23,7 +24,6 @@ from worker.codec import (
     nesting_depth_over,
     partition_for,
 )
-from worker.lifecycle import Cancel, Command, Finish, Progress, Start, run_size
 
 PARTITIONS = 6
 MAX_BYTES = 1024

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, JobsConfig, load, parse
-from worker.lifecycle import JobConfig, Policy, Scope
+from worker.core.config import ConfigError, JobsConfig, load, parse
+from worker.core.lifecycle import JobConfig, Policy, Scope
 
 VALID = """\
 # Job-type settings for the orchestrator.

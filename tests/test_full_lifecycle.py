@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from schemas import DeadLetter, EventType, RunStatus
 from tests.conftest import RunningWorker
 from worker.cli import app
-from worker.codec import partition_for
+from worker.client.watch import StatusTail
+from worker.engine.codec import partition_for
+from worker.engine.store import Store
 from worker.settings import Settings
-from worker.store import Store
-from worker.watch import StatusTail
 
 pytestmark = pytest.mark.kafka
 

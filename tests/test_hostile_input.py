@@ -19,8 +19,8 @@ from schemas import DeadLetter, EventType, StatusEvent
 from tests.chaos import WorkerProcess, read_topic
 from tests.conftest import RunningWorker, create_topics
 from tests.hostile import RawProducer, hostile_records
+from worker.client.watch import StatusTail
 from worker.settings import Settings
-from worker.watch import StatusTail
 
 pytestmark = pytest.mark.kafka
 

@@ -6,7 +6,7 @@ import pytest
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from tests.hostile import _RawName
-from worker.kafkarecords import TolerantMemoryRecords
+from worker.engine.compat import TolerantMemoryRecords
 
 
 def _batch(

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import ENDED_STATUSES, EventType, RunStatus, Source, StatusEvent
-from worker.lifecycle import (
+from worker.core.lifecycle import (
     TRANSITIONS,
     Action,
     AdvanceTime,
@@ -42,7 +42,7 @@ from worker.lifecycle import (
     running_info,
     scope_key,
 )
-from worker.runid import RUN_ID_RE, make_run_id
+from worker.core.runid import RUN_ID_RE, make_run_id
 
 JOB = "post_scoring"
 OTHER = "feed_import"

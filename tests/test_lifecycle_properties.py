@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import EventType, RunStatus, Source, StatusEvent
-from worker.lifecycle import (
+from worker.core.lifecycle import (
     AdvanceTime,
     Cancel,
     Command,

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from worker import localkafka
+from worker.devtools import localkafka
 
 
 def test_local_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:

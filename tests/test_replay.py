@@ -12,10 +12,10 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import EventType, RunStatus, StatusEvent
 from tests.conftest import create_topics
-from worker.codec import partition_for
-from worker.replay import ReplayError, _follow, replay
+from worker.audit.replay import ReplayError, _follow, replay
+from worker.engine.codec import partition_for
+from worker.engine.store import RunRow, Store
 from worker.settings import Settings
-from worker.store import RunRow, Store
 
 PARTITIONS = 4
 T0 = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)

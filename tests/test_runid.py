@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from worker.runid import RUN_ID_RE, InvalidRunId, SeedRunId, make_run_id, normalize_run_id
+from worker.core.runid import RUN_ID_RE, InvalidRunId, SeedRunId, make_run_id, normalize_run_id
 
 AT = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 

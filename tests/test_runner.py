@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from worker.codec import InputRecord
-from worker.runner import Owner, Retained, Worker
+from worker.engine.codec import InputRecord
+from worker.engine.worker import Owner, Retained, Worker
 from worker.settings import Settings
 
 

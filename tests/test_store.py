@@ -12,8 +12,8 @@ import pytest
 from pydantic_core import PydanticSerializationError
 
 from schemas import RunStatus
-from worker.lifecycle import JobState, Queued, Run, dump_state
-from worker.store import RunRow, Store
+from worker.core.lifecycle import JobState, Queued, Run, dump_state
+from worker.engine.store import RunRow, Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 

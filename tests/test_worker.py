@@ -14,13 +14,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from schemas import DeadLetter, EventType, RunStatus
 from tests.chaos import read_topic
 from tests.conftest import RunningWorker
-from worker.codec import partition_for
-from worker.runid import RUN_ID_RE
-from worker.runner import Worker
+from worker.client.watch import Item, StatusTail
+from worker.core.runid import RUN_ID_RE
+from worker.engine.codec import partition_for
+from worker.engine.store import Store
+from worker.engine.topics import TopicError, wait_for_leaders
+from worker.engine.worker import Worker
 from worker.settings import Settings
-from worker.store import Store
-from worker.topics import TopicError, wait_for_leaders
-from worker.watch import Item, StatusTail
 
 pytestmark = pytest.mark.kafka
 

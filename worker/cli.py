@@ -21,8 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from schemas import EventType, RunStatus, StatusEvent
-from worker import gctuning, localkafka
-from worker import topics as topic_admin
+from worker import gctuning
+from worker.devtools import localkafka
+from worker.engine import topics as topic_admin
 from worker.logs import configure as configure_logs
 from worker.settings import Settings
 
@@ -179,8 +180,8 @@ def run(
 
     Example: JOBS_BOOTSTRAP_SERVERS=kafka:9092 jobctl run --db /var/lib/jobs/jobs.db
     """
-    from worker.config import ConfigError
-    from worker.runner import Worker
+    from worker.core.config import ConfigError
+    from worker.engine.worker import Worker
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     configure_logs(s.log_level, s.log_format)
@@ -240,8 +241,8 @@ def replay(
 
     Example: jobctl replay --db rebuilt.db --from-offset 0
     """
-    from worker.replay import ReplayError
-    from worker.replay import replay as run_replay
+    from worker.audit.replay import ReplayError
+    from worker.audit.replay import replay as run_replay
 
     if from_offset is not None and from_timestamp is not None:
         raise _fail("give --from-offset or --from-timestamp, not both")
@@ -283,9 +284,9 @@ def verify(
 
     Example: jobctl verify --prefix jobs --config jobs.toml
     """
-    from worker.config import ConfigError
-    from worker.config import load as load_config
-    from worker.replay import verify as run_verify
+    from worker.audit.replay import verify as run_verify
+    from worker.core.config import ConfigError
+    from worker.core.config import load as load_config
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, config=config)
     try:
@@ -326,14 +327,14 @@ def _json_data(text: str | None, what: str) -> dict[str, Any]:
 
 
 async def _with_client(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    from worker.client import JobClient
+    from worker.client.jobclient import JobClient
 
     async with JobClient(s) as client:
         return await action(client)
 
 
 def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    from worker.client import JobRejectedError, JobTimeoutError
+    from worker.client.jobclient import JobRejectedError, JobTimeoutError
 
     try:
         return _run(_with_client(s, action))
@@ -517,7 +518,7 @@ def runs(
 
     Example: jobctl runs --job-type report.daily --status FAILED --since 2026-11-01
     """
-    from worker.store import Store
+    from worker.engine.store import Store
 
     s = _settings(db_path=db)
     if not s.db_path.exists():
@@ -591,7 +592,7 @@ def watch(
 
     Example: jobctl watch --job-type report.daily --json
     """
-    from worker.watch import StatusTail
+    from worker.client.watch import StatusTail
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     wanted = status_filter.upper() if status_filter else None
@@ -655,7 +656,7 @@ def bench(
 
     Example: jobctl bench --lifecycles 20000 --rounds 3 --json bench.json
     """
-    from worker.bench import BenchError, BenchOptions, run_bench
+    from worker.devtools.bench import BenchError, BenchOptions, run_bench
 
     configure_logs("error", "console", library_level="critical")
     options = BenchOptions(
@@ -718,7 +719,7 @@ def demo(
 
     Example: jobctl demo
     """
-    from worker.demo import run_demo
+    from worker.devtools.demo import run_demo
 
     # The demo reports every outcome itself; the clients' transient retries are noise here.
     configure_logs("error", "console", library_level="critical")

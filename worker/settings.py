@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.codec import InputLimits
-from worker.lifecycle import Limits
+if TYPE_CHECKING:  # the client reads these settings too, and must not load the engine
+    from worker.core.lifecycle import Limits
+    from worker.engine.codec import InputLimits
 
 
 class Settings(BaseSettings):
@@ -109,6 +110,8 @@ class Settings(BaseSettings):
     @property
     def input_limits(self) -> InputLimits:
         """What an input record may be before it is dead-lettered."""
+        from worker.engine.codec import InputLimits
+
         return InputLimits(
             record_bytes=self.max_record_bytes,
             nesting_depth=self.max_nesting_depth,
@@ -118,6 +121,8 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         """Bounds on the state the core keeps per job type."""
+        from worker.core.lifecycle import Limits
+
         return Limits(
             ended_window=self.ended_window,
             idempotency_window=self.idempotency_window,

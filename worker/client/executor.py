@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from schemas import EventType, StatusEvent
-from worker.client import JobClient, JobError
+from worker.client.jobclient import JobClient, JobError
 
 log = structlog.get_logger("executor")
 

@@ -3,7 +3,7 @@
 - `replay` rebuilds a SQLite store's run history from status events, from an offset or a
   timestamp, into the rows the worker records live (`store.fold_events` builds them with the
   worker's `started_row` and `run_change`).
-  Partitions are replayed in parallel processes (`python -m worker.replay`).
+  Partitions are replayed in parallel processes (`python -m worker.audit.replay`).
 - `verify` re-runs the core over the input records in the order the decision log recorded and
   lists every decision the current code would make differently. Inputs that caused no event
   (heartbeats, re-routed originals, dead letters without a sender) are replayed in broker-time
@@ -31,12 +31,12 @@ from pydantic import ValidationError
 
 from schemas import StatusEvent
 from worker import gctuning
-from worker.codec import Bad, InputLimits, InputRecord, Reroute, TopicRole, decode
-from worker.config import JobsConfig
-from worker.kafkaio import partitions_of, read_until
-from worker.lifecycle import AdvanceTime, Command, JobState, Limits, decide
+from worker.core.config import JobsConfig
+from worker.core.lifecycle import AdvanceTime, Command, JobState, Limits, decide
+from worker.engine.codec import Bad, InputLimits, InputRecord, Reroute, TopicRole, decode
+from worker.engine.kafkaio import partitions_of, read_until
+from worker.engine.store import RunWrites, Store, fold_events
 from worker.settings import Settings
-from worker.store import RunWrites, Store, fold_events
 
 Progress = Callable[[int, int], None]  # (records done, records in all)
 
@@ -242,7 +242,7 @@ async def _in_processes(
     groups: list[dict[int, tuple[int, int]]],
     advance: Callable[[int, int], None],
 ) -> int:
-    """Replay each group of partitions in a process of its own (`python -m worker.replay`),
+    """Replay each group of partitions in a process of its own (`python -m worker.audit.replay`),
     which reports each batch as a JSON line; the events applied in all."""
     children = []
     lock_path = db_path.with_name(f".{db_path.name}.replay-lock")
@@ -252,7 +252,7 @@ async def _in_processes(
             child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "worker.replay",
+                "worker.audit.replay",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -312,7 +312,7 @@ async def _follow(
 
 
 def _child() -> None:
-    """`python -m worker.replay`: replay the ranges of a JSON job read from stdin, printing
+    """`python -m worker.audit.replay`: replay the ranges of a JSON job read from stdin, printing
     `{"records": n, "events": n}` per batch; on failure, one line on stderr and exit 1."""
     job = json.load(sys.stdin)
     settings = Settings.model_validate(job["settings"])

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from worker.lifecycle import JobConfig, Policy, Scope
+from worker.core.lifecycle import JobConfig, Policy, Scope
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _LONGEST = 10 * 365 * 86400  # also rules out inf and nan, which compare false

@@ -6,7 +6,7 @@ Theory of operation:
    job type depends only on that job type's state and configuration. The core therefore
    works on one `JobState` at a time: ``decide(state, command, config) -> Decision``.
 2. Time and the coordinates of the record that caused a command come in with the command.
-   Run IDs are made from them (see `worker.runid`), so replaying the same commands gives the
+   Run IDs are made from them (see `worker.core.runid`), so replaying the same commands gives the
    same run IDs, states and events. Time passes only through `AdvanceTime`.
 3. Every change of a run's status is a row of `TRANSITIONS`: (status before, action) ->
    (status after, event type). A command whose move is not in the table yields one
@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 from pydantic import TypeAdapter
 
 from schemas import EventType, RunStatus, Source, StatusEvent
-from worker.runid import InvalidRunId, make_run_id, normalize_run_id
+from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 _NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes

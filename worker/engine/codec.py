@@ -24,7 +24,7 @@ from pydantic_core import to_json
 
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
 from schemas.messages import RequestId, RunIdText
-from worker.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
+from worker.core.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
 
 TopicRole = Literal["requests", "results"]
 
@@ -118,7 +118,7 @@ def _header_name(name: str) -> tuple[str, bytes]:
     """A header name as text fit for JSON, and its original bytes.
 
     Names that are not UTF-8 arrive with their bytes escaped as surrogates (see
-    `worker.kafkarecords`); the text shows them as U+FFFD.
+    `worker.engine.compat`); the text shows them as U+FFFD.
     """
     raw = name.encode("utf-8", "surrogateescape")
     return raw.decode("utf-8", "replace"), raw

@@ -1,6 +1,6 @@
 """`jobctl demo`: a scripted scenario on a real broker, checked step by step.
 
-The demo runs a worker, a producer (`JobClient`) and an executor (`worker.executor`) in this
+The demo runs a worker, a producer (`JobClient`) and an executor (`worker.client.executor`) in this
 process against a real broker, prints each status event as the orchestrator publishes it,
 then a table of runs from the worker's SQLite file. It returns the list of steps whose outcome
 differed from the script.
@@ -23,13 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas import DeadLetter, EventType, StatusEvent
-from worker import topics as topic_admin
-from worker.client import JobClient, JobRejectedError
-from worker.executor import Executor, RunContext
-from worker.runner import Worker
+from worker.client.executor import Executor, RunContext
+from worker.client.jobclient import JobClient, JobRejectedError
+from worker.client.watch import Item, StatusTail
+from worker.engine import topics as topic_admin
+from worker.engine.store import Store
+from worker.engine.worker import Worker
 from worker.settings import Settings, Topics
-from worker.store import Store
-from worker.watch import Item, StatusTail
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
-from worker.kafkaio import read_until
-from worker.lifecycle import dump_state, load_state
-from worker.store import RunRow
+from worker.core.lifecycle import dump_state, load_state
+from worker.engine.kafkaio import read_until
+from worker.engine.store import RunRow
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 

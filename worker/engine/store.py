@@ -20,7 +20,7 @@ import aiosqlite
 from pydantic_core import to_json
 
 from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
-from worker.lifecycle import JobState, load_state
+from worker.core.lifecycle import JobState, load_state
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -66,9 +66,14 @@ from aiokafka.producer.transaction_manager import TransactionState
 from rbloom import Bloom
 
 from schemas import DeadLetter, EventType, StatusEvent
-from worker import changelog, gctuning, kafkarecords
-from worker import topics as topic_admin
-from worker.codec import (
+from worker import gctuning
+from worker.core.config import JobsConfig
+from worker.core.config import load as load_config
+from worker.core.lifecycle import AdvanceTime, Command, JobState, decide, dump_state, load_state
+from worker.engine import changelog
+from worker.engine import compat as kafkarecords
+from worker.engine import topics as topic_admin
+from worker.engine.codec import (
     REROUTED_FROM,
     Bad,
     InputRecord,
@@ -78,12 +83,9 @@ from worker.codec import (
     dead_letter_key,
     decode,
 )
-from worker.config import JobsConfig
-from worker.config import load as load_config
-from worker.kafkaio import Outbox
-from worker.lifecycle import AdvanceTime, Command, JobState, decide, dump_state, load_state
+from worker.engine.kafkaio import Outbox
+from worker.engine.store import RunRow, Store, run_change, started_row
 from worker.settings import Settings
-from worker.store import RunRow, Store, run_change, started_row
 
 log = structlog.get_logger("worker")
 

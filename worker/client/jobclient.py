@@ -31,9 +31,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
 from schemas import EventType, StatusEvent
-from worker import changelog
-from worker.kafkaio import partitions_of
-from worker.lifecycle import JobState, Run, load_state
+from worker.core.lifecycle import JobState, Run, load_state
+from worker.engine import changelog
+from worker.engine.kafkaio import partitions_of
 from worker.settings import Settings
 
 log = structlog.get_logger("client")

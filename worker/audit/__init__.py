@@ -1,0 +1,1 @@
+"""Audit: rebuild run history from the decision log, and re-decide every logged input."""

@@ -1,0 +1,1 @@
+"""Tools for trying and measuring the orchestrator: a local broker, the demo, the bench."""

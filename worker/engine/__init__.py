@@ -1,0 +1,1 @@
+"""The worker engine: the poll loop, partitions, their tasks, state and output."""
