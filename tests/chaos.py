@@ -30,8 +30,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import DeadLetter, EventType, StatusEvent
 from worker.core.lifecycle import TRANSITIONS, Action
+from worker.core.runs import RunRow
 from worker.engine.kafkaio import partitions_of
-from worker.engine.store import RunRow, Store
+from worker.engine.store import Store
 from worker.settings import Settings
 
 

@@ -18,7 +18,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from worker.client.watch import StatusTail
 from worker.devtools.localkafka import LocalKafka
 from worker.engine import topics as topic_admin
-from worker.engine.worker import Worker
+from worker.engine.hooks import Hooks
+from worker.engine.loop import Worker
 from worker.settings import Settings
 
 
@@ -78,8 +79,8 @@ async def topics(settings: Settings) -> Settings:
 class RunningWorker:
     """A worker running as a task of the test's event loop."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.worker = Worker(settings)
+    def __init__(self, settings: Settings, hooks: Hooks | None = None) -> None:
+        self.worker = Worker(settings, hooks)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 

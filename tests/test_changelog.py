@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from schemas import RunStatus
 from worker.core.lifecycle import JobState, Run, dump_state
+from worker.core.runs import RunRow
 from worker.engine import changelog
-from worker.engine.store import RunRow
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 STATE = JobState("report", active=(Run("r1", "report", None, "req-1", RunStatus.RUNNING, AT),))

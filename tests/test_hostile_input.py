@@ -20,6 +20,7 @@ from tests.chaos import WorkerProcess, read_topic
 from tests.conftest import RunningWorker, create_topics
 from tests.hostile import RawProducer, hostile_records
 from worker.client.watch import StatusTail
+from worker.devtools.faults import Faults
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -100,7 +101,6 @@ async def test_a_record_that_always_fails_is_dead_lettered_once_and_the_rest_flo
     """A record whose processing fails every time is tried alone, then dead-lettered
     `unprocessable` exactly once; the valid records of its batch are decided exactly once."""
     topics = await _one_partition(settings)
-    marked = topics.model_copy(update={"fault_record": "poison-marker"})
     # Sent before the worker starts, so that all of them arrive in one batch.
     sent = {}
     for name in ("before", "poison", "after"):
@@ -111,7 +111,7 @@ async def test_a_record_that_always_fails_is_dead_lettered_once_and_the_rest_flo
             key=f"job-{name}".encode(),
         )
         sent[name] = meta.offset
-    running = await RunningWorker(marked).start()
+    running = await RunningWorker(topics, Faults(record="poison-marker").hooks()).start()
     try:
         async with StatusTail(topics.bootstrap_servers, topics.topics) as tail:
             for name in ("before", "after"):

@@ -13,8 +13,9 @@ from aiokafka import AIOKafkaProducer
 from schemas import EventType, RunStatus, StatusEvent
 from tests.conftest import create_topics
 from worker.audit.replay import ReplayError, _follow, replay
+from worker.core.runs import RunRow
 from worker.engine.codec import partition_for
-from worker.engine.store import RunRow, Store
+from worker.engine.store import Store
 from worker.settings import Settings
 
 PARTITIONS = 4

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from worker.engine.codec import InputRecord
-from worker.engine.worker import Owner, Retained, Worker
-from worker.settings import Settings
+from worker.core.config import JobsConfig
+from worker.core.lifecycle import Limits, decision_order
+from worker.engine.codec import InputLimits, InputRecord
+from worker.engine.task import PartitionTask, Retained, Rules
 
 
 def start(offset: int, timestamp_ms: int, job_type: str) -> InputRecord:
@@ -18,18 +18,17 @@ def start(offset: int, timestamp_ms: int, job_type: str) -> InputRecord:
     )
 
 
-def test_the_highest_offset_is_committed_when_broker_times_go_backwards(tmp_path: Path) -> None:
+def test_the_highest_offset_is_committed_when_broker_times_go_backwards() -> None:
     """Records are decided in broker-time order, but the batch commits past its last offset
     even when a later offset carries an earlier time (CreateTime set by producers)."""
-    worker = Worker(Settings(db_path=tmp_path / "jobs.db"))
-    worker.partition_count = 1
-    owner = Owner(number=0, producer=None, jobs={}, runs={}, retained=Retained(), applied={})
+    rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
+    task = PartitionTask(0, rules)
     records = [start(0, 2_000, "late"), start(1, 1_000, "early")]
-    records.sort(key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset))
-    outcome = worker.apply(owner, records)
+    records.sort(key=decision_order)
+    outcome = task.apply(records)
     assert [e.job_type for e in outcome.events] == ["early", "late"]
     assert outcome.next_offsets == {"jobs.requests": 2}
-    assert owner.applied == {"jobs.requests": 2}
+    assert task.applied == {"jobs.requests": 2}
     assert set(outcome.states) == {"early", "late"}
 
 

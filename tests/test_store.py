@@ -13,7 +13,8 @@ from pydantic_core import PydanticSerializationError
 
 from schemas import RunStatus
 from worker.core.lifecycle import JobState, Queued, Run, dump_state
-from worker.engine.store import RunRow, Store
+from worker.core.runs import RunRow
+from worker.engine.store import Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 

@@ -17,9 +17,9 @@ from tests.conftest import RunningWorker
 from worker.client.watch import Item, StatusTail
 from worker.core.runid import RUN_ID_RE
 from worker.engine.codec import partition_for
+from worker.engine.loop import Worker
 from worker.engine.store import Store
 from worker.engine.topics import TopicError, wait_for_leaders
-from worker.engine.worker import Worker
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka

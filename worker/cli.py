@@ -181,18 +181,24 @@ def run(
     Example: JOBS_BOOTSTRAP_SERVERS=kafka:9092 jobctl run --db /var/lib/jobs/jobs.db
     """
     from worker.core.config import ConfigError
-    from worker.engine.worker import Worker
+    from worker.devtools.faults import from_environment
+    from worker.engine.hooks import Hooks
+    from worker.engine.loop import Worker
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     configure_logs(s.log_level, s.log_format)
     gctuning.tune()
+
+    hooks = Hooks(on_tick=gctuning.collect_and_log)
+    if (faults := from_environment()) is not None:  # the crash tests
+        hooks = faults.hooks(hooks)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Worker(s).run(stop)
+        await Worker(s, hooks).run(stop)
 
     try:
         _run(main())

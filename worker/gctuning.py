@@ -13,6 +13,10 @@ import gc
 import time
 from collections.abc import Iterator
 
+import structlog
+
+log = structlog.get_logger("worker")
+
 THRESHOLDS = (10_000, 10, 10)
 
 
@@ -34,6 +38,12 @@ def collect() -> float:
     started = time.perf_counter()
     gc.collect()
     return time.perf_counter() - started
+
+
+def collect_and_log() -> None:
+    """`collect`, its pause logged at debug level (the worker's tick hook)."""
+    pause = collect()
+    log.debug("garbage collected", ms=round(pause * 1000, 1))
 
 
 @contextlib.contextmanager

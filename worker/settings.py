@@ -74,19 +74,6 @@ class Settings(BaseSettings):
         description="Ended runs stay in the changelog this long (broker time), then are "
         "tombstoned; SQLite keeps the history.",
     )
-    fault_point: Literal["", "in_transaction", "after_commit", "stop_in_transaction"] = Field(
-        default="",
-        description="Testing only: exit the process hard (or freeze it, for "
-        "stop_in_transaction) at this point of a batch.",
-    )
-    fault_after_batches: int = Field(
-        default=0, ge=0, description="Testing only: the batch number at which to fault."
-    )
-    fault_record: str = Field(
-        default="",
-        description="Testing only: an input record whose value contains this text fails "
-        "to process, every time it is tried.",
-    )
     max_run_bytes: int = Field(
         default=393_216,
         gt=0,

@@ -23,11 +23,17 @@ Theory of operation:
 7. A run with a timeout must report (result, progress or heartbeat) before its deadline;
    `AdvanceTime(now)` ends overdue runs `timed_out`. Progress and heartbeats renew the
    deadline; a heartbeat (progress without metrics) changes nothing else and emits nothing.
+   A run whose deadline passed before a record about its job type arrived times out before
+   that record is decided (`overdue`). Time reaches a partition as its stream time (the
+   broker time of its records) or, for an idle partition, the wall clock when that is later
+   (`decision_clock`).
 8. A job type's active and queued runs together hold at most `Limits.run_bytes` (each run
    counts `Start.size`, what its request took on the wire, with room for its IDs); a start
    that would go over is `rejected`, so no producer can grow a job type's state past what
    one changelog record can carry.
-9. Each event gets an ID derived from its cause (source coordinates or the time advance, and
+9. Records are decided in broker-time order; at equal times requests before results, then
+   in offset order (`decision_order`).
+10. Each event gets an ID derived from its cause (source coordinates or the time advance, and
    its position among the command's events), so the same input always yields the same IDs.
 """
 
@@ -39,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import TypeAdapter
 
@@ -254,6 +260,44 @@ class Decision(NamedTuple):
     events: tuple[StatusEvent, ...]
 
 
+class Arrival(Protocol):
+    """What the decision order needs to know of an input record."""
+
+    @property
+    def timestamp_ms(self) -> int:
+        """Broker time of the record, milliseconds since the epoch."""
+
+    @property
+    def role(self) -> str:
+        """`requests` or `results`: the input topic it came from."""
+
+    @property
+    def offset(self) -> int:
+        """Its offset in that topic's partition."""
+
+
+def decision_order(record: Arrival) -> tuple[int, bool, int]:
+    """Rule 9: the sort key of a partition's records."""
+    return (record.timestamp_ms, record.role != "requests", record.offset)
+
+
+def overdue(state: JobState | None, now: datetime) -> bool:
+    """Rule 7: whether a run of `state` is past its deadline at `now`, so it times out
+    before anything else is decided at `now`."""
+    if state is None:
+        return False
+    deadline = state.next_deadline()
+    return deadline is not None and deadline <= now
+
+
+def decision_clock(stream_time: datetime | None, wall_clock: datetime | None) -> datetime | None:
+    """Rule 7: what time a partition's time-outs are decided at: its stream time, or the wall
+    clock of an idle partition's tick when that is later."""
+    if wall_clock is not None and (stream_time is None or wall_clock > stream_time):
+        return wall_clock
+    return stream_time
+
+
 _STATE_ADAPTER: TypeAdapter[JobState] = TypeAdapter(JobState)
 
 
@@ -394,7 +438,12 @@ def decide(
 
 
 def _move(before: RunStatus | None, action: Action) -> tuple[RunStatus, EventType] | None:
+    """Rule 3: the only place that says whether a move is legal."""
     return TRANSITIONS.get((before, action))
+
+
+def _illegal(before: RunStatus | None, action: Action) -> str:
+    return f"{action.value} is not allowed for a run that is {before or 'not yet created'}"
 
 
 def _decided(state: JobState, request_id: str) -> Decided | None:
@@ -458,7 +507,8 @@ def _start_run(
     size: int = 0,
 ) -> JobState:
     move = _move(before, action)
-    assert move is not None
+    if move is None:
+        return _reject(state, out, _illegal(before, action), request_id=request_id)
     status, event_type = move
     run = Run(
         run_id=run_id,
@@ -499,7 +549,8 @@ def _end_run(
 ) -> JobState:
     """End an active run and start the next queued run of its scope, if any."""
     move = _move(run.status, action)
-    assert move is not None
+    if move is None:
+        return _reject(state, out, _illegal(run.status, action), request_id=request_id)
     status, event_type = move
     out.emit(
         event_type,
@@ -640,7 +691,10 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
     if active is None:
         return _start_run(state, before=None, action=Action.START, **fields)
     if config.policy is Policy.QUEUE:
-        status, event_type = TRANSITIONS[(None, Action.ENQUEUE)]
+        move = _move(None, Action.ENQUEUE)
+        if move is None:
+            return _reject(state, out, _illegal(None, Action.ENQUEUE), request_id=cmd.request_id)
+        status, event_type = move
         out.emit(
             event_type,
             state.job_type,
@@ -739,7 +793,12 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
             run_id=run_id,
             client_id=cmd.client_id,
         )
-    status, event_type = TRANSITIONS[(RunStatus.QUEUED, Action.CANCEL)]
+    move = _move(RunStatus.QUEUED, Action.CANCEL)
+    if move is None:
+        return _reject(
+            state, out, _illegal(RunStatus.QUEUED, Action.CANCEL), request_id=cmd.request_id
+        )
+    status, event_type = move
     out.emit(
         event_type,
         state.job_type,

@@ -27,8 +27,8 @@ from worker.client.executor import Executor, RunContext
 from worker.client.jobclient import JobClient, JobRejectedError
 from worker.client.watch import Item, StatusTail
 from worker.engine import topics as topic_admin
+from worker.engine.loop import Worker
 from worker.engine.store import Store
-from worker.engine.worker import Worker
 from worker.settings import Settings, Topics
 
 

@@ -23,8 +23,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
 from worker.core.lifecycle import dump_state, load_state
+from worker.core.runs import RunRow
 from worker.engine.kafkaio import read_until
-from worker.engine.store import RunRow
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 

@@ -1,4 +1,14 @@
-"""Fetched records whose header names are not UTF-8 become readable, not fatal.
+"""Every use of aiokafka beyond its public API, in one place, each tested against the
+installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fails loudly.
+
+- `request_rejoin`: ask the group for a new assignment (a fenced partition is settled
+  promptly); aiokafka's coordinator has it, the consumer does not expose it.
+- `abort_if_open`: abort a transaction only when one is open and abortable; the producer
+  has no public check, its transaction manager does.
+- `fetch_all_metadata`: topic metadata for a consumer without a subscription.
+- `install`: fetched records whose header names are not UTF-8 become readable, not fatal.
+
+Tolerant records.
 
 Kafka header names are strings, but the broker does not check their bytes, and any client
 can write a name that is not UTF-8. aiokafka decodes header names strictly while it iterates
@@ -14,14 +24,45 @@ header names decoded with `surrogateescape`, so the original bytes can still be 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
 from collections.abc import Iterator
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.consumer import fetcher
+from aiokafka.errors import KafkaError
+from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchPy, _DefaultRecordPy
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import decode_varint
+
+
+def request_rejoin(consumer: AIOKafkaConsumer) -> None:
+    """Make `consumer` rejoin its group at the next poll (a new assignment follows)."""
+    consumer._coordinator.request_rejoin()
+
+
+async def abort_if_open(producer: AIOKafkaProducer) -> None:
+    """Abort the open transaction when the producer still can; a fatal one cannot.
+
+    Where abort is impossible, the next owner's producer start aborts the transaction.
+    """
+    txn = producer._txn_manager
+    if txn is None or txn.is_fatal_error():
+        return
+    if txn.state not in (TransactionState.IN_TRANSACTION, TransactionState.ABORTABLE_ERROR):
+        return
+    with contextlib.suppress(KafkaError, TimeoutError, AssertionError):
+        async with asyncio.timeout(10):
+            await producer.abort_transaction()
+
+
+async def fetch_all_metadata(consumer: AIOKafkaConsumer) -> Any:
+    """The cluster's metadata, fetched now (a consumer without a subscription knows none)."""
+    return await consumer._client.fetch_all_metadata()
+
 
 _LENGTH = struct.Struct(">i")  # a batch: base offset (int64), then its length (int32)
 _BATCH_PREFIX = 12

@@ -8,6 +8,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from worker.engine import compat
+
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     """Every partition of `topic`, fetching metadata when the consumer has none for it yet.
@@ -17,7 +19,7 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
     """
     found = consumer.partitions_for_topic(topic)
     if not found:
-        cluster = await consumer._client.fetch_all_metadata()
+        cluster = await compat.fetch_all_metadata(consumer)
         found = cluster.partitions_for_topic(topic)
     if not found:
         raise LookupError(f"topic {topic!r} does not exist")

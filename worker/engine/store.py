@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import aiosqlite
 from pydantic_core import to_json
 
-from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
+from schemas import EventType, RunStatus, StatusEvent
 from worker.core.lifecycle import JobState, load_state
+from worker.core.runs import RunRow, run_change, started_row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -88,62 +89,6 @@ _COLUMNS = (
     "run_id, job_type, client_id, request_id, status, partition, started_at, ended_at, "
     "initial_data, metrics, reason"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RunRow:
-    """One run as recorded."""
-
-    run_id: str
-    job_type: str
-    client_id: str | None
-    request_id: str | None
-    status: RunStatus
-    partition: int
-    started_at: datetime
-    ended_at: datetime | None
-    initial_data: dict[str, Any]
-    metrics: dict[str, Any] | None
-    reason: str | None
-
-
-def started_row(event: StatusEvent, partition: int) -> RunRow:
-    """The row of a run as its `started` event creates it."""
-    assert event.run_id is not None
-    assert event.started_at is not None
-    return RunRow(
-        run_id=event.run_id,
-        job_type=event.job_type,
-        client_id=event.client_id,
-        request_id=event.request_id,
-        status=RunStatus.RUNNING,
-        partition=partition,
-        started_at=event.started_at,
-        ended_at=None,
-        initial_data=dict(event.initial_data or {}),
-        metrics=None,
-        reason=None,
-    )
-
-
-def run_change(event: StatusEvent) -> dict[str, Any] | None:
-    """The fields of an existing run row that `event` changes (None: it changes none).
-
-    The worker's live rows and `replay` both go through here, so they cannot drift apart.
-    """
-    if event.type is EventType.PROGRESS:
-        return {"metrics": event.metrics}
-    if event.type not in ENDING_EVENTS:
-        return None
-    assert event.status is not None
-    change: dict[str, Any] = {
-        "status": event.status,
-        "ended_at": event.occurred_at,
-        "reason": event.reason,
-    }
-    if event.metrics is not None:  # else the last progress metrics stay
-        change["metrics"] = event.metrics
-    return change
 
 
 def _dumps(value: object) -> str | None:

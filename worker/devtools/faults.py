@@ -1,0 +1,78 @@
+"""Fault injection for the crash tests: hooks for the engine, read from the environment.
+
+Only `jobctl run` reads these variables; a worker embedded elsewhere never faults.
+
+- `JOBS_FAULT_POINT`: `in_transaction` or `after_commit` (exit the process hard there), or
+  `stop_in_transaction` (freeze it with SIGSTOP inside an open transaction);
+- `JOBS_FAULT_AFTER_BATCHES`: at the first such point from this batch number on (default 0);
+- `JOBS_FAULT_RECORD`: an input record whose value contains this text fails to process,
+  every time it is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping
+
+import structlog
+
+from worker.engine.codec import InputRecord
+from worker.engine.hooks import POINTS, Hooks
+
+log = structlog.get_logger("worker")
+
+
+class InjectedFault(RuntimeError):
+    """A record marked to fail (`JOBS_FAULT_RECORD`)."""
+
+
+class Faults:
+    """Exit, freeze or fail where the environment says, once."""
+
+    def __init__(self, point: str = "", after_batches: int = 0, record: str = "") -> None:
+        if point and point not in POINTS:
+            raise ValueError(f"JOBS_FAULT_POINT must be one of {', '.join(POINTS)}")
+        self.point = point
+        self.after_batches = after_batches
+        self.record = record.encode()
+        self.batches = 0
+        self.done = False
+
+    def at_point(self, name: str) -> None:
+        """Count batches; exit hard (or freeze) at the configured point."""
+        if name == "batch":
+            self.batches += 1
+        if name != self.point or self.batches < self.after_batches or self.done:
+            return
+        self.done = True
+        if name == "stop_in_transaction":
+            log.warning("injected fault: freezing inside an open transaction", point=name)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
+        log.warning("injected fault: exiting hard", point=name)
+        os._exit(70)
+
+    def before_record(self, record: InputRecord) -> None:
+        """Fail on a marked record."""
+        if record.value is not None and self.record in record.value:
+            raise InjectedFault(f"injected fault at {record.topic}:{record.offset}")
+
+    def hooks(self, base: Hooks | None = None) -> Hooks:
+        """`base` with these faults added."""
+        base = base or Hooks()
+        return Hooks(
+            on_tick=base.on_tick,
+            at_point=self.at_point if self.point else None,
+            before_record=self.before_record if self.record else None,
+        )
+
+
+def from_environment(environ: Mapping[str, str] = os.environ) -> Faults | None:
+    """The faults the environment asks for, if any."""
+    point = environ.get("JOBS_FAULT_POINT", "")
+    record = environ.get("JOBS_FAULT_RECORD", "")
+    if not point and not record:
+        return None
+    after = int(environ.get("JOBS_FAULT_AFTER_BATCHES", "0"))
+    return Faults(point, after, record)

@@ -1,0 +1,180 @@
+"""The record collector: a batch's outcome to Kafka records, published with its offsets.
+
+Two implementations of one protocol, chosen by `JOBS_PROCESSING_GUARANTEE`:
+
+- `ExactlyOnce`: one transactional producer per partition (transactional ID `<group>.<N>`,
+  which fences the previous owner when it starts); status events, changelog rows, dead
+  letters and re-routed records go out in ONE transaction with the input offsets
+  (`send_offsets_to_transaction`).
+- `AtLeastOnce`: one idempotent producer, no transaction; the offsets are committed once the
+  records are acknowledged, so a crash in between republishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Protocol
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from worker.engine import changelog, compat
+from worker.engine.codec import REROUTED_FROM
+from worker.engine.hooks import Hooks
+from worker.engine.kafkaio import Outbox
+from worker.engine.task import BatchOutcome
+from worker.settings import Settings, Topics
+
+log = structlog.get_logger("worker")
+
+
+class FencedError(RuntimeError):
+    """Another worker owns the partition now; this one must stop writing to it."""
+
+
+class RecordCollector(Protocol):
+    """Publishes the outcomes of the partitions a worker owns."""
+
+    async def start(self) -> None:
+        """Start what all partitions share."""
+
+    async def open(self, number: int) -> None:
+        """Prepare to publish for partition `number` (fencing any previous owner)."""
+
+    async def commit(self, number: int, outcome: BatchOutcome) -> None:
+        """Publish `outcome` with its input offsets; raise if it did not happen."""
+
+    async def close(self, number: int) -> None:
+        """Stop publishing for partition `number`."""
+
+    async def stop(self) -> None:
+        """Release everything."""
+
+
+def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcome) -> None:
+    """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
+    for event in outcome.events:
+        out.add(topics.status, number, event.job_type.encode(), event.model_dump_json().encode())
+    for key, letter in outcome.dead_letters:
+        out.add(topics.dlq, number, key, letter.model_dump_json().encode())
+    for record, reroute in outcome.reroutes:
+        origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
+        headers = [*record.headers, (REROUTED_FROM, origin)]
+        out.add(record.topic, reroute.partition, reroute.key, record.value, headers)
+    for job_type, state in outcome.states.items():
+        out.add(topics.state, number, *changelog.job_row(job_type, state))
+    for row in outcome.runs.values():
+        out.add(topics.state, number, *changelog.run_row(row))
+    for run_id in outcome.tombstones:
+        out.add(topics.state, number, run_id.encode(), None)
+
+
+def _offsets(number: int, next_offsets: dict[str, int]) -> dict[TopicPartition, int]:
+    return {TopicPartition(topic, number): offset for topic, offset in next_offsets.items()}
+
+
+class ExactlyOnce:
+    """One transaction per batch, through the partition's own transactional producer."""
+
+    def __init__(self, settings: Settings, hooks: Hooks) -> None:
+        self._settings = settings
+        self._hooks = hooks
+        self._producers: dict[int, AIOKafkaProducer] = {}
+
+    async def start(self) -> None:
+        """Nothing is shared between partitions."""
+
+    async def open(self, number: int) -> None:
+        """Start N's producer: this fences the previous owner and waits out its transaction."""
+        s = self._settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            transactional_id=f"{s.group_id}.{number}",
+            linger_ms=s.linger_ms,
+            max_batch_size=s.producer_batch_bytes,
+            transaction_timeout_ms=s.transaction_timeout_ms,
+        )
+        await producer.start()
+        self._producers[number] = producer
+
+    async def commit(self, number: int, outcome: BatchOutcome) -> None:
+        """Publish `outcome` and its offsets in one transaction."""
+        producer = self._producers.get(number)
+        if producer is None:
+            raise FencedError(f"partition {number} has no producer")
+        await producer.begin_transaction()
+        try:
+            out = Outbox(producer)
+            write_outcome(out, self._settings.topics, number, outcome)
+            await out.flush()
+            if outcome.next_offsets:
+                await producer.send_offsets_to_transaction(
+                    _offsets(number, outcome.next_offsets), self._settings.group_id
+                )
+            self._hooks.point("in_transaction")
+            self._hooks.point("stop_in_transaction")
+            await producer.commit_transaction()
+        except BaseException:
+            await compat.abort_if_open(producer)
+            raise
+
+    async def close(self, number: int) -> None:
+        """Stop N's producer (its transactions are all finished or aborted)."""
+        producer = self._producers.pop(number, None)
+        if producer is not None:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+
+    async def stop(self) -> None:
+        """Stop every partition's producer."""
+        for number in list(self._producers):
+            await self.close(number)
+
+
+class AtLeastOnce:
+    """Records through one idempotent producer, then the offsets committed by the consumer."""
+
+    def __init__(self, settings: Settings, consumer: AIOKafkaConsumer) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Start the shared producer."""
+        s = self._settings
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=s.bootstrap_servers,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=s.linger_ms,
+            max_batch_size=s.producer_batch_bytes,
+        )
+        await self._producer.start()
+
+    async def open(self, number: int) -> None:
+        """Nothing to fence without transactions."""
+
+    async def commit(self, number: int, outcome: BatchOutcome) -> None:
+        """Publish, wait for every acknowledgement, then commit the offsets."""
+        assert self._producer is not None
+        out = Outbox(self._producer)
+        write_outcome(out, self._settings.topics, number, outcome)
+        await out.flush()
+        if not outcome.next_offsets:
+            return
+        try:
+            await self._consumer.commit(_offsets(number, outcome.next_offsets))
+        except CommitFailedError as exc:
+            # The partition moved on; its new owner reads from the last committed offset.
+            log.warning("offset commit failed", partition=number, error=str(exc))
+
+    async def close(self, number: int) -> None:
+        """Nothing is held per partition."""
+
+    async def stop(self) -> None:
+        """Stop the shared producer."""
+        if self._producer is not None:
+            with contextlib.suppress(KafkaError):
+                await self._producer.stop()
+            self._producer = None

@@ -1,0 +1,31 @@
+"""What an embedder passes into the engine instead of the engine deciding it.
+
+`jobctl run` passes a full garbage collection per tick (`worker.gctuning`); tests pass fault
+points (`worker.devtools.faults`). A worker built with the default `Hooks()` does neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worker.engine.codec import InputRecord
+
+# The named points of a batch, in order: "batch" (a batch begins), "in_transaction" and
+# "stop_in_transaction" (its transaction is open, before the commit), "after_commit" (Kafka
+# committed, SQLite not yet written).
+POINTS = ("batch", "in_transaction", "stop_in_transaction", "after_commit")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks the engine makes; each may be None."""
+
+    on_tick: Callable[[], None] | None = None  # once per tick of the poll loop
+    at_point: Callable[[str], None] | None = None  # at each of `POINTS`
+    before_record: Callable[[InputRecord], None] | None = None  # raise to fail the record
+
+    def point(self, name: str) -> None:
+        """Call `at_point` with `name`, if set."""
+        if self.at_point is not None:
+            self.at_point(name)

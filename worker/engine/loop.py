@@ -1,0 +1,236 @@
+"""The worker: its Kafka clients, the poll loop, dispatch to partitions, ticks, shutdown.
+
+One consumer in the group `<prefix>.orchestrator` reads `<prefix>.requests` and
+`<prefix>.results`. Each poll's records are split by partition, sorted into decision order,
+and handed to the batch runner, one batch per partition at a time (a partition is paused
+while its batch is in flight, so the owner of N serializes every transition of N's job
+types). Every `JOBS_TICK_S` an idle partition with a run past its deadline gets an empty
+batch at the wall clock's time, so its runs time out without new input.
+
+The units (see ARCHITECTURE.md): `PartitionManager` (ownership), `PartitionTask`
+(decisions), `StateManager` (SQLite and the changelog), the record collector (output and
+offsets), `BatchRunner` (one batch, and what a failure does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+
+from worker.core.config import JobsConfig
+from worker.core.config import load as load_config
+from worker.core.lifecycle import decision_order
+from worker.engine import compat
+from worker.engine import topics as topic_admin
+from worker.engine.codec import InputRecord, TopicRole
+from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
+from worker.engine.hooks import Hooks
+from worker.engine.partitions import PartitionManager
+from worker.engine.processing import BatchRunner
+from worker.engine.state import StateManager
+from worker.engine.task import Rules
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+
+class Worker:
+    """The orchestrator process: `await Worker(settings).run(stop_event)`."""
+
+    def __init__(self, settings: Settings, hooks: Hooks | None = None) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.hooks = hooks or Hooks()
+        self._roles: dict[str, TopicRole] = {
+            self.topics.requests: "requests",
+            self.topics.results: "results",
+        }
+        # Read at construction so that an invalid file stops start-up before any I/O.
+        self.jobs_config: JobsConfig = load_config(settings.config)
+        self.partition_count = 0
+        self.ready = asyncio.Event()  # every assigned partition taken
+        self._failure: BaseException | None = None
+        self._stopping = asyncio.Event()
+        self._state = StateManager(settings)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._collector: RecordCollector | None = None
+        self._partitions: PartitionManager | None = None
+        self._runner: BatchRunner | None = None
+
+    def rules(self) -> Rules:
+        """What every partition task decides with."""
+        s = self.settings
+        return Rules(
+            partitions=self.partition_count,
+            jobs=self.jobs_config,
+            limits=s.limits,
+            input_limits=s.input_limits,
+            retention=timedelta(seconds=s.run_retention_s),
+            before_record=self.hooks.before_record,
+        )
+
+    def stop_with(self, failure: BaseException) -> None:
+        """Stop the worker; `run` raises `failure` once it has shut down."""
+        if self._failure is None:
+            self._failure = failure
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until `stop` is set (or the task is cancelled), then shut down cleanly."""
+        stop = stop or asyncio.Event()
+        s = self.settings
+        compat.install()
+        self.partition_count = await self._check_topics()
+        await self._state.start(s.db_path)
+        consumer = self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers,
+            group_id=s.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            max_poll_records=s.batch_max_records,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
+        )
+        collector: RecordCollector = (
+            ExactlyOnce(s, self.hooks)
+            if s.processing_guarantee == "exactly_once"
+            else AtLeastOnce(s, consumer)
+        )
+        self._collector = collector
+        partitions = self._partitions = PartitionManager(
+            s,
+            consumer,
+            collector,
+            self._state,
+            self.rules,
+            self.stop_with,
+            self._stopping,
+            self.ready,
+        )
+        self._runner = BatchRunner(partitions, collector, self._state, self.hooks, self.stop_with)
+        try:
+            await collector.start()
+            consumer.subscribe(
+                [self.topics.requests, self.topics.results], listener=partitions.listener()
+            )
+            await consumer.start()
+            log.info(
+                "worker started",
+                group=s.group_id,
+                partitions=self.partition_count,
+                guarantee=s.processing_guarantee,
+                db=str(s.db_path),
+            )
+            await self._loop(stop)
+        finally:
+            await self._shutdown()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _check_topics(self) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+        await admin.start()
+        try:
+            return topic_admin.check_counts(await topic_admin.describe(admin, self.topics))
+        finally:
+            await admin.close()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        assert self._consumer is not None
+        assert self._partitions is not None
+        s = self.settings
+        stopping = asyncio.ensure_future(stop.wait())
+        next_tick = time.monotonic() + s.tick_s
+        try:
+            while not stop.is_set() and self._failure is None:
+                fetch = asyncio.ensure_future(
+                    self._consumer.getmany(
+                        timeout_ms=s.poll_timeout_ms, max_records=s.batch_max_records
+                    )
+                )
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fetch
+                    break
+                self._dispatch(fetch.result())
+                if (failure := self._state.failure) is not None:
+                    log.error("writing the SQLite file failed; stopping", error=repr(failure))
+                    self.stop_with(failure)
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + s.tick_s
+                    self._tick(datetime.now(UTC))
+                    if self.hooks.on_tick is not None:
+                        self.hooks.on_tick()
+        finally:
+            stopping.cancel()
+            self._stopping.set()  # cuts short any retry's backoff
+            # Graceful stop: let every batch in flight commit before leaving the group.
+            await self._drain()
+
+    def _dispatch(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        assert self._partitions is not None
+        assert self._runner is not None
+        by_partition: dict[int, list[InputRecord]] = {}
+        for tp, records in batch.items():
+            role = self._roles[tp.topic]
+            by_partition.setdefault(tp.partition, []).extend(
+                InputRecord.of(role, r) for r in records
+            )
+        for number, records in by_partition.items():
+            owned = self._partitions.owned.get(number)
+            if owned is None or owned.fenced:
+                continue  # not ours (any more); whoever owns it reads from the committed offset
+            self._partitions.pause(number)
+            records.sort(key=decision_order)
+            if self._runner.isolating(number):
+                # One record per batch until the failed batch is behind; the rest are read
+                # again (the partition is re-positioned after the batch).
+                records = records[:1]
+            owned.batch = asyncio.create_task(self._runner.run(owned, records))
+
+    def _tick(self, now: datetime) -> None:
+        """Time out overdue runs of idle partitions by the wall clock."""
+        assert self._partitions is not None
+        assert self._runner is not None
+        for number, owned in self._partitions.owned.items():
+            busy = owned.batch is not None and not owned.batch.done()
+            if busy or owned.fenced or not owned.task.due(now):
+                continue
+            self._partitions.pause(number)
+            owned.batch = asyncio.create_task(self._runner.run(owned, [], wall_clock=now))
+
+    async def _drain(self) -> None:
+        if self._partitions is None:
+            return
+        batches = [o.batch for o in self._partitions.owned.values() if o.batch is not None]
+        if batches:
+            await asyncio.gather(*batches, return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        # Shielded so a second cancellation cannot leave the group membership dangling.
+        async def close() -> None:
+            await self._drain()
+            if self._consumer is not None:
+                with contextlib.suppress(KafkaError):
+                    await self._consumer.stop()  # leaves the group; revokes the partitions
+            if self._partitions is not None:
+                await self._partitions.close_all()
+            if self._collector is not None:
+                await self._collector.stop()
+            await self._state.stop()
+            log.info("worker stopped")
+
+        await asyncio.shield(close())

@@ -1,0 +1,225 @@
+"""The partition manager: which partitions this worker owns, taking and closing them.
+
+The range assignor keeps partition N of requests and results on one member. On assignment
+of N, in this order: open N in the record collector (exactly-once: start N's transactional
+producer, which fences the previous owner and waits out its open transaction); read the
+group's committed offsets for N and seek to them; load N's task through the state manager
+(restoring from the changelog when SQLite differs). On revocation the batch in flight
+finishes (commits or aborts) and N is closed.
+
+One failure rule: a partition this worker owns but cannot serve stops the worker, so that a
+supervisor restarts it or the group gives the partition to another member. Taking is tried
+a few times, with backoff, before that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import IllegalStateError, KafkaError
+
+from worker.engine import compat
+from worker.engine.collector import RecordCollector
+from worker.engine.state import StateManager
+from worker.engine.task import PartitionTask, Rules
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+TAKE_ATTEMPTS = 5
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 10.0
+
+
+@dataclass
+class Owned:
+    """A partition this worker owns: its task and the batch in flight (N is paused
+    meanwhile)."""
+
+    task: PartitionTask
+    batch: asyncio.Task[None] | None = None
+    fenced: bool = False  # another worker owns it now; nothing more is written for it
+
+
+class PartitionManager:
+    """Owns, takes, resets and closes partitions; the rebalance listener calls in here."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: AIOKafkaConsumer,
+        collector: RecordCollector,
+        state: StateManager,
+        rules: Callable[[], Rules],
+        stop: Callable[[BaseException], None],
+        stopping: asyncio.Event,
+        ready: asyncio.Event,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._collector = collector
+        self._state = state
+        self._rules = rules
+        self._stop = stop  # stops the worker with this error
+        self._stopping = stopping
+        self.owned: dict[int, Owned] = {}
+        self.ready = ready  # set once every assigned partition is taken
+
+    def listener(self) -> ConsumerRebalanceListener:
+        """The rebalance listener to subscribe with."""
+        return _Rebalance(self)
+
+    def topic_partitions(self, number: int) -> tuple[TopicPartition, TopicPartition]:
+        """Partition `number` of requests and of results."""
+        topics = self._settings.topics
+        return TopicPartition(topics.requests, number), TopicPartition(topics.results, number)
+
+    def pause(self, number: int) -> None:
+        """Fetch nothing more for `number` until `resume`."""
+        self._consumer.pause(*self.topic_partitions(number))
+
+    def resume(self, number: int) -> None:
+        """Fetch again for `number`, unless it is no longer ours or fenced."""
+        owned = self.owned.get(number)
+        if owned is not None and not owned.fenced:
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                self._consumer.resume(*self.topic_partitions(number))
+
+    def reposition(self, owned: Owned) -> None:
+        """Fetch `owned` again from its applied offsets (records fetched after them are
+        read again)."""
+        for tp in self.topic_partitions(owned.task.number):
+            self._consumer.seek(tp, owned.task.applied.get(tp.topic, 0))
+
+    async def assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        """Take every assigned partition; stop the worker if one cannot be taken."""
+        numbers = sorted({tp.partition for tp in assigned})
+        results = await asyncio.gather(*(self._take(n) for n in numbers), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            self._unserved(numbers, failures[0])
+            return
+        log.info("partitions assigned", partitions=numbers)
+        self.ready.set()
+
+    async def revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        """Close every revoked partition after its batch in flight."""
+        numbers = sorted({tp.partition for tp in revoked})
+        for number in numbers:
+            owned = self.owned.pop(number, None)
+            if owned is not None:
+                await self._close(owned)
+        log.info("partitions revoked", partitions=numbers)
+
+    async def close_all(self) -> None:
+        """Close every partition (shutdown)."""
+        for number in list(self.owned):
+            await self._close(self.owned.pop(number))
+
+    def fence(self, owned: Owned, exc: BaseException) -> None:
+        """Stop writing for `owned`, which another worker owns now, and ask the group to
+        settle the assignment promptly."""
+        owned.fenced = True
+        log.error(
+            "fenced: another worker owns this partition now; stopped writing to it",
+            partition=owned.task.number,
+            error=repr(exc),
+        )
+        compat.request_rejoin(self._consumer)
+
+    async def reset(self, owned: Owned) -> None:
+        """Throw `owned` away and take its partition again from what Kafka committed."""
+        number = owned.task.number
+        if self.owned.get(number) is not owned:
+            return
+        del self.owned[number]
+        await self._collector.close(number)
+        for attempt in range(1, TAKE_ATTEMPTS + 1):
+            try:
+                await self._take(number)
+                return
+            except KafkaError as exc:
+                if attempt == TAKE_ATTEMPTS:
+                    self._unserved([number], exc)
+                    return
+                log.warning(
+                    "could not take the partition again; retrying",
+                    partition=number,
+                    attempt=attempt,
+                    error=repr(exc),
+                )
+                await self.back_off(BACKOFF_FIRST_S * 2**attempt)
+
+    async def back_off(self, seconds: float) -> None:
+        """Wait `seconds` (at most `BACKOFF_MAX_S`), or less when the worker is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), min(seconds, BACKOFF_MAX_S))
+
+    def _unserved(self, numbers: list[int], exc: BaseException) -> None:
+        """The one failure rule: owned but not served stops the worker."""
+        log.error("could not take partitions; stopping", partitions=numbers, error=repr(exc))
+        self._stop(exc)
+
+    async def _take(self, number: int) -> None:
+        """Become the owner of partition `number`."""
+        # aiokafka may hand out N's records while this listener still runs; paused, N yields
+        # none until it is positioned and loaded (records handed out earlier are dropped by
+        # the dispatch, harmlessly, since N is re-positioned below).
+        self.pause(number)
+        await self._collector.open(number)  # fences the previous owner
+        try:
+            committed = await self._position(number)
+            exact = self._settings.processing_guarantee == "exactly_once"
+            task = await self._state.load(number, committed, self._rules(), exact=exact)
+        except BaseException:
+            await self._collector.close(number)
+            raise
+        self.owned[number] = Owned(task)
+        self._consumer.resume(*self.topic_partitions(number))
+
+    async def _position(self, number: int) -> dict[str, int]:
+        # Always position N here, after the fencing: aiokafka fetched committed offsets while
+        # joining, possibly including the offsets of the previous owner's transaction that
+        # opening N has just aborted.
+        committed: dict[str, int] = {}
+        for tp in self.topic_partitions(number):
+            offset = await self._consumer.committed(tp)
+            if offset is not None:
+                committed[tp.topic] = offset
+            # Offset 0 when nothing is committed: if retention deleted it, the consumer's
+            # out-of-range reset ("earliest") moves to the log start. (`seek_to_beginning`
+            # inside the rebalance listener stalls aiokafka's fetcher.)
+            self._consumer.seek(tp, offset or 0)
+        return committed
+
+    async def _close(self, owned: Owned) -> None:
+        if owned.batch is not None and owned.batch is not asyncio.current_task():
+            # The batch in flight commits or aborts before the partition moves.
+            await asyncio.gather(owned.batch, return_exceptions=True)
+        await self._collector.close(owned.task.number)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, manager: PartitionManager) -> None:
+        self._manager = manager
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # aiokafka swallows exceptions raised in listeners; log them ourselves.
+        try:
+            await self._manager.revoked(revoked)
+        except Exception:
+            log.exception("partition revocation failed")
+            raise
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        try:
+            await self._manager.assigned(assigned)
+        except Exception:
+            log.exception("partition assignment failed")
+            raise

@@ -1,0 +1,144 @@
+"""The state manager: a partition's state loaded, restored from the changelog, written behind.
+
+SQLite (`worker.engine.store`) holds what this worker committed; `<prefix>.state` (the
+changelog, `worker.engine.changelog`) holds what any worker committed. On taking a
+partition, SQLite is brought level with the group's committed offsets, restoring from the
+changelog when its applied offsets differ, and only the work in flight is loaded into a
+`PartitionTask`. After each committed batch the task's runs, job states and offsets are
+queued for SQLite; one writer merges what accumulated into one SQLite transaction, so the
+file always holds a prefix of what Kafka committed (a crash before a write is the restore
+case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import structlog
+from aiokafka import AIOKafkaConsumer
+
+from worker.engine import changelog
+from worker.engine.store import Store
+from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+
+class StateManager:
+    """SQLite and the changelog behind the partitions a worker owns."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._store: Store | None = None
+        self._restorer: AIOKafkaConsumer | None = None
+        self._restoring = asyncio.Lock()  # one partition restored at a time
+
+    @property
+    def store(self) -> Store:
+        """The open SQLite store."""
+        assert self._store is not None, "the state manager is not started"
+        return self._store
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why writing SQLite failed, if it did (the worker must stop)."""
+        return None if self._store is None else self._store.failure
+
+    async def start(self, db_path: Path) -> None:
+        """Open the SQLite file and the changelog reader."""
+        self._store = await Store.open(db_path)
+        self._restorer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.bootstrap_servers,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        await self._restorer.start()
+
+    async def stop(self) -> None:
+        """Write what is queued and close."""
+        if self._restorer is not None:
+            await self._restorer.stop()
+        if self._store is not None:
+            await self._store.close()
+
+    async def load(
+        self, number: int, committed: dict[str, int], rules: Rules, *, exact: bool
+    ) -> PartitionTask:
+        """Partition `number`'s task, level with the group's `committed` offsets.
+
+        With `exact` (exactly-once), any difference from SQLite's applied offsets restores
+        the partition from the changelog; otherwise only SQLite being behind does.
+        """
+        store = self.store
+        await store.flush()  # SQLite holds every batch this process committed
+        applied = await store.applied_offsets(number)
+        behind = any(applied.get(t, 0) < o for t, o in committed.items())
+        restored = behind or (exact and applied != committed)
+        if restored:
+            await self._restore(number, committed)
+            applied = committed
+        # Only what has work in flight is loaded: a long history stays in SQLite.
+        known = known_filter()
+        async for names in store.job_types(number):
+            known.update(names)
+        retained = Retained()
+        async for ends in store.retained_ends(number):
+            for ended_at, run_id in ends:
+                retained.add(ended_at, run_id)
+        task = PartitionTask(
+            number,
+            rules,
+            jobs=await store.busy_states(number),
+            runs=await store.active_runs(number),
+            retained=retained,
+            applied=applied,
+            known=known,
+        )
+        log.debug("partition loaded", partition=number, committed=committed, restored=restored)
+        return task
+
+    async def _restore(self, number: int, committed: dict[str, int]) -> None:
+        assert self._restorer is not None
+        started = time.perf_counter()
+        # One partition at a time, read and written: one restore consumer, re-assigned per
+        # partition, and one snapshot in memory.
+        async with self._restoring:
+            topic = self._settings.topics.state
+            snapshot = await changelog.read_partition(self._restorer, topic, number)
+            await self.store.replace_partition(
+                number,
+                snapshot.jobs.items(),
+                map(changelog.load_run, snapshot.runs.values()),
+                committed,
+            )
+        log.info(
+            "partition restored from changelog",
+            partition=number,
+            job_types=len(snapshot.jobs),
+            runs=len(snapshot.runs),
+            records=snapshot.records,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    async def states(self, job_types: list[str]) -> dict[str, bytes]:
+        """The stored states of `job_types` (from the write queue or SQLite)."""
+        if not job_types:
+            return {}
+        return await self.store.load_states(job_types)
+
+    async def record(self, number: int, outcome: BatchOutcome) -> None:
+        """Queue a committed batch for SQLite; wait when SQLite has fallen behind, so the lag
+        (and the memory it takes) stays within about a batch."""
+        store = self.store
+        store.record_batch(
+            number,
+            outcome.runs.values(),
+            outcome.states.items(),
+            outcome.next_offsets,
+            outcome.tombstones,
+        )
+        if store.backlog > self._settings.batch_max_records:
+            await store.flush()

@@ -1,0 +1,360 @@
+"""The partition task: what the owner of one partition knows, and its decisions.
+
+A task turns a partition's input records into a `BatchOutcome`: decode each record, decide
+it in the core, keep the run rows in step with the events, time out overdue runs, and say
+which job states changed and which ended runs leave the changelog. It does no I/O and knows
+no Kafka client: the live worker and `verify` drive the same task, so an audit re-decides
+with exactly the code that decided.
+
+Memory follows the work in flight: job types with an active or queued run stay parsed; idle
+ones leave after their batch (`evict_idle`) and are loaded back when a record names them
+(`wanted_states` / `add_states`). A Bloom filter of stored job types spares a new job type
+that lookup.
+"""
+
+from __future__ import annotations
+
+import heapq
+from array import array
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from rbloom import Bloom
+
+from schemas import DeadLetter, EventType, StatusEvent
+from worker.core.config import JobsConfig
+from worker.core.lifecycle import (
+    AdvanceTime,
+    Command,
+    JobState,
+    Limits,
+    decide,
+    decision_clock,
+    dump_state,
+    load_state,
+    overdue,
+)
+from worker.core.runs import RunRow, run_change, started_row
+from worker.engine.codec import (
+    Bad,
+    InputLimits,
+    InputRecord,
+    Reroute,
+    dead_letter,
+    dead_letter_key,
+    decode,
+)
+
+log = structlog.get_logger("worker")
+
+
+class Retained:
+    """Ended runs still in the changelog, in the order they ended, until their tombstone.
+
+    It holds a run for `JOBS_RUN_RETENTION_S` of broker time, so it grows with the history
+    of that window: a run costs its ID and an 8-byte time here (a heap of (datetime, str)
+    tuples cost about 180 bytes a run, 18 MB of a 100,000-run worker). Runs end in stream
+    time order; when a producer's clock sends one back in time, it leaves with the run
+    before it: never earlier than its retention, at most as late as that disorder.
+    """
+
+    def __init__(self) -> None:
+        self._ended = array("d")  # POSIX seconds
+        self._run_ids: list[str] = []
+        self._head = 0  # entries before it are gone
+
+    def add(self, ended_at: datetime, run_id: str) -> None:
+        """Hold `run_id`, which ended at `ended_at`."""
+        self._ended.append(ended_at.timestamp())
+        self._run_ids.append(run_id)
+
+    def expire(self, horizon: datetime) -> list[str]:
+        """The runs that ended at or before `horizon`, in order; they are no longer held."""
+        limit = horizon.timestamp()
+        ended, start = self._ended, self._head
+        end = start
+        while end < len(ended) and ended[end] <= limit:
+            end += 1
+        if end == start:
+            return []
+        gone = self._run_ids[start:end]
+        self._head = end
+        if end > len(ended) // 2:  # drop the expired part (amortized over what expired)
+            del ended[:end]
+            del self._run_ids[:end]
+            self._head = 0
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._ended) - self._head
+
+
+@dataclass
+class BatchOutcome:
+    """What processing one partition's batch produced."""
+
+    events: list[StatusEvent] = field(default_factory=list)
+    dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
+    changed: dict[str, JobState] = field(default_factory=dict)
+    states: dict[str, bytes] = field(default_factory=dict)  # `changed`, serialized
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    tombstones: list[str] = field(default_factory=list)
+    reroutes: list[tuple[InputRecord, Reroute]] = field(default_factory=list)
+    next_offsets: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """Whether there is nothing to publish or record."""
+        return not (
+            self.events
+            or self.dead_letters
+            or self.changed
+            or self.runs
+            or self.tombstones
+            or self.reroutes
+            or self.next_offsets
+        )
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What every task of a worker decides with."""
+
+    partitions: int  # of each topic
+    jobs: JobsConfig
+    limits: Limits
+    input_limits: InputLimits
+    retention: timedelta  # ended runs stay in the changelog this long
+    # Testing only: called before each record is decided (to inject a failure).
+    before_record: Callable[[InputRecord], None] | None = None
+
+
+_KNOWN_CAPACITY = 250_000  # per partition at 1% false positives (~300 KB); more job types
+# only raise the rate of needless reads
+
+
+def known_filter(job_types: Iterable[str] = ()) -> Bloom:
+    """A Bloom filter of stored job types."""
+    known = Bloom(_KNOWN_CAPACITY, 0.01)
+    known.update(job_types)
+    return known
+
+
+def _idle(held: JobState | bytes) -> bool:
+    """Whether a job type has no active or queued run (its state can live in SQLite alone)."""
+    return isinstance(held, bytes) or not (held.active or held.queue)
+
+
+class PartitionTask:
+    """The owner's view of one partition: its job states, active runs and deadlines."""
+
+    def __init__(
+        self,
+        number: int,
+        rules: Rules,
+        *,
+        jobs: dict[str, JobState] | None = None,
+        runs: Iterable[RunRow] = (),
+        retained: Retained | None = None,
+        applied: dict[str, int] | None = None,
+        known: Bloom | None = None,
+    ) -> None:
+        self.number = number
+        self.rules = rules
+        # Job types with an active or queued run, plus idle ones a batch has loaded
+        # (serialized with `dump_state`) until `evict_idle`.
+        self.jobs: dict[str, JobState | bytes] = dict(jobs or {})
+        self.runs = {r.run_id: r for r in runs}  # active runs, by run ID
+        self.retained = retained if retained is not None else Retained()
+        self.applied = dict(applied or {})  # input topic -> next offset to apply
+        self.known = known if known is not None else known_filter()
+        self.stream_time: datetime | None = None  # highest broker time seen
+        self.deadlines: list[tuple[datetime, str]] = [  # a heap; entries may be stale
+            (deadline, job_type)
+            for job_type, state in self.jobs.items()
+            if isinstance(state, JobState) and (deadline := state.next_deadline()) is not None
+        ]
+        heapq.heapify(self.deadlines)
+        self._log = log.bind(partition=number)
+
+    # -- live batches ----------------------------------------------------------------------
+
+    def wanted_states(self, records: Sequence[InputRecord]) -> list[str]:
+        """The stored job types `records` are about that are not in memory.
+
+        Every record that can change a job type's state is keyed by that job type (others
+        are dead-lettered or re-routed), so the keys name every state a batch can change.
+        """
+        keys = {r.key for r in records if r.key is not None}
+        names = (k.decode("utf-8", "replace") for k in keys)
+        return [j for j in names if j not in self.jobs and j in self.known]
+
+    def add_states(self, states: dict[str, bytes]) -> None:
+        """Hold loaded (serialized) job states until `evict_idle`."""
+        self.jobs.update(states)
+
+    def evict_idle(self, job_types: Iterable[str]) -> None:
+        """Let those of `job_types` without active or queued runs leave memory."""
+        for job_type in job_types:
+            held = self.jobs.get(job_type)
+            if held is not None and _idle(held):
+                del self.jobs[job_type]
+
+    def apply(
+        self, records: Sequence[InputRecord], wall_clock: datetime | None = None
+    ) -> BatchOutcome:
+        """Decide `records` (in decision order), then time out what is due.
+
+        Time advances with the partition's stream time and, for an idle partition's tick
+        (`wall_clock`), with the wall clock. A batch that then fails to commit is thrown
+        away with the whole task, so nothing here is undone.
+        """
+        outcome = BatchOutcome()
+        now = datetime.now(UTC)
+        for record in records:
+            self.decide_record(record, outcome, now)
+        clock = decision_clock(self.stream_time, wall_clock)
+        if clock is not None:
+            self.time_out(clock, outcome)
+        self.close_batch(outcome)
+        return outcome
+
+    def due(self, now: datetime) -> bool:
+        """Whether a deadline of this partition may have passed at `now`."""
+        return bool(self.deadlines) and self.deadlines[0][0] <= now
+
+    def unprocessable(self, record: InputRecord, message: str, *, copy: bool) -> BatchOutcome:
+        """Skip `record` with a dead letter (`unprocessable`): its offset moves on, no state
+        changes."""
+        letter = dead_letter(record, "unprocessable", message, datetime.now(UTC), copy=copy)
+        next_offset = record.offset + 1
+        self.applied[record.topic] = next_offset
+        return BatchOutcome(
+            dead_letters=[(dead_letter_key(record), letter)],
+            next_offsets={record.topic: next_offset},
+        )
+
+    # -- one decision path (live and verify) -----------------------------------------------
+
+    def decide_record(
+        self, record: InputRecord, outcome: BatchOutcome, now: datetime | None = None
+    ) -> None:
+        """Decode and decide one record: its dead letter, re-route or events go to `outcome`.
+
+        `now` is the wall-clock time a dead letter is stamped with.
+        """
+        if record.offset < self.applied.get(record.topic, 0):
+            return  # already applied (at_least_once after a restart)
+        # The highest offset: broker times (CreateTime) need not follow offsets.
+        next_offset = outcome.next_offsets.get(record.topic, 0)
+        outcome.next_offsets[record.topic] = max(next_offset, record.offset + 1)
+        if self.rules.before_record is not None:
+            self.rules.before_record(record)
+        if self.stream_time is None or record.at > self.stream_time:
+            self.stream_time = record.at
+        decoded = decode(
+            record,
+            partitions=self.rules.partitions,
+            limits=self.rules.input_limits,
+            now=now or datetime.now(UTC),
+        )
+        if isinstance(decoded, Reroute):
+            outcome.reroutes.append((record, decoded))
+            return
+        command: Command
+        if isinstance(decoded, Bad):
+            letter = decoded.dead_letter
+            outcome.dead_letters.append((dead_letter_key(record), letter))
+            self._log.warning(
+                "dead-lettered",
+                code=letter.reason.code,
+                reason=letter.reason.message,
+                offset=record.offset,
+                topic=record.topic,
+            )
+            if decoded.reject is None:
+                return
+            command = decoded.reject
+        else:
+            command = decoded
+        self.advance(command.job_type, record.at, outcome)
+        self._decide(command, outcome)
+
+    def advance(self, job_type: str, now: datetime, outcome: BatchOutcome) -> None:
+        """Time out the overdue runs of `job_type` at `now`, if it has any."""
+        held = self.jobs.get(job_type)
+        if isinstance(held, bytes):
+            return  # idle: no run, no deadline
+        if overdue(held, now):
+            self._decide(AdvanceTime(job_type, now), outcome)
+
+    def time_out(self, now: datetime, outcome: BatchOutcome) -> None:
+        """Time out every overdue run of the partition at `now`."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, job_type = heapq.heappop(self.deadlines)
+            # Entries are not removed when a deadline moves; `advance` checks the real one.
+            self.advance(job_type, now, outcome)
+
+    def close_batch(self, outcome: BatchOutcome) -> None:
+        """Settle a batch: applied offsets, serialized states, tombstones due."""
+        self.applied.update(outcome.next_offsets)
+        for job_type, state in outcome.changed.items():
+            outcome.states[job_type] = dump_state(state)
+        self.known.update(outcome.states)
+        if self.stream_time is not None:
+            horizon = self.stream_time - self.rules.retention
+            outcome.tombstones.extend(self.retained.expire(horizon))
+
+    def state_of(self, job_type: str) -> JobState:
+        """The job type's state, parsed (a new one for an unknown job type)."""
+        held = self.jobs.get(job_type)
+        if held is None:
+            return JobState(job_type)
+        if isinstance(held, bytes):
+            return load_state(held)
+        return held
+
+    def _decide(self, command: Command, outcome: BatchOutcome) -> None:
+        job_type = command.job_type
+        state = self.state_of(job_type)
+        rules = self.rules
+        new_state, events = decide(state, command, rules.jobs.for_job(job_type), rules.limits)
+        if new_state is not state:
+            self.jobs[job_type] = new_state
+            outcome.changed[job_type] = new_state
+            deadline = new_state.next_deadline()
+            if deadline is not None:
+                heapq.heappush(self.deadlines, (deadline, job_type))
+        for event in events:
+            self._track_run(outcome, event)
+            self._log.debug(
+                "decided",
+                type=event.type,
+                job_type=job_type,
+                run_id=event.run_id,
+                offset=event.source.offset if event.source else None,
+            )
+        outcome.events.extend(events)
+
+    def _track_run(self, outcome: BatchOutcome, event: StatusEvent) -> None:
+        """Keep the run rows (changelog and SQLite) in step with an event."""
+        run_id = event.run_id
+        if run_id is None:
+            return
+        if event.type is EventType.STARTED:
+            row = started_row(event, self.number)
+            self.runs[run_id] = outcome.runs[run_id] = row
+            return
+        change = run_change(event)
+        active = self.runs.get(run_id)
+        if change is None or active is None:
+            return  # a queued run cancelled before it started has no row
+        row = replace(active, **change)
+        outcome.runs[run_id] = row
+        if event.type is EventType.PROGRESS:
+            self.runs[run_id] = row
+        else:
+            del self.runs[run_id]
+            self.retained.add(event.occurred_at, run_id)
