@@ -290,7 +290,7 @@ def verify(
 
     Example: jobctl verify --prefix jobs --config jobs.toml
     """
-    from worker.audit.replay import verify as run_verify
+    from worker.audit.verify import verify as run_verify
     from worker.core.config import ConfigError
     from worker.core.config import load as load_config
 

@@ -1,13 +1,9 @@
-"""Replay and audit from the decision log (`<prefix>.status`).
+"""Replay from the decision log (`<prefix>.status`).
 
-- `replay` rebuilds a SQLite store's run history from status events, from an offset or a
-  timestamp, into the rows the worker records live (`store.fold_events` builds them with the
-  worker's `started_row` and `run_change`).
-  Partitions are replayed in parallel processes (`python -m worker.audit.replay`).
-- `verify` re-runs the core over the input records in the order the decision log recorded and
-  lists every decision the current code would make differently. Inputs that caused no event
-  (heartbeats, re-routed originals, dead letters without a sender) are replayed in broker-time
-  order between the logged decisions, as the worker processes them.
+`replay` rebuilds a SQLite store's run history from status events, from an offset or a
+timestamp, into the rows the worker records live (`store.fold_events` builds them with the
+core's `started_row` and `run_change`). Partitions are replayed in parallel processes
+(`python -m worker.audit.replay`). `verify` (in `worker.audit.verify`) re-decides them.
 """
 
 from __future__ import annotations
@@ -19,10 +15,9 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +26,6 @@ from pydantic import ValidationError
 
 from schemas import StatusEvent
 from worker import gctuning
-from worker.core.config import JobsConfig
-from worker.core.lifecycle import AdvanceTime, Command, JobState, Limits, decide
-from worker.engine.codec import Bad, InputLimits, InputRecord, Reroute, TopicRole, decode
 from worker.engine.kafkaio import partitions_of, read_until
 from worker.engine.store import RunWrites, Store, fold_events
 from worker.settings import Settings
@@ -54,7 +46,7 @@ def parse_events(values: Sequence[bytes | None]) -> list[StatusEvent]:
     return events
 
 
-def _consumer(settings: Settings) -> AIOKafkaConsumer:
+def consumer_for(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
@@ -63,7 +55,7 @@ def _consumer(settings: Settings) -> AIOKafkaConsumer:
     )
 
 
-async def _read(
+async def read_ranges(
     consumer: AIOKafkaConsumer, ranges: Mapping[int, tuple[int, int]], topic: str
 ) -> AsyncIterator[tuple[TopicPartition, list[Any]]]:
     """Batches of committed records of `topic`'s partitions in `ranges`: partition ->
@@ -78,7 +70,7 @@ async def _read(
         yield tp, records
 
 
-async def _whole(consumer: AIOKafkaConsumer, topic: str) -> dict[int, tuple[int, int]]:
+async def whole_topic(consumer: AIOKafkaConsumer, topic: str) -> dict[int, tuple[int, int]]:
     """Every partition of `topic` -> (log start, end) positions, for `_read`."""
     tps = await partitions_of(consumer, topic)
     starts = await consumer.beginning_offsets(tps)
@@ -149,10 +141,10 @@ async def _ranges(
     settings: Settings, from_offset: int | None, from_timestamp: datetime | None
 ) -> dict[int, tuple[int, int]]:
     """Status partition -> (first position, end position) to replay."""
-    consumer = _consumer(settings)
+    consumer = consumer_for(settings)
     await consumer.start()
     try:
-        whole = await _whole(consumer, settings.topics.status)
+        whole = await whole_topic(consumer, settings.topics.status)
         if from_timestamp is None:
             return {p: (max(from_offset or 0, start), end) for p, (start, end) in whole.items()}
         topic = settings.topics.status
@@ -196,7 +188,7 @@ async def _apply_ranges(
     with growing sleeps, and two processes writing in turn lost a second and more to it.
     """
     applied = 0
-    consumer = _consumer(settings)
+    consumer = consumer_for(settings)
     await consumer.start()
     store = await Store.open(db_path)
     lock = None if lock_path is None else lock_path.open("rb")
@@ -213,7 +205,7 @@ async def _apply_ranges(
     writing: asyncio.Task[None] | None = None
     try:
         with gctuning.tuned():
-            async for tp, records in _read(consumer, ranges, settings.topics.status):
+            async for tp, records in read_ranges(consumer, ranges, settings.topics.status):
                 events = parse_events([r.value for r in records])
                 writes = fold_events(tp.partition, events)
                 if writing is not None:
@@ -328,178 +320,6 @@ def _child() -> None:
     except Exception as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)
-
-
-@dataclass
-class Divergence:
-    """A logged decision the current code makes differently (or not at all)."""
-
-    partition: int
-    cause: str
-    logged: list[dict[str, Any]]
-    recomputed: list[dict[str, Any]]
-
-
-@dataclass
-class VerifyReport:
-    """What `verify` found."""
-
-    inputs: int = 0
-    events: int = 0
-    divergences: list[Divergence] = field(default_factory=list)
-    foreign: int = 0  # records of the status topic that are not status events
-
-
-def _comparable(event: StatusEvent) -> dict[str, Any]:
-    return event.model_dump(mode="json")
-
-
-async def verify(
-    settings: Settings, config: JobsConfig, progress: Progress | None = None
-) -> VerifyReport:
-    """Re-decide every logged input with the current core and configuration."""
-    consumer = _consumer(settings)
-    await consumer.start()
-    report = VerifyReport()
-    limits = settings.limits
-    try:
-        t = settings.topics
-        inputs: dict[int, dict[tuple[str, int], InputRecord]] = defaultdict(dict)
-        roles: dict[str, TopicRole] = {t.requests: "requests", t.results: "results"}
-        for topic in (t.requests, t.results):
-            async for tp, records in _read(consumer, await _whole(consumer, topic), topic):
-                for r in records:
-                    inputs[tp.partition][(topic, r.offset)] = InputRecord.of(roles[topic], r)
-        status_tps = await partitions_of(consumer, t.status)
-        partitions = len(status_tps)
-        logged: dict[int, list[StatusEvent]] = defaultdict(list)
-        async for tp, records in _read(consumer, await _whole(consumer, t.status), t.status):
-            for r in records:
-                try:
-                    logged[tp.partition].append(StatusEvent.model_validate_json(r.value))
-                except ValidationError:
-                    report.foreign += 1
-        total = sum(len(v) for v in logged.values())
-        done = 0
-        for partition in sorted(set(inputs) | set(logged)):
-            _verify_partition(
-                partition,
-                partitions,
-                inputs[partition],
-                logged[partition],
-                config,
-                limits,
-                settings.input_limits,
-                report,
-            )
-            done += len(logged[partition])
-            if progress is not None:
-                progress(done, total)
-    finally:
-        await consumer.stop()
-    return report
-
-
-def _groups(events: list[StatusEvent]) -> list[tuple[str, list[StatusEvent]]]:
-    """Consecutive events with one cause: an input record, or one job type's time advance."""
-    groups: list[tuple[str, list[StatusEvent]]] = []
-    for event in events:
-        if event.source is not None:
-            cause = f"{event.source.topic}:{event.source.partition}:{event.source.offset}"
-        else:
-            cause = f"advance:{event.job_type}:{event.occurred_at.isoformat()}"
-        if groups and groups[-1][0] == cause:
-            groups[-1][1].append(event)
-        else:
-            groups.append((cause, [event]))
-    return groups
-
-
-def _verify_partition(
-    partition: int,
-    partitions: int,
-    inputs: dict[tuple[str, int], InputRecord],
-    events: list[StatusEvent],
-    config: JobsConfig,
-    limits: Limits,
-    input_limits: InputLimits,
-    report: VerifyReport,
-) -> None:
-    jobs: dict[str, JobState] = {}
-    now = datetime.now(UTC)
-
-    def run(command: Command) -> list[StatusEvent]:
-        state = jobs.get(command.job_type) or JobState(command.job_type)
-        new, produced = decide(state, command, config.for_job(command.job_type), limits)
-        jobs[command.job_type] = new
-        return list(produced)
-
-    def due(job_type: str, at: datetime) -> list[StatusEvent]:
-        state = jobs.get(job_type)
-        deadline = state.next_deadline() if state is not None else None
-        if deadline is None or deadline > at:
-            return []
-        return run(AdvanceTime(job_type, at))
-
-    def command_of(record: InputRecord) -> Command | None:
-        decoded = decode(record, partitions=partitions, limits=input_limits, now=now)
-        if isinstance(decoded, Reroute):
-            return None
-        if isinstance(decoded, Bad):
-            return decoded.reject
-        return decoded
-
-    caused = {(e.source.topic, e.source.offset) for e in events if e.source is not None}
-    silent = sorted(
-        (r for key, r in inputs.items() if key not in caused),
-        key=lambda r: (r.timestamp_ms, r.role != "requests", r.offset),
-    )
-    next_silent = 0
-
-    def flush_silent(until: datetime | None) -> None:
-        nonlocal next_silent
-        while next_silent < len(silent) and (until is None or silent[next_silent].at <= until):
-            record = silent[next_silent]
-            next_silent += 1
-            command = command_of(record)
-            if command is None:
-                continue
-            produced = due(command.job_type, record.at) + run(command)
-            if produced:
-                report.divergences.append(
-                    Divergence(
-                        partition,
-                        f"{record.topic}:{record.partition}:{record.offset}",
-                        [],
-                        [_comparable(e) for e in produced],
-                    )
-                )
-
-    for cause, group in _groups(events):
-        report.events += len(group)
-        first = group[0]
-        if first.source is None:
-            flush_silent(first.occurred_at)
-            produced = run(AdvanceTime(first.job_type, first.occurred_at))
-        else:
-            record = inputs.get((first.source.topic, first.source.offset))
-            if record is None:
-                report.divergences.append(
-                    Divergence(partition, cause, [_comparable(e) for e in group], [])
-                )
-                continue
-            flush_silent(record.at)
-            report.inputs += 1
-            command = command_of(record)
-            produced = [] if command is None else run(command)
-            # The worker times out overdue runs before the record that reveals them; those
-            # events form their own (advance) group just before this one.
-        logged = [_comparable(e) for e in group]
-        recomputed = [_comparable(e) for e in produced]
-        if logged != recomputed:
-            report.divergences.append(Divergence(partition, cause, logged, recomputed))
-    flush_silent(None)
-    report.inputs += len(silent)
 
 
 if __name__ == "__main__":
