@@ -35,10 +35,13 @@ from worker.core.lifecycle import (
     Scope,
     Start,
     decide,
+    decision_clock,
+    decision_order,
     dump_state,
     event_id,
     is_running,
     load_state,
+    overdue,
     running_info,
     scope_key,
 )
@@ -1978,3 +1981,62 @@ def test_sizes_survive_serialization_and_old_states_load() -> None:
     del old["active"][0]["size"]
     del old["queue"][0]["size"]
     assert load_state(json.dumps(old)).active[0].size == 0
+
+
+@pytest.mark.parametrize(("status_before", "action"), list(TRANSITIONS), ids=str)
+def test_the_table_is_the_only_legality_check(
+    status_before: RunStatus | None, action: Action, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without its row in TRANSITIONS, a move is `rejected` and the state stays as it was."""
+    state, command, run_id = _row_case((status_before, action))
+    without = {k: v for k, v in TRANSITIONS.items() if k != (status_before, action)}
+    monkeypatch.setattr("worker.core.lifecycle.TRANSITIONS", without)
+    decision = decide(state, command, TABLE)
+    assert status_in(decision.state, run_id) is status_before
+    assert EventType.REJECTED in [e.type for e in decision.events]
+    assert not [
+        e for e in decision.events if e.run_id == run_id and e.type is not EventType.REJECTED
+    ]
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    timestamp_ms: int
+    role: str
+    offset: int
+
+
+def test_decision_order_is_broker_time_then_requests_then_offset() -> None:
+    """Rule 9: earlier broker time first; at one time requests before results; then offsets."""
+    records = [
+        _Arrival(2_000, "requests", 1),
+        _Arrival(1_000, "results", 7),
+        _Arrival(1_000, "requests", 9),
+        _Arrival(1_000, "requests", 3),
+    ]
+    assert sorted(records, key=decision_order) == [
+        _Arrival(1_000, "requests", 3),
+        _Arrival(1_000, "requests", 9),
+        _Arrival(1_000, "results", 7),
+        _Arrival(2_000, "requests", 1),
+    ]
+
+
+def test_a_run_is_overdue_from_its_deadline_on() -> None:
+    """Rule 7: `overdue` is true at and after the earliest deadline, never for no state."""
+    state, _ = decide(JobState(JOB), start(1), TIMED)
+    deadline = T0 + TIMEOUT
+    assert not overdue(state, deadline - timedelta(microseconds=1))
+    assert overdue(state, deadline)
+    assert overdue(state, deadline + timedelta(hours=1))
+    assert not overdue(None, deadline)
+    assert not overdue(JobState(JOB), deadline)
+
+
+def test_the_clock_is_stream_time_unless_an_idle_wall_clock_is_later() -> None:
+    """Rule 7: the stream time, or the tick's wall clock when later; never earlier."""
+    assert decision_clock(T0, None) == T0
+    assert decision_clock(None, MID) == MID
+    assert decision_clock(T0, MID) == MID
+    assert decision_clock(MID, T0) == MID
+    assert decision_clock(None, None) is None

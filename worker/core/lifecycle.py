@@ -575,9 +575,9 @@ def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobSt
     waiting = next((q for q in state.queue if q.scope == scope), None)
     if waiting is None:
         return state
-    state = replace(state, queue=tuple(q for q in state.queue if q is not waiting))
-    return _start_run(
-        state,
+    rest = replace(state, queue=tuple(q for q in state.queue if q is not waiting))
+    started = _start_run(
+        rest,
         run_id=waiting.run_id,
         request_id=waiting.request_id,
         client_id=waiting.client_id,
@@ -589,6 +589,7 @@ def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobSt
         out=out,
         size=waiting.size,
     )
+    return state if started is rest else started  # a refused move leaves the run queued
 
 
 def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:

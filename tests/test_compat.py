@@ -1,0 +1,124 @@
+"""Every private aiokafka call of `worker.engine.compat` works on the installed aiokafka.
+
+An upgrade that renames or removes one fails here, loudly, instead of silently doing nothing
+in production.
+"""
+
+from __future__ import annotations
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.consumer import fetcher
+from aiokafka.producer.transaction_manager import TransactionState
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+from tests.hostile import _RawName
+from worker.engine import compat
+from worker.engine.compat import TolerantMemoryRecords
+from worker.settings import Settings
+
+
+def _batch(
+    compression: int, records: list[tuple[bytes, list[tuple[bytes, bytes | None]]]]
+) -> bytes:
+    builder = _DefaultRecordBatchBuilderPy(
+        magic=2,
+        compression_type=compression,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1_000_000,
+    )
+    for offset, (value, headers) in enumerate(records):
+        named = [(_RawName(n), v) for n, v in headers]
+        builder.append(
+            offset, timestamp=1_700_000_000_000 + offset, key=b"k", value=value, headers=named
+        )
+    return bytes(builder.build())
+
+
+@pytest.mark.parametrize("compression", [0, 1], ids=["plain", "gzip"])
+def test_a_header_name_that_is_not_utf8_does_not_hide_the_batch(compression: int) -> None:
+    """Every record of the batch is read, the bad name's bytes kept as surrogates."""
+    data = _batch(
+        compression,
+        [
+            (b"first", []),
+            (b"bad", [(b"\xff\xfeX", b"1"), (b"ok", None)]),
+            (b"last", [(b"fine", b"2")]),
+        ],
+    )
+    data += _batch(0, [(b"next batch", [])])  # the batch after it is read as usual
+    records = TolerantMemoryRecords(data)
+    seen = []
+    while records.has_next():
+        batch = records.next_batch()
+        assert batch is not None
+        assert not batch.is_control_batch
+        seen.extend((r.value, list(r.headers), r.timestamp) for r in batch)
+    assert [value for value, _, _ in seen] == [
+        b"first",
+        b"bad",
+        b"last",
+        b"next batch",
+    ]
+    bad_headers = seen[1][1]
+    assert bad_headers[0][0].encode("utf-8", "surrogateescape") == b"\xff\xfeX"
+    assert bad_headers[1] == ("ok", None)
+    assert seen[2][1] == [("fine", b"2")]
+    assert seen[1][2] == 1_700_000_000_001
+
+
+@pytest.mark.kafka
+async def test_the_consumer_can_be_asked_to_rejoin(kafka_bootstrap: str, prefix: str) -> None:
+    """`request_rejoin` reaches a started group consumer's coordinator."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=f"{prefix}.g")
+    await consumer.start()
+    try:
+        consumer.subscribe([f"{prefix}.none"])
+        compat.request_rejoin(consumer)
+        assert consumer._coordinator.need_rejoin(consumer._subscription.subscription)
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.kafka
+async def test_metadata_is_fetched_for_a_consumer_without_subscription(
+    topics: Settings,
+) -> None:
+    """`fetch_all_metadata` lists a topic the consumer never subscribed to."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers)
+    await consumer.start()
+    try:
+        cluster = await compat.fetch_all_metadata(consumer)
+        assert cluster.partitions_for_topic(topics.topics.requests) == {0, 1}
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.kafka
+async def test_an_open_transaction_is_aborted_and_a_closed_one_left_alone(
+    topics: Settings,
+) -> None:
+    """`abort_if_open` reads the transaction state and aborts only an open transaction."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=topics.bootstrap_servers, transactional_id=f"{topics.topic_prefix}.t"
+    )
+    await producer.start()
+    try:
+        await compat.abort_if_open(producer)  # none open: nothing to do, no error
+        await producer.begin_transaction()
+        await producer.send_and_wait(topics.topics.dlq, b"never visible", partition=0)
+        await compat.abort_if_open(producer)
+        assert producer._txn_manager.state is TransactionState.READY
+        await producer.begin_transaction()  # a new one can begin: the old one is gone
+        await producer.abort_transaction()
+    finally:
+        await producer.stop()
+
+
+def test_the_fetcher_builds_record_sets_through_the_tolerant_reader() -> None:
+    """`install` replaces the record-set class aiokafka's fetcher uses."""
+    compat.install()
+    assert fetcher.MemoryRecords is TolerantMemoryRecords
