@@ -822,8 +822,7 @@ class _FloorWork:
 async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = False) -> float:
     """Records/s of a raw transactional pass-through of `recorded`, sized like the worker;
     with `floor`, of the contract floor."""
-    o = bench.options
-    topics = await bench.topics("floor" if floor else "base", o.partitions)
+    topics = await bench.topics("floor" if floor else "base", bench.options.partitions)
     inputs = {"requests": topics.requests, "results": topics.results}
     async with _producer(bench.bootstrap, linger_ms=5) as copier:
         futures = [
@@ -833,50 +832,57 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = F
             for key, value in rows
         ]
         await asyncio.gather(*futures)
-
-    total = recorded.count
     group = f"{topics.requests.removesuffix('.requests')}.baseline"
     work = await _FloorWork.open(topics, bench.tmp / f"{group}.db") if floor else None
-    # The worker's client configuration, as it runs (its defaults, like the bench's workers).
-    worker_settings = Settings.model_construct()
-    producers = {
-        n: AIOKafkaProducer(
+    baseline = _PassThrough(bench, topics, group, work)
+    return await baseline.run(recorded.count)
+
+
+class _PassThrough:
+    """The worker's transactions, minus the worker: same records out through the same
+    batching `Outbox`, same offsets in, same client settings (the worker's defaults)."""
+
+    def __init__(self, bench: _Bench, topics: Topics, group: str, work: _FloorWork | None):
+        worker_settings = Settings.model_construct()
+        self.topics = topics
+        self.group = group
+        self.work = work
+        self.committed = 0
+        self.batch_max_records = bench.options.batch_max_records
+        self.producers = {
+            n: AIOKafkaProducer(
+                bootstrap_servers=bench.bootstrap,
+                transactional_id=f"{group}.{n}",
+                linger_ms=worker_settings.linger_ms,
+                max_batch_size=worker_settings.producer_batch_bytes,
+            )
+            for n in range(bench.options.partitions)
+        }
+        self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bench.bootstrap,
-            transactional_id=f"{group}.{n}",
-            linger_ms=worker_settings.linger_ms,
-            max_batch_size=worker_settings.producer_batch_bytes,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_poll_records=bench.options.batch_max_records,
+            fetch_max_wait_ms=worker_settings.fetch_max_wait_ms,
         )
-        for n in range(o.partitions)
-    }
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bench.bootstrap,
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        partition_assignment_strategy=(RangePartitionAssignor,),
-        max_poll_records=o.batch_max_records,
-        fetch_max_wait_ms=worker_settings.fetch_max_wait_ms,
-    )
-    observer = _Tail(bench.bootstrap, topics.status, decode=False)
-    committed = 0
-    tasks: list[asyncio.Task[None]] = []
+        self.observer = _Tail(bench.bootstrap, topics.status, decode=False)
 
-    def tps(n: int) -> tuple[TopicPartition, TopicPartition]:
-        return TopicPartition(topics.requests, n), TopicPartition(topics.results, n)
+    def tps(self, n: int) -> tuple[TopicPartition, TopicPartition]:
+        return TopicPartition(self.topics.requests, n), TopicPartition(self.topics.results, n)
 
-    async def pass_through(n: int, records: list[Any]) -> None:
-        # The worker's transaction, minus the worker: same records out through the same
-        # batching `Outbox`, same offsets in.
-        nonlocal committed
-        producer = producers[n]
+    async def pass_through(self, n: int, records: list[Any]) -> None:
+        """One partition's batch in one transaction."""
+        producer, work = self.producers[n], self.work
         rows: list[tuple[str, str, str, str]] = []
         await producer.begin_transaction()
         try:
             out = Outbox(producer)
             for r in records:
                 if work is None:
-                    out.add(topics.status, n, r.key, r.value)
+                    out.add(self.topics.status, n, r.key, r.value)
                 else:
                     rows.append(work.add(out, n, r))
             await out.flush()
@@ -884,50 +890,58 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = F
             for r in records:
                 tp = TopicPartition(r.topic, n)
                 offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-            await producer.send_offsets_to_transaction(offsets, group)
+            await producer.send_offsets_to_transaction(offsets, self.group)
             await producer.commit_transaction()
         except BaseException:
             with contextlib.suppress(Exception):
                 await producer.abort_transaction()
             raise
         finally:
-            consumer.resume(*tps(n))
-        committed += len(records)
+            self.consumer.resume(*self.tps(n))
+        self.committed += len(records)
         if work is not None:
             work.committed(rows)
 
-    await asyncio.gather(*(p.start() for p in producers.values()))
-    try:
-        await observer.start()
-        consumer.subscribe([topics.requests, topics.results])
-        await consumer.start()
-        async with asyncio.timeout(_timeout_for(total)):
-            while committed < total:
-                batch = await consumer.getmany(timeout_ms=100, max_records=o.batch_max_records)
-                by_partition: dict[int, list[Any]] = {}
-                for tp, records in batch.items():
-                    by_partition.setdefault(tp.partition, []).extend(records)
-                for n, records in by_partition.items():
-                    # Like the worker: N is paused while its transaction is in flight, and
-                    # the other partitions keep flowing.
-                    consumer.pause(*tps(n))
-                    tasks.append(asyncio.create_task(pass_through(n, records)))
-                for task in tasks:
-                    if task.done() and task.exception() is not None:
-                        raise BenchError(f"baseline transaction failed: {task.exception()!r}")
-                tasks = [t for t in tasks if not t.done()]
-        await observer.until(lambda: observer.count >= total, f"{total} records", 60)
-    finally:
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await consumer.stop()
-        await observer.stop()
-        await asyncio.gather(*(p.stop() for p in producers.values()), return_exceptions=True)
-        written = await work.close() if work is not None else total
-    if written != total:
-        raise BenchError(f"contract floor wrote {written} rows, expected {total}")
-    if observer.count != total:
-        raise BenchError(f"baseline produced {observer.count} records, expected {total}")
-    return total / observer.elapsed
+    async def run(self, total: int) -> float:
+        """Pass `total` records through; records/s as a downstream consumer saw them."""
+        consumer, observer = self.consumer, self.observer
+        tasks: list[asyncio.Task[None]] = []
+        await asyncio.gather(*(p.start() for p in self.producers.values()))
+        try:
+            await observer.start()
+            consumer.subscribe([self.topics.requests, self.topics.results])
+            await consumer.start()
+            async with asyncio.timeout(_timeout_for(total)):
+                while self.committed < total:
+                    batch = await consumer.getmany(
+                        timeout_ms=100, max_records=self.batch_max_records
+                    )
+                    by_partition: dict[int, list[Any]] = {}
+                    for tp, records in batch.items():
+                        by_partition.setdefault(tp.partition, []).extend(records)
+                    for n, records in by_partition.items():
+                        # Like the worker: N is paused while its transaction is in flight,
+                        # and the other partitions keep flowing.
+                        consumer.pause(*self.tps(n))
+                        tasks.append(asyncio.create_task(self.pass_through(n, records)))
+                    for task in tasks:
+                        if task.done() and task.exception() is not None:
+                            raise BenchError(f"baseline transaction failed: {task.exception()!r}")
+                    tasks = [t for t in tasks if not t.done()]
+            await observer.until(lambda: observer.count >= total, f"{total} records", 60)
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await consumer.stop()
+            await observer.stop()
+            await asyncio.gather(
+                *(p.stop() for p in self.producers.values()), return_exceptions=True
+            )
+            written = await self.work.close() if self.work is not None else total
+        if written != total:
+            raise BenchError(f"contract floor wrote {written} rows, expected {total}")
+        if observer.count != total:
+            raise BenchError(f"baseline produced {observer.count} records, expected {total}")
+        return total / observer.elapsed
 
 
 async def _paced(
@@ -1121,7 +1135,10 @@ async def run_bench(options: BenchOptions, console: Console) -> BenchReport:
             await asyncio.to_thread(local.stop)
 
 
-async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
+async def _throughput_rounds(
+    bench: _Bench,
+) -> tuple[dict[str, list[float]], list[float], list[float]]:
+    """Transitions/s of each guarantee, baseline and floor records/s, round by round."""
     o = bench.options
     rates: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
     baseline: list[float] = []
@@ -1142,7 +1159,30 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
         floor.append(await _baseline_round(bench, recorded, floor=True))
         bench.say(f"round {r + 1}/{o.rounds} contract floor: {floor[-1]:,.0f} records/s")
+    return rates, baseline, floor
 
+
+async def _latency_rounds(bench: _Bench) -> tuple[list[list[float]], list[float], int]:
+    """p50, p95 and p99 (ms) of each round, the rates achieved, requests per round."""
+    o = bench.options
+    percentiles: list[list[float]] = [[], [], []]
+    achieved: list[float] = []
+    requests = 0
+    for r in range(o.rounds):
+        a, b, c, rate, requests = await _latency_round(bench)
+        for figures, value in zip(percentiles, (a, b, c), strict=True):
+            figures.append(value)
+        achieved.append(rate)
+        bench.say(
+            f"latency {r + 1}/{o.rounds} at {rate:,.0f}/s: "
+            f"p50 {a:.1f} ms, p95 {b:.1f} ms, p99 {c:.1f} ms"
+        )
+    return percentiles, achieved, requests
+
+
+async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
+    o = bench.options
+    rates, baseline, floor = await _throughput_rounds(bench)
     restore_seconds, restored_runs, restored_records = await _restore(bench)
     bench.say(
         f"peak RSS: running {o.history_runs:,} lifecycles through one worker, "
@@ -1158,21 +1198,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
 
     # Latency last: a broker's first minutes (its JIT compiling, on a machine this small)
     # add tens of ms to the tail; a worker's production cluster has long since warmed up.
-    p50: list[float] = []
-    p95: list[float] = []
-    p99: list[float] = []
-    achieved: list[float] = []
-    requests = 0
-    for r in range(o.rounds):
-        a, b, c, rate, requests = await _latency_round(bench)
-        p50.append(a)
-        p95.append(b)
-        p99.append(c)
-        achieved.append(rate)
-        bench.say(
-            f"latency {r + 1}/{o.rounds} at {rate:,.0f}/s: "
-            f"p50 {a:.1f} ms, p95 {b:.1f} ms, p99 {c:.1f} ms"
-        )
+    (p50, p95, p99), achieved, requests = await _latency_rounds(bench)
 
     eos, alo, base, least = (
         Figure.of(rates["exactly_once"]),

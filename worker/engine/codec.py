@@ -306,46 +306,81 @@ def _data_size(data: Any, record_size: int, limit: int) -> int | None:
     return size if size > limit else None
 
 
+class _Unusable(Exception):
+    """Why a record cannot become a command; what parsed of it, to answer its sender."""
+
+    def __init__(
+        self, code: str, message: str, payload: object = None, key_text: str | None = None
+    ) -> None:
+        super().__init__(message)
+        if len(message) > _REASON_CHARS:  # it quotes input: keep events and letters small
+            message = message[: _REASON_CHARS - 1] + "…"
+        self.code = code
+        self.message = message
+        self.payload = payload
+        self.key_text = key_text
+
+
 def decode(
     record: InputRecord, *, partitions: int, limits: InputLimits, now: datetime
 ) -> Command | Bad | Reroute:
     """Turn an input record into a core command, or explain why it cannot be one."""
+    try:
+        payload = _parse(record, limits)
+        message, key_text = _validate(record, payload)
+        _check_data(message, len(record.value or b""), limits, payload, key_text)
+    except _Unusable as problem:
+        reason = f"{problem.code}: {problem.message}"
+        reject = _reject_for(record, problem.payload, reason, problem.key_text)
+        return Bad(dead_letter(record, problem.code, problem.message, now), reject)
+    key = message.job_type.encode()
+    expected = partition_for(key, partitions)
+    if expected != record.partition or record.key is None:
+        # Another partitioner (librdkafka's CRC32, a keyless send): the owner of the job
+        # type's partition must decide, so the record moves there inside this transaction.
+        return Reroute(partition=expected, key=key)
+    return _command(record, message)
 
-    def bad(code: str, message: str, payload: object = None, key_text: str | None = None) -> Bad:
-        if len(message) > _REASON_CHARS:  # it quotes input: keep events and letters small
-            message = message[: _REASON_CHARS - 1] + "…"
-        reject = _reject_for(record, payload, f"{code}: {message}", key_text)
-        return Bad(dead_letter(record, code, message, now), reject)
 
+def _parse(record: InputRecord, limits: InputLimits) -> object:
+    """The record's value as JSON, within the size and nesting limits."""
     value = record.value
     if not value:
-        return bad("empty_value", "the record has no value; expected a JSON object")
+        raise _Unusable("empty_value", "the record has no value; expected a JSON object")
     if len(value) > limits.record_bytes:
-        return bad(
+        raise _Unusable(
             "oversized",
             f"the record is {len(value)} bytes; the limit is {limits.record_bytes} "
             "(JOBS_MAX_RECORD_BYTES)",
         )
     if record.headers and (name := _bad_header(record.headers)) is not None:
-        return bad("malformed_header", f"a header name is not UTF-8: {name!r}")
+        raise _Unusable("malformed_header", f"a header name is not UTF-8: {name!r}")
     try:
         # Decode explicitly: json.loads(bytes) would also accept UTF-16 and UTF-32.
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return bad("malformed_json", f"the value is not UTF-8: {exc.reason} at byte {exc.start}")
+        raise _Unusable(
+            "malformed_json", f"the value is not UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
     if nesting_depth_over(value, limits.nesting_depth):
-        return bad(
+        raise _Unusable(
             "too_deep",
             f"arrays and objects nest more than {limits.nesting_depth} deep "
             "(JOBS_MAX_NESTING_DEPTH)",
         )
     try:
-        payload = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        return bad("malformed_json", f"the value is not JSON: {exc.msg} at position {exc.pos}")
+        raise _Unusable(
+            "malformed_json", f"the value is not JSON: {exc.msg} at position {exc.pos}"
+        ) from None
     except (ValueError, RecursionError) as exc:
         # ValueError: NaN or Infinity, or an integer of more digits than Python converts.
-        return bad("malformed_json", f"the value is not JSON: {exc}")
+        raise _Unusable("malformed_json", f"the value is not JSON: {exc}") from None
+
+
+def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobResult, str | None]:
+    """The request or result `payload` is, keyed by its job type; and the key as text."""
     key_text: str | None = None
     if record.key is not None:
         try:
@@ -359,40 +394,46 @@ def decode(
         message = model.model_validate(payload)
     except ValidationError as exc:
         what = "request" if record.role == "requests" else "result"
-        return bad("schema_invalid", f"invalid {what}: {_summarize(exc)}", payload, key_text)
+        raise _Unusable(
+            "schema_invalid", f"invalid {what}: {_summarize(exc)}", payload, key_text
+        ) from None
     if record.key is not None and key_text != message.job_type:
-        return bad(
+        raise _Unusable(
             "key_mismatch",
             f"records must be keyed by their job type {message.job_type!r}; "
             f"the key is {_quoted(record.key)}",
             payload,
         )
-    data = (
-        message.initial_data
-        if isinstance(message, JobRequest)
-        else (message.metrics if message.kind == "progress" else message.final_metrics)
-    )
-    if (size := _data_size(data, len(value), limits.data_bytes)) is not None:
-        field_name = (
-            "initial_data"
-            if isinstance(message, JobRequest)
-            else "metrics"
-            if message.kind == "progress"
-            else "final_metrics"
-        )
-        return bad(
+    return message, key_text
+
+
+def _check_data(
+    message: JobRequest | JobResult,
+    record_size: int,
+    limits: InputLimits,
+    payload: object,
+    key_text: str | None,
+) -> None:
+    """`initial_data`, `final_metrics` or `metrics` within `JOBS_MAX_DATA_BYTES`."""
+    data: dict[str, Any] | None
+    if isinstance(message, JobRequest):
+        name, data = "initial_data", message.initial_data
+    elif message.kind == "progress":
+        name, data = "metrics", message.metrics
+    else:
+        name, data = "final_metrics", message.final_metrics
+    if (size := _data_size(data, record_size, limits.data_bytes)) is not None:
+        raise _Unusable(
             "too_large",
-            f"{field_name} is {size} bytes as JSON; the limit is {limits.data_bytes} "
+            f"{name} is {size} bytes as JSON; the limit is {limits.data_bytes} "
             "(JOBS_MAX_DATA_BYTES)",
             payload,
             key_text,
         )
-    key = message.job_type.encode()
-    expected = partition_for(key, partitions)
-    if expected != record.partition or record.key is None:
-        # Another partitioner (librdkafka's CRC32, a keyless send): the owner of the job
-        # type's partition must decide, so the record moves there inside this transaction.
-        return Reroute(partition=expected, key=key)
+
+
+def _command(record: InputRecord, message: JobRequest | JobResult) -> Command:
+    """The core command a valid message on its own partition asks for."""
     if isinstance(message, JobRequest):
         request_id = message.request_id or f"auto-{record.partition}.{record.offset}"
         if message.kind == "cancel":
@@ -412,7 +453,7 @@ def decode(
             initial_data=message.initial_data,
             at=record.at,
             source=record.source,
-            size=run_size(len(value), message.client_id),
+            size=run_size(len(record.value or b""), message.client_id),
         )
     if message.kind == "progress":
         return Progress(
@@ -423,7 +464,7 @@ def decode(
             at=record.at,
             source=record.source,
         )
-    assert message.status is not None
+    assert message.status is not None  # the model requires it of a result
     return Finish(
         job_type=message.job_type,
         run_id=message.run_id,

@@ -1,0 +1,26 @@
+"""The shape of the code: units small enough to read whole."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+WORKER = Path(__file__).resolve().parent.parent / "worker"
+
+
+def _too_long() -> list[str]:
+    found = []
+    for path in sorted(WORKER.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            lines = (node.end_lineno or node.lineno) - node.lineno + 1
+            limit = 300 if isinstance(node, ast.ClassDef) else 80
+            if lines > limit:
+                found.append(f"{path.relative_to(WORKER.parent)}:{node.name} ({lines} lines)")
+    return found
+
+
+def test_no_class_over_300_lines_and_no_function_over_80() -> None:
+    """Every class of `worker/` fits 300 lines and every function 80."""
+    assert _too_long() == []
