@@ -32,7 +32,7 @@ from schemas import DeadLetter, EventType, StatusEvent
 from worker.core.lifecycle import TRANSITIONS, Action
 from worker.core.runs import RunRow
 from worker.engine.kafkaio import partitions_of
-from worker.engine.store import Store
+from worker.engine.store import Store, fold_events
 from worker.settings import Settings
 
 
@@ -374,7 +374,7 @@ async def oracle(settings: Settings, db_paths: list[Path], tmp: Path) -> Verdict
     rebuilt = await Store.open(tmp / f"rebuilt-{uuid.uuid4().hex[:6]}.db")
     try:
         for p, es in status.items():
-            await rebuilt.apply_events(p, es)
+            await rebuilt.write_runs(fold_events(p, es))
         expected = {r.run_id: r for r in await rebuilt.runs()}
     finally:
         await rebuilt.close()

@@ -39,13 +39,30 @@ from worker.core.lifecycle import (
     decision_order,
     dump_state,
     event_id,
-    is_running,
     load_state,
     overdue,
-    running_info,
     scope_key,
 )
+from worker.core.lifecycle import _active_in as active_in
 from worker.core.runid import RUN_ID_RE, make_run_id
+
+
+def running_info(
+    state: JobState, client_id: str | None = None, config: JobConfig = JobConfig()
+) -> Run | None:
+    """The active run in the scope of `client_id` (any active run for a per-client job type
+    asked without a client)."""
+    if config.scope is Scope.JOB_TYPE_CLIENT and client_id is None:
+        return state.active[0] if state.active else None
+    return active_in(state, scope_key(config, client_id))
+
+
+def is_running(
+    state: JobState, client_id: str | None = None, config: JobConfig = JobConfig()
+) -> bool:
+    """Whether a run is active in the scope of `client_id`."""
+    return running_info(state, client_id, config) is not None
+
 
 JOB = "post_scoring"
 OTHER = "feed_import"
@@ -243,7 +260,7 @@ def ended_state(status: RunStatus) -> tuple[JobState, str]:
 
 
 def test_start_creates_a_run() -> None:
-    """A start with no active run starts one, with a run ID of the DESIGN format."""
+    """A start with no active run starts one, with a run ID of the documented format."""
     cmd = start(42, partition=0, request_id="r1", client_id="acme", initial_data={"a": [1, 2]})
     decision = decide(JobState(JOB), cmd)
     event = only(decision)

@@ -89,7 +89,7 @@ async def test_committed_transaction_carries_offsets_and_outputs(
         await producer.stop()
         await consumer.stop()
 
-    # The next owner's order (DESIGN §5): its producer with the same transactional ID starts
+    # The next owner's order (ARCHITECTURE.md): its producer with the same transactional ID starts
     # first, which waits until the previous transaction is fully completed, offsets included;
     # only then are the committed offsets read.
     successor = _txn_producer(kafka_bootstrap, f"{group}.0")

@@ -129,7 +129,7 @@ class Settings(BaseSettings):
 
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """Topic names of DESIGN §2."""
+    """The five topic names under one prefix."""
 
     requests: str
     results: str

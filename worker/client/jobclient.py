@@ -394,12 +394,3 @@ class JobClient:
             for job_type in sorted(self._jobs)
             for run in self._jobs[job_type].active
         ]
-
-    async def answer(self, request_id: str, timeout: float = 30) -> StatusEvent:
-        """Wait for the first event answering `request_id` (any type)."""
-        future: asyncio.Future[StatusEvent] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(request_id, []).append((set(EventType), future))
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            self._waiters.pop(request_id, None)

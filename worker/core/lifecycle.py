@@ -332,22 +332,6 @@ def scope_key(config: JobConfig, client_id: str | None) -> str:
     return (client_id or "") if config.scope is Scope.JOB_TYPE_CLIENT else ""
 
 
-def is_running(
-    state: JobState, client_id: str | None = None, config: JobConfig = JobConfig()
-) -> bool:
-    """Whether a run is active in the scope of `client_id` (any scope, for `job_type`)."""
-    return running_info(state, client_id, config) is not None
-
-
-def running_info(
-    state: JobState, client_id: str | None = None, config: JobConfig = JobConfig()
-) -> Run | None:
-    """The active run in the scope of `client_id`, if any."""
-    if config.scope is Scope.JOB_TYPE_CLIENT and client_id is None:
-        return state.active[0] if state.active else None
-    return _active_in(state, scope_key(config, client_id))
-
-
 def _active_in(state: JobState, scope: str) -> Run | None:
     return next((r for r in state.active if r.scope == scope), None)
 

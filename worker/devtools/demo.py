@@ -13,7 +13,6 @@ import json
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +29,6 @@ from worker.engine import topics as topic_admin
 from worker.engine.loop import Worker
 from worker.engine.store import Store
 from worker.settings import Settings, Topics
-
-
-@dataclass
-class Step:
-    """One line of the script: what is sent and what must come back."""
-
-    title: str
-    expect: str
 
 
 def _print_item(console: Console) -> Callable[[Item], None]:

@@ -1,8 +1,9 @@
 """SQLite store (aiosqlite, WAL): run history, each job type's core state, applied offsets.
 
-Runs are written from status events by `apply_events`, the same function whether the events
-were just decided or are being replayed from the status topic, so a store rebuilt from the
-decision log equals the live one by construction. Rows are tagged with their partition.
+Run rows come from status events through the core's `started_row` and `run_change`, whether
+the events were just decided or are being replayed from the status topic (`fold_events`),
+so a store rebuilt from the decision log equals the live one by construction. Rows are
+tagged with their partition.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -411,10 +412,6 @@ class Store:
             while rows := await cursor.fetchmany(_CHUNK):
                 yield [(datetime.fromisoformat(ended), run_id) for ended, run_id in rows]
 
-    async def apply_events(self, partition: int, events: Sequence[StatusEvent]) -> None:
-        """Update run history from status events (as replayed from the status topic); commit."""
-        await self.write_runs(fold_events(partition, events))
-
     async def write_runs(self, writes: RunWrites) -> None:
         """Write rows folded by `fold_events`, in one SQLite transaction."""
         async with self._lock:
@@ -457,14 +454,6 @@ class Store:
         async with self._db.execute("SELECT COUNT(*) FROM runs") as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
-
-    async def run(self, run_id: str) -> RunRow | None:
-        """One run by ID."""
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _row(row)
 
 
 def _row(r: Any) -> RunRow:
