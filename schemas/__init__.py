@@ -10,15 +10,20 @@ from schemas.messages import (
     ALL_MODELS,
     ENDED_STATUSES,
     ENDING_EVENTS,
+    RUN_ROW_PREFIX,
+    RUN_ROW_VERSION,
     DeadLetter,
     DeadLetterReason,
     EventType,
     Header,
     JobRequest,
     JobResult,
+    RunRecord,
     RunStatus,
     Source,
     StatusEvent,
+    is_run_row,
+    parse_run_row,
 )
 
 SCHEMA_DIR = Path(__file__).parent
@@ -27,6 +32,8 @@ __all__ = [
     "ALL_MODELS",
     "ENDED_STATUSES",
     "ENDING_EVENTS",
+    "RUN_ROW_PREFIX",
+    "RUN_ROW_VERSION",
     "SCHEMA_DIR",
     "DeadLetter",
     "DeadLetterReason",
@@ -34,11 +41,14 @@ __all__ = [
     "Header",
     "JobRequest",
     "JobResult",
+    "RunRecord",
     "RunStatus",
     "Source",
     "StatusEvent",
     "export_json_schemas",
+    "is_run_row",
     "json_schema_documents",
+    "parse_run_row",
 ]
 
 # Inputs are described as accepted (validation); outputs as written (serialization).

@@ -7,6 +7,7 @@ fields, so a misspelt field is reported instead of silently dropped.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -211,9 +212,54 @@ class DeadLetter(WireModel):
     dead_lettered_at: datetime
 
 
+class RunRecord(BaseModel):
+    """A run as the orchestrator records it: the `run` of a run row in `<prefix>.state`.
+
+    Run rows are keyed by run ID (value ``{"row": "run", "v": 1, "run": <RunRecord>}``; a
+    tombstone once an ended run has been retained long enough). The latest row of each run
+    ID says its status, so the running runs are the rows whose status is RUNNING. Version
+    1; readers ignore fields they do not know, so later versions may add some.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    run_id: str
+    job_type: str
+    client_id: str | None
+    request_id: str | None
+    status: RunStatus
+    partition: int = Field(ge=0, description="The partition of its job type.")
+    started_at: datetime
+    ended_at: datetime | None
+    initial_data: dict[str, Any]
+    metrics: dict[str, Any] | None = Field(description="The last progress or final metrics.")
+    reason: str | None
+
+
+RUN_ROW_VERSION = 1
+RUN_ROW_PREFIX = b'{"row":"run","v":1,"run":'  # how the orchestrator writes a run row
+_RUN_ROW = b'{"row":"run"'
+
+
+def is_run_row(value: bytes) -> bool:
+    """Whether a `<prefix>.state` record value is a run row (not a job type's row)."""
+    return value.startswith(_RUN_ROW)
+
+
+def parse_run_row(value: bytes) -> RunRecord:
+    """The run of a run row, in any of its spellings; ValueError if it is not one."""
+    if value.startswith(RUN_ROW_PREFIX) and value.endswith(b"}"):
+        return RunRecord.model_validate_json(value[len(RUN_ROW_PREFIX) : -1])
+    data = json.loads(value)
+    if not isinstance(data, dict) or data.get("row") != "run":
+        raise ValueError(f"not a run row: {value[:100]!r}")
+    return RunRecord.model_validate(data["run"])
+
+
 ALL_MODELS: dict[str, type[BaseModel]] = {
     "job_request": JobRequest,
     "job_result": JobResult,
     "status_event": StatusEvent,
     "dead_letter": DeadLetter,
+    "run_record": RunRecord,
 }

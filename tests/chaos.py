@@ -31,8 +31,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from schemas import DeadLetter, EventType, StatusEvent
 from worker.core.lifecycle import TRANSITIONS, Action
 from worker.core.runs import RunRow
-from worker.engine.kafkaio import partitions_of
 from worker.engine.store import Store, fold_events
+from worker.kafkaio import partitions_of
 from worker.settings import Settings
 
 

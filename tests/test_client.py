@@ -206,3 +206,42 @@ async def test_cli_without_worker_times_out_with_exit_2(topics: Settings) -> Non
     result = await _cli("submit", "x", "--timeout", "1", *base)
     assert result.exit_code == 2
     assert "no answer" in result.output
+
+
+async def test_the_running_view_follows_run_rows_only(topics: Settings) -> None:
+    """Run rows make the view: RUNNING adds, an end or a tombstone removes; job-type rows
+    (the worker's private state) and text that only looks like a status are not trusted."""
+    from datetime import UTC, datetime
+
+    from schemas import RUN_ROW_PREFIX, RunRecord
+
+    def row(run_id: str, status: RunStatus, data: dict[str, Any]) -> bytes:
+        record = RunRecord(
+            run_id=run_id,
+            job_type="etl",
+            client_id=None,
+            request_id=f"req-{run_id}",
+            status=status,
+            partition=0,
+            started_at=datetime(2026, 12, 1, tzinfo=UTC),
+            ended_at=None,
+            initial_data=data,
+            metrics=None,
+            reason=None,
+        )
+        return RUN_ROW_PREFIX + record.model_dump_json().encode() + b"}"
+
+    async with JobClient(topics) as client:
+        _fold_rows(client, row)
+        assert sorted(client._running) == ["r4"]
+
+
+def _fold_rows(client: JobClient, row: Any) -> None:
+    client._fold(b"etl", b'{"row":"job","state":{"job_type":"etl","active":[]}}')
+    client._fold(b"r1", row("r1", RunStatus.RUNNING, {}))
+    client._fold(b"r2", row("r2", RunStatus.RUNNING, {}))
+    client._fold(b"r3", row("r3", RunStatus.COMPLETED, {"note": '"status":"RUNNING"'}))
+    client._fold(b"r1", row("r1", RunStatus.COMPLETED, {}))
+    client._fold(b"r2", None)
+    # As rows were spelled before the version field.
+    client._fold(b"r4", b'{"row":"run","run":' + row("r4", RunStatus.RUNNING, {})[25:])

@@ -12,10 +12,10 @@ import pytest
 
 from schemas import DeadLetter, RunStatus, Source
 from worker.core.lifecycle import Cancel, Command, Finish, Progress, Start, run_size
+from worker.core.limits import InputLimits
 from worker.engine.codec import (
     MAX_DEAD_LETTER_VALUE,
     Bad,
-    InputLimits,
     InputRecord,
     Reroute,
     TopicRole,

@@ -1,4 +1,4 @@
-"""Every private aiokafka call of `worker.engine.compat` works on the installed aiokafka.
+"""Every private aiokafka call of `worker.compat` works on the installed aiokafka.
 
 An upgrade that renames or removes one fails here, loudly, instead of silently doing nothing
 in production.
@@ -13,8 +13,8 @@ from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 
 from tests.hostile import _RawName
-from worker.engine import compat
-from worker.engine.compat import TolerantMemoryRecords
+from worker import compat
+from worker.compat import TolerantMemoryRecords
 from worker.settings import Settings
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 WORKER = Path(__file__).resolve().parent.parent / "worker"
@@ -24,3 +26,17 @@ def _too_long() -> list[str]:
 def test_no_class_over_300_lines_and_no_function_over_80() -> None:
     """Every class of `worker/` fits 300 lines and every function 80."""
     assert _too_long() == []
+
+
+def test_the_client_loads_nothing_of_the_orchestrator() -> None:
+    """Importing the client library loads no module of the engine, the core, the audit or
+    the dev tools: a deployed client depends only on the published wire models."""
+    code = (
+        "import sys, worker.client; "
+        "print(sorted(m for m in sys.modules if m.startswith("
+        "('worker.engine', 'worker.core', 'worker.audit', 'worker.devtools'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import Limits, decision_order
-from worker.engine.codec import InputLimits, InputRecord
+from worker.core.limits import InputLimits
+from worker.engine.codec import InputRecord
 from worker.engine.task import PartitionTask, Retained, Rules
 
 

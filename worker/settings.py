@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the client reads these settings too, and must not load the engine
     from worker.core.lifecycle import Limits
-    from worker.engine.codec import InputLimits
+    from worker.core.limits import InputLimits
 
 
 class Settings(BaseSettings):
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     @property
     def input_limits(self) -> InputLimits:
         """What an input record may be before it is dead-lettered."""
-        from worker.engine.codec import InputLimits
+        from worker.core.limits import InputLimits
 
         return InputLimits(
             record_bytes=self.max_record_bytes,

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 
 from schemas import StatusEvent
 from worker import gctuning
-from worker.engine.kafkaio import partitions_of, read_until
 from worker.engine.store import RunWrites, Store, fold_events
+from worker.kafkaio import partitions_of, read_until
 from worker.settings import Settings
 
 Progress = Callable[[int, int], None]  # (records done, records in all)

@@ -24,8 +24,8 @@ from worker.audit.replay import Progress, consumer_for, read_ranges, whole_topic
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import decision_order
 from worker.engine.codec import InputRecord, TopicRole
-from worker.engine.kafkaio import partitions_of
 from worker.engine.task import BatchOutcome, PartitionTask, Rules
+from worker.kafkaio import partitions_of
 from worker.settings import Settings
 
 

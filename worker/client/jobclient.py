@@ -10,8 +10,10 @@ Requests are correlated with their answers by `request_id`: the client subscribe
 status topic before sending, so no answer is missed. A start without an answer within the
 timeout raises `JobTimeoutError`; sending it again with the same `request_id` is safe (the
 orchestrator answers `duplicate` with the original decision). The running view
-(`is_job_running`, `get_running_job_info`) is built from `<prefix>.state` and brought up to
-date before each answer, so a client sees its own starts.
+(`is_job_running`, `get_running_job_info`) is built from the run rows of `<prefix>.state`
+(published as `schemas.RunRecord`; job-type rows, the orchestrator's private state, are
+skipped unread) and brought up to date before each answer, so a client sees its own starts.
+Nothing of the orchestrator's engine or core is imported here.
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
-from schemas import EventType, StatusEvent
-from worker.core.lifecycle import JobState, Run, load_state
-from worker.engine import changelog
-from worker.engine.kafkaio import partitions_of
+from schemas import EventType, RunRecord, RunStatus, StatusEvent, is_run_row, parse_run_row
+from worker.kafkaio import partitions_of
 from worker.settings import Settings
 
 log = structlog.get_logger("client")
 
+_RUNNING = b'"status":"RUNNING"'
 _START_ANSWERS = frozenset(
     {
         EventType.STARTED,
@@ -77,13 +78,13 @@ class RunInfo:
     initial_data: Mapping[str, Any]
 
     @classmethod
-    def of(cls, run: Run) -> RunInfo:
-        """From the core's view of an active run."""
+    def of(cls, run: RunRecord) -> RunInfo:
+        """From a running run's record."""
         return cls(
             run.job_type,
             run.run_id,
             run.client_id,
-            run.request_id,
+            run.request_id or "",
             run.started_at,
             run.initial_data,
         )
@@ -143,7 +144,7 @@ class JobClient:
             bootstrap_servers=bs, isolation_level="read_committed", enable_auto_commit=False
         )
         self._waiters: dict[str, list[tuple[set[EventType], asyncio.Future[StatusEvent]]]] = {}
-        self._jobs: dict[str, JobState] = {}  # the running view: every job type's state
+        self._running: dict[str, RunRecord] = {}  # the running view: run ID -> its record
         self._view_changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -205,11 +206,29 @@ class JobClient:
             async with self._view_changed:
                 for records in batch.values():
                     for record in records:
-                        if record.key is not None and record.value is not None:
-                            kind, data = changelog.split_row(record.value)
-                            if kind == "job":
-                                self._jobs[record.key.decode()] = load_state(data)
+                        if record.key is not None:
+                            self._fold(record.key, record.value)
                 self._view_changed.notify_all()
+
+    def _fold(self, key: bytes, value: bytes | None) -> None:
+        """One `<prefix>.state` record into the running view (later rows win)."""
+        if value is None:  # an ended run's tombstone
+            self._running.pop(key.decode("utf-8", "replace"), None)
+            return
+        if not is_run_row(value):
+            return  # a job type's row: the orchestrator's own state
+        run_id = key.decode("utf-8", "replace")
+        # Ended runs are most rows of a long history; only running ones are parsed.
+        if _RUNNING in value:
+            try:
+                run = parse_run_row(value)
+            except ValueError:
+                log.warning("unreadable run row", run_id=run_id)
+                return
+            if run.status is RunStatus.RUNNING:
+                self._running[run_id] = run
+                return
+        self._running.pop(run_id, None)
 
     async def _sync_view(self, timeout: float = 30) -> None:
         """Wait until the running view includes everything committed so far."""
@@ -374,11 +393,8 @@ class JobClient:
     ) -> RunInfo | None:
         """The running run of `job_type` (for `client_id`, if given), or None."""
         await self._sync_view()
-        state: JobState | None = self._jobs.get(job_type)
-        if state is None:
-            return None
-        for run in state.active:
-            if client_id is None or run.client_id == client_id:
+        for run in sorted(self._running.values(), key=lambda r: (r.started_at, r.run_id)):
+            if run.job_type == job_type and (client_id is None or run.client_id == client_id):
                 return RunInfo.of(run)
         return None
 
@@ -389,8 +405,5 @@ class JobClient:
     async def running_jobs(self) -> list[RunInfo]:
         """Every running run, by job type."""
         await self._sync_view()
-        return [
-            RunInfo.of(run)
-            for job_type in sorted(self._jobs)
-            for run in self._jobs[job_type].active
-        ]
+        runs = sorted(self._running.values(), key=lambda r: (r.job_type, r.started_at, r.run_id))
+        return [RunInfo.of(run) for run in runs]

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from schemas import DeadLetter, StatusEvent
-from worker.engine.kafkaio import partitions_of
+from worker.kafkaio import partitions_of
 from worker.settings import Topics
 
 log = structlog.get_logger("watch")

@@ -18,7 +18,7 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    worker's transaction sizing: one transactional producer per partition, one transaction per
    partition batch with `send_offsets_to_transaction`, partitions processed concurrently and
    paused while their transaction is in flight; and with the worker's client settings (fetch
-   wait, linger, batch size) and produce path (`worker.engine.kafkaio.Outbox`), so that it is the
+   wait, linger, batch size) and produce path (`worker.kafkaio.Outbox`), so that it is the
    fastest pass-through this client gives, not a strawman. Timed the same way, first to last output
    record seen. The ratio worker ÷ baseline says what the orchestrator's own work costs on
    top of the Kafka transactions it cannot avoid (one input record yields one transition).
@@ -80,7 +80,7 @@ from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker.audit.replay import replay
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
 from worker.engine import topics as topic_admin
-from worker.engine.kafkaio import Outbox, partitions_of, read_until
+from worker.kafkaio import Outbox, partitions_of, read_until
 from worker.settings import Settings, Topics
 
 _GUARANTEES = ("exactly_once", "at_least_once")

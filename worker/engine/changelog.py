@@ -3,8 +3,9 @@
 Rows (every row has a key: a keyless record on a compacted topic aborts the transaction):
 
 - key = job type, value ``{"row": "job", "state": <JobState>}``: the core state of a job type;
-- key = run ID, value ``{"row": "run", "run": <RunRow>}``: the run record, sent to the job
-  type's partition explicitly;
+- key = run ID, value ``{"row": "run", "v": 1, "run": <RunRow>}``: the run record, sent to
+  the job type's partition explicitly. Its format is published (`schemas.RunRecord`): the
+  client's running view reads these rows;
 - key = run ID, no value: the tombstone of an ended run, once it is older than the run
   retention. SQLite keeps the history; the changelog only needs what a new owner continues.
 
@@ -22,15 +23,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
+from schemas import RUN_ROW_PREFIX
 from worker.core.lifecycle import dump_state, load_state
 from worker.core.runs import RunRow
-from worker.engine.kafkaio import read_until
+from worker.kafkaio import read_until
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 
 
 _JOB = b'{"row":"job","state":'
-_RUN = b'{"row":"run","run":'
+_RUN = RUN_ROW_PREFIX
 
 
 def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:

@@ -25,6 +25,7 @@ from pydantic_core import to_json
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
 from schemas.messages import RequestId, RunIdText
 from worker.core.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
+from worker.core.limits import InputLimits
 
 TopicRole = Literal["requests", "results"]
 
@@ -99,15 +100,6 @@ def _b64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
-class InputLimits:
-    """Bounds on an input record; beyond them it is dead-lettered (settings `JOBS_MAX_*`)."""
-
-    record_bytes: int = 1_048_576  # the whole value
-    nesting_depth: int = 32  # arrays and objects inside one another, the message itself is 1
-    data_bytes: int = 65_536  # `initial_data`, `final_metrics` or `metrics`, as JSON
-
-
 # What a dead letter copies of the original (key, headers, value) stays under this: base64
 # grows it by a third, and a dead letter over the topic's 1 MiB limit would be refused by the
 # broker, so the partition could not move past its record.
@@ -118,7 +110,7 @@ def _header_name(name: str) -> tuple[str, bytes]:
     """A header name as text fit for JSON, and its original bytes.
 
     Names that are not UTF-8 arrive with their bytes escaped as surrogates (see
-    `worker.engine.compat`); the text shows them as U+FFFD.
+    `worker.compat`); the text shows them as U+FFFD.
     """
     raw = name.encode("utf-8", "surrogateescape")
     return raw.decode("utf-8", "replace"), raw

@@ -19,11 +19,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from worker.engine import changelog, compat
+from worker import compat
+from worker.engine import changelog
 from worker.engine.codec import REROUTED_FROM
 from worker.engine.hooks import Hooks
-from worker.engine.kafkaio import Outbox
 from worker.engine.task import BatchOutcome
+from worker.kafkaio import Outbox
 from worker.settings import Settings, Topics
 
 log = structlog.get_logger("worker")

@@ -26,10 +26,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from worker import compat
 from worker.core.config import JobsConfig
 from worker.core.config import load as load_config
 from worker.core.lifecycle import decision_order
-from worker.engine import compat
 from worker.engine import topics as topic_admin
 from worker.engine.codec import InputRecord, TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector

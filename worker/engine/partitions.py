@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import IllegalStateError, KafkaError
 
-from worker.engine import compat
+from worker import compat
 from worker.engine.collector import RecordCollector
 from worker.engine.state import StateManager
 from worker.engine.task import PartitionTask, Rules

@@ -36,10 +36,10 @@ from worker.core.lifecycle import (
     load_state,
     overdue,
 )
+from worker.core.limits import InputLimits
 from worker.core.runs import RunRow, run_change, started_row
 from worker.engine.codec import (
     Bad,
-    InputLimits,
     InputRecord,
     Reroute,
     dead_letter,
