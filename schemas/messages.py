@@ -51,7 +51,8 @@ _TEXT = r"^[^\x00-\x1f\x7f]+$"
 
 def _utf8_at_most(limit: int) -> AfterValidator:
     def check(value: str) -> str:
-        if len(value.encode("utf-8", "surrogatepass")) > limit:
+        # A character is at most 4 bytes: short text needs no encoding to be measured.
+        if 4 * len(value) > limit and len(value.encode("utf-8", "surrogatepass")) > limit:
             raise ValueError(f"at most {limit} bytes as UTF-8")
         return value
 

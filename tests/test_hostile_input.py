@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -35,64 +36,65 @@ async def _one_partition(settings: Settings) -> Settings:
     return settings
 
 
-async def test_a_start_nested_5000_deep_is_dead_lettered_and_the_next_start_decided(
-    settings: Settings, producer: AIOKafkaProducer
-) -> None:
-    """`initial_data` nested 5,000 deep is dead-lettered `too_deep`; the start after it runs."""
+@pytest.fixture
+async def one_partition(settings: Settings) -> AsyncIterator[tuple[Settings, StatusTail]]:
+    """Topics of one partition, a worker on them, and a tail of its output."""
     topics = await _one_partition(settings)
     running = await RunningWorker(topics).start()
     try:
         async with StatusTail(topics.bootstrap_servers, topics.topics) as tail:
-            # Written as text: json.dumps itself would recurse too deep to build it.
-            value = _start("etl", "deep").replace(
-                b"}", b', "initial_data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
-            )
-            poison = await producer.send_and_wait(topics.topics.requests, value, key=b"etl")
-            await producer.send_and_wait(topics.topics.requests, _start("etl", "after"), key=b"etl")
-            started = await tail.wait_event(request_id="after")
-            assert started.type is EventType.STARTED
-            letter = await tail.wait_for(
-                lambda i: isinstance(i, DeadLetter) and i.source.offset == poison.offset
-            )
-            assert isinstance(letter, DeadLetter)
-            assert letter.reason.code == "too_deep"
-            assert "JOBS_MAX_NESTING_DEPTH" in letter.reason.message
+            yield topics, tail
     finally:
         await running.stop()
+
+
+async def test_a_start_nested_5000_deep_is_dead_lettered_and_the_next_start_decided(
+    one_partition: tuple[Settings, StatusTail], producer: AIOKafkaProducer
+) -> None:
+    """`initial_data` nested 5,000 deep is dead-lettered `too_deep`; the start after it runs."""
+    topics, tail = one_partition
+    # Written as text: json.dumps itself would recurse too deep to build it.
+    value = _start("etl", "deep").replace(
+        b"}", b', "initial_data": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    )
+    poison = await producer.send_and_wait(topics.topics.requests, value, key=b"etl")
+    await producer.send_and_wait(topics.topics.requests, _start("etl", "after"), key=b"etl")
+    assert (await tail.wait_event(request_id="after")).type is EventType.STARTED
+    letter = await tail.wait_for(
+        lambda i: isinstance(i, DeadLetter) and i.source.offset == poison.offset
+    )
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason.code == "too_deep"
+    assert "JOBS_MAX_NESTING_DEPTH" in letter.reason.message
 
 
 async def test_a_900kb_job_type_on_results_is_dead_lettered_and_the_next_start_decided(
-    settings: Settings, producer: AIOKafkaProducer
+    one_partition: tuple[Settings, StatusTail], producer: AIOKafkaProducer
 ) -> None:
     """A result with a 900,000-character job type is dead-lettered without its value."""
-    topics = await _one_partition(settings)
-    running = await RunningWorker(topics).start()
-    try:
-        async with StatusTail(topics.bootstrap_servers, topics.topics) as tail:
-            value = json.dumps(
-                {
-                    "job_type": "j" * 900_000,
-                    "run_id": "261202-010203-0.1",
-                    "status": "COMPLETED",
-                    "request_id": "huge",
-                }
-            ).encode()
-            poison = await producer.send_and_wait(topics.topics.results, value, key=b"big")
-            await producer.send_and_wait(topics.topics.requests, _start("etl", "after"), key=b"etl")
-            assert (await tail.wait_event(request_id="after")).type is EventType.STARTED
-            letter = await tail.wait_for(
-                lambda i: isinstance(i, DeadLetter) and i.source.offset == poison.offset
-            )
-            assert isinstance(letter, DeadLetter)
-            assert letter.reason.code == "schema_invalid"
-            assert letter.value is None
-            assert f"the {len(value)}-byte value is not copied here" in letter.reason.message
-            # The sender is answered under the job type the key names.
-            rejected = await tail.wait_event(request_id="huge")
-            assert rejected.type is EventType.REJECTED
-            assert rejected.job_type == "big"
-    finally:
-        await running.stop()
+    topics, tail = one_partition
+    value = json.dumps(
+        {
+            "job_type": "j" * 900_000,
+            "run_id": "261202-010203-0.1",
+            "status": "COMPLETED",
+            "request_id": "huge",
+        }
+    ).encode()
+    poison = await producer.send_and_wait(topics.topics.results, value, key=b"big")
+    await producer.send_and_wait(topics.topics.requests, _start("etl", "after"), key=b"etl")
+    assert (await tail.wait_event(request_id="after")).type is EventType.STARTED
+    letter = await tail.wait_for(
+        lambda i: isinstance(i, DeadLetter) and i.source.offset == poison.offset
+    )
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason.code == "schema_invalid"
+    assert letter.value is None
+    assert f"the {len(value)}-byte value is not copied here" in letter.reason.message
+    # The sender is answered under the job type the key names.
+    rejected = await tail.wait_event(request_id="huge")
+    assert rejected.type is EventType.REJECTED
+    assert rejected.job_type == "big"
 
 
 async def test_a_record_that_always_fails_is_dead_lettered_once_and_the_rest_flow(
