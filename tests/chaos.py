@@ -415,7 +415,9 @@ async def _final_owners(db_paths: list[Path], settings: Settings) -> dict[int, P
         store = await Store.open(path)
         try:
             for p, offsets in want.items():
-                if await store.applied_offsets(p) == offsets:
+                applied = await store.applied_offsets(p)
+                applied.pop(settings.topics.state, None)  # the changelog position
+                if applied == offsets:
                     owners[p] = path
         finally:
             await store.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -82,16 +82,27 @@ class Outbox:
         builders.append(builder)
         self.records += 1
 
-    async def flush(self) -> None:
-        """Send every batch and wait until all are delivered; raise the first failure."""
+    async def flush(self) -> dict[tuple[str, int], int]:
+        """Send every batch and wait until all are delivered; raise the first failure.
+
+        Returns, per topic-partition written, the offset after its last record.
+        """
         futures = []
+        sent: list[tuple[tuple[str, int], int]] = []  # (topic-partition, records) a batch
         for (topic, partition), builders in self._batches.items():
             for builder in builders:
+                sent.append(((topic, partition), builder.record_count()))
                 futures.append(await self._producer.send_batch(builder, topic, partition=partition))
         self._batches.clear()
+        ends: dict[tuple[str, int], int] = {}
         if futures:
             # Every delivery is awaited, so that no failure is left unretrieved.
             outcomes = await asyncio.gather(*futures, return_exceptions=True)
             for item in outcomes:
                 if isinstance(item, BaseException):
                     raise item
+            delivered = cast(list[Any], outcomes)  # RecordMetadata, none failed
+            for (where, count), metadata in zip(sent, delivered, strict=True):
+                # A delivered batch's metadata carries the offset of its first record.
+                ends[where] = max(ends.get(where, 0), int(metadata.offset) + count)
+        return ends

@@ -75,6 +75,7 @@ class PartitionSnapshot:
     jobs: dict[str, bytes] = field(default_factory=dict)  # job type -> `dump_state` JSON
     runs: dict[str, bytes] = field(default_factory=dict)  # run ID -> run row JSON
     records: int = 0
+    end: int = 0  # the end offset it was read up to
 
 
 def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> None:
@@ -107,7 +108,7 @@ async def read_partition(
     consumer.assign([tp])
     await consumer.seek_to_beginning(tp)
     end = (await consumer.end_offsets([tp]))[tp]
-    snapshot = PartitionSnapshot()
+    snapshot = PartitionSnapshot(end=end)
     async for _, records in read_until(consumer, {tp: end}, max_records=10_000):
         for record in records:
             if record.key is not None:

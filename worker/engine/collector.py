@@ -43,8 +43,12 @@ class RecordCollector(Protocol):
     async def open(self, number: int) -> None:
         """Prepare to publish for partition `number` (fencing any previous owner)."""
 
-    async def commit(self, number: int, outcome: BatchOutcome) -> None:
-        """Publish `outcome` with its input offsets; raise if it did not happen."""
+    async def commit(self, number: int, outcome: BatchOutcome) -> int | None:
+        """Publish `outcome` with its input offsets; raise if it did not happen.
+
+        Returns the changelog position the batch leaves: the end offset of N's changelog
+        partition once it is committed, or None when the batch wrote no changelog row.
+        """
 
     async def close(self, number: int) -> None:
         """Stop publishing for partition `number`."""
@@ -99,7 +103,7 @@ class ExactlyOnce:
         await producer.start()
         self._producers[number] = producer
 
-    async def commit(self, number: int, outcome: BatchOutcome) -> None:
+    async def commit(self, number: int, outcome: BatchOutcome) -> int | None:
         """Publish `outcome` and its offsets in one transaction."""
         producer = self._producers.get(number)
         if producer is None:
@@ -108,7 +112,7 @@ class ExactlyOnce:
         try:
             out = Outbox(producer)
             write_outcome(out, self._settings.topics, number, outcome)
-            await out.flush()
+            ends = await out.flush()
             if outcome.next_offsets:
                 await producer.send_offsets_to_transaction(
                     _offsets(number, outcome.next_offsets), self._settings.group_id
@@ -119,6 +123,9 @@ class ExactlyOnce:
         except BaseException:
             await compat.abort_if_open(producer)
             raise
+        written = ends.get((self._settings.topics.state, number))
+        # The commit marker follows the transaction's last record in the partition.
+        return None if written is None else written + 1
 
     async def close(self, number: int) -> None:
         """Stop N's producer (its transactions are all finished or aborted)."""
@@ -156,19 +163,19 @@ class AtLeastOnce:
     async def open(self, number: int) -> None:
         """Nothing to fence without transactions."""
 
-    async def commit(self, number: int, outcome: BatchOutcome) -> None:
+    async def commit(self, number: int, outcome: BatchOutcome) -> int | None:
         """Publish, wait for every acknowledgement, then commit the offsets."""
         assert self._producer is not None
         out = Outbox(self._producer)
         write_outcome(out, self._settings.topics, number, outcome)
-        await out.flush()
-        if not outcome.next_offsets:
-            return
-        try:
-            await self._consumer.commit(_offsets(number, outcome.next_offsets))
-        except CommitFailedError as exc:
-            # The partition moved on; its new owner reads from the last committed offset.
-            log.warning("offset commit failed", partition=number, error=str(exc))
+        ends = await out.flush()
+        if outcome.next_offsets:
+            try:
+                await self._consumer.commit(_offsets(number, outcome.next_offsets))
+            except CommitFailedError as exc:
+                # The partition moved on; its new owner reads from the last committed offset.
+                log.warning("offset commit failed", partition=number, error=str(exc))
+        return ends.get((self._settings.topics.state, number))
 
     async def close(self, number: int) -> None:
         """Nothing is held per partition."""

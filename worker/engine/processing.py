@@ -164,11 +164,11 @@ class BatchRunner:
         if outcome.empty:
             return
         number = owned.task.number
-        await self._collector.commit(number, outcome)
+        position = await self._collector.commit(number, outcome)
         self._hooks.point("after_commit")
         # Written behind: the partition goes on while SQLite catches up (a crash before the
         # write is the restore-from-changelog case); taking a partition flushes first.
-        await self._state.record(number, outcome)
+        await self._state.record(number, outcome, position)
         log.debug(
             "batch committed",
             partition=number,

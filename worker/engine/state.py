@@ -8,6 +8,13 @@ changelog when its applied offsets differ, and only the work in flight is loaded
 queued for SQLite; one writer merges what accumulated into one SQLite transaction, so the
 file always holds a prefix of what Kafka committed (a crash before a write is the restore
 case).
+
+SQLite also records the changelog position each batch left (the end offset of the
+partition's changelog after its commit). Whatever changed a partition's state is in its
+changelog, input records and time alike: a tick that timed runs out commits job states
+and events but no input offsets. So a partition is restored when its changelog has moved
+past the position SQLite recorded (another owner wrote it meanwhile, or this worker
+stopped between a commit and its SQLite write), and when its input offsets differ.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import time
 from pathlib import Path
 
 import structlog
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker.engine import changelog
 from worker.engine.store import Store
@@ -75,8 +82,11 @@ class StateManager:
         store = self.store
         await store.flush()  # SQLite holds every batch this process committed
         applied = await store.applied_offsets(number)
+        position = applied.pop(self._settings.topics.state, 0)
+        end = await self._changelog_end(number)
         behind = any(applied.get(t, 0) < o for t, o in committed.items())
-        restored = behind or (exact and applied != committed)
+        moved = end > position  # someone wrote the changelog after this file's last batch
+        restored = behind or moved or (exact and applied != committed)
         if restored:
             await self._restore(number, committed)
             applied = committed
@@ -100,6 +110,12 @@ class StateManager:
         log.debug("partition loaded", partition=number, committed=committed, restored=restored)
         return task
 
+    async def _changelog_end(self, number: int) -> int:
+        """The end offset of `number`'s changelog partition (read_committed: stable)."""
+        assert self._restorer is not None
+        tp = TopicPartition(self._settings.topics.state, number)
+        return int((await self._restorer.end_offsets([tp]))[tp])
+
     async def _restore(self, number: int, committed: dict[str, int]) -> None:
         assert self._restorer is not None
         started = time.perf_counter()
@@ -112,7 +128,7 @@ class StateManager:
                 number,
                 snapshot.jobs.items(),
                 map(changelog.load_run, snapshot.runs.values()),
-                committed,
+                {**committed, topic: snapshot.end},
             )
         log.info(
             "partition restored from changelog",
@@ -129,16 +145,16 @@ class StateManager:
             return {}
         return await self.store.load_states(job_types)
 
-    async def record(self, number: int, outcome: BatchOutcome) -> None:
-        """Queue a committed batch for SQLite; wait when SQLite has fallen behind, so the lag
-        (and the memory it takes) stays within about a batch."""
+    async def record(self, number: int, outcome: BatchOutcome, position: int | None) -> None:
+        """Queue a committed batch, and the changelog `position` it left, for SQLite; wait
+        when SQLite has fallen behind, so the lag (and the memory it takes) stays within
+        about a batch."""
         store = self.store
+        offsets = dict(outcome.next_offsets)
+        if position is not None:
+            offsets[self._settings.topics.state] = position
         store.record_batch(
-            number,
-            outcome.runs.values(),
-            outcome.states.items(),
-            outcome.next_offsets,
-            outcome.tombstones,
+            number, outcome.runs.values(), outcome.states.items(), offsets, outcome.tombstones
         )
         if store.backlog > self._settings.batch_max_records:
             await store.flush()
