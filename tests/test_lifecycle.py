@@ -36,10 +36,10 @@ from worker.core.lifecycle import (
     Start,
     decide,
     decision_clock,
-    decision_order,
     dump_state,
     event_id,
     load_state,
+    merge_inputs,
     overdue,
     scope_key,
 )
@@ -916,14 +916,24 @@ def test_repeat_outside_the_window_is_decided_anew() -> None:
     assert repeat_recent.type is EventType.DUPLICATE
 
 
-def test_window_of_zero_remembers_nothing() -> None:
-    """With idempotency_window=0, an immediate repeat is decided anew (here: refused)."""
+def test_window_of_zero_remembers_nothing_but_a_start_is_never_a_second_run() -> None:
+    """With idempotency_window=0 nothing is remembered, yet a repeat of a start whose run is
+    still active is a `duplicate` naming that run (never refused naming itself, queued
+    behind itself or replacing itself); once the run has ended, a repeat is decided anew."""
     limits = Limits(idempotency_window=0)
     state = decide(JobState(JOB), start(10, request_id="r1"), limits=limits).state
     assert state.decided == ()
-    event = only(decide(state, start(11, request_id="r1"), limits=limits))
-    assert event.type is EventType.REFUSED
-    assert event.run_id == make_run_id(T0, 0, 10)
+    for config in (REJECT, QUEUE, REPLACE):
+        decision = decide(state, start(11, request_id="r1"), config, limits=limits)
+        event = only(decision)
+        assert event.type is EventType.DUPLICATE
+        assert event.original_type is EventType.STARTED
+        assert event.run_id == make_run_id(T0, 0, 10)
+        assert decision.state is state
+    ended = decide(state, finish(make_run_id(T0, 0, 10), 12), limits=limits).state
+    assert only(decide(ended, start(13, request_id="r1"), limits=limits)).type is (
+        EventType.STARTED
+    )
 
 
 def test_window_keeps_the_newest_decisions() -> None:
@@ -2023,19 +2033,22 @@ class _Arrival:
     offset: int
 
 
-def test_decision_order_is_broker_time_then_requests_then_offset() -> None:
-    """Rule 9: earlier broker time first; at one time requests before results; then offsets."""
+def test_inputs_merge_by_broker_time_and_each_keeps_its_offset_order() -> None:
+    """Rule 9: within an input, offset order whatever the timestamps; across the two, broker
+    time, requests first at equal times."""
     records = [
-        _Arrival(2_000, "requests", 1),
+        _Arrival(2_500, "results", 8),
+        _Arrival(2_000, "requests", 3),  # the broker clock stepped back after offset 2
         _Arrival(1_000, "results", 7),
-        _Arrival(1_000, "requests", 9),
-        _Arrival(1_000, "requests", 3),
+        _Arrival(3_000, "requests", 2),
+        _Arrival(1_000, "requests", 1),
     ]
-    assert sorted(records, key=decision_order) == [
-        _Arrival(1_000, "requests", 3),
-        _Arrival(1_000, "requests", 9),
+    assert merge_inputs(records) == [
+        _Arrival(1_000, "requests", 1),  # before the result of the same time
         _Arrival(1_000, "results", 7),
-        _Arrival(2_000, "requests", 1),
+        _Arrival(2_500, "results", 8),
+        _Arrival(3_000, "requests", 2),
+        _Arrival(2_000, "requests", 3),  # after offset 2, whatever its time
     ]
 
 
@@ -2057,3 +2070,42 @@ def test_the_clock_is_stream_time_unless_an_idle_wall_clock_is_later() -> None:
     assert decision_clock(T0, MID) == MID
     assert decision_clock(MID, T0) == MID
     assert decision_clock(None, None) is None
+
+
+def test_a_report_stamped_earlier_never_moves_a_deadline_back() -> None:
+    """A heartbeat renews the deadline from its own time, but one stamped before the last
+    renewal leaves the later deadline in place."""
+    state, _ = decide(JobState(JOB), start(1), TIMED)
+    run_id = state.active[0].run_id
+    state, _ = decide(state, progress(run_id, 2, metrics=None, at=MID), TIMED)
+    assert state.active[0].deadline == MID + TIMEOUT
+    early = decide(state, progress(run_id, 3, metrics=None, at=T0 + timedelta(seconds=1)), TIMED)
+    assert early.state.active[0].deadline == MID + TIMEOUT
+
+
+def test_a_queued_run_never_starts_before_it_was_asked_for() -> None:
+    """A result stamped before a queued request frees the scope: the queued run starts (and
+    its timeout counts) from its own request's time, not the result's."""
+    state, _ = decide(JobState(JOB), start(1, at=T0), QUEUE_TIMED)
+    first = state.active[0].run_id
+    state, _ = decide(state, start(2, at=MID), QUEUE_TIMED)
+    state, events = decide(state, finish(first, 3, at=T0 + timedelta(seconds=1)), QUEUE_TIMED)
+    started = next(e for e in events if e.type is EventType.STARTED)
+    assert started.started_at == MID
+    assert state.active[0].started_at == MID
+    assert state.active[0].deadline == MID + TIMEOUT
+
+
+def test_a_result_for_a_run_no_longer_remembered_says_what_was_checked() -> None:
+    """An unknown run's rejection says it is not active, not queued, and not among the
+    ended runs still remembered, so a late result for an evicted run is understood."""
+    limits = Limits(ended_window=1)
+    state, _ = decide(JobState(JOB), start(1), limits=limits)
+    first = state.active[0].run_id
+    state, _ = decide(state, finish(first, 2), limits=limits)
+    state, _ = decide(state, start(3), limits=limits)
+    state, _ = decide(state, finish(state.active[0].run_id, 4), limits=limits)
+    event = only(decide(state, finish(first, 5), limits=limits))
+    assert event.type is EventType.REJECTED
+    assert event.reason is not None
+    assert "not among its last 1 ended runs" in event.reason

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from schemas import EventType
 from worker.core.config import JobsConfig
-from worker.core.lifecycle import Limits, decision_order
+from worker.core.lifecycle import JobConfig, Limits, merge_inputs
 from worker.core.limits import InputLimits
 from worker.engine.codec import InputRecord
 from worker.engine.task import PartitionTask, Retained, Rules
@@ -20,14 +21,14 @@ def start(offset: int, timestamp_ms: int, job_type: str) -> InputRecord:
 
 
 def test_the_highest_offset_is_committed_when_broker_times_go_backwards() -> None:
-    """Records are decided in broker-time order, but the batch commits past its last offset
-    even when a later offset carries an earlier time (CreateTime set by producers)."""
+    """Records of one input are decided in offset order, and the batch commits past its last
+    offset, even when a later offset carries an earlier time (a broker clock stepping
+    back)."""
     rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
     task = PartitionTask(0, rules)
     records = [start(0, 2_000, "late"), start(1, 1_000, "early")]
-    records.sort(key=decision_order)
-    outcome = task.apply(records)
-    assert [e.job_type for e in outcome.events] == ["early", "late"]
+    outcome = task.apply(merge_inputs(records))
+    assert [e.job_type for e in outcome.events] == ["late", "early"]
     assert outcome.next_offsets == {"jobs.requests": 2}
     assert task.applied == {"jobs.requests": 2}
     assert set(outcome.states) == {"early", "late"}
@@ -52,3 +53,34 @@ def test_ended_runs_leave_in_order_once_retention_has_passed_never_earlier() -> 
     assert retained.expire(t0 + timedelta(seconds=4)) == []
     assert (len(retained), retained.expire(t0 + timedelta(days=1))) == (1, ["e"])
     assert len(retained) == 0
+
+
+def result(offset: int, timestamp_ms: int, job_type: str, run_id: str) -> InputRecord:
+    body = json.dumps({"job_type": job_type, "run_id": run_id, "kind": "progress"}).encode()
+    return InputRecord("results", "jobs.results", 0, offset, timestamp_ms, job_type.encode(), body)
+
+
+def test_heartbeats_leave_one_deadline_entry_and_the_run_times_out_once() -> None:
+    """A run with a day's timeout renewed by 1,000 heartbeats keeps one entry in the deadline
+    heap (not one per heartbeat until its day is over), is not timed out at its old
+    deadlines, and times out once at its last."""
+    config = JobsConfig(defaults=JobConfig(timeout=timedelta(days=1)))
+    task = PartitionTask(0, Rules(1, config, Limits(), InputLimits(), timedelta(days=1)))
+    started = task.apply([start(0, 0, "etl")])
+    (run_id,) = [e.run_id for e in started.events]
+    assert run_id is not None
+    for i in range(1, 1001):
+        outcome = task.apply([result(i, i * 10_000, "etl", run_id)])  # every 10 s
+        assert outcome.events == []
+    assert len(task.deadlines) == 1
+    last = datetime.fromtimestamp(1000 * 10, tz=UTC) + timedelta(days=1)
+    # Its first deadline comes and goes without a time-out.
+    assert (
+        task.apply([], wall_clock=datetime.fromtimestamp(0, tz=UTC) + timedelta(days=1)).events
+        == []
+    )
+    assert task.apply([], wall_clock=last - timedelta(seconds=1)).events == []
+    timed_out = task.apply([], wall_clock=last).events
+    assert [e.type for e in timed_out] == [EventType.TIMED_OUT]
+    assert task.apply([], wall_clock=last + timedelta(hours=1)).events == []
+    assert task.deadlines == []

@@ -276,6 +276,33 @@ async def test_start_up_refuses_mismatched_partition_counts(
     assert f"{settings.topics.requests}=2" in message
 
 
+async def test_start_up_refuses_input_topics_stamped_by_producers(
+    settings: Settings, kafka_bootstrap: str
+) -> None:
+    """An input topic with CreateTime (the broker default) stops start-up, named, with the
+    fix; producers' clocks would otherwise set run IDs, time-outs and the decision order."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        t = settings.topics
+        broker_time = {"message.timestamp.type": "LogAppendTime"}
+        await admin.create_topics(
+            [
+                NewTopic(name, 2, 1, topic_configs=broker_time if name == t.requests else {})
+                for name in t.all()
+            ]
+        )
+        await wait_for_leaders(admin, list(t.all()))
+    finally:
+        await admin.close()
+    with pytest.raises(TopicError) as caught:
+        await Worker(settings).run()
+    message = str(caught.value)
+    assert f"{settings.topics.results} (CreateTime)" in message
+    assert settings.topics.requests not in message
+    assert "LogAppendTime" in message
+
+
 @pytest.fixture(params=["exactly_once", "at_least_once"])
 def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
     """Every test of this module runs under both processing guarantees."""

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from schemas import StatusEvent
 from worker.audit.replay import Progress, consumer_for, read_ranges, whole_topic
 from worker.core.config import JobsConfig
-from worker.core.lifecycle import decision_order
+from worker.core.lifecycle import merge_inputs
 from worker.engine.codec import InputRecord, TopicRole
 from worker.engine.task import BatchOutcome, PartitionTask, Rules
 from worker.kafkaio import partitions_of
@@ -136,7 +136,7 @@ def _verify_partition(
         return outcome.events
 
     caused = {(e.source.topic, e.source.offset) for e in events if e.source is not None}
-    silent = sorted((r for key, r in inputs.items() if key not in caused), key=decision_order)
+    silent = merge_inputs(r for key, r in inputs.items() if key not in caused)
     next_silent = 0
 
     def flush_silent(until: datetime | None) -> None:

@@ -31,8 +31,9 @@ Theory of operation:
    counts `Start.size`, what its request took on the wire, with room for its IDs); a start
    that would go over is `rejected`, so no producer can grow a job type's state past what
    one changelog record can carry.
-9. Records are decided in broker-time order; at equal times requests before results, then
-   in offset order (`decision_order`).
+9. Records of one input partition are decided in offset order, whatever their timestamps
+   (a broker clock stepping back reorders nothing); the two inputs are merged by broker
+   time, requests first at equal times (`merge_inputs`).
 10. Each event gets an ID derived from its cause (source coordinates or the time advance, and
    its position among the command's events), so the same input always yields the same IDs.
 """
@@ -40,12 +41,13 @@ Theory of operation:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from pydantic import TypeAdapter
 
@@ -130,6 +132,9 @@ class Run:
     scope: str = ""
     deadline: datetime | None = None
     size: int = 0  # counted against `Limits.run_bytes`
+    # Its request was answered `queued` (it started later): how a repeat of that request is
+    # answered once the idempotency window has forgotten it. Not part of a run's identity.
+    was_queued: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +281,19 @@ class Arrival(Protocol):
         """Its offset in that topic's partition."""
 
 
-def decision_order(record: Arrival) -> tuple[int, bool, int]:
-    """Rule 9: the sort key of a partition's records."""
-    return (record.timestamp_ms, record.role != "requests", record.offset)
+A = TypeVar("A", bound=Arrival)
+
+
+def merge_inputs(records: Iterable[A]) -> list[A]:
+    """Rule 9: a partition's records of both inputs in the order they are decided."""
+    by_role: dict[str, list[A]] = {"requests": [], "results": []}
+    for record in records:
+        by_role.setdefault(record.role, []).append(record)
+    for inputs in by_role.values():
+        inputs.sort(key=lambda r: r.offset)
+    return list(
+        heapq.merge(*by_role.values(), key=lambda r: (r.timestamp_ms, r.role != "requests"))
+    )
 
 
 def overdue(state: JobState | None, now: datetime) -> bool:
@@ -394,7 +409,7 @@ def decide(
         new = state
     elif (
         isinstance(command, Start | Cancel)
-        and (seen := _decided(state, command.request_id)) is not None
+        and (seen := _decided(state, command.request_id, isinstance(command, Start))) is not None
     ):
         out.emit(
             EventType.DUPLICATE,
@@ -430,8 +445,18 @@ def _illegal(before: RunStatus | None, action: Action) -> str:
     return f"{action.value} is not allowed for a run that is {before or 'not yet created'}"
 
 
-def _decided(state: JobState, request_id: str) -> Decided | None:
-    return next((d for d in reversed(state.decided) if d.request_id == request_id), None)
+def _decided(state: JobState, request_id: str, start: bool = False) -> Decided | None:
+    """The decision `request_id` got: from the idempotency window or, for a start, from the
+    active or queued run it made, however long ago (a start is never a second run)."""
+    seen = next((d for d in reversed(state.decided) if d.request_id == request_id), None)
+    if seen is not None or not start:
+        return seen
+    if (run := next((r for r in state.active if r.request_id == request_id), None)) is not None:
+        answer = EventType.QUEUED if run.was_queued else EventType.STARTED
+        return Decided(request_id, answer, run.run_id)
+    if (waiting := next((q for q in state.queue if q.request_id == request_id), None)) is not None:
+        return Decided(request_id, EventType.QUEUED, waiting.run_id)
+    return None
 
 
 _START_ANSWERS = frozenset({EventType.STARTED, EventType.QUEUED, EventType.REFUSED})
@@ -489,22 +514,27 @@ def _start_run(
     config: JobConfig,
     out: _Out,
     size: int = 0,
+    not_before: datetime | None = None,
 ) -> JobState:
     move = _move(before, action)
     if move is None:
         return _reject(state, out, _illegal(before, action), request_id=request_id)
     status, event_type = move
+    # A run never starts before it was asked for (a result stamped earlier may free its
+    # scope); its timeout counts from its start.
+    started_at = out.at if not_before is None or out.at >= not_before else not_before
     run = Run(
         run_id=run_id,
         job_type=state.job_type,
         client_id=client_id,
         request_id=request_id,
         status=status,
-        started_at=out.at,
+        started_at=started_at,
         initial_data=initial_data,
         scope=scope,
-        deadline=_deadline(config, out.at),
+        deadline=_deadline(config, started_at),
         size=size,
+        was_queued=before is RunStatus.QUEUED,
     )
     out.emit(
         event_type,
@@ -515,7 +545,7 @@ def _start_run(
         client_id=client_id,
         run_id=run_id,
         initial_data=dict(initial_data),
-        started_at=out.at,
+        started_at=started_at,
     )
     return replace(state, active=(*state.active, run))
 
@@ -572,6 +602,7 @@ def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobSt
         config=config,
         out=out,
         size=waiting.size,
+        not_before=waiting.queued_at,
     )
     return state if started is rest else started  # a refused move leaves the run queued
 
@@ -625,7 +656,10 @@ def _why_not(state: JobState, run_id: str, action: Action) -> str:
         return f"run {run_id} already ended {ended.status}"
     if any(q.run_id == run_id for q in state.queue):
         return f"run {run_id} is queued and has not started; cannot {action}"
-    return f"unknown run {run_id} of job type {state.job_type!r}"
+    return (
+        f"unknown run {run_id} of job type {state.job_type!r}: not active, not queued, and "
+        f"not among its last {len(state.ended)} ended runs"
+    )
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -830,7 +864,10 @@ def _progress(state: JobState, cmd: Progress, config: JobConfig, out: _Out) -> J
             request_id=cmd.request_id,
             run_id=run_id,
         )
-    renewed = replace(active, deadline=_deadline(config, cmd.at))
+    deadline = _deadline(config, cmd.at)
+    if deadline is not None and active.deadline is not None and deadline < active.deadline:
+        deadline = active.deadline  # a report stamped earlier never moves a deadline back
+    renewed = replace(active, deadline=deadline)
     if cmd.metrics is not None:
         status, event_type = move
         out.emit(

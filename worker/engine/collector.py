@@ -15,9 +15,8 @@ from __future__ import annotations
 import contextlib
 from typing import Protocol
 
-import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 
 from worker import compat
 from worker.engine import changelog
@@ -26,8 +25,6 @@ from worker.engine.hooks import Hooks
 from worker.engine.task import BatchOutcome
 from worker.kafkaio import Outbox
 from worker.settings import Settings, Topics
-
-log = structlog.get_logger("worker")
 
 
 class FencedError(RuntimeError):
@@ -170,11 +167,9 @@ class AtLeastOnce:
         write_outcome(out, self._settings.topics, number, outcome)
         ends = await out.flush()
         if outcome.next_offsets:
-            try:
-                await self._consumer.commit(_offsets(number, outcome.next_offsets))
-            except CommitFailedError as exc:
-                # The partition moved on; its new owner reads from the last committed offset.
-                log.warning("offset commit failed", partition=number, error=str(exc))
+            # A failed commit (the partition moved on) fails the batch: SQLite must not
+            # record offsets Kafka does not have, or the next take would skip its restore.
+            await self._consumer.commit(_offsets(number, outcome.next_offsets))
         return ends.get((self._settings.topics.state, number))
 
     async def close(self, number: int) -> None:

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from worker import compat
 from worker.core.config import JobsConfig
 from worker.core.config import load as load_config
-from worker.core.lifecycle import decision_order
+from worker.core.lifecycle import merge_inputs
 from worker.engine import topics as topic_admin
 from worker.engine.codec import InputRecord, TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
@@ -142,7 +142,9 @@ class Worker:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
         await admin.start()
         try:
-            return topic_admin.check_counts(await topic_admin.describe(admin, self.topics))
+            count = topic_admin.check_counts(await topic_admin.describe(admin, self.topics))
+            await topic_admin.check_timestamps(admin, self.topics)
+            return count
         finally:
             await admin.close()
 
@@ -194,7 +196,7 @@ class Worker:
             if owned is None or owned.fenced:
                 continue  # not ours (any more); whoever owns it reads from the committed offset
             self._partitions.pause(number)
-            records.sort(key=decision_order)
+            records = merge_inputs(records)
             if self._runner.isolating(number):
                 # One record per batch until the failed batch is behind; the rest are read
                 # again (the partition is re-positioned after the batch).

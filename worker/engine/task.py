@@ -171,12 +171,14 @@ class PartitionTask:
         self.applied = dict(applied or {})  # input topic -> next offset to apply
         self.known = known if known is not None else known_filter()
         self.stream_time: datetime | None = None  # highest broker time seen
-        self.deadlines: list[tuple[datetime, str]] = [  # a heap; entries may be stale
-            (deadline, job_type)
-            for job_type, state in self.jobs.items()
-            if isinstance(state, JobState) and (deadline := state.next_deadline()) is not None
-        ]
-        heapq.heapify(self.deadlines)
+        # A heap of (deadline, job type), at most one live entry per job type (`_in_heap`):
+        # a deadline that moves later (every heartbeat) pushes nothing; its old entry, when
+        # it comes up, puts the job type back at its real deadline.
+        self.deadlines: list[tuple[datetime, str]] = []
+        self._in_heap: dict[str, datetime] = {}
+        for job_type, state in self.jobs.items():
+            if isinstance(state, JobState) and (deadline := state.next_deadline()) is not None:
+                self._push(job_type, deadline)
         self._log = log.bind(partition=number)
 
     # -- live batches ----------------------------------------------------------------------
@@ -293,9 +295,21 @@ class PartitionTask:
     def time_out(self, now: datetime, outcome: BatchOutcome) -> None:
         """Time out every overdue run of the partition at `now`."""
         while self.deadlines and self.deadlines[0][0] <= now:
-            _, job_type = heapq.heappop(self.deadlines)
-            # Entries are not removed when a deadline moves; `advance` checks the real one.
+            at, job_type = heapq.heappop(self.deadlines)
+            if self._in_heap.get(job_type) != at:
+                continue  # an entry an earlier deadline of the job type replaced
+            del self._in_heap[job_type]
             self.advance(job_type, now, outcome)
+            held = self.jobs.get(job_type)
+            if isinstance(held, JobState) and (deadline := held.next_deadline()) is not None:
+                self._push(job_type, deadline)
+
+    def _push(self, job_type: str, deadline: datetime) -> None:
+        """Make sure the heap comes to `job_type` by `deadline`."""
+        current = self._in_heap.get(job_type)
+        if current is None or deadline < current:
+            heapq.heappush(self.deadlines, (deadline, job_type))
+            self._in_heap[job_type] = deadline
 
     def close_batch(self, outcome: BatchOutcome) -> None:
         """Settle a batch: applied offsets, serialized states, tombstones due."""
@@ -326,7 +340,7 @@ class PartitionTask:
             outcome.changed[job_type] = new_state
             deadline = new_state.next_deadline()
             if deadline is not None:
-                heapq.heappush(self.deadlines, (deadline, job_type))
+                self._push(job_type, deadline)
         for event in events:
             self._track_run(outcome, event)
             self._log.debug(

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import for_code
 
 from worker.settings import Topics
@@ -74,6 +75,34 @@ def check_counts(infos: list[TopicInfo]) -> int:
     (count,) = counts
     assert count is not None
     return count
+
+
+_TIMESTAMP_TYPE = "message.timestamp.type"
+
+
+async def check_timestamps(admin: AIOKafkaAdminClient, topics: Topics) -> None:
+    """Raise `TopicError` unless both input topics stamp records with broker time.
+
+    Run IDs, time-outs and the decision order all read the records' timestamps; with
+    CreateTime they would be whatever each producer's clock says.
+    """
+    names = [topics.requests, topics.results]
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, {_TIMESTAMP_TYPE: None}) for name in names
+    ]
+    wrong = []
+    for response in await admin.describe_configs(resources):
+        for _code, _message, _type, name, entries in response.resources:
+            found = {entry[0]: entry[1] for entry in entries}
+            if found.get(_TIMESTAMP_TYPE) != "LogAppendTime":
+                wrong.append(f"{name} ({found.get(_TIMESTAMP_TYPE, 'unknown')})")
+    if wrong:
+        raise TopicError(
+            f"input topics must use broker time (message.timestamp.type=LogAppendTime): "
+            f"{', '.join(wrong)} do not. Set it with kafka-configs.sh --alter --add-config "
+            "message.timestamp.type=LogAppendTime, or create the topics with "
+            "`jobctl topics create`."
+        )
 
 
 async def create(
