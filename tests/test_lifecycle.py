@@ -42,6 +42,7 @@ from worker.core.lifecycle import (
     merge_inputs,
     overdue,
     scope_key,
+    stream_time,
 )
 from worker.core.lifecycle import _active_in as active_in
 from worker.core.runid import RUN_ID_RE, make_run_id
@@ -2109,3 +2110,14 @@ def test_a_result_for_a_run_no_longer_remembered_says_what_was_checked() -> None
     assert event.type is EventType.REJECTED
     assert event.reason is not None
     assert "not among its last 1 ended runs" in event.reason
+
+
+def test_stream_time_waits_for_an_input_with_unread_records() -> None:
+    """Rule 7: with both inputs read, the latest broker time; while one has unread records,
+    no further than what it has shown, and nowhere before it has shown anything."""
+    seen = {"requests": MID, "results": T0}
+    assert stream_time(seen) == MID
+    assert stream_time(seen, ["results"]) == T0
+    assert stream_time(seen, ["requests"]) == MID
+    assert stream_time({"requests": MID}, ["results"]) is None
+    assert stream_time({}) is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,14 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import EventType, StatusEvent
 from tests.chaos import WorkerProcess, read_topic
-from tests.conftest import create_topics
+from tests.conftest import RunningWorker, create_topics
+from worker.audit.verify import VerifyReport, verify_partition
 from worker.client.watch import StatusTail
+from worker.core.config import JobsConfig
+from worker.core.lifecycle import JobConfig, Limits
+from worker.core.limits import InputLimits
+from worker.engine.codec import InputRecord
+from worker.engine.task import PartitionTask, Rules
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -89,3 +97,86 @@ async def test_a_worker_back_on_its_own_file_restores_nothing(
         worker.ensure_dead()
     assert worker.log_text().count('"worker started"') == 2
     assert "partition restored from changelog" not in worker.log_text()
+
+
+async def test_a_result_behind_a_backlog_of_requests_completes_its_run(
+    settings: Settings, producer: AIOKafkaProducer, tmp_path: Path
+) -> None:
+    """A run's COMPLETED result, appended before its deadline while the worker was down, is
+    read after 3,000 later requests for other job types: time does not pass the unread
+    result, so the run completes instead of timing out."""
+    await create_topics(settings, 1)
+    config = tmp_path / "jobs.toml"
+    config.write_text("[job_types.slow]\ntimeout = 3\n")
+    worker_settings = settings.model_copy(update={"config": config, "tick_s": 30.0})
+    async with StatusTail(settings.bootstrap_servers, settings.topics) as tail:
+        running = await RunningWorker(worker_settings).start()
+        try:
+            body = {"job_type": "slow", "request_id": "s1"}
+            await producer.send_and_wait(
+                settings.topics.requests, json.dumps(body).encode(), key=b"slow"
+            )
+            started = await tail.wait_event(request_id="s1")
+        finally:
+            await running.stop()
+        assert started.run_id is not None
+        assert started.started_at is not None
+        result = {"job_type": "slow", "run_id": started.run_id, "status": "COMPLETED"}
+        await producer.send_and_wait(
+            settings.topics.results, json.dumps(result).encode(), key=b"slow"
+        )
+        # The scenario needs broker time past the deadline before the backlog is written.
+        deadline = started.started_at + timedelta(seconds=3.5)
+        await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
+        sends = [
+            await producer.send(
+                settings.topics.requests,
+                json.dumps({"job_type": f"other-{i}", "request_id": f"o{i}"}).encode(),
+                key=f"other-{i}".encode(),
+            )
+            for i in range(3000)
+        ]
+        await asyncio.gather(*sends)
+        running = await RunningWorker(worker_settings).start()
+        try:
+            ended = await tail.wait_for(
+                lambda i: (
+                    isinstance(i, StatusEvent)
+                    and i.run_id == started.run_id
+                    and i.type in (EventType.COMPLETED, EventType.TIMED_OUT)
+                ),
+                timeout=60,
+            )
+            await tail.wait_event(request_id="o2999", timeout=60)
+        finally:
+            await running.stop()
+    assert isinstance(ended, StatusEvent)
+    assert ended.type is EventType.COMPLETED
+    assert not [e for e in tail.events if e.type is EventType.REJECTED]
+
+
+def test_verify_reports_a_time_out_decided_ahead_of_an_unread_result() -> None:
+    """A log where a run timed out while its COMPLETED result, stamped before the deadline,
+    was still unread is reported by `verify`, naming the result's coordinates."""
+    config = JobsConfig(defaults=JobConfig(timeout=timedelta(seconds=3)))
+    rules = Rules(1, config, Limits(), InputLimits(), timedelta(days=1))
+    t0 = 1_764_640_000_000  # ms
+    start_body = json.dumps({"job_type": "slow", "request_id": "s1"}).encode()
+    start = InputRecord("requests", "p.requests", 0, 0, t0, b"slow", start_body)
+    live = PartitionTask(0, rules)
+    started = live.apply([start]).events
+    run_id = started[0].run_id
+    result_body = json.dumps({"job_type": "slow", "run_id": run_id, "status": "COMPLETED"})
+    result = InputRecord("results", "p.results", 0, 0, t0 + 1_000, b"slow", result_body.encode())
+    # What a worker that let time pass the unread result logged: the time-out, then the
+    # result rejected.
+    late = datetime.fromtimestamp((t0 + 10_000) / 1000, tz=UTC)
+    timed_out = live.apply([], wall_clock=late).events
+    rejected = live.apply([result]).events
+    assert [e.type for e in (*timed_out, *rejected)] == [EventType.TIMED_OUT, EventType.REJECTED]
+    report = VerifyReport()
+    inputs = {(r.topic, r.offset): r for r in (start, result)}
+    verify_partition(0, rules, inputs, [*started, *timed_out, *rejected], report)
+    (divergence,) = report.divergences
+    assert "p.results:0:0" in divergence.cause
+    assert "was unread" in divergence.cause

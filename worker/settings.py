@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     tick_s: float = Field(
         default=1.0, gt=0, description="How often idle partitions check for timed-out runs."
     )
+    time_hold_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Longest a partition's time is held back while one of its inputs has "
+        "unread records (so no run times out ahead of its unread report); then it goes on, "
+        "with a warning.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -90,7 +90,7 @@ async def verify(
         total = sum(len(v) for v in logged.values())
         done = 0
         for partition in sorted(set(inputs) | set(logged)):
-            _verify_partition(partition, rules, inputs[partition], logged[partition], report)
+            verify_partition(partition, rules, inputs[partition], logged[partition], report)
             done += len(logged[partition])
             if progress is not None:
                 progress(done, total)
@@ -114,68 +114,119 @@ def _groups(events: list[StatusEvent]) -> list[tuple[str, list[StatusEvent]]]:
     return groups
 
 
-def _verify_partition(
+def verify_partition(
     partition: int,
     rules: Rules,
     inputs: dict[tuple[str, int], InputRecord],
     events: list[StatusEvent],
     report: VerifyReport,
 ) -> None:
-    """Re-decide one partition's logged inputs with the live worker's `PartitionTask`."""
-    task = PartitionTask(partition, rules)
-    now = datetime.now(UTC)
+    """Re-decide one partition's logged inputs with the live worker's `PartitionTask`.
 
-    def decided(record: InputRecord) -> list[StatusEvent]:
+    Also reports each time advance logged while a result about its job type, stamped
+    before it, was still unread: time must not pass an input that has not been read.
+    """
+    _Audit(partition, rules, inputs, events, report).run(events)
+
+
+class _Audit:
+    """One partition's logged decisions, re-decided in the logged order."""
+
+    def __init__(
+        self,
+        partition: int,
+        rules: Rules,
+        inputs: dict[tuple[str, int], InputRecord],
+        events: list[StatusEvent],
+        report: VerifyReport,
+    ) -> None:
+        self.partition = partition
+        self.inputs = inputs
+        self.report = report
+        self.task = PartitionTask(partition, rules)
+        self.now = datetime.now(UTC)
+        self.read: set[tuple[str, int]] = set()  # inputs decided so far, in logged order
+        self.results: dict[bytes | None, list[InputRecord]] = defaultdict(list)
+        for item in inputs.values():
+            if item.role == "results":
+                self.results[item.key].append(item)
+        caused = {(e.source.topic, e.source.offset) for e in events if e.source is not None}
+        self.silent = merge_inputs(r for key, r in inputs.items() if key not in caused)
+        self.next_silent = 0
+
+    def run(self, events: list[StatusEvent]) -> None:
+        """Compare every group of logged events with what the task decides now."""
+        report = self.report
+        for cause, group in _groups(events):
+            report.events += len(group)
+            first = group[0]
+            if first.source is None:
+                self.flush_silent(first.occurred_at)
+                self.check_unread(cause, group)
+                produced = self.advanced(first.job_type, first.occurred_at)
+            else:
+                record = self.inputs.get((first.source.topic, first.source.offset))
+                if record is None:
+                    self.diverged(cause, group, [])
+                    continue
+                self.flush_silent(record.at)
+                report.inputs += 1
+                # The worker times out overdue runs before the record that reveals them;
+                # those events form their own (advance) group just before this one.
+                produced = self.decided(record)
+            if [_comparable(e) for e in group] != [_comparable(e) for e in produced]:
+                self.diverged(cause, group, produced)
+        self.flush_silent(None)
+        report.inputs += len(self.silent)
+
+    def diverged(self, cause: str, logged: list[StatusEvent], now: list[StatusEvent]) -> None:
+        self.report.divergences.append(
+            Divergence(
+                self.partition,
+                cause,
+                [_comparable(e) for e in logged],
+                [_comparable(e) for e in now],
+            )
+        )
+
+    def decided(self, record: InputRecord) -> list[StatusEvent]:
+        self.read.add((record.topic, record.offset))
         outcome = BatchOutcome()
-        task.decide_record(record, outcome, now)
+        self.task.decide_record(record, outcome, self.now)
         return outcome.events
 
-    def advanced(job_type: str, at: datetime) -> list[StatusEvent]:
+    def advanced(self, job_type: str, at: datetime) -> list[StatusEvent]:
         outcome = BatchOutcome()
-        task.advance(job_type, at, outcome)
+        self.task.advance(job_type, at, outcome)
         return outcome.events
 
-    caused = {(e.source.topic, e.source.offset) for e in events if e.source is not None}
-    silent = merge_inputs(r for key, r in inputs.items() if key not in caused)
-    next_silent = 0
-
-    def flush_silent(until: datetime | None) -> None:
-        nonlocal next_silent
-        while next_silent < len(silent) and (until is None or silent[next_silent].at <= until):
-            record = silent[next_silent]
-            next_silent += 1
-            produced = decided(record)
-            if produced:
-                report.divergences.append(
-                    Divergence(
-                        partition,
-                        f"{record.topic}:{record.partition}:{record.offset}",
-                        [],
-                        [_comparable(e) for e in produced],
-                    )
-                )
-
-    for cause, group in _groups(events):
-        report.events += len(group)
+    def check_unread(self, cause: str, group: list[StatusEvent]) -> None:
+        """Report a time advance logged ahead of an unread, earlier-stamped result."""
         first = group[0]
-        if first.source is None:
-            flush_silent(first.occurred_at)
-            produced = advanced(first.job_type, first.occurred_at)
-        else:
-            record = inputs.get((first.source.topic, first.source.offset))
-            if record is None:
-                report.divergences.append(
-                    Divergence(partition, cause, [_comparable(e) for e in group], [])
-                )
-                continue
-            flush_silent(record.at)
-            report.inputs += 1
-            # The worker times out overdue runs before the record that reveals them; those
-            # events form their own (advance) group just before this one.
-            produced = decided(record)
-        logged = [_comparable(e) for e in group]
-        recomputed = [_comparable(e) for e in produced]
-        if logged != recomputed:
-            report.divergences.append(Divergence(partition, cause, logged, recomputed))
-    flush_silent(None)
-    report.inputs += len(silent)
+        pending = next(
+            (
+                r
+                for r in self.results.get(first.job_type.encode(), ())
+                if r.at < first.occurred_at and (r.topic, r.offset) not in self.read
+            ),
+            None,
+        )
+        if pending is not None:
+            where = f"{pending.topic}:{pending.partition}:{pending.offset}"
+            self.diverged(
+                f"{cause}, decided while {where} (stamped {pending.at.isoformat()}) was unread",
+                group,
+                [],
+            )
+
+    def flush_silent(self, until: datetime | None) -> None:
+        """Re-decide the inputs that caused no event, up to `until` in decision order."""
+        silent = self.silent
+        while self.next_silent < len(silent) and (
+            until is None or silent[self.next_silent].at <= until
+        ):
+            record = silent[self.next_silent]
+            self.next_silent += 1
+            if produced := self.decided(record):
+                where = f"{record.topic}:{record.partition}:{record.offset}"
+                self.diverged(where, [], produced)

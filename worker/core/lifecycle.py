@@ -25,8 +25,9 @@ Theory of operation:
    deadline; a heartbeat (progress without metrics) changes nothing else and emits nothing.
    A run whose deadline passed before a record about its job type arrived times out before
    that record is decided (`overdue`). Time reaches a partition as its stream time (the
-   broker time of its records) or, for an idle partition, the wall clock when that is later
-   (`decision_clock`).
+   broker time of its records, held back to what an input with unread records has shown:
+   `stream_time`) or, for an idle partition whose inputs are both read, the wall clock when
+   that is later (`decision_clock`).
 8. A job type's active and queued runs together hold at most `Limits.run_bytes` (each run
    counts `Start.size`, what its request took on the wire, with room for its IDs); a start
    that would go over is `rejected`, so no producer can grow a job type's state past what
@@ -303,6 +304,20 @@ def overdue(state: JobState | None, now: datetime) -> bool:
         return False
     deadline = state.next_deadline()
     return deadline is not None and deadline <= now
+
+
+def stream_time(seen: Mapping[str, datetime], lagging: Iterable[str] = ()) -> datetime | None:
+    """Rule 7: how far time has come on a partition, from the latest broker time decided of
+    each input (`seen`). While an input still has records to read (`lagging`), time goes
+    no further than what that input has shown, so no run times out ahead of a report that
+    has not been read yet."""
+    behind = list(lagging)
+    if not behind:
+        return max(seen.values(), default=None)
+    shown = [seen.get(role) for role in behind]
+    if any(t is None for t in shown):
+        return None  # nothing read of a lagging input yet: time cannot move
+    return min(t for t in shown if t is not None)
 
 
 def decision_clock(stream_time: datetime | None, wall_clock: datetime | None) -> datetime | None:

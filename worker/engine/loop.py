@@ -75,6 +75,7 @@ class Worker:
             limits=s.limits,
             input_limits=s.input_limits,
             retention=timedelta(seconds=s.run_retention_s),
+            hold=timedelta(seconds=s.time_hold_s),
             before_record=self.hooks.before_record,
         )
 

@@ -91,6 +91,15 @@ class PartitionManager:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                 self._consumer.resume(*self.topic_partitions(number))
 
+    async def lagging(self, number: int) -> frozenset[str]:
+        """The inputs of `number` (`requests`, `results`) with records not yet consumed."""
+        behind = set()
+        for role, tp in zip(("requests", "results"), self.topic_partitions(number), strict=True):
+            stable = self._consumer.last_stable_offset(tp)
+            if stable is None or await self._consumer.position(tp) < stable:
+                behind.add(role)
+        return frozenset(behind)
+
     def reposition(self, owned: Owned) -> None:
         """Fetch `owned` again from its applied offsets (records fetched after them are
         read again)."""

@@ -155,8 +155,9 @@ class BatchRunner:
         task = owned.task
         wanted = task.wanted_states(records)
         task.add_states(await self._state.states(wanted))
+        lagging = await self._partitions.lagging(task.number)
         self._hooks.point("batch")
-        outcome = task.apply(records, wall_clock)
+        outcome = task.apply(records, wall_clock, lagging)
         task.evict_idle([*wanted, *outcome.changed])
         return outcome
 

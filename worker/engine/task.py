@@ -35,6 +35,7 @@ from worker.core.lifecycle import (
     dump_state,
     load_state,
     overdue,
+    stream_time,
 )
 from worker.core.limits import InputLimits
 from worker.core.runs import RunRow, run_change, started_row
@@ -127,6 +128,8 @@ class Rules:
     limits: Limits
     input_limits: InputLimits
     retention: timedelta  # ended runs stay in the changelog this long
+    # Longest time is held back for an input with unread records before going on.
+    hold: timedelta = timedelta(seconds=5)
     # Testing only: called before each record is decided (to inject a failure).
     before_record: Callable[[InputRecord], None] | None = None
 
@@ -171,6 +174,8 @@ class PartitionTask:
         self.applied = dict(applied or {})  # input topic -> next offset to apply
         self.known = known if known is not None else known_filter()
         self.stream_time: datetime | None = None  # highest broker time seen
+        self.seen: dict[str, datetime] = {}  # input role -> highest broker time seen
+        self._held_since: datetime | None = None  # when time was first held back
         # A heap of (deadline, job type), at most one live entry per job type (`_in_heap`):
         # a deadline that moves later (every heartbeat) pushes nothing; its old entry, when
         # it comes up, puts the job type back at its real deadline.
@@ -205,23 +210,46 @@ class PartitionTask:
                 del self.jobs[job_type]
 
     def apply(
-        self, records: Sequence[InputRecord], wall_clock: datetime | None = None
+        self,
+        records: Sequence[InputRecord],
+        wall_clock: datetime | None = None,
+        lagging: frozenset[str] = frozenset(),
     ) -> BatchOutcome:
         """Decide `records` (in decision order), then time out what is due.
 
-        Time advances with the partition's stream time and, for an idle partition's tick
-        (`wall_clock`), with the wall clock. A batch that then fails to commit is thrown
-        away with the whole task, so nothing here is undone.
+        Time advances with the partition's stream time, held back while an input has
+        unread records (`lagging`: its roles) for at most `Rules.hold`, and, for an idle
+        partition's tick (`wall_clock`) with both inputs read, with the wall clock. A batch
+        that then fails to commit is thrown away with the whole task, so nothing here is
+        undone.
         """
         outcome = BatchOutcome()
         now = datetime.now(UTC)
         for record in records:
             self.decide_record(record, outcome, now)
-        clock = decision_clock(self.stream_time, wall_clock)
+        clock = decision_clock(self._time(lagging, now), None if lagging else wall_clock)
         if clock is not None:
             self.time_out(clock, outcome)
         self.close_batch(outcome)
         return outcome
+
+    def _time(self, lagging: frozenset[str], now: datetime) -> datetime | None:
+        """The stream time, held back for a lagging input no longer than `Rules.hold`."""
+        held = stream_time(self.seen, lagging)
+        if held == self.stream_time:
+            self._held_since = None
+            return held
+        if self._held_since is None:
+            self._held_since = now
+        elif now - self._held_since > self.rules.hold:
+            self._log.warning(
+                "time held back too long for an input with unread records; going on",
+                lagging=sorted(lagging),
+                held_seconds=round((now - self._held_since).total_seconds(), 1),
+            )
+            self._held_since = None
+            return self.stream_time
+        return held
 
     def due(self, now: datetime) -> bool:
         """Whether a deadline of this partition may have passed at `now`."""
@@ -254,8 +282,12 @@ class PartitionTask:
         outcome.next_offsets[record.topic] = max(next_offset, record.offset + 1)
         if self.rules.before_record is not None:
             self.rules.before_record(record)
-        if self.stream_time is None or record.at > self.stream_time:
-            self.stream_time = record.at
+        at = record.at
+        if self.stream_time is None or at > self.stream_time:
+            self.stream_time = at
+        seen = self.seen.get(record.role)
+        if seen is None or at > seen:
+            self.seen[record.role] = at
         decoded = decode(
             record,
             partitions=self.rules.partitions,
