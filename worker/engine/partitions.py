@@ -143,17 +143,21 @@ class PartitionManager:
         compat.request_rejoin(self._consumer)
 
     async def reset(self, owned: Owned) -> None:
-        """Throw `owned` away and take its partition again from what Kafka committed."""
+        """Take `owned`'s partition again from what Kafka committed, in place.
+
+        `owned` stays in `self.owned` meanwhile: a revocation pops it and waits for the
+        batch doing this reset, and a reset finding its partition revoked installs nothing.
+        """
         number = owned.task.number
         if self.owned.get(number) is not owned:
             return
-        del self.owned[number]
         await self._collector.close(number)
         for attempt in range(1, TAKE_ATTEMPTS + 1):
             try:
-                await self._take(number)
-                return
-            except KafkaError as exc:
+                task = await self._load(number)
+            except (KafkaError, IllegalStateError) as exc:
+                if self.owned.get(number) is not owned:
+                    return  # revoked meanwhile: nothing left to serve
                 if attempt == TAKE_ATTEMPTS:
                     self._unserved([number], exc)
                     return
@@ -164,6 +168,12 @@ class PartitionManager:
                     error=repr(exc),
                 )
                 await self.back_off(BACKOFF_FIRST_S * 2**attempt)
+                continue
+            if self.owned.get(number) is not owned:
+                await self._collector.close(number)  # revoked while it was being loaded
+                return
+            owned.task = task
+            return
 
     async def back_off(self, seconds: float) -> None:
         """Wait `seconds` (at most `BACKOFF_MAX_S`), or less when the worker is stopping."""
@@ -177,6 +187,11 @@ class PartitionManager:
 
     async def _take(self, number: int) -> None:
         """Become the owner of partition `number`."""
+        self.owned[number] = Owned(await self._load(number))
+        self._consumer.resume(*self.topic_partitions(number))
+
+    async def _load(self, number: int) -> PartitionTask:
+        """Fence, position and load partition `number`, which stays paused."""
         # aiokafka may hand out N's records while this listener still runs; paused, N yields
         # none until it is positioned and loaded (records handed out earlier are dropped by
         # the dispatch, harmlessly, since N is re-positioned below).
@@ -185,12 +200,10 @@ class PartitionManager:
         try:
             committed = await self._position(number)
             exact = self._settings.processing_guarantee == "exactly_once"
-            task = await self._state.load(number, committed, self._rules(), exact=exact)
+            return await self._state.load(number, committed, self._rules(), exact=exact)
         except BaseException:
             await self._collector.close(number)
             raise
-        self.owned[number] = Owned(task)
-        self._consumer.resume(*self.topic_partitions(number))
 
     async def _position(self, number: int) -> dict[str, int]:
         # Always position N here, after the fencing: aiokafka fetched committed offsets while
