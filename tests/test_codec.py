@@ -757,3 +757,20 @@ def test_a_dead_letter_without_copy_carries_only_the_coordinates() -> None:
     assert (letter.key, letter.value, letter.headers) == (None, None, ())
     assert "nothing of the original" in letter.reason.message
     assert letter.source.offset == 17
+
+
+def test_a_rerouted_start_without_request_id_keeps_its_origin_as_request_id() -> None:
+    """Every re-routed copy of a start sent without a request_id is the same request (its
+    ID comes from the original's coordinates), so a second copy is a duplicate, not a
+    second run; a forged or malformed origin header is ignored."""
+    origin = [("jobs.rerouted-from", b"jobs.requests:3:1234")]
+    first = run(record({"job_type": JOB}, offset=50, headers=origin))
+    second = run(record({"job_type": JOB}, offset=51, headers=origin))
+    assert isinstance(first, Start)
+    assert isinstance(second, Start)
+    assert first.request_id == second.request_id == "auto-3.1234"
+    forged = run(
+        record({"job_type": JOB}, offset=52, headers=[("jobs.rerouted-from", b"x" * 9000)])
+    )
+    assert isinstance(forged, Start)
+    assert forged.request_id == f"auto-{p(JOB)}.52"

@@ -98,3 +98,19 @@ def test_time_is_held_back_for_an_unread_input_then_goes_on() -> None:
     task.rules = Rules(1, config, Limits(), InputLimits(), timedelta(days=1), hold=timedelta(0))
     gone_on = task.apply([], lagging=frozenset({"results"}))  # held since the backlog
     assert [e.type for e in gone_on.events] == [EventType.TIMED_OUT]
+
+
+def test_a_broker_clock_stepping_forward_does_not_time_runs_out_en_masse() -> None:
+    """Records stamped two hours ahead (a leader with a wrong clock) move time only to this
+    worker's clock plus the skew: runs with a ten-minute timeout live on. A clock stepping
+    back by less than the timeout times out no run started during the step."""
+    config = JobsConfig(defaults=JobConfig(timeout=timedelta(minutes=10)))
+    task = PartitionTask(0, Rules(1, config, Limits(), InputLimits(), timedelta(days=1)))
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    task.apply([start(i, now_ms, f"job-{i}") for i in range(5)])
+    ahead = now_ms + 2 * 3600 * 1000
+    stepped = task.apply([start(10 + i, ahead, f"late-{i}") for i in range(3)])
+    assert EventType.TIMED_OUT not in [e.type for e in stepped.events]
+    assert len(task.runs) == 8
+    back = task.apply([start(20, now_ms - 5 * 60 * 1000, "early")])
+    assert EventType.TIMED_OUT not in [e.type for e in back.events]

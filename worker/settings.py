@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         "unread records (so no run times out ahead of its unread report); then it goes on, "
         "with a warning.",
     )
+    max_clock_skew_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How far ahead of the worker's clock a record's broker time may move a "
+        "partition's time: a broker clock stepping forward cannot time runs out en masse.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

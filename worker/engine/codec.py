@@ -77,6 +77,7 @@ class Reroute:
 
 
 REROUTED_FROM = "jobs.rerouted-from"  # header: "<topic>:<partition>:<offset>" of the original
+_ORIGIN = re.compile(rb"[A-Za-z0-9._-]{1,249}:(\d{1,9}):(\d{1,19})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,10 +425,20 @@ def _check_data(
         )
 
 
+def _auto_request_id(record: InputRecord) -> str:
+    """The request ID of a request sent without one: from the coordinates of the record as
+    its producer sent it, so every re-routed copy of it (a crash between re-routing and
+    committing, at least once, makes two) is the same request."""
+    for name, value in record.headers:
+        if name == REROUTED_FROM and value and (origin := _ORIGIN.fullmatch(value)):
+            return f"auto-{int(origin[1])}.{int(origin[2])}"
+    return f"auto-{record.partition}.{record.offset}"
+
+
 def _command(record: InputRecord, message: JobRequest | JobResult) -> Command:
     """The core command a valid message on its own partition asks for."""
     if isinstance(message, JobRequest):
-        request_id = message.request_id or f"auto-{record.partition}.{record.offset}"
+        request_id = message.request_id or _auto_request_id(record)
         if message.kind == "cancel":
             return Cancel(
                 request_id=request_id,

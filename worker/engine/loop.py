@@ -76,6 +76,7 @@ class Worker:
             input_limits=s.input_limits,
             retention=timedelta(seconds=s.run_retention_s),
             hold=timedelta(seconds=s.time_hold_s),
+            skew=timedelta(seconds=s.max_clock_skew_s),
             before_record=self.hooks.before_record,
         )
 

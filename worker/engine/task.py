@@ -130,6 +130,8 @@ class Rules:
     retention: timedelta  # ended runs stay in the changelog this long
     # Longest time is held back for an input with unread records before going on.
     hold: timedelta = timedelta(seconds=5)
+    # How far ahead of this worker's clock a record's broker time may move time.
+    skew: timedelta = timedelta(seconds=60)
     # Testing only: called before each record is decided (to inject a failure).
     before_record: Callable[[InputRecord], None] | None = None
 
@@ -283,6 +285,18 @@ class PartitionTask:
         if self.rules.before_record is not None:
             self.rules.before_record(record)
         at = record.at
+        ahead = (now or datetime.now(UTC)) + self.rules.skew
+        if at > ahead:
+            # A broker clock stepped far forward (a leader on a wrong clock): such a record
+            # moves time no further than this worker's clock allows, or every run of the
+            # partition would time out at once.
+            self._log.warning(
+                "record stamped ahead of this worker's clock; time moves only to the clock",
+                offset=record.offset,
+                topic=record.topic,
+                stamped=at.isoformat(),
+            )
+            at = ahead
         if self.stream_time is None or at > self.stream_time:
             self.stream_time = at
         seen = self.seen.get(record.role)
@@ -313,7 +327,7 @@ class PartitionTask:
             command = decoded.reject
         else:
             command = decoded
-        self.advance(command.job_type, record.at, outcome)
+        self.advance(command.job_type, at, outcome)
         self._decide(command, outcome)
 
     def advance(self, job_type: str, now: datetime, outcome: BatchOutcome) -> None:
