@@ -53,6 +53,7 @@ class WorkerProcess:
             "JOBS_POLL_TIMEOUT_MS": str(settings.poll_timeout_ms),
             "JOBS_BATCH_MAX_RECORDS": str(settings.batch_max_records),
             "JOBS_LOG_FORMAT": "json",
+            "JOBS_HTTP_PORT": str(settings.http_port),
             **{f"JOBS_{k.upper()}": v for k, v in extra.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None

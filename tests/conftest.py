@@ -54,6 +54,7 @@ def settings(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> Settings:
         topic_prefix=prefix,
         db_path=tmp_path / "worker.db",
         poll_timeout_ms=100,
+        http_port=0,
         session_timeout_ms=session_timeout_ms(),
         heartbeat_interval_ms=session_timeout_ms() // 4,
     )

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         description="How far ahead of the worker's clock a record's broker time may move a "
         "partition's time: a broker clock stepping forward cannot time runs out en masse.",
     )
+    http_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="Port of the worker's /healthz, /readyz and /metrics; 0 switches them off.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

@@ -638,6 +638,7 @@ class _Bench:
             JOBS_BATCH_MAX_RECORDS=str(self.options.batch_max_records),
             JOBS_LOG_LEVEL=log_level,
             JOBS_LOG_FORMAT="json",
+            JOBS_HTTP_PORT="0",  # several workers may run at once
             PYTHONUNBUFFERED="1",
         )
         return _Worker(env, self.tmp, name)

@@ -63,7 +63,10 @@ async def run_demo(bootstrap: str, console: Console) -> list[str]:
     prefix = f"demo-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="jobs-demo-") as tmp:
         settings = Settings(
-            bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=Path(tmp) / "demo.db"
+            bootstrap_servers=bootstrap,
+            topic_prefix=prefix,
+            db_path=Path(tmp) / "demo.db",
+            http_port=0,  # the scenario needs no endpoints, and 8080 may be taken
         )
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         await admin.start()

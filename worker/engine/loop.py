@@ -34,6 +34,7 @@ from worker.engine import topics as topic_admin
 from worker.engine.codec import InputRecord, TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
 from worker.engine.hooks import Hooks
+from worker.engine.observe import HttpServer, Metrics
 from worker.engine.partitions import PartitionManager
 from worker.engine.processing import BatchRunner
 from worker.engine.state import StateManager
@@ -60,7 +61,9 @@ class Worker:
         self.ready = asyncio.Event()  # every assigned partition taken
         self._failure: BaseException | None = None
         self._stopping = asyncio.Event()
-        self._state = StateManager(settings)
+        self.metrics = Metrics()
+        self._state = StateManager(settings, self.metrics)
+        self._http: HttpServer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._collector: RecordCollector | None = None
         self._partitions: PartitionManager | None = None
@@ -78,6 +81,16 @@ class Worker:
             hold=timedelta(seconds=s.time_hold_s),
             skew=timedelta(seconds=s.max_clock_skew_s),
             before_record=self.hooks.before_record,
+        )
+
+    def is_ready(self) -> bool:
+        """Whether every assigned partition is taken and restored, and nothing failed."""
+        partitions = self._partitions
+        return (
+            self._failure is None
+            and self.ready.is_set()
+            and partitions is not None
+            and partitions.taking == 0
         )
 
     def stop_with(self, failure: BaseException) -> None:
@@ -120,8 +133,13 @@ class Worker:
             self._stopping,
             self.ready,
         )
-        self._runner = BatchRunner(partitions, collector, self._state, self.hooks, self.stop_with)
+        self._runner = BatchRunner(
+            partitions, collector, self._state, self.hooks, self.stop_with, self.metrics
+        )
         try:
+            if s.http_port:
+                self._http = HttpServer(self.metrics, self.is_ready, s.http_port)
+                await self._http.start()
             await collector.start()
             consumer.subscribe(
                 [self.topics.requests, self.topics.results], listener=partitions.listener()
@@ -176,6 +194,7 @@ class Worker:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + s.tick_s
                     self._tick(datetime.now(UTC))
+                    self._gauge()
                     if self.hooks.on_tick is not None:
                         self.hooks.on_tick()
         finally:
@@ -216,6 +235,12 @@ class Worker:
             self._partitions.pause(number)
             owned.batch = asyncio.create_task(self._runner.run(owned, [], wall_clock=now))
 
+    def _gauge(self) -> None:
+        assert self._partitions is not None
+        owned = self._partitions.owned
+        self.metrics.partitions.set(len(owned))
+        self.metrics.active_runs.set(sum(len(o.task.runs) for o in owned.values()))
+
     async def _drain(self) -> None:
         if self._partitions is None:
             return
@@ -235,6 +260,8 @@ class Worker:
             if self._collector is not None:
                 await self._collector.stop()
             await self._state.stop()
+            if self._http is not None:
+                await self._http.stop()
             log.info("worker stopped")
 
         await asyncio.shield(close())

@@ -69,6 +69,7 @@ class PartitionManager:
         self._stop = stop  # stops the worker with this error
         self._stopping = stopping
         self.owned: dict[int, Owned] = {}
+        self.taking = 0  # partitions being taken (fenced, positioned, loaded) right now
         self.ready = ready  # set once every assigned partition is taken
 
     def listener(self) -> ConsumerRebalanceListener:
@@ -196,14 +197,18 @@ class PartitionManager:
         # none until it is positioned and loaded (records handed out earlier are dropped by
         # the dispatch, harmlessly, since N is re-positioned below).
         self.pause(number)
-        await self._collector.open(number)  # fences the previous owner
+        self.taking += 1
         try:
-            committed = await self._position(number)
-            exact = self._settings.processing_guarantee == "exactly_once"
-            return await self._state.load(number, committed, self._rules(), exact=exact)
-        except BaseException:
-            await self._collector.close(number)
-            raise
+            await self._collector.open(number)  # fences the previous owner
+            try:
+                committed = await self._position(number)
+                exact = self._settings.processing_guarantee == "exactly_once"
+                return await self._state.load(number, committed, self._rules(), exact=exact)
+            except BaseException:
+                await self._collector.close(number)
+                raise
+        finally:
+            self.taking -= 1
 
     async def _position(self, number: int) -> dict[str, int]:
         # Always position N here, after the fencing: aiokafka fetched committed offsets while

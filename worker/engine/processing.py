@@ -14,6 +14,7 @@ After `MAX_FAILURES` failed attempts in a row the worker stops.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,7 @@ from aiokafka.errors import (
 from worker.engine.codec import InputRecord
 from worker.engine.collector import FencedError, RecordCollector
 from worker.engine.hooks import Hooks
+from worker.engine.observe import Metrics
 from worker.engine.partitions import BACKOFF_FIRST_S, BACKOFF_MAX_S, Owned, PartitionManager
 from worker.engine.state import StateManager
 from worker.engine.task import BatchOutcome
@@ -113,12 +115,14 @@ class BatchRunner:
         state: StateManager,
         hooks: Hooks,
         stop: Callable[[BaseException], None],
+        metrics: Metrics,
     ) -> None:
         self._partitions = partitions
         self._collector = collector
         self._state = state
         self._hooks = hooks
         self._stop = stop
+        self._metrics = metrics
         self._trouble: dict[int, Trouble] = {}
 
     def isolating(self, number: int) -> bool:
@@ -131,6 +135,7 @@ class BatchRunner:
     ) -> None:
         """Run one batch of `owned` (records in decision order; none for a tick)."""
         number = owned.task.number
+        started = time.perf_counter()
         trouble = self._trouble.get(number)
         alone = trouble is not None and bool(trouble.until) and len(records) == 1
         try:
@@ -139,9 +144,11 @@ class BatchRunner:
             else:
                 outcome = await self._decide(owned, records, wall_clock)
             await self._commit(owned, outcome, len(records))
+            self._metrics.committed(outcome, time.perf_counter() - started)
         except (ProducerFenced, InvalidProducerEpoch, FencedError) as exc:
             self._partitions.fence(owned, exc)
         except Exception as exc:
+            self._metrics.failed()
             await self._failed(owned, records, exc, alone)
         else:
             if trouble is not None:

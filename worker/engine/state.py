@@ -27,6 +27,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker.engine import changelog
+from worker.engine.observe import Metrics
 from worker.engine.store import Store
 from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
 from worker.settings import Settings
@@ -37,8 +38,9 @@ log = structlog.get_logger("worker")
 class StateManager:
     """SQLite and the changelog behind the partitions a worker owns."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._store: Store | None = None
         self._restorer: AIOKafkaConsumer | None = None
         self._restoring = asyncio.Lock()  # one partition restored at a time
@@ -130,6 +132,7 @@ class StateManager:
                 map(changelog.load_run, snapshot.runs.values()),
                 {**committed, topic: snapshot.end},
             )
+        self._metrics.restore_seconds.observe(time.perf_counter() - started)
         log.info(
             "partition restored from changelog",
             partition=number,
@@ -156,5 +159,6 @@ class StateManager:
         store.record_batch(
             number, outcome.runs.values(), outcome.states.items(), offsets, outcome.tombstones
         )
+        self._metrics.sqlite_backlog.set(store.backlog)
         if store.backlog > self._settings.batch_max_records:
             await store.flush()

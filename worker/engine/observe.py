@@ -1,0 +1,122 @@
+"""What the worker shows of itself: Prometheus metrics and its HTTP endpoints.
+
+`JOBS_HTTP_PORT` (default 8080; 0 switches it off) serves:
+
+- `/healthz`: 200 while the event loop answers;
+- `/readyz`: 200 once every assigned partition is taken and restored, 503 while a
+  partition is being taken (a restore) or none is assigned yet;
+- `/metrics`: Prometheus text format, from a registry of this worker's own.
+
+Labels stay bounded: event types and dead-letter codes are fixed sets, partitions are as
+many as the topics have; no label names a job type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from worker.engine.task import BatchOutcome
+
+log = structlog.get_logger("worker")
+
+_BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_RESTORE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """The worker's metrics, in a registry of its own (several workers may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "jobs_status_events", "Status events published, by type.", ["type"], registry=r
+        )
+        self.dead_letters = Counter(
+            "jobs_dead_letters",
+            "Input records dead-lettered, by reason code.",
+            ["code"],
+            registry=r,
+        )
+        self.batches = Counter(
+            "jobs_batches", "Partition batches, by outcome.", ["outcome"], registry=r
+        )
+        self.batch_seconds = Histogram(
+            "jobs_batch_seconds",
+            "From a batch's records to its commit.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "jobs_restore_seconds",
+            "Restoring a partition from the changelog.",
+            buckets=_RESTORE_BUCKETS,
+            registry=r,
+        )
+        self.active_runs = Gauge(
+            "jobs_active_runs", "Runs RUNNING on owned partitions.", registry=r
+        )
+        self.partitions = Gauge("jobs_partitions_owned", "Partitions this worker owns.", registry=r)
+        self.sqlite_backlog = Gauge(
+            "jobs_sqlite_backlog",
+            "Rows committed to Kafka, not yet written to SQLite.",
+            registry=r,
+        )
+        self.ready = Gauge("jobs_ready", "1 when every assigned partition is served.", registry=r)
+
+    def committed(self, outcome: BatchOutcome, seconds: float) -> None:
+        """Count a committed batch."""
+        self.batches.labels("committed").inc()
+        self.batch_seconds.observe(seconds)
+        for event in outcome.events:
+            self.events.labels(event.type.value).inc()
+        for _, letter in outcome.dead_letters:
+            self.dead_letters.labels(letter.reason.code).inc()
+
+    def failed(self) -> None:
+        """Count a failed batch."""
+        self.batches.labels("failed").inc()
+
+
+class HttpServer:
+    """`/healthz`, `/readyz` and `/metrics` on `port`."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], port: int) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Listen on all interfaces."""
+        app = web.Application()
+        app.router.add_get("/healthz", self._health)
+        app.router.add_get("/readyz", self._readiness)
+        app.router.add_get("/metrics", self._scrape)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, port=self._port).start()
+        log.info("http endpoints listening", port=self._port)
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readiness(self, request: web.Request) -> web.Response:
+        ready = self._ready()
+        self._metrics.ready.set(1 if ready else 0)
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _scrape(self, request: web.Request) -> web.Response:
+        self._metrics.ready.set(1 if self._ready() else 0)
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
