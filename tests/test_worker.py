@@ -255,51 +255,44 @@ async def test_state_survives_a_restart(
     assert len(ids) == len(set(ids))
 
 
-async def test_start_up_refuses_mismatched_partition_counts(
-    settings: Settings, kafka_bootstrap: str
-) -> None:
-    """The worker refuses to start when the five topics differ in partition count, naming them."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+async def _start_up_error(settings: Settings, new: list[NewTopic]) -> str:
+    """Create `new` as they are, then the message a worker's start-up fails with."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     await admin.start()
     try:
-        t = settings.topics
-        await admin.create_topics(
-            [NewTopic(name, 3 if name == t.results else 2, 1) for name in t.all()]
-        )
-        await wait_for_leaders(admin, list(t.all()))
+        await admin.create_topics(new)
+        await wait_for_leaders(admin, [t.name for t in new])
     finally:
         await admin.close()
     with pytest.raises(TopicError) as caught:
         await Worker(settings).run()
-    message = str(caught.value)
-    assert f"{settings.topics.results}=3" in message
-    assert f"{settings.topics.requests}=2" in message
+    return str(caught.value)
 
 
-async def test_start_up_refuses_input_topics_stamped_by_producers(
-    settings: Settings, kafka_bootstrap: str
-) -> None:
+async def test_start_up_refuses_mismatched_partition_counts(settings: Settings) -> None:
+    """The worker refuses to start when the five topics differ in partition count, naming them."""
+    t = settings.topics
+    message = await _start_up_error(
+        settings, [NewTopic(name, 3 if name == t.results else 2, 1) for name in t.all()]
+    )
+    assert f"{t.results}=3" in message
+    assert f"{t.requests}=2" in message
+
+
+async def test_start_up_refuses_input_topics_stamped_by_producers(settings: Settings) -> None:
     """An input topic with CreateTime (the broker default) stops start-up, named, with the
     fix; producers' clocks would otherwise set run IDs, time-outs and the decision order."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        t = settings.topics
-        broker_time = {"message.timestamp.type": "LogAppendTime"}
-        await admin.create_topics(
-            [
-                NewTopic(name, 2, 1, topic_configs=broker_time if name == t.requests else {})
-                for name in t.all()
-            ]
-        )
-        await wait_for_leaders(admin, list(t.all()))
-    finally:
-        await admin.close()
-    with pytest.raises(TopicError) as caught:
-        await Worker(settings).run()
-    message = str(caught.value)
-    assert f"{settings.topics.results} (CreateTime)" in message
-    assert settings.topics.requests not in message
+    t = settings.topics
+    broker_time = {"message.timestamp.type": "LogAppendTime"}
+    message = await _start_up_error(
+        settings,
+        [
+            NewTopic(name, 2, 1, topic_configs=broker_time if name == t.requests else {})
+            for name in t.all()
+        ],
+    )
+    assert f"{t.results} (CreateTime)" in message
+    assert t.requests not in message
     assert "LogAppendTime" in message
 
 
