@@ -77,6 +77,8 @@ async def test_health_readiness_and_metrics(
         assert status == 200
         assert 'jobs_batches_total{outcome="committed"}' in text
         assert "jobs_ready 1.0" in text
+        assert "jobs_partitions_owned 2.0" in text
+        assert 'jobs_consumer_lag{input="requests",partition="0"}' in text
         assert "etl" not in text  # no label names a job type
         assert await worker.terminate() == 0
     finally:

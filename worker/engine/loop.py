@@ -138,7 +138,7 @@ class Worker:
         )
         try:
             if s.http_port:
-                self._http = HttpServer(self.metrics, self.is_ready, s.http_port)
+                self._http = HttpServer(self.metrics, self.is_ready, self._measure, s.http_port)
                 await self._http.start()
             await collector.start()
             consumer.subscribe(
@@ -194,7 +194,6 @@ class Worker:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + s.tick_s
                     self._tick(datetime.now(UTC))
-                    self._gauge()
                     if self.hooks.on_tick is not None:
                         self.hooks.on_tick()
         finally:
@@ -235,11 +234,18 @@ class Worker:
             self._partitions.pause(number)
             owned.batch = asyncio.create_task(self._runner.run(owned, [], wall_clock=now))
 
-    def _gauge(self) -> None:
-        assert self._partitions is not None
-        owned = self._partitions.owned
+    async def _measure(self) -> None:
+        """Set the gauges a scrape reads: partitions, active runs, lag per input."""
+        partitions = self._partitions
+        if partitions is None:
+            return
+        owned = dict(partitions.owned)
         self.metrics.partitions.set(len(owned))
         self.metrics.active_runs.set(sum(len(o.task.runs) for o in owned.values()))
+        self.metrics.lag.clear()  # partitions no longer owned leave the series
+        for number in owned:
+            for role, lag in (await partitions.lag(number)).items():
+                self.metrics.lag.labels(str(number), role).set(lag)
 
     async def _drain(self) -> None:
         if self._partitions is None:

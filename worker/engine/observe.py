@@ -13,7 +13,7 @@ many as the topics have; no label names a job type.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
@@ -68,6 +68,12 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("jobs_ready", "1 when every assigned partition is served.", registry=r)
+        self.lag = Gauge(
+            "jobs_consumer_lag",
+            "Input records not yet consumed, by owned partition and input.",
+            ["partition", "input"],
+            registry=r,
+        )
 
     def committed(self, outcome: BatchOutcome, seconds: float) -> None:
         """Count a committed batch."""
@@ -86,9 +92,16 @@ class Metrics:
 class HttpServer:
     """`/healthz`, `/readyz` and `/metrics` on `port`."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        refresh: Callable[[], Awaitable[None]],
+        port: int,
+    ) -> None:
         self._metrics = metrics
         self._ready = ready
+        self._refresh = refresh
         self._port = port
         self._runner: web.AppRunner | None = None
 
@@ -118,5 +131,6 @@ class HttpServer:
 
     async def _scrape(self, request: web.Request) -> web.Response:
         self._metrics.ready.set(1 if self._ready() else 0)
+        await self._refresh()
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -101,6 +101,16 @@ class PartitionManager:
                 behind.add(role)
         return frozenset(behind)
 
+    async def lag(self, number: int) -> dict[str, int]:
+        """Records of `number`'s inputs not yet consumed (as of the last fetch), by role."""
+        lags: dict[str, int] = {}
+        for role, tp in zip(("requests", "results"), self.topic_partitions(number), strict=True):
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                stable = self._consumer.last_stable_offset(tp)
+                if stable is not None:
+                    lags[role] = max(0, stable - await self._consumer.position(tp))
+        return lags
+
     def reposition(self, owned: Owned) -> None:
         """Fetch `owned` again from its applied offsets (records fetched after them are
         read again)."""
