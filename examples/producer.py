@@ -6,7 +6,6 @@ from worker.client import JobClient
 async def main() -> str | None:
     async with JobClient() as jobs:  # JOBS_BOOTSTRAP_SERVERS, JOBS_TOPIC_PREFIX, ...
         decision = await jobs.start_job("report.daily", initial_data={"day": "2026-11-28"})
-        assert decision is not None
-        if decision.already_running:
-            print("already running as", decision.run_id)
-        return decision.run_id
+        if decision.already_running:  # another run is active: not ours to complete
+            print("already running as", decision.running_run_id)
+        return decision.run_id  # ours, when started (None when refused)

@@ -31,13 +31,14 @@ async def client(topics: Settings) -> AsyncIterator[JobClient]:
 async def test_start_refuse_inspect_and_complete(worker: RunningWorker, client: JobClient) -> None:
     """The seed's calls: start, refused second start, running info, completion."""
     first = await client.start_job("sync", initial_data={"day": 1})
-    assert first is not None
     assert first.started
     assert first.run_id is not None
     second = await client.start_job("sync")
-    assert second is not None
     assert second.already_running
-    assert second.run_id == first.run_id
+    assert second.run_id is None  # not the caller's run
+    assert second.running_run_id == first.run_id
+    assert second.running is not None
+    assert (second.running.run_id, dict(second.running.initial_data)) == (first.run_id, {"day": 1})
     assert await client.is_job_running("sync")
     info = await client.get_running_job_info("sync")
     assert info is not None
@@ -52,14 +53,12 @@ async def test_start_refuse_inspect_and_complete(worker: RunningWorker, client: 
 async def test_fail_cancel_and_rejections(worker: RunningWorker, client: JobClient) -> None:
     """fail_job records the error; cancel_job cancels; an unknown run raises JobRejectedError."""
     run = await client.start_job("etl")
-    assert run is not None
     assert run.run_id is not None
     failed = await client.fail_job("etl", run.run_id, error=ValueError("disk full"))
     assert failed is not None
     assert failed.status is RunStatus.FAILED
     assert failed.metrics == {"error": "ValueError('disk full')"}
     again = await client.start_job("etl")
-    assert again is not None
     cancelled = await client.cancel_job("etl", reason="not today")
     assert cancelled is not None
     assert (cancelled.type, cancelled.run_id, cancelled.reason) == (
@@ -81,8 +80,8 @@ async def test_start_without_worker_times_out_and_retry_is_safe(
     running = await RunningWorker(topics).start()
     try:
         decision = await client.start_job("nightly", request_id="retry-1")
-        assert decision is not None
-        assert decision.type in (EventType.STARTED, EventType.DUPLICATE)
+        assert decision.type is EventType.STARTED  # a retry answered with the original, too
+        assert decision.started
         info = await client.get_running_job_info("nightly")
         assert info is not None
         assert info.run_id == decision.run_id
@@ -96,7 +95,6 @@ async def test_progress_reports_are_published(
 ) -> None:
     """report_progress with metrics yields a `progress` event for the run."""
     run = await client.start_job("long")
-    assert run is not None
     assert run.run_id is not None
     await client.report_progress("long", run.run_id, {"done": 0.5})
     event = await tail.wait_event(run_id=run.run_id, type=EventType.PROGRESS)
@@ -136,9 +134,6 @@ async def test_executor_completes_fails_cancels_and_reports_progress(
         ok_run = await client.start_job("ok", initial_data={"n": 7})
         boom_run = await client.start_job("boom")
         forever_run = await client.start_job("forever")
-        assert ok_run is not None
-        assert boom_run is not None
-        assert forever_run is not None
         done = await tail.wait_event(run_id=ok_run.run_id, type=EventType.COMPLETED)
         assert done.metrics == {"echo": 7}
         half = await tail.wait_event(run_id=ok_run.run_id, type=EventType.PROGRESS)
@@ -233,15 +228,15 @@ async def test_the_running_view_follows_run_rows_only(topics: Settings) -> None:
 
     async with JobClient(topics) as client:
         _fold_rows(client, row)
-        assert sorted(client._running) == ["r4"]
+        assert [run.run_id for run in client.view.runs()] == ["r4"]
 
 
 def _fold_rows(client: JobClient, row: Any) -> None:
-    client._fold(b"etl", b'{"row":"job","state":{"job_type":"etl","active":[]}}')
-    client._fold(b"r1", row("r1", RunStatus.RUNNING, {}))
-    client._fold(b"r2", row("r2", RunStatus.RUNNING, {}))
-    client._fold(b"r3", row("r3", RunStatus.COMPLETED, {"note": '"status":"RUNNING"'}))
-    client._fold(b"r1", row("r1", RunStatus.COMPLETED, {}))
-    client._fold(b"r2", None)
+    client.view.fold(b"etl", b'{"row":"job","state":{"job_type":"etl","active":[]}}')
+    client.view.fold(b"r1", row("r1", RunStatus.RUNNING, {}))
+    client.view.fold(b"r2", row("r2", RunStatus.RUNNING, {}))
+    client.view.fold(b"r3", row("r3", RunStatus.COMPLETED, {"note": '"status":"RUNNING"'}))
+    client.view.fold(b"r1", row("r1", RunStatus.COMPLETED, {}))
+    client.view.fold(b"r2", None)
     # As rows were spelled before the version field.
-    client._fold(b"r4", b'{"row":"run","run":' + row("r4", RunStatus.RUNNING, {})[25:])
+    client.view.fold(b"r4", b'{"row":"run","run":' + row("r4", RunStatus.RUNNING, {})[25:])

@@ -50,7 +50,7 @@ async def test_examples_run_end_to_end(
     stop = asyncio.Event()
     executing = asyncio.create_task(executor.main(stop))
     try:
-        await _group_has_members(topics, f"{topics.topic_prefix}.executors")
+        await _group_has_members(topics, f"{topics.topic_prefix}.executors.report.daily")
         watching = asyncio.create_task(
             downstream.main(topics.bootstrap_servers, topics.topic_prefix)
         )

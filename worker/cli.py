@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from schemas import EventType, RunStatus, StatusEvent
+from schemas import RunStatus, StatusEvent
 from worker import gctuning
 from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
@@ -352,12 +352,12 @@ def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
         raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
 
 
-def _print_event(event: StatusEvent | None, as_json: bool) -> None:
-    if event is None:
+def _print_event(event: StatusEvent | str, as_json: bool) -> None:
+    if isinstance(event, str):  # sent without waiting: the request ID
         if as_json:
-            print(json.dumps({"sent": True}))
+            print(json.dumps({"sent": True, "request_id": event}))
         else:
-            console.print("sent")
+            console.print(f"sent request {event}")
         return
     if as_json:
         print(event.model_dump_json())
@@ -399,8 +399,8 @@ def submit(
         )
 
     decision = _client_call(s, action)
-    _print_event(None if decision is None else decision.event, as_json)
-    if decision is not None and decision.type in (EventType.REFUSED,):
+    _print_event(decision if isinstance(decision, str) else decision.event, as_json)
+    if not isinstance(decision, str) and decision.already_running:
         raise typer.Exit(3)
 
 
@@ -418,7 +418,7 @@ def _result_command(status: str) -> Callable[..., None]:
         s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
 
         async def action(client: Any) -> Any:
-            return await client.complete_job(job_type, run_id, final, status, True, timeout)
+            return await client.complete_job(job_type, run_id, final, status, timeout)
 
         _print_event(_client_call(s, action), as_json)
 
@@ -456,7 +456,7 @@ def cancel(
         job_type = _job_type_of(s, run_id)
 
     async def action(client: Any) -> Any:
-        return await client.cancel_job(job_type, run_id, client_id, reason, True, timeout)
+        return await client.cancel_job(job_type, run_id, client_id, reason, timeout)
 
     _print_event(_client_call(s, action), as_json)
 

@@ -9,6 +9,12 @@ from typing import Any, cast
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker import compat
+from worker.settings import Settings
+
+
+def connection(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments that connect any aiokafka client to the cluster."""
+    return {"bootstrap_servers": settings.bootstrap_servers}
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -4,17 +4,20 @@ It talks to the orchestrator only over Kafka, through the published wire models 
 `schemas`; nothing of the engine is imported here.
 """
 
-from worker.client.executor import Executor, RunContext
-from worker.client.jobclient import (
-    JobClient,
+from worker.client.answers import (
+    ClientNotOpenError,
     JobError,
     JobRejectedError,
     JobTimeoutError,
     RunInfo,
     StartDecision,
 )
+from worker.client.execution import RunContext
+from worker.client.executor import Executor
+from worker.client.jobclient import JobClient
 
 __all__ = [
+    "ClientNotOpenError",
     "Executor",
     "JobClient",
     "JobError",

@@ -4,41 +4,56 @@
         decision = await jobs.start_job("report.daily", initial_data={"day": "2026-11-28"})
         if decision.started:
             ...
-        await jobs.complete_job("report.daily", decision.run_id, {"rows": 1200})
+            await jobs.complete_job("report.daily", decision.run_id, {"rows": 1200})
+        elif decision.already_running:
+            print("another run is active:", decision.running_run_id)
 
-Requests are correlated with their answers by `request_id`: the client subscribes to the
-status topic before sending, so no answer is missed. A start without an answer within the
-timeout raises `JobTimeoutError`; sending it again with the same `request_id` is safe (the
-orchestrator answers `duplicate` with the original decision). The running view
-(`is_job_running`, `get_running_job_info`) is built from the run rows of `<prefix>.state`
-(published as `schemas.RunRecord`; job-type rows, the orchestrator's private state, are
-skipped unread) and brought up to date before each answer, so a client sees its own starts.
-Nothing of the orchestrator's engine or core is imported here.
+Requests are correlated with their answers by `request_id`: the client reads the status topic
+from its end, resolved when it opens, so no answer to a later request is missed. A start
+without an answer within the timeout raises `JobTimeoutError` (with the `request_id`); sending
+it again with the same `request_id` is safe (the orchestrator answers with the original
+decision, which `start_job` returns as what it was). The running view (`is_job_running`,
+`get_running_job_info`) is `RunningView`, brought up to date before each answer, so a client
+sees its own starts. Nothing of the orchestrator's engine or core is imported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import ValidationError
+from aiokafka import AIOKafkaProducer
 
-from schemas import EventType, RunRecord, RunStatus, StatusEvent, is_run_row, parse_run_row
-from worker.kafkaio import partitions_of
+from schemas import EventType, StatusEvent
+from worker.client.answers import (
+    ClientNotOpenError,
+    JobError,
+    JobRejectedError,
+    JobTimeoutError,
+    RunInfo,
+    StartDecision,
+)
+from worker.client.replies import Replies
+from worker.client.view import RunningView
+from worker.kafkaio import connection
 from worker.settings import Settings
+
+__all__ = [
+    "JobClient",
+    "JobError",
+    "JobRejectedError",
+    "JobTimeoutError",
+    "RunInfo",
+    "StartDecision",
+]
 
 log = structlog.get_logger("client")
 
-_RUNNING = b'"status":"RUNNING"'
 _START_ANSWERS = frozenset(
     {
         EventType.STARTED,
@@ -48,84 +63,8 @@ _START_ANSWERS = frozenset(
         EventType.REJECTED,
     }
 )
-
-
-class JobError(Exception):
-    """Base of the client's errors."""
-
-
-class JobTimeoutError(JobError, TimeoutError):
-    """No answer within the timeout; the request may still be decided later."""
-
-
-class JobRejectedError(JobError):
-    """The orchestrator rejected the request; `event.reason` says why."""
-
-    def __init__(self, event: StatusEvent) -> None:
-        super().__init__(event.reason or "rejected")
-        self.event = event
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """A running job, as the seed's `getRunningJobInfo` returned it."""
-
-    job_type: str
-    run_id: str
-    client_id: str | None
-    request_id: str
-    started_at: datetime
-    initial_data: Mapping[str, Any]
-
-    @classmethod
-    def of(cls, run: RunRecord) -> RunInfo:
-        """From a running run's record."""
-        return cls(
-            run.job_type,
-            run.run_id,
-            run.client_id,
-            run.request_id or "",
-            run.started_at,
-            run.initial_data,
-        )
-
-
-@dataclass(frozen=True)
-class StartDecision:
-    """The answer to `start_job`."""
-
-    request_id: str
-    event: StatusEvent
-
-    @property
-    def type(self) -> EventType:
-        """`started`, `refused`, `queued` or `duplicate`."""
-        return self.event.type
-
-    @property
-    def run_id(self) -> str | None:
-        """The new run (started, queued), the running one (refused), or the original's."""
-        return self.event.run_id
-
-    @property
-    def started(self) -> bool:
-        """Whether this request started a run now."""
-        return self.event.type is EventType.STARTED
-
-    @property
-    def already_running(self) -> bool:
-        """The seed's `alreadyRunning`: refused because a run of the scope is active."""
-        return self.event.type is EventType.REFUSED
-
-    @property
-    def queued(self) -> bool:
-        """Whether the request waits for the active run to end."""
-        return self.event.type is EventType.QUEUED
-
-    @property
-    def duplicate(self) -> bool:
-        """Whether the request ID had been decided before (see `event.original_type`)."""
-        return self.event.type is EventType.DUPLICATE
+_RESULT_ANSWERS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.REJECTED})
+_CANCEL_ANSWERS = frozenset({EventType.CANCELLED, EventType.REJECTED, EventType.DUPLICATE})
 
 
 class JobClient:
@@ -135,37 +74,34 @@ class JobClient:
         base = settings or Settings()
         self.settings = base.model_copy(update=overrides) if overrides else base
         self.topics = self.settings.topics
-        bs = self.settings.bootstrap_servers
-        self._producer = AIOKafkaProducer(bootstrap_servers=bs, acks="all", linger_ms=1)
-        self._answers = AIOKafkaConsumer(
-            bootstrap_servers=bs, isolation_level="read_committed", enable_auto_commit=False
-        )
-        self._state = AIOKafkaConsumer(
-            bootstrap_servers=bs, isolation_level="read_committed", enable_auto_commit=False
-        )
-        self._waiters: dict[str, list[tuple[set[EventType], asyncio.Future[StatusEvent]]]] = {}
-        self._running: dict[str, RunRecord] = {}  # the running view: run ID -> its record
-        self._view_changed = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
+        kafka = connection(self.settings)
+        self._producer = AIOKafkaProducer(acks="all", linger_ms=1, **kafka)
+        self.replies = Replies(self.topics.status, kafka)
+        self.view = RunningView(self.topics.state, kafka)
+        self._open = False
+
+    async def open(self) -> JobClient:
+        """Connect; on any failure, close what was opened and raise."""
+        try:
+            await self._producer.start()
+            await self.replies.open()
+            await self.view.open()
+            self._open = True
+            await self.view.sync(30)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Stop reading and disconnect everything; safe to call more than once."""
+        self._open = False
+        await self.view.close()
+        await self.replies.close()
+        await self._producer.stop()
 
     async def __aenter__(self) -> JobClient:
-        await self._producer.start()
-        await self._answers.start()
-        await self._state.start()
-        status = await partitions_of(self._answers, self.topics.status)
-        self._answers.assign(status)
-        await self._answers.seek_to_end(*status)
-        for tp in status:  # resolve "end" now: answers to requests sent after this count
-            await self._answers.position(tp)
-        state = await partitions_of(self._state, self.topics.state)
-        self._state.assign(state)
-        await self._state.seek_to_beginning(*state)
-        self._tasks = [
-            asyncio.create_task(self._read_answers()),
-            asyncio.create_task(self._read_state()),
-        ]
-        await self._sync_view()
-        return self
+        return await self.open()
 
     async def __aexit__(
         self,
@@ -173,113 +109,87 @@ class JobClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._state.stop()
-        await self._answers.stop()
-        await self._producer.stop()
+        await self.close()
 
-    # -- reading --------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self._open:
+            raise ClientNotOpenError()
 
-    async def _read_answers(self) -> None:
-        while True:
-            batch = await self._answers.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    try:
-                        event = StatusEvent.model_validate_json(record.value)
-                    except ValidationError:
-                        continue
-                    if event.request_id is None:
-                        continue
-                    for types, future in self._waiters.get(event.request_id, ()):
-                        if event.type in types and not future.done():
-                            future.set_result(event)
+    def watch_run(self, run_id: str) -> asyncio.Future[StatusEvent]:
+        """A future for the event that ends `run_id` (completed, failed, cancelled, timed out).
 
-    async def _read_state(self) -> None:
-        while True:
-            # Short polls: the position also moves past transaction markers, which yield no
-            # records, and `_sync_view` waits on positions.
-            batch = await self._state.getmany(timeout_ms=50)
-            async with self._view_changed:
-                for records in batch.values():
-                    for record in records:
-                        if record.key is not None:
-                            self._fold(record.key, record.value)
-                self._view_changed.notify_all()
-
-    def _fold(self, key: bytes, value: bytes | None) -> None:
-        """One `<prefix>.state` record into the running view (later rows win)."""
-        if value is None:  # an ended run's tombstone
-            self._running.pop(key.decode("utf-8", "replace"), None)
-            return
-        if not is_run_row(value):
-            return  # a job type's row: the orchestrator's own state
-        run_id = key.decode("utf-8", "replace")
-        # Ended runs are most rows of a long history; only running ones are parsed.
-        if _RUNNING in value:
-            try:
-                run = parse_run_row(value)
-            except ValueError:
-                log.warning("unreadable run row", run_id=run_id)
-                return
-            if run.status is RunStatus.RUNNING:
-                self._running[run_id] = run
-                return
-        self._running.pop(run_id, None)
-
-    async def _sync_view(self, timeout: float = 30) -> None:
-        """Wait until the running view includes everything committed so far."""
-        tps = list(self._state.assignment())
-        ends = await self._state.end_offsets(tps)
-
-        async def caught_up() -> bool:
-            for tp in tps:
-                if await self._state.position(tp) < ends[tp]:
-                    return False
-            return True
-
-        async with asyncio.timeout(timeout):
-            while not await caught_up():
-                async with self._view_changed:
-                    await self._view_changed.wait()
+        Only events published after the client opened are seen: check `is_run_running` after
+        registering to learn whether the run had already ended. Cancel it to stop watching.
+        """
+        self._check_open()
+        return self.replies.run_end(run_id)
 
     # -- requests -------------------------------------------------------------------------------
 
-    async def _request(
-        self,
-        topic: str,
-        body: dict[str, Any],
-        answers: set[EventType] | None,
-        timeout: float,
-    ) -> StatusEvent | None:
+    async def send(self, topic: str, body: Mapping[str, Any]) -> str:
+        """Send one request or result as it is; its request ID."""
+        self._check_open()
+        await self._producer.send_and_wait(
+            topic, json.dumps(body).encode(), key=str(body["job_type"]).encode()
+        )
+        return str(body["request_id"])
+
+    async def _ask(
+        self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
+    ) -> StatusEvent:
+        self._check_open()
         request_id = body["request_id"]
-        future: asyncio.Future[StatusEvent] | None = None
-        if answers is not None:
-            future = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(request_id, []).append((answers, future))
+        future = self.replies.answer(request_id, answers)
         try:
-            await self._producer.send_and_wait(
-                topic, json.dumps(body).encode(), key=body["job_type"].encode()
-            )
-            if future is None:
-                return None
-            try:
-                return await asyncio.wait_for(future, timeout)
-            except TimeoutError:
-                raise JobTimeoutError(
-                    f"no answer to request {request_id} ({body['job_type']}) within {timeout:g}s; "
-                    f"is a worker running for prefix {self.settings.topic_prefix!r}? Retrying "
-                    f"with request_id={request_id!r} is safe"
-                ) from None
+            async with asyncio.timeout(timeout):
+                await self.send(topic, body)
+                event = await future
+        except TimeoutError:
+            raise JobTimeoutError(
+                f"no answer to request {request_id} ({body['job_type']}) within {timeout:g}s; "
+                f"is a worker running for prefix {self.settings.topic_prefix!r}? Retrying "
+                f"with request_id={request_id!r} is safe",
+                request_id,
+            ) from None
         finally:
-            if future is not None:
-                waiting = self._waiters.get(request_id, [])
-                waiting[:] = [w for w in waiting if w[1] is not future]
-                if not waiting:
-                    self._waiters.pop(request_id, None)
+            future.cancel()
+        if event.type is EventType.REJECTED:
+            raise JobRejectedError(event)
+        return event
+
+    @overload
+    async def start_job(
+        self,
+        job_type: str,
+        client_id: str | None = ...,
+        initial_data: Mapping[str, Any] | None = ...,
+        wait: Literal[True] = ...,
+        timeout: float = ...,
+        request_id: str | None = ...,
+    ) -> StartDecision: ...
+
+    @overload
+    async def start_job(
+        self,
+        job_type: str,
+        client_id: str | None = ...,
+        initial_data: Mapping[str, Any] | None = ...,
+        *,
+        wait: Literal[False],
+        timeout: float = ...,
+        request_id: str | None = ...,
+    ) -> str: ...
+
+    @overload
+    async def start_job(
+        self,
+        job_type: str,
+        client_id: str | None = ...,
+        initial_data: Mapping[str, Any] | None = ...,
+        wait: bool = ...,
+        timeout: float = ...,
+        request_id: str | None = ...,
+    ) -> StartDecision | str: ...
 
     async def start_job(
         self,
@@ -289,8 +199,8 @@ class JobClient:
         wait: bool = True,
         timeout: float = 30,
         request_id: str | None = None,
-    ) -> StartDecision | None:
-        """Ask for a run of `job_type`; the decision, or None with `wait=False`."""
+    ) -> StartDecision | str:
+        """Ask for a run of `job_type`: its decision, or with `wait=False` the request ID."""
         body: dict[str, Any] = {
             "kind": "start",
             "request_id": request_id or str(uuid.uuid4()),
@@ -299,15 +209,24 @@ class JobClient:
         }
         if client_id is not None:
             body["client_id"] = client_id
-        event = await self._request(
-            self.topics.requests, body, set(_START_ANSWERS) if wait else None, timeout
-        )
-        if event is None:
-            return None
-        if event.type is EventType.REJECTED:
-            raise JobRejectedError(event)
-        await self._sync_view()
-        return StartDecision(body["request_id"], event)
+        if not wait:
+            return await self.send(self.topics.requests, body)
+        event = await self._ask(self.topics.requests, body, _START_ANSWERS, timeout)
+        decision = StartDecision(body["request_id"], event)
+        await self._refresh(decision.request_id, timeout, f"was decided ({decision.type})")
+        if decision.running_run_id is not None:
+            running = self.view.get(decision.running_run_id)
+            info = RunInfo.of(running) if running is not None else None
+            return StartDecision(decision.request_id, event, info)
+        return decision
+
+    async def _refresh(self, request_id: str | None, timeout: float, what: str) -> None:
+        try:
+            await self.view.sync(timeout)
+        except TimeoutError:
+            late = f"the running view did not catch up with {self.topics.state} within {timeout:g}s"
+            message = late if request_id is None else f"request {request_id} {what}, but {late}"
+            raise JobTimeoutError(message, request_id) from None
 
     async def complete_job(
         self,
@@ -315,23 +234,24 @@ class JobClient:
         run_id: str,
         final_metrics: Mapping[str, Any] | None = None,
         status: Literal["COMPLETED", "FAILED"] = "COMPLETED",
-        wait: bool = True,
         timeout: float = 30,
-    ) -> StatusEvent | None:
-        """Report a run's result; the `completed`/`failed` event (raises if rejected)."""
+        request_id: str | None = None,
+    ) -> StatusEvent:
+        """Report a run's result; the `completed`/`failed` event that records it.
+
+        Raises `JobRejectedError` when the result does not apply (an unknown run, or one that
+        has already ended: `event.status` says how) and `JobTimeoutError` without an answer;
+        sending it again with the same `request_id` is safe (the run takes one outcome).
+        """
         body = {
             "kind": "result",
-            "request_id": str(uuid.uuid4()),
+            "request_id": request_id or str(uuid.uuid4()),
             "job_type": job_type,
             "run_id": run_id,
             "status": status,
             "final_metrics": dict(final_metrics or {}),
         }
-        expected = {EventType.COMPLETED, EventType.FAILED, EventType.REJECTED}
-        event = await self._request(self.topics.results, body, expected if wait else None, timeout)
-        if event is not None and event.type is EventType.REJECTED:
-            raise JobRejectedError(event)
-        return event
+        return await self._ask(self.topics.results, body, _RESULT_ANSWERS, timeout)
 
     async def fail_job(
         self,
@@ -339,14 +259,14 @@ class JobClient:
         run_id: str,
         final_metrics: Mapping[str, Any] | None = None,
         error: BaseException | str | None = None,
-        wait: bool = True,
         timeout: float = 30,
-    ) -> StatusEvent | None:
+        request_id: str | None = None,
+    ) -> StatusEvent:
         """Report a run as FAILED; `error` goes into the metrics as the seed did."""
         metrics = dict(final_metrics or {})
         if error is not None:
             metrics.setdefault("error", str(error) if isinstance(error, str) else repr(error))
-        return await self.complete_job(job_type, run_id, metrics, "FAILED", wait, timeout)
+        return await self.complete_job(job_type, run_id, metrics, "FAILED", timeout, request_id)
 
     async def cancel_job(
         self,
@@ -354,27 +274,23 @@ class JobClient:
         run_id: str | None = None,
         client_id: str | None = None,
         reason: str | None = None,
-        wait: bool = True,
         timeout: float = 30,
-    ) -> StatusEvent | None:
-        """Cancel a run by ID, or the active run of the job type (and client)."""
+        request_id: str | None = None,
+    ) -> StatusEvent:
+        """Cancel a run by ID, or the active run of the job type (and client): the event."""
         body: dict[str, Any] = {
             "kind": "cancel",
-            "request_id": str(uuid.uuid4()),
+            "request_id": request_id or str(uuid.uuid4()),
             "job_type": job_type,
         }
         for name, value in (("run_id", run_id), ("client_id", client_id), ("reason", reason)):
             if value is not None:
                 body[name] = value
-        expected = {EventType.CANCELLED, EventType.REJECTED, EventType.DUPLICATE}
-        event = await self._request(self.topics.requests, body, expected if wait else None, timeout)
-        if event is not None and event.type is EventType.REJECTED:
-            raise JobRejectedError(event)
-        return event
+        return await self._ask(self.topics.requests, body, _CANCEL_ANSWERS, timeout)
 
     async def report_progress(
         self, job_type: str, run_id: str, metrics: Mapping[str, Any] | None = None
-    ) -> None:
+    ) -> str:
         """Report progress (`metrics`) or, without metrics, a heartbeat; both renew the timeout."""
         body: dict[str, Any] = {
             "kind": "progress",
@@ -384,26 +300,33 @@ class JobClient:
         }
         if metrics is not None:
             body["metrics"] = dict(metrics)
-        await self._request(self.topics.results, body, None, 0)
+        return await self.send(self.topics.results, body)
 
     # -- the running view -----------------------------------------------------------------------
 
     async def get_running_job_info(
-        self, job_type: str, client_id: str | None = None
+        self, job_type: str, client_id: str | None = None, timeout: float = 30
     ) -> RunInfo | None:
         """The running run of `job_type` (for `client_id`, if given), or None."""
-        await self._sync_view()
-        for run in sorted(self._running.values(), key=lambda r: (r.started_at, r.run_id)):
+        for run in await self.running_jobs(timeout):
             if run.job_type == job_type and (client_id is None or run.client_id == client_id):
-                return RunInfo.of(run)
+                return run
         return None
 
-    async def is_job_running(self, job_type: str, client_id: str | None = None) -> bool:
+    async def is_job_running(
+        self, job_type: str, client_id: str | None = None, timeout: float = 30
+    ) -> bool:
         """Whether `job_type` (for `client_id`, if given) has a running run."""
-        return await self.get_running_job_info(job_type, client_id) is not None
+        return await self.get_running_job_info(job_type, client_id, timeout) is not None
 
-    async def running_jobs(self) -> list[RunInfo]:
+    async def running_jobs(self, timeout: float = 30) -> list[RunInfo]:
         """Every running run, by job type."""
-        await self._sync_view()
-        runs = sorted(self._running.values(), key=lambda r: (r.job_type, r.started_at, r.run_id))
-        return [RunInfo.of(run) for run in runs]
+        self._check_open()
+        await self._refresh(None, timeout, "")
+        return [RunInfo.of(run) for run in self.view.runs()]
+
+    async def is_run_running(self, run_id: str, timeout: float = 30) -> bool:
+        """Whether the run `run_id` is RUNNING now (not ended, not unknown)."""
+        self._check_open()
+        await self._refresh(None, timeout, "")
+        return self.view.get(run_id) is not None

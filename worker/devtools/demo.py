@@ -173,21 +173,19 @@ async def _play(
     daily = await jobs.start_job("report.daily", initial_data={"day": "2026-11-27"})
     step("start report.daily again while it runs")
     again = await jobs.start_job("report.daily", initial_data={"day": "2026-11-28"})
-    if daily is None or again is None or not daily.started or not again.already_running:
+    if not daily.started or not again.already_running:
         failures.append("the second start of report.daily was not refused")
-    elif again.run_id != daily.run_id:
+    elif again.running_run_id != daily.run_id or again.run_id is not None:
         failures.append("the refusal does not name the running run")
     step("the executor finishes report.daily")
     gates["report.daily"].set()
-    if daily is not None:
-        await expect("report.daily completes", run_id=daily.run_id, type=EventType.COMPLETED)
+    await expect("report.daily completes", run_id=daily.run_id, type=EventType.COMPLETED)
 
     step("start email.digest for client acme; its executor raises")
     digest = await jobs.start_job("email.digest", client_id="acme")
-    if digest is not None:
-        failed = await expect("email.digest fails", run_id=digest.run_id, type=EventType.FAILED)
-        if failed is not None and "SMTP timeout" not in str(failed.metrics):
-            failures.append("the failure does not carry the executor's error")
+    failed = await expect("email.digest fails", run_id=digest.run_id, type=EventType.FAILED)
+    if failed is not None and "SMTP timeout" not in str(failed.metrics):
+        failures.append("the failure does not carry the executor's error")
 
     step("a producer sends malformed JSON")
     sent = await producer.send_and_wait(
@@ -216,14 +214,13 @@ async def _play(
 
     step("start index.rebuild; it reports progress, then completes")
     index = await jobs.start_job("index.rebuild")
-    if index is not None:
-        await expect("index.rebuild progress", run_id=index.run_id, type=EventType.PROGRESS)
-        gates["index.rebuild"].set()
-        await expect("index.rebuild completes", run_id=index.run_id, type=EventType.COMPLETED)
+    await expect("index.rebuild progress", run_id=index.run_id, type=EventType.PROGRESS)
+    gates["index.rebuild"].set()
+    await expect("index.rebuild completes", run_id=index.run_id, type=EventType.COMPLETED)
 
     step("start report.daily once more: the slot is free again")
     last = await jobs.start_job("report.daily", initial_data={"day": "2026-11-28"})
-    if last is None or not last.started:
+    if not last.started:
         failures.append("report.daily did not start after its run ended")
     else:
         await expect("report.daily completes again", run_id=last.run_id, type="completed")

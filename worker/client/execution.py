@@ -1,0 +1,195 @@
+"""One run on an executor: check it still runs, do the work, deliver exactly one outcome.
+
+    started event ──► still RUNNING? ──no──► nothing to do (another process finished it)
+                          │yes
+                          ▼
+               the job coroutine ◄── heartbeats (optional) renew the run's timeout
+                │            │
+      returned / raised    an event ended the run (cancelled, timed out, finished elsewhere)
+                │            └──► cancel the coroutine; abandon it after `cancel_grace`
+                ▼
+     outcome (COMPLETED, or FAILED with the reason) ──► delivered, retried with back-off
+                                                         until answered or the executor stops
+
+An outcome counts as delivered when the orchestrator answers it: `completed`/`failed`, or
+`rejected` because the run had already ended (a retry of a result that landed, or a run
+another process finished first). The orchestrator accepts one outcome per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from aiokafka.errors import KafkaError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
+
+from schemas import StatusEvent
+from worker.client.answers import JobRejectedError, JobTimeoutError
+from worker.client.jobclient import JobClient
+
+log = structlog.get_logger("executor")
+
+# The key under which an executor explains, in a run's final metrics, why it failed the run.
+SYSTEM_NOTES = "System Notes"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a job coroutine gets: its run and a way to report progress."""
+
+    job_type: str
+    run_id: str
+    client_id: str | None
+    initial_data: Mapping[str, Any]
+    client: JobClient
+
+    async def progress(self, metrics: Mapping[str, Any] | None = None) -> None:
+        """Report progress metrics, or (without metrics) a heartbeat."""
+        await self.client.report_progress(self.job_type, self.run_id, metrics)
+
+
+JobFunction = Callable[[RunContext], Coroutine[Any, Any, Mapping[str, Any] | None]]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How an executor paces a run."""
+
+    cancel_grace: float = 10.0  # a cancelled coroutine's time to unwind before it is abandoned
+    heartbeat: float | None = None  # send a heartbeat this often while the job runs
+    answer_timeout: float = 30.0  # wait this long for the orchestrator's answer to an outcome
+
+
+@dataclass
+class Outcome:
+    """What a run's coroutine came to."""
+
+    status: Literal["COMPLETED", "FAILED"]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def outcome_of(task: asyncio.Task[Mapping[str, Any] | None], max_bytes: int) -> Outcome:
+    """The finished coroutine's outcome; anything that cannot be reported fails the run."""
+    error = task.exception()
+    if error is not None:
+        return Outcome("FAILED", {"error": repr(error)})
+    value = task.result()
+    if value is None:
+        return Outcome("COMPLETED")
+    if not isinstance(value, Mapping):
+        note = f"the job returned {type(value).__name__}, not a mapping of metrics"
+        return Outcome("FAILED", {SYSTEM_NOTES: note})
+    metrics = dict(value)
+    try:
+        size = len(json.dumps(metrics, allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        return Outcome("FAILED", {SYSTEM_NOTES: f"the job's metrics are not JSON: {exc}"[:500]})
+    if size > max_bytes:
+        note = f"the job's metrics are {size} bytes, over the limit of {max_bytes}"
+        return Outcome("FAILED", {SYSTEM_NOTES: note})
+    return Outcome("COMPLETED", metrics)
+
+
+class RunExecution:
+    """The life of one run on this executor, from its `started` event to its outcome."""
+
+    def __init__(self, function: JobFunction, run: RunContext, timing: Timing) -> None:
+        self.function = function
+        self.run = run
+        self.timing = timing
+        self.log = log.bind(job_type=run.job_type, run_id=run.run_id)
+
+    async def __call__(self) -> None:
+        """Run it, unless it has ended; report what came of it."""
+        client = self.run.client
+        ended = client.watch_run(self.run.run_id)  # before the check: no end slips between
+        try:
+            if not await client.is_run_running(self.run.run_id):
+                self.log.info("run is not running any more; not starting it")
+                return
+            outcome = await self._work(ended)
+            if outcome is not None:
+                await self._deliver(outcome)
+        finally:
+            ended.cancel()
+
+    async def _work(self, ended: asyncio.Future[StatusEvent]) -> Outcome | None:
+        job = asyncio.create_task(self.function(self.run))
+        beats = asyncio.create_task(self._heartbeats()) if self.timing.heartbeat else None
+        try:
+            racing: set[asyncio.Future[Any]] = {job, ended}
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the executor hands the run back
+            await self._abandon(job, "handed back")
+            raise
+        finally:
+            if beats is not None:
+                beats.cancel()
+        if not job.done():
+            event = ended.result()
+            self.log.info("run ended elsewhere; stopping it", because=str(event.type))
+            await self._abandon(job, str(event.type))
+            return None
+        if job.cancelled():
+            self.log.info("the job cancelled itself; failing the run")
+            return Outcome("FAILED", {SYSTEM_NOTES: "the job was cancelled"})
+        outcome = outcome_of(job, self.run.client.settings.max_data_bytes)
+        if outcome.status == "FAILED":
+            self.log.warning("run failed", **outcome.metrics)
+        return outcome
+
+    async def _abandon(self, job: asyncio.Task[Any], why: str) -> None:
+        """Cancel the coroutine; give it `cancel_grace` seconds to unwind, then leave it."""
+        job.cancel()
+        done, _ = await asyncio.wait({job}, timeout=self.timing.cancel_grace)
+        if not done:
+            self.log.warning(
+                "the job ignored cancellation; abandoned",
+                grace_s=self.timing.cancel_grace,
+                because=why,
+            )
+        elif not job.cancelled() and job.exception() is not None:
+            self.log.info("the job raised while stopping", error=repr(job.exception()))
+
+    async def _heartbeats(self) -> None:
+        assert self.timing.heartbeat is not None
+        while True:
+            await asyncio.sleep(self.timing.heartbeat)
+            try:
+                await self.run.progress()
+            except (KafkaError, OSError) as exc:
+                self.log.warning("heartbeat not sent", error=repr(exc))
+
+    async def _deliver(self, outcome: Outcome) -> None:
+        """Report the outcome until the orchestrator answers it (one request ID throughout)."""
+        request_id = str(uuid.uuid4())
+        retrying = AsyncRetrying(
+            wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 0.5),
+            retry=retry_if_exception_type((JobTimeoutError, KafkaError, OSError)),
+            before_sleep=lambda state: self.log.warning(
+                "outcome not delivered yet; retrying",
+                attempt=state.attempt_number,
+                error=repr(state.outcome.exception()) if state.outcome else None,
+            ),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.run.client.complete_job(
+                        self.run.job_type,
+                        self.run.run_id,
+                        outcome.metrics,
+                        outcome.status,
+                        timeout=self.timing.answer_timeout,
+                        request_id=request_id,
+                    )
+        except JobRejectedError as exc:
+            self.log.info("run had already ended", answer=str(exc))
+            return
+        self.log.info("outcome delivered", status=outcome.status)
