@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from schemas import EventType, RunStatus
 from tests.conftest import RunningWorker
 from worker.cli import app
+from worker.client import ClientNotOpenError
 from worker.client.executor import Executor, RunContext
 from worker.client.jobclient import JobClient, JobRejectedError, JobTimeoutError
 from worker.client.watch import StatusTail
@@ -240,3 +241,41 @@ def _fold_rows(client: JobClient, row: Any) -> None:
     client.view.fold(b"r2", None)
     # As rows were spelled before the version field.
     client.view.fold(b"r4", b'{"row":"run","run":' + row("r4", RunStatus.RUNNING, {})[25:])
+
+
+async def test_wait_false_errors_and_misuse_name_the_request(
+    worker: RunningWorker, topics: Settings
+) -> None:
+    """wait=False gives the request ID; errors carry it; a closed client says how to open."""
+    jobs = JobClient(topics)
+    with pytest.raises(ClientNotOpenError, match="async with JobClient"):
+        await jobs.start_job("sync")
+    async with jobs:
+        request_id = await jobs.start_job("sync", wait=False)
+        assert isinstance(request_id, str)
+        decision = await jobs.start_job("sync", request_id=request_id)
+        assert decision.started  # the same request, answered with its decision
+        again = await jobs.start_job("sync", request_id=request_id)
+        assert (again.retried, again.started, again.run_id) == (True, True, decision.run_id)
+        assert await jobs.is_run_running(decision.run_id or "")
+        with pytest.raises(JobRejectedError) as rejected:
+            await jobs.complete_job("sync", "261128-000000-0.1", request_id="mine-1")
+        assert rejected.value.request_id == "mine-1"
+    with pytest.raises(ClientNotOpenError):
+        await jobs.is_job_running("sync")
+
+
+async def test_a_client_that_fails_to_open_leaves_nothing_open(settings: Settings) -> None:
+    """Topics missing: open raises a clear error and no connection or task is left behind."""
+    before = asyncio.all_tasks()
+    with pytest.raises(LookupError, match="does not exist"):
+        async with JobClient(settings):
+            pass
+    assert asyncio.all_tasks() - before == set()
+
+
+async def test_a_timeout_carries_the_request_id(topics: Settings, client: JobClient) -> None:
+    """No worker: JobTimeoutError names the request, to retry it safely."""
+    with pytest.raises(JobTimeoutError) as caught:
+        await client.start_job("nightly", timeout=0.5, request_id="late-1")
+    assert caught.value.request_id == "late-1"

@@ -1,0 +1,234 @@
+"""Executors as real processes: stopped, killed, rebalanced, split by job type, joining late.
+
+Every test counts, from the executors' journal and the status topic, runs started, executed
+and outcomes recorded: work is at least once, each run has one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from schemas import ENDING_EVENTS, EventType, StatusEvent
+from tests.conftest import RunningWorker
+from tests.executor_process import ExecutorProcess
+from worker.client import Executor, JobClient, RunContext
+from worker.client.execution import SYSTEM_NOTES
+from worker.client.watch import StatusTail
+from worker.kafkaio import partitions_of
+from worker.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def client(topics: Settings) -> AsyncIterator[JobClient]:
+    """A client on this test's topics."""
+    async with JobClient(topics) as instance:
+        yield instance
+
+
+@pytest.fixture
+def spawn(topics: Settings, tmp_path: Path) -> Iterator[Any]:
+    """Start executor processes; every one still alive is killed after the test."""
+    started: list[ExecutorProcess] = []
+
+    def start(name: str, *jobs: str, options: tuple[str, ...] = ()) -> ExecutorProcess:
+        process = ExecutorProcess(topics, tmp_path, name, *jobs).start(*options)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.ensure_dead()
+
+
+def ends(tail: StatusTail, run_id: str | None) -> list[StatusEvent]:
+    """The events that ended `run_id`, and any rejection about it."""
+    return [
+        e
+        for e in tail.events
+        if e.run_id == run_id and (e.type in ENDING_EVENTS or e.type is EventType.REJECTED)
+    ]
+
+
+async def test_sigterm_finishes_short_jobs_and_hands_long_ones_back(
+    worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
+) -> None:
+    """SIGTERM: a job that fits the grace reports; one that does not runs again elsewhere."""
+    first = spawn("first", "short", "long", options=("--grace", "3"))
+    await first.ready()
+    short = await client.start_job("short", initial_data={"seconds": 1})
+    long = await client.start_job("long", initial_data={"seconds": 8})
+    await first.wait_for("both jobs", lambda: len(first.entries(event="start")) == 2)
+    assert await first.terminate() == 0
+    done = await tail.wait_event(run_id=short.run_id, type=EventType.COMPLETED)
+    assert done.metrics == {"pid": first.pid}
+    assert await client.is_run_running(long.run_id or "")  # handed back, not lost
+
+    second = spawn("second", "short", "long")
+    finished = await tail.wait_event(run_id=long.run_id, type=EventType.COMPLETED, timeout=60)
+    assert finished.metrics == {"pid": second.pid}
+    # At least once: handed back unfinished, the long job ran again, to the end, in `second`.
+    started = [e["pid"] for e in second.entries(event="start", run_id=long.run_id)]
+    assert started == [first.pid, second.pid]
+    assert not second.entries(run_id=short.run_id, pid=second.pid)  # its outcome landed
+    assert [e.type for e in ends(tail, short.run_id)] == [EventType.COMPLETED]
+    assert [e.type for e in ends(tail, long.run_id)] == [EventType.COMPLETED]
+
+
+async def test_a_killed_executor_s_run_is_run_again_and_recorded_once(
+    worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
+) -> None:
+    """SIGKILL mid-job: the next executor of the group runs it; one outcome is recorded."""
+    first = spawn("first", "etl")
+    await first.ready()
+    run = await client.start_job("etl", initial_data={"seconds": 30})
+    await first.wait_for("the job", lambda: bool(first.entries(event="start")))
+    first.kill()
+    second = spawn("second", "etl")
+    await second.wait_for("the job again", lambda: bool(second.entries(pid=second.pid)))
+    await client.cancel_job("etl", run.run_id)  # cut the 30 s short; it reaches `second`
+    await second.wait_for(
+        "the cancel", lambda: bool(second.entries(event="cancelled", pid=second.pid))
+    )
+    assert [e["pid"] for e in second.entries(event="start")] == [first.pid, second.pid]
+    await tail.wait_event(run_id=run.run_id, type=EventType.CANCELLED)
+    assert [e.type for e in ends(tail, run.run_id)] == [EventType.CANCELLED]
+
+
+async def test_executors_of_disjoint_job_types_each_run_theirs(
+    worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
+) -> None:
+    """Two processes, different job types, default groups: every run runs, once."""
+    mail = spawn("mail", "mail.send")
+    index = spawn("index", "index.build")
+    await mail.ready()
+    await index.ready()
+    runs = []
+    for n in range(3):
+        runs.append(await client.start_job("mail.send", client_id=f"c{n}"))
+        runs.append(await client.start_job("index.build", client_id=f"c{n}"))
+    for decision in runs:
+        await tail.wait_event(run_id=decision.run_id, type=EventType.COMPLETED)
+    starts = mail.entries(event="start")
+    assert sorted(e["run_id"] for e in starts) == sorted(r.run_id for r in runs)
+    assert len(mail.entries(event="start", pid=mail.pid)) == 3
+    assert len(index.entries(event="start", pid=index.pid)) == 3
+
+
+async def test_a_cancel_reaches_the_job_after_a_rebalance(
+    worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
+) -> None:
+    """A second executor joins and a partition moves; cancels still stop every job wherever
+    it runs, and its heartbeats stop with it."""
+    options = ("--group", "shared", "--heartbeat", "1", "--cancel-grace", "2")
+    first = spawn("first", "c", "d", options=options)
+    await first.ready()
+    runs = [await client.start_job(t, initial_data={"seconds": 60}) for t in ("c", "d")]
+    await first.wait_for("both jobs", lambda: len(first.entries(event="start")) == 2)
+    second = spawn("second", "c", "d", options=options)
+    await second.ready()  # c and d are on different partitions: one moved, with its run
+    await second.wait_for("the moved run", lambda: bool(second.entries(pid=second.pid)))
+    for decision in runs:
+        await client.cancel_job(decision.event.job_type, decision.run_id)
+
+    def all_stopped() -> bool:
+        # Every process that started a run has seen it stop (cancelled or handed back).
+        started = {(e["pid"], e["run_id"]) for e in first.entries(event="start")}
+        stopped = {(e["pid"], e["run_id"]) for e in first.entries(event="cancelled")}
+        return started <= stopped
+
+    await first.wait_for("every job stopped", all_stopped)
+    # Probes decided after whatever the executors sent before they stopped.
+    for job_type in ("c", "d"):
+        await client.report_progress(job_type, f"probe-{job_type}")
+        await tail.wait_event(run_id=f"probe-{job_type}", type=EventType.REJECTED)
+    for decision in runs:
+        events = ends(tail, decision.run_id)
+        assert events[0].type is EventType.CANCELLED
+        # At most a heartbeat already in flight when the cancel was decided, per process.
+        assert len(events) - 1 <= len({e["pid"] for e in first.entries(run_id=decision.run_id)})
+    assert not first.entries(event="finish")
+
+
+async def test_a_new_group_runs_what_was_started_before_it_joined(
+    worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
+) -> None:
+    """A group with no offsets starts at its oldest RUNNING run, not at the topic's end;
+    a run that already ended is not run again."""
+    done = await client.start_job("report")
+    await client.complete_job("report", done.run_id or "")
+    waiting = await client.start_job("report", initial_data={"seconds": 0})
+    late = spawn("late", "report")
+    finished = await tail.wait_event(run_id=waiting.run_id, type=EventType.COMPLETED, timeout=60)
+    assert finished.metrics == {"pid": late.pid}
+    assert [e["run_id"] for e in late.entries(event="start", pid=late.pid)] == [waiting.run_id]
+
+
+async def test_a_job_s_bad_return_value_fails_the_run_with_the_reason(
+    worker: RunningWorker, client: JobClient, tail: StatusTail
+) -> None:
+    """A non-mapping return and metrics that are not JSON end the run FAILED, explained."""
+    executor = Executor(client)
+
+    @executor.job("listy")
+    async def listy(run: RunContext) -> Any:
+        return [1, 2]
+
+    @executor.job("setty")
+    async def setty(run: RunContext) -> Any:
+        return {"seen": {1, 2}}
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(executor.run(stop))
+    try:
+        await asyncio.wait_for(executor.ready.wait(), 30)
+        bad_type = await client.start_job("listy")
+        bad_json = await client.start_job("setty")
+        failed = await tail.wait_event(run_id=bad_type.run_id, type=EventType.FAILED)
+        assert failed.metrics == {SYSTEM_NOTES: "the job returned list, not a mapping of metrics"}
+        failed = await tail.wait_event(run_id=bad_json.run_id, type=EventType.FAILED)
+        assert failed.metrics is not None
+        assert "not JSON" in failed.metrics[SYSTEM_NOTES]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_a_redelivered_run_that_already_ended_is_not_run_again(
+    worker: RunningWorker, topics: Settings, client: JobClient, tail: StatusTail
+) -> None:
+    """An executor group that reads `started` events again (its offsets behind, as after a
+    crash between an outcome and its commit) runs only what is still RUNNING."""
+    ended = await client.start_job("sync")
+    await client.complete_job("sync", ended.run_id or "")
+    running = await client.start_job("sync", client_id="other", initial_data={"n": 2})
+    rewind = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers, group_id="behind")
+    await rewind.start()
+    try:
+        status = await partitions_of(rewind, topics.topics.status)
+        rewind.assign(status)
+        await rewind.commit(dict.fromkeys(status, 0))
+    finally:
+        await rewind.stop()
+    executor = Executor(client, group="behind")
+    ran: list[str] = []
+
+    @executor.job("sync")
+    async def sync(run: RunContext) -> None:
+        ran.append(run.run_id)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(executor.run(stop))
+    try:
+        await tail.wait_event(run_id=running.run_id, type=EventType.COMPLETED)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert ran == [running.run_id]
