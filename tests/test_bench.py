@@ -29,6 +29,9 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.latency_p99_ms,
         report.restore_seconds,
         report.replay_records_per_s,
+        report.client_start_ms,
+        report.client_is_running_ms,
+        report.client_running_info_ms,
     ):
         assert len(figure.samples) == report.rounds == 1
         assert 0 < figure.low <= figure.median <= figure.high
@@ -53,3 +56,4 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()
     assert "peak RSS, restarted on them" in out.getvalue()
     assert "peak RSS, restoring them" in out.getvalue()
+    assert "client is_job_running p50" in out.getvalue()

@@ -655,6 +655,9 @@ def bench(
         min=1,
         help="Requests outstanding at most while the peak-RSS history is made.",
     ),
+    client_calls: int = typer.Option(
+        100, "--client-calls", min=1, help="JobClient calls of each kind timed per round."
+    ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
 ) -> None:
@@ -677,6 +680,7 @@ def bench(
         restore_runs=restore_runs,
         history_runs=history_runs,
         history_in_flight=history_in_flight,
+        client_calls=client_calls,
         quick=quick,
     )
     try:

@@ -42,6 +42,10 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    once it has taken every partition.
 6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files, as
    `jobctl replay` runs by default (one process per CPU).
+7. Client calls on an idle system, as an application makes them: `JobClient.start_job` (a
+   new job type each time, so each one starts a run), `is_job_running` and
+   `get_running_job_info`, one after another against a caught-up worker; the median of
+   `client_calls` calls of each, per round.
 
 The bench sets the worker's configuration itself; other `JOBS_*` variables inherited from the
 shell are dropped so that they cannot skew the figures.
@@ -62,7 +66,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +82,7 @@ from rich.table import Table
 
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker.audit.replay import replay
+from worker.client.jobclient import JobClient
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
 from worker.engine import topics as topic_admin
 from worker.kafkaio import Outbox, partitions_of, read_until
@@ -106,6 +111,7 @@ class BenchOptions:
     restore_runs: int = 10_000
     history_runs: int = 100_000
     history_in_flight: int = 1_000
+    client_calls: int = 100
     quick: bool = False
 
     def sized(self) -> BenchOptions:
@@ -118,6 +124,7 @@ class BenchOptions:
             "restore_runs": self.restore_runs,
             "history_runs": self.history_runs,
             "history_in_flight": self.history_in_flight,
+            "client_calls": self.client_calls,
         }
         bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
         if self.latency_rate <= 0 or self.latency_seconds <= 0 or self.latency_warmup_seconds < 0:
@@ -138,6 +145,7 @@ class BenchOptions:
             restore_runs=min(self.restore_runs, 300),
             history_runs=min(self.history_runs, 300),
             history_in_flight=min(self.history_in_flight, 100),
+            client_calls=min(self.client_calls, 20),
         )
 
 
@@ -198,6 +206,9 @@ class BenchReport:
     restore_peak_rss_mb: float  # a worker with an empty SQLite file, having restored them
     replay_records_per_s: Figure  # status events `jobctl replay` applies per second
     replay_processes: int  # processes `jobctl replay` used (one per CPU)
+    client_start_ms: Figure  # p50 of `start_job` per round (module docstring, item 7)
+    client_is_running_ms: Figure  # p50 of `is_job_running`
+    client_running_info_ms: Figure  # p50 of `get_running_job_info`
     environment: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -257,6 +268,9 @@ class BenchReport:
             self.replay_records_per_s,
             "records/s",
         )
+        row("client start_job p50", self.client_start_ms, "ms", ",.1f")
+        row("client is_job_running p50", self.client_is_running_ms, "ms", ",.1f")
+        row("client get_running_job_info p50", self.client_running_info_ms, "ms", ",.1f")
         return table
 
 
@@ -1027,6 +1041,50 @@ async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int
     )
 
 
+async def _client_round(bench: _Bench) -> tuple[float, float, float]:
+    """p50 (ms) of start_job, is_job_running and get_running_job_info, on an idle worker."""
+    topics = await bench.topics("client", bench.options.partitions)
+    prefix = topics.requests.removesuffix(".requests")
+    worker = bench.worker(topics, "exactly_once")
+    settings = Settings(bootstrap_servers=bench.bootstrap, topic_prefix=prefix, http_port=0)
+    calls = bench.options.client_calls
+    try:
+        await worker.start()
+        async with JobClient(settings) as jobs:
+            await jobs.start_job(f"{prefix}-warm", timeout=60)  # the worker owns its partitions
+            timings: list[list[float]] = [[], [], []]
+
+            async def timed(figures: list[float], call: Awaitable[object]) -> None:
+                began = time.perf_counter()
+                await call
+                figures.append((time.perf_counter() - began) * 1000)
+
+            for n in range(calls):
+                await timed(timings[0], jobs.start_job(f"{prefix}-{n}"))
+                await timed(timings[1], jobs.is_job_running(f"{prefix}-warm"))
+                await timed(timings[2], jobs.get_running_job_info(f"{prefix}-warm"))
+        await worker.stop()
+    finally:
+        await worker.close()
+    start, running, info = (statistics.median(t) for t in timings)
+    return start, running, info
+
+
+async def _client_rounds(bench: _Bench) -> tuple[Figure, Figure, Figure]:
+    rounds: list[tuple[float, float, float]] = []
+    for r in range(bench.options.rounds):
+        rounds.append(await _client_round(bench))
+        start, running, info = rounds[-1]
+        bench.say(
+            f"client calls {r + 1}/{bench.options.rounds}: start_job {start:.1f} ms, "
+            f"is_job_running {running:.1f} ms, get_running_job_info {info:.1f} ms (p50)"
+        )
+    start_ms, running_ms, info_ms = (
+        Figure.of(list(column)) for column in zip(*rounds, strict=True)
+    )
+    return start_ms, running_ms, info_ms
+
+
 async def _restore(bench: _Bench) -> tuple[Figure, int, int]:
     """(seconds, runs, changelog records) of restoring a 1-partition changelog."""
     o = bench.options
@@ -1200,6 +1258,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     # Latency last: a broker's first minutes (its JIT compiling, on a machine this small)
     # add tens of ms to the tail; a worker's production cluster has long since warmed up.
     (p50, p95, p99), achieved, requests = await _latency_rounds(bench)
+    client_start, client_running, client_info = await _client_rounds(bench)
 
     eos, alo, base, least = (
         Figure.of(rates["exactly_once"]),
@@ -1235,5 +1294,8 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         restore_peak_rss_mb=restore_rss,
         replay_records_per_s=replayed,
         replay_processes=replay_processes,
+        client_start_ms=client_start,
+        client_is_running_ms=client_running,
+        client_running_info_ms=client_info,
         environment=environment,
     )
