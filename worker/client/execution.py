@@ -110,7 +110,7 @@ class RunExecution:
         client = self.run.client
         ended = client.watch_run(self.run.run_id)  # before the check: no end slips between
         try:
-            if not await client.is_run_running(self.run.run_id):
+            if not await self._still_running():
                 self.log.info("run is not running any more; not starting it")
                 return
             outcome = await self._work(ended)
@@ -166,20 +166,29 @@ class RunExecution:
             except (KafkaError, OSError) as exc:
                 self.log.warning("heartbeat not sent", error=repr(exc))
 
-    async def _deliver(self, outcome: Outcome) -> None:
-        """Report the outcome until the orchestrator answers it (one request ID throughout)."""
-        request_id = str(uuid.uuid4())
-        retrying = AsyncRetrying(
+    def _retrying(self, what: str) -> AsyncRetrying:
+        """Retry with back-off (0.5 s doubling to 30 s) while the broker cannot be reached."""
+        return AsyncRetrying(
             wait=wait_exponential(multiplier=0.5, max=30) + wait_random(0, 0.5),
             retry=retry_if_exception_type((JobTimeoutError, KafkaError, OSError)),
             before_sleep=lambda state: self.log.warning(
-                "outcome not delivered yet; retrying",
+                f"{what}; retrying",
                 attempt=state.attempt_number,
                 error=repr(state.outcome.exception()) if state.outcome else None,
             ),
         )
+
+    async def _still_running(self) -> bool:
+        async for attempt in self._retrying("could not check the run is still running"):
+            with attempt:
+                return await self.run.client.is_run_running(self.run.run_id)
+        raise AssertionError("unreachable: tenacity retries until it returns or raises")
+
+    async def _deliver(self, outcome: Outcome) -> None:
+        """Report the outcome until the orchestrator answers it (one request ID throughout)."""
+        request_id = str(uuid.uuid4())
         try:
-            async for attempt in retrying:
+            async for attempt in self._retrying("outcome not delivered yet"):
                 with attempt:
                     await self.run.client.complete_job(
                         self.run.job_type,

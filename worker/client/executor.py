@@ -173,9 +173,13 @@ class Executor:
             return
         if task.cancelled():
             return  # handed back: it stays held (uncommitted) until its partition is dropped
-        del self._held[run_id]
         if task.exception() is not None:
-            log.error("run ended in error", run_id=run_id, error=repr(task.exception()))
+            # Not committed: delivered again after a restart or a rebalance, never lost.
+            log.error(
+                "run left uncommitted after an error", run_id=run_id, error=repr(task.exception())
+            )
+            return
+        del self._held[run_id]
 
     def _position(self, tp: TopicPartition) -> int | None:
         """Where the group may resume `tp`: the oldest run still held, else past what was read."""
