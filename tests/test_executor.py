@@ -7,6 +7,8 @@ and outcomes recorded: work is at least once, each run has one outcome.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from schemas import ENDING_EVENTS, EventType, StatusEvent
-from tests.conftest import RunningWorker
+from tests.chaos import WorkerProcess
+from tests.conftest import RunningWorker, create_topics
 from tests.executor_process import ExecutorProcess
 from worker.client import Executor, JobClient, RunContext
 from worker.client.execution import SYSTEM_NOTES
 from worker.client.watch import StatusTail
+from worker.devtools.localkafka import LocalKafka
 from worker.kafkaio import partitions_of
 from worker.settings import Settings
 
@@ -232,3 +236,79 @@ async def test_a_redelivered_run_that_already_ended_is_not_run_again(
         stop.set()
         await asyncio.wait_for(task, 30)
     assert ran == [running.run_id]
+
+
+async def test_an_outcome_outlives_a_broker_outage(tmp_path: Path) -> None:
+    """The broker dies mid-job for a minute: the executor keeps the outcome and delivers it
+    once the broker is back; the run ends COMPLETED, once."""
+    outage = float(os.environ.get("JOBS_TEST_OUTAGE_S", "60"))
+    broker = LocalKafka(data_dir=tmp_path / "kafka")
+    await asyncio.to_thread(broker.start)
+    worker: WorkerProcess | None = None
+    executor: ExecutorProcess | None = None
+    try:
+        settings = Settings(
+            bootstrap_servers=broker.bootstrap_servers,
+            topic_prefix="outage",
+            db_path=tmp_path / "worker.db",
+            poll_timeout_ms=100,
+            http_port=0,
+        )
+        await create_topics(settings, 1)
+        worker = WorkerProcess(settings, "worker", tmp_path)
+        worker.start()
+        executor = ExecutorProcess(settings, tmp_path, "executor", "etl").start()
+        await executor.ready(timeout=120)
+        async with JobClient(settings) as jobs:
+            run = await jobs.start_job("etl", initial_data={"seconds": 3}, timeout=60)
+        await executor.wait_for("the job", lambda: bool(executor.entries(event="start")))
+        await asyncio.to_thread(broker.kill)
+        killed = time.monotonic()
+        await executor.wait_for("its end", lambda: bool(executor.entries(event="finish")))
+        # The outage itself is the fault under test: the broker stays down this long.
+        await asyncio.sleep(max(0.0, outage - (time.monotonic() - killed)))
+        await asyncio.to_thread(broker.start)
+        if not worker.alive():  # a supervisor restarts a worker that gave up; it converges
+            worker.start()
+        async with StatusTail(settings.bootstrap_servers, settings.topics) as tail:
+            done = await tail.wait_event(run_id=run.run_id, type=EventType.COMPLETED, timeout=180)
+            assert done.metrics == {"pid": executor.pid}
+            assert [e.type for e in ends(tail, run.run_id)] == [EventType.COMPLETED]
+        assert "outcome not delivered yet; retrying" in executor.log_path.read_text()
+        assert len(executor.entries(event="start")) == 1  # it ran once
+    finally:
+        for process in (executor, worker):
+            if process is not None:
+                process.ensure_dead()
+        await asyncio.to_thread(broker.stop)
+
+
+async def test_a_job_that_ignores_cancellation_does_not_hold_the_executor(
+    worker: RunningWorker, client: JobClient, tail: StatusTail
+) -> None:
+    """Stopping with a job that swallows CancelledError: `run()` returns once the grace and
+    the cancel grace are over, and the run is handed back, still RUNNING."""
+    executor = Executor(client, grace=0.5, cancel_grace=0.5)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    @executor.job("stubborn")
+    async def stubborn(run: RunContext) -> None:
+        started.set()
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # ignores every cancellation until the test releases it
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(executor.run(stop))
+    await asyncio.wait_for(executor.ready.wait(), 30)
+    run = await client.start_job("stubborn")
+    await asyncio.wait_for(started.wait(), 30)
+    stop.set()
+    try:
+        await asyncio.wait_for(task, 15)  # 0.5 s grace + 0.5 s cancel grace, then it returns
+        assert await client.is_run_running(run.run_id or "")  # handed back, not reported
+    finally:
+        release.set()

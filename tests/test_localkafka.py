@@ -1,12 +1,25 @@
-"""The local broker's helpers that need no broker."""
+"""The local broker: its helpers, and crashing and hanging it under connected clients."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import struct
+import time
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from worker.devtools import localkafka
+from worker.devtools.localkafka import LocalKafka, LocalKafkaError
+
+TOPIC = "faults"
 
 
 def test_local_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -14,3 +27,197 @@ def test_local_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPat
     drawn = iter([uuid.UUID(bytes=b"\xf8" + b"\x00" * 15), uuid.UUID(bytes=b"\x00" * 16)])
     monkeypatch.setattr(localkafka.uuid, "uuid4", lambda: next(drawn))
     assert localkafka._cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
+
+
+async def test_start_says_how_to_call_it_from_async_code() -> None:
+    """start() blocks and runs its own event loop: inside one it refuses, saying what to do."""
+    with pytest.raises(LocalKafkaError, match="to_thread"):
+        LocalKafka().start()
+
+
+def test_faults_need_a_running_broker() -> None:
+    """Freezing a broker never started is an error; killing it is nothing to do."""
+    kafka = LocalKafka()
+    with pytest.raises(LocalKafkaError, match="not running"):
+        kafka.freeze()
+    with pytest.raises(LocalKafkaError, match="not running"):
+        kafka.thaw()
+    kafka.kill()
+    assert not kafka.running
+
+
+async def _create_topic(bootstrap: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(TOPIC, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def _produce(producer: AIOKafkaProducer, label: str, count: int) -> list[bytes]:
+    """Send `count` records and wait for every acknowledgement (acks=all)."""
+    values = [f"{label}-{i}".encode() for i in range(count)]
+    sends = [await producer.send(TOPIC, value) for value in values]
+    await asyncio.wait_for(asyncio.gather(*sends), 30)
+    return values
+
+
+async def _acknowledged(sends: list[asyncio.Future[object]], values: list[bytes]) -> list[bytes]:
+    """The values whose send was acknowledged, once every send has succeeded or failed."""
+    await asyncio.wait_for(asyncio.gather(*sends, return_exceptions=True), 60)
+    return [value for send, value in zip(sends, values, strict=True) if send.exception() is None]
+
+
+async def _read_back(bootstrap: str, wanted: set[bytes]) -> set[bytes]:
+    """Every value of the topic from the start, read until `wanted` is seen or 30 s pass."""
+    consumer = AIOKafkaConsumer(
+        TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + 30
+    try:
+        while not wanted <= seen and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            seen.update(r.value for records in batches.values() for r in records)
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def _idle_connection(port: int) -> socket.socket:
+    """A connection the broker has accepted and read to the end: one ApiVersions v0 answered."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        request = struct.pack(">hhih", 18, 0, 1, -1)  # ApiVersions v0, correlation 1, no client
+        conn.sendall(struct.pack(">i", len(request)) + request)
+        header = conn.recv(4, socket.MSG_WAITALL)
+        (size,) = struct.unpack(">i", header)
+        assert len(conn.recv(size, socket.MSG_WAITALL)) == size
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _time_wait_on(port: int) -> bool:
+    """Whether a TCP connection with local port `port` is in TIME_WAIT (the JVM uses tcp6)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "06":
+                return True
+    return False
+
+
+async def _until(condition: Callable[[], bool], timeout: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.05)
+
+
+async def _in_a_passing_thread(call: Callable[[], object]) -> None:
+    """Run `call` on a thread that ends right after: a broker it starts must outlive it."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        await asyncio.get_running_loop().run_in_executor(pool, call)
+
+
+@contextlib.contextmanager
+def _log_tail_on_failure(kafka: LocalKafka) -> Iterator[None]:
+    """Print the broker's log tail if the test fails: pytest shows it with the failure."""
+    try:
+        yield
+    except BaseException:
+        if kafka.data_dir is not None and kafka.data_dir.exists():
+            print(kafka._log_tail(60))
+        raise
+
+
+async def _with_producer(
+    bootstrap: str, body: Callable[[AIOKafkaProducer], Awaitable[None]]
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await body(producer)
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.kafka
+async def test_a_killed_broker_restarts_with_every_acknowledged_record(tmp_path: Path) -> None:
+    """SIGKILL under a connected producer with records in flight, then start() again: the
+    same address and cluster, and every record acknowledged (acks=all) is read back."""
+    kafka = LocalKafka(data_dir=tmp_path / "kafka")
+    await asyncio.to_thread(kafka.start)
+    acked: list[bytes] = []
+
+    async def crash_and_restart(producer: AIOKafkaProducer) -> None:
+        address = (kafka.bootstrap_servers, kafka.controller_port, kafka.cluster_id)
+        acked.extend(await _produce(producer, "before", 50))
+        in_flight = [f"during-{i}".encode() for i in range(50)]
+        with await asyncio.to_thread(_idle_connection, kafka.port) as idle:
+            sends = [await producer.send(TOPIC, value) for value in in_flight]
+            await asyncio.to_thread(kafka.kill)
+            assert not kafka.running
+            assert not localkafka._port_open(kafka.port)
+            # The dead broker closed first; closing our end after leaves the broker's end in
+            # TIME_WAIT on its port, which the restart must bind all the same. (Connections
+            # with requests unread, like the producer's, are reset instead: no TIME_WAIT.)
+            assert await asyncio.to_thread(idle.recv, 1) == b""
+        await _until(lambda: _time_wait_on(kafka.port), 5, "no TIME_WAIT on the broker port")
+        with socket.socket() as naive, pytest.raises(OSError, match="in use"):  # no SO_REUSEADDR
+            naive.bind(("127.0.0.1", kafka.port))
+        await _in_a_passing_thread(kafka.start)
+        assert (kafka.bootstrap_servers, kafka.controller_port, kafka.cluster_id) == address
+        acked.extend(await _produce(producer, "after", 50))
+        acked.extend(await _acknowledged(sends, in_flight))
+
+    try:
+        with _log_tail_on_failure(kafka):
+            await _create_topic(kafka.bootstrap_servers)
+            await _with_producer(kafka.bootstrap_servers, crash_and_restart)
+            assert set(acked) - await _read_back(kafka.bootstrap_servers, set(acked)) == set()
+            assert kafka.running, "the broker died with the thread that restarted it"
+    finally:
+        await asyncio.to_thread(kafka.stop)
+    assert (tmp_path / "kafka" / "data" / "meta.properties").exists()  # a given dir is kept
+
+
+@pytest.mark.kafka
+async def test_a_frozen_broker_answers_nothing_until_thawed() -> None:
+    """SIGSTOP: connections are still accepted but a produce times out; after SIGCONT the
+    held produce and new ones are acknowledged. restart() then keeps the address."""
+    kafka = LocalKafka()
+    await asyncio.to_thread(kafka.start)
+    data_dir = kafka.data_dir
+
+    async def freeze_and_thaw(producer: AIOKafkaProducer) -> None:
+        await producer.send_and_wait(TOPIC, b"warm")
+        await asyncio.to_thread(kafka.freeze)
+        assert kafka.frozen
+        assert kafka.running
+        assert localkafka._port_open(kafka.port)  # the kernel still accepts connections
+        held = await producer.send(TOPIC, b"held")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(held), 3)
+        await asyncio.to_thread(kafka.thaw)
+        assert not kafka.frozen
+        await asyncio.wait_for(producer.send_and_wait(TOPIC, b"thawed"), 30)
+        await asyncio.wait_for(held, 30)
+
+    try:
+        with _log_tail_on_failure(kafka):
+            await _create_topic(kafka.bootstrap_servers)
+            await _with_producer(kafka.bootstrap_servers, freeze_and_thaw)
+            address = kafka.bootstrap_servers
+            await asyncio.to_thread(kafka.restart)
+            assert kafka.bootstrap_servers == address
+            wanted = {b"warm", b"held", b"thawed"}
+            assert await _read_back(kafka.bootstrap_servers, wanted) == wanted
+    finally:
+        await asyncio.to_thread(kafka.stop)
+    assert data_dir is not None
+    assert not data_dir.exists()  # a temporary dir is removed on stop

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import typer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -24,6 +25,7 @@ from schemas import RunStatus, StatusEvent
 from worker import gctuning
 from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
+from worker.kafkaio import connection
 from worker.logs import configure as configure_logs
 from worker.settings import Settings
 
@@ -50,7 +52,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'JOBS_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}{e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise _fail(f"bad settings: {problems}") from None
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -67,8 +76,8 @@ def _run(coro: Awaitable[T]) -> T:
         raise _fail(f"Kafka error: {exc}") from None
 
 
-async def _with_admin(bootstrap: str, action: Callable[[AIOKafkaAdminClient], Awaitable[T]]) -> T:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+async def _with_admin(s: Settings, action: Callable[[AIOKafkaAdminClient], Awaitable[T]]) -> T:
+    admin = AIOKafkaAdminClient(request_timeout_ms=10_000, **connection(s))
     await admin.start()
     try:
         return await action(admin)
@@ -137,7 +146,7 @@ def topics_create(
     async def action(admin: AIOKafkaAdminClient) -> list[str]:
         return await topic_admin.create(admin, s.topics, partitions, replication_factor)
 
-    created = _run(_with_admin(s.bootstrap_servers, action))
+    created = _run(_with_admin(s, action))
     for name in s.topics.all():
         console.print(f"{name}: {'created' if name in created else 'exists'}")
 
@@ -153,7 +162,7 @@ def topics_describe(bootstrap: str = BOOTSTRAP, prefix: str = PREFIX) -> None:
     async def action(admin: AIOKafkaAdminClient) -> list[topic_admin.TopicInfo]:
         return await topic_admin.describe(admin, s.topics)
 
-    infos = _run(_with_admin(s.bootstrap_servers, action))
+    infos = _run(_with_admin(s, action))
     table = Table("topic", "partitions", "config")
     for info, role in zip(infos, topic_admin.TOPIC_CONFIGS, strict=True):
         config = ", ".join(f"{k}={v}" for k, v in topic_admin.TOPIC_CONFIGS[role].items())
@@ -621,9 +630,7 @@ def watch(
             done.set()
 
     async def follow() -> None:
-        async with StatusTail(
-            s.bootstrap_servers, s.topics, from_beginning=from_beginning, on_item=show
-        ):
+        async with StatusTail(connection(s), s.topics, from_beginning=from_beginning, on_item=show):
             await done.wait()
 
     with contextlib.suppress(KeyboardInterrupt):

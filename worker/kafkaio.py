@@ -7,14 +7,31 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.helpers import create_ssl_context
 
 from worker import compat
 from worker.settings import Settings
 
 
 def connection(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments that connect any aiokafka client to the cluster."""
-    return {"bootstrap_servers": settings.bootstrap_servers}
+    """The keyword arguments that connect any aiokafka client to the cluster: the bootstrap
+    servers and, from `JOBS_SECURITY_PROTOCOL` and friends, TLS and SASL. The one place
+    every client of this project takes them from."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_context"] = create_ssl_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
+            certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
+            keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+        )
+    if settings.security_protocol.startswith("SASL_"):
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = settings.password()
+    return kwargs
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

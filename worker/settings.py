@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the client reads these settings too, and must not load the engine
@@ -22,6 +22,24 @@ class Settings(BaseSettings):
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
     )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", description="How every Kafka client of this process connects."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="SCRAM-SHA-512", description="With SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_username: str | None = Field(default=None, description="The SASL principal's name.")
+    sasl_password: SecretStr | None = Field(
+        default=None, description="The SASL password (or give sasl_password_file)."
+    )
+    sasl_password_file: Path | None = Field(
+        default=None, description="A file holding the SASL password (trailing newline ignored)."
+    )
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA certificates to trust (PEM); the system's by default."
+    )
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (PEM).")
+    ssl_keyfile: Path | None = Field(default=None, description="Client certificate's key (PEM).")
     topic_prefix: str = Field(default="jobs", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     db_path: Path = Field(default=Path("jobs.db"), description="The worker's SQLite file.")
     config: Path | None = Field(default=None, description="Per-job-type TOML settings.")
@@ -112,6 +130,32 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> Settings:
+        if self.security_protocol.startswith("SASL_"):
+            if not self.sasl_username:
+                raise ValueError(f"{self.security_protocol} needs JOBS_SASL_USERNAME")
+            if self.sasl_password is None and self.sasl_password_file is None:
+                raise ValueError(
+                    f"{self.security_protocol} needs JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE"
+                )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
+        return self
+
+    def password(self) -> str | None:
+        """The SASL password, from `sasl_password` or read from `sasl_password_file`."""
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            try:
+                return self.sasl_password_file.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read JOBS_SASL_PASSWORD_FILE {self.sasl_password_file}: {exc.strerror}"
+                ) from None
+        return None
 
     @property
     def input_limits(self) -> InputLimits:

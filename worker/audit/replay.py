@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from schemas import StatusEvent
 from worker import gctuning
 from worker.engine.store import RunWrites, Store, fold_events
-from worker.kafkaio import partitions_of, read_until
+from worker.kafkaio import connection, partitions_of, read_until
 from worker.settings import Settings
 
 Progress = Callable[[int, int], None]  # (records done, records in all)
@@ -48,10 +48,10 @@ def parse_events(values: Sequence[bytes | None]) -> list[StatusEvent]:
 
 def consumer_for(settings: Settings) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
         enable_auto_commit=False,
         isolation_level="read_committed",
         max_partition_fetch_bytes=8 * 1024 * 1024,
+        **connection(settings),
     )
 
 

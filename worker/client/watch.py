@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -26,7 +26,7 @@ class StatusTail:
 
     def __init__(
         self,
-        bootstrap_servers: str,
+        kafka: str | Mapping[str, Any],
         topics: Topics,
         *,
         from_beginning: bool = True,
@@ -34,10 +34,10 @@ class StatusTail:
     ) -> None:
         self._topics = topics
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap_servers,
             enable_auto_commit=False,
             isolation_level="read_committed",
             auto_offset_reset="earliest" if from_beginning else "latest",
+            **({"bootstrap_servers": kafka} if isinstance(kafka, str) else kafka),
         )
         self._from_beginning = from_beginning
         self._on_item = on_item

@@ -2,8 +2,13 @@
 
 The jars are fetched from Maven Central with Maven into a cache outside the repository
 (``$JOBS_KAFKA_CACHE``, default ``~/.cache/job-orchestrator``). Each broker gets a fresh data
-directory and free loopback ports, runs in KRaft mode (broker and controller in one JVM), and
-is stopped cleanly; if the Python process that started it dies, the JVM is told to die too.
+directory (or a given one, which it keeps) and free loopback ports, runs in KRaft mode (broker
+and controller in one JVM), and is stopped cleanly; if the Python process that started it
+dies, the JVM is told to die too.
+
+For fault tests a broker can also be crashed (`kill`, SIGKILL) and started again on the same
+log, ports and cluster ID, so connected clients find it at the same address, or hung
+(`freeze`, SIGSTOP) and resumed (`thaw`, SIGCONT).
 """
 
 from __future__ import annotations
@@ -12,17 +17,22 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 KAFKA_VERSION = "4.1.1"
 SCALA_VERSION = "2.13"
@@ -145,6 +155,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _check_port_free(port: int) -> None:
+    """Fail clearly if another process listens on `port`.
+
+    The JVM binds its listeners with SO_REUSEADDR (the JDK's default for server sockets on
+    Linux), as this probe does: connections of a killed broker left in TIME_WAIT on the port
+    do not stop a restart, only a live socket bound to it does.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise LocalKafkaError(
+                f"port {port} of the local broker is taken by another process; "
+                "stop that process or use another LocalKafka"
+            ) from None
+
+
 def _cluster_id() -> str:
     # Kafka's cluster IDs are 16 random bytes in URL-safe base64 without padding, exactly
     # what `kafka-storage random-uuid` prints; making it here saves a JVM start. Like Kafka's
@@ -156,6 +186,18 @@ def _cluster_id() -> str:
             return cluster_id
 
 
+def _formatted_cluster_id(log_dir: Path) -> str | None:
+    """The cluster ID a formatted log dir belongs to; None if it is not formatted."""
+    meta = log_dir / "meta.properties"
+    if not meta.exists():
+        return None
+    for line in meta.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "cluster.id":
+            return value.strip()
+    raise LocalKafkaError(f"{meta} names no cluster.id; remove {log_dir} to start afresh")
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM the broker when the process that started it dies."""
     with contextlib.suppress(Exception):
@@ -164,9 +206,85 @@ def _die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+_spawner: ThreadPoolExecutor | None = None
+_spawner_lock = threading.Lock()
+
+
+def _forget_spawner() -> None:
+    global _spawner
+    _spawner = None
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
+
+
+def _spawn(cmd: list[str], out: IO[bytes]) -> subprocess.Popen[bytes]:
+    """Start the broker from one thread that lives as long as this process.
+
+    Linux sends the parent-death signal when the *thread* that forked the child ends: a broker
+    started on a short-lived thread (`asyncio.to_thread`, a restart in a fault test) would be
+    told to stop as soon as that thread finished.
+    """
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="localkafka")
+        spawner = _spawner
+    return spawner.submit(
+        subprocess.Popen,
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        # Own process group: a Ctrl-C in the terminal reaches us, and we stop the broker in
+        # order, instead of the JVM dying mid-write.
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    ).result()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Send `sig` to the broker's process group: the JVM (its leader) and anything it forked."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The scheduler state letter of each thread of `pid` (R, S, D, T…), from /proc."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return states
+
+
+def _wait_until(done: Callable[[], bool], timeout: float, failure: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise LocalKafkaError(failure)
+        time.sleep(0.01)
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 @dataclass
 class LocalKafka:
-    """One KRaft broker+controller on loopback; use as a context manager or start()/stop()."""
+    """One KRaft broker+controller on loopback; use as a context manager or start()/stop().
+
+    The first start() picks free ports (unless `port` / `controller_port` are given) and a
+    cluster ID and formats the log; later ones, after kill() or stop(), reuse all of them, so
+    clients find the broker at the same address with its records. A temporary data directory
+    is made and removed on stop(); a given `data_dir` is kept, and a formatted log in it is
+    started as it is. kill() crashes the broker, freeze() / thaw() hang and resume it.
+    """
 
     version: str = KAFKA_VERSION
     heap: str = "512m"
@@ -175,13 +293,21 @@ class LocalKafka:
     port: int = 0
     data_dir: Path | None = None
     startup_timeout: float = 90.0
+    controller_port: int = 0
+    cluster_id: str = field(default="", init=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _own_dir: bool = field(default=False, init=False, repr=False)
+    _frozen: bool = field(default=False, init=False, repr=False)
 
     @property
     def bootstrap_servers(self) -> str:
         """The address clients connect to, `127.0.0.1:PORT`."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_dir(self) -> Path | None:
+        """The broker's log (its records and metadata), inside `data_dir`."""
+        return None if self.data_dir is None else self.data_dir / "data"
 
     def _config(self, controller_port: int, log_dir: Path) -> dict[str, str]:
         config = {
@@ -215,29 +341,55 @@ class LocalKafka:
         return config
 
     def start(self) -> LocalKafka:
-        """Fetch the jars if needed, format a fresh data directory, start, wait until ready."""
+        """Start the broker and wait until it serves metadata; return self.
+
+        The first start fetches the jars if needed, picks the ports and formats the log; a
+        later one (after kill() or stop()) reuses the ports, the log and the cluster ID. It
+        blocks and runs an event loop of its own: from async code, call it in a thread.
+        """
+        if _in_event_loop():
+            raise LocalKafkaError(
+                "LocalKafka.start() blocks: from async code use `await asyncio.to_thread(...)`"
+            )
+        if self.running:
+            raise LocalKafkaError(f"the broker at {self.bootstrap_servers} is already running")
         java = _require(
             "java", "a Java runtime, 17 or newer (e.g. `apt-get install openjdk-17-jre-headless`)"
         )
         libs = fetch_jars(self.version)
+        fresh = self.data_dir is None
         if self.data_dir is None:
             self.data_dir = Path(tempfile.mkdtemp(prefix="jobs-kafka-"))
             self._own_dir = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log_dir = self.data_dir / "data"
         if self.port == 0:
             self.port = _free_port()
-        controller_port = _free_port()
-        while controller_port == self.port:
-            controller_port = _free_port()
+        while self.controller_port in (0, self.port):
+            self.controller_port = _free_port()
+        try:
+            jvm, props = self._write_config(java, libs)
+            self._format(jvm, props)
+            for port in (self.port, self.controller_port):
+                _check_port_free(port)
+            self._launch([*jvm, "kafka.Kafka", str(props)])
+            self._wait_ready()
+        except BaseException:
+            # A first start leaves nothing behind; a restart keeps the log to try again.
+            if fresh:
+                self.stop()
+            else:
+                self._terminate(15.0)
+            raise
+        return self
 
+    def _write_config(self, java: str, libs: Path) -> tuple[list[str], Path]:
+        """Write server.properties and the log4j2 file; return the JVM command and the first."""
+        assert self.data_dir is not None
         props = self.data_dir / "server.properties"
-        props.write_text(
-            "".join(f"{k}={v}\n" for k, v in self._config(controller_port, log_dir).items())
-        )
+        config = self._config(self.controller_port, self.data_dir / "data")
+        props.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.data_dir / "server.log", level=self.log_level))
-        classpath = f"{libs}/*"
         jvm = [
             java,
             f"-Xms{self.heap}",
@@ -246,18 +398,20 @@ class LocalKafka:
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={log4j}",
             "-cp",
-            classpath,
+            f"{libs}/*",
         ]
+        return jvm, props
+
+    def _format(self, jvm: list[str], props: Path) -> None:
+        """Format the log with this broker's cluster ID, unless it is formatted already."""
+        assert self.log_dir is not None
+        formatted = _formatted_cluster_id(self.log_dir)
+        if formatted is not None:
+            self.cluster_id = formatted
+            return
+        self.cluster_id = self.cluster_id or _cluster_id()
         fmt = subprocess.run(
-            [
-                *jvm,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                _cluster_id(),
-                "-c",
-                str(props),
-            ],
+            [*jvm, "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props)],
             capture_output=True,
             text=True,
             check=False,
@@ -266,24 +420,15 @@ class LocalKafka:
             raise LocalKafkaError(
                 f"formatting the Kafka data directory failed:\n{fmt.stdout}{fmt.stderr}"
             )
-        out = (self.data_dir / "stdout.log").open("wb")
-        self._proc = subprocess.Popen(
-            [*jvm, "kafka.Kafka", str(props)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            # Own process group: a Ctrl-C in the terminal reaches us, and we stop the broker
-            # in order, instead of the JVM dying mid-write.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        out.close()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+
+    def _launch(self, cmd: list[str]) -> None:
+        assert self.data_dir is not None
+        # Appended to, so that a restart's tail follows the crash it restarts from.
+        with (self.data_dir / "stdout.log").open("ab") as out:
+            out.write(f"--- starting the broker, {time.strftime('%H:%M:%S')} ---\n".encode())
+            out.flush()
+            self._proc = _spawn(cmd, out)
+        self._frozen = False
 
     def _log_tail(self, lines: int = 30) -> str:
         assert self.data_dir is not None
@@ -312,23 +457,104 @@ class LocalKafka:
                 )
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """Stop the broker (SIGTERM, then SIGKILL after `timeout`) and remove its data."""
+    def _terminate(self, timeout: float) -> None:
+        """Stop the JVM (SIGTERM, then SIGKILL after `timeout`), frozen or not; keep the data."""
         proc, self._proc = self._proc, None
+        self._frozen = False
         if proc is not None and proc.poll() is None:
             proc.terminate()
+            _signal_group(proc, signal.SIGCONT)  # a frozen JVM acts on SIGTERM once resumed
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after `timeout`); remove a temporary data dir.
+
+        A given `data_dir` is kept, and a later start() resumes its log.
+        """
+        self._terminate(timeout)
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.cluster_id = ""  # the next start formats a new, empty log
+
+    def kill(self, timeout: float = 15.0) -> None:
+        """Crash the broker: SIGKILL the JVM (frozen or not) and wait until it is gone.
+
+        No clean shutdown: what the JVM had not written is lost, as in a crash; records the
+        broker acknowledged are in the OS's page cache and survive. The log, ports and cluster
+        ID are kept, and start() (or restart()) brings the broker back on them. That start takes
+        `broker.session.timeout.ms` (9 s by default) longer than a first one: the restarted
+        controller holds the dead broker's registration until its session expires.
+        """
+        proc, self._proc = self._proc, None
+        self._frozen = False
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc, signal.SIGKILL)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LocalKafkaError(
+                f"the Kafka broker (pid {proc.pid}) was still alive {timeout:.0f}s after SIGKILL"
+            ) from None
+
+    def restart(self, *, clean: bool = True, timeout: float = 15.0) -> LocalKafka:
+        """Stop the broker (cleanly, or with kill() if not `clean`) and start() it again.
+
+        Same ports, log and cluster ID; waits until it serves metadata, as start() does.
+        """
+        if clean:
+            self._terminate(timeout)
+        else:
+            self.kill(timeout)
+        return self.start()
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        """Hang the broker: SIGSTOP the JVM and wait until every thread of it is stopped.
+
+        Its sockets stay open: the kernel still accepts connections and buffers requests, but
+        nothing answers until thaw(). Clients see timeouts, not errors.
+        """
+        proc = self._alive("freeze")
+        _signal_group(proc, signal.SIGSTOP)
+        self._frozen = True
+        _wait_until(
+            lambda: all(state in "TtZX" for state in _thread_states(proc.pid)),  # Z, X: exiting
+            timeout,
+            f"the Kafka broker (pid {proc.pid}) did not stop within {timeout:.0f}s of SIGSTOP",
+        )
+
+    def thaw(self, timeout: float = 10.0) -> None:
+        """Resume a frozen broker (SIGCONT) and wait until none of its threads is stopped.
+
+        It then answers the requests buffered meanwhile, unless their clients gave up.
+        """
+        proc = self._alive("thaw")
+        _signal_group(proc, signal.SIGCONT)
+        self._frozen = False
+        _wait_until(
+            lambda: "T" not in _thread_states(proc.pid),
+            timeout,
+            f"the Kafka broker (pid {proc.pid}) did not resume within {timeout:.0f}s of SIGCONT",
+        )
+
+    def _alive(self, action: str) -> subprocess.Popen[bytes]:
+        if self._proc is None or self._proc.poll() is not None:
+            raise LocalKafkaError(f"cannot {action} the Kafka broker: it is not running")
+        return self._proc
 
     @property
     def running(self) -> bool:
-        """Whether the broker process is alive."""
+        """Whether the broker process is alive (frozen or not)."""
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the broker is alive and frozen by freeze()."""
+        return self._frozen and self.running
 
     def __enter__(self) -> LocalKafka:
         return self.start()

@@ -23,7 +23,7 @@ from worker.engine import changelog
 from worker.engine.codec import REROUTED_FROM
 from worker.engine.hooks import Hooks
 from worker.engine.task import BatchOutcome
-from worker.kafkaio import Outbox
+from worker.kafkaio import Outbox, connection
 from worker.settings import Settings, Topics
 
 
@@ -91,7 +91,7 @@ class ExactlyOnce:
         """Start N's producer: this fences the previous owner and waits out its transaction."""
         s = self._settings
         producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
+            **connection(s),
             transactional_id=f"{s.group_id}.{number}",
             linger_ms=s.linger_ms,
             max_batch_size=s.producer_batch_bytes,
@@ -149,7 +149,7 @@ class AtLeastOnce:
         """Start the shared producer."""
         s = self._settings
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=s.bootstrap_servers,
+            **connection(s),
             enable_idempotence=True,
             acks="all",
             linger_ms=s.linger_ms,

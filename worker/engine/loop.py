@@ -39,6 +39,7 @@ from worker.engine.partitions import PartitionManager
 from worker.engine.processing import BatchRunner
 from worker.engine.state import StateManager
 from worker.engine.task import Rules
+from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -106,8 +107,8 @@ class Worker:
         self.partition_count = await self._check_topics()
         await self._state.start(s.db_path)
         consumer = self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
             group_id=s.group_id,
+            **connection(s),
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
@@ -159,7 +160,7 @@ class Worker:
             raise self._failure
 
     async def _check_topics(self) -> int:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+        admin = AIOKafkaAdminClient(**connection(self.settings))
         await admin.start()
         try:
             count = topic_admin.check_counts(await topic_admin.describe(admin, self.topics))

@@ -30,6 +30,7 @@ from worker.engine import changelog
 from worker.engine.observe import Metrics
 from worker.engine.store import Store
 from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
+from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -60,7 +61,7 @@ class StateManager:
         """Open the SQLite file and the changelog reader."""
         self._store = await Store.open(db_path)
         self._restorer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.bootstrap_servers,
+            **connection(self._settings),
             enable_auto_commit=False,
             isolation_level="read_committed",
         )
