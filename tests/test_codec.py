@@ -709,13 +709,17 @@ def test_data_over_the_limit_is_too_large_and_rejected(role: TopicRole) -> None:
     assert not isinstance(small, Bad)
 
 
-def test_a_start_carrying_a_run_id_is_schema_invalid() -> None:
-    """Only the orchestrator assigns run IDs: a start naming one is refused as invalid."""
-    outcome = run(record({"job_type": JOB, "request_id": "r1", "run_id": RUN_ID}))
+@pytest.mark.parametrize("field", ["run_id", "runId"])
+def test_a_start_carrying_a_run_id_is_refused_with_a_stable_reason(field: str) -> None:
+    """Only the orchestrator assigns run IDs: a start naming one is rejected and starts
+    nothing, with the reason code `run_id_not_allowed` (a cancel may name its run)."""
+    outcome = run(record({"job_type": JOB, "request_id": "r1", field: RUN_ID}))
     assert isinstance(outcome, Bad)
-    assert outcome.dead_letter.reason.code == "schema_invalid"
-    assert "assigns run IDs" in outcome.dead_letter.reason.message
+    assert outcome.dead_letter.reason.code == "run_id_not_allowed"
     assert outcome.reject is not None
+    assert outcome.reject.reason.startswith("run_id_not_allowed: ")
+    cancel = run(record({"kind": "cancel", "job_type": JOB, "request_id": "r2", field: RUN_ID}))
+    assert not isinstance(cancel, Bad)
 
 
 def test_rejects_never_name_a_huge_job_type_or_key() -> None:

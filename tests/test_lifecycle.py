@@ -2121,3 +2121,16 @@ def test_stream_time_waits_for_an_input_with_unread_records() -> None:
     assert stream_time(seen, ["requests"]) == MID
     assert stream_time({"requests": MID}, ["results"]) is None
     assert stream_time({}) is None
+
+
+def test_seed_style_id_with_client_suffix_resolves_under_the_default_scope() -> None:
+    """Scoped by job type only, run IDs carry no client suffix; the seed's `-<client>` form
+    still names the run when exactly one run of that client matches the time stamp."""
+    state, _ = play(JobState(JOB), start(10, client_id="Acme"))
+    (acme,) = state.active
+    assert acme.run_id == make_run_id(T0, 0, 10)  # no suffix under the default scope
+    event = only(decide(state, finish("250102-030405-acme", 1)))
+    assert (event.type, event.run_id) == (EventType.COMPLETED, acme.run_id)
+    other = only(decide(state, finish("250102-030405-bob", 1)))
+    assert other.type is EventType.REJECTED
+    assert "no run" in (other.reason or "")

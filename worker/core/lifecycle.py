@@ -634,9 +634,11 @@ def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:
         return None, str(exc)
     if isinstance(normalized, str):
         return normalized, None
-    known = [e.run_id for e in state.ended]
-    known += [r.run_id for r in state.active] + [q.run_id for q in state.queue]
-    matches = [run_id for run_id in known if normalized.matches(run_id)]
+    # Ended runs keep no client: a client-suffixed seed ID finds them only by their suffix.
+    known: list[tuple[str, str | None]] = [(e.run_id, None) for e in state.ended]
+    known += [(r.run_id, r.client_id) for r in state.active]
+    known += [(q.run_id, q.client_id) for q in state.queue]
+    matches = [run_id for run_id, client in known if normalized.matches(run_id, client)]
     if len(matches) == 1:
         return matches[0], None
     if not matches:

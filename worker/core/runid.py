@@ -28,14 +28,15 @@ class SeedRunId:
     stamp: str
     client: str | None
 
-    def matches(self, run_id: str) -> bool:
-        """Whether a full run ID has this time stamp and client suffix."""
+    def matches(self, run_id: str, client_id: str | None = None) -> bool:
+        """Whether a full run ID has this time stamp and client: its suffix or, for a run ID
+        without one (runs scoped by job type only), the run's `client_id`, any case."""
         m = RUN_ID_RE.match(run_id)
-        return (
-            m is not None
-            and f"{m.group(1)}-{m.group(2)}" == self.stamp
-            and m.group(5) == self.client
-        )
+        if m is None or f"{m.group(1)}-{m.group(2)}" != self.stamp:
+            return False
+        if m.group(5) is not None or self.client is None:
+            return m.group(5) == self.client
+        return client_id is not None and client_id.lower() == self.client
 
 
 def make_run_id(at: datetime, partition: int, offset: int, client_id: str | None = None) -> str:

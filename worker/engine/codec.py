@@ -383,6 +383,15 @@ def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobRes
     model: type[JobRequest] | type[JobResult] = (
         JobRequest if record.role == "requests" else JobResult
     )
+    if record.role == "requests" and isinstance(payload, dict):
+        start = payload.get("kind", "start") == "start"
+        if start and payload.get("run_id", payload.get("runId")) is not None:
+            raise _Unusable(
+                "run_id_not_allowed",
+                "a start request cannot carry run_id: only the orchestrator assigns run IDs",
+                payload,
+                key_text,
+            )
     try:
         message = model.model_validate(payload)
     except ValidationError as exc:
