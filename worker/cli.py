@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -25,7 +26,7 @@ from schemas import RunStatus, StatusEvent
 from worker import gctuning
 from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
-from worker.kafkaio import connection
+from worker.kafkaio import connection, librdkafka_config
 from worker.logs import configure as configure_logs
 from worker.settings import Settings
 
@@ -698,6 +699,79 @@ def bench(
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         console.print(f"wrote {json_path}")
+
+
+@app.command()
+def acls(
+    orchestrator: str = typer.Option(..., "--orchestrator", help="The worker's principal."),
+    producer: str = typer.Option(..., "--producer", help="Producers' principal."),
+    executor: str = typer.Option(..., "--executor", help="Executors' principal."),
+    reader: str = typer.Option(None, "--reader", help="Read-only principal (status, view)."),
+    apply: bool = typer.Option(False, "--apply", help="Create them on the cluster too."),
+    as_json: bool = JSON_OUT,
+    bootstrap: str = BOOTSTRAP,
+    prefix: str = PREFIX,
+) -> None:
+    """Print the least ACLs of each role; with --apply, create them (as an admin principal).
+
+    Example: jobctl acls --orchestrator User:orchestrator --producer User:producer
+    --executor User:executor --reader User:reader --apply
+    """
+    from worker.acls import PrincipalError, rules
+
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    try:
+        wanted = rules(
+            s.topics,
+            s.group_id,
+            orchestrator=orchestrator,
+            producer=producer,
+            executor=executor,
+            reader=reader,
+        )
+    except PrincipalError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in wanted], indent=2))
+    else:
+        width = max(len(r.principal) for r in wanted)
+        for r in wanted:
+            resource = f"{r.resource}:{r.pattern}:{r.name}"
+            print(f"ALLOW {r.principal:<{width}}  {r.operation:<16}  {resource:<44}  # {r.why}")
+    if apply:
+        _apply_acls(s, wanted)
+        print(f"created {len(wanted)} ACLs", file=sys.stderr)
+
+
+def _apply_acls(s: Settings, wanted: list[Any]) -> None:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]  # documented path
+        AclBinding,
+        AclOperation,
+        AclPermissionType,
+        AdminClient,
+        ResourcePatternType,
+        ResourceType,
+    )
+
+    admin = AdminClient(librdkafka_config(s))
+    bindings = [
+        AclBinding(
+            ResourceType[r.resource],
+            r.name,
+            ResourcePatternType[r.pattern],
+            r.principal,
+            "*",
+            AclOperation[r.operation],
+            AclPermissionType.ALLOW,
+        )
+        for r in wanted
+    ]
+    try:
+        for future in admin.create_acls(bindings, request_timeout=15).values():
+            future.result()
+    except KafkaException as exc:
+        raise _fail(f"could not create the ACLs: {exc.args[0].str()}") from None
 
 
 @schemas_app.command("export")

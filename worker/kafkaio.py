@@ -34,6 +34,26 @@ def connection(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+def librdkafka_config(settings: Settings) -> dict[str, str | int | float | bool]:
+    """The same connection as `connection`, for a librdkafka (confluent-kafka) client."""
+    conf: dict[str, str | int | float | bool] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "security.protocol": settings.security_protocol,
+    }
+    for key, path in (
+        ("ssl.ca.location", settings.ssl_cafile),
+        ("ssl.certificate.location", settings.ssl_certfile),
+        ("ssl.key.location", settings.ssl_keyfile),
+    ):
+        if path is not None and settings.security_protocol in ("SSL", "SASL_SSL"):
+            conf[key] = str(path)
+    if settings.security_protocol.startswith("SASL_"):
+        conf["sasl.mechanisms"] = settings.sasl_mechanism
+        conf["sasl.username"] = settings.sasl_username or ""
+        conf["sasl.password"] = settings.password() or ""
+    return conf
+
+
 async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     """Every partition of `topic`, fetching metadata when the consumer has none for it yet.
 

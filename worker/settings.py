@@ -142,6 +142,7 @@ class Settings(BaseSettings):
                 )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
+        self.password()  # an unreadable password file fails here, with its name
         return self
 
     def password(self) -> str | None:
