@@ -20,6 +20,7 @@ from worker.devtools.localkafka import LocalKafka
 from worker.engine import topics as topic_admin
 from worker.engine.hooks import Hooks
 from worker.engine.loop import Worker
+from worker.kafkaio import connection
 from worker.settings import Settings
 
 
@@ -62,7 +63,7 @@ def settings(kafka_bootstrap: str, prefix: str, tmp_path: Path) -> Settings:
 
 async def create_topics(settings: Settings, partitions: int) -> None:
     """Create the five topics of `settings` with `partitions` partitions each."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = AIOKafkaAdminClient(**connection(settings))
     await admin.start()
     try:
         await topic_admin.create(admin, settings.topics, partitions)

@@ -75,7 +75,8 @@ def test_unreachable_broker_is_one_clear_line() -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert "cannot reach Kafka" in result.stderr
+    assert "cannot connect to Kafka" in result.stderr
+    assert "JOBS_BOOTSTRAP_SERVERS" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -1,23 +1,33 @@
-"""The local broker: its helpers, and crashing and hanging it under connected clients."""
+"""The local broker: its helpers, crashing and hanging it under connected clients, and its
+secured mode (SCRAM users, TLS, ACLs)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
+from aiokafka.helpers import create_ssl_context
 
 from worker.devtools import localkafka
 from worker.devtools.localkafka import LocalKafka, LocalKafkaError
+from worker.kafkaio import connection
+from worker.settings import Settings
 
 TOPIC = "faults"
 
@@ -221,3 +231,238 @@ async def test_a_frozen_broker_answers_nothing_until_thawed() -> None:
         await asyncio.to_thread(kafka.stop)
     assert data_dir is not None
     assert not data_dir.exists()  # a temporary dir is removed on stop
+
+
+# A secured broker: SCRAM-SHA-512 users, TLS, ACLs.
+
+
+def _client(
+    kafka: LocalKafka, role: str = "admin", *, tls: bool = False, **changes: str
+) -> dict[str, Any]:
+    """aiokafka's arguments to connect as `role`, built as the project builds them."""
+    return connection(Settings(**{**kafka.connection_settings(role, tls=tls), **changes}))
+
+
+async def _create(client: dict[str, Any], topic: str) -> None:
+    admin = AIOKafkaAdminClient(**client)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def _visible_topics(client: dict[str, Any]) -> list[str]:
+    admin = AIOKafkaAdminClient(**client)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def _read(client: dict[str, Any], topic: str, count: int) -> list[bytes]:
+    """The first `count` committed values of `topic`, within 30 s."""
+    consumer = AIOKafkaConsumer(
+        topic,
+        auto_offset_reset="earliest",
+        group_id=None,
+        isolation_level="read_committed",
+        **client,
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(values) < count and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            values.extend(r.value for records in batches.values() for r in records)
+    finally:
+        await consumer.stop()
+    return values
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[LocalKafka]:
+    """One secured broker for the tests that do not crash it."""
+    with LocalKafka(secure=True) as kafka:
+        yield kafka
+
+
+def test_security_needs_a_secured_started_broker(tmp_path: Path) -> None:
+    """A plain broker has no users, CA or TLS port; a secured one has them once started. A
+    log formatted without security has no users: a secured start on it is refused."""
+    plain = LocalKafka()
+    with pytest.raises(LocalKafkaError, match="secure=True"):
+        _ = plain.cafile
+    assert plain.connection_settings() == {"bootstrap_servers": plain.bootstrap_servers}
+    with pytest.raises(LocalKafkaError, match="start"):
+        _ = LocalKafka(secure=True).credentials
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.properties").write_text("cluster.id=abc\n")
+    with pytest.raises(LocalKafkaError, match="without secure=True"):
+        localkafka.BrokerSecurity.open(tmp_path)
+
+
+@pytest.mark.kafka
+async def test_the_secured_admin_creates_topics_and_commits_transactions(
+    secured: LocalKafka,
+) -> None:
+    """`admin` (a super user) creates a topic and commits a transaction on it: the broker's
+    own connections for transaction markers log in with SCRAM too."""
+    topic = f"admin-{uuid.uuid4().hex[:8]}"
+    with _log_tail_on_failure(secured):
+        assert set(secured.credentials) == set(localkafka.ROLES)
+        assert len(set(secured.credentials.values())) == len(localkafka.ROLES)  # random each
+        await _create(_client(secured), topic)
+        producer = AIOKafkaProducer(transactional_id=f"tx-{topic}", **_client(secured))
+        await producer.start()
+        try:
+            async with producer.transaction():
+                await producer.send(topic, b"committed")
+        finally:
+            await producer.stop()
+        assert await _read(_client(secured), topic, 1) == [b"committed"]
+
+
+@pytest.mark.kafka
+async def test_a_user_without_acls_sees_and_writes_nothing(secured: LocalKafka) -> None:
+    """With no ACL for it, a logged-in user sees no topic and may not produce to one."""
+    topic = f"guarded-{uuid.uuid4().hex[:8]}"
+    with _log_tail_on_failure(secured):
+        await _create(_client(secured), topic)
+        assert topic in await _visible_topics(_client(secured))
+        assert await _visible_topics(_client(secured, "producer")) == []
+        producer = AIOKafkaProducer(**_client(secured, "producer"))
+        await producer.start()
+        try:
+            with pytest.raises(TopicAuthorizationFailedError):
+                await asyncio.wait_for(producer.send_and_wait(topic, b"refused"), 20)
+        finally:
+            await producer.stop()
+
+
+@pytest.mark.kafka
+async def test_a_wrong_password_fails_start_at_once(
+    secured: LocalKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wrong password fails start() within a second, as KafkaConnectionError ("Unable to
+    bootstrap"): aiokafka only logs the broker's SaslAuthenticationFailed."""
+    producer = AIOKafkaProducer(**_client(secured, "reader", sasl_password="wrong"))
+    began = time.monotonic()
+    try:
+        with pytest.raises(KafkaConnectionError, match="Unable to bootstrap"):
+            await producer.start()
+    finally:
+        await producer.stop()
+    assert time.monotonic() - began < 5
+    assert "SaslAuthenticationFailed" in caplog.text
+    assert "invalid credentials" in caplog.text
+    # The right one gets in.
+    assert await _visible_topics(_client(secured, "reader")) == []
+
+
+@pytest.mark.kafka
+async def test_sasl_ssl_is_verified_with_the_brokers_ca(
+    secured: LocalKafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over SASL_SSL, a client trusting the broker's CA file (and checking that the
+    certificate names 127.0.0.1) produces and reads; one trusting only the system's CAs
+    is refused."""
+    topic = f"tls-{uuid.uuid4().hex[:8]}"
+    tls = _client(secured, tls=True)
+    assert tls["bootstrap_servers"] == secured.ssl_bootstrap_servers != secured.bootstrap_servers
+    assert secured.cafile.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    with _log_tail_on_failure(secured):
+        await _create(tls, topic)
+        producer = AIOKafkaProducer(**tls)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"over tls")
+        finally:
+            await producer.stop()
+        assert await _read(tls, topic, 1) == [b"over tls"]
+        untrusting = AIOKafkaProducer(**{**tls, "ssl_context": create_ssl_context()})
+        try:
+            with pytest.raises(KafkaConnectionError):
+                await untrusting.start()
+        finally:
+            await untrusting.stop()
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+@pytest.mark.kafka
+async def test_a_killed_secured_broker_restarts_with_its_users(tmp_path: Path) -> None:
+    """kill() then start(): the same ports, users, passwords and CA, and the records."""
+    kafka = LocalKafka(secure=True, data_dir=tmp_path / "kafka")
+    await asyncio.to_thread(kafka.start)
+    topic = "kept"
+    try:
+        with _log_tail_on_failure(kafka):
+            await _create(_client(kafka), topic)
+            producer = AIOKafkaProducer(acks="all", **_client(kafka))
+            await producer.start()
+            try:
+                await producer.send_and_wait(topic, b"before the crash")
+            finally:
+                await producer.stop()
+            before = (kafka.port, kafka.ssl_port, kafka.credentials, kafka.cafile.read_bytes())
+            await asyncio.to_thread(kafka.kill)
+            assert not localkafka._port_open(kafka.ssl_port)
+            await _in_a_passing_thread(kafka.start)
+            after = (kafka.port, kafka.ssl_port, kafka.credentials, kafka.cafile.read_bytes())
+            assert after == before
+            assert await _read(_client(kafka, tls=True), topic, 1) == [b"before the crash"]
+            assert await _visible_topics(_client(kafka, "executor")) == []
+    finally:
+        await asyncio.to_thread(kafka.stop)
+    # Kept with the data dir, for a later LocalKafka on it.
+    saved = localkafka.BrokerSecurity.open(tmp_path / "kafka")
+    assert saved.credentials == before[2]
+    assert (tmp_path / "kafka" / "security" / "credentials.json").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.kafka
+def test_jobctl_broker_secure_prints_a_login_per_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`jobctl broker --secure` prints its address first, then for each role the settings
+    that log in as it, over SASL_PLAINTEXT and over SASL_SSL; as printed, they connect."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "broker", "--secure"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = _lines_until(proc.stdout, "Ctrl-C stops it.")
+            address = next(line for line in lines if line.startswith("127.0.0.1:"))
+            logins = [dict(w.split("=", 1) for w in shlex.split(x)) for x in lines if "JOBS_" in x]
+            assert [(e["JOBS_SASL_USERNAME"], e["JOBS_SECURITY_PROTOCOL"]) for e in logins] == [
+                (role, protocol)
+                for role in localkafka.ROLES
+                for protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+            ]
+            assert logins[0]["JOBS_BOOTSTRAP_SERVERS"] == address
+            for name, value in logins[1].items():  # admin over SASL_SSL
+                monkeypatch.setenv(name, value)
+            assert Path(logins[1]["JOBS_SSL_CAFILE"]).exists()
+            asyncio.run(_create(connection(Settings()), "printed"))
+            assert "printed" in asyncio.run(_visible_topics(connection(Settings())))
+            proc.send_signal(signal.SIGINT)
+            out, errors = proc.communicate(timeout=60)
+            assert proc.returncode == 0, f"{out}\n{errors}"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _lines_until(stream: IO[str], last: str) -> list[str]:
+    """The lines of `stream` up to the one that is `last`; fails if it ends before."""
+    lines = []
+    for line in stream:
+        lines.append(line.strip())
+        if line.strip() == last:
+            return lines
+    raise AssertionError("the output ended early:\n" + "\n".join(lines))

@@ -21,9 +21,10 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from schemas import RunStatus, StatusEvent
-from worker import gctuning
+from worker import compat, gctuning
 from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, librdkafka_config
@@ -48,7 +49,8 @@ T = TypeVar("T")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    # One line, however long, and the message printed as it is (no markup read into it).
+    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -70,9 +72,7 @@ def _run(coro: Awaitable[T]) -> T:
     except topic_admin.TopicError as exc:
         raise _fail(str(exc)) from None
     except KafkaConnectionError as exc:
-        raise _fail(
-            f"cannot reach Kafka ({exc}). Check JOBS_BOOTSTRAP_SERVERS or --bootstrap."
-        ) from None
+        raise _fail(f"cannot connect to Kafka: {compat.connect_failure(exc)}") from None
     except KafkaError as exc:
         raise _fail(f"Kafka error: {exc}") from None
 
@@ -96,18 +96,29 @@ def broker(
         False, "--fetch-only", help="Only download Kafka's jars into the cache, then exit."
     ),
     port: int = typer.Option(0, help="Client port (default: a free port)."),
+    secure: bool = typer.Option(
+        False,
+        "--secure",
+        help="SCRAM-SHA-512 logins on the client port and over TLS on another, ACLs, and a "
+        "user per role with a random password; prints how to connect as each.",
+    ),
 ) -> None:
     """Run a local single-node Kafka broker in the foreground until Ctrl-C.
 
+    With --secure, clients log in (SCRAM-SHA-512, also over TLS) as one of the users it
+    prints, with its password; only `admin` is authorized until ACLs say otherwise.
+
     Example: jobctl broker --port 9092
     """
+    import shlex
+
     try:
         if fetch_only:
             libs = localkafka.fetch_jars()
             console.print(f"Kafka {localkafka.KAFKA_VERSION} jars in {libs}")
             return
         started = time.monotonic()
-        kafka = localkafka.LocalKafka(port=port)
+        kafka = localkafka.LocalKafka(port=port, secure=secure)
         kafka.start()
     except localkafka.LocalKafkaError as exc:
         raise _fail(str(exc)) from None
@@ -120,6 +131,20 @@ def broker(
                 "bootstrap servers:"
             )
             print(kafka.bootstrap_servers, flush=True)
+            if secure:
+                console.print(
+                    f"SCRAM-SHA-512 on {kafka.bootstrap_servers} (SASL_PLAINTEXT) and "
+                    f"{kafka.ssl_bootstrap_servers} (SASL_SSL). No ACLs yet: only admin, a "
+                    "super user, may do anything. To connect as a role, set:",
+                    highlight=False,
+                )
+                for role in localkafka.ROLES:
+                    for tls in (False, True):
+                        settings = kafka.connection_settings(role, tls=tls)
+                        # Plain print: a console would wrap the long line. Printing passwords
+                        # is the point: so they reach the user of this throwaway broker.
+                        line = (f"JOBS_{k.upper()}={shlex.quote(v)}" for k, v in settings.items())
+                        print(" ".join(line), flush=True)
             console.print("Ctrl-C stops it.")
             while kafka.running:
                 time.sleep(0.5)
@@ -350,7 +375,7 @@ async def _with_client(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
 
 
 def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    from worker.client.jobclient import JobRejectedError, JobTimeoutError
+    from worker.client.jobclient import JobError, JobRejectedError, JobTimeoutError
 
     try:
         return _run(_with_client(s, action))
@@ -358,6 +383,8 @@ def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
         raise _fail(str(exc), code=2) from None
     except JobRejectedError as exc:
         raise _fail(f"rejected: {exc}") from None
+    except JobError as exc:
+        raise _fail(str(exc)) from None
     except LookupError as exc:
         raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
 

@@ -7,6 +7,9 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
   has no public check, its transaction manager does.
 - `fetch_all_metadata`: topic metadata for a consumer without a subscription.
 - `install`: fetched records whose header names are not UTF-8 become readable, not fatal.
+- `connect_failure`: why a client could not connect. aiokafka's bootstrap raises only
+  "Unable to bootstrap from [...]" and logs the cause (a wrong password, an untrusted
+  certificate); a filter on its logger keeps that cause.
 
 Tolerant records.
 
@@ -26,17 +29,64 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.consumer import fetcher
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    IllegalSaslStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchPy, _DefaultRecordPy
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import decode_varint
+
+
+class _LastConnectError(logging.Filter):
+    """Keeps the cause aiokafka logs when a connection fails (it raises without it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cause: object = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if str(record.msg).startswith("Unable connect to") and isinstance(args, tuple):
+            self.cause = args[-1] if args else None
+        return True
+
+
+_LAST_CONNECT_ERROR = _LastConnectError()
+logging.getLogger("aiokafka").addFilter(_LAST_CONNECT_ERROR)  # aiokafka/client.py logs there
+_AUTH_ERRORS = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+)
+
+
+def connect_failure(error: BaseException) -> str:
+    """Why connecting failed, as a sentence that says what to check (no secret in it)."""
+    cause, _LAST_CONNECT_ERROR.cause = _LAST_CONNECT_ERROR.cause, None
+    if isinstance(cause, _AUTH_ERRORS):
+        return (
+            f"authentication failed ({cause}); check JOBS_SASL_USERNAME, JOBS_SASL_PASSWORD "
+            "and JOBS_SASL_MECHANISM"
+        )
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed ({cause}); check JOBS_SSL_CAFILE and JOBS_SECURITY_PROTOCOL"
+    if cause is not None:
+        return f"{error} ({cause}); check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
+    return f"{error}; check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
 
 
 def request_rejoin(consumer: AIOKafkaConsumer) -> None:

@@ -6,6 +6,7 @@ It talks to the orchestrator only over Kafka, through the published wire models 
 
 from worker.client.answers import (
     ClientNotOpenError,
+    JobConnectionError,
     JobError,
     JobRejectedError,
     JobTimeoutError,
@@ -20,6 +21,7 @@ __all__ = [
     "ClientNotOpenError",
     "Executor",
     "JobClient",
+    "JobConnectionError",
     "JobError",
     "JobRejectedError",
     "JobTimeoutError",

@@ -38,6 +38,10 @@ class JobRejectedError(JobError):
         self.event = event
 
 
+class JobConnectionError(JobError, ConnectionError):
+    """The client could not connect to Kafka: the message says why and what to check."""
+
+
 class ClientNotOpenError(JobError):
     """A call on a client that is not open."""
 

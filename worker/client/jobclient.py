@@ -28,10 +28,13 @@ from typing import Any, Literal, overload
 
 import structlog
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError
 
 from schemas import EventType, StatusEvent
+from worker import compat
 from worker.client.answers import (
     ClientNotOpenError,
+    JobConnectionError,
     JobError,
     JobRejectedError,
     JobTimeoutError,
@@ -88,6 +91,12 @@ class JobClient:
             await self.view.open()
             self._open = True
             await self.view.sync(30)
+        except KafkaConnectionError as exc:
+            await self.close()
+            where = self.settings.bootstrap_servers
+            raise JobConnectionError(
+                f"cannot connect to Kafka at {where}: {compat.connect_failure(exc)}"
+            ) from exc
         except BaseException:
             await self.close()
             raise

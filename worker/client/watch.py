@@ -30,9 +30,12 @@ class StatusTail:
         topics: Topics,
         *,
         from_beginning: bool = True,
+        dead_letters: bool = True,
         on_item: Callable[[Item], None] | None = None,
     ) -> None:
         self._topics = topics
+        # A reader's principal may read status only: without dead letters, only status.
+        self._read_topics = (topics.status, topics.dlq) if dead_letters else (topics.status,)
         self._consumer = AIOKafkaConsumer(
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -56,10 +59,18 @@ class StatusTail:
         return [i for i in self.items if isinstance(i, DeadLetter)]
 
     async def start(self) -> None:
-        """Assign every partition of both topics and start reading."""
+        """Assign every partition of the topics and start reading; closed again on failure."""
         await self._consumer.start()
+        try:
+            await self._assign()
+        except BaseException:
+            await self._consumer.stop()
+            raise
+        self._task = asyncio.create_task(self._read())
+
+    async def _assign(self) -> None:
         parts: list[TopicPartition] = []
-        for topic in (self._topics.status, self._topics.dlq):
+        for topic in self._read_topics:
             parts.extend(await partitions_of(self._consumer, topic))
         self._consumer.assign(parts)
         if self._from_beginning:
@@ -68,7 +79,6 @@ class StatusTail:
             await self._consumer.seek_to_end(*parts)
             for tp in parts:  # resolve the end position now, not at the first fetch
                 await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         while True:

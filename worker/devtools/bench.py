@@ -85,7 +85,7 @@ from worker.audit.replay import replay
 from worker.client.jobclient import JobClient
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
 from worker.engine import topics as topic_admin
-from worker.kafkaio import Outbox, partitions_of, read_until
+from worker.kafkaio import Outbox, connection, partitions_of, read_until
 from worker.settings import Settings, Topics
 
 _GUARANTEES = ("exactly_once", "at_least_once")
@@ -304,8 +304,8 @@ async def _send_starts(
 
 
 @contextlib.asynccontextmanager
-async def _producer(bootstrap: str, **config: Any) -> AsyncIterator[AIOKafkaProducer]:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **config)
+async def _producer(kafka: dict[str, Any], **config: Any) -> AsyncIterator[AIOKafkaProducer]:
+    producer = AIOKafkaProducer(acks="all", **kafka, **config)
     await producer.start()
     try:
         yield producer
@@ -462,14 +462,14 @@ class _Tail:
 
     def __init__(
         self,
-        bootstrap: str,
+        kafka: dict[str, Any],
         topic: str,
         *,
         decode: bool = True,
         executor: tuple[AIOKafkaProducer, str] | None = None,
         track: bool = False,
     ) -> None:
-        self.bootstrap = bootstrap
+        self.kafka = kafka
         self.topic = topic
         self.decode = decode
         self.executor = executor
@@ -488,10 +488,10 @@ class _Tail:
         """Subscribe from the beginning of the (fresh) topic and read in the background."""
         self._consumer = AIOKafkaConsumer(
             self.topic,
-            bootstrap_servers=self.bootstrap,
             isolation_level="read_committed",
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            **self.kafka,
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._read())
@@ -599,19 +599,38 @@ class _Recorded:
         return sum(len(rs) for parts in self.records.values() for rs in parts.values())
 
 
+def _connection_env(settings: Settings) -> dict[str, str]:
+    """The `JOBS_*` variables that connect a worker process as `settings` do."""
+    env = {
+        "JOBS_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "JOBS_SECURITY_PROTOCOL": settings.security_protocol,
+        "JOBS_SASL_MECHANISM": settings.sasl_mechanism,
+    }
+    optional = {
+        "JOBS_SASL_USERNAME": settings.sasl_username,
+        "JOBS_SASL_PASSWORD": settings.password(),
+        "JOBS_SSL_CAFILE": settings.ssl_cafile,
+        "JOBS_SSL_CERTFILE": settings.ssl_certfile,
+        "JOBS_SSL_KEYFILE": settings.ssl_keyfile,
+    }
+    env.update({name: str(value) for name, value in optional.items() if value is not None})
+    return env
+
+
 class _Bench:
     """Shared state of one bench run: broker clients, temp directory, created topics."""
 
-    def __init__(self, options: BenchOptions, console: Console, bootstrap: str, tmp: Path):
+    def __init__(self, options: BenchOptions, console: Console, settings: Settings, tmp: Path):
         self.options = options
         self.console = console
-        self.bootstrap = bootstrap
+        self.settings = settings  # the cluster and how to connect to it (JOBS_SECURITY_*...)
+        self.kafka = connection(settings)
         self.tmp = tmp
         self.created: list[str] = []
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self.admin = AIOKafkaAdminClient(**self.kafka)
         # One long-lived group-less reader for metadata and for reading topics back.
         self.reader = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+            isolation_level="read_committed", enable_auto_commit=False, **self.kafka
         )
         self._workers = 0
 
@@ -644,8 +663,8 @@ class _Bench:
         self._workers += 1
         name = f"{topics.requests.removesuffix('.requests')}-{self._workers}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("JOBS_")}
+        env.update(_connection_env(self.settings))
         env.update(
-            JOBS_BOOTSTRAP_SERVERS=self.bootstrap,
             JOBS_TOPIC_PREFIX=topics.requests.removesuffix(".requests"),
             JOBS_DB_PATH=db or str(self.tmp / f"{name}.db"),
             JOBS_PROCESSING_GUARANTEE=guarantee,
@@ -692,10 +711,10 @@ async def _run_lifecycles(
     """
     prefix = topics.requests.removesuffix(".requests")
     starts = [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
-    async with _producer(bench.bootstrap, linger_ms=5) as producer:
+    async with _producer(bench.kafka, linger_ms=5) as producer:
         if in_flight is None:
             await _send_starts(producer, topics, starts)
-        tail = _Tail(bench.bootstrap, topics.status, executor=(producer, topics.results))
+        tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results))
         await tail.start()
         try:
             await worker.start()
@@ -839,7 +858,7 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = F
     with `floor`, of the contract floor."""
     topics = await bench.topics("floor" if floor else "base", bench.options.partitions)
     inputs = {"requests": topics.requests, "results": topics.results}
-    async with _producer(bench.bootstrap, linger_ms=5) as copier:
+    async with _producer(bench.kafka, linger_ms=5) as copier:
         futures = [
             await copier.send(inputs[role], value, key=key, partition=partition)
             for role, parts in recorded.records.items()
@@ -866,7 +885,7 @@ class _PassThrough:
         self.batch_max_records = bench.options.batch_max_records
         self.producers = {
             n: AIOKafkaProducer(
-                bootstrap_servers=bench.bootstrap,
+                **bench.kafka,
                 transactional_id=f"{group}.{n}",
                 linger_ms=worker_settings.linger_ms,
                 max_batch_size=worker_settings.producer_batch_bytes,
@@ -874,7 +893,7 @@ class _PassThrough:
             for n in range(bench.options.partitions)
         }
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bench.bootstrap,
+            **bench.kafka,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -883,7 +902,7 @@ class _PassThrough:
             max_poll_records=bench.options.batch_max_records,
             fetch_max_wait_ms=worker_settings.fetch_max_wait_ms,
         )
-        self.observer = _Tail(bench.bootstrap, topics.status, decode=False)
+        self.observer = _Tail(bench.kafka, topics.status, decode=False)
 
     def tps(self, n: int) -> tuple[TopicPartition, TopicPartition]:
         return TopicPartition(self.topics.requests, n), TopicPartition(self.topics.results, n)
@@ -994,10 +1013,8 @@ async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int
     total = max(1, round(o.latency_rate * o.latency_seconds))
     worker = bench.worker(topics, "exactly_once")
     # linger 0: a request goes out as soon as it is due; batching would add latency.
-    async with _producer(bench.bootstrap, linger_ms=0) as producer:
-        tail = _Tail(
-            bench.bootstrap, topics.status, executor=(producer, topics.results), track=True
-        )
+    async with _producer(bench.kafka, linger_ms=0) as producer:
+        tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), track=True)
         await tail.start()
         try:
             await worker.start()
@@ -1046,7 +1063,7 @@ async def _client_round(bench: _Bench) -> tuple[float, float, float]:
     topics = await bench.topics("client", bench.options.partitions)
     prefix = topics.requests.removesuffix(".requests")
     worker = bench.worker(topics, "exactly_once")
-    settings = Settings(bootstrap_servers=bench.bootstrap, topic_prefix=prefix, http_port=0)
+    settings = bench.settings.model_copy(update={"topic_prefix": prefix, "http_port": 0})
     calls = bench.options.client_calls
     try:
         await worker.start()
@@ -1141,7 +1158,7 @@ async def _replay(bench: _Bench, topics: Topics) -> tuple[Figure, int]:
     """Status events per second that `jobctl replay` applies into a fresh SQLite file, and
     the processes it replayed in."""
     prefix = topics.status.rsplit(".", 1)[0]
-    settings = Settings(bootstrap_servers=bench.bootstrap, topic_prefix=prefix)
+    settings = bench.settings.model_copy(update={"topic_prefix": prefix})
     rates = []
     processes = 1
     for r in range(bench.options.rounds):
@@ -1181,9 +1198,12 @@ async def run_bench(options: BenchOptions, console: Console) -> BenchReport:
         local = LocalKafka()
         await asyncio.to_thread(local.start)  # blocking, and runs its own event loop inside
         bootstrap = local.bootstrap_servers
+        settings = Settings(bootstrap_servers=bootstrap, security_protocol="PLAINTEXT")
+    else:  # a given cluster: connected to as every other client is (JOBS_SECURITY_*, ...)
+        settings = Settings(bootstrap_servers=bootstrap)
     try:
         with tempfile.TemporaryDirectory(prefix="jobs-bench-") as tmp:
-            bench = _Bench(o, console, bootstrap, Path(tmp))
+            bench = _Bench(o, console, settings, Path(tmp))
             await bench.start()
             try:
                 return await _measure(bench, _environment(bootstrap, local))

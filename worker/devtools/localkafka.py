@@ -9,6 +9,11 @@ dies, the JVM is told to die too.
 For fault tests a broker can also be crashed (`kill`, SIGKILL) and started again on the same
 log, ports and cluster ID, so connected clients find it at the same address, or hung
 (`freeze`, SIGSTOP) and resumed (`thaw`, SIGCONT).
+
+A secured broker (`secure=True`) takes SCRAM-SHA-512 logins only, on a SASL_PLAINTEXT port and
+a SASL_SSL one, and authorizes with ACLs (none at first: only the super user `admin` may do
+anything). Its users, one per role of `ROLES` with random passwords, and a CA and server
+certificate are made at its first start and kept in its data dir, for its restarts.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import base64
 import contextlib
 import ctypes
 import errno
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -275,6 +282,247 @@ def _in_event_loop() -> bool:
     return True
 
 
+def _base_config(port: int, controller_port: int, log_dir: Path) -> dict[str, str]:
+    """The broker's configuration on PLAINTEXT, before security and `extra_config`."""
+    return {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(log_dir),
+        "num.partitions": "1",
+        "auto.create.topics.enable": "false",
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "transaction.state.log.num.partitions": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+        # The cleaner's default 128 MiB buffer is wasted on a test broker.
+        "log.cleaner.dedupe.buffer.size": str(8 * 1024 * 1024),
+        "log.cleaner.threads": "1",
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+        "num.recovery.threads.per.data.dir": "1",
+    }
+
+
+ROLES = ("admin", "orchestrator", "producer", "executor", "reader")
+"""The SCRAM users of a secured broker, one per role, named after it; `admin` is a super user."""
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+_SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required"
+_KEYSTORE_ENV = "LOCALKAFKA_KEYSTORE_PASSWORD"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable and writable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _keytool(java: str) -> str:
+    """keytool of the JDK whose `java` runs the broker, else the one on PATH."""
+    beside = Path(java).resolve().parent / "keytool"
+    if beside.exists():
+        return str(beside)
+    return _require(
+        "keytool", "a Java runtime with keytool (e.g. `apt-get install openjdk-17-jre`)"
+    )
+
+
+@dataclass
+class BrokerSecurity:
+    """The SCRAM users and the TLS material of a secured broker, in `directory`.
+
+    Made by the first start on a data dir and read back by every later one: a restart, or a
+    new LocalKafka on a kept data dir, has the same users, passwords and certificates. The
+    passwords are random per broker; files holding secrets are readable by their owner only.
+    """
+
+    directory: Path
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+    keystore_password: str = field(default="", repr=False)
+
+    @property
+    def cafile(self) -> Path:
+        """The CA certificate (PEM) that signed the broker's: what clients trust."""
+        return self.directory / "ca.pem"
+
+    @property
+    def keystore(self) -> Path:
+        """The broker's key and certificate chain (PKCS12)."""
+        return self.directory / "server.p12"
+
+    @property
+    def _saved(self) -> Path:
+        return self.directory / "credentials.json"
+
+    @classmethod
+    def open(cls, data_dir: Path) -> BrokerSecurity:
+        """The users and certificates saved in `data_dir`, or new ones for a new log there."""
+        security = cls(data_dir / "security")
+        if not security.load():
+            if _formatted_cluster_id(data_dir / "data") is not None:
+                raise LocalKafkaError(
+                    f"{data_dir} holds a log formatted without secure=True, which has no users; "
+                    "remove it to start afresh"
+                )
+            security.create()
+        return security
+
+    def settings(self, role: str, bootstrap: str, *, tls: bool) -> dict[str, str]:
+        """The project's settings that connect as `role`, over SASL_SSL if `tls`."""
+        if role not in self.credentials:
+            raise LocalKafkaError(f"no user {role!r}; the users are {', '.join(ROLES)}")
+        settings = {
+            "bootstrap_servers": bootstrap,
+            "security_protocol": "SASL_SSL" if tls else "SASL_PLAINTEXT",
+            "sasl_mechanism": SCRAM_MECHANISM,
+            "sasl_username": role,
+            "sasl_password": self.credentials[role],
+        }
+        if tls:
+            settings["ssl_cafile"] = str(self.cafile)
+        return settings
+
+    def load(self) -> bool:
+        """Read the saved passwords; False if none were made in `directory` yet."""
+        if not self._saved.exists():
+            return False
+        saved = json.loads(self._saved.read_text())
+        self.credentials = dict(saved["users"])
+        self.keystore_password = saved["keystore_password"]
+        return True
+
+    def create(self) -> None:
+        """Draw a random password for each role and for the keystore, and save them."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.credentials = {role: secrets.token_urlsafe(18) for role in ROLES}
+        self.keystore_password = secrets.token_urlsafe(18)
+        saved = {"users": self.credentials, "keystore_password": self.keystore_password}
+        _write_private(self._saved, json.dumps(saved, indent=2) + "\n")
+
+    def make_certificates(self, keytool: str) -> None:
+        """Make a CA and a server certificate for 127.0.0.1 and localhost signed by it (EC
+        P-256, ten years), unless made already; the CA's key is dropped once it has signed."""
+        if self.keystore.exists() and self.cafile.exists():
+            return
+        making = self.directory / "making.p12"
+        making.unlink(missing_ok=True)
+        store = ["-keystore", str(making), "-storetype", "PKCS12", "-storepass:env", _KEYSTORE_ENV]
+        key = ["-genkeypair", "-keyalg", "EC", "-groupname", "secp256r1", "-validity", "3650"]
+        ca = ["-alias", "ca", "-dname", "CN=job-orchestrator local CA", "-ext", "bc:c"]
+        server = ["-alias", "server", "-dname", "CN=localhost", "-ext", "EKU=serverAuth"]
+        server += ["-ext", "SAN=ip:127.0.0.1,dns:localhost", "-ext", "KU:c=digitalSignature"]
+        steps = [
+            [*key, *ca, "-ext", "KU:c=keyCertSign,cRLSign"],
+            [*key, *server, "-signer", "ca", "-signerkeypass:env", _KEYSTORE_ENV],
+            ["-exportcert", "-alias", "ca", "-rfc", "-file", str(self.cafile)],
+            ["-delete", "-alias", "ca"],
+        ]
+        # Passwords go through the environment: a command line is visible to every user.
+        env = {**os.environ, _KEYSTORE_ENV: self.keystore_password}
+        for step in steps:
+            run = subprocess.run(
+                [keytool, *step, *store], capture_output=True, text=True, env=env, check=False
+            )
+            if run.returncode != 0:
+                raise LocalKafkaError(f"keytool {step[0]} failed:\n{run.stdout}{run.stderr}")
+        making.chmod(0o600)  # it holds the broker's private key
+        making.rename(self.keystore)
+
+    def format_arguments(self) -> list[str]:
+        """`kafka-storage format` arguments that create the users with the log."""
+        return [
+            arg
+            for name, password in self.credentials.items()
+            for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]")
+        ]
+
+    def config(self, port: int, ssl_port: int, controller_port: int) -> dict[str, str]:
+        """What secures the broker: SCRAM on `port`, SCRAM over TLS on `ssl_port`, ACLs."""
+        admin_login = f'{_SCRAM_LOGIN} username="admin" password="{self.credentials["admin"]}";'
+        scram = SCRAM_MECHANISM.lower()
+        return {
+            "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},SASL_SSL://127.0.0.1:{ssl_port},"
+            f"CONTROLLER://127.0.0.1:{controller_port}",
+            "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port},"
+            f"SASL_SSL://127.0.0.1:{ssl_port}",
+            "listener.security.protocol.map": "SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL,"
+            "CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            # The broker's connections to itself (transaction markers...) log in as admin.
+            "inter.broker.listener.name": "SASL_PLAINTEXT",
+            "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+            f"listener.name.sasl_plaintext.{scram}.sasl.jaas.config": admin_login,
+            f"listener.name.sasl_ssl.{scram}.sasl.jaas.config": f"{_SCRAM_LOGIN};",
+            "ssl.keystore.type": "PKCS12",
+            "ssl.keystore.location": str(self.keystore),
+            "ssl.keystore.password": self.keystore_password,
+            "ssl.key.password": self.keystore_password,
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "false",
+            # The controller listener stays PLAINTEXT on loopback (SCRAM cannot guard it: its
+            # users live in the metadata log the controller serves). The broker half of this
+            # JVM reaches the controller half on it as User:ANONYMOUS, which must therefore be
+            # a super user; so is then any local process that connects to the controller port
+            # itself (admin clients may, KIP-919): it can change ACLs and configurations. The
+            # client listeners never see ANONYMOUS: every connection to them authenticates.
+            "super.users": "User:admin;User:ANONYMOUS",
+        }
+
+
+def _jvm(java: str, heap: str, log4j: Path, libs: Path) -> list[str]:
+    """The command that runs a class of Kafka's jars."""
+    return [
+        java,
+        f"-Xms{heap}",
+        f"-Xmx{heap}",
+        "-XX:+UseSerialGC",
+        "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={log4j}",
+        "-cp",
+        f"{libs}/*",
+    ]
+
+
+def _storage_format(jvm: list[str], props: Path, arguments: list[str]) -> None:
+    """Run `kafka-storage format` on the configuration `props` with `arguments`."""
+    # Given in an argument file (`java @file`), the users' passwords stay off the command
+    # line, which any local user can read.
+    argfile = props.parent / "format.args"
+    command = ["kafka.tools.StorageTool", "format", "-c", str(props), *arguments]
+    quoted = (arg.replace("\\", "\\\\").replace('"', '\\"') for arg in command)
+    _write_private(argfile, "".join(f'"{arg}"\n' for arg in quoted))
+    try:
+        fmt = subprocess.run([*jvm, f"@{argfile}"], capture_output=True, text=True, check=False)
+    finally:
+        argfile.unlink(missing_ok=True)
+    if fmt.returncode != 0:
+        raise LocalKafkaError(
+            f"formatting the Kafka data directory failed:\n{fmt.stdout}{fmt.stderr}"
+        )
+
+
+def _aiokafka_arguments(settings: dict[str, str]) -> dict[str, str]:
+    """aiokafka's arguments for SASL_PLAINTEXT `settings` of connection_settings()."""
+    arguments = {"bootstrap_servers": settings["bootstrap_servers"]}
+    if "sasl_username" in settings:
+        arguments["security_protocol"] = settings["security_protocol"]
+        arguments["sasl_mechanism"] = settings["sasl_mechanism"]
+        arguments["sasl_plain_username"] = settings["sasl_username"]
+        arguments["sasl_plain_password"] = settings["sasl_password"]
+    return arguments
+
+
 @dataclass
 class LocalKafka:
     """One KRaft broker+controller on loopback; use as a context manager or start()/stop().
@@ -284,6 +532,7 @@ class LocalKafka:
     clients find the broker at the same address with its records. A temporary data directory
     is made and removed on stop(); a given `data_dir` is kept, and a formatted log in it is
     started as it is. kill() crashes the broker, freeze() / thaw() hang and resume it.
+    `secure=True` adds a SASL_SSL port (`ssl_port`), users and ACLs: see connection_settings().
     """
 
     version: str = KAFKA_VERSION
@@ -294,7 +543,10 @@ class LocalKafka:
     data_dir: Path | None = None
     startup_timeout: float = 90.0
     controller_port: int = 0
+    secure: bool = False
+    ssl_port: int = 0
     cluster_id: str = field(default="", init=False)
+    _security: BrokerSecurity | None = field(default=None, init=False, repr=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _own_dir: bool = field(default=False, init=False, repr=False)
     _frozen: bool = field(default=False, init=False, repr=False)
@@ -309,36 +561,37 @@ class LocalKafka:
         """The broker's log (its records and metadata), inside `data_dir`."""
         return None if self.data_dir is None else self.data_dir / "data"
 
-    def _config(self, controller_port: int, log_dir: Path) -> dict[str, str]:
-        config = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
-            "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "log.dirs": str(log_dir),
-            "num.partitions": "1",
-            "auto.create.topics.enable": "false",
-            "offsets.topic.replication.factor": "1",
-            "offsets.topic.num.partitions": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "transaction.state.log.num.partitions": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",
-            # The cleaner's default 128 MiB buffer is wasted on a test broker.
-            "log.cleaner.dedupe.buffer.size": str(8 * 1024 * 1024),
-            "log.cleaner.threads": "1",
-            "num.network.threads": "2",
-            "num.io.threads": "4",
-            "num.recovery.threads.per.data.dir": "1",
-        }
-        config.update(self.extra_config)
-        return config
+    @property
+    def ssl_bootstrap_servers(self) -> str:
+        """A secured broker's SASL_SSL address, `127.0.0.1:SSL_PORT`."""
+        self._secured()
+        return f"127.0.0.1:{self.ssl_port}"
+
+    @property
+    def cafile(self) -> Path:
+        """The CA certificate (PEM) of a secured broker's TLS listener, for its clients."""
+        return self._secured().cafile
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """A secured broker's SCRAM users (named after the roles of ROLES) and passwords."""
+        return dict(self._secured().credentials)
+
+    def _secured(self) -> BrokerSecurity:
+        if not self.secure:
+            raise LocalKafkaError("this broker is not secured: make it with secure=True")
+        if self._security is None:
+            raise LocalKafkaError("a secured broker's users and certificates are made by start()")
+        return self._security
+
+    def connection_settings(self, role: str = "admin", *, tls: bool = False) -> dict[str, str]:
+        """The project's settings (`Settings` fields, `JOBS_<FIELD>` in the environment) that
+        connect to this broker as `role`: over SASL_PLAINTEXT, or SASL_SSL if `tls`. For a
+        broker that is not secured, only its bootstrap servers."""
+        if not self.secure:
+            return {"bootstrap_servers": self.bootstrap_servers}
+        address = self.ssl_bootstrap_servers if tls else self.bootstrap_servers
+        return self._secured().settings(role, address, tls=tls)
 
     def start(self) -> LocalKafka:
         """Start the broker and wait until it serves metadata; return self.
@@ -362,14 +615,11 @@ class LocalKafka:
             self.data_dir = Path(tempfile.mkdtemp(prefix="jobs-kafka-"))
             self._own_dir = True
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.port == 0:
-            self.port = _free_port()
-        while self.controller_port in (0, self.port):
-            self.controller_port = _free_port()
+        self._pick_ports()
         try:
             jvm, props = self._write_config(java, libs)
-            self._format(jvm, props)
-            for port in (self.port, self.controller_port):
+            self._format(jvm, props, java)
+            for port in self._ports():
                 _check_port_free(port)
             self._launch([*jvm, "kafka.Kafka", str(props)])
             self._wait_ready()
@@ -382,44 +632,47 @@ class LocalKafka:
             raise
         return self
 
+    def _pick_ports(self) -> None:
+        if self.port == 0:
+            self.port = _free_port()
+        while self.controller_port in (0, self.port):
+            self.controller_port = _free_port()
+        while self.secure and self.ssl_port in (0, self.port, self.controller_port):
+            self.ssl_port = _free_port()
+
+    def _ports(self) -> tuple[int, ...]:
+        secured = (self.ssl_port,) if self.secure else ()
+        return (self.port, *secured, self.controller_port)
+
     def _write_config(self, java: str, libs: Path) -> tuple[list[str], Path]:
         """Write server.properties and the log4j2 file; return the JVM command and the first."""
         assert self.data_dir is not None
         props = self.data_dir / "server.properties"
-        config = self._config(self.controller_port, self.data_dir / "data")
-        props.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+        config = _base_config(self.port, self.controller_port, self.data_dir / "data")
+        if self.secure:
+            self._security = security = BrokerSecurity.open(self.data_dir)
+            config.update(security.config(self.port, self.ssl_port, self.controller_port))
+        config.update(self.extra_config)
+        _write_private(props, "".join(f"{k}={v}\n" for k, v in config.items()))
         log4j = self.data_dir / "log4j2.properties"
         log4j.write_text(_LOG4J2.format(log=self.data_dir / "server.log", level=self.log_level))
-        jvm = [
-            java,
-            f"-Xms{self.heap}",
-            f"-Xmx{self.heap}",
-            "-XX:+UseSerialGC",
-            "-Djava.awt.headless=true",
-            f"-Dlog4j2.configurationFile={log4j}",
-            "-cp",
-            f"{libs}/*",
-        ]
-        return jvm, props
+        return _jvm(java, self.heap, log4j, libs), props
 
-    def _format(self, jvm: list[str], props: Path) -> None:
-        """Format the log with this broker's cluster ID, unless it is formatted already."""
+    def _format(self, jvm: list[str], props: Path, java: str) -> None:
+        """Format the log with this broker's cluster ID and users, unless it is formatted
+        already; make a secured broker's certificates meanwhile, unless made already."""
         assert self.log_dir is not None
-        formatted = _formatted_cluster_id(self.log_dir)
-        if formatted is not None:
-            self.cluster_id = formatted
-            return
-        self.cluster_id = self.cluster_id or _cluster_id()
-        fmt = subprocess.run(
-            [*jvm, "kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", str(props)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if fmt.returncode != 0:
-            raise LocalKafkaError(
-                f"formatting the Kafka data directory failed:\n{fmt.stdout}{fmt.stderr}"
-            )
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            security = self._security if self.secure else None
+            # keytool's JVMs run beside the formatting one, not after it.
+            made = pool.submit(security.make_certificates, _keytool(java)) if security else None
+            formatted = _formatted_cluster_id(self.log_dir)
+            self.cluster_id = formatted or self.cluster_id or _cluster_id()
+            if formatted is None:
+                users = security.format_arguments() if security else []
+                _storage_format(jvm, props, [*users, "-t", self.cluster_id])
+            if made is not None:
+                made.result()
 
     def _launch(self, cmd: list[str]) -> None:
         assert self.data_dir is not None
@@ -448,7 +701,9 @@ class LocalKafka:
                     f"the Kafka broker exited with code {self._proc.returncode} during start-up:\n"
                     + self._log_tail()
                 )
-            if _port_open(self.port) and asyncio.run(_answers_metadata(self.bootstrap_servers)):
+            if all(map(_port_open, self._ports())) and asyncio.run(
+                _answers_metadata(_aiokafka_arguments(self.connection_settings()))
+            ):
                 return
             if time.monotonic() > deadline:
                 raise LocalKafkaError(
@@ -479,6 +734,7 @@ class LocalKafka:
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.cluster_id = ""  # the next start formats a new, empty log
+            self._security = None  # with new users and certificates
 
     def kill(self, timeout: float = 15.0) -> None:
         """Crash the broker: SIGKILL the JVM (frozen or not) and wait until it is gone.
@@ -574,12 +830,12 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-async def _answers_metadata(bootstrap: str) -> bool:
+async def _answers_metadata(connection: dict[str, str]) -> bool:
     """True once the broker answers a metadata request and has a controller."""
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    admin = AIOKafkaAdminClient(**connection, request_timeout_ms=2000)
     try:
         await asyncio.wait_for(admin.start(), 3)
         cluster = await asyncio.wait_for(admin.describe_cluster(), 3)
