@@ -122,3 +122,25 @@ def test_the_fetcher_builds_record_sets_through_the_tolerant_reader() -> None:
     """`install` replaces the record-set class aiokafka's fetcher uses."""
     compat.install()
     assert fetcher.MemoryRecords is TolerantMemoryRecords
+
+
+async def test_the_cause_of_a_failed_connection_is_kept() -> None:
+    """aiokafka raises "Unable to bootstrap" and logs why; connect_failure says why."""
+    import socket
+
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaConnectionError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+    with pytest.raises(KafkaConnectionError) as caught:
+        await admin.start()
+    await admin.close()
+    said = compat.connect_failure(caught.value)
+    assert "Unable to bootstrap" in said
+    assert "Connect call failed" in said or "refused" in said.lower()  # the logged cause
+    assert "JOBS_BOOTSTRAP_SERVERS" in said
+    again = compat.connect_failure(caught.value)  # consumed: a stale cause is not reused
+    assert "Connect call failed" not in again
