@@ -24,6 +24,7 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from pydantic import SecretStr
 
 from schemas import EventType, StatusEvent
+from tests.chaos import WorkerProcess
 from tests.conftest import RunningWorker, create_topics
 from worker.client import Executor, JobClient, JobConnectionError, RunContext
 from worker.client.watch import StatusTail
@@ -94,7 +95,9 @@ async def secured(broker: LocalKafka, tmp_path: Path) -> dict[str, Settings]:
     return roles
 
 
-async def test_the_worker_runs_end_to_end_under_its_acls(secured: dict[str, Settings]) -> None:
+async def test_the_worker_runs_end_to_end_under_its_acls(
+    secured: dict[str, Settings], tmp_path: Path
+) -> None:
     """Exactly-once worker as `orchestrator`, a producer's client, an executor, a reader's
     tail: a run starts, is executed and completes; the reader sees every event."""
     worker = await RunningWorker(secured["orchestrator"]).start()
@@ -126,6 +129,24 @@ async def test_the_worker_runs_end_to_end_under_its_acls(secured: dict[str, Sett
                 await asyncio.wait_for(running, 60)
     finally:
         await worker.stop()
+    # The audit tools under the same rules: verify as admin (it reads the inputs too),
+    # replay as the reader, whose rights cover the decision log only.
+    verified = await _jobctl(secured["admin"], "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert "0 divergences" in verified.stdout
+    replayed = await _jobctl(secured["reader"], "replay", "--db", str(tmp_path / "replayed.db"))
+    assert replayed.returncode == 0, replayed.stderr
+
+
+async def _jobctl(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [*JOBCTL, *args],
+        env=env_of(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 async def test_only_the_orchestrator_can_write_runs(secured: dict[str, Settings]) -> None:
@@ -201,3 +222,51 @@ async def test_a_client_over_sasl_ssl(broker: LocalKafka, secured: dict[str, Set
             assert await jobs.is_job_running("tls.job")
     finally:
         await worker.stop()
+
+
+async def test_the_password_never_reaches_the_worker_s_log(
+    secured: dict[str, Settings], tmp_path: Path
+) -> None:
+    """`jobctl run` as the orchestrator at debug level: started, stopped, and its whole
+    output does not contain the password."""
+    settings = secured["orchestrator"]
+    password = settings.password()
+    assert password is not None
+    worker = WorkerProcess(
+        settings,
+        "worker",
+        tmp_path,
+        log_level="debug",
+        security_protocol=settings.security_protocol,
+        sasl_mechanism=settings.sasl_mechanism,
+        sasl_username=settings.sasl_username or "",
+        sasl_password=password,
+    )
+    log_path = worker.log_path
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while "partitions assigned" not in worker.log_text():
+            assert worker.alive(), worker.log_text()[-3000:]
+            assert time.monotonic() < deadline, "the worker did not take its partitions"
+            await asyncio.sleep(0.1)  # polls another process's log: nothing to await
+        assert await worker.terminate() == 0
+    finally:
+        worker.ensure_dead()
+    assert password not in log_path.read_text(errors="replace")
+
+
+async def test_an_untrusted_tls_endpoint_is_one_line(broker: LocalKafka) -> None:
+    """SASL_SSL without the broker's CA: the command stops at once, naming TLS."""
+    settings = broker.connection_settings("reader", tls=True)
+    settings.pop("ssl_cafile", None)
+    env = {**os.environ, **{f"JOBS_{k.upper()}": str(v) for k, v in settings.items()}}
+    began = time.monotonic()
+    done = await asyncio.to_thread(
+        subprocess.run, [*JOBCTL, "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert time.monotonic() - began < 30
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "TLS failed" in lines[0]

@@ -48,6 +48,14 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 
+@app.callback()
+def _logging() -> None:
+    """Kafka-native job orchestration: run the worker and manage its topics."""
+    # Every command logs through one set-up, to stderr (`run`, `bench` and `demo` set their
+    # own); stdout stays the command's output, pure JSON with --json.
+    configure_logs("warning", "auto", library_level="error", quiet_kafka=True)
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     # One line, however long, and the message printed as it is (no markup read into it).
     err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)

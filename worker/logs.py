@@ -18,6 +18,7 @@ def configure(
     fmt: Literal["auto", "json", "console"] = "auto",
     stream: TextIO | None = None,
     library_level: str = "warning",
+    quiet_kafka: bool = False,
 ) -> None:
     """Configure structlog and route the standard library's logging through it."""
     out = stream if stream is not None else sys.stderr
@@ -49,6 +50,10 @@ def configure(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
+    if quiet_kafka:
+        # A command reports what went wrong in one line of its own; aiokafka's records still
+        # reach their loggers (`compat.connect_failure` reads the cause from them).
+        handler.addFilter(lambda record: not record.name.startswith("aiokafka"))
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.getLevelNamesMapping()[library_level.upper()])
