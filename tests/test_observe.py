@@ -10,11 +10,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.exposition import generate_latest
 
 from schemas import DeadLetter, EventType
 from tests.chaos import WorkerProcess
-from tests.conftest import create_topics
+from tests.conftest import RunningWorker, create_topics
 from worker.client.watch import StatusTail
+from worker.devtools.localkafka import LocalKafka
+from worker.engine.hooks import Hooks
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -76,6 +79,8 @@ async def test_health_readiness_and_metrics(
                     await asyncio.sleep(0.1)
         assert status == 200
         assert 'jobs_batches_total{outcome="committed"}' in text
+        assert 'jobs_commits_total{result="committed"}' in text
+        assert "jobs_commit_seconds_count" in text
         assert "jobs_ready 1.0" in text
         assert "jobs_partitions_owned 2.0" in text
         assert 'jobs_consumer_lag{input="requests",partition="0"}' in text
@@ -83,3 +88,73 @@ async def test_health_readiness_and_metrics(
         assert await worker.terminate() == 0
     finally:
         worker.ensure_dead()
+
+
+async def test_an_aborted_transaction_is_counted_and_its_batch_retried(
+    topics: Settings, tail: StatusTail, producer: AIOKafkaProducer
+) -> None:
+    """A transaction that fails before its commit counts as aborted; the retried batch
+    commits, and the start is decided once."""
+    from aiokafka.errors import KafkaTimeoutError
+
+    failures = []
+
+    def fail_once(point: str) -> None:
+        if point == "in_transaction" and not failures:
+            failures.append(point)
+            raise KafkaTimeoutError("injected: the broker did not answer in time")
+
+    running = await RunningWorker(topics, Hooks(at_point=fail_once)).start()
+    try:
+        body = json.dumps({"job_type": "etl", "request_id": "a1"}).encode()
+        await producer.send_and_wait(topics.topics.requests, body, key=b"etl")
+        assert (await tail.wait_event(request_id="a1")).type is EventType.STARTED
+        text = generate_latest(running.worker.metrics.registry).decode()
+        assert 'jobs_commits_total{result="aborted"} 1.0' in text
+        assert 'jobs_commits_total{result="committed"} 1.0' in text
+        assert [e.type for e in tail.events if e.request_id == "a1"] == [EventType.STARTED]
+    finally:
+        await running.stop()
+
+
+async def test_not_ready_while_the_broker_does_not_answer(tmp_path: Path) -> None:
+    """A hung broker (SIGSTOP): /readyz says 503 with the reason within seconds while
+    /healthz stays 200; once the broker is back, ready again."""
+    broker = LocalKafka(data_dir=tmp_path / "kafka")
+    await asyncio.to_thread(broker.start)
+    port = _free_port()
+    settings = Settings(
+        bootstrap_servers=broker.bootstrap_servers,
+        topic_prefix="probe",
+        db_path=tmp_path / "worker.db",
+        http_port=port,
+        poll_timeout_ms=100,
+    )
+    running: RunningWorker | None = None
+    try:
+        await create_topics(settings, 1)
+        running = await RunningWorker(settings).start()
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+
+            async def readiness_becomes(status: int, within: float) -> str:
+                async with asyncio.timeout(within):
+                    while True:
+                        got, body = await _get(session, f"{base}/readyz")
+                        if got == status:
+                            return body
+                        await asyncio.sleep(0.2)  # polls an HTTP endpoint: nothing to await
+
+            await readiness_becomes(200, 30)
+            await asyncio.to_thread(broker.freeze)
+            try:
+                body = await readiness_becomes(503, 15)
+                assert "the broker does not answer" in body
+                assert (await _get(session, f"{base}/healthz"))[0] == 200
+            finally:
+                await asyncio.to_thread(broker.thaw)
+            await readiness_becomes(200, 60)
+    finally:
+        if running is not None:
+            await running.stop()
+        await asyncio.to_thread(broker.stop)

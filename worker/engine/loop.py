@@ -139,7 +139,9 @@ class Worker:
         )
         try:
             if s.http_port:
-                self._http = HttpServer(self.metrics, self.is_ready, self._measure, s.http_port)
+                self._http = HttpServer(
+                    self.metrics, self.is_ready, self._measure, self._probe, s.http_port
+                )
                 await self._http.start()
             await collector.start()
             consumer.subscribe(
@@ -234,6 +236,15 @@ class Worker:
                 continue
             self._partitions.pause(number)
             owned.batch = asyncio.create_task(self._runner.run(owned, [], wall_clock=now))
+
+    async def _probe(self) -> None:
+        """One request that only the broker can answer: its end offsets of the owned inputs."""
+        if self._consumer is None or self._partitions is None:
+            return
+        owned = list(self._partitions.owned)
+        tps = [tp for n in owned for tp in self._partitions.topic_partitions(n)]
+        if tps:
+            await self._consumer.end_offsets(tps)
 
     async def _measure(self) -> None:
         """Set the gauges a scrape reads: partitions, active runs, lag per input."""

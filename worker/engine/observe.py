@@ -3,8 +3,10 @@
 `JOBS_HTTP_PORT` (default 8080; 0 switches it off) serves:
 
 - `/healthz`: 200 while the event loop answers;
-- `/readyz`: 200 once every assigned partition is taken and restored, 503 while a
-  partition is being taken (a restore) or none is assigned yet;
+- `/readyz`: 200 once every assigned partition is taken and restored and the broker
+  answers (the owned partitions' end offsets within 2 s), 503 with a `reason` otherwise:
+  while a partition is being taken (a restore), none is assigned yet, or the broker is
+  unreachable;
 - `/metrics`: Prometheus text format, from a registry of this worker's own.
 
 Labels stay bounded: event types and dead-letter codes are fixed sets, partitions are as
@@ -13,11 +15,13 @@ many as the topics have; no label names a job type.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as MetricCounter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +30,7 @@ from worker.engine.task import BatchOutcome
 
 log = structlog.get_logger("worker")
 
+_BROKER_PROBE_S = 2.0  # how long /readyz waits for the broker before it says not ready
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _RESTORE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -51,6 +56,19 @@ class Metrics:
         self.batch_seconds = Histogram(
             "jobs_batch_seconds",
             "From a batch's records to its commit.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.commits = MetricCounter(
+            "jobs_commits",
+            "Outcomes published (one Kafka transaction each, exactly-once), by result: "
+            "committed, or aborted (nothing of it became visible).",
+            ["result"],
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "jobs_commit_seconds",
+            "Publishing one batch's outcome: its records, its offsets and the commit.",
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
@@ -91,6 +109,15 @@ class Metrics:
         """Count a failed batch."""
         self.batches.labels("failed").inc()
 
+    def published(self, seconds: float) -> None:
+        """Count a committed publication (a transaction, exactly-once) and its latency."""
+        self.commits.labels("committed").inc()
+        self.commit_seconds.observe(seconds)
+
+    def publish_failed(self) -> None:
+        """Count a publication that did not commit (its transaction aborted)."""
+        self.commits.labels("aborted").inc()
+
 
 class HttpServer:
     """`/healthz`, `/readyz` and `/metrics` on `port`."""
@@ -100,11 +127,13 @@ class HttpServer:
         metrics: Metrics,
         ready: Callable[[], bool],
         refresh: Callable[[], Awaitable[None]],
+        probe: Callable[[], Awaitable[None]],
         port: int,
     ) -> None:
         self._metrics = metrics
         self._ready = ready
         self._refresh = refresh
+        self._probe = probe
         self._port = port
         self._runner: web.AppRunner | None = None
 
@@ -128,9 +157,18 @@ class HttpServer:
         return web.json_response({"status": "alive"})
 
     async def _readiness(self, request: web.Request) -> web.Response:
-        ready = self._ready()
+        ready, reason = self._ready(), "a partition is being taken, or none is assigned"
+        if ready:
+            try:  # the broker answers: end offsets of the owned partitions, within 2 s
+                async with asyncio.timeout(_BROKER_PROBE_S):
+                    await self._probe()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                ready, reason = False, f"the broker does not answer: {exc!r}"
         self._metrics.ready.set(1 if ready else 0)
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        body: dict[str, object] = {"ready": ready}
+        if not ready:
+            body["reason"] = reason
+        return web.json_response(body, status=200 if ready else 503)
 
     async def _scrape(self, request: web.Request) -> web.Response:
         self._metrics.ready.set(1 if self._ready() else 0)

@@ -172,7 +172,13 @@ class BatchRunner:
         if outcome.empty:
             return
         number = owned.task.number
-        position = await self._collector.commit(number, outcome)
+        began = time.perf_counter()
+        try:
+            position = await self._collector.commit(number, outcome)
+        except BaseException:
+            self._metrics.publish_failed()
+            raise
+        self._metrics.published(time.perf_counter() - began)
         self._hooks.point("after_commit")
         # Written behind: the partition goes on while SQLite catches up (a crash before the
         # write is the restore-from-changelog case); taking a partition flushes first.
