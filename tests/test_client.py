@@ -13,9 +13,8 @@ from typer.testing import CliRunner
 from schemas import EventType, RunStatus
 from tests.conftest import RunningWorker
 from worker.cli import app
-from worker.client import ClientNotOpenError
+from worker.client import ClientNotOpenError, JobClient, JobRejectedError, JobTimeoutError
 from worker.client.executor import Executor, RunContext
-from worker.client.jobclient import JobClient, JobRejectedError, JobTimeoutError
 from worker.client.watch import StatusTail
 from worker.settings import Settings
 

@@ -383,7 +383,7 @@ async def _with_client(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
 
 
 def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    from worker.client.jobclient import JobError, JobRejectedError, JobTimeoutError
+    from worker.client import JobError, JobRejectedError, JobTimeoutError
 
     try:
         return _run(_with_client(s, action))

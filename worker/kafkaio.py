@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.helpers import create_ssl_context
@@ -32,6 +33,31 @@ def connection(settings: Settings) -> dict[str, Any]:
         kwargs["sasl_plain_username"] = settings.sasl_username
         kwargs["sasl_plain_password"] = settings.password()
     return kwargs
+
+
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background reader and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def assign_all(
+    consumer: AIOKafkaConsumer, topic: str, *, at: Literal["beginning", "end"]
+) -> list[TopicPartition]:
+    """Assign every partition of `topic` at its beginning or its end, resolved now (so what
+    is written after this call is read)."""
+    partitions = await partitions_of(consumer, topic)
+    consumer.assign(partitions)
+    if at == "beginning":
+        await consumer.seek_to_beginning(*partitions)
+    else:
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)
+    return partitions
 
 
 def librdkafka_config(settings: Settings) -> dict[str, str | int | float | bool]:

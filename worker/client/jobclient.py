@@ -35,7 +35,6 @@ from worker import compat
 from worker.client.answers import (
     ClientNotOpenError,
     JobConnectionError,
-    JobError,
     JobRejectedError,
     JobTimeoutError,
     RunInfo,
@@ -45,15 +44,6 @@ from worker.client.replies import Replies
 from worker.client.view import RunningView
 from worker.kafkaio import connection
 from worker.settings import Settings
-
-__all__ = [
-    "JobClient",
-    "JobError",
-    "JobRejectedError",
-    "JobTimeoutError",
-    "RunInfo",
-    "StartDecision",
-]
 
 log = structlog.get_logger("client")
 

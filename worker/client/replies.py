@@ -8,13 +8,12 @@ orchestrator, with the original decision).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from schemas import ENDING_EVENTS, EventType, StatusEvent
-from worker.kafkaio import partitions_of
+from worker.kafkaio import assign_all, stop_task
 
 _Waiter = tuple[frozenset[EventType], "asyncio.Future[StatusEvent]"]
 
@@ -34,20 +33,14 @@ class Replies:
     async def open(self) -> None:
         """Connect and start reading from the topic's end, resolved now."""
         await self._consumer.start()
-        partitions = await partitions_of(self._consumer, self.topic)
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_end(*partitions)
-        for tp in partitions:  # resolve "end" now: answers to requests sent after this count
-            await self._consumer.position(tp)
+        # The end resolved now: answers to requests sent after this count.
+        await assign_all(self._consumer, self.topic, at="end")
         self._task = asyncio.create_task(self._read())
 
     async def close(self) -> None:
         """Stop reading and disconnect; safe on replies that never opened."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._consumer.stop()
 
     async def _read(self) -> None:

@@ -13,13 +13,12 @@ back) and waits until the reader's positions reach them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 from aiokafka import AIOKafkaConsumer
 
 from schemas import RunRecord, RunStatus, is_run_row, parse_run_row
-from worker.kafkaio import partitions_of
+from worker.kafkaio import assign_all, stop_task
 
 log = structlog.get_logger("client")
 
@@ -44,18 +43,13 @@ class RunningView:
         """Connect and start reading the state topic from its beginning."""
         await self._reader.start()
         await self._offsets.start()
-        partitions = await partitions_of(self._reader, self.topic)
-        self._reader.assign(partitions)
-        await self._reader.seek_to_beginning(*partitions)
+        await assign_all(self._reader, self.topic, at="beginning")
         self._task = asyncio.create_task(self._read())
 
     async def close(self) -> None:
         """Stop reading and disconnect; safe on a view that never opened."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         await self._offsets.stop()
         await self._reader.stop()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -13,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from schemas import DeadLetter, StatusEvent
-from worker.kafkaio import partitions_of
+from worker.kafkaio import partitions_of, stop_task
 from worker.settings import Topics
 
 log = structlog.get_logger("watch")
@@ -124,10 +123,7 @@ class StatusTail:
 
     async def stop(self) -> None:
         """Stop reading."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self._consumer.stop()
 
     async def __aenter__(self) -> StatusTail:

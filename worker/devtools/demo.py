@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas import DeadLetter, EventType, StatusEvent
+from worker.client import JobClient, JobRejectedError
 from worker.client.executor import Executor, RunContext
-from worker.client.jobclient import JobClient, JobRejectedError
 from worker.client.watch import Item, StatusTail
 from worker.engine import topics as topic_admin
 from worker.engine.loop import Worker
