@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from worker import compat
 from worker.engine import changelog
 from worker.engine.codec import REROUTED_FROM
+from worker.engine.envelope import source_of, status_headers
 from worker.engine.hooks import Hooks
 from worker.engine.task import BatchOutcome
 from worker.kafkaio import Outbox, connection
@@ -56,8 +57,11 @@ class RecordCollector(Protocol):
 
 def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcome) -> None:
     """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
+    source = source_of(topics.status.removesuffix(".status"))
     for event in outcome.events:
-        out.add(topics.status, number, event.job_type.encode(), event.model_dump_json().encode())
+        value = event.model_dump_json().encode()
+        headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
+        out.add(topics.status, number, event.job_type.encode(), value, headers)
     for key, letter in outcome.dead_letters:
         out.add(topics.dlq, number, key, letter.model_dump_json().encode())
     for record, reroute in outcome.reroutes:

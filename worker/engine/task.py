@@ -47,6 +47,7 @@ from worker.engine.codec import (
     dead_letter_key,
     decode,
 )
+from worker.engine.envelope import trace_of
 
 log = structlog.get_logger("worker")
 
@@ -104,6 +105,8 @@ class BatchOutcome:
     tombstones: list[str] = field(default_factory=list)
     reroutes: list[tuple[InputRecord, Reroute]] = field(default_factory=list)
     next_offsets: dict[str, int] = field(default_factory=dict)
+    # Event ID -> (trace ID, flags) of the input that caused it, when it carried a traceparent.
+    traces: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -328,7 +331,11 @@ class PartitionTask:
         else:
             command = decoded
         self.advance(command.job_type, at, outcome)
+        caused = len(outcome.events)
         self._decide(command, outcome)
+        if record.headers and (trace := trace_of(record.headers)) is not None:
+            for event in outcome.events[caused:]:
+                outcome.traces[event.event_id] = trace
 
     def advance(self, job_type: str, now: datetime, outcome: BatchOutcome) -> None:
         """Time out the overdue runs of `job_type` at `now`, if it has any."""
