@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from schemas.asyncapi import asyncapi_document
 from schemas.messages import (
     ALL_MODELS,
     ENDED_STATUSES,
@@ -56,7 +57,7 @@ _INPUTS = {"job_request", "job_result"}
 
 
 def json_schema_documents() -> dict[str, str]:
-    """File name -> JSON Schema text, for every wire model."""
+    """File name -> text: the JSON Schema of every wire model, and the AsyncAPI document."""
     docs = {}
     for name, model in ALL_MODELS.items():
         mode: Literal["validation", "serialization"] = (
@@ -66,7 +67,18 @@ def json_schema_documents() -> dict[str, str]:
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"{name}.schema.json"
         docs[f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    asyncapi = asyncapi_document(_version())
+    docs["asyncapi.json"] = json.dumps(asyncapi, indent=2, sort_keys=True) + "\n"
     return docs
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("job-orchestrator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0"
 
 
 def export_json_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:

@@ -41,8 +41,10 @@ def test_schema_file_matches_models(name: str, text: str) -> None:
 
 def test_every_model_has_a_schema_document() -> None:
     """There is one schema document per wire model, each a valid JSON object with its $id."""
-    assert set(DOCUMENTS) == {f"{name}.schema.json" for name in ALL_MODELS}
+    assert set(DOCUMENTS) == {f"{name}.schema.json" for name in ALL_MODELS} | {"asyncapi.json"}
     for name, text in DOCUMENTS.items():
+        if name == "asyncapi.json":
+            continue
         document = json.loads(text)
         assert document["$id"] == name
         assert document["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -50,7 +52,7 @@ def test_every_model_has_a_schema_document() -> None:
 
 def test_no_stray_schema_files() -> None:
     """Every schema file in schemas/ belongs to a model (a removed model leaves no file)."""
-    on_disk = {path.name for path in SCHEMA_DIR.glob("*.schema.json")}
+    on_disk = {path.name for path in SCHEMA_DIR.glob("*.json")}
     assert on_disk == set(DOCUMENTS)
 
 
@@ -275,3 +277,44 @@ def test_models_are_hashable_when_fields_are() -> None:
         len({Source(topic="t", partition=0, offset=0), Source(topic="t", partition=0, offset=0)})
         == 1
     )
+
+
+def test_the_asyncapi_document_describes_every_topic_and_resolves() -> None:
+    """Five channels at the five topic addresses; every reference resolves, to the message
+    components or to a schema file beside it; the status headers list every event type."""
+    import json
+
+    from schemas import SCHEMA_DIR, EventType
+    from worker.settings import Topics
+
+    doc = json.loads((SCHEMA_DIR / "asyncapi.json").read_text())
+    assert doc["asyncapi"].startswith("3.")
+    topics = Topics.for_prefix("jobs")
+    addresses = {c["address"].replace("{prefix}", "jobs") for c in doc["channels"].values()}
+    assert addresses == set(topics.all())
+
+    def resolve(ref: str) -> object:
+        if ref.startswith("./"):
+            assert (SCHEMA_DIR / ref[2:]).exists(), ref
+            return json.loads((SCHEMA_DIR / ref[2:]).read_text())
+        node: object = doc
+        for part in ref.removeprefix("#/").split("/"):
+            assert isinstance(node, dict)
+            node = node[part]
+        return node
+
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+            return found + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    for ref in refs(doc):
+        assert resolve(ref) is not None
+    headers = doc["components"]["messages"]["StatusEvent"]["headers"]["properties"]
+    assert set(headers["ce_type"]["enum"]) == {f"job-orchestrator.{t.value}" for t in EventType}
+    actions = {name: op["action"] for name, op in doc["operations"].items()}
+    assert actions["receive_requests"] == actions["receive_results"] == "receive"
+    assert {actions[f"send_{c}"] for c in ("status", "state", "dlq")} == {"send"}
