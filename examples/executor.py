@@ -15,3 +15,15 @@ async def main(stop: asyncio.Event) -> None:
             return {"rows": 1200}
 
         await executor.run(stop)
+
+
+if __name__ == "__main__":  # python -m examples.executor: runs until SIGTERM or Ctrl-C
+    import signal
+
+    async def until_stopped() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(until_stopped())
