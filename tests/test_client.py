@@ -195,12 +195,15 @@ async def test_cli_submit_status_complete_runs_and_watch(
     assert "does not exist" in missing.output
 
 
-async def test_cli_without_worker_times_out_with_exit_2(topics: Settings) -> None:
-    """`submit` with no worker to answer fails after --timeout with exit code 2."""
+async def test_cli_without_worker_says_so_and_times_out_with_exit_4(topics: Settings) -> None:
+    """`submit` with no worker: a warning at once, then after --timeout exit code 4 (not
+    Click's usage code 2), with a retry hint the command can follow."""
     base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
     result = await _cli("submit", "x", "--timeout", "1", *base)
-    assert result.exit_code == 2
+    assert result.exit_code == 4
+    assert "no worker is running" in result.output
     assert "no answer" in result.output
+    assert "request_id=" in result.output
 
 
 async def test_the_running_view_follows_run_rows_only(topics: Settings) -> None:

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -48,8 +50,23 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"jobctl {version('job-orchestrator')}")
+        except PackageNotFoundError:
+            print("jobctl (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _logging() -> None:
+def _logging(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Kafka-native job orchestration: run the worker and manage its topics."""
     # Every command logs through one set-up, to stderr (`run`, `bench` and `demo` set their
     # own); stdout stays the command's output, pure JSON with --json.
@@ -103,7 +120,9 @@ def broker(
     fetch_only: bool = typer.Option(
         False, "--fetch-only", help="Only download Kafka's jars into the cache, then exit."
     ),
-    port: int = typer.Option(0, help="Client port (default: a free port)."),
+    port: int = typer.Option(
+        None, help="Client port (default: 9092, JOBS_BOOTSTRAP_SERVERS' default, when free)."
+    ),
     secure: bool = typer.Option(
         False,
         "--secure",
@@ -126,6 +145,8 @@ def broker(
             console.print(f"Kafka {localkafka.KAFKA_VERSION} jars in {libs}")
             return
         started = time.monotonic()
+        if port is None:
+            port = 9092 if _port_is_free(9092) else 0
         kafka = localkafka.LocalKafka(port=port, secure=secure)
         kafka.start()
     except localkafka.LocalKafkaError as exc:
@@ -139,6 +160,14 @@ def broker(
                 "bootstrap servers:"
             )
             print(kafka.bootstrap_servers, flush=True)
+            default = os.environ.get("JOBS_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+            if not secure and kafka.bootstrap_servers != default:
+                console.print(
+                    f"for jobctl in another shell: export "
+                    f"JOBS_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             if secure:
                 console.print(
                     f"SCRAM-SHA-512 on {kafka.bootstrap_servers} (SASL_PLAINTEXT) and "
@@ -160,6 +189,15 @@ def broker(
     finally:
         kafka.stop()
         console.print("broker stopped")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @topics_app.command("create")
@@ -375,11 +413,36 @@ def _json_data(text: str | None, what: str) -> dict[str, Any]:
     return data
 
 
+EXIT_TIMEOUT = 4  # no answer in time (1: an error, 2: a usage error, 3: refused)
+
+
 async def _with_client(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
     from worker.client.jobclient import JobClient
 
     async with JobClient(s) as client:
+        await _warn_without_worker(s)
         return await action(client)
+
+
+async def _warn_without_worker(s: Settings) -> None:
+    """Say at once when no worker is in the orchestrator's group: the answer will not come."""
+    admin = AIOKafkaAdminClient(request_timeout_ms=3_000, **connection(s))
+    try:
+        async with asyncio.timeout(3):
+            await admin.start()
+            described = await admin.describe_consumer_groups([s.group_id])
+        members = described[0].groups[0][5] if described and described[0].groups else None
+    except (KafkaError, TimeoutError, IndexError):
+        return  # not allowed to look (ACLs), or no answer: nothing to say
+    finally:
+        await admin.close()
+    if not members:
+        err.print(
+            f"warning: no worker is running for prefix {s.topic_prefix!r} (the consumer group "
+            f"{s.group_id} has no members); the request waits for one",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
@@ -388,7 +451,7 @@ def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
     try:
         return _run(_with_client(s, action))
     except JobTimeoutError as exc:
-        raise _fail(str(exc), code=2) from None
+        raise _fail(str(exc), code=EXIT_TIMEOUT) from None
     except JobRejectedError as exc:
         raise _fail(f"rejected: {exc}") from None
     except JobError as exc:
@@ -455,6 +518,7 @@ def _result_command(status: str) -> Callable[..., None]:
         run_id: str = typer.Argument(..., help="The run to report on."),
         metrics: str = typer.Option(None, "--metrics", help="Final metrics, a JSON object."),
         timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the answer."),
+        request_id: str = typer.Option(None, "--request-id", help="Retry a report safely."),
         as_json: bool = JSON_OUT,
         bootstrap: str = BOOTSTRAP,
         prefix: str = PREFIX,
@@ -463,7 +527,9 @@ def _result_command(status: str) -> Callable[..., None]:
         s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
 
         async def action(client: Any) -> Any:
-            return await client.complete_job(job_type, run_id, final, status, timeout)
+            return await client.complete_job(
+                job_type, run_id, final, status, timeout, request_id=request_id
+            )
 
         _print_event(_client_call(s, action), as_json)
 
@@ -486,6 +552,7 @@ def cancel(
     client_id: str = typer.Option(None, "--client-id", help="With --job-type: this client's."),
     reason: str = typer.Option(None, "--reason", help="Why; recorded in the event."),
     timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the answer."),
+    request_id: str = typer.Option(None, "--request-id", help="Retry a cancel safely."),
     as_json: bool = JSON_OUT,
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
@@ -501,7 +568,9 @@ def cancel(
         job_type = _job_type_of(s, run_id)
 
     async def action(client: Any) -> Any:
-        return await client.cancel_job(job_type, run_id, client_id, reason, timeout)
+        return await client.cancel_job(
+            job_type, run_id, client_id, reason, timeout, request_id=request_id
+        )
 
     _print_event(_client_call(s, action), as_json)
 
