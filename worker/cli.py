@@ -616,7 +616,10 @@ def status(
         ]
         print(json.dumps(rows))
         return
-    table = Table("job type", "run ID", "client", "started at", title="running jobs")
+    table = Table("job type", title="running jobs")
+    table.add_column("run ID", no_wrap=True)  # people copy it into complete, fail, cancel
+    table.add_column("client")
+    table.add_column("started at")
     for i in infos:
         table.add_row(i.job_type, i.run_id, i.client_id or "", i.started_at.isoformat())
     console.print(table if infos else "no job is running")
@@ -683,7 +686,10 @@ def runs(
             )
         )
         return
-    table = Table("run ID", "job type", "client", "status", "started", "ended", "metrics")
+    table = Table()
+    table.add_column("run ID", no_wrap=True)  # people copy it into complete, fail, cancel
+    for column in ("job type", "client", "status", "started", "ended", "metrics"):
+        table.add_column(column)
     for r in rows:
         table.add_row(
             r.run_id,
