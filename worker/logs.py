@@ -1,16 +1,53 @@
 """structlog set-up: JSON lines when not on a terminal, console rendering on one.
 
 Messages of libraries that log through the standard library (aiokafka) go through the same
-renderer, so a worker's output is one format.
+renderer, so a worker's output is one format. aiokafka repeats itself while a broker is
+away (a line per retry, ~90 a second in an outage): a repeated message is shown once per
+`REPEAT_WINDOW_S`, with how many were left out; a coordinator still being elected when a
+worker starts on a new cluster is retried by aiokafka and not an error for the reader.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Literal, TextIO
 
 import structlog
+
+REPEAT_WINDOW_S = 10.0
+_EXPECTED_AT_START = ("GroupCoordinatorNotAvailableError",)
+
+
+class LibraryNoise(logging.Filter):
+    """Shows a library's repeated message once per window (then says how many were left
+    out), and lets a coordinator election pass as a debug matter."""
+
+    def __init__(
+        self, window: float = REPEAT_WINDOW_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        if any(word in record.getMessage() for word in _EXPECTED_AT_START):
+            return record.levelno >= logging.CRITICAL or logging.root.level <= logging.DEBUG
+        key = (record.name, record.msg)
+        now = self.clock()
+        shown_at, left_out = self._seen.get(key, (float("-inf"), 0))
+        if now - shown_at < self.window:
+            self._seen[key] = (shown_at, left_out + 1)
+            return False
+        self._seen[key] = (now, 0)
+        if left_out:
+            record.msg = f"{record.msg} (and {left_out} more like it in {self.window:.0f} s)"
+        return True
 
 
 def configure(
@@ -54,6 +91,7 @@ def configure(
         # A command reports what went wrong in one line of its own; aiokafka's records still
         # reach their loggers (`compat.connect_failure` reads the cause from them).
         handler.addFilter(lambda record: not record.name.startswith("aiokafka"))
+    handler.addFilter(LibraryNoise())
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.getLevelNamesMapping()[library_level.upper()])
