@@ -13,6 +13,7 @@ The oracle checks, on what read_committed consumers see:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +228,23 @@ class Load:
         async with asyncio.timeout(10), self.turns:
             await self.turns.wait_for(lambda: self.caught_up_batches >= before + 2)
         return True
+
+
+@contextlib.asynccontextmanager
+async def flowing(load: Load) -> AsyncIterator[asyncio.Task[None]]:
+    """Run the load's producer and executor; yield the producer task."""
+    producer = AIOKafkaProducer(bootstrap_servers=load.settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    producing = asyncio.create_task(load.produce(producer))
+    executing = asyncio.create_task(load.execute(producer))
+    try:
+        yield producing
+    finally:
+        for task in (producing, executing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await producer.stop()
 
 
 async def end_offsets(consumer: AIOKafkaConsumer, topics: list[str]) -> dict[TopicPartition, int]:

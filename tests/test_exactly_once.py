@@ -12,13 +12,12 @@ import contextlib
 import json
 import random
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from tests.chaos import Load, WorkerProcess, oracle, wait_until_processed
+from tests.chaos import Load, WorkerProcess, flowing, oracle, wait_until_processed
 from tests.conftest import create_topics
 from worker.settings import Settings
 
@@ -46,23 +45,6 @@ def spawn(cluster: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerPro
     yield make
     for process in made:
         process.ensure_dead()
-
-
-@contextlib.asynccontextmanager
-async def flowing(load: Load) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the load's producer and executor; yield the producer task."""
-    producer = AIOKafkaProducer(bootstrap_servers=load.settings.bootstrap_servers, linger_ms=5)
-    await producer.start()
-    producing = asyncio.create_task(load.produce(producer))
-    executing = asyncio.create_task(load.execute(producer))
-    try:
-        yield producing
-    finally:
-        for task in (producing, executing):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await producer.stop()
 
 
 def log_events(process: WorkerProcess) -> list[dict[str, object]]:

@@ -265,6 +265,7 @@ def run(
     from worker.devtools.faults import from_environment
     from worker.engine.hooks import Hooks
     from worker.engine.loop import Worker
+    from worker.engine.store import StoreError
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     configure_logs(s.log_level, s.log_format)
@@ -283,7 +284,7 @@ def run(
 
     try:
         _run(main())
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -778,6 +779,14 @@ def bench(
     ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    soak: float = typer.Option(
+        None, "--soak", min=0.1, help="Instead: a soak of this many minutes (exit 1 past a bound)."
+    ),
+    soak_rate: float = typer.Option(100.0, "--soak-rate", help="Starts/s during the soak."),
+    soak_interval: float = typer.Option(60.0, "--soak-interval", help="Seconds per sample."),
+    soak_retention: int = typer.Option(
+        60, "--soak-retention", help="The soak worker's JOBS_RUN_RETENTION_S."
+    ),
 ) -> None:
     """Measure throughput, latency, restore, memory and replay, side by side with raw aiokafka.
 
@@ -801,6 +810,9 @@ def bench(
         client_calls=client_calls,
         quick=quick,
     )
+    if soak is not None:
+        _soak(options, soak, soak_rate, soak_interval, soak_retention)
+        return
     try:
         report = _run(run_bench(options, console))
     except (localkafka.LocalKafkaError, BenchError) as exc:
@@ -882,6 +894,23 @@ def _apply_acls(s: Settings, wanted: list[Any]) -> None:
             future.result()
     except KafkaException as exc:
         raise _fail(f"could not create the ACLs: {exc.args[0].str()}") from None
+
+
+def _soak(options: Any, minutes: float, rate: float, interval: float, retention: int) -> None:
+    from worker.devtools.bench import BenchError, with_bench
+    from worker.devtools.soak import run_soak
+
+    async def body(bench: Any, environment: dict[str, str]) -> Any:
+        return await run_soak(bench, minutes, rate, interval, retention)
+
+    try:
+        report = _run(with_bench(options, console, body))
+    except (localkafka.LocalKafkaError, BenchError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(report.table())
+    if report.failures:
+        raise _fail("soak past its bounds: " + "; ".join(report.failures))
+    console.print("soak within its bounds")
 
 
 @schemas_app.command("export")

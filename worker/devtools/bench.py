@@ -70,7 +70,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiokafka
 import aiosqlite
@@ -90,6 +90,9 @@ from worker.settings import Settings, Topics
 
 _GUARANTEES = ("exactly_once", "at_least_once")
 _RESTORED = "partition restored from changelog"
+
+
+T = TypeVar("T")
 
 
 class BenchError(RuntimeError):
@@ -657,9 +660,15 @@ class _Bench:
         return topics
 
     def worker(
-        self, topics: Topics, guarantee: str, log_level: str = "warning", db: str | None = None
+        self,
+        topics: Topics,
+        guarantee: str,
+        log_level: str = "warning",
+        db: str | None = None,
+        **settings: str,
     ) -> _Worker:
-        """A worker on `topics` with an empty SQLite file of its own, or with `db`."""
+        """A worker on `topics` with an empty SQLite file of its own, or with `db`; other
+        `settings` as `JOBS_<NAME>` variables."""
         self._workers += 1
         name = f"{topics.requests.removesuffix('.requests')}-{self._workers}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("JOBS_")}
@@ -674,6 +683,7 @@ class _Bench:
             JOBS_HTTP_PORT="0",  # several workers may run at once
             PYTHONUNBUFFERED="1",
         )
+        env.update({f"JOBS_{k.upper()}": v for k, v in settings.items()})
         return _Worker(env, self.tmp, name)
 
     async def read_all(self, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
@@ -1190,6 +1200,16 @@ async def run_bench(options: BenchOptions, console: Console) -> BenchReport:
     None a local broker is started for the run and stopped afterwards; on a given cluster the
     bench deletes the topics it created.
     """
+    return await with_bench(options, console, _measure)
+
+
+async def with_bench(
+    options: BenchOptions,
+    console: Console,
+    body: Callable[[_Bench, dict[str, str]], Awaitable[T]],
+) -> T:
+    """Run `body` with a bench (its broker clients, temp directory, created topics) and a
+    description of the environment; the local broker, if one was started, stopped after."""
     o = options.sized()
     local: LocalKafka | None = None
     bootstrap = o.bootstrap
@@ -1206,7 +1226,7 @@ async def run_bench(options: BenchOptions, console: Console) -> BenchReport:
             bench = _Bench(o, console, settings, Path(tmp))
             await bench.start()
             try:
-                return await _measure(bench, _environment(bootstrap, local))
+                return await body(bench, _environment(bootstrap, local))
             finally:
                 await bench.close(delete_topics=local is None)
     finally:

@@ -172,6 +172,7 @@ class BatchRunner:
         if outcome.empty:
             return
         number = owned.task.number
+        self._state.check()  # a failed SQLite write: commit nothing more to Kafka
         began = time.perf_counter()
         try:
             position = await self._collector.commit(number, outcome)

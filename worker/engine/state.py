@@ -57,22 +57,40 @@ class StateManager:
         """Why writing SQLite failed, if it did (the worker must stop)."""
         return None if self._store is None else self._store.failure
 
+    def check(self) -> None:
+        """Raise why writing SQLite failed, if it did: a batch must not be committed to Kafka
+        once the file cannot follow (it would no longer hold a prefix of what was)."""
+        if (failure := self.failure) is not None:
+            raise failure
+
     async def start(self, db_path: Path) -> None:
-        """Open the SQLite file and the changelog reader."""
-        self._store = await Store.open(db_path)
-        self._restorer = AIOKafkaConsumer(
+        """Open the SQLite file (locked for this worker; a damaged one is moved aside and
+        started empty, so every partition is restored) and the changelog reader.
+
+        Raises `StoreError` when the file cannot be used: another worker holds it, or it is
+        from a newer schema version.
+        """
+        store = await Store.open(db_path, exclusive=True)
+        restorer = AIOKafkaConsumer(
             **connection(self._settings),
             enable_auto_commit=False,
             isolation_level="read_committed",
         )
-        await self._restorer.start()
+        try:
+            await restorer.start()
+        except BaseException:
+            await store.close()  # releases the file's lock
+            raise
+        self._store, self._restorer = store, restorer
 
     async def stop(self) -> None:
-        """Write what is queued and close."""
-        if self._restorer is not None:
-            await self._restorer.stop()
-        if self._store is not None:
-            await self._store.close()
+        """Write what is queued and close; raise the error of a failed write."""
+        try:
+            if self._restorer is not None:
+                await self._restorer.stop()
+        finally:
+            if self._store is not None:
+                await self._store.close()
 
     async def load(
         self, number: int, committed: dict[str, int], rules: Rules, *, exact: bool

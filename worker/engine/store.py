@@ -4,25 +4,44 @@ Run rows come from status events through the core's `started_row` and `run_chang
 the events were just decided or are being replayed from the status topic (`fold_events`),
 so a store rebuilt from the decision log equals the live one by construction. Rows are
 tagged with their partition.
+
+The file carries its schema version (`PRAGMA user_version`, `SCHEMA_VERSION`). The worker
+opens it `exclusive`ly: it locks `<file>.lock` (one worker per file), checks the whole file
+(`PRAGMA quick_check`), and moves a damaged one aside (`<file>.damaged-<UTC time>`, with its
+-wal and -shm) to start empty: the file holds only a prefix of what Kafka committed, so
+every partition is then restored from the changelog. A file from a newer schema version,
+or locked by another worker, is refused with a `StoreError`, left as it is. A failed write
+raises a `StoreError` too; nothing queued after it is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import json
+import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 from pydantic_core import to_json
 
 from schemas import EventType, RunStatus, StatusEvent
 from worker.core.lifecycle import JobState, load_state
 from worker.core.runs import RunRow, run_change, started_row
+
+log = structlog.get_logger("worker")
+
+# `PRAGMA user_version` of the files this code writes. A file reading 0 is new, or was made
+# before versions were recorded (with version 1's schema); it is stamped on open.
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -192,12 +211,149 @@ class _Pending:
     tombstoned: list[str] = field(default_factory=list)
 
 
+class StoreError(sqlite3.DatabaseError):
+    """The SQLite file cannot be used, or a write to it failed; the message is one line
+    naming the file. A `sqlite3.Error`, so a batch failing with it is the machine's fault,
+    never an input record's."""
+
+
+class _Damaged(Exception):
+    """The file is not a database, or is corrupt."""
+
+
+# SQLite's primary result codes for a file that is not a database or is corrupt; anything
+# else (locked, unreadable, a full disk) says nothing about the file's content.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _hold_lock(path: Path) -> int:
+    """Hold `<path>.lock` (flock, released when the descriptor closes): one worker per file."""
+    lock = Path(f"{path}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock file {lock}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if not isinstance(exc, BlockingIOError):
+            raise StoreError(f"cannot lock {lock}: {exc.strerror}") from None
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise StoreError(
+            f"{path} is in use by another worker: {lock} is locked{by}; "
+            "give each worker a SQLite file of its own (JOBS_DB_PATH)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None:
+    """Check `db`'s version (and with `check`, every page), then put the schema in place."""
+    try:
+        async with db.execute("PRAGMA user_version") as cursor:  # the first read of the file
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {version}; this build knows versions up to "
+                f"{SCHEMA_VERSION}: run the build that wrote it (the file is left as it is)"
+            )
+        if check:
+            found = [str(r[0]) for r in await db.execute_fetchall("PRAGMA quick_check")]
+            if found != ["ok"]:
+                raise _Damaged("; ".join(found[:3]))
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(_SCHEMA)
+        if version < SCHEMA_VERSION:
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.commit()
+    except StoreError:
+        raise
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
+            raise _Damaged(str(exc)) from exc
+        raise StoreError(f"cannot open the SQLite file {path}: {exc}") from exc
+
+
+async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
+    """A connection to `path` with the schema in place; `_Damaged` or `StoreError` if not."""
+    db = await aiosqlite.connect(str(path), timeout=_BUSY_TIMEOUT_S)
+    try:
+        await _prepare(db, path, check=check)
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename `path` (its -wal, -shm and -journal first) to `<path>.damaged-<UTC time>`."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for n in itertools.count(1):
+        if not any(Path(f"{target}{s}").exists() for s in ("", *_SIDE_FILES)):
+            break
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    # Side files first: a main file left without its WAL is an older, consistent snapshot
+    # (behind Kafka, so restored), where a WAL left without its file would be read into a
+    # new one.
+    for suffix in (*_SIDE_FILES, ""):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(f"{target}{suffix}")
+    return target
+
+
+async def _open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
+    """Connect to `path`; with `repair`, check every page and move a damaged file aside."""
+    try:
+        return await _connect(path, check=repair)
+    except _Damaged as damage:
+        if not repair:
+            raise StoreError(
+                f"{path} is damaged ({damage}); a worker started on it moves it aside and "
+                "restores its partitions from the changelog"
+            ) from None
+        reason = str(damage)
+    moved = _move_aside(path)
+    log.warning(
+        "the SQLite file is damaged: moved it aside and started an empty one; every "
+        "partition is restored from the changelog",
+        path=str(path),
+        moved_to=str(moved),
+        error=reason,
+    )
+    return await _connect(path, check=False)
+
+
+@contextlib.asynccontextmanager
+async def _writing(db: aiosqlite.Connection, path: str) -> AsyncIterator[None]:
+    """A transaction of the worker's on `db`: rolled back if it fails, raised as a
+    `StoreError` (disk full, I/O error, corruption found while writing)."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await db.rollback()
+        raise StoreError(
+            f"writing the SQLite file {path} failed ({exc}); the worker stops without "
+            "committing more to Kafka, and its next start restores what the file lacks from "
+            "the changelog"
+        ) from exc
+
+
 class Store:
     """The worker's SQLite file. Open with `await Store.open(path)`; close with `close()`."""
 
-    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: str, lock: int | None = None) -> None:
         self._db = db
         self._path = path
+        self._lock_fd = lock  # `<path>.lock`, held while open (a worker's store)
         # Each SQLite transaction is a sequence of awaits on one connection (queued writes,
         # a restore, replay), so they must not interleave.
         self._lock = asyncio.Lock()
@@ -210,23 +366,37 @@ class Store:
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, path: Path | str) -> Store:
-        """Open (creating if needed) the store at `path`, in WAL mode."""
-        db = await aiosqlite.connect(str(path), timeout=_BUSY_TIMEOUT_S)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.executescript(_SCHEMA)
-        await db.commit()
-        return cls(db, str(path))
+    async def open(cls, path: Path | str, *, exclusive: bool = False) -> Store:
+        """Open (creating if needed) the store at `path`, in WAL mode.
+
+        `exclusive` is the worker's open: hold `<path>.lock` until `close`, check every page,
+        and move a damaged file aside to start empty. Otherwise (readers, replay) a damaged
+        file is refused. Either way a file from a newer schema version is refused, untouched;
+        every refusal is a `StoreError`.
+        """
+        path = Path(path)
+        lock = _hold_lock(path) if exclusive else None
+        try:
+            db = await _open_file(path, repair=exclusive)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+        return cls(db, str(path), lock)
 
     async def close(self) -> None:
-        """Write what is queued, then close the connections."""
+        """Write what is queued, then close the connections (and release the lock)."""
         try:
             await self.flush()
         finally:
-            if self._reader is not None:
-                await self._reader.close()
-            await self._db.close()
+            try:
+                if self._reader is not None:
+                    await self._reader.close()
+                await self._db.close()
+            finally:
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
 
     async def busy_states(self, partition: int) -> dict[str, JobState]:
         """The state of each job type of `partition` that has an active or queued run.
@@ -344,7 +514,7 @@ class Store:
         while (pending := self._pending) is not None:
             self._pending = None
             self._writing = pending
-            async with self._lock:
+            async with self._lock, _writing(self._db, self._path):
                 await self._upsert_runs(pending.runs.values(), retained=True)
                 await self._db.executemany(
                     "UPDATE runs SET retained = 0 WHERE run_id = ?",
@@ -369,7 +539,7 @@ class Store:
     ) -> None:
         """Replace what is known of `partition` by a snapshot restored from the changelog:
         (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time."""
-        async with self._lock:
+        async with self._lock, _writing(self._db, self._path):
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
             await self._db.execute("UPDATE runs SET retained = 0 WHERE partition = ?", (partition,))
             for chunk in _chunks(runs, _CHUNK):
