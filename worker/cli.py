@@ -974,5 +974,9 @@ def demo(
     console.print("[bold green]✓ every outcome matched the scenario[/]")
 
 
+from worker.console.command import serve  # noqa: E402  (it imports helpers from here)
+
+app.command()(serve)
+
 if __name__ == "__main__":
     app()

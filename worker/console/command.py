@@ -1,0 +1,65 @@
+"""`jobctl serve`: the console. Registered in `worker/cli.py` with `app.command()(serve)`.
+
+Only typer is imported here; the rest comes inside the command, so `worker.cli` can
+import this module at any point without a cycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+# The same options as `worker.cli`'s BOOTSTRAP and PREFIX (defined here too: this module
+# is imported by `worker.cli`, so it cannot import them from there at import time).
+_BOOTSTRAP = typer.Option(None, "--bootstrap", "-b", help="Kafka bootstrap servers.")
+_PREFIX = typer.Option(None, "--prefix", help="Topic prefix (default: JOBS_TOPIC_PREFIX or jobs).")
+
+
+def serve(
+    port: int = typer.Option(
+        8081, "--port", min=0, max=65535, help="HTTP port of the API and the page."
+    ),
+    db: Path = typer.Option(
+        Path("console.db"),
+        "--db",
+        help="The console's own SQLite file (not a worker's): the whole fleet's run history.",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: all of them)."
+    ),
+    bootstrap: str = _BOOTSTRAP,
+    prefix: str = _PREFIX,
+) -> None:
+    """Serve the console: the fleet's run history as an HTTP API and a page.
+
+    Follows the status topic into --db from where it left off; never writes to Kafka.
+
+    Example: jobctl serve --port 8081 --db /var/lib/jobs/console.db
+    """
+    import asyncio
+    import signal
+    import sqlite3
+
+    from worker.cli import _fail, _run, _settings
+    from worker.console.db import ConsoleError
+    from worker.console.service import Console
+    from worker.logs import configure as configure_logs
+
+    s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    configure_logs(s.log_level, s.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        console = await Console(s, db, host, port).start()
+        await console.run(stop)
+
+    try:
+        _run(main())
+    except (ConsoleError, sqlite3.Error) as exc:
+        raise _fail(f"{db}: {exc}" if isinstance(exc, sqlite3.Error) else str(exc)) from None
+    except LookupError as exc:
+        raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
