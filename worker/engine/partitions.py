@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import (
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+)
 
 from worker import compat
 from worker.engine.collector import RecordCollector
@@ -197,8 +203,23 @@ class PartitionManager:
         self._stop(exc)
 
     async def _take(self, number: int) -> None:
-        """Become the owner of partition `number`."""
-        self.owned[number] = Owned(await self._load(number))
+        """Become the owner of partition `number`; a broker that cannot be reached (it is
+        restarting) is tried again with backoff before the one failure rule applies."""
+        for attempt in range(1, TAKE_ATTEMPTS + 1):
+            try:
+                task = await self._load(number)
+                break
+            except (KafkaConnectionError, NodeNotReadyError, KafkaTimeoutError) as exc:
+                if attempt == TAKE_ATTEMPTS or self._stopping.is_set():
+                    raise
+                log.warning(
+                    "could not reach the broker to take the partition; retrying",
+                    partition=number,
+                    attempt=attempt,
+                    error=repr(exc),
+                )
+                await self.back_off(BACKOFF_FIRST_S * 2**attempt)
+        self.owned[number] = Owned(task)
         self._consumer.resume(*self.topic_partitions(number))
 
     async def _load(self, number: int) -> PartitionTask:
