@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,11 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from schemas import StatusEvent
 from worker.client.watch import StatusTail
 from worker.devtools.localkafka import LocalKafka
 from worker.engine import topics as topic_admin
+from worker.engine.codec import partition_for
 from worker.engine.hooks import Hooks
 from worker.engine.loop import Worker
 from worker.kafkaio import connection
@@ -76,6 +79,31 @@ async def topics(settings: Settings) -> Settings:
     """The five topics, two partitions each."""
     await create_topics(settings, 2)
     return settings
+
+
+async def publish_status(
+    settings: Settings,
+    events: Sequence[StatusEvent],
+    partitions: int,
+    at: datetime | None = None,
+) -> None:
+    """Write `events` to the status topic as the worker does: keyed and placed by job type
+    (stamped `at`, when given)."""
+    producer = AIOKafkaProducer(**connection(settings))
+    await producer.start()
+    try:
+        for event in events:
+            key = event.job_type.encode()
+            await producer.send(
+                settings.topics.status,
+                event.model_dump_json().encode(),
+                key=key,
+                partition=partition_for(key, partitions),
+                timestamp_ms=None if at is None else int(at.timestamp() * 1000),
+            )
+        await producer.flush()
+    finally:
+        await producer.stop()
 
 
 class RunningWorker:

@@ -231,3 +231,18 @@ def test_run_refuses_an_invalid_settings_file(tmp_path: Path) -> None:
     assert f"{bad}:5:" in result.stderr
     assert "job_types.etl.policy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version_and_shell_completion_are_offered() -> None:
+    """`jobctl --version` prints the installed version; --help offers shell completion."""
+    from importlib.metadata import version
+
+    shown = subprocess.run(
+        [*JOBCTL, "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert shown.returncode == 0
+    assert shown.stdout.strip() == f"jobctl {version('job-orchestrator')}"
+    helped = subprocess.run(
+        [*JOBCTL, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "--install-completion" in helped.stdout

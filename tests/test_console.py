@@ -22,13 +22,12 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import pytest
 import typer
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from typer.testing import CliRunner
 from yarl import URL
 
 from schemas import EventType, RunStatus, StatusEvent
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, publish_status
 from worker.client import JobClient
 from worker.console.api import STATIC
 from worker.console.command import serve
@@ -37,7 +36,6 @@ from worker.console.follow import _QUEUE_DEPTH, Subscription
 from worker.console.params import RunFilter, cursor, stored_time
 from worker.console.queries import Queries
 from worker.console.service import Console
-from worker.engine.codec import partition_for
 from worker.kafkaio import connection
 from worker.settings import Settings
 
@@ -154,20 +152,7 @@ def lifecycle(n: int) -> list[StatusEvent]:
 
 async def publish(settings: Settings, events: Sequence[StatusEvent]) -> None:
     """Write `events` to the status topic as the worker does: keyed and placed by job type."""
-    producer = AIOKafkaProducer(**connection(settings))
-    await producer.start()
-    try:
-        for event in events:
-            key = event.job_type.encode()
-            await producer.send(
-                settings.topics.status,
-                event.model_dump_json().encode(),
-                key=key,
-                partition=partition_for(key, 2),
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await publish_status(settings, events, 2)
 
 
 async def folded(api: Api, events: int) -> None:

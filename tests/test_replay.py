@@ -8,13 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from schemas import EventType, RunStatus, StatusEvent
-from tests.conftest import create_topics
+from tests.conftest import RunningWorker, create_topics, publish_status
 from worker.audit.replay import ReplayError, _follow, replay
 from worker.core.runs import RunRow
-from worker.engine.codec import partition_for
 from worker.engine.store import Store
 from worker.settings import Settings
 
@@ -70,22 +68,8 @@ def lifecycle(n: int, at: datetime) -> list[StatusEvent]:
 
 
 async def publish(settings: Settings, events: list[StatusEvent], at: datetime) -> None:
-    """Write `events` to the status topic as the worker does (keyed, by job type)."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
-    await producer.start()
-    try:
-        for event in events:
-            key = event.job_type.encode()
-            await producer.send(
-                settings.topics.status,
-                event.model_dump_json().encode(),
-                key=key,
-                partition=partition_for(key, PARTITIONS),
-                timestamp_ms=int(at.timestamp() * 1000),
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
+    """Write `events` to the status topic as the worker does, stamped `at`."""
+    await publish_status(settings, events, PARTITIONS, at)
 
 
 async def rows(path: Path) -> list[RunRow]:
@@ -162,3 +146,28 @@ async def test_a_failed_replay_process_names_its_partitions_and_reason() -> None
         "replaying status partitions [1, 3] failed: "
         'KafkaConnectionError: Unable to bootstrap from [("nowhere", 9092)]'
     )
+
+
+async def test_progress_ends_at_its_total_on_a_transactional_log(
+    worker: RunningWorker, topics: Settings, tmp_path: Path
+) -> None:
+    """A worker's status topic holds a commit marker per transaction: offsets the replay
+    reads no record for. The progress it reports still ends at its total."""
+    from worker.client import JobClient
+
+    async with JobClient(topics) as jobs:
+        for n in range(5):
+            decision = await jobs.start_job(f"marked-{n}")
+            await jobs.complete_job(f"marked-{n}", decision.run_id or "")
+    progress: list[tuple[int, int]] = []
+    report = await replay(
+        topics,
+        tmp_path / "marked.db",
+        from_offset=0,
+        processes=1,
+        progress=lambda done, total: progress.append((done, total)),
+    )
+    assert report.events == 10
+    done, total = progress[-1]
+    assert done == total
+    assert total > report.events  # the markers are counted in the total

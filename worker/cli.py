@@ -37,7 +37,7 @@ app = typer.Typer(
     name="jobctl",
     help="Kafka-native job orchestration: run the worker and manage its topics.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
 )
 topics_app = typer.Typer(help="Create and inspect the five topics.", no_args_is_help=True)
@@ -706,9 +706,14 @@ def runs(
 
 @app.command()
 def watch(
-    job_type: str = typer.Option(None, "--job-type"),
-    client_id: str = typer.Option(None, "--client-id"),
-    status_filter: str = typer.Option(None, "--status", help="Only events leaving this status."),
+    job_type: str = typer.Option(None, "--job-type", help="Only this job type's events."),
+    client_id: str = typer.Option(None, "--client-id", help="Only this client's events."),
+    status_filter: str = typer.Option(
+        None,
+        "--status",
+        help="Only events after which their run has this status (RUNNING, COMPLETED, FAILED, "
+        "CANCELLED, TIMED_OUT, QUEUED).",
+    ),
     from_beginning: bool = typer.Option(False, "--from-beginning", help="Replay history first."),
     count: int = typer.Option(None, "--count", min=1, help="Stop after this many events."),
     as_json: bool = JSON_OUT,

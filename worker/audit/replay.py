@@ -131,6 +131,10 @@ async def replay(
             applied = await _apply_ranges(settings, db_path, ranges, advance)
         else:
             applied = await _in_processes(settings, db_path, groups, advance)
+        if progress is not None:
+            # The ranges count offsets, transaction markers among them (no record is read
+            # for those): the bar ends at its total once every range has been read.
+            progress(total, total)
         runs = await store.count_runs()
     finally:
         await store.close()

@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaError
 from worker import compat
 from worker.core.config import JobsConfig
 from worker.core.config import load as load_config
-from worker.core.lifecycle import merge_inputs
+from worker.core.lifecycle import JobConfig, merge_inputs
 from worker.engine import topics as topic_admin
 from worker.engine.codec import InputRecord, TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
@@ -43,6 +43,11 @@ from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
+
+
+def _described(config: JobConfig) -> str:
+    timeout = f"{config.timeout.total_seconds():g}s" if config.timeout else "none"
+    return f"policy={config.policy.value} scope={config.scope.value} timeout={timeout}"
 
 
 class Worker:
@@ -154,6 +159,10 @@ class Worker:
                 partitions=self.partition_count,
                 guarantee=s.processing_guarantee,
                 db=str(s.db_path),
+                job_settings=str(s.config) if s.config is not None else "none (the defaults)",
+                defaults=_described(self.jobs_config.defaults),
+                job_types_configured=len(self.jobs_config.job_types),
+                job_types=sorted(self.jobs_config.job_types)[:20],  # the first, for a glance
             )
             await self._loop(stop)
         finally:
