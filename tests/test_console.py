@@ -198,8 +198,9 @@ async def test_follows_the_runs_of_a_real_worker(
         await client.fail_job("nightly", failed.run_id, error="disk full")
 
     async def ended() -> Any:
-        run = await api.ok(f"/api/runs/{failed.run_id}")
-        return run if run["status"] == "FAILED" else None
+        # The console follows the status topic on its own; it may not have read the run yet.
+        status, run = await api.get(f"/api/runs/{failed.run_id}")
+        return run if status == 200 and run["status"] == "FAILED" else None
 
     assert (await until(ended, "the failure was not recorded"))["metrics"] == {"error": "disk full"}
     done = await api.ok(f"/api/runs/{first.run_id}")
