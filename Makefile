@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# With JOBS_BOOTSTRAP_SERVERS set, tests and the demo use that broker: no Java, no jars.
 kafka-jars: $(STAMP)
+ifeq ($(JOBS_BOOTSTRAP_SERVERS),)
 	$(BIN)/jobctl broker --fetch-only
+else
+	@echo "Using the broker at $(JOBS_BOOTSTRAP_SERVERS): no Kafka jars needed."
+endif
 
 demo: kafka-jars
 	$(BIN)/jobctl demo
