@@ -14,19 +14,31 @@ pytestmark = pytest.mark.kafka
 
 
 async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
-    """Every throughput, latency, restore, memory and replay figure is measured and plausible."""
+    """Every throughput, CPU, latency, restore, memory and replay figure is measured and
+    plausible; both consumers saw every measured `started` event."""
     out = io.StringIO()
     report = await run_bench(BenchOptions(bootstrap=kafka_bootstrap, quick=True), Console(file=out))
 
     for figure in (
         report.eos_transitions_per_s,
         report.alo_transitions_per_s,
+        report.eos_cpu_us_per_transition,
+        report.alo_cpu_us_per_transition,
         report.baseline_records_per_s,
         report.floor_records_per_s,
         report.latency_achieved_rate,
         report.latency_p50_ms,
         report.latency_p95_ms,
         report.latency_p99_ms,
+        report.librdkafka_p50_ms,
+        report.librdkafka_p95_ms,
+        report.librdkafka_p99_ms,
+        report.joined_fresh_start_s,
+        report.joined_fresh_p99_ms,
+        report.joined_fresh_librdkafka_p99_ms,
+        report.joined_restarted_start_s,
+        report.joined_restarted_p99_ms,
+        report.joined_restarted_librdkafka_p99_ms,
         report.restore_seconds,
         report.replay_records_per_s,
         report.client_start_ms,
@@ -40,6 +52,13 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert report.latency_p50_ms.median <= report.latency_p95_ms.median
     assert report.latency_p95_ms.median <= report.latency_p99_ms.median
     assert report.latency_requests > 0
+    assert report.latency_aiokafka_seen == report.latency_requests
+    assert report.latency_librdkafka_seen == report.latency_requests
+    assert report.librdkafka_p50_ms.median <= report.librdkafka_p95_ms.median
+    assert report.librdkafka_p95_ms.median <= report.librdkafka_p99_ms.median
+    # A transition costs the worker some CPU, and less than a second of it.
+    assert 0 < report.eos_cpu_us_per_transition.median < 1_000_000
+    assert report.joined_seconds == 2.0
     assert report.restored_runs == report.restore_runs_requested == 300
     assert report.restored_records > 0
     assert report.peak_rss_mb > 0
@@ -57,3 +76,6 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "peak RSS, restarted on them" in out.getvalue()
     assert "peak RSS, restoring them" in out.getvalue()
     assert "client is_job_running p50" in out.getvalue()
+    assert "worker CPU, exactly_once" in out.getvalue()
+    assert "latency p99, librdkafka" in out.getvalue()
+    assert "restarted worker: p99, first 2 s, librdkafka" in out.getvalue()

@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import signal
@@ -69,8 +68,9 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiokafka
 import aiosqlite
@@ -83,6 +83,8 @@ from rich.table import Table
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker.audit.replay import replay
 from worker.client.jobclient import JobClient
+from worker.devtools.latency import BenchError as BenchError
+from worker.devtools.latency import Percentiles, RdkafkaTail, cpu_seconds, percentile
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
 from worker.engine import topics as topic_admin
 from worker.kafkaio import Outbox, connection, partitions_of, read_until
@@ -93,10 +95,6 @@ _RESTORED = "partition restored from changelog"
 
 
 T = TypeVar("T")
-
-
-class BenchError(RuntimeError):
-    """The benchmark could not measure something; the message says what went wrong."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +109,7 @@ class BenchOptions:
     latency_rate: float = 1000.0
     latency_seconds: float = 10.0
     latency_warmup_seconds: float = 3.0
+    joined_seconds: float = 10.0
     restore_runs: int = 10_000
     history_runs: int = 100_000
     history_in_flight: int = 1_000
@@ -130,10 +129,16 @@ class BenchOptions:
             "client_calls": self.client_calls,
         }
         bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
-        if self.latency_rate <= 0 or self.latency_seconds <= 0 or self.latency_warmup_seconds < 0:
+        if (
+            self.latency_rate <= 0
+            or self.latency_seconds <= 0
+            or self.latency_warmup_seconds < 0
+            or self.joined_seconds <= 0
+        ):
             bad.append(
                 f"latency_rate={self.latency_rate}, latency_seconds={self.latency_seconds}, "
-                f"latency_warmup_seconds={self.latency_warmup_seconds}"
+                f"latency_warmup_seconds={self.latency_warmup_seconds}, "
+                f"joined_seconds={self.joined_seconds}"
             )
         if bad:
             raise ValueError(f"bench sizes must be positive: {', '.join(bad)}")
@@ -145,6 +150,7 @@ class BenchOptions:
             rounds=min(self.rounds, 1),
             latency_seconds=min(self.latency_seconds, 2.0),
             latency_warmup_seconds=min(self.latency_warmup_seconds, 0.5),
+            joined_seconds=min(self.joined_seconds, 2.0),
             restore_runs=min(self.restore_runs, 300),
             history_runs=min(self.history_runs, 300),
             history_in_flight=min(self.history_in_flight, 100),
@@ -188,6 +194,9 @@ class BenchReport:
     batch_max_records: int
     eos_transitions_per_s: Figure
     alo_transitions_per_s: Figure
+    # The worker process's CPU time (user + system, every thread) ÷ transitions, in µs.
+    eos_cpu_us_per_transition: Figure
+    alo_cpu_us_per_transition: Figure
     baseline_records_per_s: Figure
     eos_over_baseline: float  # worker EOS transitions/s ÷ baseline records/s (medians)
     floor_records_per_s: Figure  # the contract floor (module docstring, item 2)
@@ -195,9 +204,21 @@ class BenchReport:
     latency_offered_rate: float
     latency_achieved_rate: Figure  # requests/s the paced producer actually sent
     latency_requests: int  # per round
-    latency_p50_ms: Figure
+    latency_p50_ms: Figure  # aiokafka, read_committed
     latency_p95_ms: Figure
     latency_p99_ms: Figure
+    librdkafka_p50_ms: Figure  # confluent-kafka, read_committed, its default fetch settings
+    librdkafka_p95_ms: Figure
+    librdkafka_p99_ms: Figure
+    latency_aiokafka_seen: int  # of `latency_requests`, in the round that saw fewest
+    latency_librdkafka_seen: int
+    joined_seconds: float  # measured after a worker has taken its partitions
+    joined_fresh_start_s: Figure  # spawn → partitions taken, empty SQLite file
+    joined_fresh_p99_ms: Figure  # aiokafka
+    joined_fresh_librdkafka_p99_ms: Figure
+    joined_restarted_start_s: Figure  # the same, restarted on its SQLite file
+    joined_restarted_p99_ms: Figure
+    joined_restarted_librdkafka_p99_ms: Figure
     restore_runs_requested: int
     restored_runs: int  # `runs` of the worker's restore log line
     restored_records: int  # changelog records read by the restore
@@ -250,14 +271,30 @@ class BenchReport:
 
         row("worker exactly_once", self.eos_transitions_per_s, "transitions/s")
         row("worker at_least_once", self.alo_transitions_per_s, "transitions/s")
+        row("worker CPU, exactly_once", self.eos_cpu_us_per_transition, "µs/transition")
+        row("worker CPU, at_least_once", self.alo_cpu_us_per_transition, "µs/transition")
         row("baseline", self.baseline_records_per_s, "records/s")
         single("exactly_once ÷ baseline", f"{self.eos_over_baseline:.2f}", "ratio")
         row("contract floor", self.floor_records_per_s, "records/s")
         single("contract floor ÷ baseline", f"{self.floor_over_baseline:.2f}", "ratio")
-        row("latency p50", self.latency_p50_ms, "ms", ",.1f")
-        row("latency p95", self.latency_p95_ms, "ms", ",.1f")
-        row("latency p99", self.latency_p99_ms, "ms", ",.1f")
+        for client, prefix in (("aiokafka", "latency"), ("librdkafka", "librdkafka")):
+            for q in ("p50", "p95", "p99"):
+                row(f"latency {q}, {client}", getattr(self, f"{prefix}_{q}_ms"), "ms", ",.1f")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
+        for label in ("fresh", "restarted"):
+            row(
+                f"{label} worker: spawn → partitions taken",
+                getattr(self, f"joined_{label}_start_s"),
+                "s",
+                ",.2f",
+            )
+            for client, infix in (("aiokafka", ""), ("librdkafka", "librdkafka_")):
+                row(
+                    f"{label} worker: p99, first {self.joined_seconds:g} s, {client}",
+                    getattr(self, f"joined_{label}_{infix}p99_ms"),
+                    "ms",
+                    ",.1f",
+                )
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
         single(
             f"peak RSS, {self.history_runs:,} runs (≤ {self.history_in_flight:,} in flight)",
@@ -280,10 +317,7 @@ class BenchReport:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _percentile(ordered: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending sequence."""
-    rank = max(0, math.ceil(q / 100 * len(ordered)) - 1)
-    return ordered[rank]
+_percentile = percentile  # the soak's name for it
 
 
 def _start_body(job_type: str, request_id: str) -> bytes:
@@ -471,12 +505,19 @@ class _Tail:
         decode: bool = True,
         executor: tuple[AIOKafkaProducer, str] | None = None,
         track: bool = False,
+        isolation_level: str = "read_committed",
+        probe: Callable[[], float] | None = None,
     ) -> None:
         self.kafka = kafka
         self.topic = topic
         self.decode = decode
         self.executor = executor
         self.track = track
+        self.isolation_level = isolation_level
+        # Sampled after every batch with records: (probe(), records seen), first and last.
+        self.probe = probe
+        self.first_probe: tuple[float, int] | None = None
+        self.last_probe: tuple[float, int] | None = None
         self.count = 0
         self.types: Counter[str] = Counter()
         self.first_seen: float | None = None
@@ -491,7 +532,7 @@ class _Tail:
         """Subscribe from the beginning of the (fresh) topic and read in the background."""
         self._consumer = AIOKafkaConsumer(
             self.topic,
-            isolation_level="read_committed",
+            isolation_level=self.isolation_level,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             **self.kafka,
@@ -518,6 +559,9 @@ class _Tail:
                     if self.first_seen is None:
                         self.first_seen = now
                     self.last_seen = now
+            if batch and self.probe is not None:
+                self.last_probe = (self.probe(), self.count)
+                self.first_probe = self.first_probe or self.last_probe
             async with self._changed:
                 self._changed.notify_all()
 
@@ -573,6 +617,16 @@ class _Tail:
                 f"{self.count} records ({dict(self.types)})"
             ) from None
         self._check(worker)
+
+    def probed(self) -> tuple[float, int]:
+        """How much the probe grew and how many records were seen between its first sample
+        (after the first batch) and its last."""
+        if self.first_probe is None or self.last_probe is None:
+            raise BenchError(f"no probe samples on {self.topic}")
+        (first, seen_first), (last, seen_last) = self.first_probe, self.last_probe
+        if seen_last <= seen_first:
+            raise BenchError(f"too few batches on {self.topic} to measure anything")
+        return last - first, seen_last - seen_first
 
     @property
     def elapsed(self) -> float:
@@ -712,19 +766,22 @@ async def _run_lifecycles(
     count: int,
     on_done: Callable[[], None] | None = None,
     in_flight: int | None = None,
+    cpu: bool = False,
 ) -> _Tail:
     """Run `count` lifecycles through the worker and the executor until every run completed,
     call `on_done` while the worker still runs, then stop the worker (exit 0).
 
     Without `in_flight`, every start request is put in a backlog before the worker starts;
-    with it, start requests are sent as runs complete, at most `in_flight` outstanding.
+    with it, start requests are sent as runs complete, at most `in_flight` outstanding. With
+    `cpu`, the tail samples the worker's CPU time after each batch of events it reads.
     """
     prefix = topics.requests.removesuffix(".requests")
     starts = [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
     async with _producer(bench.kafka, linger_ms=5) as producer:
         if in_flight is None:
             await _send_starts(producer, topics, starts)
-        tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results))
+        probe = (lambda: cpu_seconds(worker.pid)) if cpu else None
+        tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), probe=probe)
         await tail.start()
         try:
             await worker.start()
@@ -769,13 +826,22 @@ async def _run_lifecycles(
 
 async def _throughput_round(
     bench: _Bench, guarantee: str, record: bool
-) -> tuple[float, _Recorded | None]:
-    """Transitions/s of one round; the round's input records when `record`."""
+) -> tuple[float, float, _Recorded | None]:
+    """Transitions/s and the worker's CPU µs per transition of one round; the round's input
+    records when `record`.
+
+    The CPU time is the worker process's (user + system, all its threads) between the end of
+    the first batch of events the tail reads and the end of the last, over the transitions
+    read in between: start-up and shutdown are left out, idle ticks and GC under load are in.
+    """
     o = bench.options
     label = "eos" if guarantee == "exactly_once" else "alo"
     topics = await bench.topics(label, o.partitions)
-    tail = await _run_lifecycles(bench, topics, bench.worker(topics, guarantee), o.lifecycles)
+    worker = bench.worker(topics, guarantee)
+    tail = await _run_lifecycles(bench, topics, worker, o.lifecycles, cpu=True)
     rate = (2 * o.lifecycles) / tail.elapsed
+    cpu, transitions = tail.probed()
+    cpu_us = cpu / transitions * 1e6
     recorded = None
     if record:
         recorded = _Recorded(
@@ -786,7 +852,7 @@ async def _throughput_round(
         )
         if recorded.count != 2 * o.lifecycles:
             raise BenchError(f"recorded {recorded.count} inputs, expected {2 * o.lifecycles}")
-    return rate, recorded
+    return rate, cpu_us, recorded
 
 
 class _FloorWork:
@@ -1015,18 +1081,66 @@ async def _paced(
     await asyncio.gather(*futures)
 
 
-async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int]:
-    """(p50, p95, p99 in ms, achieved rate, requests) against a caught-up EOS worker."""
+class _Observer(Protocol):
+    """A reader of the status topic that notes when each request's `started` was seen."""
+
+    types: Counter[str]
+    started_seen: dict[str, float]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def until(self, predicate: Callable[[], bool], what: str, timeout: float) -> None: ...
+
+
+def _at_least(types: Counter[str], started: int) -> bool:
+    return types["started"] >= started
+
+
+async def _all_saw(
+    tail: _Tail, observers: Sequence[_Observer], started: int, what: str, worker: _Worker
+) -> None:
+    """Wait until the executor's tail and every observer have seen `started` started events."""
+    timeout = _timeout_for(started)
+    await tail.until(lambda: tail.types["started"] >= started, what, timeout, worker)
+    for observer in observers:
+        await observer.until(partial(_at_least, observer.types, started), what, timeout)
+    worker.check_alive()
+
+
+@dataclass
+class LatencyRound:
+    """One latency round: when each measured request was sent, and who saw its `started`."""
+
+    sent: dict[str, float]  # request ID -> when it was sent (perf_counter)
+    achieved: float  # requests/s the paced producer actually sent
+    tail: _Tail  # the aiokafka read_committed reader that plays the executor
+    observers: list[_Observer]
+
+
+async def latency_round(
+    bench: _Bench,
+    observers: Callable[[Topics], Sequence[_Observer]],
+    window: Callable[[_Worker], Awaitable[None]] | None = None,
+    **worker_settings: str,
+) -> LatencyRound:
+    """Start requests at the offered rate against a caught-up exactly-once worker, after a
+    warm-up; each `started` event timed by the aiokafka reader that plays the executor and
+    by `observers(topics)`, side by side. `window(worker)` is awaited just before the
+    measured requests and once every reader has seen them."""
     o = bench.options
     topics = await bench.topics("lat", o.partitions)
     prefix = topics.requests.removesuffix(".requests")
     total = max(1, round(o.latency_rate * o.latency_seconds))
-    worker = bench.worker(topics, "exactly_once")
+    worker = bench.worker(topics, "exactly_once", **worker_settings)
     # linger 0: a request goes out as soon as it is due; batching would add latency.
     async with _producer(bench.kafka, linger_ms=0) as producer:
         tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), track=True)
-        await tail.start()
+        others = list(observers(topics))
         try:
+            for observer in (tail, *others):
+                await observer.start()
             await worker.start()
             # Warm-up: a few lifecycles on every partition, answered and completed, so the
             # worker owns its partitions, its producers are connected and it is idle; then
@@ -1040,32 +1154,82 @@ async def _latency_round(bench: _Bench) -> tuple[float, float, float, float, int
             warm_count = round(o.latency_rate * o.latency_warmup_seconds)
             await _paced(producer, topics, o.latency_rate, f"{prefix}-paced-warm", warm_count)
             warmed = len(warm) + warm_count
-            await tail.until(
-                lambda: tail.types["started"] >= warmed, "warm-up", _timeout_for(warm_count), worker
-            )
+            await _all_saw(tail, others, warmed, "warm-up", worker)
+            if window is not None:
+                await window(worker)
             sent: dict[str, float] = {}
             began = time.perf_counter()
             await _paced(producer, topics, o.latency_rate, prefix, total, sent)
             finished = time.perf_counter()
-            await tail.until(
-                lambda: tail.types["started"] >= warmed + total,
-                f"{total} started events",
-                _timeout_for(total),
-                worker,
-            )
+            await _all_saw(tail, others, warmed + total, f"{total} started events", worker)
+            if window is not None:
+                await window(worker)
             await worker.stop()
         finally:
             await worker.close()
-            await tail.stop()
-    latencies = sorted((tail.started_seen[rid] - at) * 1000 for rid, at in sent.items())
+            for observer in (tail, *others):
+                await observer.stop()
     achieved = total / (finished - began) if finished > began else float(total)
+    return LatencyRound(sent, achieved, tail, others)
+
+
+async def _joined_phase(
+    bench: _Bench,
+    topics: Topics,
+    producer: AIOKafkaProducer,
+    readers: tuple[_Tail, RdkafkaTail],
+    db: str,
+    label: str,
+) -> tuple[float, Percentiles, Percentiles]:
+    """Start a worker on `db`; once it has taken its partitions, start requests at the
+    offered rate for `joined_seconds`; every run completed, stop it. Seconds from spawn to
+    partitions taken, and the latencies the aiokafka and librdkafka readers saw."""
+    o = bench.options
+    tail, rdkafka = readers
+    prefix = f"{topics.requests.removesuffix('.requests')}-{label}"
+    count = max(1, round(o.latency_rate * o.joined_seconds))
+    before = tail.types["started"]
+    worker = bench.worker(topics, "exactly_once", log_level="info", db=db)
+    try:
+        await worker.start()
+        await worker.wait_log("partitions assigned", _timeout_for(0))
+        joined = time.perf_counter() - worker.spawned_at
+        sent: dict[str, float] = {}
+        await _paced(producer, topics, o.latency_rate, prefix, count, sent)
+        await _all_saw(tail, [rdkafka], before + count, f"{count} started events", worker)
+        await tail.until(
+            lambda: tail.types["completed"] >= before + count,
+            f"{count} completed runs",
+            _timeout_for(count),
+            worker,
+        )
+        await worker.stop()
+    finally:
+        await worker.close()
     return (
-        _percentile(latencies, 50),
-        _percentile(latencies, 95),
-        _percentile(latencies, 99),
-        achieved,
-        total,
+        joined,
+        Percentiles.between(sent, tail.started_seen),
+        Percentiles.between(sent, rdkafka.started_seen),
     )
+
+
+async def _joined_round(bench: _Bench) -> list[tuple[float, Percentiles, Percentiles]]:
+    """A fresh worker, then one restarted on its SQLite file (`_joined_phase` each)."""
+    topics = await bench.topics("joined", bench.options.partitions)
+    db = str(bench.tmp / f"{topics.requests.removesuffix('.requests')}.db")
+    async with _producer(bench.kafka, linger_ms=0) as producer:
+        tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), track=True)
+        rdkafka = RdkafkaTail(bench.settings, topics.status, bench.options.partitions)
+        try:
+            await tail.start()
+            await rdkafka.start()
+            return [
+                await _joined_phase(bench, topics, producer, (tail, rdkafka), db, label)
+                for label in ("fresh", "restarted")
+            ]
+        finally:
+            await tail.stop()
+            await rdkafka.stop()
 
 
 async def _client_round(bench: _Bench) -> tuple[float, float, float]:
@@ -1234,54 +1398,109 @@ async def with_bench(
             await asyncio.to_thread(local.stop)
 
 
-async def _throughput_rounds(
-    bench: _Bench,
-) -> tuple[dict[str, list[float]], list[float], list[float]]:
-    """Transitions/s of each guarantee, baseline and floor records/s, round by round."""
+async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
+    """The throughput figures of the report: transitions/s and CPU µs per transition of each
+    guarantee, baseline and floor records/s, and the ratios."""
     o = bench.options
     rates: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
+    cpu: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
     baseline: list[float] = []
     floor: list[float] = []
     recorded: _Recorded | None = None
     for r in range(o.rounds):
         # Interleaved, so that both guarantees and the baseline see the same machine state.
         for guarantee in _GUARANTEES:
-            rate, got = await _throughput_round(bench, guarantee, record=recorded is None)
+            rate, cpu_us, got = await _throughput_round(bench, guarantee, record=recorded is None)
             recorded = recorded or got
             rates[guarantee].append(rate)
+            cpu[guarantee].append(cpu_us)
             bench.say(
-                f"round {r + 1}/{o.rounds} {guarantee}: {rate:,.0f} transitions/s "
-                f"({o.lifecycles:,} lifecycles)"
+                f"round {r + 1}/{o.rounds} {guarantee}: {rate:,.0f} transitions/s, "
+                f"{cpu_us:,.0f} µs CPU per transition ({o.lifecycles:,} lifecycles)"
             )
         assert recorded is not None
         baseline.append(await _baseline_round(bench, recorded))
         bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
         floor.append(await _baseline_round(bench, recorded, floor=True))
         bench.say(f"round {r + 1}/{o.rounds} contract floor: {floor[-1]:,.0f} records/s")
-    return rates, baseline, floor
+    eos, base, least = Figure.of(rates["exactly_once"]), Figure.of(baseline), Figure.of(floor)
+    return {
+        "eos_transitions_per_s": eos,
+        "alo_transitions_per_s": Figure.of(rates["at_least_once"]),
+        "eos_cpu_us_per_transition": Figure.of(cpu["exactly_once"]),
+        "alo_cpu_us_per_transition": Figure.of(cpu["at_least_once"]),
+        "baseline_records_per_s": base,
+        "eos_over_baseline": eos.median / base.median,
+        "floor_records_per_s": least,
+        "floor_over_baseline": least.median / base.median,
+    }
 
 
-async def _latency_rounds(bench: _Bench) -> tuple[list[list[float]], list[float], int]:
-    """p50, p95 and p99 (ms) of each round, the rates achieved, requests per round."""
+def _figures(prefix: str, rounds: Sequence[Percentiles]) -> dict[str, Figure]:
+    """`<prefix>_p50_ms`, `_p95_ms` and `_p99_ms` over rounds."""
+    return {
+        f"{prefix}_p50_ms": Figure.of([p.p50 for p in rounds]),
+        f"{prefix}_p95_ms": Figure.of([p.p95 for p in rounds]),
+        f"{prefix}_p99_ms": Figure.of([p.p99 for p in rounds]),
+    }
+
+
+async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
+    """The latency figures of the report: aiokafka's and librdkafka's read_committed
+    consumers side by side on the status topic (librdkafka with its default settings)."""
     o = bench.options
-    percentiles: list[list[float]] = [[], [], []]
+    aiokafka_rounds: list[Percentiles] = []
+    rdkafka_rounds: list[Percentiles] = []
     achieved: list[float] = []
-    requests = 0
     for r in range(o.rounds):
-        a, b, c, rate, requests = await _latency_round(bench)
-        for figures, value in zip(percentiles, (a, b, c), strict=True):
-            figures.append(value)
-        achieved.append(rate)
-        bench.say(
-            f"latency {r + 1}/{o.rounds} at {rate:,.0f}/s: "
-            f"p50 {a:.1f} ms, p95 {b:.1f} ms, p99 {c:.1f} ms"
+        got = await latency_round(
+            bench, lambda t: [RdkafkaTail(bench.settings, t.status, o.partitions)]
         )
-    return percentiles, achieved, requests
+        aiokafka_rounds.append(Percentiles.between(got.sent, got.tail.started_seen))
+        rdkafka_rounds.append(Percentiles.between(got.sent, got.observers[0].started_seen))
+        achieved.append(got.achieved)
+        bench.say(
+            f"latency {r + 1}/{o.rounds} at {got.achieved:,.0f}/s: aiokafka "
+            f"{aiokafka_rounds[-1].line()}; librdkafka {rdkafka_rounds[-1].line()}"
+        )
+    return {
+        "latency_offered_rate": o.latency_rate,
+        "latency_achieved_rate": Figure.of(achieved),
+        "latency_requests": max(1, round(o.latency_rate * o.latency_seconds)),
+        **_figures("latency", aiokafka_rounds),
+        **_figures("librdkafka", rdkafka_rounds),
+        # Measured requests whose `started` each consumer saw, in the round that saw fewest.
+        "latency_aiokafka_seen": min(p.count for p in aiokafka_rounds),
+        "latency_librdkafka_seen": min(p.count for p in rdkafka_rounds),
+    }
+
+
+async def _joined_rounds(bench: _Bench) -> dict[str, Any]:
+    """The figures of a worker that has just joined, fresh and restarted on its file."""
+    o = bench.options
+    columns: dict[str, list[float]] = {}
+    for r in range(o.rounds):
+        for label, (joined, aio, rdk) in zip(
+            ("fresh", "restarted"), await _joined_round(bench), strict=True
+        ):
+            for name, value in (("start_s", joined), ("p99_ms", aio.p99), ("rdkafka", rdk.p99)):
+                columns.setdefault(f"{label}_{name}", []).append(value)
+            bench.say(
+                f"just joined {r + 1}/{o.rounds}, {label}: partitions taken {joined:.2f} s "
+                f"after spawn; first {o.joined_seconds:g} s at {o.latency_rate:,.0f}/s: "
+                f"aiokafka {aio.line()}; librdkafka {rdk.line()}"
+            )
+    out: dict[str, Any] = {"joined_seconds": o.joined_seconds}
+    for label in ("fresh", "restarted"):
+        out[f"joined_{label}_start_s"] = Figure.of(columns[f"{label}_start_s"])
+        out[f"joined_{label}_p99_ms"] = Figure.of(columns[f"{label}_p99_ms"])
+        out[f"joined_{label}_librdkafka_p99_ms"] = Figure.of(columns[f"{label}_rdkafka"])
+    return out
 
 
 async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     o = bench.options
-    rates, baseline, floor = await _throughput_rounds(bench)
+    throughput = await _throughput_rounds(bench)
     restore_seconds, restored_runs, restored_records = await _restore(bench)
     bench.say(
         f"peak RSS: running {o.history_runs:,} lifecycles through one worker, "
@@ -1297,32 +1516,17 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
 
     # Latency last: a broker's first minutes (its JIT compiling, on a machine this small)
     # add tens of ms to the tail; a worker's production cluster has long since warmed up.
-    (p50, p95, p99), achieved, requests = await _latency_rounds(bench)
+    latency = await _latency_rounds(bench)
+    joined = await _joined_rounds(bench)
     client_start, client_running, client_info = await _client_rounds(bench)
-
-    eos, alo, base, least = (
-        Figure.of(rates["exactly_once"]),
-        Figure.of(rates["at_least_once"]),
-        Figure.of(baseline),
-        Figure.of(floor),
-    )
     return BenchReport(
         lifecycles=o.lifecycles,
         partitions=o.partitions,
         rounds=o.rounds,
         batch_max_records=o.batch_max_records,
-        eos_transitions_per_s=eos,
-        alo_transitions_per_s=alo,
-        baseline_records_per_s=base,
-        eos_over_baseline=eos.median / base.median,
-        floor_records_per_s=least,
-        floor_over_baseline=least.median / base.median,
-        latency_offered_rate=o.latency_rate,
-        latency_achieved_rate=Figure.of(achieved),
-        latency_requests=requests,
-        latency_p50_ms=Figure.of(p50),
-        latency_p95_ms=Figure.of(p95),
-        latency_p99_ms=Figure.of(p99),
+        **throughput,
+        **latency,
+        **joined,
         restore_runs_requested=o.restore_runs,
         restored_runs=restored_runs,
         restored_records=restored_records,
