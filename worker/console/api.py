@@ -17,7 +17,9 @@ import structlog
 from aiohttp import web
 
 from schemas import RunStatus
+from worker.client import JobClient
 from worker.console import params
+from worker.console.cancel import Refused, cancel, not_allowed, read_reason
 from worker.console.db import Folded
 from worker.console.follow import Follower, Hub, Subscription
 from worker.console.openapi import document
@@ -35,6 +37,8 @@ _EVENT_PARAMS = (*params.FILTERS, "after")
 QUERIES: web.AppKey[Queries] = web.AppKey("queries", Queries)
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
 FOLLOWER: web.AppKey[Follower] = web.AppKey("follower", Follower)
+# The client that sends cancel requests: None unless the console runs with --allow-cancel.
+CLIENT: web.AppKey[JobClient | None] = web.AppKey("client")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,6 +57,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except BadParameter as exc:
         return _error(400, exc.message, exc.parameter)
+    except Refused as exc:
+        return _error(exc.status, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -99,6 +105,26 @@ async def run(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+async def cancel_run(request: web.Request) -> web.Response:
+    """POST /api/runs/{run_id} with {"status": "CANCELLED"}: cancel a running run (only
+    with --allow-cancel; 403 otherwise)."""
+    client = request.app[CLIENT]
+    if client is None:
+        raise not_allowed()
+    _query(request, ())
+    run_id = params.run_id(request.rel_url.raw_path.rsplit("/", 1)[-1])
+    reason = await read_reason(request)
+    return web.json_response(await cancel(client, request.app[QUERIES], run_id, reason))
+
+
+async def durations(request: web.Request) -> web.Response:
+    """GET /api/job-types/durations: each job type's last ended runs and their durations."""
+    query = _query(request, ("job_type", "limit"))
+    job_type = params.job_type(query["job_type"]) if "job_type" in query else None
+    found = await request.app[QUERIES].durations(job_type, params.limit(query.get("limit")))
+    return web.json_response({"job_types": found})
+
+
 async def job_types(request: web.Request) -> web.Response:
     """GET /api/job-types: a summary of each job type's runs."""
     query = _query(request, ("job_type",))
@@ -117,6 +143,7 @@ async def status(request: web.Request) -> web.Response:
             "lag": await follower.lag(),
             "events_folded": follower.folded,
             "streams": request.app[HUB].streams,
+            "allow_cancel": request.app[CLIENT] is not None,
         }
     )
 
@@ -199,17 +226,22 @@ async def _stream(
         await response.write(_frame(item.seq, item.body))
 
 
-def make_app(queries: Queries, hub: Hub, follower: Follower) -> web.Application:
-    """The console's application."""
+def make_app(
+    queries: Queries, hub: Hub, follower: Follower, client: JobClient | None = None
+) -> web.Application:
+    """The console's application; with `client`, it may cancel runs."""
     app = web.Application(middlewares=[_errors])
     app[QUERIES] = queries
     app[HUB] = hub
     app[FOLLOWER] = follower
+    app[CLIENT] = client
     app.router.add_get("/", page)
     app.router.add_get("/api/runs/running", running)
     app.router.add_get("/api/runs", runs)
     app.router.add_get("/api/runs/{run_id}", run)
+    app.router.add_post("/api/runs/{run_id}", cancel_run)
     app.router.add_get("/api/job-types", job_types)
+    app.router.add_get("/api/job-types/durations", durations)
     app.router.add_get("/api/events", events)
     app.router.add_get("/api/status", status)
     app.router.add_get("/openapi.json", openapi)

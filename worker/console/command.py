@@ -28,20 +28,31 @@ def serve(
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: all of them)."
     ),
+    allow_cancel: bool = typer.Option(
+        False,
+        "--allow-cancel",
+        help="Let the API and the page cancel running runs (POST /api/runs/{run_id}): the "
+        "console then sends cancel requests to the requests topic, so it needs the producer "
+        "role's Kafka rights. Without it, the console only reads and a cancel is refused (403).",
+    ),
     bootstrap: str = _BOOTSTRAP,
     prefix: str = _PREFIX,
 ) -> None:
     """Serve the console: the fleet's run history as an HTTP API and a page.
 
-    Follows the status topic into --db from where it left off; never writes to Kafka.
+    Follows the status topic into --db from where it left off.
+
+    Writes nothing to Kafka, unless --allow-cancel: then the cancels its users ask for.
 
     Example: jobctl serve --port 8081 --db /var/lib/jobs/console.db
+    Example: jobctl serve --allow-cancel    (the page shows cancel buttons)
     """
     import asyncio
     import signal
     import sqlite3
 
     from worker.cli import _fail, _run, _settings
+    from worker.client.answers import JobError
     from worker.console.db import ConsoleError
     from worker.console.service import Console
     from worker.logs import configure as configure_logs
@@ -54,12 +65,14 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        console = await Console(s, db, host, port).start()
+        console = await Console(s, db, host, port, allow_cancel=allow_cancel).start()
         await console.run(stop)
 
     try:
         _run(main())
     except (ConsoleError, sqlite3.Error) as exc:
         raise _fail(f"{db}: {exc}" if isinstance(exc, sqlite3.Error) else str(exc)) from None
+    except JobError as exc:
+        raise _fail(f"--allow-cancel: {exc}") from None
     except LookupError as exc:
         raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from schemas import EventType, RunStatus
+from worker.console.cancel import MAX_REASON_CHARS
 from worker.console.params import DEFAULT_LIMIT, MAX_LIMIT
 
 
@@ -22,6 +23,7 @@ def _param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 
 _TIME = {"type": "string", "format": "date-time"}
+_RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PARAMETERS: dict[str, dict[str, Any]] = {
     "job_type": _param("job_type", "Only this job type.", {"type": "string", "maxLength": 200}),
     "status": _param(
@@ -156,6 +158,58 @@ _SCHEMAS: dict[str, Any] = {
             "lag": {"type": ["integer", "null"]},
             "events_folded": {"type": "integer"},
             "streams": {"type": "integer"},
+            "allow_cancel": {
+                "type": "boolean",
+                "description": "Whether this console may cancel runs (`--allow-cancel`).",
+            },
+        },
+    },
+    "Durations": {
+        "type": "object",
+        "properties": {
+            "job_types": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "job_type": {"type": "string"},
+                        "runs": {
+                            "type": "array",
+                            "description": "The last ended runs by start, oldest first.",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "run_id": {"type": "string"},
+                                    "status": {"type": "string"},
+                                    "started_at": _TIME,
+                                    "ended_at": _TIME,
+                                    "duration_s": {"type": "number"},
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "CancelRequest": {
+        "type": "object",
+        "required": ["status"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"const": "CANCELLED"},
+            "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS},
+        },
+    },
+    "Cancelled": {
+        "type": "object",
+        "properties": {
+            "run_id": {"type": "string"},
+            "type": {"type": "string", "description": "The decision: `cancelled`."},
+            "status": _NULLABLE_STR,
+            "request_id": {"type": "string"},
+            "reason": _NULLABLE_STR,
+            "occurred_at": _TIME,
         },
     },
 }
@@ -169,8 +223,39 @@ def _get(summary: str, parameters: list[Any], ok: dict[str, Any], **more: Any) -
     return {"get": {"summary": summary, "parameters": parameters, "responses": responses}}
 
 
+def _cancel() -> dict[str, Any]:
+    return {
+        "summary": "Cancel a running run: send a cancel request for it and answer with the "
+        "orchestrator's decision. Only on a console started with --allow-cancel. The body "
+        "must be JSON (Content-Type: application/json).",
+        "parameters": [_RUN_ID],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/CancelRequest"}}
+            },
+        },
+        "responses": {
+            "200": _json("Cancelled", "The run is cancelled."),
+            "400": _json("Error", "A bad body: `parameter` names the field."),
+            "403": _json("Error", "This console was started without --allow-cancel."),
+            "404": _json("Error", "No such run has been read."),
+            "409": _json("Error", "The run has ended, or the orchestrator refused."),
+            "415": _json("Error", "The body is not sent as JSON."),
+            "504": _json("Error", "The orchestrator did not answer in time."),
+        },
+    }
+
+
 def _paths() -> dict[str, Any]:
     page = _json("RunPage", "A page of runs, newest first.")
+    one_run = _get(
+        "One run with every status event that named it, in order.",
+        [_RUN_ID],
+        _json("RunWithEvents", "The run."),
+        **{"404": _json("Error", "No such run has been read.")},
+    )
+    one_run["post"] = _cancel()
     return {
         "/": _get("The console's page.", [], {"description": "HTML", "content": {"text/html": {}}}),
         "/api/runs": _get(
@@ -183,17 +268,18 @@ def _paths() -> dict[str, Any]:
             _refs("job_type", "client_id", "since", "until", "limit", "cursor"),
             page,
         ),
-        "/api/runs/{run_id}": _get(
-            "One run with every status event that named it, in order.",
-            [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            _json("RunWithEvents", "The run."),
-            **{"404": _json("Error", "No such run has been read.")},
-        ),
+        "/api/runs/{run_id}": one_run,
         "/api/job-types": _get(
             "Per job type: runs, failures, time-outs, median and p95 duration (nearest rank "
             "over ended runs), the last run.",
             _refs("job_type"),
             _json("JobTypes", "One entry per job type, by name."),
+        ),
+        "/api/job-types/durations": _get(
+            "Per job type: its last `limit` ended runs by start (oldest first) and their "
+            "durations, as the page charts them.",
+            _refs("job_type", "limit"),
+            _json("Durations", "One entry per job type, by name."),
         ),
         "/api/events": _get(
             "Status events as the console folds them, as Server-Sent Events: `id` is the "

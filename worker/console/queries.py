@@ -29,6 +29,12 @@ _COLUMNS = (
     "initial_data, metrics, reason"
 )
 _EVENT_CHUNK = 1_000
+_HAS_TYPE = "SELECT 1 FROM runs WHERE job_type = ? LIMIT 1"
+_LAST_ENDED = (
+    "SELECT run_id, status, started_at, ended_at FROM runs "
+    "WHERE job_type = ? AND ended_at IS NOT NULL "
+    "ORDER BY started_at DESC, run_id DESC LIMIT ?"
+)
 _ENDED = frozenset(s.value for s in ENDED_STATUSES)
 
 
@@ -149,6 +155,32 @@ def _summary(db: sqlite3.Connection, job_type: str, by_status: dict[str, int]) -
     }
 
 
+def _durations(uri: str, job_type: str | None, limit: int) -> list[dict[str, Any]]:
+    db = sqlite3.connect(uri, uri=True, timeout=10.0)
+    try:
+        if job_type is None:
+            names = [r[0] for r in db.execute("SELECT DISTINCT job_type FROM runs ORDER BY 1")]
+        else:
+            names = [job_type] if db.execute(_HAS_TYPE, [job_type]).fetchone() else []
+        found = []
+        for name in names:
+            rows = db.execute(_LAST_ENDED, [name, limit]).fetchall()
+            runs = [
+                {
+                    "run_id": run_id,
+                    "status": status,
+                    "started_at": started_at,
+                    "ended_at": ended_at,
+                    "duration_s": _duration(started_at, ended_at),
+                }
+                for run_id, status, started_at, ended_at in reversed(rows)
+            ]
+            found.append({"job_type": name, "runs": runs})
+        return found
+    finally:
+        db.close()
+
+
 class Queries:
     """The API's reads. `await Queries.open(path, topic)`; `close()`."""
 
@@ -188,16 +220,20 @@ class Queries:
         rows = await self._db.execute_fetchall(f"EXPLAIN QUERY PLAN {sql}", params)
         return "\n".join(str(r[3]) for r in rows)
 
-    async def run(self, run_id: str) -> dict[str, Any] | None:
-        """One run with every status event that named it, in order; None when unknown."""
+    async def run_row(self, run_id: str) -> dict[str, Any] | None:
+        """One run, without its events; None when unknown."""
         rows = list(
             await self._db.execute_fetchall(
                 f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", [run_id]
             )
         )
-        if not rows:
+        return run_json(rows[0]) if rows else None
+
+    async def run(self, run_id: str) -> dict[str, Any] | None:
+        """One run with every status event that named it, in order; None when unknown."""
+        found = await self.run_row(run_id)
+        if found is None:
             return None
-        found = run_json(rows[0])
         events = await self._db.execute_fetchall(
             "SELECT seq, partition, record_offset, body FROM console_events "
             "WHERE run_id = ? ORDER BY seq",
@@ -214,6 +250,11 @@ class Queries:
         two index lookups a job type are cheap in SQLite and dear as trips to a thread.
         """
         return await asyncio.to_thread(_job_types, self._uri, job_type)
+
+    async def durations(self, job_type: str | None, limit: int) -> list[dict[str, Any]]:
+        """Per job type (by name): its last `limit` ended runs by start, oldest first, with
+        their durations (what the page charts)."""
+        return await asyncio.to_thread(_durations, self._uri, job_type, limit)
 
     async def events_after(self, seq: int) -> AsyncIterator[list[Any]]:
         """Stored events after stream ID `seq`, in order, a chunk at a time:

@@ -3,7 +3,9 @@
     console = await Console(settings, Path("console.db"), port=8081).start()
     await console.run(stop)          # until `stop` is set, or the follower fails
 
-It never writes to Kafka: the follower's consumer reads, commits nothing and joins no group.
+It never writes to Kafka: the follower's consumer reads, commits nothing and joins no group;
+unless started with `allow_cancel`, when a `JobClient` sends the cancel requests the API is
+asked for (and nothing else).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from worker.client import JobClient
 from worker.console.api import make_app
 from worker.console.db import ConsoleDb, ConsoleError
 from worker.console.follow import Follower, Hub
@@ -29,12 +32,20 @@ class Console:
     """One console: `await start()`, then `run(stop)` or `stop()`."""
 
     def __init__(
-        self, settings: Settings, db_path: Path, host: str = "127.0.0.1", port: int = 8081
+        self,
+        settings: Settings,
+        db_path: Path,
+        host: str = "127.0.0.1",
+        port: int = 8081,
+        *,
+        allow_cancel: bool = False,
     ):
         self._settings = settings
         self._db_path = Path(db_path)
         self._host = host
         self._port = port
+        self.allow_cancel = allow_cancel
+        self._client: JobClient | None = None
         self.hub = Hub()
         self._db: ConsoleDb | None = None
         self._queries: Queries | None = None
@@ -61,7 +72,7 @@ class Console:
         """Open the file, connect to Kafka, start folding and listening.
 
         Raises `ConsoleError` (the file), `LookupError` (no status topic), a Kafka error,
-        or `OSError` (the port)."""
+        `JobConnectionError` (the cancelling client), or `OSError` (the port)."""
         topic = self._settings.topics.status
         try:
             self._db = await ConsoleDb.open(self._db_path, topic)
@@ -69,15 +80,22 @@ class Console:
             self.follower = Follower(self._settings, self._db, self.hub)
             await self.follower.start()
             self._following = asyncio.create_task(self.follower.run(), name="console-follower")
-            self._runner = web.AppRunner(
-                make_app(self._queries, self.hub, self.follower), access_log=None
-            )
+            if self.allow_cancel:
+                self._client = await JobClient(self._settings).open()
+            app = make_app(self._queries, self.hub, self.follower, self._client)
+            self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             await self._listen(self._runner)
         except BaseException:
             await self.stop()
             raise
-        log.info("console listening", url=self.url, topic=topic, db=str(self._db_path))
+        log.info(
+            "console listening",
+            url=self.url,
+            topic=topic,
+            db=str(self._db_path),
+            allow_cancel=self.allow_cancel,
+        )
         return self
 
     async def _listen(self, runner: web.AppRunner) -> None:
@@ -117,6 +135,10 @@ class Console:
             with contextlib.suppress(Exception):
                 await self.follower.stop()
             self.follower = None
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
         if self._queries is not None:
             await self._queries.close()
             self._queries = None

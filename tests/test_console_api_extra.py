@@ -1,0 +1,197 @@
+"""The console's duration chart data and its cancel endpoint (`jobctl serve --allow-cancel`).
+
+Against the session's real broker: synthetic status events where exact durations are
+needed, a real worker where a run must really be cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from tests.conftest import RunningWorker
+from tests.test_console import Api, folded, lifecycle, publish, until
+from worker.client import JobClient
+from worker.console.service import Console
+from worker.kafkaio import connection, partitions_of
+from worker.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+async def console(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
+    """A console as `jobctl serve` starts it by default: it may not cancel."""
+    instance = await Console(topics, tmp_path / "console.db", port=0).start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def cancelling(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
+    """A console started with --allow-cancel."""
+    instance = await Console(topics, tmp_path / "c.db", port=0, allow_cancel=True).start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as instance:
+        yield instance
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: Any, content_type: str = "application/json"
+) -> tuple[int, dict[str, Any]]:
+    """POST `body` (JSON-encoded unless already bytes) to `url`; (status, JSON answer)."""
+    import json
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post(url, data=data, headers={"Content-Type": content_type}) as r:
+        return r.status, await r.json()
+
+
+async def requests_written(settings: Settings) -> int:
+    """How many records the requests topic holds."""
+    consumer = AIOKafkaConsumer(**connection(settings))
+    await consumer.start()
+    try:
+        partitions = await partitions_of(consumer, settings.topics.requests)
+        return sum((await consumer.end_offsets(partitions)).values())
+    finally:
+        await consumer.stop()
+
+
+# -- the duration chart's data ------------------------------------------------------------
+
+
+async def test_durations_per_job_type(
+    topics: Settings, console: Console, session: aiohttp.ClientSession
+) -> None:
+    """Each job type's last ended runs by start, oldest first, with their durations; the
+    running runs are left out; `limit` and `job_type` narrow it."""
+    api = Api(session, console.url)
+    runs = [lifecycle(n) for n in range(40)]
+    events = [e for run in runs for e in run]
+    await publish(topics, events)
+    await folded(api, len(events))
+
+    def ended(job_type: str) -> list[tuple[str | None, float]]:
+        # lifecycle(n) starts at T0 + n minutes and lasts (n * 37) % 300 + 1 seconds
+        return [
+            (run[0].run_id, float((n * 37) % 300 + 1))
+            for n, run in enumerate(runs)
+            if run[0].job_type == job_type and len(run) == 2
+        ]
+
+    body = await api.ok("/api/job-types/durations")
+    assert [e["job_type"] for e in body["job_types"]] == ["etl", "mail", "report"]
+    for entry in body["job_types"]:
+        want = ended(entry["job_type"])
+        assert len(want) > 5
+        assert [(r["run_id"], r["duration_s"]) for r in entry["runs"]] == want
+        assert all(r["status"] != "RUNNING" and r["ended_at"] for r in entry["runs"])
+    last3 = await api.ok("/api/job-types/durations", job_type="mail", limit="3")
+    assert [(r["run_id"], r["duration_s"]) for r in last3["job_types"][0]["runs"]] == ended("mail")[
+        -3:
+    ]
+    assert len(last3["job_types"]) == 1
+    assert (await api.ok("/api/job-types/durations", job_type="nope"))["job_types"] == []
+    for query, parameter in (("limit=0", "limit"), ("status=FAILED", "status")):
+        status, answer = await api.raw(f"/api/job-types/durations?{query}")
+        assert status == 400
+        assert f'"parameter": "{parameter}"' in answer.decode()
+
+
+async def test_the_openapi_document_has_the_new_operations(
+    console: Console, session: aiohttp.ClientSession
+) -> None:
+    document = await Api(session, console.url).ok("/openapi.json")
+    cancel = document["paths"]["/api/runs/{run_id}"]["post"]
+    assert {"200", "403", "404", "409", "415"} <= set(cancel["responses"])
+    assert "/api/job-types/durations" in document["paths"]
+    assert "allow_cancel" in document["components"]["schemas"]["Status"]["properties"]
+
+
+# -- cancelling -----------------------------------------------------------------------------
+
+
+async def test_cancel_is_refused_without_allow_cancel(
+    topics: Settings, console: Console, session: aiohttp.ClientSession
+) -> None:
+    """403 with a sentence saying how to allow it; nothing is written to Kafka."""
+    api = Api(session, console.url)
+    await publish(topics, lifecycle(7))  # a running run
+    await folded(api, 1)
+    run_id = lifecycle(7)[0].run_id
+    assert (await api.ok(f"/api/runs/{run_id}"))["status"] == "RUNNING"
+    assert (await api.ok("/api/status"))["allow_cancel"] is False
+    status, answer = await post(
+        session, f"{console.url}/api/runs/{run_id}", {"status": "CANCELLED"}
+    )
+    assert status == 403
+    assert "--allow-cancel" in answer["error"]
+    assert (await api.ok(f"/api/runs/{run_id}"))["status"] == "RUNNING"
+    assert await requests_written(topics) == 0
+
+
+async def test_cancel_through_the_api(
+    worker: RunningWorker, topics: Settings, cancelling: Console, session: aiohttp.ClientSession
+) -> None:
+    """With --allow-cancel a running run is cancelled through the orchestrator; bad bodies
+    are 400 naming the field, a form post 415, an unknown run 404, an ended one 409."""
+    api = Api(session, cancelling.url)
+    assert (await api.ok("/api/status"))["allow_cancel"] is True
+    async with JobClient(topics) as client:
+        started = await client.start_job("nightly", "acme", {"day": 1})
+    run_id = started.run_id
+    assert run_id is not None
+    url = f"{cancelling.url}/api/runs/{run_id}"
+
+    async def listed() -> bool:
+        status, run = await api.get(f"/api/runs/{run_id}")
+        return status == 200 and run["status"] == "RUNNING"
+
+    await until(listed, "the console did not read the started run")
+    form = await post(session, url, b"status=CANCELLED", "application/x-www-form-urlencoded")
+    assert form[0] == 415
+    for body, parameter in [
+        (b"{", "body"),
+        ([1], "body"),
+        ({}, "status"),
+        ({"status": "FAILED"}, "status"),
+        ({"status": "CANCELLED", "reason": ""}, "reason"),
+        ({"status": "CANCELLED", "reason": "x" * 1001}, "reason"),
+        ({"status": "CANCELLED", "force": True}, "force"),
+    ]:
+        status, answer = await post(session, url, body)
+        assert (status, answer.get("parameter")) == (400, parameter), (body, answer)
+    assert (await api.ok(f"/api/runs/{run_id}"))["status"] == "RUNNING"  # none of it was sent
+    unknown = await post(session, f"{cancelling.url}/api/runs/nope-1", {"status": "CANCELLED"})
+    assert unknown[0] == 404
+
+    status, answer = await post(session, url, {"status": "CANCELLED", "reason": "by hand"})
+    assert status == 200, answer
+    assert (answer["run_id"], answer["type"], answer["status"]) == (
+        run_id,
+        "cancelled",
+        "CANCELLED",
+    )
+
+    async def cancelled() -> Any:
+        # The run's row is written just before its events: wait for both.
+        run = await api.ok(f"/api/runs/{run_id}")
+        return run if run["status"] == "CANCELLED" and len(run["events"]) == 2 else None
+
+    run = await until(cancelled, "the console did not record the cancel")
+    assert [e["type"] for e in run["events"]] == ["started", "cancelled"]
+    assert run["events"][-1]["reason"] == "by hand"
+    again = await post(session, url, {"status": "CANCELLED"})
+    assert again[0] == 409
+    assert "already ended" in again[1]["error"]
