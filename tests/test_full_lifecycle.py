@@ -269,7 +269,7 @@ async def test_replay_and_verify_a_long_mixed_log(
         await live_store.close()
         await rebuilt_store.close()
 
-    config = ["--config", str(s.config)]
+    config: list[str] = []  # the settings in force are in the log
     verified = await asyncio.to_thread(runner.invoke, app, ["verify", *args, *config])
     assert verified.exit_code == 0, verified.output
     assert "0 divergences" in verified.output

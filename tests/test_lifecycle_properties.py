@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -9,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas import EventType, RunStatus, Source, StatusEvent
+from worker.core.adopt import adopt
 from worker.core.lifecycle import (
     AdvanceTime,
     Cancel,
@@ -143,3 +145,27 @@ def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -
             assert all(r.deadline is None or r.deadline > command.now for r in after.active)
         if isinstance(command, Progress) and command.metrics is None:
             assert all(e.type is EventType.REJECTED for e in events), "a heartbeat spoke"
+
+
+def _adoptable(state: JobState) -> JobState:
+    """`state` without what the log does not say: deadlines and run sizes."""
+    return replace(
+        state,
+        active=tuple(replace(r, deadline=None, size=0) for r in state.active),
+        queue=tuple(replace(q, size=0) for q in state.queue),
+    )
+
+
+@SETTINGS
+@given(config=configs, spec=steps, window=st.sampled_from([0, 3, 1000]))
+def test_adopting_the_logged_events_rebuilds_the_state(
+    config: JobConfig, spec: list[Any], window: int
+) -> None:
+    """A state built from the logged events alone (what an audit of a log whose inputs are
+    gone does) equals the decided one in every field the log carries."""
+    limits = Limits(idempotency_window=window)
+    adopted = JobState(JOB)
+    for _, _, decided, events in _play(config, spec, window):
+        for event in events:
+            adopted = adopt(adopted, event, config, limits)
+        assert _adoptable(adopted) == _adoptable(decided)

@@ -304,18 +304,32 @@ def _progress_bar(description: str) -> tuple[Progress, Callable[[int, int], None
     return bar, update
 
 
+FROM_OFFSET = typer.Option(
+    None, "--from-offset", min=0, help="Start at this offset of every status partition."
+)
+FROM_TIMESTAMP = typer.Option(
+    None,
+    "--from-timestamp",
+    formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"],
+    help="Start at the first event at or after this time (UTC unless it has an offset).",
+)
+
+
+def _window_start(
+    from_offset: int | None, from_timestamp: datetime | None
+) -> tuple[int | None, datetime | None]:
+    if from_offset is not None and from_timestamp is not None:
+        raise _fail("give --from-offset or --from-timestamp, not both")
+    if from_timestamp is not None and from_timestamp.tzinfo is None:
+        from_timestamp = from_timestamp.replace(tzinfo=UTC)
+    return from_offset, from_timestamp
+
+
 @app.command()
 def replay(
     db: Path = typer.Option(..., "--db", help="The SQLite file to (re)build."),
-    from_offset: int = typer.Option(
-        None, "--from-offset", min=0, help="Start at this offset of every status partition."
-    ),
-    from_timestamp: datetime = typer.Option(
-        None,
-        "--from-timestamp",
-        formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"],
-        help="Start at the first event at or after this time (UTC unless it has an offset).",
-    ),
+    from_offset: int = FROM_OFFSET,
+    from_timestamp: datetime = FROM_TIMESTAMP,
     processes: int = typer.Option(
         None,
         "--processes",
@@ -332,10 +346,7 @@ def replay(
     from worker.audit.replay import ReplayError
     from worker.audit.replay import replay as run_replay
 
-    if from_offset is not None and from_timestamp is not None:
-        raise _fail("give --from-offset or --from-timestamp, not both")
-    if from_timestamp is not None and from_timestamp.tzinfo is None:
-        from_timestamp = from_timestamp.replace(tzinfo=UTC)
+    start_offset, start_time = _window_start(from_offset, from_timestamp)
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     bar, update = _progress_bar("replaying")
     try:
@@ -344,8 +355,8 @@ def replay(
                 run_replay(
                     s,
                     db,
-                    from_offset=from_offset,
-                    from_timestamp=from_timestamp,
+                    from_offset=start_offset,
+                    from_timestamp=start_time,
                     progress=update,
                     processes=processes,
                 )
@@ -364,18 +375,29 @@ def verify(
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
     config: Path = typer.Option(
-        None, "--config", help="Job-type settings to verify against (default: JOBS_CONFIG)."
+        None,
+        "--config",
+        help="Re-decide every input with these job-type settings instead of the ones in force "
+        "when it was decided: what would they have decided?",
     ),
-    show: int = typer.Option(10, "--show", min=0, help="How many divergences to print."),
+    from_offset: int = FROM_OFFSET,
+    from_timestamp: datetime = FROM_TIMESTAMP,
+    show: int = typer.Option(20, "--show", min=0, help="How many divergences to print."),
+    as_json: bool = typer.Option(False, "--json", help="The whole report as one JSON object."),
 ) -> None:
-    """Re-decide every logged input with the current code; exit 1 on any divergence.
+    """Re-decide every logged input with the settings in force then; exit 1 on any divergence.
 
-    Example: jobctl verify --prefix jobs --config jobs.toml
+    Events before the window (--from-offset/--from-timestamp) and events whose input the
+    retention deleted are taken as logged; verification starts after them.
+
+    Example: jobctl verify --prefix jobs --from-timestamp 2026-12-01
     """
+    from worker.audit.verify import Window
     from worker.audit.verify import verify as run_verify
     from worker.core.config import ConfigError
     from worker.core.config import load as load_config
 
+    window = Window(*_window_start(from_offset, from_timestamp))
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, config=config)
     try:
         jobs_config = load_config(s.config)
@@ -383,20 +405,51 @@ def verify(
         raise _fail(str(exc)) from None
     bar, update = _progress_bar("verifying")
     with bar:
-        report = _run(run_verify(s, jobs_config, progress=update))
+        report = _run(run_verify(s, jobs_config, update, window, fixed=config is not None))
+    if as_json:
+        print(json.dumps(report.as_json()))
+        raise typer.Exit(0 if report.ok else 1)
     for divergence in report.divergences[:show]:
-        console.print(f"[red]✗[/] partition {divergence.partition}, caused by {divergence.cause}")
-        console.print("  logged:    ", divergence.logged or "no event")
-        console.print("  recomputed:", divergence.recomputed or "no event")
-    summary = (
-        f"{report.inputs} inputs, {report.events} logged events, "
+        console.print(Text.assemble(("✗ ", "red"), divergence.line()), soft_wrap=True)
+    if len(report.divergences) > show:
+        console.print(f"… and {len(report.divergences) - show} more (--show N, or --json)")
+    print_verify_summary(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def print_verify_summary(report: Any) -> None:
+    """What `verify` read, adopted and found, in a few lines."""
+    console.print(
+        f"{report.inputs} inputs re-decided, {report.events} logged events compared, "
         f"{len(report.divergences)} divergences"
     )
+    if report.adopted:
+        gone = (
+            f"; {report.unretained} of their inputs are no longer retained"
+            if report.unretained
+            else ""
+        )
+        console.print(f"{report.adopted} earlier events taken as logged{gone}")
+    if report.unrecorded:
+        console.print(
+            f"{report.unrecorded} events name no settings (logged before settings were "
+            "recorded): re-decided with the current ones"
+        )
+    if report.missing:
+        console.print(
+            Text.assemble(
+                ("✗ ", "red"),
+                f"settings named by events but missing from the changelog: "
+                f"{', '.join(sorted(report.missing))}",
+            )
+        )
     if report.foreign:
-        summary += f", {report.foreign} records that are not status events"
-    if report.divergences or report.foreign:
-        raise _fail(summary)
-    console.print(f"[green]✓[/] {summary}")
+        console.print(
+            Text.assemble(("✗ ", "red"), f"{report.foreign} records are not status events")
+        )
+    if report.ok:
+        console.print(Text.assemble(("✓ ", "green"), "every decision re-decided the same"))
 
 
 JSON_OUT = typer.Option(False, "--json", help="Machine-readable output.")

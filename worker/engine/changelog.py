@@ -7,7 +7,9 @@ Rows (every row has a key: a keyless record on a compacted topic aborts the tran
   the job type's partition explicitly. Its format is published (`schemas.RunRecord`): the
   client's running view reads these rows;
 - key = run ID, no value: the tombstone of an ended run, once it is older than the run
-  retention. SQLite keeps the history; the changelog only needs what a new owner continues.
+  retention. SQLite keeps the history; the changelog only needs what a new owner continues;
+- key = ``\x00settings:<digest>``, value ``{"row": "settings", "settings": <document>}``: the
+  settings a worker decided with (`worker.engine.rulebook`), for `verify`; a restore skips it.
 
 `read_partition` rebuilds a partition from the changelog: it reads under read_committed
 until its position reaches the end offset (the last stable offset; the last record is often a
@@ -33,6 +35,7 @@ _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 
 _JOB = b'{"row":"job","state":'
 _RUN = RUN_ROW_PREFIX
+SETTINGS_HEAD = b'{"row":"settings","settings":'
 
 
 def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
@@ -46,12 +49,13 @@ def run_row(row: RunRow) -> tuple[bytes, bytes]:
 
 
 def split_row(value: bytes) -> tuple[str, bytes]:
-    """("job", `dump_state` JSON) or ("run", run row JSON) of a row's value, not validated.
+    """("job", `dump_state` JSON), ("run", run row JSON) or ("settings", a settings document)
+    of a row's value, not validated.
 
     Rows as `job_row` and `run_row` write them are cut out of the value; any other spelling
     of the same JSON is parsed. Raises ValueError for anything else.
     """
-    for kind, head in (("job", _JOB), ("run", _RUN)):
+    for kind, head in (("job", _JOB), ("run", _RUN), ("settings", SETTINGS_HEAD)):
         if value.startswith(head) and value.endswith(b"}"):
             return kind, value[len(head) : -1]
     data: dict[str, Any] = json.loads(value)
@@ -59,6 +63,8 @@ def split_row(value: bytes) -> tuple[str, bytes]:
         return "job", dump_state(load_state(data["state"]))
     if data.get("row") == "run":
         return "run", _RUN_ADAPTER.dump_json(_RUN_ADAPTER.validate_python(data["run"]))
+    if data.get("row") == "settings":
+        return "settings", json.dumps(data["settings"]).encode()
     raise ValueError(f"not a changelog row: {value[:100]!r}")
 
 
@@ -93,7 +99,7 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
     if kind == "job":
         load_state(data)
         snapshot.jobs[text] = data
-    else:
+    elif kind == "run":
         snapshot.runs[text] = data
 
 

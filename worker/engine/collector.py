@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker import compat
-from worker.engine import changelog
+from worker.engine import changelog, rulebook
 from worker.engine.codec import REROUTED_FROM
 from worker.engine.envelope import source_of, status_headers
 from worker.engine.hooks import Hooks
@@ -61,6 +61,8 @@ def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcom
     for event in outcome.events:
         value = event.model_dump_json().encode()
         headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
+        if outcome.settings:
+            headers.append((rulebook.HEADER, outcome.settings.encode()))
         out.add(topics.status, number, event.job_type.encode(), value, headers)
     for key, letter in outcome.dead_letters:
         out.add(topics.dlq, number, key, letter.model_dump_json().encode())
@@ -68,6 +70,8 @@ def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcom
         origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
         headers = [*record.headers, (REROUTED_FROM, origin)]
         out.add(record.topic, reroute.partition, reroute.key, record.value, headers)
+    if outcome.settings_row is not None:
+        out.add(topics.state, number, *outcome.settings_row)
     for job_type, state in outcome.states.items():
         out.add(topics.state, number, *changelog.job_row(job_type, state))
     for row in outcome.runs.values():

@@ -180,6 +180,8 @@ class BatchRunner:
             self._metrics.publish_failed()
             raise
         self._metrics.published(time.perf_counter() - began)
+        if outcome.settings_row is not None:
+            owned.task.settings_logged = True
         self._hooks.point("after_commit")
         # Written behind: the partition goes on while SQLite catches up (a crash before the
         # write is the restore-from-changelog case); taking a partition flushes first.

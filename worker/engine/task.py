@@ -39,6 +39,7 @@ from worker.core.lifecycle import (
 )
 from worker.core.limits import InputLimits
 from worker.core.runs import RunRow, run_change, started_row
+from worker.engine import rulebook
 from worker.engine.codec import (
     Bad,
     InputRecord,
@@ -107,6 +108,9 @@ class BatchOutcome:
     next_offsets: dict[str, int] = field(default_factory=dict)
     # Event ID -> (trace ID, flags) of the input that caused it, when it carried a traceparent.
     traces: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    settings: str = ""  # digest of the settings decided with: each event's `jobs-settings`
+    # The changelog row of those settings, in the first batch an owner commits.
+    settings_row: tuple[bytes, bytes] | None = None
 
     @property
     def empty(self) -> bool:
@@ -190,6 +194,9 @@ class PartitionTask:
             if isinstance(state, JobState) and (deadline := state.next_deadline()) is not None:
                 self._push(job_type, deadline)
         self._log = log.bind(partition=number)
+        self.settings = rulebook.document_of(rules)
+        self.settings_digest = rulebook.digest_of(self.settings)
+        self.settings_logged = False  # set once a batch with the settings row is committed
 
     # -- live batches ----------------------------------------------------------------------
 
@@ -365,8 +372,12 @@ class PartitionTask:
             self._in_heap[job_type] = deadline
 
     def close_batch(self, outcome: BatchOutcome) -> None:
-        """Settle a batch: applied offsets, serialized states, tombstones due."""
+        """Settle a batch: applied offsets, serialized states, tombstones due, and the
+        settings decided with (their row until a batch carrying it is committed)."""
         self.applied.update(outcome.next_offsets)
+        outcome.settings = self.settings_digest
+        if not self.settings_logged and (outcome.events or outcome.changed):
+            outcome.settings_row = rulebook.settings_row(self.settings_digest, self.settings)
         for job_type, state in outcome.changed.items():
             outcome.states[job_type] = dump_state(state)
         self.known.update(outcome.states)
