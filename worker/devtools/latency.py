@@ -4,7 +4,7 @@
 `RdkafkaTail` is the consumer most downstream services use outside Python's asyncio world: a
 confluent-kafka `Consumer` with `isolation.level=read_committed` and, unless told otherwise,
 the library's default fetch settings. It runs in a thread of its own (the client blocks),
-timestamps each `started` event when `consume` hands it over, and wakes the event loop after
+timestamps each `started` event when `poll` hands it over, and wakes the event loop after
 every batch, so the bench waits on it as it waits on its aiokafka reader.
 """
 
@@ -96,6 +96,7 @@ class RdkafkaTail:
         topic: str,
         partitions: int,
         overrides: Mapping[str, str | int | float | bool] | None = None,
+        batch: int = 1,
     ) -> None:
         self.config: dict[str, str | int | float | bool] = {
             **librdkafka_config(settings),
@@ -108,6 +109,7 @@ class RdkafkaTail:
         }
         self.topic = topic
         self.partitions = partitions
+        self.batch = batch  # 1: `poll` one message at a time; else `consume(batch, 0.1 s)`
         self.types: Counter[str] = Counter()
         self.started_seen: dict[str, float] = {}  # request ID -> when handed over
         self.error: BaseException | None = None
@@ -131,8 +133,14 @@ class RdkafkaTail:
     def _run(self, consumer: Consumer) -> None:
         try:
             while not self._stopping.is_set():
-                messages = consumer.consume(num_messages=1000, timeout=0.1)
-                now = time.perf_counter()  # one time per batch, as the aiokafka reader does
+                # `poll` returns as soon as a message is there, as a consumer's loop sees it;
+                # `consume(n, timeout)` would wait for n messages or the whole timeout.
+                if self.batch == 1:
+                    message = consumer.poll(0.1)
+                    messages = [] if message is None else [message]
+                else:
+                    messages = consumer.consume(num_messages=self.batch, timeout=0.1)
+                now = time.perf_counter()
                 for message in messages:
                     error = message.error()
                     if error is not None:
