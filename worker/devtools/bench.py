@@ -12,7 +12,10 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    rounds interleaved so both see the same machine state. N start requests, each of its own
    job type (so none is refused), wait as a backlog before the worker starts; the executor
    answers each `started`. Transitions are the 2N `started` and `completed` events; the time
-   runs from the first event a read_committed consumer sees to the last one.
+   runs from the first event a read_committed consumer sees to the last one. Beside it, the
+   worker's CPU time per transition: user plus system time of the worker process (every
+   thread, read from /proc) between the first and the last batch of events that consumer
+   reads, over the transitions read in between.
 2. Baseline: the same input records (copied byte for byte, same keys and partitions, from
    an exactly-once round) through a raw aiokafka consume-transform-produce loop with the
    worker's transaction sizing: one transactional producer per partition, one transaction per
@@ -28,7 +31,9 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    two changelog records) and write one run row to SQLite behind the commit. Floor ÷
    baseline bounds what any worker on this stack could reach on the same machine.
 3. End-to-end latency: from producing a request to its `started` event being visible to a
-   read_committed consumer, at a fixed offered rate against a caught-up worker.
+   read_committed consumer, at a fixed offered rate against a caught-up worker, seen by two
+   consumers side by side: aiokafka (the one that plays the executor) and librdkafka
+   (confluent-kafka, its default fetch settings, `poll` in a thread of its own).
 4. Restore: a worker with an empty SQLite file rebuilds a 1-partition changelog holding
    `restore_runs` runs; the figure is the `seconds` of its "partition restored from
    changelog" log line. The changelog is written once and restored `rounds` times (a restore
@@ -42,7 +47,11 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    once it has taken every partition.
 6. Replay speed: `jobctl replay` of that worker's status topic into fresh SQLite files, as
    `jobctl replay` runs by default (one process per CPU).
-7. Client calls on an idle system, as an application makes them: `JobClient.start_job` (a
+7. A worker that has just joined: the same offered rate for `joined_seconds` from the moment
+   a worker has taken its partitions ("partitions assigned"), p99 request → `started` seen
+   by both consumers; first with an empty SQLite file on fresh topics, then restarted on that
+   file and topics. Also the seconds from spawning the process to partitions taken.
+8. Client calls on an idle system, as an application makes them: `JobClient.start_job` (a
    new job type each time, so each one starts a run), `is_job_running` and
    `get_running_job_info`, one after another against a caught-up worker; the median of
    `client_calls` calls of each, per round.
@@ -230,7 +239,7 @@ class BenchReport:
     restore_peak_rss_mb: float  # a worker with an empty SQLite file, having restored them
     replay_records_per_s: Figure  # status events `jobctl replay` applies per second
     replay_processes: int  # processes `jobctl replay` used (one per CPU)
-    client_start_ms: Figure  # p50 of `start_job` per round (module docstring, item 7)
+    client_start_ms: Figure  # p50 of `start_job` per round (module docstring, item 8)
     client_is_running_ms: Figure  # p50 of `is_job_running`
     client_running_info_ms: Figure  # p50 of `get_running_job_info`
     environment: dict[str, str] = field(default_factory=dict)
