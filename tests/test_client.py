@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -281,3 +282,29 @@ async def test_a_timeout_carries_the_request_id(topics: Settings, client: JobCli
     with pytest.raises(JobTimeoutError) as caught:
         await client.start_job("nightly", timeout=0.5, request_id="late-1")
     assert caught.value.request_id == "late-1"
+
+
+async def test_cli_cancels_a_queued_run_by_its_id(topics: Settings, tmp_path: Path) -> None:
+    """`jobctl cancel RUN_ID` reaches a queued run (not in the running view) through the start
+    request its ID names; the running run goes on. An ID nothing matches says what to give."""
+    queue = tmp_path / "queue.toml"
+    queue.write_text('[defaults]\npolicy = "queue"\n')
+    running = await RunningWorker(topics.model_copy(update={"config": queue})).start()
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    try:
+        async with JobClient(topics) as client:
+            first = await client.start_job("report")
+            waiting = await client.start_job("report")
+            assert waiting.type == "queued"
+            assert waiting.run_id is not None
+            cancelled = await _cli("cancel", waiting.run_id, "--json", *base)
+            assert cancelled.exit_code == 0, cancelled.output
+            event = json.loads(cancelled.output)
+            assert (event["type"], event["run_id"]) == ("cancelled", waiting.run_id)
+            assert [r.run_id for r in await client.running_jobs()] == [first.run_id]
+        for nothing in ["261202-101010-1.999999", "261202-101010-99999.1", "x" * 5000, "\udcff"]:
+            unknown = await _cli("cancel", nothing, *base)
+            assert unknown.exit_code == 1
+            assert "give its --job-type" in unknown.output
+    finally:
+        await running.stop()

@@ -611,7 +611,7 @@ def cancel(
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
 ) -> None:
-    """Cancel a run by ID, or the running run of a job type.
+    """Cancel a run by ID (running or queued), or the running run of a job type.
 
     Example: jobctl cancel --job-type report.daily --reason "wrong input"
     """
@@ -630,7 +630,8 @@ def cancel(
 
 
 def _job_type_of(s: Settings, run_id: str) -> str:
-    """Find a running run's job type from the running view."""
+    """A run's job type: from the running view, else from the start request the run ID
+    names (`<time>-<partition>.<offset>`), so a queued run is found too."""
 
     async def action(client: Any) -> list[Any]:
         return list(await client.running_jobs())
@@ -638,7 +639,49 @@ def _job_type_of(s: Settings, run_id: str) -> str:
     for info in _client_call(s, action):
         if info.run_id == run_id.strip().lower():
             return str(info.job_type)
-    raise _fail(f"no running run {run_id}; to cancel a queued run, also give --job-type")
+    found = _run(_requested_job_type(s, run_id))
+    if found is None:
+        raise _fail(
+            f"no run {run_id} is running, and its start request is not in "
+            f"{s.topics.requests} any more; give its --job-type too"
+        )
+    return found
+
+
+async def _requested_job_type(s: Settings, run_id: str) -> str | None:
+    """The key (job type) of the start request at the coordinates in `run_id`, if it is
+    still in the requests topic."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from worker.core.runid import RUN_ID_RE
+    from worker.kafkaio import partitions_of
+
+    m = RUN_ID_RE.match(run_id.strip().lower())
+    if m is None:
+        return None
+    tp, offset = TopicPartition(s.topics.requests, int(m.group(3))), int(m.group(4))
+    consumer = AIOKafkaConsumer(**connection(s), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        if tp not in await partitions_of(consumer, tp.topic):
+            return None
+        start, end = (
+            (await consumer.beginning_offsets([tp]))[tp],
+            (await consumer.end_offsets([tp]))[tp],
+        )
+        if not start <= offset < end:
+            return None
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        record = await asyncio.wait_for(consumer.getone(tp), 10)
+    finally:
+        await consumer.stop()
+    if record.offset != offset or not record.key:
+        return None
+    try:
+        return str(record.key.decode())
+    except UnicodeDecodeError:
+        return None
 
 
 @app.command()
