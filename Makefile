@@ -5,7 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck kafka-jars clean
+CHROMIUM ?= chromium
+
+.PHONY: demo test lint typecheck kafka-jars chromium console-screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,26 @@ endif
 demo: kafka-jars
 	$(BIN)/jobctl demo
 
+# The console's browser tests drive Debian's Chromium (never Playwright's download). Install
+# it with apt-get when it is missing and we may (root, or sudo without a password); when we
+# cannot, say so in one line and go on: those tests are then skipped, the build goes on.
+chromium:
+	@if command -v $(CHROMIUM) >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "chromium is missing and installing it needs root: the browser tests will be skipped"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium is missing and there is no apt-get here: the browser tests will be skipped"; exit 0; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	if $$sudo apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { $$sudo apt-get update -qq >/dev/null 2>&1 && $$sudo apt-get install -y -qq chromium >/dev/null 2>&1; }; \
+	then echo "installed chromium (apt-get) for the browser tests"; \
+	else echo "apt-get could not install chromium: the browser tests will be skipped"; fi
+
+# docs/console.png, the README's picture of the console: a broker, a worker, some runs.
+console-screenshot: kafka-jars chromium
+	$(BIN)/python -m tests.test_console_browser docs/console.png
+
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
@@ -31,7 +53,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: kafka-jars lint typecheck
+test: kafka-jars chromium lint typecheck
 	$(BIN)/pytest
 
 clean:

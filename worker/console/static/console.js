@@ -1,10 +1,14 @@
 // The console's page: running runs (kept current by the event stream), recent runs with
-// filters and pages, one run's history, and the job-type summary. No build step, no
-// framework; every value from the API goes into the page as text, never as HTML.
+// filters and pages, one run's timeline, and the job-type summary with a chart of recent
+// durations. No build step, no framework; every value from the API goes into the page as
+// text, never as HTML.
 "use strict";
 
 const ENDINGS = new Set(["completed", "failed", "cancelled", "timed_out"]);
 const PAGE_SIZE = 25;
+const CHART_RUNS = 40; // ended runs a job type's duration chart shows
+const SVG = "http://www.w3.org/2000/svg";
+const ARMED_MS = 4000; // how long a pressed cancel button waits for its confirmation
 
 const state = {
   running: new Map(), // run_id -> run
@@ -12,6 +16,11 @@ const state = {
   cursors: [null], // cursors[i]: the cursor of page i + 1
   page: 0,
   next: null,
+  allowCancel: false, // from /api/status: the console was started with --allow-cancel
+  armed: new Map(), // run_id -> when its cancel button stops waiting for confirmation
+  cancelling: new Set(), // run IDs whose cancel request is on its way
+  shown: null, // the run ID whose timeline is open
+  shownRun: null, // and that run, as last read
 };
 
 function $(selector) {
@@ -56,6 +65,10 @@ function json(value) {
 
 // -- running ----------------------------------------------------------------------------
 
+function elapsed(run) {
+  return seconds((Date.now() - new Date(run.started_at)) / 1000);
+}
+
 function renderRunning() {
   const body = $("#running tbody");
   body.replaceChildren();
@@ -63,17 +76,95 @@ function renderRunning() {
   for (const run of runs) {
     const row = document.createElement("tr");
     row.className = "clickable status-RUNNING";
+    row.dataset.runId = run.run_id;
     row.addEventListener("click", () => showRun(run.run_id));
     cell(row, run.job_type);
     cell(row, run.run_id, "code");
     cell(row, run.client_id);
     cell(row, when(run.started_at));
-    cell(row, seconds((Date.now() - new Date(run.started_at)) / 1000), "num");
+    cell(row, elapsed(run), "num elapsed");
     cell(row, json(run.metrics), "code");
+    if (state.allowCancel) row.appendChild(cancelCell(run));
     body.appendChild(row);
   }
+  $("#running-action").hidden = !state.allowCancel;
   $("#running-count").textContent = runs.length ? `(${runs.length})` : "";
   $("#running-empty").hidden = runs.length > 0;
+}
+
+// Only the "for" column changes with time: updated in place, so rows (and their buttons)
+// stay the same elements between two events.
+function tickRunning() {
+  for (const row of $("#running tbody").rows) {
+    const run = state.running.get(row.dataset.runId);
+    if (run) row.querySelector(".elapsed").textContent = elapsed(run);
+  }
+  const now = Date.now();
+  for (const [runId, until] of state.armed) {
+    if (until <= now) {
+      state.armed.delete(runId);
+      renderRunning();
+    }
+  }
+  const shown = state.shownRun;
+  if (shown && shown.status === "RUNNING" && !$("#run-section").hidden) {
+    renderRunActions(shown);
+    renderTimeline(shown);
+  }
+}
+
+// -- cancelling (only when the console runs with --allow-cancel) ------------------------
+
+function cancelButton(runId) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "cancel";
+  const armed = state.armed.has(runId);
+  button.textContent = state.cancelling.has(runId) ? "cancelling…" : armed ? "confirm cancel" : "cancel";
+  button.disabled = state.cancelling.has(runId);
+  if (armed) button.classList.add("armed");
+  button.addEventListener("click", (clicked) => {
+    clicked.stopPropagation(); // not a click on the row
+    if (!state.armed.has(runId)) {
+      state.armed.set(runId, Date.now() + ARMED_MS);
+    } else {
+      state.armed.delete(runId);
+      cancelRun(runId);
+    }
+    renderRunning();
+    if (state.shownRun && state.shownRun.run_id === runId) renderRunActions(state.shownRun);
+  });
+  return button;
+}
+
+function cancelCell(run) {
+  const td = document.createElement("td");
+  td.appendChild(cancelButton(run.run_id));
+  return td;
+}
+
+async function cancelRun(runId) {
+  state.cancelling.add(runId);
+  const notice = $("#cancel-notice");
+  try {
+    const response = await fetch(`/api/runs/${encodeURIComponent(runId)}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ status: "CANCELLED", reason: "cancelled from the console" }),
+    });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+    notice.textContent = `Run ${runId} is cancelled.`;
+    notice.className = "notice";
+  } catch (failure) {
+    notice.textContent = `Run ${runId} was not cancelled: ${failure.message}`;
+    notice.className = "notice error";
+  } finally {
+    state.cancelling.delete(runId);
+    notice.hidden = false;
+    renderRunning();
+    if (state.shown === runId) showRun(runId, false);
+  }
 }
 
 async function loadRunning() {
@@ -101,6 +192,7 @@ function applyToRunning(event) {
     });
   } else if (ENDINGS.has(event.type)) {
     state.running.delete(event.run_id);
+    state.armed.delete(event.run_id);
   } else if (event.type === "progress" && state.running.has(event.run_id)) {
     state.running.get(event.run_id).metrics = event.metrics;
   } else {
@@ -158,42 +250,101 @@ function readFilters(form) {
   return filters;
 }
 
-// -- one run ----------------------------------------------------------------------------
+// -- one run: its fields and its timeline ----------------------------------------------
 
-async function showRun(runId) {
-  let run;
-  try {
-    run = await api(`/api/runs/${encodeURIComponent(runId)}`);
-  } catch (failure) {
-    $("#run-title").textContent = `${runId}: ${failure.message}`;
-    $("#run-section").hidden = false;
-    return;
-  }
-  $("#run-title").textContent = run.run_id;
+function svg(name, attributes, parent) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (parent) parent.appendChild(element);
+  return element;
+}
+
+function tooltip(element, text) {
+  svg("title", {}, element).textContent = text;
+}
+
+function offset(value) {
+  if (value === null || value === undefined) return "";
+  return value < 0 ? `-${seconds(-value)}` : `+${seconds(value)}`;
+}
+
+// The run's events in time order (the stream's order among equal times), with when each
+// occurred after the run started and after the event before it.
+function timeline(run) {
+  const start = new Date(run.started_at).getTime();
+  const events = [...run.events].sort((a, b) => {
+    const at = new Date(a.occurred_at) - new Date(b.occurred_at);
+    return at !== 0 ? at : a.seq - b.seq;
+  });
+  let previous = null;
+  return events.map((event) => {
+    const at = new Date(event.occurred_at).getTime();
+    const entry = {
+      event,
+      sinceStart: (at - start) / 1000,
+      sincePrevious: previous === null ? null : (at - previous) / 1000,
+    };
+    previous = at;
+    return entry;
+  });
+}
+
+function runFields(run) {
   const fields = $("#run-fields");
   fields.replaceChildren();
-  for (const name of ["job_type", "status", "client_id", "request_id", "started_at", "ended_at"]) {
+  const names = ["job_type", "status", "client_id", "request_id", "started_at", "ended_at"];
+  for (const name of [...names, "initial_data", "metrics"]) {
     const term = document.createElement("dt");
     term.textContent = name;
     const value = document.createElement("dd");
-    value.textContent = run[name] === null ? "" : String(run[name]);
+    if (name === "initial_data" || name === "metrics") {
+      value.className = "code";
+      value.textContent = json(run[name]);
+    } else {
+      value.textContent = run[name] === null ? "" : String(run[name]);
+    }
     fields.append(term, value);
   }
-  for (const name of ["initial_data", "metrics"]) {
-    const term = document.createElement("dt");
-    term.textContent = name;
-    const value = document.createElement("dd");
-    value.className = "code";
-    value.textContent = json(run[name]);
-    fields.append(term, value);
+}
+
+function drawTrack(run, entries) {
+  const track = $("#run-track");
+  track.replaceChildren();
+  const width = 600;
+  const left = 10;
+  const right = width - 10;
+  const running = run.status === "RUNNING";
+  const last = entries.length ? entries[entries.length - 1].sinceStart : 0;
+  const now = (Date.now() - new Date(run.started_at)) / 1000;
+  const span = Math.max(running ? now : last, 0.001);
+  const first = Math.min(0, entries.length ? entries[0].sinceStart : 0);
+  const x = (t) => left + ((t - first) / (span - first)) * (right - left);
+  svg("line", { x1: x(0), x2: x(span), y1: 14, y2: 14, class: running ? "span open" : "span" }, track);
+  for (const entry of entries) {
+    const dot = svg("circle", { cx: x(entry.sinceStart), cy: 14, r: 6, class: `mark ${entry.event.type}` }, track);
+    tooltip(dot, `${entry.event.type} ${offset(entry.sinceStart)}`);
   }
-  const body = $("#run-events tbody");
+  svg("text", { x: left, y: 34, class: "axis" }, track).textContent = "started";
+  const end = svg("text", { x: right, y: 34, class: "axis end" }, track);
+  end.textContent = running ? `running for ${seconds(now)}` : `${run.status} ${offset(last)}`;
+}
+
+function renderTimeline(run) {
+  const entries = timeline(run);
+  const duration = run.duration_s;
+  $("#run-span").textContent =
+    run.status === "RUNNING"
+      ? `Running for ${elapsed(run)}, ${entries.length} events so far.`
+      : `${run.status} after ${seconds(duration)}, ${entries.length} events.`;
+  drawTrack(run, entries);
+  const body = $("#run-timeline tbody");
   body.replaceChildren();
-  for (const event of run.events) {
+  for (const { event, sinceStart, sincePrevious } of entries) {
     const row = document.createElement("tr");
     row.className = event.status ? `status-${event.status}` : "";
-    cell(row, event.seq, "num");
-    cell(row, event.type);
+    cell(row, offset(sinceStart), "num at");
+    cell(row, offset(sincePrevious), "num gap");
+    cell(row, event.type, "type");
     cell(row, event.status, "status");
     cell(row, when(event.occurred_at));
     cell(row, event.reason);
@@ -202,19 +353,70 @@ async function showRun(runId) {
     cell(row, source ? `${source.topic}[${source.partition}]@${source.offset}` : "", "code");
     body.appendChild(row);
   }
-  $("#run-section").hidden = false;
-  $("#run-section").scrollIntoView({ behavior: "smooth" });
 }
 
-// -- job types --------------------------------------------------------------------------
+function renderRunActions(run) {
+  const actions = $("#run-actions");
+  actions.replaceChildren();
+  if (state.allowCancel && run.status === "RUNNING") actions.appendChild(cancelButton(run.run_id));
+}
+
+async function showRun(runId, scroll = true) {
+  let run;
+  try {
+    run = await api(`/api/runs/${encodeURIComponent(runId)}`);
+  } catch (failure) {
+    $("#run-title").textContent = `${runId}: ${failure.message}`;
+    $("#run-section").hidden = false;
+    return;
+  }
+  state.shown = runId;
+  state.shownRun = run;
+  $("#run-title").textContent = run.run_id;
+  runFields(run);
+  renderRunActions(run);
+  renderTimeline(run);
+  $("#run-section").hidden = false;
+  if (scroll) $("#run-section").scrollIntoView({ behavior: "smooth" });
+}
+
+// -- job types and their duration charts ------------------------------------------------
+
+// Bars of the last ended runs' durations, the newest on the right edge, each as tall as its
+// share of the longest, coloured by how the run ended.
+function durationChart(runs) {
+  const width = 200;
+  const height = 32;
+  const chart = svg("svg", { class: "durations", width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
+  const longest = Math.max(...runs.map((r) => r.duration_s || 0), 0);
+  chart.setAttribute("aria-label", `${runs.length} ended runs, the longest ${seconds(longest)}`);
+  const step = width / CHART_RUNS;
+  runs.forEach((run, index) => {
+    const h = longest > 0 ? Math.max(1, (run.duration_s / longest) * (height - 2)) : 1;
+    const bar = svg("rect", {
+      x: width - (runs.length - index) * step,
+      y: height - h,
+      width: Math.max(1, step - 1),
+      height: h,
+      class: `bar status-${run.status}`,
+    }, chart);
+    tooltip(bar, `${run.run_id}: ${run.status} after ${seconds(run.duration_s)}`);
+  });
+  return chart;
+}
 
 async function loadTypes() {
-  const { job_types: types } = await api("/api/job-types");
+  const [{ job_types: types }, { job_types: charts }] = await Promise.all([
+    api("/api/job-types"),
+    api("/api/job-types/durations", { limit: CHART_RUNS }),
+  ]);
+  const durations = new Map(charts.map((entry) => [entry.job_type, entry.runs]));
   const body = $("#types tbody");
   body.replaceChildren();
   for (const entry of types) {
     const row = document.createElement("tr");
     row.className = "clickable";
+    row.dataset.jobType = entry.job_type;
     row.addEventListener("click", () => {
       $("#filters [name=job_type]").value = entry.job_type;
       $("#filters").requestSubmit();
@@ -227,10 +429,13 @@ async function loadTypes() {
     cell(row, entry.cancelled, "num");
     cell(row, seconds(entry.median_duration_s), "num");
     cell(row, seconds(entry.p95_duration_s), "num");
+    const recent = durations.get(entry.job_type) || [];
+    cell(row, "", "chart").appendChild(durationChart(recent));
     const last = entry.last_run;
     cell(row, last ? `${last.status}, ${when(last.started_at)}` : "");
     body.appendChild(row);
   }
+  $("#types-empty").hidden = types.length > 0;
 }
 
 // -- the event stream and the status line ----------------------------------------------
@@ -268,6 +473,7 @@ function follow() {
     const event = JSON.parse(message.data);
     if (loaded) applyToRunning(event);
     else early.push(event);
+    if (event.run_id && event.run_id === state.shown) showRun(event.run_id, false);
     refreshRuns();
     if (ENDINGS.has(event.type) || event.type === "started") refreshTypes();
   });
@@ -279,7 +485,12 @@ async function showFollowing() {
     const status = await api("/api/status");
     const lag = status.lag === null ? "" : `, ${status.lag} behind`;
     const caught = status.caught_up ? "" : " (catching up)";
-    $("#following").textContent = `following ${status.topic}${caught}${lag}`;
+    const cancel = status.allow_cancel ? "; runs may be cancelled here" : "";
+    $("#following").textContent = `following ${status.topic}${caught}${lag}${cancel}`;
+    if (status.allow_cancel !== state.allowCancel) {
+      state.allowCancel = status.allow_cancel;
+      renderRunning();
+    }
   } catch (failure) {
     $("#following").textContent = `the console does not answer: ${failure.message}`;
   }
@@ -306,13 +517,15 @@ function start() {
   });
   $("#run-close").addEventListener("click", () => {
     $("#run-section").hidden = true;
+    state.shown = null;
+    state.shownRun = null;
   });
   follow();
   loadRuns();
   loadTypes().catch(() => {});
   showFollowing();
   setInterval(showFollowing, 5000);
-  setInterval(renderRunning, 1000);
+  setInterval(tickRunning, 1000);
   setInterval(() => loadTypes().catch(() => {}), 30000);
 }
 

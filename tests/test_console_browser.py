@@ -1,0 +1,413 @@
+"""The console's page in a real browser: Debian's Chromium driven by Playwright.
+
+Playwright's own browser download is never used: the tests launch the system's `chromium`
+(`make test` installs it with apt-get when it can) and skip, saying so, when there is none.
+Everything is asserted on what a user sees, and waited for with Playwright's `expect`.
+
+`python -m tests.test_console_browser [docs/console.png]` (`make console-screenshot`) starts
+a broker, a worker and a console with some runs, and takes the README's screenshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningWorker
+from tests.test_console import Api, folded, lifecycle, publish, until
+from worker.client import JobClient
+from worker.console.service import Console
+from worker.settings import Settings
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover
+    pytest.skip(
+        "the playwright package is not installed (pip install -e '.[test]')",
+        allow_module_level=True,
+    )
+
+
+def find_chromium() -> str | None:
+    """The system's Chromium: $CHROMIUM, `chromium` on the PATH, or Debian's path."""
+    for candidate in (os.environ.get("CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = find_chromium()
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no chromium found (apt-get install chromium, or set CHROMIUM to its path)",
+    ),
+]
+
+WAIT_MS = 20_000  # Playwright's wait for what the page should come to show
+FAILED_RED = "rgb(176, 0, 32)"  # console.css: .status-FAILED td.status
+CANCELLED_GREY = "rgb(107, 107, 107)"  # console.css: .status-CANCELLED td.status
+
+CHART_HEIGHT = 30  # console.js: a duration chart's tallest bar
+BAR_FILL = {  # console.css: svg.durations .bar
+    "COMPLETED": "rgb(27, 127, 58)",
+    "FAILED": FAILED_RED,
+    "TIMED_OUT": "rgb(179, 92, 0)",
+    "CANCELLED": "rgb(154, 154, 154)",
+}
+
+expect.set_options(timeout=WAIT_MS)
+
+
+class Watched:
+    """A page and every error its console logged or its scripts threw."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error":
+            self.errors.append(f"console: {message.text} ({message.location.get('url')})")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Chromium, headless, without Playwright's browser download."""
+    async with async_playwright() as playwright:
+        instance = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield instance
+        await instance.close()
+
+
+OpenPage = Callable[[Console], Awaitable[Watched]]
+
+
+@pytest.fixture
+async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
+    """Open a console's page (closed before the console stops) once it has loaded its
+    status: the header names the topic it follows."""
+    contexts = []
+
+    async def opening(console: Console) -> Watched:
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        watched = Watched(await context.new_page())
+        await watched.page.goto(console.url)
+        assert console.follower is not None
+        await expect(watched.page.locator("#following")).to_contain_text(
+            f"following {console.follower.topic}"
+        )
+        return watched
+
+    yield opening
+    for context in contexts:
+        await context.close()
+
+
+async def make_console(topics: Settings, path: Path, *, allow_cancel: bool) -> Console:
+    return await Console(topics, path, port=0, allow_cancel=allow_cancel).start()
+
+
+@pytest.fixture
+async def console(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
+    """A console as `jobctl serve` starts it by default."""
+    instance = await make_console(topics, tmp_path / "console.db", allow_cancel=False)
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def cancelling(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
+    """A console started with --allow-cancel."""
+    instance = await make_console(topics, tmp_path / "console.db", allow_cancel=True)
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as instance:
+        yield instance
+
+
+def parse_offset(text: str) -> float:
+    """A timeline offset as the page shows it ("+12 ms", "+1.5 s", "-3 ms") in seconds."""
+    found = re.fullmatch(r"([+-])([0-9.]+) (ms|s|min|h)", text)
+    assert found, f"not an offset: {text!r}"
+    scale = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0}[found[3]]
+    value = float(found[2]) * scale
+    return -value if found[1] == "-" else value
+
+
+def offset_tolerance(text: str) -> float:
+    """How far an offset shown as `text` may be from the true one: half its last digit."""
+    return {"ms": 0.0005, "s": 0.05, "min": 3.0, "h": 180.0}[text.rsplit(" ", 1)[1]] + 1e-9
+
+
+def at_ms(iso: str) -> float:
+    """An API time in seconds, cut to milliseconds (as a browser's Date keeps it)."""
+    return int(datetime.fromisoformat(iso).timestamp() * 1000) / 1000
+
+
+# -- the page --------------------------------------------------------------------------------
+
+
+async def test_the_page_shows_runs_and_the_duration_charts(
+    topics: Settings, console: Console, session: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """With some history, the page loads without a console error: recent runs coloured by
+    status, and each job type's summary with a bar for each of its ended runs."""
+    api = Api(session, console.url)
+    runs = [lifecycle(n) for n in range(15)]
+    events = [e for run in runs for e in run]
+    await publish(topics, events)
+    await folded(api, len(events))
+
+    watched = await open_page(console)
+    page = watched.page
+    recent = page.locator("#runs tbody tr")
+    await expect(recent).to_have_count(15)
+    failed = page.locator("#runs tbody tr.status-FAILED")
+    await expect(failed).to_have_count(sum(1 for run in runs if run[-1].type.value == "failed"))
+    await expect(failed.first.locator("td.status")).to_have_text("FAILED")
+    await expect(failed.first.locator("td.status")).to_have_css("color", FAILED_RED)
+    running = [run[0] for run in runs if len(run) == 1]
+    await expect(page.locator("#running tbody tr")).to_have_count(len(running))
+    await expect(page.locator("#running-count")).to_have_text(f"({len(running)})")
+
+    await expect(page.locator("#types tbody tr")).to_have_count(3)
+    for job_type in ("etl", "mail", "report"):
+        ended = [run for run in runs if run[0].job_type == job_type and len(run) == 2]
+        row = page.locator(f"#types tbody tr[data-job-type='{job_type}']")
+        await expect(row.locator("td").first).to_have_text(job_type)
+        await expect(row.locator("td").nth(1)).to_have_text(
+            str(sum(1 for run in runs if run[0].job_type == job_type))
+        )
+        bars = row.locator("svg.durations rect.bar")
+        await expect(bars).to_have_count(len(ended))
+        # oldest on the left, each named in its tooltip, as tall as its share of the
+        # longest run, in the colour of its end
+        titles = await bars.locator("title").all_text_contents()
+        assert [t.split(":")[0] for t in titles] == [run[0].run_id for run in ended]
+        durations = [(run[1].occurred_at - run[0].occurred_at).total_seconds() for run in ended]
+        drawn = await bars.evaluate_all(
+            "bars => bars.map(b => [+b.getAttribute('x'), +b.getAttribute('height'), "
+            "getComputedStyle(b).fill])"
+        )
+        assert [x for x, _, _ in drawn] == sorted(x for x, _, _ in drawn)
+        for (_, height, fill), duration, run in zip(drawn, durations, ended, strict=True):
+            assert height == pytest.approx(max(1, duration / max(durations) * CHART_HEIGHT))
+            assert fill == BAR_FILL[run[1].status.value if run[1].status else ""]
+    assert watched.errors == []
+
+
+async def test_a_run_shows_up_live_then_ends_with_its_timeline(
+    worker: RunningWorker, topics: Settings, console: Console, open_page: OpenPage
+) -> None:
+    """A run started through a real worker appears among the running runs without a reload,
+    moves to the recent runs in its end status's colour, and its timeline lists its events
+    in time order with the offsets between them. This console may not cancel: no buttons."""
+    watched = await open_page(console)
+    page = watched.page
+    await expect(page.locator("#running-empty")).to_be_visible()
+    await expect(page.locator("#following")).not_to_contain_text("cancelled here")
+
+    async with JobClient(topics) as client:
+        started = await client.start_job("nightly", "acme", {"day": 1})
+        run_id = started.run_id
+        assert run_id is not None
+        row = page.locator("#running tbody tr", has_text=run_id)
+        await expect(row).to_be_visible()
+        await expect(row.locator("td").first).to_have_text("nightly")
+        await expect(page.locator("#running-empty")).to_be_hidden()
+        await expect(page.locator("#running button")).to_have_count(0)  # not --allow-cancel
+
+        await client.report_progress("nightly", run_id, {"rows": 5})
+        await expect(row.locator("td").nth(5)).to_have_text('{"rows":5}')
+        await client.fail_job("nightly", run_id, error="disk full")
+
+    await expect(page.locator("#running tbody tr")).to_have_count(0)
+    await expect(page.locator("#running-empty")).to_be_visible()
+    ended = page.locator("#runs tbody tr", has_text=run_id)
+    await expect(ended).to_have_class(re.compile(r"\bstatus-FAILED\b"))
+    await expect(ended.locator("td.status")).to_have_text("FAILED")
+    await expect(ended.locator("td.status")).to_have_css("color", FAILED_RED)
+
+    await ended.click()
+    section = page.locator("#run-section")
+    await expect(section).to_be_visible()
+    await expect(page.locator("#run-title")).to_have_text(run_id)
+    timeline = page.locator("#run-timeline tbody tr")
+    await expect(timeline.locator("td.type")).to_have_text(["started", "progress", "failed"])
+    await expect(page.locator("#run-span")).to_contain_text("FAILED after")
+    await expect(page.locator("#run-track circle.mark")).to_have_count(3)
+    await expect(page.locator("#run-actions button")).to_have_count(0)
+
+    async with aiohttp.ClientSession() as http:
+        run = await Api(http, console.url).ok(f"/api/runs/{run_id}")
+    times = sorted(at_ms(e["occurred_at"]) for e in run["events"])
+    shown_at = await timeline.locator("td.at").all_text_contents()
+    shown_gap = await timeline.locator("td.gap").all_text_contents()
+    assert shown_gap[0] == ""
+    for i, (at, gap) in enumerate(zip(shown_at, shown_gap, strict=True)):
+        assert abs(parse_offset(at) - (times[i] - at_ms(run["started_at"]))) <= offset_tolerance(
+            at
+        ), (i, at, run["events"])
+        if i:
+            assert abs(parse_offset(gap) - (times[i] - times[i - 1])) <= offset_tolerance(gap)
+    assert watched.errors == []
+
+
+async def test_cancel_from_the_page(
+    worker: RunningWorker,
+    topics: Settings,
+    cancelling: Console,
+    session: aiohttp.ClientSession,
+    open_page: OpenPage,
+) -> None:
+    """With --allow-cancel each running run has a cancel button; pressing it (and confirming)
+    ends the run CANCELLED."""
+    api = Api(session, cancelling.url)
+    watched = await open_page(cancelling)
+    page = watched.page
+    await expect(page.locator("#following")).to_contain_text("runs may be cancelled here")
+    async with JobClient(topics) as client:
+        started = await client.start_job("nightly", "acme")
+    run_id = started.run_id
+    assert run_id is not None
+
+    row = page.locator("#running tbody tr", has_text=run_id)
+    button = row.get_by_role("button", name="cancel")
+    await expect(button).to_have_text("cancel")
+    await button.click()
+    await expect(button).to_have_text("confirm cancel")
+    assert (await api.ok(f"/api/runs/{run_id}"))["status"] == "RUNNING"  # not yet sent
+    await button.click()
+
+    await expect(page.locator("#cancel-notice")).to_have_text(f"Run {run_id} is cancelled.")
+    await expect(row).to_have_count(0)
+    ended = page.locator("#runs tbody tr", has_text=run_id)
+    await expect(ended.locator("td.status")).to_have_text("CANCELLED")
+    await expect(ended.locator("td.status")).to_have_css("color", CANCELLED_GREY)
+    run = await api.ok(f"/api/runs/{run_id}")
+    assert run["status"] == "CANCELLED"
+    await ended.click()
+    await expect(page.locator("#run-timeline td.type")).to_have_text(["started", "cancelled"])
+    await expect(page.locator("#run-timeline tbody tr").last).to_contain_text(
+        "cancelled from the console"
+    )
+    assert watched.errors == []
+
+
+# -- the README's screenshot ------------------------------------------------------------------
+
+SHOT_TYPES = {  # job type: (runs, shortest and longest run in seconds, every n-th fails)
+    "report.daily": (9, 0.3, 1.6, 4),
+    "etl.orders": (12, 0.1, 0.9, 5),
+    "mail.digest": (14, 0.05, 0.4, 7),
+    "index.rebuild": (6, 0.8, 2.5, 0),
+}
+
+
+async def _runs_of(client: JobClient, job_type: str, seed: int) -> None:
+    """Runs of `job_type` one after another, with progress, some failing."""
+    import random
+
+    count, shortest, longest, failing = SHOT_TYPES[job_type]
+    rng = random.Random(seed)
+    for n in range(count):
+        decision = await client.start_job(job_type, "acme", {"batch": n})
+        assert decision.run_id is not None
+        await client.report_progress(job_type, decision.run_id, {"done": 50})
+        await asyncio.sleep(rng.uniform(shortest, longest))  # the run's work
+        if failing and n % failing == failing - 1:
+            await client.fail_job(job_type, decision.run_id, error="upstream timed out")
+        else:
+            await client.complete_job(job_type, decision.run_id, {"rows": rng.randrange(10**4)})
+
+
+async def _photograph(console: Console, path: Path, run_id: str) -> None:
+    assert CHROMIUM is not None, "no chromium found: apt-get install chromium"
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM)
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.goto(console.url)
+        await expect(page.locator("#types svg.durations")).to_have_count(len(SHOT_TYPES))
+        await expect(page.locator("#running button.cancel")).to_have_count(2)
+        await page.locator("#runs tbody tr", has_text=run_id).click()
+        await expect(page.locator("#run-timeline td.type")).to_have_count(3)
+        await page.mouse.move(0, 0)  # no row highlighted by the pointer
+        await page.evaluate("window.scrollTo(0, 0)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await page.screenshot(path=str(path), full_page=True)
+        await browser.close()
+
+
+async def screenshot(path: Path, bootstrap: str) -> None:
+    """A worker and a console on the broker at `bootstrap` with some runs (ended, cancelled
+    and running); the page with one run's timeline open, written to `path`."""
+    import tempfile
+
+    from tests.conftest import create_topics
+
+    with tempfile.TemporaryDirectory() as directory:
+        settings = Settings(
+            bootstrap_servers=bootstrap,
+            topic_prefix="jobs",
+            db_path=Path(directory) / "worker.db",
+            poll_timeout_ms=100,
+            http_port=0,
+        )
+        await create_topics(settings, 2)
+        worker = await RunningWorker(settings).start()
+        console = await make_console(settings, Path(directory) / "console.db", allow_cancel=True)
+        try:
+            async with JobClient(settings) as client:
+                await asyncio.gather(*(_runs_of(client, t, i) for i, t in enumerate(SHOT_TYPES)))
+                cancelled = await client.start_job("etl.orders", "umbrella")
+                assert cancelled.run_id is not None
+                await client.cancel_job("etl.orders", cancelled.run_id, reason="wrong input")
+                for job_type in ("report.daily", "index.rebuild"):
+                    started = await client.start_job(job_type, "umbrella", {"day": "today"})
+                    assert started.run_id is not None
+                    await client.report_progress(job_type, started.run_id, {"done": 30})
+            await _photograph(console, path, await _last_ended(console))
+        finally:
+            await console.stop()
+            await worker.stop()
+    print(f"wrote {path}")
+
+
+async def _last_ended(console: Console) -> str:
+    """The newest failed run (its timeline is the one shown)."""
+    async with aiohttp.ClientSession() as http:
+        api = Api(http, console.url)
+
+        async def failed() -> Any:
+            runs = (await api.ok("/api/runs", status="FAILED", limit=1))["runs"]
+            return runs[0]["run_id"] if runs else None
+
+        return str(await until(failed, "no failed run was read"))
+
+
+if __name__ == "__main__":  # python -m tests.test_console_browser [docs/console.png]
+    import sys
+
+    from worker.devtools.localkafka import LocalKafka
+
+    with LocalKafka() as kafka:
+        target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/console.png")
+        asyncio.run(screenshot(target, kafka.bootstrap_servers))
