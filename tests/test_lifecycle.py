@@ -756,7 +756,7 @@ def test_two_clients_run_concurrently_under_client_scope() -> None:
     acme, bob = state.active
     assert acme.run_id == "250102-030405-0.10-acme"
     assert bob.run_id == "250102-030405-0.11-bob"
-    assert (acme.scope, bob.scope) == ("Acme", "bob")
+    assert (acme.scope, bob.scope) == ("acme", "bob")  # as the run-ID suffix spells it
     assert running_info(state, "Acme", PER_CLIENT) == acme
     assert running_info(state, "bob", PER_CLIENT) == bob
     assert not is_running(state, "carol", PER_CLIENT)
@@ -768,6 +768,22 @@ def test_two_clients_run_concurrently_under_client_scope() -> None:
     assert "'Acme'" in refused.reason
     done = decide(state, finish(bob.run_id, 1), PER_CLIENT).state
     assert done.active == (acme,)
+
+
+def test_client_ids_differing_in_case_share_one_scope() -> None:
+    """`Acme` and ` acme` are one client, as their run IDs (one suffix) say: a second start
+    is refused, not a second run with the same suffix. A state written before scopes were
+    lower-cased (scope `Acme`) is honoured too."""
+    state, _ = play(JobState(JOB), start(10, client_id="Acme"), config=PER_CLIENT)
+    refused = only(decide(state, start(11, client_id=" acme"), PER_CLIENT))
+    assert refused.type is EventType.REFUSED
+    old = replace(state, active=tuple(replace(r, scope="Acme") for r in state.active))
+    assert only(decide(old, start(12, client_id="ACME"), PER_CLIENT)).type is EventType.REFUSED
+    queued_config = JobConfig(policy=Policy.QUEUE, scope=Scope.JOB_TYPE_CLIENT)
+    waiting = decide(old, start(13, client_id="acme"), queued_config).state
+    (run,) = waiting.active
+    ended = decide(waiting, finish(run.run_id, 14), queued_config)
+    assert [e.type for e in ended.events] == [EventType.COMPLETED, EventType.STARTED]
 
 
 def test_job_type_scope_ignores_the_client() -> None:

@@ -358,12 +358,21 @@ def _event_id(cause: str, index: int) -> str:
 
 
 def scope_key(config: JobConfig, client_id: str | None) -> str:
-    """The scope a request with `client_id` counts against."""
-    return (client_id or "") if config.scope is Scope.JOB_TYPE_CLIENT else ""
+    """The scope a request with `client_id` counts against. Client IDs are compared as run
+    IDs spell them (trimmed, lower case): `Acme` and `acme` share one scope, as they share
+    one run-ID suffix."""
+    if config.scope is not Scope.JOB_TYPE_CLIENT or not client_id:
+        return ""
+    return client_id.strip().lower()
+
+
+def _in_scope(held: str, scope: str) -> bool:
+    # States written before scopes were lower-cased hold the client ID as it was sent.
+    return held == scope or held.strip().lower() == scope
 
 
 def _active_in(state: JobState, scope: str) -> Run | None:
-    return next((r for r in state.active if r.scope == scope), None)
+    return next((r for r in state.active if _in_scope(r.scope, scope)), None)
 
 
 class _Out:
@@ -599,9 +608,10 @@ def _end_run(
 
 def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobState:
     """Start the oldest queued run of `scope` if the scope is free."""
+    scope = scope.strip().lower()
     if _active_in(state, scope) is not None:
         return state
-    waiting = next((q for q in state.queue if q.scope == scope), None)
+    waiting = next((q for q in state.queue if _in_scope(q.scope, scope)), None)
     if waiting is None:
         return state
     rest = replace(state, queue=tuple(q for q in state.queue if q is not waiting))
