@@ -9,3 +9,9 @@ async def main() -> str | None:
         if decision.already_running:  # another run is active: not ours to complete
             print("already running as", decision.running_run_id)
         return decision.run_id  # ours, when started (None when refused)
+
+
+if __name__ == "__main__":  # python -m examples.producer
+    import asyncio
+
+    print("started run", asyncio.run(main()))

@@ -10,7 +10,9 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from examples import downstream, executor, producer
+from schemas import EventType
 from tests.conftest import RunningWorker
+from worker.client.watch import StatusTail
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -42,19 +44,24 @@ async def _group_has_members(settings: Settings, group: str) -> None:
 
 
 async def test_examples_run_end_to_end(
-    worker: RunningWorker, topics: Settings, monkeypatch: pytest.MonkeyPatch
+    worker: RunningWorker, topics: Settings, tail: StatusTail, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The producer starts a run, the executor completes it, the consumer sees the metrics."""
+    """The producer starts a run, the executor completes it, and the downstream consumer,
+    started after an earlier completion, reports the new one with its metrics."""
     monkeypatch.setenv("JOBS_BOOTSTRAP_SERVERS", topics.bootstrap_servers)
     monkeypatch.setenv("JOBS_TOPIC_PREFIX", topics.topic_prefix)
     stop = asyncio.Event()
     executing = asyncio.create_task(executor.main(stop))
     try:
         await _group_has_members(topics, f"{topics.topic_prefix}.executors.report.daily")
+        earlier = await producer.main()
+        assert earlier is not None
+        await tail.wait_event(run_id=earlier, type=EventType.COMPLETED)
         watching = asyncio.create_task(
             downstream.main(topics.bootstrap_servers, topics.topic_prefix)
         )
         run_id = await producer.main()
+        assert run_id not in (None, earlier)
         seen = await asyncio.wait_for(watching, 60)
         assert seen == {"run_id": run_id, "metrics": {"rows": 1200}}
     finally:
