@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -18,7 +19,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import StatusEvent
 from worker.client.watch import StatusTail
-from worker.devtools.localkafka import LocalKafka
+from worker.devtools.containers import KafkaInDocker, docker_unavailable
+from worker.devtools.localkafka import (
+    KAFKA_VERSION,
+    SCALA_VERSION,
+    LocalKafka,
+    LocalKafkaError,
+    cache_dir,
+)
 from worker.engine import topics as topic_admin
 from worker.engine.codec import partition_for
 from worker.engine.hooks import Hooks
@@ -26,22 +34,108 @@ from worker.engine.loop import Worker
 from worker.kafkaio import connection
 from worker.settings import Settings
 
+# The session's broker: JOBS_BOOTSTRAP_SERVERS when set; else JOBS_TEST_BROKER=docker, a
+# container (testcontainers), or the default JOBS_TEST_BROKER=jars, a LocalKafka.
+BROKER_CHOICES = ("jars", "docker")
+# A low minimum session timeout lets kill tests move partitions in seconds.
+SESSION_BROKER_CONFIG = {"group.min.session.timeout.ms": "1000"}
+
+
+def session_broker() -> str:
+    """Where the session's broker comes from: `external`, `docker` or `jars`."""
+    if os.environ.get("JOBS_BOOTSTRAP_SERVERS"):
+        return "external"
+    choice = os.environ.get("JOBS_TEST_BROKER") or "jars"
+    if choice not in BROKER_CHOICES:
+        raise pytest.UsageError(
+            f"JOBS_TEST_BROKER={choice!r}: use one of {', '.join(BROKER_CHOICES)}"
+        )
+    return choice
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fail at once, in one line, when the broker asked for cannot be had."""
+    if session_broker() == "docker":
+        reason = docker_unavailable()
+        if reason is not None:
+            raise pytest.UsageError(f"JOBS_TEST_BROKER=docker, but {reason}")
+
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """JOBS_BOOTSTRAP_SERVERS when set, else a local broker started for this session."""
-    configured = os.environ.get("JOBS_BOOTSTRAP_SERVERS")
-    if configured:
-        yield configured
+    """The session's broker (see session_broker()), started for this session unless given."""
+    source = session_broker()
+    if source == "external":
+        yield os.environ["JOBS_BOOTSTRAP_SERVERS"]
+    elif source == "docker":
+        with KafkaInDocker(extra_config=SESSION_BROKER_CONFIG) as container:
+            yield container.bootstrap_servers
+    else:
+        with LocalKafka(extra_config=SESSION_BROKER_CONFIG) as kafka:
+            yield kafka.bootstrap_servers
+
+
+def own_broker_unavailable(version: str = KAFKA_VERSION) -> str | None:
+    """Why a test cannot start a LocalKafka of its own here (no Java, or no cached jars and
+    no Maven to fetch them); None when it can."""
+    if shutil.which("java") is None:
+        return "starts a Kafka broker of its own from the jars, and `java` is not on PATH"
+    jars = cache_dir() / f"kafka_{SCALA_VERSION}-{version}" / ".complete"
+    if not jars.exists() and shutil.which("mvn") is None:
+        return (
+            f"starts a Kafka broker of its own, and Kafka {version}'s jars are not cached "
+            "and `mvn` is not on PATH to fetch them"
+        )
+    return None
+
+
+# Tests that run `jobctl broker` or `java` themselves, in a child process.
+NEEDS_JAVA = frozenset(
+    {
+        "tests/test_cli.py::test_broker_prints_its_address_and_stops_on_ctrl_c",
+        "tests/test_cli.py::test_failed_download_is_reported",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Where the session's broker is given or in Docker and no broker can be started from
+    the jars, the tests that start one in a child process are skipped, saying why."""
+    reason = None if session_broker() == "jars" else own_broker_unavailable()
+    if reason is None:
         return
-    # A low minimum session timeout lets kill tests move partitions in seconds.
-    with LocalKafka(extra_config={"group.min.session.timeout.ms": "1000"}) as kafka:
-        yield kafka.bootstrap_servers
+    for item in items:
+        if item.nodeid in NEEDS_JAVA:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _skip_own_brokers_without_java() -> Iterator[None]:
+    """Where the session's broker is given (JOBS_BOOTSTRAP_SERVERS) or in Docker, so that
+    the session needs no Java, a test (or fixture) whose LocalKafka cannot start for want
+    of Java or Maven is skipped with the reason instead of failing. With the session's
+    broker from the jars, such a failure stays one."""
+    start = LocalKafka.start
+    jars = session_broker() == "jars"
+
+    def start_or_skip(self: LocalKafka) -> LocalKafka:
+        try:
+            return start(self)
+        except LocalKafkaError:
+            reason = None if jars else own_broker_unavailable(self.version)
+            if reason is not None:
+                pytest.skip(reason)
+            raise
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalKafka, "start", start_or_skip)
+        yield
 
 
 def session_timeout_ms() -> int:
-    """Session timeout for tests: low on the local broker, the broker default's minimum else."""
-    return 6_000 if os.environ.get("JOBS_BOOTSTRAP_SERVERS") else 2_000
+    """Session timeout for tests: low on a broker of this session (SESSION_BROKER_CONFIG),
+    the broker default's minimum on a given one."""
+    return 6_000 if session_broker() == "external" else 2_000
 
 
 @pytest.fixture
