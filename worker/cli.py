@@ -1042,26 +1042,54 @@ def schemas_export(
 
 @app.command()
 def demo(
-    bootstrap: str = typer.Option(
-        None, "--bootstrap", "-b", help="Use this cluster instead of starting a local broker."
+    ctx: typer.Context,
+    bootstrap: str | None = typer.Option(
+        None,
+        "--bootstrap",
+        "-b",
+        envvar="JOBS_BOOTSTRAP_SERVERS",
+        help="Use this cluster instead of starting a broker (default: JOBS_BOOTSTRAP_SERVERS).",
+        show_envvar=False,
+    ),
+    docker: bool = typer.Option(
+        False,
+        "--docker",
+        help="Start the broker in a Docker container instead of from Kafka's jars (needs a "
+        "Docker engine and testcontainers, the package's `docker` extra).",
     ),
 ) -> None:
     """Start a local broker and a worker, play a scripted scenario, and check every outcome.
 
+    On the broker --bootstrap or JOBS_BOOTSTRAP_SERVERS names, if any.
+
+    With --docker, a broker in a container; else one from Kafka's jars (needs Java).
+
     Example: jobctl demo
     """
+    from worker.devtools.containers import KAFKA_IMAGE, KafkaInDocker
     from worker.devtools.demo import run_demo
 
+    if docker and bootstrap is not None:
+        source = ctx.get_parameter_source("bootstrap")
+        if source is None or source.name != "ENVIRONMENT":
+            raise _fail("--docker starts a broker of its own: give it or --bootstrap, not both")
+        bootstrap = None  # the option given wins over the environment
     # The demo reports every outcome itself; the clients' transient retries are noise here.
     configure_logs("error", "console", library_level="critical")
-    kafka: localkafka.LocalKafka | None = None
+    kafka: localkafka.LocalKafka | KafkaInDocker | None = None
     try:
-        if bootstrap is None:
-            console.print("[bold]starting a local Kafka broker…[/]")
+        if docker or bootstrap is None:
             started = time.monotonic()
-            kafka = localkafka.LocalKafka().start()
+            if docker:
+                console.print(f"[bold]starting Kafka in Docker ({KAFKA_IMAGE})…[/]")
+                kafka = KafkaInDocker().start()
+            else:
+                console.print("[bold]starting a local Kafka broker…[/]")
+                kafka = localkafka.LocalKafka().start()
             bootstrap = kafka.bootstrap_servers
             console.print(f"Kafka ready at {bootstrap} in {time.monotonic() - started:.1f}s")
+        else:
+            console.print(f"[bold]using the broker at {bootstrap}[/]", highlight=False)
         failures = _run(run_demo(bootstrap, console))
     except localkafka.LocalKafkaError as exc:
         raise _fail(str(exc)) from None

@@ -28,6 +28,7 @@ from worker.client.watch import Item, StatusTail
 from worker.engine import topics as topic_admin
 from worker.engine.loop import Worker
 from worker.engine.store import Store
+from worker.kafkaio import connection
 from worker.settings import Settings, Topics
 
 
@@ -68,7 +69,9 @@ async def run_demo(bootstrap: str, console: Console) -> list[str]:
             db_path=Path(tmp) / "demo.db",
             http_port=0,  # the scenario needs no endpoints, and 8080 may be taken
         )
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        # JOBS_SECURITY_PROTOCOL and friends, from the environment, for a given cluster.
+        kafka = connection(settings)
+        admin = AIOKafkaAdminClient(**kafka)
         await admin.start()
         try:
             await topic_admin.create(admin, settings.topics, partitions=3)
@@ -79,9 +82,9 @@ async def run_demo(bootstrap: str, console: Console) -> list[str]:
         worker = Worker(settings)
         stop = asyncio.Event()
         worker_task = asyncio.create_task(worker.run(stop))
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        producer = AIOKafkaProducer(acks="all", **kafka)
         await producer.start()
-        tail = StatusTail(bootstrap, settings.topics, on_item=_print_item(console))
+        tail = StatusTail(kafka, settings.topics, on_item=_print_item(console))
         await tail.start()
         failures: list[str] = []
         try:
