@@ -145,7 +145,7 @@ class StateManager:
         async with self._restoring:
             topic = self._settings.topics.state
             snapshot = await changelog.read_partition(self._restorer, topic, number)
-            await self.store.replace_partition(
+            stale = await self.store.replace_partition(
                 number,
                 snapshot.jobs.items(),
                 map(changelog.load_run, snapshot.runs.values()),
@@ -160,6 +160,13 @@ class StateManager:
             records=snapshot.records,
             seconds=round(time.perf_counter() - started, 3),
         )
+        if stale:
+            log.info(
+                "runs this file showed running ended under another owner; their rows are "
+                "dropped (the status topic has how they ended: jobctl replay)",
+                partition=number,
+                runs=stale,
+            )
 
     async def states(self, job_types: list[str]) -> dict[str, bytes]:
         """The stored states of `job_types` (from the write queue or SQLite)."""

@@ -536,14 +536,25 @@ class Store:
         states: Iterable[tuple[str, bytes]],
         runs: Iterable[RunRow],
         next_offsets: Mapping[str, int],
-    ) -> None:
+    ) -> int:
         """Replace what is known of `partition` by a snapshot restored from the changelog:
-        (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time."""
+        (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time.
+
+        A run this file still shows RUNNING that the snapshot does not hold ended under
+        another owner longer than the run retention ago (its row was tombstoned): how it
+        ended is only in the status topic, so its row is deleted rather than left RUNNING
+        for ever. Returns how many were.
+        """
         async with self._lock, _writing(self._db, self._path):
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
             await self._db.execute("UPDATE runs SET retained = 0 WHERE partition = ?", (partition,))
             for chunk in _chunks(runs, _CHUNK):
                 await self._upsert_runs(chunk, retained=True)
+            cursor = await self._db.execute(
+                "DELETE FROM runs WHERE partition = ? AND retained = 0 AND status = ?",
+                (partition, RunStatus.RUNNING),
+            )
+            stale = cursor.rowcount
             for pairs in _chunks(states, _CHUNK):
                 await self._db.executemany(
                     _PUT_STATE, [(job_type, partition, state) for job_type, state in pairs]
@@ -551,6 +562,7 @@ class Store:
             await self._db.execute("DELETE FROM applied_offsets WHERE partition = ?", (partition,))
             await self._put_offsets(partition, next_offsets)
             await self._db.commit()
+        return stale
 
     async def _upsert_runs(self, runs: Iterable[RunRow], *, retained: bool) -> None:
         await self._db.executemany(_UPSERT_RUN, [_params(r, retained=retained) for r in runs])
