@@ -94,6 +94,7 @@ NEEDS_JAVA = frozenset(
     {
         "tests/test_cli.py::test_broker_prints_its_address_and_stops_on_ctrl_c",
         "tests/test_cli.py::test_failed_download_is_reported",
+        "tests/test_localkafka.py::test_jobctl_broker_secure_prints_a_login_per_role",
     }
 )
 
