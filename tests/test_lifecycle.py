@@ -549,6 +549,35 @@ def test_seed_run_id_ambiguous() -> None:
     assert second.run_id in event.reason
 
 
+def test_seed_run_id_is_refused_once_a_run_of_its_second_may_be_forgotten() -> None:
+    """Two runs of one second ended; a third pushes the first out of an ended window of 2.
+    The seed-style ID now matches only the second run, but it may have meant the first:
+    it is refused, asking for the full run ID, instead of landing on a guess."""
+    limits = Limits(ended_window=2)
+    state, _ = play(
+        JobState(JOB),
+        start(10, at=T0),
+        finish(make_run_id(T0, 0, 10), 11, at=T0),
+        start(12, at=T0),
+        finish(make_run_id(T0, 0, 12), 13, at=T0 + timedelta(seconds=1)),
+        limits=limits,
+    )
+    remembered = decide(state, finish("250102-030405", 14), REJECT, limits)
+    assert "ambiguous" in (only(remembered).reason or "")  # both still in the window
+    later = T0 + timedelta(hours=1)
+    state, _ = play(
+        state, start(15, at=later), finish(make_run_id(later, 0, 15), 16, at=later), limits=limits
+    )
+    assert [e.run_id for e in state.ended] == [make_run_id(T0, 0, 12), make_run_id(later, 0, 15)]
+    event = only(decide(state, finish("250102-030405", 17, at=later), REJECT, limits))
+    assert event.type is EventType.REJECTED
+    assert event.reason is not None
+    assert "give the full run ID" in event.reason
+    # The full run ID still resolves.
+    full = only(decide(state, finish(make_run_id(T0, 0, 12), 18, at=later), REJECT, limits))
+    assert "already ended" in (full.reason or "")
+
+
 def test_seed_run_id_with_no_runs_at_all() -> None:
     """A seed-style ID for a job type that never ran is rejected as matching no run."""
     event = only(decide(JobState(JOB), finish("250102-030405", 2)))

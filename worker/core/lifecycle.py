@@ -453,7 +453,7 @@ def decide(
     elif isinstance(command, Finish):
         new = _finish(state, command, config, limits, out)
     else:
-        new = _progress(state, command, config, out)
+        new = _progress(state, command, config, limits, out)
     return Decision(new, tuple(out.events))
 
 
@@ -632,8 +632,13 @@ def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobSt
     return state if started is rest else started  # a refused move leaves the run queued
 
 
-def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:
-    """Map a run ID as given to a known run ID; return (run_id, None) or (None, reason)."""
+def _resolve(state: JobState, raw: str, limits: Limits) -> tuple[str | None, str | None]:
+    """Map a run ID as given to a known run ID; return (run_id, None) or (None, reason).
+
+    A seed-style ID (no coordinates) resolves only when every run of its second is known:
+    once the ended window may have forgotten a run that ended at or after that second, a
+    single match may be the wrong one, so the ID is refused until given in full.
+    """
     text = raw.strip().lower()
     for run in state.active:
         if run.run_id == text:
@@ -649,11 +654,22 @@ def _resolve(state: JobState, raw: str) -> tuple[str | None, str | None]:
     known += [(r.run_id, r.client_id) for r in state.active]
     known += [(q.run_id, q.client_id) for q in state.queue]
     matches = [run_id for run_id, client in known if normalized.matches(run_id, client)]
+    if len(matches) > 1:
+        return (
+            None,
+            f"the seed-style run ID {raw!r} is ambiguous: it matches runs {', '.join(matches)}",
+        )
+    if len(state.ended) >= limits.ended_window > 0 and state.ended[0].ended_at >= (
+        second := normalized.second()
+    ):
+        return None, (
+            f"the seed-style run ID {raw!r} may also match a run that ended since "
+            f"{second.isoformat()} and is no longer remembered (the last "
+            f"{limits.ended_window} ended runs are); give the full run ID"
+        )
     if len(matches) == 1:
         return matches[0], None
-    if not matches:
-        return None, f"no run of {state.job_type!r} matches the seed-style run ID {raw!r}"
-    return None, f"the seed-style run ID {raw!r} is ambiguous: it matches runs {', '.join(matches)}"
+    return None, f"no run of {state.job_type!r} matches the seed-style run ID {raw!r}"
 
 
 def _reject(
@@ -812,7 +828,7 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
             state, active, Action.CANCEL, limits, out, request_id=cmd.request_id, reason=reason
         )
         return _promote(state, active.scope, config, out)
-    run_id, problem = _resolve(state, cmd.run_id)
+    run_id, problem = _resolve(state, cmd.run_id, limits)
     if run_id is None:
         assert problem is not None
         return _reject(
@@ -860,7 +876,7 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
 
 
 def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out: _Out) -> JobState:
-    run_id, problem = _resolve(state, cmd.run_id)
+    run_id, problem = _resolve(state, cmd.run_id, limits)
     if run_id is None:
         assert problem is not None
         return _reject(state, out, problem, request_id=cmd.request_id, run_id=cmd.run_id)
@@ -876,8 +892,10 @@ def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out
     return _promote(state, active.scope, config, out)
 
 
-def _progress(state: JobState, cmd: Progress, config: JobConfig, out: _Out) -> JobState:
-    run_id, problem = _resolve(state, cmd.run_id)
+def _progress(
+    state: JobState, cmd: Progress, config: JobConfig, limits: Limits, out: _Out
+) -> JobState:
+    run_id, problem = _resolve(state, cmd.run_id, limits)
     if run_id is None:
         assert problem is not None
         return _reject(state, out, problem, request_id=cmd.request_id, run_id=cmd.run_id)

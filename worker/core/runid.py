@@ -28,6 +28,10 @@ class SeedRunId:
     stamp: str
     client: str | None
 
+    def second(self) -> datetime:
+        """The second (UTC) its time stamp names."""
+        return datetime.strptime(self.stamp, "%y%m%d-%H%M%S").replace(tzinfo=UTC)
+
     def matches(self, run_id: str, client_id: str | None = None) -> bool:
         """Whether a full run ID has this time stamp and client: its suffix or, for a run ID
         without one (runs scoped by job type only), the run's `client_id`, any case."""
