@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# With JOBS_BOOTSTRAP_SERVERS set, tests and the demo use that broker: no Java, no jars.
+# With JOBS_BOOTSTRAP_SERVERS set, tests and the demo use that broker, and with
+# JOBS_TEST_BROKER=docker the tests start Kafka in a container: no Java, no jars.
 kafka-jars: $(STAMP)
-ifeq ($(JOBS_BOOTSTRAP_SERVERS),)
-	$(BIN)/jobctl broker --fetch-only
-else
+ifneq ($(JOBS_BOOTSTRAP_SERVERS),)
 	@echo "Using the broker at $(JOBS_BOOTSTRAP_SERVERS): no Kafka jars needed."
+else ifeq ($(JOBS_TEST_BROKER),docker)
+	@echo "JOBS_TEST_BROKER=docker: the tests start Kafka in a container; no Kafka jars needed."
+else
+	$(BIN)/jobctl broker --fetch-only
 endif
 
 demo: kafka-jars
