@@ -107,9 +107,12 @@ async def open_page(browser: Browser) -> AsyncIterator[OpenPage]:
         watched = Watched(await context.new_page())
         await watched.page.goto(console.url)
         assert console.follower is not None
-        await expect(watched.page.locator("#following")).to_contain_text(
-            f"following {console.follower.topic}"
-        )
+        try:
+            await expect(watched.page.locator("#following")).to_contain_text(
+                f"following {console.follower.topic}"
+            )
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\npage errors: {watched.errors}") from None
         return watched
 
     yield opening
@@ -217,14 +220,17 @@ async def test_the_page_shows_runs_and_the_duration_charts(
 async def test_a_run_shows_up_live_then_ends_with_its_timeline(
     worker: RunningWorker, topics: Settings, console: Console, open_page: OpenPage
 ) -> None:
-    """A run started through a real worker appears among the running runs without a reload,
-    moves to the recent runs in its end status's colour, and its timeline lists its events
-    in time order with the offsets between them. This console may not cancel: no buttons."""
+    """A run started through a real worker appears among the running runs without a reload;
+    its timeline, open while it runs, follows its events; it moves to the recent runs in its
+    end status's colour, and its timeline lists its events in time order with the offsets
+    between them. This console may not cancel: no buttons."""
     watched = await open_page(console)
     page = watched.page
     await expect(page.locator("#running-empty")).to_be_visible()
     await expect(page.locator("#following")).not_to_contain_text("cancelled here")
 
+    section = page.locator("#run-section")
+    timeline = page.locator("#run-timeline tbody tr")
     async with JobClient(topics) as client:
         started = await client.start_job("nightly", "acme", {"day": 1})
         run_id = started.run_id
@@ -235,9 +241,17 @@ async def test_a_run_shows_up_live_then_ends_with_its_timeline(
         await expect(page.locator("#running-empty")).to_be_hidden()
         await expect(page.locator("#running button")).to_have_count(0)  # not --allow-cancel
 
+        await row.click()  # its timeline, kept current while it runs
+        await expect(page.locator("#run-title")).to_have_text(run_id)
+        await expect(timeline.locator("td.type")).to_have_text(["started"])
+        await expect(page.locator("#run-span")).to_contain_text("Running for")
+        await expect(page.locator("#run-actions button")).to_have_count(0)
         await client.report_progress("nightly", run_id, {"rows": 5})
         await expect(row.locator("td").nth(5)).to_have_text('{"rows":5}')
+        await expect(timeline.locator("td.type")).to_have_text(["started", "progress"])
         await client.fail_job("nightly", run_id, error="disk full")
+        await expect(timeline.locator("td.type")).to_have_text(["started", "progress", "failed"])
+        await expect(page.locator("#run-span")).to_contain_text("FAILED after")
 
     await expect(page.locator("#running tbody tr")).to_have_count(0)
     await expect(page.locator("#running-empty")).to_be_visible()
@@ -246,15 +260,13 @@ async def test_a_run_shows_up_live_then_ends_with_its_timeline(
     await expect(ended.locator("td.status")).to_have_text("FAILED")
     await expect(ended.locator("td.status")).to_have_css("color", FAILED_RED)
 
+    await page.locator("#run-close").click()
+    await expect(section).to_be_hidden()
     await ended.click()
-    section = page.locator("#run-section")
     await expect(section).to_be_visible()
     await expect(page.locator("#run-title")).to_have_text(run_id)
-    timeline = page.locator("#run-timeline tbody tr")
     await expect(timeline.locator("td.type")).to_have_text(["started", "progress", "failed"])
-    await expect(page.locator("#run-span")).to_contain_text("FAILED after")
     await expect(page.locator("#run-track circle.mark")).to_have_count(3)
-    await expect(page.locator("#run-actions button")).to_have_count(0)
 
     async with aiohttp.ClientSession() as http:
         run = await Api(http, console.url).ok(f"/api/runs/{run_id}")

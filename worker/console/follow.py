@@ -29,6 +29,7 @@ log = structlog.get_logger("worker")
 _MAX_RECORDS = 5_000  # records a poll
 _POLL_MS = 500
 _REFRESH_PARTITIONS_S = 60.0
+_LAG_WAIT_S = 0.5  # the longest /api/status waits for a partition's position
 _QUEUE_DEPTH = 10_000  # events a slow stream may fall behind before it is closed
 
 
@@ -207,11 +208,17 @@ class Follower:
         return True
 
     async def lag(self) -> int | None:
-        """Committed status records not yet folded (None before the first fetch answers)."""
+        """Committed status records not yet folded (None before the first fetch answers, or
+        while a partition's position is being looked up: the status endpoint does not wait
+        for the broker)."""
         total = 0
         for tp in self._partitions:
             end = self._consumer.last_stable_offset(tp)
             if end is None:
                 return None
-            total += max(0, end - await self._consumer.position(tp))
+            try:
+                position = await asyncio.wait_for(self._consumer.position(tp), _LAG_WAIT_S)
+            except TimeoutError:
+                return None
+            total += max(0, end - position)
         return total

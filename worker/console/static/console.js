@@ -21,6 +21,7 @@ const state = {
   cancelling: new Set(), // run IDs whose cancel request is on its way
   shown: null, // the run ID whose timeline is open
   shownRun: null, // and that run, as last read
+  showRequests: 0, // requests for a run's timeline so far
 };
 
 function $(selector) {
@@ -362,14 +363,19 @@ function renderRunActions(run) {
 }
 
 async function showRun(runId, scroll = true) {
+  // Events may ask for the same run again before an earlier answer came: only the answer
+  // to the latest request is shown, so an older one never replaces a newer one.
+  const request = ++state.showRequests;
   let run;
   try {
     run = await api(`/api/runs/${encodeURIComponent(runId)}`);
   } catch (failure) {
+    if (request !== state.showRequests) return;
     $("#run-title").textContent = `${runId}: ${failure.message}`;
     $("#run-section").hidden = false;
     return;
   }
+  if (request !== state.showRequests) return;
   state.shown = runId;
   state.shownRun = run;
   $("#run-title").textContent = run.run_id;
@@ -519,6 +525,7 @@ function start() {
     $("#run-section").hidden = true;
     state.shown = null;
     state.shownRun = null;
+    state.showRequests += 1; // an answer on its way is not shown
   });
   follow();
   loadRuns();
