@@ -1363,6 +1363,8 @@ def _environment(bootstrap: str, local: LocalKafka | None) -> dict[str, str]:
         "platform": platform.platform(),
         "cpus": str(os.cpu_count()),
         "broker": f"local Apache Kafka {local.version}" if local is not None else bootstrap,
+        # Other work on the machine moves every figure: the 1-, 5- and 15-minute load.
+        "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -1528,6 +1530,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     latency = await _latency_rounds(bench)
     joined = await _joined_rounds(bench)
     client_start, client_running, client_info = await _client_rounds(bench)
+    environment["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return BenchReport(
         lifecycles=o.lifecycles,
         partitions=o.partitions,
