@@ -29,6 +29,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from schemas import DeadLetter, EventType, StatusEvent
 from worker.core.lifecycle import TRANSITIONS, Action
@@ -91,8 +92,15 @@ class WorkerProcess:
         return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
 
     async def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM, as an orchestrator would on shutdown; the exit code."""
+        """SIGTERM, as an orchestrator would on shutdown; the exit code.
+
+        Sent once this start has logged `worker started` (its handler is installed by then):
+        a SIGTERM while the interpreter is still importing would kill it before it is a
+        worker, which says nothing about how a worker stops.
+        """
         assert self.proc is not None
+        with contextlib.suppress(TimeoutError):  # one that never starts is stopped anyway
+            await self._started(timeout)
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -101,6 +109,16 @@ class WorkerProcess:
             raise AssertionError(
                 f"{self.name} did not exit {timeout}s after SIGTERM:\n{self.log_text()[-4000:]}"
             ) from None
+
+    async def _started(self, timeout: float) -> None:
+        """Until this start has logged `worker started`, or exited."""
+        assert self.proc is not None
+        async with asyncio.timeout(timeout):
+            # Polling a file another process writes: there is no event to wait on.
+            while self.proc.poll() is None and (  # noqa: ASYNC110
+                self.log_text().count('"worker started"') < self.starts
+            ):
+                await asyncio.sleep(0.05)
 
     def alive(self) -> bool:
         """Whether the process is running."""
@@ -275,7 +293,11 @@ async def wait_until_processed(settings: Settings, load: Load | None, timeout: f
                     status_ends = await end_offsets(probe, [t.status])
                     if load is None or await load.executor_caught_up(status_ends):
                         ends = await end_offsets(probe, [t.requests, t.results])
-                        committed = await admin.list_consumer_group_offsets(settings.group_id)
+                        try:
+                            committed = await admin.list_consumer_group_offsets(settings.group_id)
+                        except KafkaError:  # a restarted broker's coordinator is not up yet
+                            await asyncio.sleep(0.2)
+                            continue
                         # Done only if no decision came after `status_ends`: a start the
                         # worker decided meanwhile gets an answer the worker must see too.
                         if (

@@ -87,17 +87,19 @@ def test_heartbeats_leave_one_deadline_entry_and_the_run_times_out_once() -> Non
 
 
 def test_time_is_held_back_for_an_unread_input_then_goes_on() -> None:
-    """While results are unread, a backlog of requests does not move time past the last
-    result read; after `Rules.hold` of that, time goes on."""
+    """While results are unread, a backlog of later requests waits (nothing decided, time
+    not moved past the last result read); after `Rules.hold` of that, both go on: the
+    backlog is decided, then the run times out."""
     config = JobsConfig(defaults=JobConfig(timeout=timedelta(seconds=10)))
     task = PartitionTask(0, Rules(1, config, Limits(), InputLimits(), timedelta(days=1)))
     task.apply([start(0, 0, "slow")])
     backlog = [start(i, 60_000 + i, f"other-{i}") for i in range(1, 4)]
     held = task.apply(backlog, lagging=frozenset({"results"}))
-    assert EventType.TIMED_OUT not in [e.type for e in held.events]
+    assert held.events == []
+    assert held.next_offsets == {}
     task.rules = Rules(1, config, Limits(), InputLimits(), timedelta(days=1), hold=timedelta(0))
     gone_on = task.apply([], lagging=frozenset({"results"}))  # held since the backlog
-    assert [e.type for e in gone_on.events] == [EventType.TIMED_OUT]
+    assert [e.type for e in gone_on.events] == [EventType.STARTED] * 3 + [EventType.TIMED_OUT]
 
 
 def test_a_broker_clock_stepping_forward_does_not_time_runs_out_en_masse() -> None:

@@ -180,3 +180,117 @@ def test_verify_reports_a_time_out_decided_ahead_of_an_unread_result() -> None:
     (divergence,) = report.divergences
     assert "p.results:0:0" in divergence.cause
     assert "was unread" in divergence.cause
+
+
+async def test_a_start_behind_a_backlog_waits_for_the_unread_result_of_its_job_type(
+    settings: Settings, producer: AIOKafkaProducer, tmp_path: Path
+) -> None:
+    """As above, with a start for the *same* job type at the end of the backlog, stamped
+    after the deadline: deciding it must not time the run out while the run's COMPLETED
+    result (stamped before the deadline) is unread. Records of one input wait for the other
+    input to catch up to their time, so the result is decided first: `completed`, then
+    `started` for the new start."""
+    await create_topics(settings, 1)
+    config = tmp_path / "jobs.toml"
+    config.write_text("[job_types.slow]\ntimeout = 3\n")
+    worker_settings = settings.model_copy(
+        update={"config": config, "tick_s": 30.0, "batch_max_records": 200}
+    )
+    async with StatusTail(settings.bootstrap_servers, settings.topics) as tail:
+        running = await RunningWorker(worker_settings).start()
+        try:
+            body = {"job_type": "slow", "request_id": "s1"}
+            await producer.send_and_wait(
+                settings.topics.requests, json.dumps(body).encode(), key=b"slow"
+            )
+            started = await tail.wait_event(request_id="s1")
+        finally:
+            await running.stop()
+        assert started.run_id is not None
+        assert started.started_at is not None
+        result = {"job_type": "slow", "run_id": started.run_id, "status": "COMPLETED"}
+        await producer.send_and_wait(
+            settings.topics.results, json.dumps(result).encode(), key=b"slow"
+        )
+        # The scenario needs broker time past the deadline before the backlog is written.
+        deadline = started.started_at + timedelta(seconds=3.5)
+        await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
+        sends = [
+            await producer.send(
+                settings.topics.requests,
+                json.dumps({"job_type": f"other-{i}", "request_id": f"o{i}"}).encode(),
+                key=f"other-{i}".encode(),
+            )
+            for i in range(3000)
+        ]
+        await asyncio.gather(*sends)
+        await producer.send_and_wait(
+            settings.topics.requests,
+            json.dumps({"job_type": "slow", "request_id": "s2"}).encode(),
+            key=b"slow",
+        )
+        running = await RunningWorker(worker_settings).start()
+        try:
+            second = await tail.wait_event(request_id="s2", timeout=60)
+        finally:
+            await running.stop()
+    about_s1 = [e.type for e in tail.events if e.run_id == started.run_id]
+    assert about_s1 == [EventType.STARTED, EventType.COMPLETED]
+    assert second.type is EventType.STARTED
+    assert not [e for e in tail.events if e.type is EventType.REJECTED]
+
+
+def _records(t0: int) -> tuple[Rules, PartitionTask, InputRecord, InputRecord, InputRecord]:
+    """A started run of `slow` (timeout 3 s); its COMPLETED result stamped 1 s in; a start
+    of `slow` stamped 10 s in, past the deadline."""
+    config = JobsConfig(defaults=JobConfig(timeout=timedelta(seconds=3)))
+    rules = Rules(1, config, Limits(), InputLimits(), timedelta(days=1))
+    start = InputRecord(
+        "requests", "p.requests", 0, 0, t0, b"slow", b'{"job_type":"slow","request_id":"s1"}'
+    )
+    task = PartitionTask(0, rules)
+    (started,) = task.apply([start]).events
+    result_body = json.dumps({"job_type": "slow", "run_id": started.run_id, "status": "COMPLETED"})
+    result = InputRecord("results", "p.results", 0, 0, t0 + 1_000, b"slow", result_body.encode())
+    late = InputRecord(
+        "requests",
+        "p.requests",
+        0,
+        1,
+        t0 + 10_000,
+        b"slow",
+        b'{"job_type":"slow","request_id":"s2"}',
+    )
+    return rules, task, start, result, late
+
+
+def test_a_request_waits_while_the_results_input_is_behind_its_time() -> None:
+    """A batch that brings only the requests input (the results input has unread records):
+    the late start is held, not decided, so it cannot time the run out; once the result is
+    fetched both are decided in broker-time order: `completed`, then `started`."""
+    _, task, _, result, late = _records(1_764_640_000_000)
+    assert task.apply([late], lagging=frozenset({"results"})).events == []
+    assert task.held == [late]
+    outcome = task.apply([result], lagging=frozenset())
+    assert [(e.type, e.request_id) for e in outcome.events] == [
+        (EventType.COMPLETED, None),
+        (EventType.STARTED, "s2"),
+    ]
+    assert task.held == []
+    assert outcome.next_offsets == {"p.requests": 2, "p.results": 1}
+
+
+def test_held_records_are_decided_once_the_hold_runs_out() -> None:
+    """An input that stays behind holds the other no longer than `Rules.hold`: a tick then
+    decides what waited (here timing the run out first, as its time says), and a held record
+    is never committed before it is decided."""
+    _, task, _, _, late = _records(1_764_640_000_000)
+    waiting = task.apply([late], lagging=frozenset({"results"}))
+    assert waiting.next_offsets == {}
+    now = datetime.now(UTC)
+    assert not task.hold.too_long(now, timedelta(seconds=5))
+    task.hold.since = now - timedelta(seconds=30)
+    assert task.due(now)
+    outcome = task.apply([], lagging=frozenset({"results"}))
+    assert [e.type for e in outcome.events] == [EventType.TIMED_OUT, EventType.STARTED]
+    assert outcome.next_offsets == {"p.requests": 2}

@@ -120,6 +120,7 @@ class PartitionManager:
     def reposition(self, owned: Owned) -> None:
         """Fetch `owned` again from its applied offsets (records fetched after them are
         read again)."""
+        owned.task.hold.drop()
         for tp in self.topic_partitions(owned.task.number):
             self._consumer.seek(tp, owned.task.applied.get(tp.topic, 0))
 

@@ -142,7 +142,7 @@ class BatchRunner:
             if trouble is not None and alone and trouble.given_up(records[0]):
                 outcome = self._unprocessable(owned, records[0], trouble)
             else:
-                outcome = await self._decide(owned, records, wall_clock)
+                outcome = await self._decide(owned, records, wall_clock, wait=not alone)
             await self._commit(owned, outcome, len(records))
             self._metrics.committed(outcome, time.perf_counter() - started)
         except (ProducerFenced, InvalidProducerEpoch, FencedError) as exc:
@@ -157,14 +157,19 @@ class BatchRunner:
             self._partitions.resume(number)
 
     async def _decide(
-        self, owned: Owned, records: list[InputRecord], wall_clock: datetime | None
+        self,
+        owned: Owned,
+        records: list[InputRecord],
+        wall_clock: datetime | None,
+        *,
+        wait: bool = True,
     ) -> BatchOutcome:
         task = owned.task
-        wanted = task.wanted_states(records)
+        wanted = task.wanted_states([*task.held, *records])  # held records may be decided now
         task.add_states(await self._state.states(wanted))
         lagging = await self._partitions.lagging(task.number)
         self._hooks.point("batch")
-        outcome = task.apply(records, wall_clock, lagging)
+        outcome = task.apply(records, wall_clock, lagging, wait=wait)
         task.evict_idle([*wanted, *outcome.changed])
         return outcome
 

@@ -49,6 +49,7 @@ from worker.engine.codec import (
     decode,
 )
 from worker.engine.envelope import trace_of
+from worker.engine.hold import InputHold
 
 log = structlog.get_logger("worker")
 
@@ -185,6 +186,9 @@ class PartitionTask:
         self.stream_time: datetime | None = None  # highest broker time seen
         self.seen: dict[str, datetime] = {}  # input role -> highest broker time seen
         self._held_since: datetime | None = None  # when time was first held back
+        # Records fetched but waiting for the other input to catch up to their broker time;
+        # dropped when the consumer is re-positioned (it fetches them again).
+        self.hold = InputHold(number)
         # A heap of (deadline, job type), at most one live entry per job type (`_in_heap`):
         # a deadline that moves later (every heartbeat) pushes nothing; its old entry, when
         # it comes up, puts the job type back at its real deadline.
@@ -226,8 +230,14 @@ class PartitionTask:
         records: Sequence[InputRecord],
         wall_clock: datetime | None = None,
         lagging: frozenset[str] = frozenset(),
+        wait: bool = True,
     ) -> BatchOutcome:
         """Decide `records` (in decision order), then time out what is due.
+
+        A record waits (`held`) while the other input has unread records and has not yet
+        shown a record as late as it, for at most `Rules.hold`: the two inputs are decided
+        merged by broker time even when a fetch brings one input far ahead of the other.
+        `wait=False` decides `records` as given (one record at a time after a failure).
 
         Time advances with the partition's stream time, held back while an input has
         unread records (`lagging`: its roles) for at most `Rules.hold`, and, for an idle
@@ -237,6 +247,8 @@ class PartitionTask:
         """
         outcome = BatchOutcome()
         now = datetime.now(UTC)
+        if wait:
+            records = self.hold.ready(records, lagging, now, self.rules.hold)
         for record in records:
             self.decide_record(record, outcome, now)
         clock = decision_clock(self._time(lagging, now), None if lagging else wall_clock)
@@ -244,6 +256,11 @@ class PartitionTask:
             self.time_out(clock, outcome)
         self.close_batch(outcome)
         return outcome
+
+    @property
+    def held(self) -> list[InputRecord]:
+        """Records fetched but waiting for the other input (`InputHold`)."""
+        return self.hold.records
 
     def _time(self, lagging: frozenset[str], now: datetime) -> datetime | None:
         """The stream time, held back for a lagging input no longer than `Rules.hold`."""
@@ -264,8 +281,11 @@ class PartitionTask:
         return held
 
     def due(self, now: datetime) -> bool:
-        """Whether a deadline of this partition may have passed at `now`."""
-        return bool(self.deadlines) and self.deadlines[0][0] <= now
+        """Whether a deadline of this partition may have passed at `now`, or held records
+        have waited long enough."""
+        return (bool(self.deadlines) and self.deadlines[0][0] <= now) or self.hold.too_long(
+            now, self.rules.hold
+        )
 
     def unprocessable(self, record: InputRecord, message: str, *, copy: bool) -> BatchOutcome:
         """Skip `record` with a dead letter (`unprocessable`): its offset moves on, no state
