@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+from collections import Counter
+from pathlib import Path
 
+from aiokafka import AIOKafkaProducer
+
+from schemas import DeadLetter
+from tests.chaos import WorkerProcess
+from worker.client.watch import StatusTail
 from worker.logs import LibraryNoise
+from worker.settings import Settings
 
 
 def _record(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
@@ -31,3 +41,40 @@ def test_a_coordinator_being_elected_is_not_an_error_line() -> None:
     noise = LibraryNoise()
     line = "Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError"
     assert not noise.filter(_record("aiokafka.consumer.group_coordinator", line))
+
+
+async def test_the_worker_logs_what_it_decided_at_info_level(
+    topics: Settings, producer: AIOKafkaProducer, tmp_path: Path
+) -> None:
+    """`jobctl run` logs, at info level, a line with the events it decided by type and the
+    dead letters by reason since the last such line, and none while idle."""
+    worker = WorkerProcess(topics, "summary", tmp_path, log_summary_s="0.5")
+    try:
+        async with StatusTail(topics.bootstrap_servers, topics.topics) as tail:
+            worker.start()
+            for n in range(3):
+                body = {"job_type": f"daily-{n}", "request_id": f"r{n}"}
+                await producer.send_and_wait(
+                    topics.topics.requests, json.dumps(body).encode(), key=f"daily-{n}".encode()
+                )
+            await producer.send_and_wait(topics.topics.requests, b"{oops", key=b"daily-0")
+            for n in range(3):
+                await tail.wait_event(request_id=f"r{n}", timeout=60)
+            await tail.wait_for(lambda item: isinstance(item, DeadLetter), timeout=60)
+
+            def summed() -> tuple[Counter[str], Counter[str]]:
+                events: Counter[str] = Counter()
+                letters: Counter[str] = Counter()
+                for line in worker.log_text().splitlines():
+                    entry = json.loads(line) if line.startswith("{") else {}
+                    if entry.get("event") == "decided" and entry.get("level") == "info":
+                        events.update(entry["events"])
+                        letters.update(entry["dead_letters"])
+                return events, letters
+
+            async with asyncio.timeout(30):
+                while summed() != (Counter(started=3), Counter(malformed_json=1)):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)  # the worker writes its log file on its own
+            assert await worker.terminate() == 0
+    finally:
+        worker.ensure_dead()

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         "unread records (so no run times out ahead of its unread report); then it goes on, "
         "with a warning.",
     )
+    log_summary_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How often the worker logs, at info level, what it decided since the last "
+        "summary (events by type, dead letters by reason, batches); 0 switches it off.",
+    )
     max_clock_skew_s: float = Field(
         default=60.0,
         ge=0,

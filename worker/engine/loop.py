@@ -186,6 +186,7 @@ class Worker:
         s = self.settings
         stopping = asyncio.ensure_future(stop.wait())
         next_tick = time.monotonic() + s.tick_s
+        next_summary = time.monotonic() + s.log_summary_s
         try:
             while not stop.is_set() and self._failure is None:
                 fetch = asyncio.ensure_future(
@@ -208,6 +209,9 @@ class Worker:
                     self._tick(datetime.now(UTC))
                     if self.hooks.on_tick is not None:
                         self.hooks.on_tick()
+                if s.log_summary_s and time.monotonic() >= next_summary:
+                    next_summary = time.monotonic() + s.log_summary_s
+                    self._log_summary()
         finally:
             stopping.cancel()
             self._stopping.set()  # cuts short any retry's backoff
@@ -234,6 +238,21 @@ class Worker:
                 # again (the partition is re-positioned after the batch).
                 records = records[:1]
             owned.batch = asyncio.create_task(self._runner.run(owned, records))
+
+    def _log_summary(self) -> None:
+        """One info line with what was decided since the last one (nothing when idle)."""
+        done = self.metrics.summary()
+        if not done:
+            return
+        log.info(
+            "decided",
+            seconds=self.settings.log_summary_s,
+            events=dict(sorted(done.events.items())),
+            dead_letters=dict(sorted(done.dead_letters.items())),
+            batches=done.batches,
+            failed_batches=done.failed,
+            partitions=sorted(self._partitions.owned) if self._partitions else [],
+        )
 
     def _tick(self, now: datetime) -> None:
         """Time out overdue runs of idle partitions by the wall clock."""

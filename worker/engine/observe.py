@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
@@ -33,6 +34,19 @@ log = structlog.get_logger("worker")
 _BROKER_PROBE_S = 2.0  # how long /readyz waits for the broker before it says not ready
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _RESTORE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass
+class Summary:
+    """Counts since the last info-level summary line (`Metrics.summary`)."""
+
+    events: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    failed: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.batches or self.failed)
 
 
 class Metrics:
@@ -88,6 +102,7 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("jobs_ready", "1 when every assigned partition is served.", registry=r)
+        self._since = Summary()
         self.lag = Gauge(
             "jobs_consumer_lag",
             "Input records not yet consumed, by owned partition and input.",
@@ -100,14 +115,25 @@ class Metrics:
         self.batches.labels("committed").inc()
         self.batch_seconds.observe(seconds)
         # Counted per batch, not per event: a label lookup per event costs the hot path.
-        for kind, n in Counter(event.type.value for event in outcome.events).items():
+        kinds = Counter(event.type.value for event in outcome.events)
+        for kind, n in kinds.items():
             self.events.labels(kind).inc(n)
-        for code, n in Counter(letter.reason.code for _, letter in outcome.dead_letters).items():
+        codes = Counter(letter.reason.code for _, letter in outcome.dead_letters)
+        for code, n in codes.items():
             self.dead_letters.labels(code).inc(n)
+        self._since.events.update(kinds)
+        self._since.dead_letters.update(codes)
+        self._since.batches += 1
 
     def failed(self) -> None:
         """Count a failed batch."""
         self.batches.labels("failed").inc()
+        self._since.failed += 1
+
+    def summary(self) -> Summary:
+        """What was counted since the last summary, and a fresh count from now."""
+        done, self._since = self._since, Summary()
+        return done
 
     def published(self, seconds: float) -> None:
         """Count a committed publication (a transaction, exactly-once) and its latency."""
