@@ -878,6 +878,12 @@ def bench(
     client_calls: int = typer.Option(
         100, "--client-calls", min=1, help="JobClient calls of each kind timed per round."
     ),
+    joined_seconds: float = typer.Option(
+        10.0,
+        "--joined-seconds",
+        min=0.5,
+        help="Seconds of latency measured after a new or restarted worker takes its partitions.",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     soak: float = typer.Option(
@@ -909,6 +915,7 @@ def bench(
         history_runs=history_runs,
         history_in_flight=history_in_flight,
         client_calls=client_calls,
+        joined_seconds=joined_seconds,
         quick=quick,
     )
     if soak is not None:
