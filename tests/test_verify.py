@@ -70,7 +70,8 @@ async def test_verify_follows_the_settings_in_force_and_answers_what_others_woul
     topics: Settings, tmp_path: Path
 ) -> None:
     """A log decided under two settings verifies clean with no `--config`; with `--config`
-    it names, one line each, the decisions those settings would have made otherwise."""
+    it names, one line each, the decisions those settings would have made otherwise; a
+    window verifies from the state the events before it imply."""
     queue, _ = await two_settings(topics, tmp_path)
 
     clean = await jobctl(topics, "verify")
@@ -91,6 +92,17 @@ async def test_verify_follows_the_settings_in_force_and_answers_what_others_woul
     code, what_if_report = await report_of(topics, "--config", str(queue))
     assert code == 1
     assert len(lines) == len(what_if_report["divergences"])
+
+    # A window: the events before it are taken as logged, the rest re-decided from the
+    # state they imply.
+    code, window = await report_of(topics, "--from-offset", "3")
+    assert code == 0, window
+    assert window["adopted"] >= 1  # offsets count transaction markers too
+    assert window["events"] + window["adopted"] == report["events"] + report["adopted"]
+    assert window["events"] < report["events"]
+    both = await jobctl(topics, "verify", "--from-offset", "1", "--from-timestamp", "2026-01-01")
+    assert both.exit_code == 1
+    assert "not both" in both.output
 
 
 async def test_inputs_the_retention_deleted_are_not_divergences(
@@ -116,24 +128,6 @@ async def test_inputs_the_retention_deleted_are_not_divergences(
     assert report["inputs"] >= 4  # the later starts and results, re-decided
     result = await jobctl(topics, "verify")
     assert "inputs are no longer retained" in result.stdout
-
-
-async def test_a_window_verifies_what_follows_from_the_state_before_it(
-    topics: Settings, tmp_path: Path
-) -> None:
-    """`--from-offset` takes the events before it as logged and re-decides the rest from the
-    state they imply."""
-    await two_settings(topics, tmp_path)
-    code, whole = await report_of(topics)
-    assert code == 0
-    code, window = await report_of(topics, "--from-offset", "3")
-    assert code == 0, window
-    assert window["adopted"] >= 1  # offsets count transaction markers too
-    assert window["events"] + window["adopted"] == whole["events"] + whole["adopted"]
-    assert window["events"] < whole["events"]
-    both = await jobctl(topics, "verify", "--from-offset", "1", "--from-timestamp", "2026-01-01")
-    assert both.exit_code == 1
-    assert "not both" in both.output
 
 
 async def _ends(s: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
