@@ -15,15 +15,17 @@ import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 import pytest
 
+from schemas import EventType, RunStatus, StatusEvent
 from tests.conftest import RunningWorker
-from tests.test_console import Api, folded, lifecycle, publish, until
+from tests.test_console import Api, expected, folded, lifecycle, publish, until
 from worker.client import JobClient
 from worker.console.service import Console
 from worker.settings import Settings
@@ -70,12 +72,15 @@ expect.set_options(timeout=WAIT_MS)
 
 
 class Watched:
-    """A page and every error its console logged or its scripts threw."""
+    """A page, every error its console logged or its scripts threw, and every URL it
+    requested."""
 
     def __init__(self, page: Page) -> None:
         self.page = page
         self.errors: list[str] = []
+        self.requested: list[str] = []
         page.on("console", self._console)
+        page.on("request", lambda request: self.requested.append(request.url))
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
 
     def _console(self, message: Any) -> None:
@@ -321,6 +326,187 @@ async def test_cancel_from_the_page(
     await expect(page.locator("#run-timeline tbody tr").last).to_contain_text(
         "cancelled from the console"
     )
+    assert watched.errors == []
+
+
+# -- filters, pages, a failed run's metrics ------------------------------------------------------
+
+PAGE_SIZE = 25  # console.js: runs a page of the recent runs shows
+HISTORY = 60  # runs: more than two pages
+
+
+@pytest.fixture
+async def history(
+    topics: Settings, console: Console, session: aiohttp.ClientSession
+) -> list[StatusEvent]:
+    """`HISTORY` synthetic runs (every ending, some still running, three job types) folded by
+    the console; their started events."""
+    runs = [lifecycle(n) for n in range(HISTORY)]
+    events = [e for run in runs for e in run]
+    await publish(topics, events)
+    await folded(Api(session, console.url), len(events))
+    return [run[0] for run in runs]
+
+
+def status_of(started: StatusEvent) -> str:
+    """The status `lifecycle` gave the run `started` began."""
+    n = int(started.event_id[1:])
+    ending = ["COMPLETED", "COMPLETED", "FAILED", "TIMED_OUT", "CANCELLED"][n % 5]
+    return "RUNNING" if n % 7 == 0 else ending
+
+
+async def test_filter_the_recent_runs_by_job_type_and_status(
+    history: list[StatusEvent], console: Console, open_page: OpenPage
+) -> None:
+    """The filter form narrows the recent runs to a job type, a status, or both; clicking a
+    job type in the summary filters by it, keeping the status chosen."""
+    watched = await open_page(console)
+    page = watched.page
+    shown = page.locator("#runs tbody tr td:nth-child(2)")  # the run IDs, in order
+    statuses = page.locator("#runs tbody tr td.status")
+    await expect(shown).to_have_text(expected(history, lambda e: True)[:PAGE_SIZE])
+
+    form = page.locator("#filters")
+    apply = form.get_by_role("button", name="apply")
+    await form.locator("[name=job_type]").fill("mail")
+    await apply.click()
+    await expect(shown).to_have_text(expected(history, lambda e: e.job_type == "mail"))
+    await expect(page.locator("#runs tbody tr td:first-child")).to_have_text(
+        ["mail"] * len(expected(history, lambda e: e.job_type == "mail"))
+    )
+
+    await form.locator("[name=status]").select_option("FAILED")
+    await apply.click()
+    mail_failed = expected(history, lambda e: e.job_type == "mail" and status_of(e) == "FAILED")
+    assert 1 < len(mail_failed) < PAGE_SIZE
+    await expect(shown).to_have_text(mail_failed)
+    await expect(statuses).to_have_text(["FAILED"] * len(mail_failed))
+
+    await form.locator("[name=job_type]").fill("")
+    await apply.click()
+    failed = expected(history, lambda e: status_of(e) == "FAILED")
+    assert len(failed) > len(mail_failed)
+    await expect(shown).to_have_text(failed)
+    await expect(statuses).to_have_text(["FAILED"] * len(failed))
+
+    await page.locator("#types tbody tr[data-job-type='etl']").click()
+    await expect(form.locator("[name=job_type]")).to_have_value("etl")
+    await expect(shown).to_have_text(
+        expected(history, lambda e: e.job_type == "etl" and status_of(e) == "FAILED")
+    )
+
+    await form.locator("[name=job_type]").fill("nope")
+    await apply.click()
+    await expect(page.locator("#runs tbody tr")).to_have_count(0)
+    await expect(page.locator("#older")).to_be_disabled()
+    assert watched.errors == []
+
+
+async def test_older_runs_are_a_page_at_a_time(
+    history: list[StatusEvent], console: Console, open_page: OpenPage
+) -> None:
+    """More runs than a page: the page shows the newest page with an enabled "older" button;
+    each older page shows the next older runs, from the previous page's cursor, never the
+    whole history; "newer" goes back."""
+    watched = await open_page(console)
+    page = watched.page
+    shown = page.locator("#runs tbody tr td:nth-child(2)")
+    older, newer = page.locator("#older"), page.locator("#newer")
+    pages = [
+        expected(history, lambda e: True)[at : at + PAGE_SIZE]
+        for at in range(0, HISTORY, PAGE_SIZE)
+    ]
+    assert [len(runs) for runs in pages] == [PAGE_SIZE, PAGE_SIZE, HISTORY - 2 * PAGE_SIZE]
+
+    await expect(shown).to_have_text(pages[0])
+    await expect(page.locator("#page-number")).to_have_text("page 1")
+    await expect(newer).to_be_disabled()
+    for number, runs in enumerate(pages[1:], start=2):
+        await expect(older).to_be_enabled()
+        await older.click()
+        await expect(page.locator("#page-number")).to_have_text(f"page {number}")
+        await expect(shown).to_have_text(runs)
+        await expect(newer).to_be_enabled()
+    await expect(older).to_be_disabled()  # the oldest page
+
+    await newer.click()
+    await expect(page.locator("#page-number")).to_have_text("page 2")
+    await expect(shown).to_have_text(pages[1])
+    await newer.click()
+    await expect(shown).to_have_text(pages[0])
+    await expect(newer).to_be_disabled()
+
+    asked = [  # the query of every GET /api/runs the page made
+        dict(parse_qsl(url.query))
+        for url in map(urlsplit, watched.requested)
+        if url.path == "/api/runs"
+    ]
+    assert asked, "the page asked for no runs"
+    assert all(query.get("limit") == str(PAGE_SIZE) for query in asked), asked
+    assert sum(1 for query in asked if "cursor" in query) >= 3, asked  # pages 2, 3, 2
+    assert watched.errors == []
+
+
+def failed_run(n: int, error: str) -> list[StatusEvent]:
+    """A run that reported progress, then failed with `error` in its metrics, as a worker
+    records `fail_job(..., error=...)`."""
+    started = lifecycle(7 * n)[0]  # n * 7: a run lifecycle leaves running
+    progress = started.model_copy(
+        update={
+            "event_id": f"p{n}",
+            "type": EventType.PROGRESS,
+            "from_status": RunStatus.RUNNING,
+            "initial_data": None,
+            "metrics": {"done": 40},
+            "occurred_at": started.occurred_at + timedelta(seconds=2),
+        }
+    )
+    failed = progress.model_copy(
+        update={
+            "event_id": f"f{n}",
+            "type": EventType.FAILED,
+            "status": RunStatus.FAILED,
+            "metrics": {"done": 40, "error": error},
+            "occurred_at": started.occurred_at + timedelta(seconds=5),
+        }
+    )
+    return [started, progress, failed]
+
+
+async def test_a_failed_runs_metrics_and_error_are_shown(
+    topics: Settings, console: Console, session: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """A failed run is red among the recent runs and counted among its job type's failures;
+    its timeline shows its progress metrics and the error it failed with, and its fields the
+    final metrics."""
+    events = [e for n in (1, 2) for e in failed_run(n, f"disk {n} full")]
+    await publish(topics, events)
+    await folded(Api(session, console.url), len(events))
+    run_id = events[-1].run_id
+    assert run_id is not None
+
+    watched = await open_page(console)
+    page = watched.page
+    row = page.locator("#runs tbody tr", has_text=run_id)
+    await expect(row.locator("td.status")).to_have_text("FAILED")
+    await expect(row.locator("td.status")).to_have_css("color", FAILED_RED)
+    summary = page.locator(f"#types tbody tr[data-job-type='{events[-1].job_type}']")
+    await expect(summary.locator("td").nth(3)).to_have_text("1")  # failures
+
+    await row.click()
+    await expect(page.locator("#run-title")).to_have_text(run_id)
+    timeline = page.locator("#run-timeline tbody tr")
+    await expect(timeline.locator("td.type")).to_have_text(["started", "progress", "failed"])
+    metrics = timeline.locator("td:nth-child(7)")
+    await expect(metrics).to_have_text(["", '{"done":40}', '{"done":40,"error":"disk 2 full"}'])
+    await expect(timeline.last).to_have_class(re.compile(r"\bstatus-FAILED\b"))
+    await expect(page.locator("#run-span")).to_have_text("FAILED after 5.0 s, 3 events.")
+    await expect(page.locator("#run-track circle.mark.failed")).to_have_count(1)
+    fields = page.locator("#run-fields")
+    await expect(fields.locator("dt:text-is('metrics') + dd")).to_have_text(
+        '{"done":40,"error":"disk 2 full"}'
+    )
+    await expect(fields.locator("dt:text-is('status') + dd")).to_have_text("FAILED")
     assert watched.errors == []
 
 
