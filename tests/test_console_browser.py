@@ -5,7 +5,9 @@ Playwright's own browser download is never used: the tests launch the system's `
 Everything is asserted on what a user sees, and waited for with Playwright's `expect`.
 
 `python -m tests.test_console_browser [docs/console.png]` (`make console-screenshot`) starts
-a broker, a worker and a console with some runs, and takes the README's screenshot.
+a broker, a worker and a console with some runs, and takes the README's screenshot;
+`python -m tests.test_console_browser --measure 100000` times the page (and the API) on a
+console whose file holds that many runs.
 """
 
 from __future__ import annotations
@@ -601,11 +603,148 @@ async def _last_ended(console: Console) -> str:
         return str(await until(failed, "no failed run was read"))
 
 
-if __name__ == "__main__":  # python -m tests.test_console_browser [docs/console.png]
+# -- the page's time over a long history ------------------------------------------------------
+
+# Installed before the page's own script: `window.rendered` is the time (ms from the start of
+# the navigation) of the first frame in which the recent runs and the job-type summary both
+# have rows.
+RENDERED = """
+(() => {
+  const observer = new MutationObserver(() => {
+    if (document.querySelector("#runs tbody tr") && document.querySelector("#types tbody tr")) {
+      observer.disconnect();
+      requestAnimationFrame(() => { window.rendered = performance.now(); });
+    }
+  });
+  observer.observe(document, { childList: true, subtree: true });
+})();
+"""
+
+# Filter the page to `job_type` and `status` with its form; the ms from the submit to the
+# first frame that shows the filtered runs.
+FILTER = """
+async ([jobType, status]) => {
+  const form = document.querySelector("#filters");
+  form.elements.job_type.value = jobType;
+  form.elements.status.value = status;
+  const shown = new Promise((resolve) => {
+    new MutationObserver((_, observer) => {
+      observer.disconnect();
+      requestAnimationFrame(() => resolve(performance.now()));
+    }).observe(document.querySelector("#runs tbody"), { childList: true });
+  });
+  const started = performance.now();
+  form.requestSubmit();
+  return (await shown) - started;
+}
+"""
+
+
+# What the browser timed of the load, in ms: when the document was parsed, and how long each
+# of the requests the first render waits for took.
+LOAD_TIMES = """
+() => {
+  const times = { parsed: performance.getEntriesByType("navigation")[0].domContentLoadedEventEnd };
+  for (const entry of performance.getEntriesByType("resource")) {
+    const path = new URL(entry.name).pathname;
+    if (["/api/runs", "/api/job-types", "/api/job-types/durations"].includes(path)) {
+      times[`GET ${path}`] = entry.responseEnd - entry.startTime;
+    }
+  }
+  return times;
+}
+"""
+
+
+async def time_page(browser: Browser, url: str) -> dict[str, float]:
+    """Open the page in a fresh context (nothing cached): the ms to its runs and job types
+    shown (and what the browser timed of that load), and the ms the filter form takes to
+    show etl's failed runs."""
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = await context.new_page()
+        await page.add_init_script(RENDERED)
+        await page.goto(url, wait_until="commit")
+        await expect(page.locator("#runs tbody tr")).to_have_count(PAGE_SIZE)
+        await expect(page.locator("#types tbody tr")).to_have_count(3)
+        await page.wait_for_function("window.rendered !== undefined")
+        times = {"runs and job types shown": float(await page.evaluate("window.rendered"))}
+        times |= {k: float(v) for k, v in (await page.evaluate(LOAD_TIMES)).items()}
+        times["filter (etl, FAILED) to its runs shown"] = float(
+            await page.evaluate(FILTER, ["etl", "FAILED"])
+        )
+        await expect(page.locator("#runs tbody tr td.status")).to_have_text(["FAILED"] * PAGE_SIZE)
+        await expect(page.locator("#runs tbody tr td:first-child")).to_have_text(
+            ["etl"] * PAGE_SIZE
+        )
+        return times
+    finally:
+        await context.close()
+
+
+async def measure_page(runs: int, bootstrap: str, rounds: int = 5) -> None:
+    """A console following a real broker, its file holding `runs` synthetic runs (written
+    as the follower folds them); the page's times in Chromium (median of `rounds` loads,
+    each in a fresh context, after one not counted) and the API's over the same file."""
+    import sqlite3
+    import statistics
+    import tempfile
+    import time
+
+    from tests.conftest import create_topics
+    from tests.test_console import build_history, measure, measure_http
+
+    assert CHROMIUM is not None, "no chromium found: apt-get install chromium"
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "console.db"
+        started = time.perf_counter()
+        await build_history(path, runs)  # the file of the topic jobs.status
+        print(f"folded {runs:,} runs in {time.perf_counter() - started:.1f}s")
+        with sqlite3.connect(path) as db:
+            stored = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            running = db.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'")
+            print(f"runs: {stored:,}, of which running: {running.fetchone()[0]:,}")
+        settings = Settings(
+            bootstrap_servers=bootstrap,
+            topic_prefix="jobs",
+            db_path=Path(directory) / "worker.db",
+            http_port=0,
+        )
+        await create_topics(settings, 2)
+        # The broker's topic is empty: the follower finds its stored offsets past the end,
+        # starts from the beginning and is caught up.
+        console = await make_console(settings, path, allow_cancel=False)
+        try:
+            assert console.follower is not None
+            await asyncio.wait_for(console.follower.caught_up.wait(), 60)
+            async with async_playwright() as playwright:
+                browser = await playwright.chromium.launch(executable_path=CHROMIUM)
+                await time_page(browser, console.url)  # a first load, not counted
+                loads = [await time_page(browser, console.url) for _ in range(rounds)]
+                await browser.close()
+        finally:
+            await console.stop()
+        for label in loads[0]:
+            samples = sorted(load[label] for load in loads)
+            shown = ", ".join(f"{ms:.0f}" for ms in samples)
+            print(f"{statistics.median(samples):8.1f} ms  page: {label} ({shown})")
+        for label, ms in (await measure(path)).items():
+            print(f"{ms:8.2f} ms  {label}")
+        for label, ms in (await measure_http(path)).items():
+            print(f"{ms:8.2f} ms  over HTTP: {label}")
+
+
+if __name__ == "__main__":
+    # python -m tests.test_console_browser [docs/console.png]: the README's screenshot
+    # python -m tests.test_console_browser --measure [runs]: the page's time over many runs
     import sys
 
     from worker.devtools.localkafka import LocalKafka
 
     with LocalKafka() as kafka:
-        target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/console.png")
-        asyncio.run(screenshot(target, kafka.bootstrap_servers))
+        if sys.argv[1:2] == ["--measure"]:
+            count = int(sys.argv[2]) if len(sys.argv) > 2 else 100_000
+            asyncio.run(measure_page(count, kafka.bootstrap_servers))
+        else:
+            target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/console.png")
+            asyncio.run(screenshot(target, kafka.bootstrap_servers))
