@@ -748,3 +748,19 @@ if __name__ == "__main__":
         else:
             target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/console.png")
             asyncio.run(screenshot(target, kafka.bootstrap_servers))
+
+
+async def test_thousands_running_at_once_draw_only_the_newest(
+    topics: Settings, console: Console, session: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """With more runs running than the page draws, it draws the newest 200 and says how
+    many there are, so a busy fleet's page stays usable."""
+    events = [lifecycle(n)[0] for n in range(0, 7 * 230, 7)]  # every 7th run stays running
+    await publish(topics, events)
+    await folded(Api(session, console.url), len(events))
+    page = (await open_page(console)).page
+    await expect(page.locator("#running-count")).to_have_text("(230; the newest 200 shown)")
+    await expect(page.locator("#running tbody tr")).to_have_count(200)
+    newest = max(events, key=lambda e: e.started_at or e.occurred_at)
+    assert newest.run_id is not None
+    await expect(page.locator("#running tbody tr").first).to_contain_text(newest.run_id)
