@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import pytest
 import structlog
 from aiokafka import AIOKafkaProducer
@@ -19,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import StatusEvent
 from worker.client.watch import StatusTail
+from worker.console.service import Console
 from worker.devtools.containers import KafkaInDocker, docker_unavailable
 from worker.devtools.localkafka import (
     KAFKA_VERSION,
@@ -269,3 +271,27 @@ def _reset_structlog() -> Iterator[None]:
     _quiet_structlog()
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+async def console(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
+    """A console on this test's topics as `jobctl serve` starts it by default (it may not
+    cancel), on a free port, with its own file."""
+    instance = await Console(topics, tmp_path / "console.db", port=0).start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def cancelling(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
+    """A console started with --allow-cancel."""
+    instance = await Console(topics, tmp_path / "cancelling.db", port=0, allow_cancel=True).start()
+    yield instance
+    await instance.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session."""
+    async with aiohttp.ClientSession() as instance:
+        yield instance

@@ -95,14 +95,6 @@ class Api:
 
 
 @pytest.fixture
-async def console(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
-    """A console on this test's topics, on a free port, with its own file."""
-    instance = await Console(topics, tmp_path / "console.db", port=0).start()
-    yield instance
-    await instance.stop()
-
-
-@pytest.fixture
 async def api(console: Console) -> AsyncIterator[Api]:
     """An HTTP client of the console."""
     async with aiohttp.ClientSession() as session:

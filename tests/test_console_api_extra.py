@@ -6,8 +6,6 @@ needed, a real worker where a run must really be cancelled.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,28 +20,6 @@ from worker.kafkaio import connection, partitions_of
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-async def console(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
-    """A console as `jobctl serve` starts it by default: it may not cancel."""
-    instance = await Console(topics, tmp_path / "console.db", port=0).start()
-    yield instance
-    await instance.stop()
-
-
-@pytest.fixture
-async def cancelling(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
-    """A console started with --allow-cancel."""
-    instance = await Console(topics, tmp_path / "c.db", port=0, allow_cancel=True).start()
-    yield instance
-    await instance.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as instance:
-        yield instance
 
 
 async def post(

@@ -131,28 +131,6 @@ async def make_console(topics: Settings, path: Path, *, allow_cancel: bool) -> C
     return await Console(topics, path, port=0, allow_cancel=allow_cancel).start()
 
 
-@pytest.fixture
-async def console(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
-    """A console as `jobctl serve` starts it by default."""
-    instance = await make_console(topics, tmp_path / "console.db", allow_cancel=False)
-    yield instance
-    await instance.stop()
-
-
-@pytest.fixture
-async def cancelling(topics: Settings, tmp_path: Path) -> AsyncIterator[Console]:
-    """A console started with --allow-cancel."""
-    instance = await make_console(topics, tmp_path / "console.db", allow_cancel=True)
-    yield instance
-    await instance.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as instance:
-        yield instance
-
-
 def parse_offset(text: str) -> float:
     """A timeline offset as the page shows it ("+12 ms", "+1.5 s", "-3 ms") in seconds."""
     found = re.fullmatch(r"([+-])([0-9.]+) (ms|s|min|h)", text)

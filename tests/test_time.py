@@ -99,6 +99,40 @@ async def test_a_worker_back_on_its_own_file_restores_nothing(
     assert "partition restored from changelog" not in worker.log_text()
 
 
+async def _result_then_backlog(
+    producer: AIOKafkaProducer, settings: Settings, worker_settings: Settings, tail: StatusTail
+) -> StatusEvent:
+    """A worker starts a run of `slow` (timeout 3 s) and stops; the run's COMPLETED result
+    is appended before the deadline; once broker time is past the deadline, 3,000 requests
+    for other job types follow. Returns the run's `started` event."""
+    running = await RunningWorker(worker_settings).start()
+    try:
+        body = {"job_type": "slow", "request_id": "s1"}
+        await producer.send_and_wait(
+            settings.topics.requests, json.dumps(body).encode(), key=b"slow"
+        )
+        started = await tail.wait_event(request_id="s1")
+    finally:
+        await running.stop()
+    assert started.run_id is not None
+    assert started.started_at is not None
+    result = {"job_type": "slow", "run_id": started.run_id, "status": "COMPLETED"}
+    await producer.send_and_wait(settings.topics.results, json.dumps(result).encode(), key=b"slow")
+    # The scenario needs broker time past the deadline before the backlog is written.
+    deadline = started.started_at + timedelta(seconds=3.5)
+    await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
+    sends = [
+        await producer.send(
+            settings.topics.requests,
+            json.dumps({"job_type": f"other-{i}", "request_id": f"o{i}"}).encode(),
+            key=f"other-{i}".encode(),
+        )
+        for i in range(3000)
+    ]
+    await asyncio.gather(*sends)
+    return started
+
+
 async def test_a_result_behind_a_backlog_of_requests_completes_its_run(
     settings: Settings, producer: AIOKafkaProducer, tmp_path: Path
 ) -> None:
@@ -110,33 +144,7 @@ async def test_a_result_behind_a_backlog_of_requests_completes_its_run(
     config.write_text("[job_types.slow]\ntimeout = 3\n")
     worker_settings = settings.model_copy(update={"config": config, "tick_s": 30.0})
     async with StatusTail(settings.bootstrap_servers, settings.topics) as tail:
-        running = await RunningWorker(worker_settings).start()
-        try:
-            body = {"job_type": "slow", "request_id": "s1"}
-            await producer.send_and_wait(
-                settings.topics.requests, json.dumps(body).encode(), key=b"slow"
-            )
-            started = await tail.wait_event(request_id="s1")
-        finally:
-            await running.stop()
-        assert started.run_id is not None
-        assert started.started_at is not None
-        result = {"job_type": "slow", "run_id": started.run_id, "status": "COMPLETED"}
-        await producer.send_and_wait(
-            settings.topics.results, json.dumps(result).encode(), key=b"slow"
-        )
-        # The scenario needs broker time past the deadline before the backlog is written.
-        deadline = started.started_at + timedelta(seconds=3.5)
-        await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
-        sends = [
-            await producer.send(
-                settings.topics.requests,
-                json.dumps({"job_type": f"other-{i}", "request_id": f"o{i}"}).encode(),
-                key=f"other-{i}".encode(),
-            )
-            for i in range(3000)
-        ]
-        await asyncio.gather(*sends)
+        started = await _result_then_backlog(producer, settings, worker_settings, tail)
         running = await RunningWorker(worker_settings).start()
         try:
             ended = await tail.wait_for(
@@ -197,33 +205,7 @@ async def test_a_start_behind_a_backlog_waits_for_the_unread_result_of_its_job_t
         update={"config": config, "tick_s": 30.0, "batch_max_records": 200}
     )
     async with StatusTail(settings.bootstrap_servers, settings.topics) as tail:
-        running = await RunningWorker(worker_settings).start()
-        try:
-            body = {"job_type": "slow", "request_id": "s1"}
-            await producer.send_and_wait(
-                settings.topics.requests, json.dumps(body).encode(), key=b"slow"
-            )
-            started = await tail.wait_event(request_id="s1")
-        finally:
-            await running.stop()
-        assert started.run_id is not None
-        assert started.started_at is not None
-        result = {"job_type": "slow", "run_id": started.run_id, "status": "COMPLETED"}
-        await producer.send_and_wait(
-            settings.topics.results, json.dumps(result).encode(), key=b"slow"
-        )
-        # The scenario needs broker time past the deadline before the backlog is written.
-        deadline = started.started_at + timedelta(seconds=3.5)
-        await asyncio.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()))
-        sends = [
-            await producer.send(
-                settings.topics.requests,
-                json.dumps({"job_type": f"other-{i}", "request_id": f"o{i}"}).encode(),
-                key=f"other-{i}".encode(),
-            )
-            for i in range(3000)
-        ]
-        await asyncio.gather(*sends)
+        started = await _result_then_backlog(producer, settings, worker_settings, tail)
         await producer.send_and_wait(
             settings.topics.requests,
             json.dumps({"job_type": "slow", "request_id": "s2"}).encode(),
