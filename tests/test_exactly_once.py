@@ -116,13 +116,23 @@ async def test_survivors_take_over_a_killed_workers_partitions(
     cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
     """Three workers share the partitions; one is killed; the others restore its partitions."""
-    workers = [spawn(f"member{i}") for i in range(3)]
+    # The victim reports what it decided every half second: it is killed once it has
+    # committed batches (a member killed before it owned anything leaves nothing to restore).
+    workers = [spawn("member0", log_summary_s="0.5"), spawn("member1"), spawn("member2")]
     for process in workers:
         process.start()
     load = Load(cluster, seed=SEED + 2, requests=1500, rate=250)
+    victim = workers[0]
+
+    def victim_committed() -> bool:
+        return any(
+            e.get("event") == "decided" and int(str(e.get("batches", 0))) > 0
+            for e in log_events(victim)
+        )
+
     async with flowing(load):
-        await asyncio.wait_for(load.third_sent.wait(), 60)  # the moment to kill
-        victim = workers[0]
+        await asyncio.wait_for(load.third_sent.wait(), 60)  # the moment to kill, at the earliest
+        await _until(victim_committed, 60, "the victim committed batches")
         victim.kill()
         await finish(cluster, load, workers, tmp_path)
     survivors_restored = [
