@@ -74,11 +74,15 @@ class Worker:
         self._collector: RecordCollector | None = None
         self._partitions: PartitionManager | None = None
         self._runner: BatchRunner | None = None
+        self._rules: Rules | None = None
 
     def rules(self) -> Rules:
-        """What every partition task decides with."""
+        """What every partition task decides with (made once the partition count is known;
+        the same for every take, so its settings document is made once)."""
+        if self._rules is not None and self._rules.partitions == self.partition_count:
+            return self._rules
         s = self.settings
-        return Rules(
+        self._rules = Rules(
             partitions=self.partition_count,
             jobs=self.jobs_config,
             limits=s.limits,
@@ -88,6 +92,7 @@ class Worker:
             skew=timedelta(seconds=s.max_clock_skew_s),
             before_record=self.hooks.before_record,
         )
+        return self._rules
 
     def is_ready(self) -> bool:
         """Whether every assigned partition is taken and restored, and nothing failed."""

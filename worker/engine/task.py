@@ -19,6 +19,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 
 import structlog
 from rbloom import Bloom
@@ -143,6 +144,12 @@ class Rules:
     # Testing only: called before each record is decided (to inject a failure).
     before_record: Callable[[InputRecord], None] | None = None
 
+    @cached_property
+    def settings(self) -> tuple[str, bytes]:
+        """(digest, document) of these rules, as status events name them (`rulebook`)."""
+        document = rulebook.document_of(self)
+        return rulebook.digest_of(document), document
+
 
 _KNOWN_CAPACITY = 250_000  # per partition at 1% false positives (~300 KB); more job types
 # only raise the rate of needless reads
@@ -198,8 +205,6 @@ class PartitionTask:
             if isinstance(state, JobState) and (deadline := state.next_deadline()) is not None:
                 self._push(job_type, deadline)
         self._log = log.bind(partition=number)
-        self.settings = rulebook.document_of(rules)
-        self.settings_digest = rulebook.digest_of(self.settings)
         self.settings_logged = False  # set once a batch with the settings row is committed
 
     # -- live batches ----------------------------------------------------------------------
@@ -395,9 +400,10 @@ class PartitionTask:
         """Settle a batch: applied offsets, serialized states, tombstones due, and the
         settings decided with (their row until a batch carrying it is committed)."""
         self.applied.update(outcome.next_offsets)
-        outcome.settings = self.settings_digest
+        digest, document = self.rules.settings
+        outcome.settings = digest
         if not self.settings_logged and (outcome.events or outcome.changed):
-            outcome.settings_row = rulebook.settings_row(self.settings_digest, self.settings)
+            outcome.settings_row = rulebook.settings_row(digest, document)
         for job_type, state in outcome.changed.items():
             outcome.states[job_type] = dump_state(state)
         self.known.update(outcome.states)
