@@ -61,11 +61,13 @@ class WorkerProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._log_mark = 0  # where this start's lines begin in the log
 
     def start(self, **extra: str) -> None:
         """Start (or restart) the process; `extra` overrides settings for this start only."""
         env = {**self.env, **{f"JOBS_{k.upper()}": v for k, v in extra.items()}}
         with self.log_path.open("ab") as log:
+            self._log_mark = log.tell()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "worker.cli", "run"],
                 env=env,
@@ -111,14 +113,23 @@ class WorkerProcess:
             ) from None
 
     async def _started(self, timeout: float) -> None:
-        """Until this start has logged `worker started`, or exited."""
+        """Until this start has logged `worker started`, or exited.
+
+        Only this start's lines count: a start that exited before it logged the line (the
+        broker down at start-up) must not leave its successor waiting out the timeout.
+        """
         assert self.proc is not None
         async with asyncio.timeout(timeout):
             # Polling a file another process writes: there is no event to wait on.
             while self.proc.poll() is None and (  # noqa: ASYNC110
-                self.log_text().count('"worker started"') < self.starts
+                b'"worker started"' not in self._this_start_log()
             ):
                 await asyncio.sleep(0.05)
+
+    def _this_start_log(self) -> bytes:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_mark)
+            return log.read()
 
     def alive(self) -> bool:
         """Whether the process is running."""
