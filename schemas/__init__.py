@@ -13,6 +13,8 @@ from schemas.messages import (
     ENDING_EVENTS,
     RUN_ROW_PREFIX,
     RUN_ROW_VERSION,
+    VIEW_ROW_KEY,
+    VIEW_ROW_PREFIX,
     DeadLetter,
     DeadLetterReason,
     EventType,
@@ -23,8 +25,11 @@ from schemas.messages import (
     RunStatus,
     Source,
     StatusEvent,
+    ViewMark,
     is_run_row,
     parse_run_row,
+    parse_view_row,
+    view_row,
 )
 
 SCHEMA_DIR = Path(__file__).parent
@@ -36,6 +41,8 @@ __all__ = [
     "RUN_ROW_PREFIX",
     "RUN_ROW_VERSION",
     "SCHEMA_DIR",
+    "VIEW_ROW_KEY",
+    "VIEW_ROW_PREFIX",
     "DeadLetter",
     "DeadLetterReason",
     "EventType",
@@ -46,10 +53,13 @@ __all__ = [
     "RunStatus",
     "Source",
     "StatusEvent",
+    "ViewMark",
     "export_json_schemas",
     "is_run_row",
     "json_schema_documents",
     "parse_run_row",
+    "parse_view_row",
+    "view_row",
 ]
 
 # Inputs are described as accepted (validation); outputs as written (serialization).

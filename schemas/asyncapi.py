@@ -73,7 +73,10 @@ _CHANNELS: dict[str, tuple[str, str, str, dict[str, Any], str]] = {
         "run_record.schema.json",
         _string("The run ID (run rows) or the job type (the orchestrator's own rows)."),
         'The changelog (compacted): run rows (`{"row":"run","v":1,"run":RunRecord}`), '
-        "a tombstone when an ended run leaves; other rows are the orchestrator's private state.",
+        "a tombstone when an ended run leaves, and each partition's view mark (key "
+        '`\\u0000view`, `{"row":"view","v":1,"mark":ViewMark}`, view_mark.schema.json): '
+        "every run unended when it was written has a row stamped at or after its `since`. "
+        "Other rows are the orchestrator's private state.",
     ),
     "dlq": (
         "dlq",

@@ -7,7 +7,6 @@ fields, so a misspelt field is reported instead of silently dropped.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -218,8 +217,9 @@ class RunRecord(BaseModel):
 
     Run rows are keyed by run ID (value ``{"row": "run", "v": 1, "run": <RunRecord>}``; a
     tombstone once an ended run has been retained long enough). The latest row of each run
-    ID says its status, so the running runs are the rows whose status is RUNNING. Version
-    1; readers ignore fields they do not know, so later versions may add some.
+    ID says its status, so the running runs are the rows whose status is RUNNING and the
+    queued ones those whose status is QUEUED. Version 1; readers ignore fields they do not
+    know, so later versions may add some.
     """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -230,7 +230,9 @@ class RunRecord(BaseModel):
     request_id: str | None
     status: RunStatus
     partition: int = Field(ge=0, description="The partition of its job type.")
-    started_at: datetime
+    started_at: datetime = Field(
+        description="When the run started; for a QUEUED run, when it was queued."
+    )
     ended_at: datetime | None
     initial_data: dict[str, Any]
     metrics: dict[str, Any] | None = Field(description="The last progress or final metrics.")
@@ -247,14 +249,58 @@ def is_run_row(value: bytes) -> bool:
     return value.startswith(_RUN_ROW)
 
 
+class _RunRow(BaseModel):
+    row: Literal["run"]
+    run: RunRecord
+
+
 def parse_run_row(value: bytes) -> RunRecord:
-    """The run of a run row, in any of its spellings; ValueError if it is not one."""
+    """The run of a run row, in any of its spellings; ValueError (a pydantic
+    `ValidationError`, whatever the bytes: bad UTF-8, deep nesting...) if it is not one."""
     if value.startswith(RUN_ROW_PREFIX) and value.endswith(b"}"):
         return RunRecord.model_validate_json(value[len(RUN_ROW_PREFIX) : -1])
-    data = json.loads(value)
-    if not isinstance(data, dict) or data.get("row") != "run":
-        raise ValueError(f"not a run row: {value[:100]!r}")
-    return RunRecord.model_validate(data["run"])
+    return _RunRow.model_validate_json(value).run
+
+
+class ViewMark(BaseModel):
+    """A partition's view mark: the value of the ``\\x00view`` row of `<prefix>.state`.
+
+    The orchestrator writes it every `every_s` seconds per partition, in the same transaction
+    as a fresh row of each running and queued run of that partition. So every run that is
+    not ended when the mark is committed has a row stamped `since` or later: a reader that
+    finds a mark needs that partition only from the first record stamped `since`, not from
+    its start. Value ``{"row": "view", "v": 1, "mark": <ViewMark>}``. Version 1.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    since: datetime = Field(description="Every unended run has a row stamped at or after it.")
+    every_s: float = Field(gt=0, description="How often the orchestrator writes the mark.")
+
+
+VIEW_ROW_KEY = b"\x00view"  # one per partition: compaction keeps the latest
+VIEW_ROW_PREFIX = b'{"row":"view","v":1,"mark":'
+_VIEW_ROW = b'{"row":"view"'
+
+
+def view_row(mark: ViewMark) -> tuple[bytes, bytes]:
+    """(key, value) of a partition's view mark row."""
+    return VIEW_ROW_KEY, VIEW_ROW_PREFIX + mark.model_dump_json().encode() + b"}"
+
+
+class _ViewRow(BaseModel):
+    row: Literal["view"]
+    mark: ViewMark
+
+
+def parse_view_row(value: bytes) -> ViewMark | None:
+    """The mark of a view row; None for any other row. ValueError (a pydantic
+    `ValidationError`, whatever the bytes) for a damaged one."""
+    if not value.startswith(_VIEW_ROW):
+        return None
+    if value.startswith(VIEW_ROW_PREFIX) and value.endswith(b"}"):
+        return ViewMark.model_validate_json(value[len(VIEW_ROW_PREFIX) : -1])
+    return _ViewRow.model_validate_json(value).mark
 
 
 ALL_MODELS: dict[str, type[BaseModel]] = {
@@ -263,4 +309,5 @@ ALL_MODELS: dict[str, type[BaseModel]] = {
     "status_event": StatusEvent,
     "dead_letter": DeadLetter,
     "run_record": RunRecord,
+    "view_mark": ViewMark,
 }

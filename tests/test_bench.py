@@ -66,6 +66,9 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert report.restore_peak_rss_mb > 0
     assert report.history_in_flight == 100  # 300 runs made with at most 100 outstanding
     assert report.replay_processes >= 1
+    for figure in (report.status_marked_s, report.status_whole_s):  # rounds + 2 runs each
+        assert len(figure.samples) == 3
+        assert 0 < figure.low <= figure.median <= figure.high
 
     # The report serializes and renders.
     assert json.loads(json.dumps(report.to_json()))["restored_runs"] == 300
@@ -78,4 +81,5 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "client is_job_running p50" in out.getvalue()
     assert "worker CPU, exactly_once" in out.getvalue()
     assert "latency p99, librdkafka" in out.getvalue()
+    assert "jobctl status, 300 ended runs, from its view mark" in out.getvalue()
     assert "restarted worker: p99, first 2 s, librdkafka" in out.getvalue()

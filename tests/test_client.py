@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 from schemas import EventType, RunStatus
 from tests.conftest import RunningWorker
+from worker.audit.replay import replay
 from worker.cli import app
 from worker.client import ClientNotOpenError, JobClient, JobRejectedError, JobTimeoutError
 from worker.client.executor import Executor, RunContext
 from worker.client.watch import StatusTail
+from worker.engine.store import Store
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -308,3 +310,73 @@ async def test_cli_cancels_a_queued_run_by_its_id(topics: Settings, tmp_path: Pa
             assert "give its --job-type" in unknown.output
     finally:
         await running.stop()
+
+
+async def test_status_shows_queued_runs_through_a_handover_and_replay_agrees(
+    topics: Settings, tmp_path: Path
+) -> None:
+    """Queued runs have run rows: `jobctl status` lists them beside the running one, a new
+    owner (its own SQLite file, so restored from the changelog) still knows them, cancels one
+    while queued and starts the other, and a replay of the status topic gives the same rows."""
+    queue = tmp_path / "queue.toml"
+    queue.write_text('[defaults]\npolicy = "queue"\n')
+    first_owner = topics.model_copy(update={"config": queue, "db_path": tmp_path / "a.db"})
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    running = await RunningWorker(first_owner).start()
+    try:
+        async with JobClient(topics) as client:
+            first = await client.start_job("report")
+            second = await client.start_job("report", initial_data={"n": 2})
+            third = await client.start_job("report", client_id="acme")
+            assert (second.type, third.type) == ("queued", "queued")
+            queued = await client.queued_jobs()
+            assert [(q.run_id, dict(q.initial_data)) for q in queued] == [
+                (second.run_id, {"n": 2}),
+                (third.run_id, {}),
+            ]
+            assert [r.run_id for r in await client.running_jobs()] == [first.run_id]
+        shown = await _cli("status", "--json", *base)
+        assert shown.exit_code == 0, shown.output
+        assert [(r["run_id"], r["status"]) for r in json.loads(shown.output)] == [
+            (first.run_id, "RUNNING"),
+            (second.run_id, "QUEUED"),
+            (third.run_id, "QUEUED"),
+        ]
+        table = await _cli("status", *base)
+        assert "QUEUED" in table.output
+        assert str(third.run_id) in table.output
+    finally:
+        await running.stop()
+
+    heir = first_owner.model_copy(update={"db_path": tmp_path / "b.db"})
+    running = await RunningWorker(heir).start()
+    try:
+        cancelled = await _cli("cancel", str(second.run_id), "--json", *base)
+        assert cancelled.exit_code == 0, cancelled.output
+        completed = await _cli("complete", "report", str(first.run_id), *base)
+        assert completed.exit_code == 0, completed.output
+        async with JobClient(topics) as client:
+            assert await client.queued_jobs() == []
+            now_running = await client.running_jobs()
+            assert [r.run_id for r in now_running] == [third.run_id]
+            assert now_running[0].started_at >= third.event.occurred_at  # when it started
+    finally:
+        await running.stop()
+
+    store = await Store.open(heir.db_path)
+    try:
+        live = {r.run_id: r for r in await store.runs()}
+    finally:
+        await store.close()
+    assert {run_id: r.status for run_id, r in live.items()} == {
+        first.run_id: RunStatus.COMPLETED,
+        second.run_id: RunStatus.CANCELLED,
+        third.run_id: RunStatus.RUNNING,
+    }
+    replayed = tmp_path / "replayed.db"
+    await replay(topics, replayed, from_offset=0)
+    store = await Store.open(replayed)
+    try:
+        assert {r.run_id: r for r in await store.runs()} == live
+    finally:
+        await store.close()

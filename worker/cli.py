@@ -690,14 +690,18 @@ def status(
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
 ) -> None:
-    """Show the running jobs (from the orchestrator's state topic).
+    """Show the running and the queued jobs (from the orchestrator's state topic).
 
-    Example: jobctl status --json
+    A queued run waits for the active run of its scope to end; its time is when it was
+    queued. Example: jobctl status --json
     """
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
 
-    async def action(client: Any) -> list[Any]:
-        return list(await client.running_jobs())
+    async def action(client: Any) -> list[tuple[str, Any]]:
+        running = await client.running_jobs()
+        return [("RUNNING", i) for i in running] + [
+            ("QUEUED", i) for i in await client.queued_jobs()
+        ]
 
     infos = _client_call(s, action)
     if as_json:
@@ -705,21 +709,23 @@ def status(
             {
                 "job_type": i.job_type,
                 "run_id": i.run_id,
+                "status": status,
                 "client_id": i.client_id,
-                "started_at": i.started_at.isoformat(),
+                "started_at": i.started_at.isoformat(),  # for a queued run: when it was queued
                 "initial_data": dict(i.initial_data),
             }
-            for i in infos
+            for status, i in infos
         ]
         print(json.dumps(rows))
         return
-    table = Table("job type", title="running jobs")
+    table = Table("job type", title="running and queued jobs")
     table.add_column("run ID", no_wrap=True)  # people copy it into complete, fail, cancel
+    table.add_column("status")
     table.add_column("client")
-    table.add_column("started at")
-    for i in infos:
-        table.add_row(i.job_type, i.run_id, i.client_id or "", i.started_at.isoformat())
-    console.print(table if infos else "no job is running")
+    table.add_column("since")
+    for status, i in infos:
+        table.add_row(i.job_type, i.run_id, status, i.client_id or "", i.started_at.isoformat())
+    console.print(table if infos else "no job is running or queued")
 
 
 @app.command()

@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         description="How often the worker logs, at info level, what it decided since the last "
         "summary (events by type, dead letters by reason, batches); 0 switches it off.",
     )
+    view_refresh_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="How often each partition re-publishes the rows of its running and queued "
+        "runs with a view mark in the state topic, so clients read only its recent part; 0 "
+        "switches it off (clients then read the state topic from its start).",
+    )
     max_clock_skew_s: float = Field(
         default=60.0,
         ge=0,

@@ -2,7 +2,7 @@
 
 `replay` rebuilds a SQLite store's run history from status events, from an offset or a
 timestamp, into the rows the worker records live (`store.fold_events` builds them with the
-core's `started_row` and `run_change`). Partitions are replayed in parallel processes
+core's `new_row` and `run_change`). Partitions are replayed in parallel processes
 (`python -m worker.audit.replay`). `verify` (in `worker.audit.verify`) re-decides them.
 """
 

@@ -30,7 +30,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
 
-from schemas import EventType, StatusEvent
+from schemas import EventType, RunStatus, StatusEvent
 from worker import compat
 from worker.client.answers import (
     ClientNotOpenError,
@@ -41,7 +41,7 @@ from worker.client.answers import (
     StartDecision,
 )
 from worker.client.replies import Replies
-from worker.client.view import RunningView
+from worker.client.view import RunningView, window_of
 from worker.kafkaio import connection
 from worker.settings import Settings
 
@@ -70,7 +70,9 @@ class JobClient:
         kafka = connection(self.settings)
         self._producer = AIOKafkaProducer(acks="all", linger_ms=1, **kafka)
         self.replies = Replies(self.topics.status, kafka)
-        self.view = RunningView(self.topics.state, kafka)
+        self.view = RunningView(
+            self.topics.state, kafka, window=window_of(self.settings.view_refresh_s)
+        )
         self._open = False
 
     async def open(self) -> JobClient:
@@ -323,6 +325,13 @@ class JobClient:
         self._check_open()
         await self._refresh(None, timeout, "")
         return [RunInfo.of(run) for run in self.view.runs()]
+
+    async def queued_jobs(self, timeout: float = 30) -> list[RunInfo]:
+        """Every queued run (waiting for the active run of its scope), by job type; its
+        `started_at` is when it was queued."""
+        self._check_open()
+        await self._refresh(None, timeout, "")
+        return [RunInfo.of(run) for run in self.view.runs(RunStatus.QUEUED)]
 
     async def is_run_running(self, run_id: str, timeout: float = 30) -> bool:
         """Whether the run `run_id` is RUNNING now (not ended, not unknown)."""

@@ -106,7 +106,7 @@ async def run(request: web.Request) -> web.Response:
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    """POST /api/runs/{run_id} with {"status": "CANCELLED"}: cancel a running run (only
+    """POST /api/runs/{run_id} with {"status": "CANCELLED"}: cancel a running or queued run (only
     with --allow-cancel; 403 otherwise)."""
     client = request.app[CLIENT]
     if client is None:

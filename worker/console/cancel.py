@@ -77,7 +77,7 @@ async def cancel(client: JobClient, queries: Queries, run_id: str, reason: str) 
     run = await queries.run_row(run_id)
     if run is None:
         raise Refused(404, f"no run {run_id!r} is recorded in {queries.topic}, as far as read")
-    if run["status"] != RunStatus.RUNNING.value:
+    if run["status"] not in (RunStatus.RUNNING.value, RunStatus.QUEUED.value):
         raise Refused(409, f"run {run_id} has already ended: {run['status']}")
     try:
         event = await client.cancel_job(

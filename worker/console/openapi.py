@@ -138,6 +138,7 @@ _SCHEMAS: dict[str, Any] = {
                         "job_type": {"type": "string"},
                         "runs": {"type": "integer"},
                         "running": {"type": "integer"},
+                        "queued": {"type": "integer"},
                         "completed": {"type": "integer"},
                         "failures": {"type": "integer"},
                         "timeouts": {"type": "integer"},
@@ -225,8 +226,8 @@ def _get(summary: str, parameters: list[Any], ok: dict[str, Any], **more: Any) -
 
 def _cancel() -> dict[str, Any]:
     return {
-        "summary": "Cancel a running run: send a cancel request for it and answer with the "
-        "orchestrator's decision. Only on a console started with --allow-cancel. The body "
+        "summary": "Cancel a running or queued run: send a cancel request for it and answer with "
+        "the orchestrator's decision. Only on a console started with --allow-cancel. The body "
         "must be JSON (Content-Type: application/json).",
         "parameters": [_RUN_ID],
         "requestBody": {

@@ -143,6 +143,7 @@ def _summary(db: sqlite3.Connection, job_type: str, by_status: dict[str, int]) -
         "job_type": job_type,
         "runs": sum(by_status.values()),
         "running": by_status.get("RUNNING", 0),
+        "queued": by_status.get("QUEUED", 0),
         "completed": by_status.get("COMPLETED", 0),
         "failures": by_status.get("FAILED", 0),
         "timeouts": by_status.get("TIMED_OUT", 0),

@@ -1,7 +1,7 @@
 """Run rows: what a run's status events make of its record (pure).
 
 The live worker, the changelog, the SQLite store and replay all derive run rows from status
-events through `started_row` and `run_change`, so they cannot drift apart.
+events through `new_row` and `run_change`, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -47,6 +47,34 @@ def started_row(event: StatusEvent, partition: int) -> RunRow:
         metrics=None,
         reason=None,
     )
+
+
+def queued_row(event: StatusEvent, partition: int) -> RunRow:
+    """The row of a run as its `queued` event creates it: QUEUED, and `started_at` says when
+    it was queued until its `started` event replaces the row."""
+    assert event.run_id is not None
+    return RunRow(
+        run_id=event.run_id,
+        job_type=event.job_type,
+        client_id=event.client_id,
+        request_id=event.request_id,
+        status=RunStatus.QUEUED,
+        partition=partition,
+        started_at=event.occurred_at,
+        ended_at=None,
+        initial_data=dict(event.initial_data or {}),
+        metrics=None,
+        reason=None,
+    )
+
+
+def new_row(event: StatusEvent, partition: int) -> RunRow | None:
+    """The whole row an event creates (a run started or queued); None for any other event."""
+    if event.type is EventType.STARTED:
+        return started_row(event, partition)
+    if event.type is EventType.QUEUED and event.run_id is not None:
+        return queued_row(event, partition)
+    return None
 
 
 def run_change(event: StatusEvent) -> dict[str, Any] | None:

@@ -55,6 +55,10 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    new job type each time, so each one starts a run), `is_job_running` and
    `get_running_job_info`, one after another against a caught-up worker; the median of
    `client_calls` calls of each, per round.
+9. `jobctl status` over the history of item 5, as a whole process (start-up included), with
+   a worker running on it that writes view marks every `_STATUS_REFRESH_S` and once that
+   history is older than the client's window: reading from the last mark, and reading the
+   state topic whole (`JOBS_VIEW_REFRESH_S=0`), runs interleaved.
 
 The bench sets the worker's configuration itself; other `JOBS_*` variables inherited from the
 shell are dropped so that they cannot skew the figures.
@@ -92,6 +96,7 @@ from rich.table import Table
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker.audit.replay import replay
 from worker.client.jobclient import JobClient
+from worker.client.view import window_of
 from worker.devtools.latency import BenchError as BenchError
 from worker.devtools.latency import Percentiles, RdkafkaTail, cpu_seconds, percentile
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
@@ -242,6 +247,8 @@ class BenchReport:
     client_start_ms: Figure  # p50 of `start_job` per round (module docstring, item 8)
     client_is_running_ms: Figure  # p50 of `is_job_running`
     client_running_info_ms: Figure  # p50 of `get_running_job_info`
+    status_marked_s: Figure  # `jobctl status` over the history, from the last view mark
+    status_whole_s: Figure  # the same, reading the state topic whole
     environment: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -320,6 +327,16 @@ class BenchReport:
         row("client start_job p50", self.client_start_ms, "ms", ",.1f")
         row("client is_job_running p50", self.client_is_running_ms, "ms", ",.1f")
         row("client get_running_job_info p50", self.client_running_info_ms, "ms", ",.1f")
+        for label, figure in (
+            ("from its view mark", self.status_marked_s),
+            ("whole", self.status_whole_s),
+        ):
+            row(
+                f"jobctl status, {self.history_runs:,} ended runs, {label}",
+                figure,
+                "s",
+                ",.2f",
+            )
         return table
 
 
@@ -1285,6 +1302,50 @@ async def _client_rounds(bench: _Bench) -> tuple[Figure, Figure, Figure]:
     return start_ms, running_ms, info_ms
 
 
+_STATUS_REFRESH_S = 2.0  # the view marks' period while `jobctl status` is timed
+
+
+async def _status(bench: _Bench, topics: Topics, db: str) -> tuple[Figure, Figure]:
+    """Seconds of a `jobctl status` process over `topics`' history: from the last view mark,
+    and reading the state topic whole; `rounds` + 2 runs of each, interleaved."""
+    refresh = str(_STATUS_REFRESH_S)
+    worker = bench.worker(topics, "exactly_once", log_level="info", db=db, view_refresh_s=refresh)
+    env = {**worker.env, "JOBS_LOG_LEVEL": "warning"}
+    window = window_of(_STATUS_REFRESH_S)
+    assert window is not None
+    timings: dict[str, list[float]] = {refresh: [], "0": []}
+    try:
+        await worker.start()
+        await worker.wait_log("partitions assigned", _timeout_for(bench.options.history_runs))
+        # Let the history age past the client's window: the worker marks it meanwhile.
+        await asyncio.sleep(window.total_seconds())
+        for r in range(bench.options.rounds + 2):
+            for setting, seconds in timings.items():
+                began = time.perf_counter()
+                done = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "worker.cli",
+                    "status",
+                    "--json",
+                    env={**env, "JOBS_VIEW_REFRESH_S": setting},
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                _, err = await done.communicate()
+                if done.returncode != 0:
+                    raise BenchError(f"jobctl status failed: {err.decode(errors='replace')}")
+                seconds.append(time.perf_counter() - began)
+            bench.say(
+                f"  jobctl status {r + 1}/{bench.options.rounds + 2}: from the view mark "
+                f"{timings[refresh][-1]:.2f} s, whole {timings['0'][-1]:.2f} s"
+            )
+        await worker.stop()
+    finally:
+        await worker.close()
+    return Figure.of(timings[refresh]), Figure.of(timings["0"])
+
+
 async def _restore(bench: _Bench) -> tuple[Figure, int, int]:
     """(seconds, runs, changelog records) of restoring a 1-partition changelog."""
     o = bench.options
@@ -1309,10 +1370,11 @@ async def _restore(bench: _Bench) -> tuple[Figure, int, int]:
     return Figure.of(seconds), runs, records
 
 
-async def _peak_rss(bench: _Bench) -> tuple[float, float, float, Topics]:
+async def _peak_rss(bench: _Bench) -> tuple[float, float, float, Topics, str]:
     """VmHWM in MB of a worker that made `history_runs` runs, of one restarted on its SQLite
     file, and of one with an empty file (it restores every partition from the changelog),
-    the last two once they have taken every partition; the topics of that history."""
+    the last two once they have taken every partition; the topics and SQLite file of that
+    history."""
     o = bench.options
     topics = await bench.topics("rss", o.partitions)
     worker = bench.worker(topics, "exactly_once")
@@ -1334,7 +1396,7 @@ async def _peak_rss(bench: _Bench) -> tuple[float, float, float, Topics]:
             await taker.stop()
         finally:
             await taker.close()
-    return peak[0], peak[1], peak[2], topics
+    return peak[0], peak[1], peak[2], topics, worker.env["JOBS_DB_PATH"]
 
 
 async def _replay(bench: _Bench, topics: Topics) -> tuple[Figure, int]:
@@ -1517,13 +1579,15 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         f"peak RSS: running {o.history_runs:,} lifecycles through one worker, "
         f"at most {o.history_in_flight:,} in flight"
     )
-    rss, restart_rss, restore_rss, history = await _peak_rss(bench)
+    rss, restart_rss, restore_rss, history, history_db = await _peak_rss(bench)
     bench.say(
         f"peak RSS: {rss:,.1f} MB; restarted on that history: {restart_rss:,.1f} MB; "
         f"restoring it from the changelog: {restore_rss:,.1f} MB"
     )
     bench.say("replay: rebuilding a store from that worker's status topic")
     replayed, replay_processes = await _replay(bench, history)
+    bench.say(f"jobctl status over that history, view marks every {_STATUS_REFRESH_S:g} s")
+    status_marked, status_whole = await _status(bench, history, history_db)
 
     # Latency last: a broker's first minutes (its JIT compiling, on a machine this small)
     # add tens of ms to the tail; a worker's production cluster has long since warmed up.
@@ -1553,5 +1617,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         client_start_ms=client_start,
         client_is_running_ms=client_running,
         client_running_info_ms=client_info,
+        status_marked_s=status_marked,
+        status_whole_s=status_whole,
         environment=environment,
     )

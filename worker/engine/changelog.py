@@ -9,7 +9,11 @@ Rows (every row has a key: a keyless record on a compacted topic aborts the tran
 - key = run ID, no value: the tombstone of an ended run, once it is older than the run
   retention. SQLite keeps the history; the changelog only needs what a new owner continues;
 - key = ``\x00settings:<digest>``, value ``{"row": "settings", "settings": <document>}``: the
-  settings a worker decided with (`worker.engine.rulebook`), for `verify`; a restore skips it.
+  settings a worker decided with (`worker.engine.rulebook`), for `verify`; a restore skips it;
+- key = ``\x00view``, value ``{"row": "view", "v": 1, "mark": <ViewMark>}``: the partition's
+  view mark (`schemas.ViewMark`), written every `JOBS_VIEW_REFRESH_S` after a fresh row of
+  each running and queued run, so clients read the topic from the mark's time, not its
+  start; a restore skips it.
 
 `read_partition` rebuilds a partition from the changelog: it reads under read_committed
 until its position reaches the end offset (the last stable offset; the last record is often a
@@ -25,7 +29,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
-from schemas import RUN_ROW_PREFIX
+from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
 from worker.core.lifecycle import dump_state, load_state
 from worker.core.runs import RunRow
 from worker.kafkaio import read_until
@@ -55,7 +59,12 @@ def split_row(value: bytes) -> tuple[str, bytes]:
     Rows as `job_row` and `run_row` write them are cut out of the value; any other spelling
     of the same JSON is parsed. Raises ValueError for anything else.
     """
-    for kind, head in (("job", _JOB), ("run", _RUN), ("settings", SETTINGS_HEAD)):
+    for kind, head in (
+        ("job", _JOB),
+        ("run", _RUN),
+        ("settings", SETTINGS_HEAD),
+        ("view", VIEW_ROW_PREFIX),
+    ):
         if value.startswith(head) and value.endswith(b"}"):
             return kind, value[len(head) : -1]
     data: dict[str, Any] = json.loads(value)
@@ -65,6 +74,8 @@ def split_row(value: bytes) -> tuple[str, bytes]:
         return "run", _RUN_ADAPTER.dump_json(_RUN_ADAPTER.validate_python(data["run"]))
     if data.get("row") == "settings":
         return "settings", json.dumps(data["settings"]).encode()
+    if data.get("row") == "view":
+        return "view", json.dumps(data.get("mark")).encode()
     raise ValueError(f"not a changelog row: {value[:100]!r}")
 
 
@@ -91,6 +102,8 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
     parsed when they are written to SQLite.
     """
     snapshot.records += 1
+    if key == VIEW_ROW_KEY:
+        return  # for clients; its value, whatever it holds, is not state
     text = key.decode()
     if value is None:
         snapshot.runs.pop(text, None)

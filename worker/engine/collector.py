@@ -18,6 +18,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from schemas import view_row
 from worker import compat
 from worker.engine import changelog, rulebook
 from worker.engine.codec import REROUTED_FROM
@@ -78,6 +79,10 @@ def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcom
         out.add(topics.state, number, *changelog.run_row(row))
     for run_id in outcome.tombstones:
         out.add(topics.state, number, run_id.encode(), None)
+    for row in outcome.view_rows:
+        out.add(topics.state, number, *changelog.run_row(row))
+    if outcome.view_mark is not None:  # after the rows it vouches for
+        out.add(topics.state, number, *view_row(outcome.view_mark))
 
 
 def _offsets(number: int, next_offsets: dict[str, int]) -> dict[TopicPartition, int]:

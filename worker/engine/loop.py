@@ -26,6 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
+from schemas import RunStatus
 from worker import compat
 from worker.core.config import JobsConfig
 from worker.core.config import load as load_config
@@ -286,7 +287,9 @@ class Worker:
             return
         owned = dict(partitions.owned)
         self.metrics.partitions.set(len(owned))
-        self.metrics.active_runs.set(sum(len(o.task.runs) for o in owned.values()))
+        self.metrics.active_runs.set(
+            sum(r.status is RunStatus.RUNNING for o in owned.values() for r in o.task.runs.values())
+        )
         self.metrics.lag.clear()  # partitions no longer owned leave the series
         for number in owned:
             for role, lag in (await partitions.lag(number)).items():

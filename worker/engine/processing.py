@@ -187,6 +187,8 @@ class BatchRunner:
         self._metrics.published(time.perf_counter() - began)
         if outcome.settings_row is not None:
             owned.task.settings_logged = True
+        if outcome.view_mark is not None:
+            owned.task.view.committed(outcome.view_mark)
         self._hooks.point("after_commit")
         # Written behind: the partition goes on while SQLite catches up (a crash before the
         # write is the restore-from-changelog case); taking a partition flushes first.

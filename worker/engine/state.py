@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
@@ -128,6 +129,8 @@ class StateManager:
             applied=applied,
             known=known,
         )
+        if self._settings.view_refresh_s:
+            task.view.refresh = timedelta(seconds=self._settings.view_refresh_s)
         log.debug("partition loaded", partition=number, committed=committed, restored=restored)
         return task
 

@@ -1,6 +1,6 @@
 """SQLite store (aiosqlite, WAL): run history, each job type's core state, applied offsets.
 
-Run rows come from status events through the core's `started_row` and `run_change`, whether
+Run rows come from status events through the core's `new_row` and `run_change`, whether
 the events were just decided or are being replayed from the status topic (`fold_events`),
 so a store rebuilt from the decision log equals the live one by construction. Rows are
 tagged with their partition.
@@ -33,9 +33,9 @@ import aiosqlite
 import structlog
 from pydantic_core import to_json
 
-from schemas import EventType, RunStatus, StatusEvent
+from schemas import RunStatus, StatusEvent
 from worker.core.lifecycle import JobState, load_state
-from worker.core.runs import RunRow, run_change, started_row
+from worker.core.runs import RunRow, new_row, run_change
 
 log = structlog.get_logger("worker")
 
@@ -122,8 +122,9 @@ def _dumps(value: object) -> str | None:
 _UPSERT_RUN = (
     f"INSERT INTO runs ({_COLUMNS}, retained) VALUES ({', '.join('?' * 12)}) "
     "ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, "
-    "partition = excluded.partition, ended_at = excluded.ended_at, "
-    "metrics = excluded.metrics, reason = excluded.reason, retained = excluded.retained"
+    "started_at = excluded.started_at, partition = excluded.partition, "
+    "ended_at = excluded.ended_at, metrics = excluded.metrics, reason = excluded.reason, "
+    "retained = excluded.retained"
 )
 _UPDATE_RUN = (
     "UPDATE runs SET status = COALESCE(?, status), ended_at = COALESCE(?, ended_at), "
@@ -170,7 +171,8 @@ class RunWrites:
 def fold_events(partition: int, events: Iterable[StatusEvent]) -> RunWrites:
     """The rows `events` write, each run once (a run often starts and ends in one batch).
 
-    Runs started in the batch become whole rows; changes to runs started before it become
+    Runs started or queued in the batch become whole rows (a queued run's row is replaced
+    whole when it starts); changes to runs started before it become
     updates in event order (a None keeps the column). Replay speed is bounded by this fold
     and SQLite's statements, so rows are built as plain parameter lists.
     """
@@ -180,8 +182,8 @@ def fold_events(partition: int, events: Iterable[StatusEvent]) -> RunWrites:
         run_id = event.run_id
         if run_id is None:
             continue
-        if event.type is EventType.STARTED:
-            fresh[run_id] = _params(started_row(event, partition), retained=False)
+        if (created := new_row(event, partition)) is not None:  # started or queued
+            fresh[run_id] = _params(created, retained=False)
             continue
         change = run_change(event)
         if change is None:
@@ -540,10 +542,10 @@ class Store:
         """Replace what is known of `partition` by a snapshot restored from the changelog:
         (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time.
 
-        A run this file still shows RUNNING that the snapshot does not hold ended under
-        another owner longer than the run retention ago (its row was tombstoned): how it
-        ended is only in the status topic, so its row is deleted rather than left RUNNING
-        for ever. Returns how many were.
+        A run this file still shows RUNNING or QUEUED that the snapshot does not hold ended
+        under another owner longer than the run retention ago (its row was tombstoned): how
+        it ended is only in the status topic, so its row is deleted rather than left
+        unended for ever. Returns how many were.
         """
         async with self._lock, _writing(self._db, self._path):
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
@@ -551,8 +553,8 @@ class Store:
             for chunk in _chunks(runs, _CHUNK):
                 await self._upsert_runs(chunk, retained=True)
             cursor = await self._db.execute(
-                "DELETE FROM runs WHERE partition = ? AND retained = 0 AND status = ?",
-                (partition, RunStatus.RUNNING),
+                "DELETE FROM runs WHERE partition = ? AND retained = 0 AND status IN (?, ?)",
+                (partition, RunStatus.RUNNING, RunStatus.QUEUED),
             )
             stale = cursor.rowcount
             for pairs in _chunks(states, _CHUNK):
@@ -573,10 +575,11 @@ class Store:
         )
 
     async def active_runs(self, partition: int) -> list[RunRow]:
-        """The rows of `partition`'s running runs."""
+        """The rows of `partition`'s running and queued runs."""
         async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM runs WHERE partition = ? AND retained = 1 AND status = ?",
-            (partition, RunStatus.RUNNING),
+            f"SELECT {_COLUMNS} FROM runs "
+            "WHERE partition = ? AND retained = 1 AND status IN (?, ?)",
+            (partition, RunStatus.RUNNING, RunStatus.QUEUED),
         ) as cursor:
             return [_row(r) async for r in cursor]
 

@@ -24,7 +24,7 @@ from functools import cached_property
 import structlog
 from rbloom import Bloom
 
-from schemas import DeadLetter, EventType, StatusEvent
+from schemas import DeadLetter, EventType, StatusEvent, ViewMark
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import (
     AdvanceTime,
@@ -39,7 +39,7 @@ from worker.core.lifecycle import (
     stream_time,
 )
 from worker.core.limits import InputLimits
-from worker.core.runs import RunRow, run_change, started_row
+from worker.core.runs import RunRow, new_row, run_change
 from worker.engine import rulebook
 from worker.engine.codec import (
     Bad,
@@ -113,6 +113,10 @@ class BatchOutcome:
     settings: str = ""  # digest of the settings decided with: each event's `jobs-settings`
     # The changelog row of those settings, in the first batch an owner commits.
     settings_row: tuple[bytes, bytes] | None = None
+    # Fresh changelog rows of the unended runs the batch left alone, and the view mark that
+    # follows them (`schemas.ViewMark`); changelog only, SQLite has them already.
+    view_rows: list[RunRow] = field(default_factory=list)
+    view_mark: ViewMark | None = None
 
     @property
     def empty(self) -> bool:
@@ -125,6 +129,7 @@ class BatchOutcome:
             or self.tombstones
             or self.reroutes
             or self.next_offsets
+            or self.view_mark is not None
         )
 
 
@@ -151,6 +156,7 @@ class Rules:
         return rulebook.digest_of(document), document
 
 
+_VIEW_MARGIN = timedelta(seconds=5)
 _KNOWN_CAPACITY = 250_000  # per partition at 1% false positives (~300 KB); more job types
 # only raise the rate of needless reads
 
@@ -165,6 +171,35 @@ def known_filter(job_types: Iterable[str] = ()) -> Bloom:
 def _idle(held: JobState | bytes) -> bool:
     """Whether a job type has no active or queued run (its state can live in SQLite alone)."""
     return isinstance(held, bytes) or not (held.active or held.queue)
+
+
+class ViewMarks:
+    """When a partition writes its view mark (`schemas.ViewMark`), and what goes with it."""
+
+    def __init__(self) -> None:
+        self.refresh: timedelta | None = None  # None: never
+        self.marked: datetime | None = None  # the wall-clock time of the last one committed
+
+    def due(self, now: datetime) -> bool:
+        """Whether the next mark is due at `now` (the first one at once)."""
+        if self.refresh is None:
+            return False
+        return self.marked is None or now - self.marked >= self.refresh
+
+    def mark(self, outcome: BatchOutcome, runs: dict[str, RunRow], now: datetime) -> None:
+        """When due: a fresh row of every running and queued run not already in the batch,
+        then the mark. Committed together, they let a reader start at the mark's `since`."""
+        if self.refresh is None or not self.due(now):
+            return
+        outcome.view_rows = [row for run_id, row in runs.items() if run_id not in outcome.runs]
+        # Back by a margin: the rows are stamped when appended, after `now`, by this clock,
+        # which may step back a little meanwhile.
+        since = now - _VIEW_MARGIN
+        outcome.view_mark = ViewMark(since=since, every_s=self.refresh.total_seconds())
+
+    def committed(self, mark: ViewMark) -> None:
+        """A batch carrying `mark` is committed: the next one is due a period later."""
+        self.marked = mark.since + _VIEW_MARGIN
 
 
 class PartitionTask:
@@ -186,7 +221,7 @@ class PartitionTask:
         # Job types with an active or queued run, plus idle ones a batch has loaded
         # (serialized with `dump_state`) until `evict_idle`.
         self.jobs: dict[str, JobState | bytes] = dict(jobs or {})
-        self.runs = {r.run_id: r for r in runs}  # active runs, by run ID
+        self.runs = {r.run_id: r for r in runs}  # running and queued runs, by run ID
         self.retained = retained if retained is not None else Retained()
         self.applied = dict(applied or {})  # input topic -> next offset to apply
         self.known = known if known is not None else known_filter()
@@ -206,6 +241,7 @@ class PartitionTask:
                 self._push(job_type, deadline)
         self._log = log.bind(partition=number)
         self.settings_logged = False  # set once a batch with the settings row is committed
+        self.view = ViewMarks()  # off until the engine sets its period (`verify` never)
 
     # -- live batches ----------------------------------------------------------------------
 
@@ -286,10 +322,12 @@ class PartitionTask:
         return held
 
     def due(self, now: datetime) -> bool:
-        """Whether a deadline of this partition may have passed at `now`, or held records
-        have waited long enough."""
-        return (bool(self.deadlines) and self.deadlines[0][0] <= now) or self.hold.too_long(
-            now, self.rules.hold
+        """Whether a deadline of this partition may have passed at `now`, held records have
+        waited long enough, or a view mark is due."""
+        return (
+            (bool(self.deadlines) and self.deadlines[0][0] <= now)
+            or self.hold.too_long(now, self.rules.hold)
+            or self.view.due(now)
         )
 
     def unprocessable(self, record: InputRecord, message: str, *, copy: bool) -> BatchOutcome:
@@ -410,6 +448,7 @@ class PartitionTask:
         if self.stream_time is not None:
             horizon = self.stream_time - self.rules.retention
             outcome.tombstones.extend(self.retained.expire(horizon))
+        self.view.mark(outcome, self.runs, datetime.now(UTC))
 
     def state_of(self, job_type: str) -> JobState:
         """The job type's state, parsed (a new one for an unknown job type)."""
@@ -447,14 +486,13 @@ class PartitionTask:
         run_id = event.run_id
         if run_id is None:
             return
-        if event.type is EventType.STARTED:
-            row = started_row(event, self.number)
+        if (row := new_row(event, self.number)) is not None:  # started or queued
             self.runs[run_id] = outcome.runs[run_id] = row
             return
         change = run_change(event)
         active = self.runs.get(run_id)
         if change is None or active is None:
-            return  # a queued run cancelled before it started has no row
+            return  # a run queued before queued runs had rows, cancelled before it started
         row = replace(active, **change)
         outcome.runs[run_id] = row
         if event.type is EventType.PROGRESS:
