@@ -32,49 +32,35 @@ class RunRow:
 
 def started_row(event: StatusEvent, partition: int) -> RunRow:
     """The row of a run as its `started` event creates it."""
-    assert event.run_id is not None
     assert event.started_at is not None
-    return RunRow(
-        run_id=event.run_id,
-        job_type=event.job_type,
-        client_id=event.client_id,
-        request_id=event.request_id,
-        status=RunStatus.RUNNING,
-        partition=partition,
-        started_at=event.started_at,
-        ended_at=None,
-        initial_data=dict(event.initial_data or {}),
-        metrics=None,
-        reason=None,
-    )
-
-
-def queued_row(event: StatusEvent, partition: int) -> RunRow:
-    """The row of a run as its `queued` event creates it: QUEUED, and `started_at` says when
-    it was queued until its `started` event replaces the row."""
-    assert event.run_id is not None
-    return RunRow(
-        run_id=event.run_id,
-        job_type=event.job_type,
-        client_id=event.client_id,
-        request_id=event.request_id,
-        status=RunStatus.QUEUED,
-        partition=partition,
-        started_at=event.occurred_at,
-        ended_at=None,
-        initial_data=dict(event.initial_data or {}),
-        metrics=None,
-        reason=None,
-    )
+    return _created(event, partition, RunStatus.RUNNING, event.started_at)
 
 
 def new_row(event: StatusEvent, partition: int) -> RunRow | None:
-    """The whole row an event creates (a run started or queued); None for any other event."""
+    """The whole row an event creates: a run started, or queued (QUEUED, its `started_at`
+    when it was queued, until its `started` event replaces the row); None for any other."""
     if event.type is EventType.STARTED:
         return started_row(event, partition)
     if event.type is EventType.QUEUED and event.run_id is not None:
-        return queued_row(event, partition)
+        return _created(event, partition, RunStatus.QUEUED, event.occurred_at)
     return None
+
+
+def _created(event: StatusEvent, partition: int, status: RunStatus, at: datetime) -> RunRow:
+    assert event.run_id is not None
+    return RunRow(
+        run_id=event.run_id,
+        job_type=event.job_type,
+        client_id=event.client_id,
+        request_id=event.request_id,
+        status=status,
+        partition=partition,
+        started_at=at,
+        ended_at=None,
+        initial_data=dict(event.initial_data or {}),
+        metrics=None,
+        reason=None,
+    )
 
 
 def run_change(event: StatusEvent) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ transaction marker, so positions are compared, never a record awaited).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,11 +118,15 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
 
 
 async def read_partition(
-    consumer: AIOKafkaConsumer, topic: str, partition: int
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    partition: int,
+    wanted: Callable[[], None] | None = None,
 ) -> PartitionSnapshot:
     """Read partition `partition` of the changelog from the beginning to its end offset.
 
-    `consumer` must be read_committed and have no group; it is re-assigned here.
+    `consumer` must be read_committed and have no group; it is re-assigned here. `wanted`,
+    called between fetches, may raise to stop the read.
     """
     tp = TopicPartition(topic, partition)
     consumer.assign([tp])
@@ -129,6 +134,8 @@ async def read_partition(
     end = (await consumer.end_offsets([tp]))[tp]
     snapshot = PartitionSnapshot(end=end)
     async for _, records in read_until(consumer, {tp: end}, max_records=10_000):
+        if wanted is not None:
+            wanted()
         for record in records:
             if record.key is not None:
                 apply_row(snapshot, record.key, record.value)

@@ -7,6 +7,14 @@ group's committed offsets for N and seek to them; load N's task through the stat
 (restoring from the changelog when SQLite differs). On revocation the batch in flight
 finishes (commits or aborts) and N is closed.
 
+Taking runs after the listener has returned, in a task per partition: aiokafka heartbeats
+only once the listener is done, so a restore inside it (a partition with a long history)
+would outlive the group session and get the worker dropped from the group while it is
+still taking. N stays paused and unowned until its take is done. A partition revoked while
+it is being taken keeps its take until the next assignment: assigned again (no one owned it
+in between), the take goes on; not, its restore stops at the next chunk, the take installs
+nothing and closes N, and a later take of N waits for it.
+
 One failure rule: a partition this worker owns but cannot serve stops the worker, so that a
 supervisor restarts it or the group gives the partition to another member. Taking is tried
 a few times, with backoff, before that.
@@ -76,6 +84,10 @@ class PartitionManager:
         self._stopping = stopping
         self.owned: dict[int, Owned] = {}
         self.taking = 0  # partitions being taken (fenced, positioned, loaded) right now
+        # The take of each assigned partition not yet owned; and takes of partitions revoked
+        # meanwhile, which finish (a restore is not cut short) and install nothing.
+        self._takes: dict[int, asyncio.Task[None]] = {}
+        self._abandoned: dict[int, asyncio.Task[None]] = {}
         self.ready = ready  # set once every assigned partition is taken
 
     def listener(self) -> ConsumerRebalanceListener:
@@ -125,27 +137,67 @@ class PartitionManager:
             self._consumer.seek(tp, owned.task.applied.get(tp.topic, 0))
 
     async def assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        """Take every assigned partition; stop the worker if one cannot be taken."""
+        """Start taking every assigned partition (paused until taken) and return at once."""
         numbers = sorted({tp.partition for tp in assigned})
-        results = await asyncio.gather(*(self._take(n) for n in numbers), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            self._unserved(numbers, failures[0])
-            return
-        log.info("partitions assigned", partitions=numbers)
+        for number in numbers:
+            self.pause(number)
+        for number, take in list(self._abandoned.items()):
+            if number in numbers and not take.done():
+                # Ours again, and no one owned it in between: its take (a restore) goes on.
+                self._takes[number] = self._abandoned.pop(number)
+            else:
+                self._state.abandon(number)  # its restore stops at its next chunk
+        for number in numbers:
+            if number not in self.owned and number not in self._takes:
+                self._takes[number] = asyncio.create_task(self._take_later(number))
+        if self._takes:
+            self.ready.clear()  # not ready while a partition is being taken (restored)
+        else:
+            self._assigned()
+
+    def _assigned(self) -> None:
+        log.info("partitions assigned", partitions=sorted(self.owned))
         self.ready.set()
 
+    async def _take_later(self, number: int) -> None:
+        """Take `number` outside the listener; the one failure rule if it cannot be."""
+        this = asyncio.current_task()
+        earlier = self._abandoned.get(number)
+        if earlier is not None:  # revoked while it was being taken: it closes N first
+            await asyncio.gather(earlier, return_exceptions=True)
+        try:
+            await self._take(number, this)
+        except Exception as exc:
+            if self._takes.get(number) is this:
+                self._unserved([number], exc)
+        finally:
+            if self._takes.get(number) is this:
+                del self._takes[number]
+                if not self._takes and not self._stopping.is_set():
+                    self._assigned()
+            elif self._abandoned.get(number) is this:
+                del self._abandoned[number]
+
     async def revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        """Close every revoked partition after its batch in flight."""
+        """Close every revoked partition after its batch in flight; a partition still being
+        taken is left to its take, which installs nothing."""
         numbers = sorted({tp.partition for tp in revoked})
         for number in numbers:
+            if (take := self._takes.pop(number, None)) is not None:
+                self._abandoned[number] = take  # until the next assignment says
             owned = self.owned.pop(number, None)
             if owned is not None:
                 await self._close(owned)
         log.info("partitions revoked", partitions=numbers)
 
     async def close_all(self) -> None:
-        """Close every partition (shutdown)."""
+        """Close every partition (shutdown), once the takes in progress are done."""
+        takes = [*self._takes.values(), *self._abandoned.values()]
+        self._abandoned.update(self._takes)
+        self._takes.clear()
+        for number in self._abandoned:
+            self._state.abandon(number)
+        await asyncio.gather(*takes, return_exceptions=True)
         for number in list(self.owned):
             await self._close(self.owned.pop(number))
 
@@ -203,14 +255,19 @@ class PartitionManager:
         log.error("could not take partitions; stopping", partitions=numbers, error=repr(exc))
         self._stop(exc)
 
-    async def _take(self, number: int) -> None:
-        """Become the owner of partition `number`; a broker that cannot be reached (it is
-        restarting) is tried again with backoff before the one failure rule applies."""
+    async def _take(self, number: int, this: asyncio.Task[None] | None) -> None:
+        """Become the owner of partition `number`, unless it is revoked meanwhile; a broker
+        that cannot be reached (it is restarting) is tried again with backoff before the one
+        failure rule applies."""
         for attempt in range(1, TAKE_ATTEMPTS + 1):
+            if self._takes.get(number) is not this:
+                return  # revoked meanwhile: nothing to serve (and no one to fence)
             try:
                 task = await self._load(number)
                 break
             except (KafkaConnectionError, NodeNotReadyError, KafkaTimeoutError) as exc:
+                if self._takes.get(number) is not this:
+                    return
                 if attempt == TAKE_ATTEMPTS or self._stopping.is_set():
                     raise
                 log.warning(
@@ -220,7 +277,11 @@ class PartitionManager:
                     error=repr(exc),
                 )
                 await self.back_off(BACKOFF_FIRST_S * 2**attempt)
-        self.owned[number] = Owned(task)
+        if self._takes.get(number) is not this:
+            await self._collector.close(number)  # revoked while it was being taken
+            return
+        owned = self.owned[number] = Owned(task)
+        self.reposition(owned)  # what was fetched before N was paused is read again
         self._consumer.resume(*self.topic_partitions(number))
 
     async def _load(self, number: int) -> PartitionTask:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -29,7 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker.engine import changelog
 from worker.engine.observe import Metrics
-from worker.engine.store import Store
+from worker.engine.store import Abandoned, Store
 from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
 from worker.kafkaio import connection
 from worker.settings import Settings
@@ -46,6 +47,7 @@ class StateManager:
         self._store: Store | None = None
         self._restorer: AIOKafkaConsumer | None = None
         self._restoring = asyncio.Lock()  # one partition restored at a time
+        self._abandoned: set[int] = set()  # partitions whose restore no one wants now
 
     @property
     def store(self) -> Store:
@@ -134,6 +136,15 @@ class StateManager:
         log.debug("partition loaded", partition=number, committed=committed, restored=restored)
         return task
 
+    def abandon(self, number: int) -> None:
+        """Stop the restore of `number` in progress, if any, at its next chunk: the load
+        raises `Abandoned` and SQLite keeps what it had (the write is rolled back)."""
+        self._abandoned.add(number)
+
+    def _wanted(self, number: int) -> None:
+        if number in self._abandoned:
+            raise Abandoned(f"the restore of partition {number} was abandoned")
+
     async def _changelog_end(self, number: int) -> int:
         """The end offset of `number`'s changelog partition (read_committed: stable)."""
         assert self._restorer is not None
@@ -147,13 +158,22 @@ class StateManager:
         # partition, and one snapshot in memory.
         async with self._restoring:
             topic = self._settings.topics.state
-            snapshot = await changelog.read_partition(self._restorer, topic, number)
-            stale = await self.store.replace_partition(
-                number,
-                snapshot.jobs.items(),
-                map(changelog.load_run, snapshot.runs.values()),
-                {**committed, topic: snapshot.end},
-            )
+            self._abandoned.discard(number)
+            wanted = partial(self._wanted, number)
+            try:
+                snapshot = await changelog.read_partition(
+                    self._restorer, topic, number, wanted=wanted
+                )
+                stale = await self.store.replace_partition(
+                    number,
+                    snapshot.jobs.items(),
+                    map(changelog.load_run, snapshot.runs.values()),
+                    {**committed, topic: snapshot.end},
+                    wanted=wanted,
+                )
+            except Abandoned:
+                log.info("restore abandoned: the partition was revoked", partition=number)
+                raise
         self._metrics.restore_seconds.observe(time.perf_counter() - started)
         log.info(
             "partition restored from changelog",

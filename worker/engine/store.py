@@ -213,6 +213,10 @@ class _Pending:
     tombstoned: list[str] = field(default_factory=list)
 
 
+class Abandoned(Exception):
+    """A restore stopped on its way because its partition was revoked; nothing written."""
+
+
 class StoreError(sqlite3.DatabaseError):
     """The SQLite file cannot be used, or a write to it failed; the message is one line
     naming the file. A `sqlite3.Error`, so a batch failing with it is the machine's fault,
@@ -538,6 +542,7 @@ class Store:
         states: Iterable[tuple[str, bytes]],
         runs: Iterable[RunRow],
         next_offsets: Mapping[str, int],
+        wanted: Callable[[], None] | None = None,
     ) -> int:
         """Replace what is known of `partition` by a snapshot restored from the changelog:
         (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time.
@@ -546,12 +551,20 @@ class Store:
         under another owner longer than the run retention ago (its row was tombstoned): how
         it ended is only in the status topic, so its row is deleted rather than left
         unended for ever. Returns how many were.
+
+        `wanted`, called between chunks, raises `Abandoned` to stop: the write is rolled back.
         """
         async with self._lock, _writing(self._db, self._path):
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
             await self._db.execute("UPDATE runs SET retained = 0 WHERE partition = ?", (partition,))
-            for chunk in _chunks(runs, _CHUNK):
-                await self._upsert_runs(chunk, retained=True)
+            try:
+                for chunk in _chunks(runs, _CHUNK):
+                    if wanted is not None:
+                        wanted()
+                    await self._upsert_runs(chunk, retained=True)
+            except Abandoned:
+                await self._db.rollback()
+                raise
             cursor = await self._db.execute(
                 "DELETE FROM runs WHERE partition = ? AND retained = 0 AND status IN (?, ?)",
                 (partition, RunStatus.RUNNING, RunStatus.QUEUED),

@@ -1,0 +1,92 @@
+"""A worker restoring a long history stays in its group while another joins.
+
+aiokafka heartbeats only once the rebalance listener has returned, so a restore taken inside
+it outlives a short session: the restoring worker was dropped from the group, the newcomer
+got every partition and restored the same history, and the two fenced each other until the
+group settled. Partitions are now taken after the listener has returned."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+import pytest
+import structlog
+from aiokafka import AIOKafkaProducer
+from structlog.testing import capture_logs
+
+from schemas import RunStatus
+from tests.conftest import RunningWorker, create_topics
+from worker.client import JobClient
+from worker.core.runs import RunRow
+from worker.engine import changelog
+from worker.engine.codec import partition_for
+from worker.kafkaio import connection
+from worker.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+HISTORY = 200_000  # ended runs in partition 0 of the changelog: a restore of a few seconds
+
+
+async def _write_history(settings: Settings) -> None:
+    producer = AIOKafkaProducer(**connection(settings), linger_ms=20, max_batch_size=1_000_000)
+    await producer.start()
+    at = datetime.now(UTC)
+    try:
+        sent = []
+        for n in range(HISTORY):
+            row = RunRow(
+                f"old-{n}", "old", None, f"q{n}", RunStatus.COMPLETED, 0, at, at, {}, None, None
+            )
+            key, value = changelog.run_row(row)
+            sent.append(await producer.send(settings.topics.state, value, key=key, partition=0))
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def test_a_restoring_worker_stays_in_the_group_while_another_joins(
+    settings: Settings,
+) -> None:
+    """A restores partition 0's long history; B joins meanwhile. One settled assignment
+    (disjoint, both partitions owned), nobody fenced, partition 0 restored to the end once,
+    and both partitions answer."""
+    await create_topics(settings, 2)
+    await _write_history(settings)
+    a = RunningWorker(settings.model_copy(update={"db_path": settings.db_path.with_name("a.db")}))
+    b = RunningWorker(settings.model_copy(update={"db_path": settings.db_path.with_name("b.db")}))
+    with capture_logs() as logs:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+        await _join_while_restoring(settings, a, b)
+    restores = [e["partition"] for e in logs if e["event"] == "partition restored from changelog"]
+    assert restores.count(0) == 1, restores  # not once per worker
+    assert not [e for e in logs if e["event"].startswith("fenced")]
+
+
+async def _join_while_restoring(settings: Settings, a: RunningWorker, b: RunningWorker) -> None:
+    starting_a = asyncio.create_task(a.start())
+    try:
+        async with asyncio.timeout(60):
+            # Polling the worker's own counter: B joins while A is restoring.
+            while a.worker._partitions is None or a.worker._partitions.taking == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await b.start()
+        await starting_a
+        owned = [set(w.worker._partitions.owned) for w in (a, b) if w.worker._partitions]
+        assert sorted(len(o) for o in owned) == [1, 1]
+        assert owned[0] | owned[1] == {0, 1}
+        async with JobClient(settings) as client:
+            kinds = {}
+            n = 0
+            while len(kinds) < 2:
+                kinds.setdefault(partition_for(f"probe-{n}".encode(), 2), f"probe-{n}")
+                n += 1
+            for job_type in kinds.values():
+                decision = await client.start_job(job_type, timeout=30)
+                assert decision.started
+    finally:
+        if not starting_a.done():
+            starting_a.cancel()
+        await asyncio.gather(a.stop(), b.stop(), return_exceptions=True)
