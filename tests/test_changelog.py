@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -54,3 +55,30 @@ def test_a_snapshot_keeps_the_latest_rows_and_refuses_a_damaged_state() -> None:
     with pytest.raises(ValidationError, match="job_type"):
         changelog.apply_row(snapshot, b"broken", b'{"row":"job","state":{"job_type":5}}')
     assert "broken" not in snapshot.jobs
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (b"x", os.urandom(300)),
+        (b"\xff\xfe", b'{"row":"run","v":1,"run":{}}'),
+        (b"x", b"[" * 5_000 + b"]" * 5_000),
+        (b"x", b'{"row":' + b"[" * 5_000 + b"}"),
+        (b"x", b'["row", "job"]'),
+        (b"x", b'{"row":"run"}'),
+        (b"x", b'{"row":"nope","state":1}'),
+        (b"x", b'"' + b"9" * 1_000_000 + b'"'),
+        (b"x", b'{"row":"run","v":1,"run":{"run_id":5,"status":"RUNNING"}}'),
+        (b"x", b'{"row":"run","v":1,"run":\xc3\x28}'),
+    ],
+)
+def test_records_no_worker_writes_are_skipped_not_a_failed_restore(
+    key: bytes, value: bytes
+) -> None:
+    """Anyone who may write the state topic can send anything: it is counted and skipped,
+    and the rows of ours beside it are kept."""
+    snapshot = changelog.PartitionSnapshot()
+    changelog.apply_row(snapshot, *changelog.run_row(ROW))
+    changelog.apply_row(snapshot, key, value)
+    assert [run.run_id for run in changelog.load_runs(snapshot)] == ["r1"]
+    assert snapshot.foreign == 1

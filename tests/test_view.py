@@ -79,7 +79,8 @@ def _run_row(run_id: str, job_type: str, status: RunStatus, at: datetime) -> byt
 @pytest.fixture
 async def history(topics: Settings) -> Settings:
     """An hour-old history in the state topic: HISTORY ended runs and one still RUNNING
-    (`ancient`), then hostile view rows stamped now, as anyone could write them."""
+    (`ancient`), then hostile rows stamped now (under the view's key, run IDs and keys that
+    are not UTF-8), as anyone who may write the topic could."""
     an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
     stamp = int(an_hour_ago.timestamp() * 1000)
     producer = AIOKafkaProducer(**connection(topics))
@@ -95,8 +96,9 @@ async def history(topics: Settings) -> Settings:
                 partition=partition_for(job_type.encode(), PARTITIONS),
                 timestamp_ms=stamp,
             )
-        for value in HOSTILE:  # under the view's key: neither a restore nor a view stops
-            await producer.send(topics.topics.state, value, key=VIEW_ROW_KEY, partition=0)
+        for n, value in enumerate(HOSTILE):  # neither a restore nor a view stops on them
+            for key in (VIEW_ROW_KEY, f"bad-{n}".encode(), b"\xff\xfe" + bytes([n])):
+                await producer.send(topics.topics.state, value, key=key, partition=n % 2)
         await producer.flush()
     finally:
         await producer.stop()

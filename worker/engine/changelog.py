@@ -23,7 +23,7 @@ transaction marker, so positions are compared, never a record awaited).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,21 +68,34 @@ def split_row(value: bytes) -> tuple[str, bytes]:
     ):
         if value.startswith(head) and value.endswith(b"}"):
             return kind, value[len(head) : -1]
-    data: dict[str, Any] = json.loads(value)
-    if data.get("row") == "job":
+    try:
+        data: Any = json.loads(value)
+    except RecursionError:
+        raise ValueError(f"not a changelog row (nested too deep): {value[:100]!r}") from None
+    row = data.get("row") if isinstance(data, dict) else None
+    body = {"job": "state", "run": "run", "settings": "settings", "view": "mark"}.get(row or "")
+    if body is None or body not in data:
+        raise ValueError(f"not a changelog row: {value[:100]!r}")
+    if row == "job":
         return "job", dump_state(load_state(data["state"]))
-    if data.get("row") == "run":
+    if row == "run":
         return "run", _RUN_ADAPTER.dump_json(_RUN_ADAPTER.validate_python(data["run"]))
-    if data.get("row") == "settings":
-        return "settings", json.dumps(data["settings"]).encode()
-    if data.get("row") == "view":
-        return "view", json.dumps(data.get("mark")).encode()
-    raise ValueError(f"not a changelog row: {value[:100]!r}")
+    return str(row), json.dumps(data[body]).encode()
 
 
 def load_run(data: bytes) -> RunRow:
     """A run row from `split_row`'s JSON."""
     return _RUN_ADAPTER.validate_json(data)
+
+
+def load_runs(snapshot: PartitionSnapshot) -> Iterator[RunRow]:
+    """The snapshot's run rows, parsed; a row that does not parse is counted in `foreign`
+    and skipped (the job states, not the run rows, hold what decisions depend on)."""
+    for data in snapshot.runs.values():
+        try:
+            yield load_run(data)
+        except ValueError:
+            snapshot.foreign += 1
 
 
 @dataclass
@@ -94,22 +107,34 @@ class PartitionSnapshot:
     runs: dict[str, bytes] = field(default_factory=dict)  # run ID -> run row JSON
     records: int = 0
     end: int = 0  # the end offset it was read up to
+    foreign: int = 0  # records no worker writes (not a row of ours): skipped
+
+
+_CLAIMS_JOB = b'"row":"job"'
 
 
 def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> None:
     """Fold one changelog record into `snapshot` (later rows win; tombstones delete).
 
-    A job state is validated here, so a damaged changelog fails the restore; run rows are
-    parsed when they are written to SQLite.
+    A job state is validated here, so a damaged job row fails the restore; run rows are
+    parsed when they are written to SQLite (`load_runs`). A record that is not a row of
+    ours at all (a key that is not UTF-8, a value that is no row: anyone who may write the
+    topic could have sent it) is counted in `foreign` and skipped: it cannot stop a restore.
     """
     snapshot.records += 1
     if key == VIEW_ROW_KEY:
         return  # for clients; its value, whatever it holds, is not state
-    text = key.decode()
-    if value is None:
-        snapshot.runs.pop(text, None)
+    try:
+        text = key.decode()
+        if value is None:
+            snapshot.runs.pop(text, None)
+            return
+        kind, data = split_row(value)
+    except ValueError:
+        if value is not None and _CLAIMS_JOB in value[:64]:
+            raise  # a damaged job state: the restore fails rather than forget it
+        snapshot.foreign += 1
         return
-    kind, data = split_row(value)
     if kind == "job":
         load_state(data)
         snapshot.jobs[text] = data

@@ -167,7 +167,7 @@ class StateManager:
                 stale = await self.store.replace_partition(
                     number,
                     snapshot.jobs.items(),
-                    map(changelog.load_run, snapshot.runs.values()),
+                    changelog.load_runs(snapshot),
                     {**committed, topic: snapshot.end},
                     wanted=wanted,
                 )
@@ -183,6 +183,13 @@ class StateManager:
             records=snapshot.records,
             seconds=round(time.perf_counter() - started, 3),
         )
+        if snapshot.foreign:
+            log.warning(
+                "the changelog holds records no worker writes; skipped (who else may write "
+                "it? `jobctl acls` gives that right to the orchestrator alone)",
+                partition=number,
+                records=snapshot.foreign,
+            )
         if stale:
             log.info(
                 "runs this file showed running ended under another owner; their rows are "
