@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from structlog.testing import capture_logs
 
 from schemas import RunStatus
@@ -22,10 +22,9 @@ from worker.client import JobClient
 from worker.core.runs import RunRow
 from worker.engine import changelog
 from worker.engine.codec import partition_for
+from worker.engine.partitions import PartitionManager
 from worker.kafkaio import connection
 from worker.settings import Settings
-
-pytestmark = pytest.mark.kafka
 
 HISTORY = 200_000  # ended runs in partition 0 of the changelog: a restore of a few seconds
 
@@ -47,6 +46,7 @@ async def _write_history(settings: Settings) -> None:
         await producer.stop()
 
 
+@pytest.mark.kafka
 async def test_a_restoring_worker_stays_in_the_group_while_another_joins(
     settings: Settings,
 ) -> None:
@@ -90,3 +90,46 @@ async def _join_while_restoring(settings: Settings, a: RunningWorker, b: Running
         if not starting_a.done():
             starting_a.cancel()
         await asyncio.gather(a.stop(), b.stop(), return_exceptions=True)
+
+
+class _Collector:
+    """Opening never completes, as with a broker that is away."""
+
+    def __init__(self) -> None:
+        self.opening: list[int] = []
+
+    async def open(self, number: int) -> None:
+        self.opening.append(number)
+        await asyncio.Event().wait()
+
+
+class _Consumer:
+    def pause(self, *tps: object) -> None:
+        pass
+
+
+async def test_shutdown_is_not_held_by_a_take_waiting_for_the_broker(
+    settings: Settings,
+) -> None:
+    """SIGTERM while a partition is being taken and the broker does not answer: the take is
+    cancelled and the shutdown goes on, with nothing owned."""
+    collector = _Collector()
+    manager = PartitionManager(
+        settings,
+        _Consumer(),  # type: ignore[arg-type]
+        collector,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]  # never reached: the take waits in `open`
+        lambda: None,  # type: ignore[arg-type, return-value]
+        lambda exc: None,
+        asyncio.Event(),
+        asyncio.Event(),
+    )
+    await manager.assigned([TopicPartition(settings.topics.requests, 0)])
+    await asyncio.sleep(0)  # the take starts and waits in `open`
+    assert manager.taking == 1
+    assert not manager.ready.is_set()
+    async with asyncio.timeout(5):
+        await manager.close_all()
+    assert collector.opening == [0]
+    assert manager.taking == 0
+    assert manager.owned == {}

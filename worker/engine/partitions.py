@@ -152,6 +152,7 @@ class PartitionManager:
                 self._takes[number] = asyncio.create_task(self._take_later(number))
         if self._takes:
             self.ready.clear()  # not ready while a partition is being taken (restored)
+            log.info("taking partitions", partitions=sorted(self._takes))
         else:
             self._assigned()
 
@@ -165,15 +166,17 @@ class PartitionManager:
         earlier = self._abandoned.get(number)
         if earlier is not None:  # revoked while it was being taken: it closes N first
             await asyncio.gather(earlier, return_exceptions=True)
+        failed = False
         try:
             await self._take(number, this)
         except Exception as exc:
             if self._takes.get(number) is this:
+                failed = True
                 self._unserved([number], exc)
         finally:
             if self._takes.get(number) is this:
                 del self._takes[number]
-                if not self._takes and not self._stopping.is_set():
+                if not self._takes and not failed and not self._stopping.is_set():
                     self._assigned()
             elif self._abandoned.get(number) is this:
                 del self._abandoned[number]
@@ -191,12 +194,14 @@ class PartitionManager:
         log.info("partitions revoked", partitions=numbers)
 
     async def close_all(self) -> None:
-        """Close every partition (shutdown), once the takes in progress are done."""
+        """Close every partition (shutdown). Takes in progress are cancelled: one waiting
+        for a broker that is away would otherwise hold the shutdown (a restore's SQLite
+        write, once begun, still finishes)."""
         takes = [*self._takes.values(), *self._abandoned.values()]
         self._abandoned.update(self._takes)
         self._takes.clear()
-        for number in self._abandoned:
-            self._state.abandon(number)
+        for take in takes:
+            take.cancel()
         await asyncio.gather(*takes, return_exceptions=True)
         for number in list(self.owned):
             await self._close(self.owned.pop(number))

@@ -164,12 +164,16 @@ class StateManager:
                 snapshot = await changelog.read_partition(
                     self._restorer, topic, number, wanted=wanted
                 )
-                stale = await self.store.replace_partition(
-                    number,
-                    snapshot.jobs.items(),
-                    changelog.load_runs(snapshot),
-                    {**committed, topic: snapshot.end},
-                    wanted=wanted,
+                # Shielded: a take cancelled at shutdown leaves the write to finish (or roll
+                # back), never a transaction open on the store's connection.
+                stale = await asyncio.shield(
+                    self.store.replace_partition(
+                        number,
+                        snapshot.jobs.items(),
+                        changelog.load_runs(snapshot),
+                        {**committed, topic: snapshot.end},
+                        wanted=wanted,
+                    )
                 )
             except Abandoned:
                 log.info("restore abandoned: the partition was revoked", partition=number)

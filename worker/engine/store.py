@@ -391,14 +391,16 @@ class Store:
         return cls(db, str(path), lock)
 
     async def close(self) -> None:
-        """Write what is queued, then close the connections (and release the lock)."""
+        """Write what is queued, then close the connections (and release the lock), once a
+        write in progress (a restore's) is done."""
         try:
             await self.flush()
         finally:
             try:
                 if self._reader is not None:
                     await self._reader.close()
-                await self._db.close()
+                async with self._lock:
+                    await self._db.close()
             finally:
                 if self._lock_fd is not None:
                     os.close(self._lock_fd)
