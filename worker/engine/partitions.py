@@ -194,9 +194,8 @@ class PartitionManager:
         log.info("partitions revoked", partitions=numbers)
 
     async def close_all(self) -> None:
-        """Close every partition (shutdown). Takes in progress are cancelled: one waiting
-        for a broker that is away would otherwise hold the shutdown (a restore's SQLite
-        write, once begun, still finishes)."""
+        """Close every partition (shutdown), cancelling takes in progress: one waiting for
+        an absent broker must not hold it (a restore's SQLite write still finishes)."""
         takes = [*self._takes.values(), *self._abandoned.values()]
         self._abandoned.update(self._takes)
         self._takes.clear()
@@ -261,9 +260,8 @@ class PartitionManager:
         self._stop(exc)
 
     async def _take(self, number: int, this: asyncio.Task[None] | None) -> None:
-        """Become the owner of partition `number`, unless it is revoked meanwhile; a broker
-        that cannot be reached (it is restarting) is tried again with backoff before the one
-        failure rule applies."""
+        """Own partition `number`, unless it is revoked meanwhile; an unreachable broker (a
+        restart) is tried again with backoff before the one failure rule applies."""
         for attempt in range(1, TAKE_ATTEMPTS + 1):
             if self._takes.get(number) is not this:
                 return  # revoked meanwhile: nothing to serve (and no one to fence)

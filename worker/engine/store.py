@@ -391,8 +391,7 @@ class Store:
         return cls(db, str(path), lock)
 
     async def close(self) -> None:
-        """Write what is queued, then close the connections (and release the lock), once a
-        write in progress (a restore's) is done."""
+        """Write what is queued, then close (after a restore's write in progress)."""
         try:
             await self.flush()
         finally:
@@ -552,9 +551,8 @@ class Store:
         A run this file still shows RUNNING or QUEUED that the snapshot does not hold ended
         under another owner longer than the run retention ago (its row was tombstoned): how
         it ended is only in the status topic, so its row is deleted rather than left
-        unended for ever. Returns how many were.
-
-        `wanted`, called between chunks, raises `Abandoned` to stop: the write is rolled back.
+        unended for ever. Returns how many were. `wanted`, called between chunks, raises
+        `Abandoned` to stop: the write is rolled back.
         """
         async with self._lock, _writing(self._db, self._path):
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
