@@ -30,17 +30,12 @@ class RunRow:
     reason: str | None
 
 
-def started_row(event: StatusEvent, partition: int) -> RunRow:
-    """The row of a run as its `started` event creates it."""
-    assert event.started_at is not None
-    return _created(event, partition, RunStatus.RUNNING, event.started_at)
-
-
 def new_row(event: StatusEvent, partition: int) -> RunRow | None:
     """The whole row an event creates: a run started, or queued (QUEUED, its `started_at`
     when it was queued, until its `started` event replaces the row); None for any other."""
     if event.type is EventType.STARTED:
-        return started_row(event, partition)
+        assert event.started_at is not None
+        return _created(event, partition, RunStatus.RUNNING, event.started_at)
     if event.type is EventType.QUEUED and event.run_id is not None:
         return _created(event, partition, RunStatus.QUEUED, event.occurred_at)
     return None
