@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import ValidationError
 
-from schemas import RunStatus
-from worker.core.lifecycle import JobState, Run, dump_state
+from schemas import RunStatus, Source
+from worker.core.lifecycle import (
+    Finish,
+    JobConfig,
+    JobState,
+    Limits,
+    Run,
+    Start,
+    decide,
+    dump_state,
+)
 from worker.core.runs import RunRow
 from worker.engine import changelog
 
@@ -82,3 +91,108 @@ def test_records_no_worker_writes_are_skipped_not_a_failed_restore(
     changelog.apply_row(snapshot, key, value)
     assert [run.run_id for run in changelog.load_runs(snapshot)] == ["r1"]
     assert snapshot.foreign == 1
+
+
+def _lifecycles(count: int, limits: Limits) -> list[tuple[JobState, JobState]]:
+    """(before, after) of each decision of `count` start-and-complete lifecycles."""
+    state, steps = JobState("report"), []
+    for n in range(count):
+        at = AT + timedelta(seconds=n)
+        source = Source(topic="t.requests", partition=0, offset=n)
+        begin = Start(f"req-{n}", "report", None, {}, at, source)
+        after, events = decide(state, begin, JobConfig(), limits)
+        steps.append((state, after))
+        run_id = events[0].run_id or ""
+        result = Source(topic="t.results", partition=0, offset=n)
+        done = Finish("report", run_id, RunStatus.COMPLETED, {}, None, at, result)
+        steps.append((after, decide(after, done, JobConfig(), limits).state))
+        state = steps[-1][1]
+    return steps
+
+
+def _restored(rows: list[changelog.Row]) -> changelog.PartitionSnapshot:
+    snapshot = changelog.PartitionSnapshot()
+    for key, value in rows:
+        changelog.apply_row(snapshot, key, value)
+    return snapshot
+
+
+def test_window_entries_are_rows_of_their_own_and_a_restore_puts_them_back() -> None:
+    """Each decision writes a job row of constant size, a row per window entry taken and a
+    tombstone per entry that left; the rows, read in order, give back the state whole."""
+    limits = Limits(ended_window=3, idempotency_window=4)
+    rows: list[changelog.Row] = []
+    for before, after in _lifecycles(12, limits):
+        written = changelog.job_rows("report", before, after)
+        head = written[0][1] or b""
+        assert len(head) < 400  # no window inside, however many entries the windows hold
+        assert len(written) <= 3  # the job row, one entry, at most one tombstone
+        rows.extend(written)
+        (restored,) = _restored(rows).states()
+        assert restored == ("report", dump_state(after))
+    assert len(after.decided) == 4
+    assert after.decided_next == 12
+    assert len(after.ended) == 3
+    assert after.ended_next == 12
+    # Compaction keeps the latest row per key: the tombstoned entries are gone for good.
+    compacted = dict(rows)
+    live = [(key, value) for key, value in compacted.items() if value is not None]
+    assert len(live) == 1 + 4 + 3
+    assert _restored(live).states() == [("report", dump_state(after))]
+
+
+def test_a_state_an_earlier_version_wrote_gets_its_entries_written_once() -> None:
+    """A version 1 row carries its windows inside: the restore reads it as it is, and the
+    first change writes every entry as a row, numbered from there on."""
+    limits = Limits(ended_window=3, idempotency_window=4)
+    steps = _lifecycles(6, limits)
+    old = replace(steps[-1][1], decided_next=0, ended_next=0)  # as version 1 wrote it
+    rows: list[changelog.Row] = [changelog.job_row("report", dump_state(old))]
+    assert _restored(rows).states() == [("report", dump_state(old))]
+    numbered = changelog.numbered(old)
+    assert numbered is not None
+    assert (numbered.decided_next, numbered.ended_next) == (4, 3)
+    assert changelog.numbered(numbered) is None
+    at = AT + timedelta(minutes=5)
+    begin = Start("req-new", "report", None, {}, at, Source(topic="t", partition=0, offset=99))
+    after = decide(numbered, begin, JobConfig(), limits).state
+    rows.extend(changelog.job_rows("report", None, after))
+    assert len(rows) == 1 + 1 + 4 + 3  # the old row, the new job row, every entry
+    assert _restored(rows).states() == [("report", dump_state(after))]
+
+
+def test_a_missing_window_entry_fails_the_restore_naming_the_job_type() -> None:
+    """An entry the job row holds but the changelog lacks is damage, not an empty window."""
+    rows = [
+        row
+        for before, after in _lifecycles(3, Limits())
+        for row in changelog.job_rows("report", before, after)
+    ]
+    entry = next(key for key, value in rows if key.startswith(b"\x00wd\x001\x00"))
+    snapshot = _restored([(k, v) for k, v in rows if k != entry])
+    with pytest.raises(ValueError, match="lacks 1 of the 3 entries of job type 'report'"):
+        snapshot.states()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (b"\x00wd\x00x\x00report", b'{"row":"window","v":1,"entry":{}}'),
+        (b"\x00wq\x001\x00report", b'{"row":"window","v":1,"entry":{}}'),
+        (b"\x00wd\x001", b'{"row":"window","v":1,"entry":{}}'),
+        (b"\x00wd\x001\x00\xff\xfe", b'{"row":"window","v":1,"entry":{}}'),
+        (b"\x00wd\x009\x00report", os.urandom(200)),
+        (b"\x00wd\x009\x00report", b"[" * 5_000),
+        (b"\x00we\x009\x00report", b'"' + b"9" * 1_000_000 + b'"'),
+    ],
+)
+def test_hostile_rows_under_window_keys_are_skipped(key: bytes, value: bytes) -> None:
+    """A record under a window key that is no entry of ours is foreign: skipped, counted."""
+    rows = [
+        row
+        for before, after in _lifecycles(2, Limits())
+        for row in changelog.job_rows("report", before, after)
+    ]
+    snapshot = _restored([*rows, (key, value)])
+    assert snapshot.foreign == 1
+    assert snapshot.states() == _restored(rows).states()

@@ -178,6 +178,11 @@ class JobState:
     queue: tuple[Queued, ...] = ()  # FIFO over all scopes
     ended: tuple[EndedRun, ...] = ()  # oldest first, at most `Limits.ended_window`
     decided: tuple[Decided, ...] = ()  # oldest first, at most `Limits.idempotency_window`
+    # How many entries each window has taken in all: the number its next entry gets. The
+    # changelog keeps each entry as a row of its own under that number, so a state row
+    # stays small however full its windows are; not part of what a state decides.
+    ended_next: int = field(default=0, compare=False)
+    decided_next: int = field(default=0, compare=False)
 
     def next_deadline(self) -> datetime | None:
         """The earliest deadline of an active run, if any."""
@@ -498,7 +503,11 @@ def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limit
         # A replacing start first cancels the old run; its answer is the run it started.
         first = next(e for e in out.events if e.type in _START_ANSWERS)
     decided = (*state.decided, Decided(command.request_id, first.type, first.run_id))
-    return replace(state, decided=_tail(decided, limits.idempotency_window))
+    return replace(
+        state,
+        decided=_tail(decided, limits.idempotency_window),
+        decided_next=state.decided_next + 1,
+    )
 
 
 def _tail(items: tuple[Any, ...], size: int) -> tuple[Any, ...]:
@@ -602,8 +611,13 @@ def _end_run(
         reason=reason,
         started_at=run.started_at,
     )
-    ended = _tail((*state.ended, EndedRun(run.run_id, status, out.at)), limits.ended_window)
-    return replace(state, active=tuple(r for r in state.active if r is not run), ended=ended)
+    active = tuple(r for r in state.active if r is not run)
+    return _with_ended(replace(state, active=active), EndedRun(run.run_id, status, out.at), limits)
+
+
+def _with_ended(state: JobState, run: EndedRun, limits: Limits) -> JobState:
+    ended = _tail((*state.ended, run), limits.ended_window)
+    return replace(state, ended=ended, ended_next=state.ended_next + 1)
 
 
 def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobState:
@@ -871,8 +885,8 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
         run_id=run_id,
         reason=reason,
     )
-    ended = _tail((*state.ended, EndedRun(run_id, status, cmd.at)), limits.ended_window)
-    return replace(state, queue=tuple(q for q in state.queue if q is not waiting), ended=ended)
+    queue = tuple(q for q in state.queue if q is not waiting)
+    return _with_ended(replace(state, queue=queue), EndedRun(run_id, status, cmd.at), limits)
 
 
 def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out: _Out) -> JobState:

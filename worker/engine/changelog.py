@@ -2,7 +2,15 @@
 
 Rows (every row has a key: a keyless record on a compacted topic aborts the transaction):
 
-- key = job type, value ``{"row": "job", "state": <JobState>}``: the core state of a job type;
+- key = job type, value ``{"row": "job", "v": 2, "held": [<d>, <e>], "state": <JobState>}``:
+  the core state of a job type without its two windows, which hold `d` (idempotency) and
+  `e` (ended runs) entries. Version 1, ``{"row": "job", "state": <JobState>}``, carried the
+  windows inside, up to hundreds of kilobytes rewritten on every heartbeat; it is still read,
+  and its windows are written as rows the first time the job type changes;
+- key = ``\x00w<d|e>\x00<number>\x00<job type>``, value ``{"row": "window", "v": 1, "entry":
+  <Decided | EndedRun>}``: one entry of a job type's idempotency (`d`) or ended-runs (`e`)
+  window, numbered by `JobState.decided_next` / `ended_next`; a tombstone when it leaves
+  the window. A restore puts each window back from the entries its job row says it holds;
 - key = run ID, value ``{"row": "run", "v": 1, "run": <RunRow>}``: the run record, sent to
   the job type's partition explicitly. Its format is published (`schemas.RunRecord`): the
   client's running view reads these rows;
@@ -24,28 +32,126 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
 from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
-from worker.core.lifecycle import dump_state, load_state
+from worker.core.lifecycle import Decided, EndedRun, JobState, dump_state, load_state
 from worker.core.runs import RunRow
 from worker.kafkaio import read_until
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 
 
-_JOB = b'{"row":"job","state":'
+_JOB = b'{"row":"job","state":'  # version 1: the windows inside the state
+_HEAD = b'{"row":"job","v":2,'  # version 2: the windows in rows of their own
 _RUN = RUN_ROW_PREFIX
 SETTINGS_HEAD = b'{"row":"settings","settings":'
+_WINDOW_KEY = b"\x00w"
+_ENTRY = b'{"row":"window","v":1,"entry":'
+_WINDOWS: tuple[tuple[bytes, TypeAdapter[Any]], ...] = (
+    (b"d", TypeAdapter(Decided)),
+    (b"e", TypeAdapter(EndedRun)),
+)
+
+Row = tuple[bytes, bytes | None]  # (key, value); no value: a tombstone
+
+
+@dataclass(frozen=True)
+class _HeadRow:
+    row: Literal["job"]
+    v: Literal[2]
+    held: tuple[int, int]  # entries of the idempotency and ended-runs windows
+    state: JobState  # its windows empty
+
+
+_HEAD_ROW: TypeAdapter[_HeadRow] = TypeAdapter(_HeadRow)
 
 
 def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
-    """(key, value) of a job type's state row; `state` is `dump_state`'s JSON."""
+    """(key, value) of a version 1 job state row (windows inside); `state` is `dump_state`'s
+    JSON. Workers write `job_rows`; this is what earlier versions wrote."""
     return job_type.encode(), _JOB + state + b"}"
+
+
+def _windows(state: JobState) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return state.decided, state.ended
+
+
+def _next(state: JobState) -> tuple[int, int]:
+    return state.decided_next, state.ended_next
+
+
+def window_key(kind: bytes, number: int, job_type: str) -> bytes:
+    """The key of entry `number` of a job type's window `kind` (b"d" or b"e")."""
+    return b"%s%s\x00%d\x00%s" % (_WINDOW_KEY, kind, number, job_type.encode())
+
+
+def job_rows(job_type: str, before: JobState | None, after: JobState) -> list[Row]:
+    """The rows of a job type's state going from `before` to `after`: its job row, a row per
+    window entry taken since, a tombstone per entry that left.
+
+    `before` is None when `after`'s windows are not rows yet (a state an earlier version
+    wrote): every entry gets its row.
+    """
+    head = replace(after, decided=(), ended=())
+    held = b"%d,%d" % (len(after.decided), len(after.ended))
+    rows: list[Row] = [
+        (job_type.encode(), _HEAD + b'"held":[' + held + b'],"state":' + dump_state(head) + b"}")
+    ]
+    old = _windows(before) if before is not None else None
+    old_next = _next(before) if before is not None else None
+    for i, (kind, adapter) in enumerate(_WINDOWS):
+        entries, end = _windows(after)[i], _next(after)[i]
+        first = end - len(entries)  # the number of the oldest entry held
+        written = first
+        if old is not None and old_next is not None:
+            was_first = old_next[i] - len(old[i])
+            for number in range(was_first, min(first, old_next[i])):
+                rows.append((window_key(kind, number, job_type), None))
+            written = max(first, old_next[i])
+        for number in range(written, end):
+            entry = adapter.dump_json(entries[number - first])
+            rows.append((window_key(kind, number, job_type), _ENTRY + entry + b"}"))
+    return rows
+
+
+class StateRows:
+    """A partition's job states as changelog rows: which states' window entries are not
+    rows yet (an earlier version wrote them), and the rows of each change."""
+
+    def __init__(self) -> None:
+        self._unnumbered: set[str] = set()
+
+    def loaded(self, job_type: str, state: JobState) -> JobState:
+        """`state` as read from SQLite, its window entries numbered if they were not."""
+        renumbered = numbered(state)
+        if renumbered is None:
+            return state
+        self._unnumbered.add(job_type)
+        return renumbered
+
+    def of(self, job_type: str, before: JobState, after: JobState) -> list[Row]:
+        """The rows of `job_type` going from `before` to `after` (`job_rows`)."""
+        if job_type in self._unnumbered:
+            self._unnumbered.discard(job_type)
+            return job_rows(job_type, None, after)
+        return job_rows(job_type, before, after)
+
+
+def numbered(state: JobState) -> JobState | None:
+    """`state` with its window entries numbered, if an earlier version wrote it without
+    (its windows then still have to be written as rows: `job_rows(..., before=None)`)."""
+    if state.decided_next >= len(state.decided) and state.ended_next >= len(state.ended):
+        return None
+    return replace(
+        state,
+        decided_next=max(state.decided_next, len(state.decided)),
+        ended_next=max(state.ended_next, len(state.ended)),
+    )
 
 
 def run_row(row: RunRow) -> tuple[bytes, bytes]:
@@ -60,6 +166,8 @@ def split_row(value: bytes) -> tuple[str, bytes]:
     Rows as `job_row` and `run_row` write them are cut out of the value; any other spelling
     of the same JSON is parsed. Raises ValueError for anything else.
     """
+    if value.startswith(_HEAD):
+        return "head", value  # validated whole by `apply_row`
     for kind, head in (
         ("job", _JOB),
         ("run", _RUN),
@@ -76,6 +184,8 @@ def split_row(value: bytes) -> tuple[str, bytes]:
     body = {"job": "state", "run": "run", "settings": "settings", "view": "mark"}.get(row or "")
     if body is None or body not in data:
         raise ValueError(f"not a changelog row: {value[:100]!r}")
+    if row == "job" and data.get("v") == 2:
+        return "head", value
     if row == "job":
         return "job", dump_state(load_state(data["state"]))
     if row == "run":
@@ -103,11 +213,75 @@ class PartitionSnapshot:
     """A partition's state as the changelog holds it, rows kept serialized: with a long
     history nearly all of them are only copied into SQLite."""
 
-    jobs: dict[str, bytes] = field(default_factory=dict)  # job type -> `dump_state` JSON
+    jobs: dict[str, bytes] = field(default_factory=dict)  # job type -> version 1 state JSON
+    heads: dict[str, _HeadRow] = field(default_factory=dict)  # job type -> version 2 row
+    # (job type, window) -> entry number -> entry JSON
+    entries: dict[tuple[str, bytes], dict[int, bytes]] = field(default_factory=dict)
     runs: dict[str, bytes] = field(default_factory=dict)  # run ID -> run row JSON
     records: int = 0
     end: int = 0  # the end offset it was read up to
     foreign: int = 0  # records no worker writes (not a row of ours): skipped
+
+    @property
+    def job_types(self) -> int:
+        """How many job types have a state."""
+        return len(self.jobs) + len(self.heads)
+
+    def states(self) -> list[tuple[str, bytes]]:
+        """(job type, `dump_state` JSON) of every job type, windows put back in.
+
+        Raises ValueError naming the job type when an entry its row holds is missing.
+        """
+        states = list(self.jobs.items())
+        for job_type, head in self.heads.items():
+            windows = [
+                _window(job_type, kind, adapter, self.entries.get((job_type, kind), {}), end, held)
+                for (kind, adapter), end, held in zip(
+                    _WINDOWS, _next(head.state), head.held, strict=True
+                )
+            ]
+            whole = replace(head.state, decided=windows[0], ended=windows[1])
+            states.append((job_type, dump_state(whole)))
+        return states
+
+
+def _window(
+    job_type: str,
+    kind: bytes,
+    adapter: TypeAdapter[Any],
+    entries: dict[int, bytes],
+    end: int,
+    held: int,
+) -> tuple[Any, ...]:
+    """The `held` entries numbered up to `end`, oldest first."""
+    numbers = range(end - held, end)
+    missing = [n for n in numbers if n not in entries]
+    if missing:
+        name = {b"d": "idempotency", b"e": "ended-runs"}[kind]
+        raise ValueError(
+            f"the changelog lacks {len(missing)} of the {held} entries of job type "
+            f"{job_type!r}'s {name} window (first missing: number {missing[0]})"
+        )
+    return tuple(adapter.validate_json(entries[n]) for n in numbers)
+
+
+def _apply_entry(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> None:
+    """Fold a window entry row (or its tombstone) into `snapshot`; anything else under a
+    window key is foreign."""
+    try:
+        kind, number, name = key[len(_WINDOW_KEY) :].split(b"\x00", 2)
+        slot = (name.decode(), kind)
+        if kind not in (b"d", b"e") or not number.isdigit():
+            raise ValueError(kind)
+    except ValueError:
+        snapshot.foreign += 1
+        return
+    if value is None:
+        snapshot.entries.get(slot, {}).pop(int(number), None)
+    elif value.startswith(_ENTRY) and value.endswith(b"}"):
+        snapshot.entries.setdefault(slot, {})[int(number)] = value[len(_ENTRY) : -1]
+    else:
+        snapshot.foreign += 1
 
 
 _CLAIMS_JOB = b'"row":"job"'
@@ -124,6 +298,9 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
     snapshot.records += 1
     if key == VIEW_ROW_KEY:
         return  # for clients; its value, whatever it holds, is not state
+    if key.startswith(_WINDOW_KEY):
+        _apply_entry(snapshot, key, value)
+        return
     try:
         text = key.decode()
         if value is None:
@@ -135,9 +312,13 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
             raise  # a damaged job state: the restore fails rather than forget it
         snapshot.foreign += 1
         return
-    if kind == "job":
+    if kind == "head":
+        snapshot.heads[text] = _HEAD_ROW.validate_json(data)  # damaged: the restore fails
+        snapshot.jobs.pop(text, None)
+    elif kind == "job":
         load_state(data)
         snapshot.jobs[text] = data
+        snapshot.heads.pop(text, None)
     elif kind == "run":
         snapshot.runs[text] = data
 

@@ -73,8 +73,8 @@ def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcom
         out.add(record.topic, reroute.partition, reroute.key, record.value, headers)
     if outcome.settings_row is not None:
         out.add(topics.state, number, *outcome.settings_row)
-    for job_type, state in outcome.states.items():
-        out.add(topics.state, number, *changelog.job_row(job_type, state))
+    for row_key, row_value in outcome.state_rows:
+        out.add(topics.state, number, row_key, row_value)
     for row in outcome.runs.values():
         out.add(topics.state, number, *changelog.run_row(row))
     for run_id in outcome.tombstones:

@@ -164,12 +164,13 @@ class StateManager:
                 snapshot = await changelog.read_partition(
                     self._restorer, topic, number, wanted=wanted
                 )
+                states = snapshot.states()
                 # Shielded: a take cancelled at shutdown leaves the write to finish (or roll
                 # back), never a transaction open on the store's connection.
                 stale = await asyncio.shield(
                     self.store.replace_partition(
                         number,
-                        snapshot.jobs.items(),
+                        states,
                         changelog.load_runs(snapshot),
                         {**committed, topic: snapshot.end},
                         wanted=wanted,
@@ -182,7 +183,7 @@ class StateManager:
         log.info(
             "partition restored from changelog",
             partition=number,
-            job_types=len(snapshot.jobs),
+            job_types=snapshot.job_types,
             runs=len(snapshot.runs),
             records=snapshot.records,
             seconds=round(time.perf_counter() - started, 3),

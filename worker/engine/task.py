@@ -40,7 +40,7 @@ from worker.core.lifecycle import (
 )
 from worker.core.limits import InputLimits
 from worker.core.runs import RunRow, new_row, run_change
-from worker.engine import rulebook
+from worker.engine import changelog, rulebook
 from worker.engine.codec import (
     Bad,
     InputRecord,
@@ -103,7 +103,9 @@ class BatchOutcome:
     events: list[StatusEvent] = field(default_factory=list)
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     changed: dict[str, JobState] = field(default_factory=dict)
-    states: dict[str, bytes] = field(default_factory=dict)  # `changed`, serialized
+    before: dict[str, JobState] = field(default_factory=dict)  # of `changed`, as they were
+    states: dict[str, bytes] = field(default_factory=dict)  # `changed`, serialized (SQLite)
+    state_rows: list[changelog.Row] = field(default_factory=list)  # `changed`, changelog
     runs: dict[str, RunRow] = field(default_factory=dict)
     tombstones: list[str] = field(default_factory=list)
     reroutes: list[tuple[InputRecord, Reroute]] = field(default_factory=list)
@@ -220,7 +222,10 @@ class PartitionTask:
         self.rules = rules
         # Job types with an active or queued run, plus idle ones a batch has loaded
         # (serialized with `dump_state`) until `evict_idle`.
-        self.jobs: dict[str, JobState | bytes] = dict(jobs or {})
+        self.rows = changelog.StateRows()
+        self.jobs: dict[str, JobState | bytes] = {
+            job_type: self.rows.loaded(job_type, state) for job_type, state in (jobs or {}).items()
+        }
         self.runs = {r.run_id: r for r in runs}  # running and queued runs, by run ID
         self.retained = retained if retained is not None else Retained()
         self.applied = dict(applied or {})  # input topic -> next offset to apply
@@ -275,16 +280,12 @@ class PartitionTask:
     ) -> BatchOutcome:
         """Decide `records` (in decision order), then time out what is due.
 
-        A record waits (`held`) while the other input has unread records and has not yet
-        shown a record as late as it, for at most `Rules.hold`: the two inputs are decided
-        merged by broker time even when a fetch brings one input far ahead of the other.
-        `wait=False` decides `records` as given (one record at a time after a failure).
-
-        Time advances with the partition's stream time, held back while an input has
-        unread records (`lagging`: its roles) for at most `Rules.hold`, and, for an idle
-        partition's tick (`wall_clock`) with both inputs read, with the wall clock. A batch
-        that then fails to commit is thrown away with the whole task, so nothing here is
-        undone.
+        A record waits (`held`) while the other input has unread records (`lagging`) not
+        yet as late as it, for at most `Rules.hold`, so the inputs are merged by broker time
+        however a fetch brings them (`wait=False`: as given, after a failure). Time is the
+        stream time, held back likewise, or an idle partition's tick (`wall_clock`) once
+        both inputs are read. A batch that fails to commit is thrown away with the whole
+        task: nothing here is undone.
         """
         outcome = BatchOutcome()
         now = datetime.now(UTC)
@@ -444,6 +445,7 @@ class PartitionTask:
             outcome.settings_row = rulebook.settings_row(digest, document)
         for job_type, state in outcome.changed.items():
             outcome.states[job_type] = dump_state(state)
+            outcome.state_rows.extend(self.rows.of(job_type, outcome.before[job_type], state))
         self.known.update(outcome.states)
         if self.stream_time is not None:
             horizon = self.stream_time - self.rules.retention
@@ -456,7 +458,7 @@ class PartitionTask:
         if held is None:
             return JobState(job_type)
         if isinstance(held, bytes):
-            return load_state(held)
+            return self.rows.loaded(job_type, load_state(held))
         return held
 
     def _decide(self, command: Command, outcome: BatchOutcome) -> None:
@@ -467,6 +469,7 @@ class PartitionTask:
         if new_state is not state:
             self.jobs[job_type] = new_state
             outcome.changed[job_type] = new_state
+            outcome.before.setdefault(job_type, state)
             deadline = new_state.next_deadline()
             if deadline is not None:
                 self._push(job_type, deadline)
