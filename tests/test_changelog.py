@@ -16,12 +16,13 @@ from worker.core.lifecycle import (
     JobConfig,
     JobState,
     Limits,
+    Policy,
     Run,
     Start,
     decide,
     dump_state,
 )
-from worker.core.runs import RunRow
+from worker.core.runs import RunRow, new_row
 from worker.engine import changelog
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
@@ -196,3 +197,24 @@ def test_hostile_rows_under_window_keys_are_skipped(key: bytes, value: bytes) ->
     snapshot = _restored([*rows, (key, value)])
     assert snapshot.foreign == 1
     assert snapshot.states() == _restored(rows).states()
+
+
+def test_payloads_stay_in_the_run_rows_and_a_restore_puts_them_back() -> None:
+    """The job row leaves out the `initial_data` of each active and queued run whose run row
+    carries it, so a heartbeat does not rewrite them; a restore takes them from the rows."""
+    limits, config = Limits(), JobConfig(policy=Policy.QUEUE)
+    state, rows, payload = JobState("report"), {}, {"blob": "x" * 50_000}
+    for n in range(3):
+        source = Source(topic="t.requests", partition=0, offset=n)
+        begin = Start(f"req-{n}", "report", None, payload, AT, source)
+        state, events = decide(state, begin, config, limits)
+        rows[events[0].run_id or ""] = new_row(events[0], 0)
+    assert [len(state.active), len(state.queue)] == [1, 2]
+    written = changelog.job_rows("report", None, state, rows.__contains__)
+    assert len(written[0][1] or b"") < 2_000
+    snapshot = _restored([*written, *(changelog.run_row(r) for r in rows.values() if r)])
+    assert snapshot.states() == [("report", dump_state(state))]
+    # A run without a row (queued by an earlier version) keeps its payload in the job row.
+    inline = changelog.job_rows("report", None, state)
+    assert len(inline[0][1] or b"") > 150_000
+    assert _restored(inline).states() == [("report", dump_state(state))]

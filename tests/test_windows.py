@@ -1,5 +1,6 @@
-"""The idempotency and ended-runs windows in the changelog: an entry per row, not the
-windows rewritten whole in every job row, and a new owner that restores them exactly."""
+"""Job rows in the changelog stay small: the idempotency and ended-runs windows are an entry
+per row, and run payloads stay in the run rows, rather than all rewritten in every job row;
+a new owner restores them exactly."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas import EventType
 from tests.conftest import RunningWorker, create_topics
 from worker.client import JobClient, JobRejectedError
+from worker.client.watch import StatusTail
 from worker.kafkaio import connection, read_until
 from worker.settings import Settings
 
@@ -81,5 +83,47 @@ async def test_job_rows_stay_small_and_a_new_owner_restores_both_windows(
             assert original.started
             with pytest.raises(JobRejectedError, match="already ended COMPLETED"):
                 await client.fail_job("audit", str(done.run_id))
+    finally:
+        await second.stop()
+
+
+async def test_queued_payloads_stay_out_of_job_rows_and_survive_a_restore(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Three starts of 30 KB each (one running, two queued): no job row carries them, a
+    heartbeat's included; a worker with an empty SQLite file takes over and starts the
+    queued runs with their payloads, taken from their run rows."""
+    config = tmp_path / "jobs.toml"
+    config.write_text('[job_types.report]\npolicy = "queue"\ntimeout = 600\n')
+    settings = settings.model_copy(update={"config": config})
+    await create_topics(settings, 1)
+    payloads = [{"n": n, "blob": str(n) * 30_000} for n in range(3)]
+    first = await RunningWorker(settings).start()
+    try:
+        async with JobClient(settings) as client:
+            runs = [await client.start_job("report", initial_data=p) for p in payloads]
+            assert [r.type for r in runs] == [EventType.STARTED, *[EventType.QUEUED] * 2]
+            await client.report_progress("report", str(runs[0].run_id))  # a heartbeat
+            await client.start_job("audit")  # decided after it: it has been recorded
+    finally:
+        await first.stop()
+    rows = await _state_rows(settings)
+    job_rows = [value for key, value in rows if key == b"report" and value is not None]
+    assert len(job_rows) == 4  # three starts and the heartbeat
+    assert max(len(value) for value in job_rows) < 2_000
+
+    heir = settings.model_copy(update={"db_path": tmp_path / "heir.db"})
+    second = await RunningWorker(heir).start()
+    try:
+        async with (
+            JobClient(heir) as client,
+            StatusTail(heir.bootstrap_servers, heir.topics) as tail,
+        ):
+            await client.complete_job("report", str(runs[0].run_id))
+            started = await tail.wait_event(run_id=runs[1].run_id, type=EventType.STARTED)
+            assert started.initial_data == payloads[1]
+            await client.cancel_job("report", str(runs[1].run_id))
+            started = await tail.wait_event(run_id=runs[2].run_id, type=EventType.STARTED)
+            assert started.initial_data == payloads[2]
     finally:
         await second.stop()

@@ -31,7 +31,7 @@ transaction marker, so positions are compared, never a record awaited).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -90,14 +90,34 @@ def window_key(kind: bytes, number: int, job_type: str) -> bytes:
     return b"%s%s\x00%d\x00%s" % (_WINDOW_KEY, kind, number, job_type.encode())
 
 
-def job_rows(job_type: str, before: JobState | None, after: JobState) -> list[Row]:
+def _without_payloads(state: JobState, has_row: Callable[[str], bool]) -> JobState:
+    """`state` without its windows, nor the `initial_data` of each active or queued run
+    whose run row carries it (a restore takes it from there: `PartitionSnapshot.states`)."""
+    active = tuple(
+        replace(r, initial_data={}) if r.initial_data and has_row(r.run_id) else r
+        for r in state.active
+    )
+    queue = tuple(
+        replace(q, initial_data={}) if q.initial_data and has_row(q.run_id) else q
+        for q in state.queue
+    )
+    return replace(state, active=active, queue=queue, decided=(), ended=())
+
+
+def job_rows(
+    job_type: str,
+    before: JobState | None,
+    after: JobState,
+    has_row: Callable[[str], bool] = lambda run_id: False,
+) -> list[Row]:
     """The rows of a job type's state going from `before` to `after`: its job row, a row per
     window entry taken since, a tombstone per entry that left.
 
     `before` is None when `after`'s windows are not rows yet (a state an earlier version
-    wrote): every entry gets its row.
+    wrote): every entry gets its row. The job row leaves out the payload of each run for
+    which `has_row` says its run row is in the changelog.
     """
-    head = replace(after, decided=(), ended=())
+    head = _without_payloads(after, has_row)
     held = b"%d,%d" % (len(after.decided), len(after.ended))
     rows: list[Row] = [
         (job_type.encode(), _HEAD + b'"held":[' + held + b'],"state":' + dump_state(head) + b"}")
@@ -123,7 +143,8 @@ class StateRows:
     """A partition's job states as changelog rows: which states' window entries are not
     rows yet (an earlier version wrote them), and the rows of each change."""
 
-    def __init__(self) -> None:
+    def __init__(self, runs: Mapping[str, object]) -> None:
+        self._runs = runs  # the partition's running and queued runs: their rows are written
         self._unnumbered: set[str] = set()
 
     def loaded(self, job_type: str, state: JobState) -> JobState:
@@ -134,12 +155,12 @@ class StateRows:
         self._unnumbered.add(job_type)
         return renumbered
 
-    def of(self, job_type: str, before: JobState, after: JobState) -> list[Row]:
+    def of(self, job_type: str, before: JobState | None, after: JobState) -> list[Row]:
         """The rows of `job_type` going from `before` to `after` (`job_rows`)."""
         if job_type in self._unnumbered:
             self._unnumbered.discard(job_type)
-            return job_rows(job_type, None, after)
-        return job_rows(job_type, before, after)
+            before = None
+        return job_rows(job_type, before, after, self._runs.__contains__)
 
 
 def numbered(state: JobState) -> JobState | None:
@@ -240,9 +261,24 @@ class PartitionSnapshot:
                     _WINDOWS, _next(head.state), head.held, strict=True
                 )
             ]
-            whole = replace(head.state, decided=windows[0], ended=windows[1])
+            whole = replace(self._payloads(head.state), decided=windows[0], ended=windows[1])
             states.append((job_type, dump_state(whole)))
         return states
+
+    def _payloads(self, state: JobState) -> JobState:
+        """`state` with the payloads its job row left to the run rows put back."""
+
+        def payload(run_id: str, inline: Mapping[str, Any]) -> Mapping[str, Any]:
+            row = None if inline else self.runs.get(run_id)
+            return inline if row is None else load_run(row).initial_data
+
+        active = tuple(
+            replace(r, initial_data=payload(r.run_id, r.initial_data)) for r in state.active
+        )
+        queue = tuple(
+            replace(q, initial_data=payload(q.run_id, q.initial_data)) for q in state.queue
+        )
+        return replace(state, active=active, queue=queue)
 
 
 def _window(

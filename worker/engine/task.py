@@ -222,11 +222,11 @@ class PartitionTask:
         self.rules = rules
         # Job types with an active or queued run, plus idle ones a batch has loaded
         # (serialized with `dump_state`) until `evict_idle`.
-        self.rows = changelog.StateRows()
+        self.runs = {r.run_id: r for r in runs}  # running and queued runs, by run ID
+        self.rows = changelog.StateRows(self.runs)
         self.jobs: dict[str, JobState | bytes] = {
             job_type: self.rows.loaded(job_type, state) for job_type, state in (jobs or {}).items()
         }
-        self.runs = {r.run_id: r for r in runs}  # running and queued runs, by run ID
         self.retained = retained if retained is not None else Retained()
         self.applied = dict(applied or {})  # input topic -> next offset to apply
         self.known = known if known is not None else known_filter()
