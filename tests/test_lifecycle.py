@@ -643,7 +643,9 @@ def test_queue_policy_queues_a_start_with_a_run_id_of_its_own() -> None:
     assert event.source == cmd.source
     assert event.event_id == event_id(cmd.source, 0)
     assert decision.state.active == (run,)
-    assert decision.state.queue == (Queued(event.run_id, "r2", "c", {"k": 1}, "", later),)
+    assert decision.state.queue == (
+        Queued(event.run_id, "r2", "c", "", later, initial_data={"k": 1}),
+    )
     assert decision.state.decided[-1] == Decided("r2", EventType.QUEUED, event.run_id)
     assert running_info(decision.state, "c", QUEUE) == run
 

@@ -63,7 +63,7 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
     store = await Store.open(tmp_path / "jobs.db")
     try:
         active = Run("r-active", "busy", None, "req-a", RunStatus.RUNNING, AT)
-        queued = Queued("r-queued", "req-q", None, {}, "", AT)
+        queued = Queued("r-queued", "req-q", None, "", AT)
         early, late = (
             replace(run(r, RunStatus.COMPLETED), ended_at=AT + timedelta(seconds=s))
             for r, s in (("r-z", 1), ("r-a", 2))

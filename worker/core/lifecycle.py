@@ -145,10 +145,10 @@ class Queued:
     run_id: str
     request_id: str
     client_id: str | None
-    initial_data: Mapping[str, Any]
     scope: str
     queued_at: datetime
     size: int = 0  # counted against `Limits.run_bytes`
+    initial_data: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,7 +782,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             reason=f"waiting for run {active.run_id}",
         )
         waiting = Queued(
-            run_id, cmd.request_id, cmd.client_id, cmd.initial_data, scope, cmd.at, cmd.size
+            run_id, cmd.request_id, cmd.client_id, scope, cmd.at, cmd.size, cmd.initial_data
         )
         return replace(state, queue=(*state.queue, waiting))
     if config.policy is Policy.REPLACE:

@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
 from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
-from worker.core.lifecycle import Decided, EndedRun, JobState, dump_state, load_state
+from worker.core.lifecycle import Decided, EndedRun, JobState, Queued, Run, dump_state, load_state
 from worker.core.runs import RunRow
 from worker.kafkaio import read_until
 
@@ -77,31 +77,30 @@ def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
     return job_type.encode(), _JOB + state + b"}"
 
 
-def _windows(state: JobState) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    return state.decided, state.ended
-
-
-def _next(state: JobState) -> tuple[int, int]:
-    return state.decided_next, state.ended_next
-
-
 def window_key(kind: bytes, number: int, job_type: str) -> bytes:
     """The key of entry `number` of a job type's window `kind` (b"d" or b"e")."""
     return b"%s%s\x00%d\x00%s" % (_WINDOW_KEY, kind, number, job_type.encode())
 
 
-def _without_payloads(state: JobState, has_row: Callable[[str], bool]) -> JobState:
-    """`state` without its windows, nor the `initial_data` of each active or queued run
-    whose run row carries it (a restore takes it from there: `PartitionSnapshot.states`)."""
-    active = tuple(
-        replace(r, initial_data={}) if r.initial_data and has_row(r.run_id) else r
-        for r in state.active
+_STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
+_PAYLOAD = {"initial_data"}
+
+
+def _head(state: JobState, has_row: Callable[[str], bool]) -> bytes:
+    """`state`'s JSON without its windows, nor the `initial_data` of each active or queued
+    run whose run row carries it (a restore takes it from there: `PartitionSnapshot.states`).
+    """
+    leave_out: dict[str, Any] = {"decided": True, "ended": True}
+    groups: tuple[tuple[str, tuple[Run | Queued, ...]], ...] = (
+        ("active", state.active),
+        ("queue", state.queue),
     )
-    queue = tuple(
-        replace(q, initial_data={}) if q.initial_data and has_row(q.run_id) else q
-        for q in state.queue
-    )
-    return replace(state, active=active, queue=queue, decided=(), ended=())
+    for name, runs in groups:
+        if payloads := {
+            i: _PAYLOAD for i, r in enumerate(runs) if r.initial_data and has_row(r.run_id)
+        }:
+            leave_out[name] = payloads
+    return _STATE.dump_json(state, exclude=leave_out)
 
 
 def job_rows(
@@ -117,22 +116,25 @@ def job_rows(
     wrote): every entry gets its row. The job row leaves out the payload of each run for
     which `has_row` says its run row is in the changelog.
     """
-    head = _without_payloads(after, has_row)
     held = b"%d,%d" % (len(after.decided), len(after.ended))
-    rows: list[Row] = [
-        (job_type.encode(), _HEAD + b'"held":[' + held + b'],"state":' + dump_state(head) + b"}")
-    ]
-    old = _windows(before) if before is not None else None
-    old_next = _next(before) if before is not None else None
-    for i, (kind, adapter) in enumerate(_WINDOWS):
-        entries, end = _windows(after)[i], _next(after)[i]
+    head = _HEAD + b'"held":[' + held + b'],"state":' + _head(after, has_row) + b"}"
+    rows: list[Row] = [(job_type.encode(), head)]
+    windows = (
+        (after.decided, after.decided_next, before.decided if before is not None else None),
+        (after.ended, after.ended_next, before.ended if before is not None else None),
+    )
+    for (kind, adapter), (entries, end, old), old_end in zip(
+        _WINDOWS,
+        windows,
+        (before.decided_next, before.ended_next) if before is not None else (0, 0),
+        strict=True,
+    ):
         first = end - len(entries)  # the number of the oldest entry held
         written = first
-        if old is not None and old_next is not None:
-            was_first = old_next[i] - len(old[i])
-            for number in range(was_first, min(first, old_next[i])):
+        if old is not None:
+            for number in range(old_end - len(old), min(first, old_end)):
                 rows.append((window_key(kind, number, job_type), None))
-            written = max(first, old_next[i])
+            written = max(first, old_end)
         for number in range(written, end):
             entry = adapter.dump_json(entries[number - first])
             rows.append((window_key(kind, number, job_type), _ENTRY + entry + b"}"))
@@ -258,7 +260,10 @@ class PartitionSnapshot:
             windows = [
                 _window(job_type, kind, adapter, self.entries.get((job_type, kind), {}), end, held)
                 for (kind, adapter), end, held in zip(
-                    _WINDOWS, _next(head.state), head.held, strict=True
+                    _WINDOWS,
+                    (head.state.decided_next, head.state.ended_next),
+                    head.held,
+                    strict=True,
                 )
             ]
             whole = replace(self._payloads(head.state), decided=windows[0], ended=windows[1])
