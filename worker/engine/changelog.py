@@ -237,9 +237,8 @@ class PartitionSnapshot:
     history nearly all of them are only copied into SQLite."""
 
     jobs: dict[str, bytes] = field(default_factory=dict)  # job type -> version 1 state JSON
-    heads: dict[str, _HeadRow] = field(default_factory=dict)  # job type -> version 2 row
-    # (job type, window) -> entry number -> entry JSON
-    entries: dict[tuple[str, bytes], dict[int, bytes]] = field(default_factory=dict)
+    heads: dict[str, bytes] = field(default_factory=dict)  # job type -> version 2 row
+    entries: dict[bytes, bytes] = field(default_factory=dict)  # window key -> entry JSON
     runs: dict[str, bytes] = field(default_factory=dict)  # run ID -> run row JSON
     records: int = 0
     end: int = 0  # the end offset it was read up to
@@ -250,15 +249,18 @@ class PartitionSnapshot:
         """How many job types have a state."""
         return len(self.jobs) + len(self.heads)
 
-    def states(self) -> list[tuple[str, bytes]]:
-        """(job type, `dump_state` JSON) of every job type, windows put back in.
+    def states(self) -> Iterator[tuple[str, bytes]]:
+        """(job type, `dump_state` JSON) of every job type, windows and payloads put back in,
+        one at a time (a long history has as many job types as runs).
 
-        Raises ValueError naming the job type when an entry its row holds is missing.
+        Raises ValueError for a job row that does not validate, or naming the job type when
+        an entry its row holds is missing.
         """
-        states = list(self.jobs.items())
-        for job_type, head in self.heads.items():
+        yield from self.jobs.items()
+        for job_type, value in self.heads.items():
+            head = _HEAD_ROW.validate_json(value)
             windows = [
-                _window(job_type, kind, adapter, self.entries.get((job_type, kind), {}), end, held)
+                self._window(job_type, kind, adapter, end, held)
                 for (kind, adapter), end, held in zip(
                     _WINDOWS,
                     (head.state.decided_next, head.state.ended_next),
@@ -267,8 +269,22 @@ class PartitionSnapshot:
                 )
             ]
             whole = replace(self._payloads(head.state), decided=windows[0], ended=windows[1])
-            states.append((job_type, dump_state(whole)))
-        return states
+            yield job_type, dump_state(whole)
+
+    def _window(
+        self, job_type: str, kind: bytes, adapter: TypeAdapter[Any], end: int, held: int
+    ) -> tuple[Any, ...]:
+        """The `held` entries of `job_type`'s window `kind` numbered up to `end`, oldest
+        first."""
+        keys = [window_key(kind, n, job_type) for n in range(end - held, end)]
+        missing = [n for n, key in enumerate(keys, end - held) if key not in self.entries]
+        if missing:
+            name = {b"d": "idempotency", b"e": "ended-runs"}[kind]
+            raise ValueError(
+                f"the changelog lacks {len(missing)} of the {held} entries of job type "
+                f"{job_type!r}'s {name} window (first missing: number {missing[0]})"
+            )
+        return tuple(adapter.validate_json(self.entries[key]) for key in keys)
 
     def _payloads(self, state: JobState) -> JobState:
         """`state` with the payloads its job row left to the run rows put back."""
@@ -286,41 +302,21 @@ class PartitionSnapshot:
         return replace(state, active=active, queue=queue)
 
 
-def _window(
-    job_type: str,
-    kind: bytes,
-    adapter: TypeAdapter[Any],
-    entries: dict[int, bytes],
-    end: int,
-    held: int,
-) -> tuple[Any, ...]:
-    """The `held` entries numbered up to `end`, oldest first."""
-    numbers = range(end - held, end)
-    missing = [n for n in numbers if n not in entries]
-    if missing:
-        name = {b"d": "idempotency", b"e": "ended-runs"}[kind]
-        raise ValueError(
-            f"the changelog lacks {len(missing)} of the {held} entries of job type "
-            f"{job_type!r}'s {name} window (first missing: number {missing[0]})"
-        )
-    return tuple(adapter.validate_json(entries[n]) for n in numbers)
-
-
 def _apply_entry(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> None:
     """Fold a window entry row (or its tombstone) into `snapshot`; anything else under a
     window key is foreign."""
     try:
         kind, number, name = key[len(_WINDOW_KEY) :].split(b"\x00", 2)
-        slot = (name.decode(), kind)
+        name.decode()
         if kind not in (b"d", b"e") or not number.isdigit():
             raise ValueError(kind)
     except ValueError:
         snapshot.foreign += 1
         return
     if value is None:
-        snapshot.entries.get(slot, {}).pop(int(number), None)
+        snapshot.entries.pop(key, None)
     elif value.startswith(_ENTRY) and value.endswith(b"}"):
-        snapshot.entries.setdefault(slot, {})[int(number)] = value[len(_ENTRY) : -1]
+        snapshot.entries[key] = value[len(_ENTRY) : -1]
     else:
         snapshot.foreign += 1
 
@@ -354,7 +350,7 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
         snapshot.foreign += 1
         return
     if kind == "head":
-        snapshot.heads[text] = _HEAD_ROW.validate_json(data)  # damaged: the restore fails
+        snapshot.heads[text] = data  # validated by `states`: a damaged one fails the restore
         snapshot.jobs.pop(text, None)
     elif kind == "job":
         load_state(data)

@@ -164,13 +164,12 @@ class StateManager:
                 snapshot = await changelog.read_partition(
                     self._restorer, topic, number, wanted=wanted
                 )
-                states = snapshot.states()
                 # Shielded: a take cancelled at shutdown leaves the write to finish (or roll
                 # back), never a transaction open on the store's connection.
                 stale = await asyncio.shield(
                     self.store.replace_partition(
                         number,
-                        states,
+                        snapshot.states(),
                         changelog.load_runs(snapshot),
                         {**committed, topic: snapshot.end},
                         wanted=wanted,

@@ -552,7 +552,7 @@ class Store:
         under another owner longer than the run retention ago (its row was tombstoned): how
         it ended is only in the status topic, so its row is deleted rather than left
         unended for ever. Returns how many were. `wanted`, called between chunks, raises
-        `Abandoned` to stop: the write is rolled back.
+        `Abandoned` to stop; that and a state that does not validate roll the write back.
         """
         async with self._lock, _writing(self._db, self._path):
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
@@ -562,18 +562,18 @@ class Store:
                     if wanted is not None:
                         wanted()
                     await self._upsert_runs(chunk, retained=True)
-            except Abandoned:
+                cursor = await self._db.execute(
+                    "DELETE FROM runs WHERE partition = ? AND retained = 0 AND status IN (?, ?)",
+                    (partition, RunStatus.RUNNING, RunStatus.QUEUED),
+                )
+                stale = cursor.rowcount
+                for pairs in _chunks(states, _CHUNK):
+                    await self._db.executemany(
+                        _PUT_STATE, [(job_type, partition, state) for job_type, state in pairs]
+                    )
+            except (Abandoned, ValueError):  # stopped, or a damaged state: nothing written
                 await self._db.rollback()
                 raise
-            cursor = await self._db.execute(
-                "DELETE FROM runs WHERE partition = ? AND retained = 0 AND status IN (?, ?)",
-                (partition, RunStatus.RUNNING, RunStatus.QUEUED),
-            )
-            stale = cursor.rowcount
-            for pairs in _chunks(states, _CHUNK):
-                await self._db.executemany(
-                    _PUT_STATE, [(job_type, partition, state) for job_type, state in pairs]
-                )
             await self._db.execute("DELETE FROM applied_offsets WHERE partition = ?", (partition,))
             await self._put_offsets(partition, next_offsets)
             await self._db.commit()
