@@ -271,7 +271,7 @@ def run(
     configure_logs(s.log_level, s.log_format)
     gctuning.tune()
 
-    hooks = Hooks(on_tick=gctuning.collect_and_log)
+    hooks = Hooks(on_tick=gctuning.Collector())
     if (faults := from_environment()) is not None:  # the crash tests
         hooks = faults.hooks(hooks)
 

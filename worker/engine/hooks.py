@@ -1,7 +1,7 @@
 """What an embedder passes into the engine instead of the engine deciding it.
 
-`jobctl run` passes a full garbage collection per tick (`worker.gctuning`); tests pass fault
-points (`worker.devtools.faults`). A worker built with the default `Hooks()` does neither.
+`jobctl run` passes a garbage collection per tick (`worker.gctuning.Collector`); tests pass
+fault points (`worker.devtools.faults`). A worker built with the default `Hooks()` does neither.
 """
 
 from __future__ import annotations
