@@ -1,6 +1,6 @@
-"""Holes the property tests found in the core, tried on the real broker through a worker:
-what a client sees once the idempotency and ended windows have moved on, and what records
-stamped by a stepped broker clock do to a partition's time."""
+"""Holes found in the core, tried on the real broker through a worker: what a client sees
+once the idempotency and ended windows have moved on, what records stamped by a stepped
+broker clock do to a partition's time, and what a re-routed start copied by a crash is."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from schemas import EventType
+from schemas import EventType, StatusEvent
 from tests.conftest import RunningWorker, create_topics
 from worker.client import JobClient, JobRejectedError
 from worker.client.watch import StatusTail
+from worker.engine.codec import REROUTED_FROM, partition_for
 from worker.kafkaio import connection
 from worker.settings import Settings
 
@@ -203,4 +204,42 @@ async def test_reports_stamped_by_a_stepped_broker_clock_move_no_run_s_time(
             assert again.type is EventType.REFUSED
             assert again.running_run_id == long.run_id
     finally:
+        await worker.stop()
+
+
+async def test_a_re_routed_copy_left_by_a_crash_is_the_same_request(topics: Settings) -> None:
+    """At least once, a crash between re-routing a start and committing its offset re-routes
+    it again: two copies of one start sent without a `request_id` reach the job type's
+    partition. The second is a `duplicate` of the first's run, not a request of its own (it
+    used to take its own coordinates as its ID: refused, or under `queue` a second run)."""
+    guarantee = topics.model_copy(update={"processing_guarantee": "at_least_once"})
+    worker = await RunningWorker(guarantee).start()
+    producer = AIOKafkaProducer(**connection(topics))
+    await producer.start()
+    try:
+        async with StatusTail(topics.bootstrap_servers, topics.topics) as tail:
+            key = b"report"
+            wrong = 1 - partition_for(key, 2)
+            body = json.dumps({"kind": "start", "job_type": "report"}).encode()
+            sent = await producer.send_and_wait(
+                topics.topics.requests, body, key=key, partition=wrong
+            )
+            started = await tail.wait_event(type=EventType.STARTED, job_type="report")
+            # The copy the re-route after a crash writes: the same bytes and origin header.
+            origin = f"{topics.topics.requests}:{sent.partition}:{sent.offset}".encode()
+            await producer.send_and_wait(
+                topics.topics.requests,
+                body,
+                key=key,
+                partition=partition_for(key, 2),
+                headers=[(REROUTED_FROM, origin)],
+            )
+            copy = await tail.wait_for(
+                lambda e: isinstance(e, StatusEvent) and e.event_id != started.event_id
+            )
+            assert isinstance(copy, StatusEvent)
+            assert (copy.type, copy.run_id) == (EventType.DUPLICATE, started.run_id)
+            assert copy.request_id == started.request_id == f"auto-{wrong}.{sent.offset}"
+    finally:
+        await producer.stop()
         await worker.stop()
