@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import math
 
 import pytest
 from rich.console import Console
 
-from worker.devtools.bench import BenchOptions, run_bench
+from worker.devtools.bench import BenchOptions, growth_table, run_bench
 
 pytestmark = pytest.mark.kafka
 
@@ -69,6 +70,21 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     for figure in (report.status_marked_s, report.status_whole_s):  # rounds + 2 runs each
         assert len(figure.samples) == 3
         assert 0 < figure.low <= figure.median <= figure.high
+
+    # The growth table: its quick sizes, each measured; costs and exponents are numbers.
+    assert [row.job_types for row in report.growth] == [100, 300]
+    for row in report.growth:
+        assert row.transitions_per_s > 0
+        assert 0 < row.cpu_us_per_transition < 1_000_000
+        assert row.retained_runs == row.job_types + 300  # the history and the measured runs
+        for seconds in (row.restore_s, row.restart_s, row.status_marked_s, row.status_whole_s):
+            assert seconds > 0
+        assert min(row.making_peak_rss_mb, row.restore_peak_rss_mb, row.restart_peak_rss_mb) > 0
+        assert row.replay_records_per_s > 0
+    exponents = json.loads(json.dumps(report.to_json()))["growth_exponents"]
+    assert all(math.isfinite(k) for k in exponents.values())
+    Console(file=out, width=160).print(growth_table(report.growth))
+    assert "300 job types" in out.getvalue()
 
     # The report serializes and renders.
     assert json.loads(json.dumps(report.to_json()))["restored_runs"] == 300

@@ -246,3 +246,17 @@ def test_version_and_shell_completion_are_offered() -> None:
         [*JOBCTL, "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert "--install-completion" in helped.stdout
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    ["abc", "-5", "1,,2", "0", "1000,x", "\udcff\udcfe", "9" * 5000, "1" + "0" * 9, "1e6", "[[[["],
+)
+def test_bench_refuses_growth_sizes_it_cannot_run(sizes: str) -> None:
+    """`--growth` takes counts from 1 to 10,000,000: anything else is one line naming the
+    option, before a broker is started."""
+    result = runner.invoke(app, ["bench", "--growth", sizes])
+    assert result.exit_code == 1
+    assert "--growth takes counts from 1 to 10,000,000" in result.output
+    assert "starting a local Kafka broker" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

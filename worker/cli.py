@@ -890,6 +890,11 @@ def bench(
         min=0.5,
         help="Seconds of latency measured after a new or restarted worker takes its partitions.",
     ),
+    growth: str = typer.Option(
+        "1000,10000,100000,1000000",
+        "--growth",
+        help="Job-type counts of the growth table, comma-separated; 'none' to skip it.",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     soak: float = typer.Option(
@@ -905,7 +910,7 @@ def bench(
 
     Example: jobctl bench --lifecycles 20000 --rounds 3 --json bench.json
     """
-    from worker.devtools.bench import BenchError, BenchOptions, run_bench
+    from worker.devtools.bench import BenchError, BenchOptions, growth_table, run_bench
 
     configure_logs("error", "console", library_level="critical")
     options = BenchOptions(
@@ -922,6 +927,7 @@ def bench(
         history_in_flight=history_in_flight,
         client_calls=client_calls,
         joined_seconds=joined_seconds,
+        growth_job_types=_growth_sizes(growth),
         quick=quick,
     )
     if soak is not None:
@@ -932,9 +938,30 @@ def bench(
     except (localkafka.LocalKafkaError, BenchError) as exc:
         raise _fail(str(exc)) from None
     console.print(report.table())
+    if report.growth:
+        console.print(growth_table(report.growth))
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         console.print(f"wrote {json_path}")
+
+
+def _growth_sizes(text: str) -> tuple[int, ...]:
+    """`--growth`: positive counts, comma-separated, or 'none'."""
+    if text.strip().lower() in {"", "none"}:
+        return ()
+    try:
+        sizes = tuple(int(part.replace("_", "")) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1 or max(sizes) > _GROWTH_MAX:
+        raise _fail(
+            f"--growth takes counts from 1 to {_GROWTH_MAX:,}, comma-separated (or 'none'), "
+            f"not {text[:80]!r}"
+        )
+    return sizes
+
+
+_GROWTH_MAX = 10_000_000  # a history of this many lifecycles takes about an hour here
 
 
 @app.command()

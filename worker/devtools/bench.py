@@ -59,6 +59,16 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    a worker running on it that writes view marks every `_STATUS_REFRESH_S` and once that
    history is older than the client's window: reading from the last mark, and reading the
    state topic whole (`JOBS_VIEW_REFRESH_S=0`), runs interleaved.
+10. How cost grows with the work (`growth_job_types`, one row per size D, each on fresh
+    topics): a worker decides a history of D lifecycles, each of a job type of its own, at
+    most `history_in_flight` outstanding; then, measured like item 1, `lifecycles` more on
+    job types of that history, drawn in a shuffled order and sent in waves of distinct job
+    types (each wave once the one before has completed, so no start is refused), so that
+    most are idle job types the worker must load. Then, as in items 5, 6 and 9: a worker
+    restarted on its SQLite file and one restoring every partition from the changelog
+    (spawn → partitions taken, peak RSS), `jobctl status` from the view mark and whole, and
+    `jobctl replay` of the status topic, once each. The table gives, per measure, the
+    exponent k of cost ∝ size^k between the smallest and the largest size.
 
 The bench sets the worker's configuration itself; other `JOBS_*` variables inherited from the
 shell are dropped so that they cannot skew the figures.
@@ -69,8 +79,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
+import random
 import signal
 import statistics
 import sys
@@ -79,7 +91,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -128,6 +140,7 @@ class BenchOptions:
     history_runs: int = 100_000
     history_in_flight: int = 1_000
     client_calls: int = 100
+    growth_job_types: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
     quick: bool = False
 
     def sized(self) -> BenchOptions:
@@ -143,6 +156,7 @@ class BenchOptions:
             "client_calls": self.client_calls,
         }
         bad = [f"{k}={v}" for k, v in counts.items() if v < 1]
+        bad.extend(f"growth_job_types={n}" for n in self.growth_job_types if n < 1)
         if (
             self.latency_rate <= 0
             or self.latency_seconds <= 0
@@ -169,6 +183,7 @@ class BenchOptions:
             history_runs=min(self.history_runs, 300),
             history_in_flight=min(self.history_in_flight, 100),
             client_calls=min(self.client_calls, 20),
+            growth_job_types=(100, 300) if self.growth_job_types else (),
         )
 
 
@@ -196,6 +211,72 @@ class Figure:
             "max": self.high,
             "samples": list(self.samples),
         }
+
+
+@dataclass(frozen=True)
+class GrowthRow:
+    """What a worker costs once it has decided a history of `job_types` lifecycles, each of
+    a job type of its own (module docstring, item 10)."""
+
+    job_types: int
+    transitions_per_s: float  # the measured waves, on job types of the history
+    cpu_us_per_transition: float
+    making_peak_rss_mb: float  # the worker that made the history and ran the waves
+    retained_runs: int  # ended runs the changelog holds (the restores' `runs`, summed)
+    restore_s: float  # spawn → every partition taken, with an empty SQLite file
+    restore_peak_rss_mb: float
+    restart_s: float  # spawn → every partition taken, on its own SQLite file
+    restart_peak_rss_mb: float
+    status_marked_s: float  # `jobctl status`, from the last view mark
+    status_whole_s: float  # the same, reading the state topic whole
+    replay_records_per_s: float
+
+
+# The growth table's measures: (attribute, label, unit, format, rate): a rate's cost is its
+# inverse, so its exponent is negated.
+_GROWTH_MEASURES = (
+    ("transitions_per_s", "worker exactly_once", "transitions/s", ",.0f", True),
+    ("cpu_us_per_transition", "worker CPU", "µs/transition", ",.0f", False),
+    ("making_peak_rss_mb", "peak RSS, making the history", "MB", ",.1f", False),
+    ("retained_runs", "ended runs retained", "runs", ",.0f", False),
+    ("restore_s", "restore: spawn → partitions taken", "s", ",.2f", False),
+    ("restore_peak_rss_mb", "peak RSS, restoring", "MB", ",.1f", False),
+    ("restart_s", "restart on its file: spawn → taken", "s", ",.2f", False),
+    ("restart_peak_rss_mb", "peak RSS, restarted", "MB", ",.1f", False),
+    ("status_marked_s", "jobctl status, from the view mark", "s", ",.2f", False),
+    ("status_whole_s", "jobctl status, state topic whole", "s", ",.2f", False),
+    ("replay_records_per_s", "jobctl replay", "records/s", ",.0f", True),
+)
+
+
+def growth_exponent(rows: Sequence[GrowthRow], attribute: str, rate: bool = False) -> float:
+    """k in cost ∝ job_types^k between the smallest and the largest size (0: flat, 1:
+    linear; a logarithmic growth shows as a small k that shrinks as the sizes grow). A
+    rate's cost is its inverse."""
+    first, last = rows[0], rows[-1]
+    ratio = float(getattr(last, attribute)) / float(getattr(first, attribute))
+    k = math.log(ratio) / math.log(last.job_types / first.job_types)
+    return -k if rate else k
+
+
+def growth_table(rows: Sequence[GrowthRow]) -> Table:
+    """The growth rows as a rich table: a column per size, and the exponent."""
+    table = Table(
+        "measure",
+        *(f"{row.job_types:,} job types" for row in rows),
+        "k",
+        "unit",
+        title="how cost grows with the work (cost ∝ job types^k)",
+    )
+    for attribute, label, unit, fmt, rate in _GROWTH_MEASURES:
+        k = growth_exponent(rows, attribute, rate) if len(rows) > 1 else math.nan
+        table.add_row(
+            label,
+            *(format(getattr(row, attribute), fmt) for row in rows),
+            f"{k:.2f}",
+            unit,
+        )
+    return table
 
 
 @dataclass
@@ -249,6 +330,7 @@ class BenchReport:
     client_running_info_ms: Figure  # p50 of `get_running_job_info`
     status_marked_s: Figure  # `jobctl status` over the history, from the last view mark
     status_whole_s: Figure  # the same, reading the state topic whole
+    growth: tuple[GrowthRow, ...] = ()  # module docstring, item 10
     environment: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -257,6 +339,12 @@ class BenchReport:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             out[name] = value.to_json() if isinstance(value, Figure) else value
+        out["growth"] = [asdict(row) for row in self.growth]
+        if len(self.growth) > 1:
+            out["growth_exponents"] = {
+                attribute: growth_exponent(self.growth, attribute, rate)
+                for attribute, _, _, _, rate in _GROWTH_MEASURES
+            }
         return out
 
     def table(self) -> Table:
@@ -644,6 +732,11 @@ class _Tail:
             ) from None
         self._check(worker)
 
+    def measure_from_here(self) -> None:
+        """Time and probe from the next batch on, leaving out what was read so far."""
+        self.first_probe = None
+        self.first_seen = None
+
     def probed(self) -> tuple[float, int]:
         """How much the probe grew and how many records were seen between its first sample
         (after the first batch) and its last."""
@@ -812,23 +905,7 @@ async def _run_lifecycles(
         try:
             await worker.start()
             if in_flight is not None:
-
-                def completed_more_than(n: int) -> Callable[[], bool]:
-                    return lambda: tail.types["completed"] > n
-
-                sent = 0
-                while sent < count:
-                    completed = tail.types["completed"]
-                    more = min(count, completed + in_flight) - sent
-                    await _send_starts(producer, topics, starts[sent : sent + more])
-                    sent += more
-                    if sent < count:
-                        await tail.until(
-                            completed_more_than(completed),
-                            "a run to complete",
-                            _timeout_for(in_flight),
-                            worker,
-                        )
+                await _keep_in_flight(tail, producer, topics, worker, starts, in_flight)
             await tail.until(
                 lambda: tail.types["completed"] >= count,
                 f"{count} completed runs",
@@ -845,6 +922,60 @@ async def _run_lifecycles(
     if tail.types != expected:
         raise BenchError(f"unexpected events: {dict(tail.types)}; expected {dict(expected)}")
     return tail
+
+
+def _completed(tail: _Tail, count: int) -> Callable[[], bool]:
+    """Whether `tail` has seen `count` completed runs."""
+    return lambda: tail.types["completed"] >= count
+
+
+async def _keep_in_flight(
+    tail: _Tail,
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    worker: _Worker,
+    starts: Sequence[tuple[str, str]],
+    in_flight: int,
+) -> None:
+    """Send `starts` as runs complete, at most `in_flight` outstanding, as an executor pool
+    would; return once the last is sent."""
+    base = tail.types["completed"]
+    sent = 0
+    while sent < len(starts):
+        completed = tail.types["completed"] - base
+        more = min(len(starts), completed + in_flight) - sent
+        await _send_starts(producer, topics, starts[sent : sent + more])
+        sent += more
+        if sent < len(starts):
+            await tail.until(
+                _completed(tail, base + completed + 1),
+                "a run to complete",
+                _timeout_for(in_flight),
+                worker,
+            )
+
+
+async def _in_waves(
+    tail: _Tail,
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    worker: _Worker,
+    starts: Sequence[tuple[str, str]],
+    wave: int,
+) -> None:
+    """Send `starts` `wave` at a time, each wave once every run of the one before has
+    completed: a job type of distinct job types within a wave is never started while its
+    run of the wave before still runs."""
+    base = tail.types["completed"]
+    for at in range(0, len(starts), wave):
+        chunk = starts[at : at + wave]
+        await _send_starts(producer, topics, chunk)
+        await tail.until(
+            _completed(tail, base + at + len(chunk)),
+            f"wave {at // wave + 1} to complete",
+            _timeout_for(2 * len(chunk)),
+            worker,
+        )
 
 
 # -- the measurements ------------------------------------------------------------------------
@@ -1305,9 +1436,12 @@ async def _client_rounds(bench: _Bench) -> tuple[Figure, Figure, Figure]:
 _STATUS_REFRESH_S = 2.0  # the view marks' period while `jobctl status` is timed
 
 
-async def _status(bench: _Bench, topics: Topics, db: str) -> tuple[Figure, Figure]:
+async def _status(
+    bench: _Bench, topics: Topics, db: str, repeats: int | None = None
+) -> tuple[Figure, Figure]:
     """Seconds of a `jobctl status` process over `topics`' history: from the last view mark,
-    and reading the state topic whole; `rounds` + 2 runs of each, interleaved."""
+    and reading the state topic whole; `repeats` (`rounds` + 2) runs of each, interleaved."""
+    repeats = repeats or bench.options.rounds + 2
     refresh = str(_STATUS_REFRESH_S)
     worker = bench.worker(topics, "exactly_once", log_level="info", db=db, view_refresh_s=refresh)
     env = {**worker.env, "JOBS_LOG_LEVEL": "warning"}
@@ -1319,7 +1453,7 @@ async def _status(bench: _Bench, topics: Topics, db: str) -> tuple[Figure, Figur
         await worker.wait_log("partitions assigned", _timeout_for(bench.options.history_runs))
         # Let the history age past the client's window: the worker marks it meanwhile.
         await asyncio.sleep(window.total_seconds())
-        for r in range(bench.options.rounds + 2):
+        for r in range(repeats):
             for setting, seconds in timings.items():
                 began = time.perf_counter()
                 done = await asyncio.create_subprocess_exec(
@@ -1337,7 +1471,7 @@ async def _status(bench: _Bench, topics: Topics, db: str) -> tuple[Figure, Figur
                     raise BenchError(f"jobctl status failed: {err.decode(errors='replace')}")
                 seconds.append(time.perf_counter() - began)
             bench.say(
-                f"  jobctl status {r + 1}/{bench.options.rounds + 2}: from the view mark "
+                f"  jobctl status {r + 1}/{repeats}: from the view mark "
                 f"{timings[refresh][-1]:.2f} s, whole {timings['0'][-1]:.2f} s"
             )
         await worker.stop()
@@ -1388,31 +1522,109 @@ async def _peak_rss(bench: _Bench) -> tuple[float, float, float, Topics, str]:
         in_flight=o.history_in_flight,
     )
     for db in (worker.env["JOBS_DB_PATH"], None):
-        taker = bench.worker(topics, "exactly_once", log_level="info", db=db)
-        try:
-            await taker.start()
-            await taker.wait_log("partitions assigned", _timeout_for(o.history_runs))
-            peak.append(taker.peak_rss_mb())
-            await taker.stop()
-        finally:
-            await taker.close()
+        _, rss, _ = await _take(bench, topics, db, o.history_runs)
+        peak.append(rss)
     return peak[0], peak[1], peak[2], topics, worker.env["JOBS_DB_PATH"]
 
 
-async def _replay(bench: _Bench, topics: Topics) -> tuple[Figure, int]:
-    """Status events per second that `jobctl replay` applies into a fresh SQLite file, and
-    the processes it replayed in."""
+async def _take(
+    bench: _Bench, topics: Topics, db: str | None, runs: int
+) -> tuple[float, float, int]:
+    """A worker on `db` (None: an empty file, so it restores every partition from the
+    changelog): seconds from spawn to every partition taken, its peak RSS then, and the runs
+    its restores loaded."""
+    taker = bench.worker(topics, "exactly_once", log_level="info", db=db)
+    try:
+        await taker.start()
+        await taker.wait_log("partitions assigned", _timeout_for(runs))
+        seconds = time.perf_counter() - taker.spawned_at
+        rss = taker.peak_rss_mb()
+        await taker.stop()
+    finally:
+        await taker.close()
+    restored = sum(int(e["runs"]) for e in taker.events if e.get("event") == _RESTORED)
+    return seconds, rss, restored
+
+
+async def _growth_row(bench: _Bench, job_types: int) -> GrowthRow:
+    """One row of the growth table (module docstring, item 10)."""
+    o = bench.options
+    topics = await bench.topics(f"growth{job_types}", o.partitions)
+    prefix = topics.requests.removesuffix(".requests")
+    history = [(f"bench-{i}", f"{prefix}-{i}") for i in range(job_types)]
+    order = random.Random(job_types).sample(range(job_types), job_types)
+    measured = [(f"bench-{order[i % job_types]}", f"{prefix}-m{i}") for i in range(o.lifecycles)]
+    worker = bench.worker(topics, "exactly_once")
+    bench.say(f"growth, {job_types:,} job types: the history, then {o.lifecycles:,} measured")
+    async with _producer(bench.kafka, linger_ms=5) as producer:
+        tail = _Tail(
+            bench.kafka,
+            topics.status,
+            executor=(producer, topics.results),
+            probe=lambda: cpu_seconds(worker.pid),
+        )
+        await tail.start()
+        try:
+            await worker.start()
+            await _keep_in_flight(tail, producer, topics, worker, history, o.history_in_flight)
+            await tail.until(
+                _completed(tail, job_types), "the history", _timeout_for(2 * job_types), worker
+            )
+            tail.measure_from_here()
+            wave = min(job_types, o.history_in_flight)
+            await _in_waves(tail, producer, topics, worker, measured, wave)
+            making_rss = worker.peak_rss_mb()
+            await worker.stop()
+        finally:
+            await worker.close()
+            await tail.stop()
+    expected = Counter({"started": job_types + o.lifecycles})
+    expected["completed"] = expected["started"]
+    if tail.types != expected:
+        raise BenchError(f"unexpected events: {dict(tail.types)}; expected {dict(expected)}")
+    cpu, transitions = tail.probed()
+    db = worker.env["JOBS_DB_PATH"]
+    restart_s, restart_rss, _ = await _take(bench, topics, db, job_types)
+    restore_s, restore_rss, retained = await _take(bench, topics, None, job_types)
+    marked, whole = await _status(bench, topics, db, repeats=1)
+    replayed, _ = await _replay(bench, topics, rounds=1)
+    row = GrowthRow(
+        job_types=job_types,
+        transitions_per_s=transitions / tail.elapsed,
+        cpu_us_per_transition=cpu / transitions * 1e6,
+        making_peak_rss_mb=making_rss,
+        retained_runs=retained,
+        restore_s=restore_s,
+        restore_peak_rss_mb=restore_rss,
+        restart_s=restart_s,
+        restart_peak_rss_mb=restart_rss,
+        status_marked_s=marked.median,
+        status_whole_s=whole.median,
+        replay_records_per_s=replayed.median,
+    )
+    bench.say(
+        f"  {job_types:,} job types: {row.transitions_per_s:,.0f} transitions/s, "
+        f"{row.cpu_us_per_transition:,.0f} µs CPU each; restore of {retained:,} runs "
+        f"{restore_s:.2f} s, {restore_rss:,.1f} MB"
+    )
+    return row
+
+
+async def _replay(bench: _Bench, topics: Topics, rounds: int | None = None) -> tuple[Figure, int]:
+    """Status events per second that `jobctl replay` applies into a fresh SQLite file
+    (`rounds` times), and the processes it replayed in."""
     prefix = topics.status.rsplit(".", 1)[0]
     settings = bench.settings.model_copy(update={"topic_prefix": prefix})
     rates = []
     processes = 1
-    for r in range(bench.options.rounds):
+    rounds = rounds or bench.options.rounds
+    for r in range(rounds):
         path = bench.tmp / f"replay-{r}.db"
         report = await replay(settings, path, from_offset=0)
         rates.append(report.rate)
         processes = report.processes
         bench.say(
-            f"  replay {r + 1}/{bench.options.rounds}: {report.events:,} events "
+            f"  replay {r + 1}/{rounds}: {report.events:,} events "
             f"in {report.seconds:.2f} s ({report.rate:,.0f}/s, {processes} processes)"
         )
     return Figure.of(rates), processes
@@ -1594,6 +1806,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     latency = await _latency_rounds(bench)
     joined = await _joined_rounds(bench)
     client_start, client_running, client_info = await _client_rounds(bench)
+    growth = tuple([await _growth_row(bench, n) for n in sorted(set(o.growth_job_types))])
     environment["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return BenchReport(
         lifecycles=o.lifecycles,
@@ -1619,5 +1832,6 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
         client_running_info_ms=client_info,
         status_marked_s=status_marked,
         status_whole_s=status_whole,
+        growth=growth,
         environment=environment,
     )
