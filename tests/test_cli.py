@@ -260,3 +260,11 @@ def test_bench_refuses_growth_sizes_it_cannot_run(sizes: str) -> None:
     assert "--growth takes counts from 1 to 10,000,000" in result.output
     assert "starting a local Kafka broker" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bench_growth_only_needs_sizes() -> None:
+    """`--growth-only` with `--growth none` has nothing to measure: one line, no broker."""
+    result = runner.invoke(app, ["bench", "--growth-only", "--growth", "none"])
+    assert result.exit_code == 1
+    assert "--growth-only needs sizes" in result.output
+    assert "starting a local Kafka broker" not in result.output

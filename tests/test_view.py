@@ -233,3 +233,43 @@ async def test_hostile_rows_never_stop_the_view(topics: Settings) -> None:
         seen, read = await _seen(topics, window)
         assert seen == {"valid"}
         assert read == 2 * len(HOSTILE) + 1
+
+
+LONG_HISTORY = 200_000  # rows that take the view longer to read than its stall timeout
+
+
+async def test_a_long_read_that_moves_is_waited_for_and_a_stuck_one_is_not(
+    topics: Settings,
+) -> None:
+    """`sync` gives up only when the read stops moving: a state topic longer to read than
+    its timeout is read to the end (it used to raise TimeoutError at the timeout, so
+    `jobctl status` over a million runs failed), while a reader that cannot move gives up
+    after the timeout."""
+    producer = AIOKafkaProducer(linger_ms=50, **connection(topics))
+    await producer.start()
+    try:
+        row = b'{"row":"job","v":2,"held":[0,0],"state":{}}'
+        for n in range(LONG_HISTORY):
+            await producer.send(topics.topics.state, row, key=f"job-{n % 5_000}".encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    view = RunningView(topics.topics.state, connection(topics))
+    await view.open()
+    try:
+        began = asyncio.get_running_loop().time()
+        await view.sync(0.5)
+        assert view.records_read == LONG_HISTORY
+        assert asyncio.get_running_loop().time() - began > 0.5  # longer than the timeout
+    finally:
+        await view.close()
+
+    stuck = RunningView(topics.topics.state, connection(topics))
+    await stuck.open()
+    try:
+        stuck._reader.pause(*stuck._reader.assignment())  # a read that cannot move
+        with pytest.raises(TimeoutError):
+            await stuck.sync(0.5)
+    finally:
+        await stuck.close()

@@ -895,6 +895,9 @@ def bench(
         "--growth",
         help="Job-type counts of the growth table, comma-separated; 'none' to skip it.",
     ),
+    growth_only: bool = typer.Option(
+        False, "--growth-only", help="Measure the growth table alone (its sizes: --growth)."
+    ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     soak: float = typer.Option(
@@ -932,6 +935,9 @@ def bench(
     )
     if soak is not None:
         _soak(options, soak, soak_rate, soak_interval, soak_retention)
+        return
+    if growth_only:
+        _growth(options, json_path)
         return
     try:
         report = _run(run_bench(options, console))
@@ -1035,6 +1041,21 @@ def _apply_acls(s: Settings, wanted: list[Any]) -> None:
             future.result()
     except KafkaException as exc:
         raise _fail(f"could not create the ACLs: {exc.args[0].str()}") from None
+
+
+def _growth(options: Any, json_path: Path | None) -> None:
+    from worker.devtools.bench import BenchError, growth_json, growth_rows, growth_table, with_bench
+
+    if not options.growth_job_types:
+        raise _fail("--growth-only needs sizes: --growth 1000,100000")
+    try:
+        rows = _run(with_bench(options, console, growth_rows))
+    except (localkafka.LocalKafkaError, BenchError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(growth_table(rows))
+    if json_path is not None:
+        json_path.write_text(json.dumps(growth_json(rows), indent=2) + "\n")
+        console.print(f"wrote {json_path}")
 
 
 def _soak(options: Any, minutes: float, rate: float, interval: float, retention: int) -> None:

@@ -56,6 +56,9 @@ _START_ANSWERS = frozenset(
         EventType.REJECTED,
     }
 )
+# Opening waits for the running view to catch up as long as its read moves; this long
+# without a record or a position moving, it gives up.
+_VIEW_STALL_S = 30.0
 _RESULT_ANSWERS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.REJECTED})
 _CANCEL_ANSWERS = frozenset({EventType.CANCELLED, EventType.REJECTED, EventType.DUPLICATE})
 
@@ -82,7 +85,14 @@ class JobClient:
             await self.replies.open()
             await self.view.open()
             self._open = True
-            await self.view.sync(30)
+            await self.view.sync(_VIEW_STALL_S)
+        except TimeoutError:
+            await self.close()
+            raise JobConnectionError(
+                f"could not read the running view: {self.topics.state} gave nothing for "
+                f"{_VIEW_STALL_S:g} s; is the broker at {self.settings.bootstrap_servers} "
+                "answering, and may this client read that topic?"
+            ) from None
         except KafkaConnectionError as exc:
             await self.close()
             where = self.settings.bootstrap_servers

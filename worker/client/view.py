@@ -188,22 +188,26 @@ class RunningView:
         self._runs.pop(run_id, None)
 
     async def sync(self, timeout: float) -> None:
-        """Wait until the view includes everything committed so far (`TimeoutError` if not)."""
+        """Wait until the view includes everything committed so far.
+
+        `TimeoutError` once the read has not moved for `timeout` seconds: a long history
+        read at full speed is waited for, a reader that is stuck is not.
+        """
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             tps = list(self._reader.assignment())
             ends = await self._offsets.end_offsets(tps)
-
-            async def caught_up() -> bool:
-                if self._unvouched:
-                    return False
-                for tp in tps:
-                    if await self._reader.position(tp) < ends[tp]:
-                        return False
-                return True
-
-            while not await caught_up():
-                async with self._changed:
-                    await self._changed.wait()
+        moved: tuple[int, ...] = ()
+        deadline = loop.time() + timeout
+        while True:
+            positions = tuple([await self._reader.position(tp) for tp in tps])
+            behind = [tp for tp, at in zip(tps, positions, strict=True) if at < ends[tp]]
+            if not self._unvouched and not behind:
+                return
+            if positions != moved:
+                moved, deadline = positions, loop.time() + timeout
+            async with asyncio.timeout_at(deadline), self._changed:
+                await self._changed.wait()
 
     def get(self, run_id: str) -> RunRecord | None:
         """The running run `run_id`, or None (queued, ended, or never started)."""

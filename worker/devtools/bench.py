@@ -339,12 +339,7 @@ class BenchReport:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             out[name] = value.to_json() if isinstance(value, Figure) else value
-        out["growth"] = [asdict(row) for row in self.growth]
-        if len(self.growth) > 1:
-            out["growth_exponents"] = {
-                attribute: growth_exponent(self.growth, attribute, rate)
-                for attribute, _, _, _, rate in _GROWTH_MEASURES
-            }
+        out.update(growth_json(self.growth))
         return out
 
     def table(self) -> Table:
@@ -1610,6 +1605,23 @@ async def _growth_row(bench: _Bench, job_types: int) -> GrowthRow:
     return row
 
 
+async def growth_rows(bench: _Bench, environment: object = None) -> tuple[GrowthRow, ...]:
+    """The growth table's rows, smallest size first (also `jobctl bench --growth-only`)."""
+    sizes = sorted(set(bench.options.growth_job_types))
+    return tuple([await _growth_row(bench, n) for n in sizes])
+
+
+def growth_json(rows: Sequence[GrowthRow]) -> dict[str, Any]:
+    """The rows, and each measure's exponent when there are two sizes or more."""
+    out: dict[str, Any] = {"growth": [asdict(row) for row in rows]}
+    if len(rows) > 1:
+        out["growth_exponents"] = {
+            attribute: growth_exponent(rows, attribute, rate)
+            for attribute, _, _, _, rate in _GROWTH_MEASURES
+        }
+    return out
+
+
 async def _replay(bench: _Bench, topics: Topics, rounds: int | None = None) -> tuple[Figure, int]:
     """Status events per second that `jobctl replay` applies into a fresh SQLite file
     (`rounds` times), and the processes it replayed in."""
@@ -1806,7 +1818,7 @@ async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     latency = await _latency_rounds(bench)
     joined = await _joined_rounds(bench)
     client_start, client_running, client_info = await _client_rounds(bench)
-    growth = tuple([await _growth_row(bench, n) for n in sorted(set(o.growth_job_types))])
+    growth = await growth_rows(bench)
     environment["load_average_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return BenchReport(
         lifecycles=o.lifecycles,
