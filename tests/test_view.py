@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -22,7 +23,7 @@ from schemas import (
     view_row,
 )
 from tests.conftest import RunningWorker
-from worker.client import JobClient
+from worker.client import JobClient, JobConnectionError
 from worker.client.view import RunningView
 from worker.engine.codec import partition_for
 from worker.kafkaio import assign_all, connection, read_until
@@ -235,32 +236,39 @@ async def test_hostile_rows_never_stop_the_view(topics: Settings) -> None:
         assert read == 2 * len(HOSTILE) + 1
 
 
-LONG_HISTORY = 200_000  # rows that take the view longer to read than its stall timeout
+SLOW_ROWS = 5_000  # read 500 at a time, 0.1 s apart: about a second in all
 
 
 async def test_a_long_read_that_moves_is_waited_for_and_a_stuck_one_is_not(
     topics: Settings,
 ) -> None:
-    """`sync` gives up only when the read stops moving: a state topic longer to read than
-    its timeout is read to the end (it used to raise TimeoutError at the timeout, so
-    `jobctl status` over a million runs failed), while a reader that cannot move gives up
-    after the timeout."""
+    """`sync` gives up only when the read stops moving: a slow reader that takes twice the
+    timeout to read the state topic, moving every 0.1 s, is waited for to the end (it used
+    to raise TimeoutError at the timeout, so `jobctl status` over a million runs failed),
+    while a reader that cannot move gives up after the timeout."""
     producer = AIOKafkaProducer(linger_ms=50, **connection(topics))
     await producer.start()
     try:
         row = b'{"row":"job","v":2,"held":[0,0],"state":{}}'
-        for n in range(LONG_HISTORY):
-            await producer.send(topics.topics.state, row, key=f"job-{n % 5_000}".encode())
+        for n in range(SLOW_ROWS):
+            await producer.send(topics.topics.state, row, key=f"job-{n}".encode())
         await producer.flush()
     finally:
         await producer.stop()
 
     view = RunningView(topics.topics.state, connection(topics))
     await view.open()
+    fetch = view._reader.getmany
+
+    async def slowly(*partitions: object, timeout_ms: int = 0) -> Any:
+        await asyncio.sleep(0.1)  # the slow read under test, not a wait for anything
+        return await fetch(*partitions, timeout_ms=timeout_ms, max_records=500)
+
+    view._reader.getmany = slowly  # type: ignore[method-assign]
     try:
         began = asyncio.get_running_loop().time()
         await view.sync(0.5)
-        assert view.records_read == LONG_HISTORY
+        assert view.records_read == SLOW_ROWS
         assert asyncio.get_running_loop().time() - began > 0.5  # longer than the timeout
     finally:
         await view.close()
@@ -273,3 +281,34 @@ async def test_a_long_read_that_moves_is_waited_for_and_a_stuck_one_is_not(
             await stuck.sync(0.5)
     finally:
         await stuck.close()
+
+
+async def test_a_client_whose_view_cannot_move_says_so_in_one_error(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a client whose running view reads nothing for the stall timeout ends in a
+    JobConnectionError naming the state topic, with nothing left open."""
+    HISTORY_ROWS = 10
+    producer = AIOKafkaProducer(**connection(topics))
+    await producer.start()
+    try:
+        for n in range(HISTORY_ROWS):
+            await producer.send_and_wait(topics.topics.state, b"{}", key=f"job-{n}".encode())
+    finally:
+        await producer.stop()
+    opened = RunningView.open
+
+    async def open_stuck(view: RunningView) -> None:
+        await opened(view)
+        view._reader.pause(*view._reader.assignment())  # a read that cannot move
+
+    monkeypatch.setattr(RunningView, "open", open_stuck)
+    monkeypatch.setattr("worker.client.jobclient._VIEW_STALL_S", 0.5)
+    before = asyncio.all_tasks()
+    with pytest.raises(JobConnectionError) as failed:
+        async with JobClient(topics):
+            pass
+    assert f"could not read the running view: {topics.topics.state} gave nothing" in str(
+        failed.value
+    )
+    assert asyncio.all_tasks() - before == set()
