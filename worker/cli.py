@@ -913,7 +913,7 @@ def bench(
 
     Example: jobctl bench --lifecycles 20000 --rounds 3 --json bench.json
     """
-    from worker.devtools.bench import BenchError, BenchOptions, growth_table, run_bench
+    from worker.devtools.bench import BenchOptions
 
     configure_logs("error", "console", library_level="critical")
     options = BenchOptions(
@@ -939,6 +939,12 @@ def bench(
     if growth_only:
         _growth(options, json_path)
         return
+    _full_bench(options, json_path)
+
+
+def _full_bench(options: Any, json_path: Path | None) -> None:
+    from worker.devtools.bench import BenchError, growth_table, run_bench
+
     try:
         report = _run(run_bench(options, console))
     except (localkafka.LocalKafkaError, BenchError) as exc:
