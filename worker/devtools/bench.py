@@ -914,10 +914,15 @@ async def _run_lifecycles(
         finally:
             await worker.close()
             await tail.stop()
+    _expect_lifecycles(tail, count)
+    return tail
+
+
+def _expect_lifecycles(tail: _Tail, count: int) -> None:
+    """Raise unless `tail` saw `count` runs started and completed, and nothing else."""
     expected = Counter({"started": count, "completed": count})
     if tail.types != expected:
         raise BenchError(f"unexpected events: {dict(tail.types)}; expected {dict(expected)}")
-    return tail
 
 
 def _completed(tail: _Tail, count: int) -> Callable[[], bool]:
@@ -1574,10 +1579,7 @@ async def _growth_row(bench: _Bench, job_types: int) -> GrowthRow:
         finally:
             await worker.close()
             await tail.stop()
-    expected = Counter({"started": job_types + o.lifecycles})
-    expected["completed"] = expected["started"]
-    if tail.types != expected:
-        raise BenchError(f"unexpected events: {dict(tail.types)}; expected {dict(expected)}")
+    _expect_lifecycles(tail, job_types + o.lifecycles)
     cpu, transitions = tail.probed()
     db = worker.env["JOBS_DB_PATH"]
     restart_s, restart_rss, _ = await _take(bench, topics, db, job_types)
@@ -1607,7 +1609,8 @@ async def _growth_row(bench: _Bench, job_types: int) -> GrowthRow:
 
 
 async def growth_rows(bench: _Bench, environment: object = None) -> tuple[GrowthRow, ...]:
-    """The growth table's rows, smallest size first (also `jobctl bench --growth-only`)."""
+    """The growth table's rows, smallest size first (also `jobctl bench --growth-only`, as a
+    `with_bench` body: hence `environment`, unused)."""
     sizes = sorted(set(bench.options.growth_job_types))
     return tuple([await _growth_row(bench, n) for n in sizes])
 
