@@ -124,6 +124,29 @@ def test_the_fetcher_builds_record_sets_through_the_tolerant_reader() -> None:
     assert fetcher.MemoryRecords is TolerantMemoryRecords
 
 
+async def test_a_busy_transaction_coordinator_is_asked_again_after_the_short_backoff() -> None:
+    """After `install`, a partition refused with CONCURRENT_TRANSACTIONS at the start of a
+    transaction (the coordinator still completing the previous one) is asked for again
+    after `TXN_BUSY_BACKOFF_S`, not aiokafka's 20 ms; later in a transaction the producer's
+    own backoff still applies."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import ConcurrentTransactions
+    from aiokafka.producer.sender import AddPartitionsToTxnHandler
+    from aiokafka.producer.transaction_manager import TransactionManager
+    from aiokafka.structs import TopicPartition
+
+    compat.install()
+    txn = TransactionManager("jobs.orchestrator.0", 60_000)
+    txn.set_pid_and_epoch(1, 0)
+    sender = SimpleNamespace(_retry_backoff=0.1, _txn_manager=txn)
+    handler = AddPartitionsToTxnHandler(sender, [TopicPartition("jobs.status", 0)])
+    busy = SimpleNamespace(errors=[("jobs.status", [(0, ConcurrentTransactions.errno)])])
+    assert handler.handle_response(busy) == compat.TXN_BUSY_BACKOFF_S < 0.02
+    txn.txn_partitions.add(TopicPartition("jobs.state", 0))  # one already added
+    assert handler.handle_response(busy) == 0.1
+
+
 async def test_the_cause_of_a_failed_connection_is_kept() -> None:
     """aiokafka raises "Unable to bootstrap" and logs why; connect_failure says why."""
     import socket

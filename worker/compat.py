@@ -6,7 +6,9 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
 - `abort_if_open`: abort a transaction only when one is open and abortable; the producer
   has no public check, its transaction manager does.
 - `fetch_all_metadata`: topic metadata for a consumer without a subscription.
-- `install`: fetched records whose header names are not UTF-8 become readable, not fatal.
+- `install`: fetched records whose header names are not UTF-8 become readable, not fatal
+  (below); and a transactional producer whose coordinator is still completing its previous
+  transaction asks again after `TXN_BUSY_BACKOFF_S`, not aiokafka's 20 ms.
 - `connect_failure`: why a client could not connect. aiokafka's bootstrap raises only
   "Unable to bootstrap from [...]" and logs the cause (a wrong password, an untrusted
   certificate); a filter on its logger keeps that cause.
@@ -44,6 +46,7 @@ from aiokafka.errors import (
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.producer import sender
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchPy, _DefaultRecordPy
 from aiokafka.record.memory_records import MemoryRecords
@@ -118,9 +121,20 @@ _LENGTH = struct.Struct(">i")  # a batch: base offset (int64), then its length (
 _BATCH_PREFIX = 12
 
 
+# How long a transactional producer waits before asking again to add a partition to a new
+# transaction while the coordinator still completes the previous one (CONCURRENT_TRANSACTIONS).
+# aiokafka waits 20 ms, as the Java client does; completing takes the broker a few
+# milliseconds, and a partition's owner begins its next transaction as soon as its records
+# are decided, so every such wait is latency its requests see.
+TXN_BUSY_BACKOFF_S = 0.002
+
+
 def install() -> None:
-    """Make every aiokafka consumer of this process read such records (idempotent)."""
+    """Make every aiokafka consumer of this process read such records, and every
+    transactional producer ask again `TXN_BUSY_BACKOFF_S` after a busy coordinator
+    (idempotent)."""
     fetcher.MemoryRecords = TolerantMemoryRecords
+    sender.BACKOFF_OVERRIDE = TXN_BUSY_BACKOFF_S
 
 
 class TolerantMemoryRecords:
