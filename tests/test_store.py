@@ -57,6 +57,38 @@ async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path
         await store.close()
 
 
+async def test_an_end_written_over_its_start_leaves_the_row_as_a_whole_write_would(
+    tmp_path: Path,
+) -> None:
+    """Ends are written as updates of the row the start wrote; a run that started and ended
+    in one batch (no row yet) is still written whole, and both files read the same."""
+    ended = replace(
+        run("r1", RunStatus.FAILED),
+        ended_at=AT + timedelta(seconds=3),
+        metrics={"n": 1},
+        reason="boom",
+    )
+    alone = replace(ended, run_id="r2", request_id="req-r2")
+    updated = await Store.open(tmp_path / "updated.db")
+    whole = await Store.open(tmp_path / "whole.db")
+    try:
+        updated.record_batch(0, [run("r1")], [], {"jobs.requests": 1})
+        await updated.flush()  # the start is in the file before its end is queued
+        updated.record_batch(0, [ended, alone], [], {"jobs.results": 1})
+        await updated.flush()
+        whole.record_batch(0, [ended, alone], [], {"jobs.results": 1})
+        await whole.flush()
+        assert await updated.runs() == await whole.runs() == [alone, ended]
+        assert await updated.active_runs(0) == []
+        assert [e for chunk in [c async for c in updated.retained_ends(0)] for e in chunk] == [
+            (ended.ended_at, "r1"),
+            (alone.ended_at, "r2"),
+        ]
+    finally:
+        await updated.close()
+        await whole.close()
+
+
 async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) -> None:
     """A worker taking a partition gets the busy job states, every job type's name, the
     running runs' rows and the retained ended runs in end order; idle states stay unread."""
