@@ -21,9 +21,10 @@ from worker.core.lifecycle import (
     Start,
     decide,
     dump_state,
+    load_state,
 )
 from worker.core.runs import RunRow, new_row
-from worker.engine import changelog
+from worker.engine import changelog, stored
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 STATE = JobState("report", active=(Run("r1", "report", None, "req-1", RunStatus.RUNNING, AT),))
@@ -118,6 +119,14 @@ def _restored(rows: list[changelog.Row]) -> changelog.PartitionSnapshot:
     return snapshot
 
 
+def _states(snapshot: changelog.PartitionSnapshot) -> list[tuple[str, bytes]]:
+    """(job type, `dump_state` JSON) of each state the snapshot gives SQLite, read back."""
+    return [
+        (job_type, dump_state(load_state(stored.whole(head, [(k, e) for k, _, e in entries]))))
+        for job_type, head, entries in snapshot.for_sqlite()
+    ]
+
+
 def test_window_entries_are_rows_of_their_own_and_a_restore_puts_them_back() -> None:
     """Each decision writes a job row of constant size, a row per window entry taken and a
     tombstone per entry that left; the rows, read in order, give back the state whole."""
@@ -129,7 +138,7 @@ def test_window_entries_are_rows_of_their_own_and_a_restore_puts_them_back() -> 
         assert len(head) < 400  # no window inside, however many entries the windows hold
         assert len(written) <= 3  # the job row, one entry, at most one tombstone
         rows.extend(written)
-        (restored,) = _restored(rows).states()
+        (restored,) = _states(_restored(rows))
         assert restored == ("report", dump_state(after))
     assert len(after.decided) == 4
     assert after.decided_next == 12
@@ -139,7 +148,7 @@ def test_window_entries_are_rows_of_their_own_and_a_restore_puts_them_back() -> 
     compacted = dict(rows)
     live = [(key, value) for key, value in compacted.items() if value is not None]
     assert len(live) == 1 + 4 + 3
-    assert list(_restored(live).states()) == [("report", dump_state(after))]
+    assert list(_states(_restored(live))) == [("report", dump_state(after))]
 
 
 def test_a_state_an_earlier_version_wrote_gets_its_entries_written_once() -> None:
@@ -149,7 +158,7 @@ def test_a_state_an_earlier_version_wrote_gets_its_entries_written_once() -> Non
     steps = _lifecycles(6, limits)
     old = replace(steps[-1][1], decided_next=0, ended_next=0)  # as version 1 wrote it
     rows: list[changelog.Row] = [changelog.job_row("report", dump_state(old))]
-    assert list(_restored(rows).states()) == [("report", dump_state(old))]
+    assert list(_states(_restored(rows))) == [("report", dump_state(old))]
     numbered = changelog.numbered(old)
     assert numbered is not None
     assert (numbered.decided_next, numbered.ended_next) == (4, 3)
@@ -159,7 +168,7 @@ def test_a_state_an_earlier_version_wrote_gets_its_entries_written_once() -> Non
     after = decide(numbered, begin, JobConfig(), limits).state
     rows.extend(changelog.job_rows("report", None, after))
     assert len(rows) == 1 + 1 + 4 + 3  # the old row, the new job row, every entry
-    assert list(_restored(rows).states()) == [("report", dump_state(after))]
+    assert list(_states(_restored(rows))) == [("report", dump_state(after))]
 
 
 def test_a_missing_window_entry_fails_the_restore_naming_the_job_type() -> None:
@@ -172,7 +181,7 @@ def test_a_missing_window_entry_fails_the_restore_naming_the_job_type() -> None:
     entry = next(key for key, value in rows if key.startswith(b"\x00wd\x001\x00"))
     snapshot = _restored([(k, v) for k, v in rows if k != entry])
     with pytest.raises(ValueError, match="lacks 1 of the 3 entries of job type 'report'"):
-        list(snapshot.states())
+        list(_states(snapshot))
 
 
 @pytest.mark.parametrize(
@@ -196,7 +205,7 @@ def test_hostile_rows_under_window_keys_are_skipped(key: bytes, value: bytes) ->
     ]
     snapshot = _restored([*rows, (key, value)])
     assert snapshot.foreign == 1
-    assert list(snapshot.states()) == list(_restored(rows).states())
+    assert list(_states(snapshot)) == list(_states(_restored(rows)))
 
 
 def test_payloads_stay_in_the_run_rows_and_a_restore_puts_them_back() -> None:
@@ -213,8 +222,8 @@ def test_payloads_stay_in_the_run_rows_and_a_restore_puts_them_back() -> None:
     written = changelog.job_rows("report", None, state, rows.__contains__)
     assert len(written[0][1] or b"") < 2_000
     snapshot = _restored([*written, *(changelog.run_row(r) for r in rows.values() if r)])
-    assert list(snapshot.states()) == [("report", dump_state(state))]
+    assert list(_states(snapshot)) == [("report", dump_state(state))]
     # A run without a row (queued by an earlier version) keeps its payload in the job row.
     inline = changelog.job_rows("report", None, state)
     assert len(inline[0][1] or b"") > 150_000
-    assert list(_restored(inline).states()) == [("report", dump_state(state))]
+    assert list(_states(_restored(inline))) == [("report", dump_state(state))]

@@ -10,7 +10,7 @@ from worker.core.config import JobsConfig
 from worker.core.lifecycle import JobConfig, Limits, merge_inputs
 from worker.core.limits import InputLimits
 from worker.engine.codec import InputRecord
-from worker.engine.task import PartitionTask, Retained, Rules
+from worker.engine.task import IdleStates, PartitionTask, Retained, Rules
 
 
 def start(offset: int, timestamp_ms: int, job_type: str) -> InputRecord:
@@ -31,7 +31,7 @@ def test_the_highest_offset_is_committed_when_broker_times_go_backwards() -> Non
     assert [e.job_type for e in outcome.events] == ["late", "early"]
     assert outcome.next_offsets == {"jobs.requests": 2}
     assert task.applied == {"jobs.requests": 2}
-    assert set(outcome.states) == {"early", "late"}
+    assert set(outcome.changed) == {"early", "late"}
 
 
 def test_ended_runs_leave_in_order_once_retention_has_passed_never_earlier() -> None:
@@ -116,3 +116,27 @@ def test_a_broker_clock_stepping_forward_does_not_time_runs_out_en_masse() -> No
     assert len(task.runs) == 8
     back = task.apply([start(20, now_ms - 5 * 60 * 1000, "early")])
     assert EventType.TIMED_OUT not in [e.type for e in back.events]
+
+
+def test_idle_job_states_stay_parsed_within_their_budget_least_recently_used_out() -> None:
+    """A job type used again soon is not loaded back from SQLite; what idle states may hold
+    is bounded by their window entries, and the least recently used leave first."""
+    rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
+    task = PartitionTask(0, rules)
+    # Room for three idle job types (a state counts 4, its windows an entry each per run),
+    # one of them with two runs.
+    task.idle = IdleStates(budget=2 * (4 + 2) + (4 + 4))
+    for offset, job_type in enumerate(["a", "b", "c", "d", "b"]):
+        # A start and its run's end: the job type is idle again, its windows one entry each.
+        outcome = task.apply([start(offset, 1_000 + offset, job_type)])
+        run_id = outcome.events[0].run_id or ""
+        body = json.dumps({"job_type": job_type, "run_id": run_id, "status": "completed"})
+        end = InputRecord(
+            "results", "jobs.results", 0, offset, 1_001 + offset, job_type.encode(), body.encode()
+        )
+        task.apply([end])
+        task.evict_idle([job_type])
+    # "a" left when "d" came; "b", used again, is now the most recent, and it fits.
+    assert set(task.jobs) == {"c", "d", "b"}
+    assert len(task.idle) == 3
+    assert task.wanted_states([start(9, 9_000, "a"), start(10, 9_001, "b")]) == ["a"]

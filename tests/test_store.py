@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -11,12 +12,26 @@ from pathlib import Path
 import pytest
 from pydantic_core import PydanticSerializationError
 
-from schemas import RunStatus
-from worker.core.lifecycle import JobState, Queued, Run, dump_state
+from schemas import EventType, RunStatus, Source
+from worker.core.lifecycle import (
+    Decided,
+    EndedRun,
+    JobConfig,
+    JobState,
+    Limits,
+    Queued,
+    Run,
+    Start,
+    decide,
+    dump_state,
+    load_state,
+)
 from worker.core.runs import RunRow
-from worker.engine.store import Store
+from worker.engine import changelog, stored
+from worker.engine.store import SCHEMA_VERSION, Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
+_CONFIG = JobConfig()
 
 
 def run(run_id: str, status: RunStatus = RunStatus.RUNNING) -> RunRow:
@@ -35,8 +50,8 @@ def run(run_id: str, status: RunStatus = RunStatus.RUNNING) -> RunRow:
     )
 
 
-def state(job_type: str) -> tuple[str, bytes]:
-    return job_type, dump_state(JobState(job_type))
+def state(job_type: str) -> tuple[str, JobState]:
+    return job_type, JobState(job_type)
 
 
 async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path: Path) -> None:
@@ -104,8 +119,8 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
             0,
             [run("r-running"), late, early],
             [
-                ("busy", dump_state(JobState("busy", active=(active,)))),
-                ("waiting", dump_state(JobState("waiting", queue=(queued,)))),
+                ("busy", JobState("busy", active=(active,))),
+                ("waiting", JobState("waiting", queue=(queued,))),
                 state("idle"),
             ],
             {},
@@ -137,14 +152,16 @@ async def test_states_are_readable_while_queued_and_after_they_are_written(
     store = await Store.open(tmp_path / "jobs.db")
     try:
         old = JobState("report")
-        newer = replace(old, decided=())
-        store.record_batch(0, [], [("report", dump_state(old))], {})
+        newer = replace(old, queue=(Queued("r-q", "req-q", None, "", AT),))
+        store.record_batch(0, [], [("report", old)], {})
         await store.flush()
-        store.record_batch(0, [], [("report", dump_state(newer) + b" ")], {})
+        store.record_batch(0, [], [("report", newer)], {})
         queued = await store.load_states(["report", "never-seen"])
-        assert queued == {"report": dump_state(newer) + b" "}
+        assert queued == {"report": newer}
         await store.flush()
-        assert await store.load_states(["report"]) == {"report": dump_state(newer) + b" "}
+        (written,) = (await store.load_states(["report"])).values()
+        assert isinstance(written, bytes)
+        assert load_state(written) == newer
     finally:
         await store.close()
 
@@ -199,10 +216,118 @@ async def test_a_restore_drops_runs_another_owner_ended_long_ago(tmp_path: Path)
             0, [run("gone"), run("kept"), run("done", RunStatus.COMPLETED)], [], {"x": 1}
         )
         await store.flush()
-        stale = await store.replace_partition(0, [state("report")], [run("kept")], {"x": 9})
+        stale = await store.replace_partition(
+            0, [("report", stored.head(JobState("report")), [])], [run("kept")], {"x": 9}
+        )
         assert stale == 1
         rows = {r.run_id: r.status for r in await store.runs()}
         assert rows == {"kept": RunStatus.RUNNING, "done": RunStatus.COMPLETED}
         assert [r.run_id for r in await store.active_runs(0)] == ["kept"]
     finally:
         await store.close()
+
+
+def _filled(job_type: str, starts: int, limits: Limits) -> list[tuple[JobState, JobState]]:
+    """(before, after) of `starts` refused starts of a busy job type: each takes an entry
+    of the idempotency window, whose oldest leave once it is full."""
+    busy = Run(f"{job_type}-r", job_type, None, "req-run", RunStatus.RUNNING, AT)
+    state = JobState(job_type, active=(busy,))
+    steps = []
+    for i in range(starts):
+        source = Source(topic="jobs.requests", partition=0, offset=i)
+        start = Start(f"req-{i}", job_type, None, {}, AT, source)
+        after, _ = decide(state, start, _CONFIG, limits)
+        steps.append((state, after))
+        state = after
+    return steps
+
+
+async def test_window_entries_are_rows_and_the_file_reads_back_every_state(
+    tmp_path: Path,
+) -> None:
+    """Each change writes its head and the entries that came and went, not the windows: the
+    file holds one row per entry held, and a state read back (from the queue or the file)
+    equals the one decided."""
+    limits = Limits(idempotency_window=5)
+    steps = _filled("report", 12, limits)
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        for before, after in steps:
+            store.record_batch(
+                0,
+                [],
+                [("report", after)],
+                {},
+                entries=[("report", *c) for c in changelog.window_changes(before, after)],
+            )
+            await store.flush()
+        last = steps[-1][1]
+        assert len(last.decided) == 5
+        (read,) = (await store.load_states(["report"])).values()
+        assert isinstance(read, bytes)
+        assert load_state(read) == last
+        assert load_state(read).decided_next == 12
+        assert await store.busy_states(0) == {"report": last}
+        db = sqlite3.connect(tmp_path / "jobs.db")
+        try:
+            numbers = db.execute("SELECT kind, number FROM window_entries").fetchall()
+            (head,) = db.execute("SELECT state FROM job_states").fetchone()
+        finally:
+            db.close()
+        assert sorted(numbers) == [("d", n) for n in range(7, 12)]
+        assert b"req-0" not in head
+        assert b'"decided"' not in head
+    finally:
+        await store.close()
+
+
+async def test_a_version_1_file_is_converted_and_reads_the_same(tmp_path: Path) -> None:
+    """A file whose states carry their windows inline (schema version 1) opens as version 2:
+    numbered windows become rows, a state not numbered yet stays whole, and every state
+    reads back as it was."""
+    path = tmp_path / "jobs.db"
+    numbered = replace(
+        JobState(
+            "numbered",
+            decided=tuple(Decided(f"req-{i}", EventType.REFUSED, None) for i in range(3)),
+            ended=(EndedRun("numbered-r1", RunStatus.COMPLETED, AT),),
+        ),
+        decided_next=10,
+        ended_next=1,
+    )
+    unnumbered = JobState("unnumbered", decided=(Decided("req-x", EventType.REFUSED, None),))
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE job_states (job_type TEXT PRIMARY KEY, partition INTEGER NOT NULL, "
+        "state BLOB NOT NULL); PRAGMA user_version = 1;"
+    )
+    db.executemany(
+        "INSERT INTO job_states VALUES (?, 0, ?)",
+        [(s.job_type, dump_state(s)) for s in (numbered, unnumbered)] + [("damaged", b"{not json")],
+    )
+    db.commit()
+    db.close()
+    store = await Store.open(path)
+    try:
+        read = await store.load_states(["numbered", "unnumbered"])
+        assert {k: load_state(v) for k, v in read.items() if isinstance(v, bytes)} == {
+            "numbered": numbered,
+            "unnumbered": unnumbered,
+        }
+        assert load_state(read["numbered"]).decided_next == 10  # type: ignore[arg-type]
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        rows = db.execute("SELECT job_type, kind, number FROM window_entries").fetchall()
+        damaged = db.execute("SELECT state FROM job_states WHERE job_type = 'damaged'").fetchone()
+    finally:
+        db.close()
+    assert sorted(rows) == [
+        ("numbered", "d", 7),
+        ("numbered", "d", 8),
+        ("numbered", "d", 9),
+        ("numbered", "e", 0),
+    ]
+    assert damaged == (b"{not json",)  # left as it was: loading it fails as before

@@ -41,6 +41,7 @@ from pydantic import TypeAdapter
 from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
 from worker.core.lifecycle import Decided, EndedRun, JobState, Queued, Run, dump_state, load_state
 from worker.core.runs import RunRow
+from worker.engine import stored
 from worker.kafkaio import read_until
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
@@ -103,22 +104,17 @@ def _head(state: JobState, has_row: Callable[[str], bool]) -> bytes:
     return _STATE.dump_json(state, exclude=leave_out)
 
 
-def job_rows(
-    job_type: str,
-    before: JobState | None,
-    after: JobState,
-    has_row: Callable[[str], bool] = lambda run_id: False,
-) -> list[Row]:
-    """The rows of a job type's state going from `before` to `after`: its job row, a row per
-    window entry taken since, a tombstone per entry that left.
+Change = tuple[bytes, int, bytes | None]  # (window kind, entry number, entry JSON or None)
+
+
+def window_changes(before: JobState | None, after: JobState) -> list[Change]:
+    """The window entries a job type's state took going from `before` to `after`, and a
+    None for each that left, oldest first within each window.
 
     `before` is None when `after`'s windows are not rows yet (a state an earlier version
-    wrote): every entry gets its row. The job row leaves out the payload of each run for
-    which `has_row` says its run row is in the changelog.
+    wrote): every entry it holds is taken.
     """
-    held = b"%d,%d" % (len(after.decided), len(after.ended))
-    head = _HEAD + b'"held":[' + held + b'],"state":' + _head(after, has_row) + b"}"
-    rows: list[Row] = [(job_type.encode(), head)]
+    changes: list[Change] = []
     windows = (
         (after.decided, after.decided_next, before.decided if before is not None else None),
         (after.ended, after.ended_next, before.ended if before is not None else None),
@@ -132,12 +128,33 @@ def job_rows(
         first = end - len(entries)  # the number of the oldest entry held
         written = first
         if old is not None:
-            for number in range(old_end - len(old), min(first, old_end)):
-                rows.append((window_key(kind, number, job_type), None))
+            changes.extend((kind, n, None) for n in range(old_end - len(old), min(first, old_end)))
             written = max(first, old_end)
         for number in range(written, end):
-            entry = adapter.dump_json(entries[number - first])
-            rows.append((window_key(kind, number, job_type), _ENTRY + entry + b"}"))
+            changes.append((kind, number, adapter.dump_json(entries[number - first])))
+    return changes
+
+
+def job_rows(
+    job_type: str,
+    before: JobState | None,
+    after: JobState,
+    has_row: Callable[[str], bool] = lambda run_id: False,
+    changes: list[Change] | None = None,
+) -> list[Row]:
+    """The rows of a job type's state going from `before` to `after`: its job row, a row per
+    window entry taken since, a tombstone per entry that left (`window_changes`, or the
+    `changes` already found).
+
+    The job row leaves out the payload of each run for which `has_row` says its run row is
+    in the changelog.
+    """
+    held = b"%d,%d" % (len(after.decided), len(after.ended))
+    head = _HEAD + b'"held":[' + held + b'],"state":' + _head(after, has_row) + b"}"
+    rows: list[Row] = [(job_type.encode(), head)]
+    for kind, number, entry in window_changes(before, after) if changes is None else changes:
+        value = None if entry is None else _ENTRY + entry + b"}"
+        rows.append((window_key(kind, number, job_type), value))
     return rows
 
 
@@ -157,12 +174,16 @@ class StateRows:
         self._unnumbered.add(job_type)
         return renumbered
 
-    def of(self, job_type: str, before: JobState | None, after: JobState) -> list[Row]:
-        """The rows of `job_type` going from `before` to `after` (`job_rows`)."""
+    def of(
+        self, job_type: str, before: JobState | None, after: JobState
+    ) -> tuple[list[Row], list[Change]]:
+        """The rows of `job_type` going from `before` to `after` (`job_rows`), and the window
+        changes they carry (for SQLite, which stores the same entries)."""
         if job_type in self._unnumbered:
             self._unnumbered.discard(job_type)
             before = None
-        return job_rows(job_type, before, after, self._runs.__contains__)
+        changes = window_changes(before, after)
+        return job_rows(job_type, before, after, self._runs.__contains__, changes), changes
 
 
 def numbered(state: JobState) -> JobState | None:
@@ -249,33 +270,33 @@ class PartitionSnapshot:
         """How many job types have a state."""
         return len(self.jobs) + len(self.heads)
 
-    def states(self) -> Iterator[tuple[str, bytes]]:
-        """(job type, `dump_state` JSON) of every job type, windows and payloads put back in,
-        one at a time (a long history has as many job types as runs).
+    def for_sqlite(self) -> Iterator[tuple[str, bytes, list[stored.Entry]]]:
+        """(job type, head JSON, window entries) of every job type as SQLite stores it
+        (`worker.engine.stored`), payloads put back in, one at a time (a long history has as
+        many job types as runs).
 
-        Raises ValueError for a job row that does not validate, or naming the job type when
-        an entry its row holds is missing.
+        Raises ValueError for a job row or window entry that does not validate, or naming
+        the job type when an entry its row holds is missing.
         """
-        yield from self.jobs.items()
+        for job_type, value in self.jobs.items():
+            yield job_type, *stored.split(value)
         for job_type, value in self.heads.items():
             head = _HEAD_ROW.validate_json(value)
-            windows = [
-                self._window(job_type, kind, adapter, end, held)
-                for (kind, adapter), end, held in zip(
-                    _WINDOWS,
-                    (head.state.decided_next, head.state.ended_next),
-                    head.held,
-                    strict=True,
-                )
-            ]
-            whole = replace(self._payloads(head.state), decided=windows[0], ended=windows[1])
-            yield job_type, dump_state(whole)
+            entries: list[stored.Entry] = []
+            for (kind, adapter), end, held in zip(
+                _WINDOWS,
+                (head.state.decided_next, head.state.ended_next),
+                head.held,
+                strict=True,
+            ):
+                entries.extend(self._window(job_type, kind, adapter, end, held))
+            yield job_type, stored.head(self._payloads(head.state)), entries
 
     def _window(
         self, job_type: str, kind: bytes, adapter: TypeAdapter[Any], end: int, held: int
-    ) -> tuple[Any, ...]:
+    ) -> Iterator[stored.Entry]:
         """The `held` entries of `job_type`'s window `kind` numbered up to `end`, oldest
-        first."""
+        first, each validated."""
         keys = [window_key(kind, n, job_type) for n in range(end - held, end)]
         missing = [n for n, key in enumerate(keys, end - held) if key not in self.entries]
         if missing:
@@ -284,7 +305,11 @@ class PartitionSnapshot:
                 f"the changelog lacks {len(missing)} of the {held} entries of job type "
                 f"{job_type!r}'s {name} window (first missing: number {missing[0]})"
             )
-        return tuple(adapter.validate_json(self.entries[key]) for key in keys)
+        letter = kind.decode()
+        for number, key in enumerate(keys, end - held):
+            entry = self.entries[key]
+            adapter.validate_json(entry)
+            yield letter, number, entry
 
     def _payloads(self, state: JobState) -> JobState:
         """`state` with the payloads its job row left to the run rows put back."""

@@ -28,6 +28,7 @@ from pathlib import Path
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from worker.core.lifecycle import JobState
 from worker.engine import changelog
 from worker.engine.observe import Metrics
 from worker.engine.store import Abandoned, Store
@@ -169,7 +170,7 @@ class StateManager:
                 stale = await asyncio.shield(
                     self.store.replace_partition(
                         number,
-                        snapshot.states(),
+                        snapshot.for_sqlite(),
                         changelog.load_runs(snapshot),
                         {**committed, topic: snapshot.end},
                         wanted=wanted,
@@ -202,7 +203,7 @@ class StateManager:
                 runs=stale,
             )
 
-    async def states(self, job_types: list[str]) -> dict[str, bytes]:
+    async def states(self, job_types: list[str]) -> dict[str, JobState | bytes]:
         """The stored states of `job_types` (from the write queue or SQLite)."""
         if not job_types:
             return {}
@@ -217,7 +218,12 @@ class StateManager:
         if position is not None:
             offsets[self._settings.topics.state] = position
         store.record_batch(
-            number, outcome.runs.values(), outcome.states.items(), offsets, outcome.tombstones
+            number,
+            outcome.runs.values(),
+            outcome.changed.items(),
+            offsets,
+            outcome.tombstones,
+            outcome.entries,
         )
         self._metrics.sqlite_backlog.set(store.backlog)
         if store.backlog > self._settings.batch_max_records:

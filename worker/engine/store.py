@@ -36,12 +36,15 @@ from pydantic_core import to_json
 from schemas import RunStatus, StatusEvent
 from worker.core.lifecycle import JobState, load_state
 from worker.core.runs import RunRow, new_row, run_change
+from worker.engine import stored
 
 log = structlog.get_logger("worker")
 
 # `PRAGMA user_version` of the files this code writes. A file reading 0 is new, or was made
-# before versions were recorded (with version 1's schema); it is stamped on open.
-SCHEMA_VERSION = 1
+# before versions were recorded (with version 1's schema); it is stamped on open. Version 2
+# keeps each job state's window entries as rows (`worker.engine.stored`); a version 1 file
+# is converted when it is opened (`_migrate`).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -68,6 +71,14 @@ CREATE TABLE IF NOT EXISTS job_states (
     state     BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_states_by_partition ON job_states (partition);
+-- a job state's window entries (`worker.engine.stored`): kind d (idempotency), e (ended runs)
+CREATE TABLE IF NOT EXISTS window_entries (
+    job_type TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    number   INTEGER NOT NULL,
+    entry    BLOB NOT NULL,
+    PRIMARY KEY (job_type, kind, number)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS applied_offsets (
     topic       TEXT NOT NULL,
     partition   INTEGER NOT NULL,
@@ -99,6 +110,15 @@ _BUSY_TIMEOUT_S = 60.0
 _PUT_STATE = (
     "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
     "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, state = excluded.state"
+)
+_PUT_ENTRY = (
+    "INSERT OR REPLACE INTO window_entries (job_type, kind, number, entry) VALUES (?, ?, ?, ?)"
+)
+_DROP_ENTRY = "DELETE FROM window_entries WHERE job_type = ? AND kind = ? AND number = ?"
+_JOB_ENTRIES = "DELETE FROM window_entries WHERE job_type = ?"
+_PARTITION_ENTRIES = (
+    "DELETE FROM window_entries "
+    "WHERE job_type IN (SELECT job_type FROM job_states WHERE partition = ?)"
 )
 _PUT_OFFSET = (
     "INSERT INTO applied_offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
@@ -217,7 +237,9 @@ class _Pending:
     # Runs that ended, whose start was queued before these batches: their row is in the file
     # (or is being written), so the end is written as an update (`_END_RUN`).
     ended: set[str] = field(default_factory=set)
-    states: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # (partition, JSON)
+    states: dict[str, tuple[int, JobState]] = field(default_factory=dict)  # (partition, state)
+    # (job type, kind, number) -> entry JSON, or None: it left its window
+    entries: dict[tuple[str, str, int], bytes | None] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
     tombstoned: list[str] = field(default_factory=list)
 
@@ -285,6 +307,8 @@ async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(_SCHEMA)
         if version < SCHEMA_VERSION:
+            await db.execute("BEGIN IMMEDIATE")
+            await _migrate(db, path)
             await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         await db.commit()
     except StoreError:
@@ -293,6 +317,39 @@ async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None
         if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
             raise _Damaged(str(exc)) from exc
         raise StoreError(f"cannot open the SQLite file {path}: {exc}") from exc
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Version 1 to 2: each job state whose windows are numbered keeps its head in
+    `job_states` and its entries as rows; one that does not validate, or is not numbered
+    yet, stays whole (`stored.split`), as a version 2 file may hold it."""
+    moved, after = 0, ""
+    while chunk := list(
+        await db.execute_fetchall(  # a chunk at a time: states may be large
+            "SELECT job_type, state FROM job_states WHERE job_type > ? ORDER BY job_type LIMIT ?",
+            (after, _CHUNK),
+        )
+    ):
+        after = chunk[-1][0]
+        heads: list[tuple[bytes, str]] = []
+        entries: list[tuple[str, str, int, bytes]] = []
+        for job_type, state in chunk:
+            try:
+                head, found = stored.split(bytes(state))
+            except ValueError:
+                continue
+            if found:
+                heads.append((head, job_type))
+                entries.extend((job_type, kind, number, e) for kind, number, e in found)
+        await db.executemany("UPDATE job_states SET state = ? WHERE job_type = ?", heads)
+        await db.executemany(_PUT_ENTRY, entries)
+        moved += len(heads)
+    if moved:
+        log.info(
+            "SQLite file converted to schema version 2: window entries as rows",
+            path=str(path),
+            job_types=moved,
+        )
 
 
 async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
@@ -362,6 +419,33 @@ async def _writing(db: aiosqlite.Connection, path: str) -> AsyncIterator[None]:
         ) from exc
 
 
+async def _read_states(db: aiosqlite.Connection, where: str, params: list[Any]) -> dict[str, bytes]:
+    """The JSON (`dump_state`'s shape) of the job states `where` selects, from their heads
+    and window entries, read in one statement (one snapshot, one trip to `db`'s thread)."""
+    rows = await db.execute_fetchall(
+        f"WITH h AS (SELECT job_type, state FROM job_states WHERE {where}) "
+        "SELECT job_type, '', 0, state FROM h UNION ALL "
+        "SELECT job_type, kind, number, entry FROM window_entries JOIN h USING (job_type) "
+        "ORDER BY 1, 2, 3",
+        params,
+    )
+    found: dict[str, bytes] = {}
+    entries: list[tuple[str, bytes]] = []
+    job_type = ""
+    for name, kind, _, value in rows:
+        if not kind:  # a head: the entries of the one before are complete
+            if entries:
+                found[job_type] = stored.whole(found[job_type], entries)
+                entries = []
+            job_type = name
+            found[name] = bytes(value)
+        else:
+            entries.append((kind, bytes(value)))
+    if entries:
+        found[job_type] = stored.whole(found[job_type], entries)
+    return found
+
+
 class Store:
     """The worker's SQLite file. Open with `await Store.open(path)`; close with `close()`."""
 
@@ -420,11 +504,8 @@ class Store:
         SQLite looks into each state's JSON, so the idle ones (nearly all, with a long
         history) are neither sent over nor parsed.
         """
-        async with self._db.execute(
-            f"SELECT job_type, state FROM job_states WHERE partition = ? AND ({_BUSY})",
-            (partition,),
-        ) as cursor:
-            return {job_type: load_state(state) async for job_type, state in cursor}
+        found = await _read_states(self._db, f"partition = ? AND ({_BUSY})", [partition])
+        return {job_type: load_state(state) for job_type, state in found.items()}
 
     async def job_types(self, partition: int) -> AsyncIterator[list[str]]:
         """Every job type recorded on `partition`, a chunk at a time."""
@@ -434,12 +515,13 @@ class Store:
             while rows := await cursor.fetchmany(_CHUNK):
                 yield [job_type for (job_type,) in rows]
 
-    async def load_states(self, job_types: Iterable[str]) -> dict[str, bytes]:
-        """The serialized state (`dump_state`) of those of `job_types` that have one.
+    async def load_states(self, job_types: Iterable[str]) -> dict[str, JobState | bytes]:
+        """The state of those of `job_types` that have one: as queued (a `JobState`), or
+        serialized (`dump_state`'s shape) from the file.
 
         Queued states count: the latest queued or being-written state wins over the file's.
         """
-        found: dict[str, bytes] = {}
+        found: dict[str, JobState | bytes] = {}
         rest: list[str] = []
         for job_type in job_types:
             for queued in (self._pending, self._writing):
@@ -448,16 +530,15 @@ class Store:
                     break
             else:
                 rest.append(job_type)
-        reader = await self._reading_connection() if rest else self._db
+        if not rest:
+            return found
+        reader = await self._reading_connection()
         # What is not queued was committed before this call (`_writing` is cleared only after
         # the commit), so the reader's snapshot has it.
         for i in range(0, len(rest), 500):
             chunk = rest[i : i + 500]
             marks = ", ".join("?" * len(chunk))
-            rows = await reader.execute_fetchall(  # one trip to the reader's thread
-                f"SELECT job_type, state FROM job_states WHERE job_type IN ({marks})", chunk
-            )
-            found.update((job_type, bytes(state)) for job_type, state in rows)
+            found.update(await _read_states(reader, f"job_type IN ({marks})", chunk))
         return found
 
     async def _reading_connection(self) -> aiosqlite.Connection:
@@ -479,11 +560,15 @@ class Store:
         self,
         partition: int,
         runs: Iterable[RunRow],
-        states: Iterable[tuple[str, bytes]],
+        states: Iterable[tuple[str, JobState]],
         next_offsets: Mapping[str, int],
         tombstoned: Iterable[str] = (),
+        entries: Iterable[tuple[str, bytes, int, bytes | None]] = (),
     ) -> None:
         """Queue one processed batch of `partition` for writing; `flush` waits for it.
+
+        `states` are the job states the batch changed, `entries` the window changes they
+        took: (job type, kind, number, entry JSON or None: it left), `changelog.Change`s.
 
         Batches queued while a write is in progress are merged (later rows win) and written
         together in one SQLite transaction, with their applied offsets, so the file always
@@ -502,6 +587,9 @@ class Store:
             held[run_id] = row
         for job_type, state in states:
             pending.states[job_type] = (partition, state)
+        queued = pending.entries
+        for job_type, kind, number, entry in entries:
+            queued[(job_type, kind.decode(), number)] = entry
         for topic, offset in next_offsets.items():
             pending.offsets[(topic, partition)] = offset
         pending.tombstoned.extend(tombstoned)
@@ -543,13 +631,24 @@ class Store:
                     )
                 await self._db.executemany(
                     _PUT_STATE,
-                    [(job_type, p, state) for job_type, (p, state) in pending.states.items()],
+                    [(j, p, stored.head(state)) for j, (p, state) in pending.states.items()],
                 )
+                await self._write_entries(pending.entries)
                 await self._db.executemany(
                     _PUT_OFFSET, [(t, p, o) for (t, p), o in pending.offsets.items()]
                 )
                 await self._db.commit()
             self._writing = None
+
+    async def _write_entries(self, entries: Mapping[tuple[str, str, int], bytes | None]) -> None:
+        if not entries:
+            return
+        gone = [key for key, entry in entries.items() if entry is None]
+        if gone:
+            await self._db.executemany(_DROP_ENTRY, gone)
+        await self._db.executemany(
+            _PUT_ENTRY, [(*key, entry) for key, entry in entries.items() if entry is not None]
+        )
 
     async def _write_runs(self, pending: _Pending) -> None:
         """The queued run rows: whole, or as an end over the row of a run's start."""
@@ -582,13 +681,14 @@ class Store:
     async def replace_partition(
         self,
         partition: int,
-        states: Iterable[tuple[str, bytes]],
+        states: Iterable[tuple[str, bytes, list[stored.Entry]]],
         runs: Iterable[RunRow],
         next_offsets: Mapping[str, int],
         wanted: Callable[[], None] | None = None,
     ) -> int:
         """Replace what is known of `partition` by a snapshot restored from the changelog:
-        (job type, `dump_state` JSON) pairs and run rows, consumed a chunk at a time.
+        job states as stored (job type, head JSON, window entries:
+        `PartitionSnapshot.for_sqlite`) and run rows, consumed a chunk at a time.
 
         A run this file still shows RUNNING or QUEUED that the snapshot does not hold ended
         under another owner longer than the run retention ago (its row was tombstoned): how
@@ -597,6 +697,7 @@ class Store:
         `Abandoned` to stop; that and a state that does not validate roll the write back.
         """
         async with self._lock, _writing(self._db, self._path):
+            await self._db.execute(_PARTITION_ENTRIES, (partition,))
             await self._db.execute("DELETE FROM job_states WHERE partition = ?", (partition,))
             await self._db.execute("UPDATE runs SET retained = 0 WHERE partition = ?", (partition,))
             try:
@@ -609,9 +710,16 @@ class Store:
                     (partition, RunStatus.RUNNING, RunStatus.QUEUED),
                 )
                 stale = cursor.rowcount
-                for pairs in _chunks(states, _CHUNK):
+                for some in _chunks(states, _CHUNK):
                     await self._db.executemany(
-                        _PUT_STATE, [(job_type, partition, state) for job_type, state in pairs]
+                        _PUT_STATE, [(job_type, partition, head) for job_type, head, _ in some]
+                    )
+                    await self._db.executemany(  # a job type that moved here from another
+                        _JOB_ENTRIES, [(job_type,) for job_type, _, _ in some]
+                    )
+                    await self._db.executemany(
+                        _PUT_ENTRY,
+                        [(job_type, *e) for job_type, _, entries in some for e in entries],
                     )
             except (Abandoned, ValueError):  # stopped, or a damaged state: nothing written
                 await self._db.rollback()

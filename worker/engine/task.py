@@ -7,15 +7,17 @@ no Kafka client: the live worker and `verify` drive the same task, so an audit r
 with exactly the code that decided.
 
 Memory follows the work in flight: job types with an active or queued run stay parsed; idle
-ones leave after their batch (`evict_idle`) and are loaded back when a record names them
-(`wanted_states` / `add_states`). A Bloom filter of stored job types spares a new job type
-that lookup.
+ones stay while they were used recently (`IdleStates`, bounded by the window entries they
+hold) and otherwise leave after their batch (`evict_idle`), to be loaded back when a record
+names them (`wanted_states` / `add_states`). A Bloom filter of stored job types spares a new
+job type that lookup.
 """
 
 from __future__ import annotations
 
 import heapq
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -33,7 +35,6 @@ from worker.core.lifecycle import (
     Limits,
     decide,
     decision_clock,
-    dump_state,
     load_state,
     overdue,
     stream_time,
@@ -104,8 +105,9 @@ class BatchOutcome:
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     changed: dict[str, JobState] = field(default_factory=dict)
     before: dict[str, JobState] = field(default_factory=dict)  # of `changed`, as they were
-    states: dict[str, bytes] = field(default_factory=dict)  # `changed`, serialized (SQLite)
     state_rows: list[changelog.Row] = field(default_factory=list)  # `changed`, changelog
+    # The window changes of `changed`, by job type (the changelog's entries, for SQLite)
+    entries: list[tuple[str, bytes, int, bytes | None]] = field(default_factory=list)
     runs: dict[str, RunRow] = field(default_factory=dict)
     tombstones: list[str] = field(default_factory=list)
     reroutes: list[tuple[InputRecord, Reroute]] = field(default_factory=list)
@@ -170,6 +172,44 @@ def known_filter(job_types: Iterable[str] = ()) -> Bloom:
     return known
 
 
+# What the idle job states a partition keeps parsed may hold: window entries plus a few per
+# state (each entry is a few hundred bytes parsed, so about 10 MB). A job type with full
+# windows is 1,256 entries: loading it back (SQLite, then parsing) took 2-3 ms, which a
+# workload of a few busy job types paid on every start (`jobctl bench --growth 10`).
+IDLE_BUDGET = 32_768
+_STATE_COST = 4  # a state's own objects, in entries
+
+
+class IdleStates:
+    """The idle job states a task keeps parsed, least recently used first out once they
+    hold more than `budget` (window entries; `_STATE_COST` per state besides)."""
+
+    def __init__(self, budget: int = IDLE_BUDGET) -> None:
+        self.budget = budget
+        self._costs: OrderedDict[str, int] = OrderedDict()
+        self._held = 0
+
+    def keep(self, job_type: str, state: JobState) -> list[str]:
+        """Keep `job_type` (idle, as `state`) as the most recently used; returns the job
+        types that leave to make room."""
+        cost = _STATE_COST + len(state.decided) + len(state.ended)
+        self._held += cost - self._costs.pop(job_type, 0)
+        self._costs[job_type] = cost
+        gone: list[str] = []
+        while self._held > self.budget and self._costs:
+            name, freed = self._costs.popitem(last=False)
+            self._held -= freed
+            gone.append(name)
+        return gone
+
+    def drop(self, job_type: str) -> None:
+        """`job_type` is busy again (or gone): it no longer counts."""
+        self._held -= self._costs.pop(job_type, 0)
+
+    def __len__(self) -> int:
+        return len(self._costs)
+
+
 def _idle(held: JobState | bytes) -> bool:
     """Whether a job type has no active or queued run (its state can live in SQLite alone)."""
     return isinstance(held, bytes) or not (held.active or held.queue)
@@ -221,12 +261,13 @@ class PartitionTask:
         self.number = number
         self.rules = rules
         # Job types with an active or queued run, plus idle ones a batch has loaded
-        # (serialized with `dump_state`) until `evict_idle`.
+        # (serialized in `dump_state`'s shape, or as queued for SQLite) until `evict_idle`.
         self.runs = {r.run_id: r for r in runs}  # running and queued runs, by run ID
         self.rows = changelog.StateRows(self.runs)
         self.jobs: dict[str, JobState | bytes] = {
             job_type: self.rows.loaded(job_type, state) for job_type, state in (jobs or {}).items()
         }
+        self.idle = IdleStates()
         self.retained = retained if retained is not None else Retained()
         self.applied = dict(applied or {})  # input topic -> next offset to apply
         self.known = known if known is not None else known_filter()
@@ -260,16 +301,27 @@ class PartitionTask:
         names = (k.decode("utf-8", "replace") for k in keys)
         return [j for j in names if j not in self.jobs and j in self.known]
 
-    def add_states(self, states: dict[str, bytes]) -> None:
-        """Hold loaded (serialized) job states until `evict_idle`."""
+    def add_states(self, states: dict[str, JobState | bytes]) -> None:
+        """Hold loaded job states (serialized, or as queued for SQLite) until `evict_idle`."""
         self.jobs.update(states)
 
     def evict_idle(self, job_types: Iterable[str]) -> None:
-        """Let those of `job_types` without active or queued runs leave memory."""
+        """Of `job_types`, keep the idle ones recently used (`IdleStates`) and let the rest,
+        and any left serialized, leave memory."""
+        jobs, idle = self.jobs, self.idle
         for job_type in job_types:
-            held = self.jobs.get(job_type)
-            if held is not None and _idle(held):
-                del self.jobs[job_type]
+            held = jobs.get(job_type)
+            if held is None:
+                continue
+            if isinstance(held, bytes):
+                del jobs[job_type]
+            elif held.active or held.queue:
+                idle.drop(job_type)
+            else:
+                for gone in idle.keep(job_type, held):
+                    kept = jobs.get(gone)
+                    if kept is not None and _idle(kept):
+                        del jobs[gone]
 
     def apply(
         self,
@@ -444,9 +496,10 @@ class PartitionTask:
         if not self.settings_logged and (outcome.events or outcome.changed):
             outcome.settings_row = rulebook.settings_row(digest, document)
         for job_type, state in outcome.changed.items():
-            outcome.states[job_type] = dump_state(state)
-            outcome.state_rows.extend(self.rows.of(job_type, outcome.before[job_type], state))
-        self.known.update(outcome.states)
+            rows, changes = self.rows.of(job_type, outcome.before[job_type], state)
+            outcome.state_rows.extend(rows)
+            outcome.entries.extend((job_type, *change) for change in changes)
+        self.known.update(outcome.changed)
         if self.stream_time is not None:
             horizon = self.stream_time - self.rules.retention
             outcome.tombstones.extend(self.retained.expire(horizon))
