@@ -207,6 +207,24 @@ class IdleStates:
         """`job_type` is busy again (or gone): it no longer counts."""
         self._held -= self._costs.pop(job_type, 0)
 
+    def evict(self, jobs: dict[str, JobState | bytes], job_types: Iterable[str]) -> None:
+        """Of `job_types` in `jobs` (a task's), keep the idle ones as recently used, drop
+        the busy ones from the count, and let what leaves the budget, and any state left
+        serialized, leave `jobs`."""
+        for job_type in job_types:
+            held = jobs.get(job_type)
+            if held is None:
+                continue
+            if isinstance(held, bytes):
+                del jobs[job_type]
+            elif held.active or held.queue:
+                self.drop(job_type)
+            else:
+                for gone in self.keep(job_type, held):
+                    kept = jobs.get(gone)
+                    if kept is not None and _idle(kept):
+                        del jobs[gone]
+
     def __len__(self) -> int:
         return len(self._costs)
 
@@ -309,20 +327,7 @@ class PartitionTask:
     def evict_idle(self, job_types: Iterable[str]) -> None:
         """Of `job_types`, keep the idle ones recently used (`IdleStates`) and let the rest,
         and any left serialized, leave memory."""
-        jobs, idle = self.jobs, self.idle
-        for job_type in job_types:
-            held = jobs.get(job_type)
-            if held is None:
-                continue
-            if isinstance(held, bytes):
-                del jobs[job_type]
-            elif held.active or held.queue:
-                idle.drop(job_type)
-            else:
-                for gone in idle.keep(job_type, held):
-                    kept = jobs.get(gone)
-                    if kept is not None and _idle(kept):
-                        del jobs[gone]
+        self.idle.evict(self.jobs, job_types)
 
     def apply(
         self,

@@ -1,0 +1,397 @@
+"""The worker's SQLite file: its schema and statements, how rows are bound, and how it is
+opened (locked, checked, converted from an earlier schema version, moved aside when damaged).
+
+The file carries its schema version (`PRAGMA user_version`, `SCHEMA_VERSION`). The worker
+opens it exclusively: it locks `<file>.lock` (one worker per file), checks the whole file
+(`PRAGMA quick_check`), and moves a damaged one aside (`<file>.damaged-<UTC time>`, with its
+-wal and -shm) to start empty: the file holds only a prefix of what Kafka committed, so
+every partition is then restored from the changelog. A file from a newer schema version,
+or locked by another worker, is refused with a `StoreError`, left as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import structlog
+from pydantic_core import to_json
+
+from schemas import RunStatus
+from worker.core.runs import RunRow
+from worker.engine import stored
+
+log = structlog.get_logger("worker")
+
+# `PRAGMA user_version` of the files this code writes. A file reading 0 is new, or was made
+# before versions were recorded (with version 1's schema); it is stamped on open. Version 2
+# keeps each job state's window entries as rows (`worker.engine.stored`); a version 1 file
+# is converted when it is opened (`_migrate`).
+SCHEMA_VERSION = 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id       TEXT PRIMARY KEY,
+    job_type     TEXT NOT NULL,
+    client_id    TEXT,
+    request_id   TEXT,
+    status       TEXT NOT NULL,
+    partition    INTEGER NOT NULL,
+    started_at   TEXT NOT NULL,
+    ended_at     TEXT,
+    initial_data TEXT NOT NULL,
+    metrics      TEXT,
+    reason       TEXT,
+    -- 1 while the run's row is in the changelog (not yet tombstoned)
+    retained     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_by_type ON runs (job_type, started_at);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+CREATE INDEX IF NOT EXISTS runs_retained ON runs (partition, retained);
+CREATE TABLE IF NOT EXISTS job_states (
+    job_type  TEXT PRIMARY KEY,
+    partition INTEGER NOT NULL,
+    state     BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_states_by_partition ON job_states (partition);
+-- a job state's window entries (`worker.engine.stored`): kind d (idempotency), e (ended runs)
+CREATE TABLE IF NOT EXISTS window_entries (
+    job_type TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    number   INTEGER NOT NULL,
+    entry    BLOB NOT NULL,
+    PRIMARY KEY (job_type, kind, number)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS applied_offsets (
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+# A job state's JSON with an active or queued run (`dump_state` writes both lists).
+BUSY = (
+    "json_array_length(CAST(state AS TEXT), '$.active') > 0 "
+    "OR json_array_length(CAST(state AS TEXT), '$.queue') > 0"
+)
+CHUNK = 5_000  # rows a time when a partition's history is read or restored
+
+
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+# How long a statement waits for another connection's write lock (a replay process's
+# transaction, a restore) before failing.
+BUSY_TIMEOUT_S = 60.0
+PUT_STATE = (
+    "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
+    "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, state = excluded.state"
+)
+PUT_ENTRY = (
+    "INSERT OR REPLACE INTO window_entries (job_type, kind, number, entry) VALUES (?, ?, ?, ?)"
+)
+DROP_ENTRY = "DELETE FROM window_entries WHERE job_type = ? AND kind = ? AND number = ?"
+JOB_ENTRIES = "DELETE FROM window_entries WHERE job_type = ?"
+PARTITION_ENTRIES = (
+    "DELETE FROM window_entries "
+    "WHERE job_type IN (SELECT job_type FROM job_states WHERE partition = ?)"
+)
+PUT_OFFSET = (
+    "INSERT INTO applied_offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+    "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset"
+)
+
+COLUMNS = (
+    "run_id, job_type, client_id, request_id, status, partition, started_at, ended_at, "
+    "initial_data, metrics, reason"
+)
+
+
+def dumps(value: object) -> str | None:
+    # pydantic-core's encoder: a seventh of the stdlib's time for these small dicts. Keys keep
+    # the order they arrived in, which the live worker, a restore and a replay all preserve.
+    return None if value is None else to_json(value).decode()
+
+
+# A run's identity columns never change; updating only the others leaves the by-type index
+# alone (INSERT OR REPLACE deleted and re-inserted the row and every index entry).
+UPSERT_RUN = (
+    f"INSERT INTO runs ({COLUMNS}, retained) VALUES ({', '.join('?' * 12)}) "
+    "ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, "
+    "started_at = excluded.started_at, partition = excluded.partition, "
+    "ended_at = excluded.ended_at, metrics = excluded.metrics, reason = excluded.reason, "
+    "retained = excluded.retained"
+)
+UPDATE_RUN = (
+    "UPDATE runs SET status = COALESCE(?, status), ended_at = COALESCE(?, ended_at), "
+    "metrics = COALESCE(?, metrics), reason = COALESCE(?, reason) WHERE run_id = ?"
+)
+# An ended run's row, over the row its start wrote: only the columns an end changes, so
+# neither the insert's key lookup nor the other indexes are touched (half an upsert's time).
+END_RUN = (
+    "UPDATE runs SET status = ?, ended_at = ?, metrics = ?, reason = ?, retained = 1 "
+    "WHERE run_id = ?"
+)
+
+
+def run_params(r: RunRow, *, retained: bool) -> list[Any]:
+    """`UPSERT_RUN` parameters of a row."""
+    return [
+        r.run_id,
+        r.job_type,
+        r.client_id,
+        r.request_id,
+        r.status,
+        r.partition,
+        r.started_at.isoformat(),
+        None if r.ended_at is None else r.ended_at.isoformat(),
+        dumps(r.initial_data),
+        dumps(r.metrics),
+        r.reason,
+        int(retained),
+    ]
+
+
+# Each `run_change` field: its position in an `UPSERT_RUN` row and in an `UPDATE_RUN` one,
+# and how it is stored.
+CHANGED: dict[str, tuple[int, int, Callable[[Any], Any]]] = {
+    "status": (4, 0, str),
+    "ended_at": (7, 1, datetime.isoformat),
+    "metrics": (9, 2, dumps),
+    "reason": (10, 3, str),
+}
+
+
+class StoreError(sqlite3.DatabaseError):
+    """The SQLite file cannot be used, or a write to it failed; the message is one line
+    naming the file. A `sqlite3.Error`, so a batch failing with it is the machine's fault,
+    never an input record's."""
+
+
+class _Damaged(Exception):
+    """The file is not a database, or is corrupt."""
+
+
+# SQLite's primary result codes for a file that is not a database or is corrupt; anything
+# else (locked, unreadable, a full disk) says nothing about the file's content.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def hold_lock(path: Path) -> int:
+    """Hold `<path>.lock` (flock, released when the descriptor closes): one worker per file."""
+    lock = Path(f"{path}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock file {lock}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if not isinstance(exc, BlockingIOError):
+            raise StoreError(f"cannot lock {lock}: {exc.strerror}") from None
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise StoreError(
+            f"{path} is in use by another worker: {lock} is locked{by}; "
+            "give each worker a SQLite file of its own (JOBS_DB_PATH)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None:
+    """Check `db`'s version (and with `check`, every page), then put the schema in place."""
+    try:
+        async with db.execute("PRAGMA user_version") as cursor:  # the first read of the file
+            row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {version}; this build knows versions up to "
+                f"{SCHEMA_VERSION}: run the build that wrote it (the file is left as it is)"
+            )
+        if check:
+            found = [str(r[0]) for r in await db.execute_fetchall("PRAGMA quick_check")]
+            if found != ["ok"]:
+                raise _Damaged("; ".join(found[:3]))
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.executescript(SCHEMA)
+        if version < SCHEMA_VERSION:
+            await db.execute("BEGIN IMMEDIATE")
+            await _migrate(db, path)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.commit()
+    except StoreError:
+        raise
+    except sqlite3.DatabaseError as exc:
+        if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
+            raise _Damaged(str(exc)) from exc
+        raise StoreError(f"cannot open the SQLite file {path}: {exc}") from exc
+
+
+async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
+    """Version 1 to 2: each job state whose windows are numbered keeps its head in
+    `job_states` and its entries as rows; one that does not validate, or is not numbered
+    yet, stays whole (`stored.split`), as a version 2 file may hold it."""
+    moved, after = 0, ""
+    while chunk := list(
+        await db.execute_fetchall(  # a chunk at a time: states may be large
+            "SELECT job_type, state FROM job_states WHERE job_type > ? ORDER BY job_type LIMIT ?",
+            (after, CHUNK),
+        )
+    ):
+        after = chunk[-1][0]
+        heads: list[tuple[bytes, str]] = []
+        entries: list[tuple[str, str, int, bytes]] = []
+        for job_type, state in chunk:
+            try:
+                head, found = stored.split(bytes(state))
+            except ValueError:
+                continue
+            if found:
+                heads.append((head, job_type))
+                entries.extend((job_type, kind, number, e) for kind, number, e in found)
+        await db.executemany("UPDATE job_states SET state = ? WHERE job_type = ?", heads)
+        await db.executemany(PUT_ENTRY, entries)
+        moved += len(heads)
+    if moved:
+        log.info(
+            "SQLite file converted to schema version 2: window entries as rows",
+            path=str(path),
+            job_types=moved,
+        )
+
+
+async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
+    """A connection to `path` with the schema in place; `_Damaged` or `StoreError` if not."""
+    db = await aiosqlite.connect(str(path), timeout=BUSY_TIMEOUT_S)
+    try:
+        await _prepare(db, path, check=check)
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename `path` (its -wal, -shm and -journal first) to `<path>.damaged-<UTC time>`."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for n in itertools.count(1):
+        if not any(Path(f"{target}{s}").exists() for s in ("", *_SIDE_FILES)):
+            break
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    # Side files first: a main file left without its WAL is an older, consistent snapshot
+    # (behind Kafka, so restored), where a WAL left without its file would be read into a
+    # new one.
+    for suffix in (*_SIDE_FILES, ""):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.rename(f"{target}{suffix}")
+    return target
+
+
+async def open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
+    """Connect to `path`; with `repair`, check every page and move a damaged file aside."""
+    try:
+        return await _connect(path, check=repair)
+    except _Damaged as damage:
+        if not repair:
+            raise StoreError(
+                f"{path} is damaged ({damage}); a worker started on it moves it aside and "
+                "restores its partitions from the changelog"
+            ) from None
+        reason = str(damage)
+    moved = _move_aside(path)
+    log.warning(
+        "the SQLite file is damaged: moved it aside and started an empty one; every "
+        "partition is restored from the changelog",
+        path=str(path),
+        moved_to=str(moved),
+        error=reason,
+    )
+    return await _connect(path, check=False)
+
+
+@contextlib.asynccontextmanager
+async def writing(db: aiosqlite.Connection, path: str) -> AsyncIterator[None]:
+    """A transaction of the worker's on `db`: rolled back if it fails, raised as a
+    `StoreError` (disk full, I/O error, corruption found while writing)."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as exc:
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await db.rollback()
+        raise StoreError(
+            f"writing the SQLite file {path} failed ({exc}); the worker stops without "
+            "committing more to Kafka, and its next start restores what the file lacks from "
+            "the changelog"
+        ) from exc
+
+
+async def read_states(db: aiosqlite.Connection, where: str, params: list[Any]) -> dict[str, bytes]:
+    """The JSON (`dump_state`'s shape) of the job states `where` selects, from their heads
+    and window entries, read in one statement (one snapshot, one trip to `db`'s thread)."""
+    rows = await db.execute_fetchall(
+        f"WITH h AS (SELECT job_type, state FROM job_states WHERE {where}) "
+        "SELECT job_type, '', 0, state FROM h UNION ALL "
+        "SELECT job_type, kind, number, entry FROM window_entries JOIN h USING (job_type) "
+        "ORDER BY 1, 2, 3",
+        params,
+    )
+    found: dict[str, bytes] = {}
+    entries: list[tuple[str, bytes]] = []
+    job_type = ""
+    for name, kind, _, value in rows:
+        if not kind:  # a head: the entries of the one before are complete
+            if entries:
+                found[job_type] = stored.whole(found[job_type], entries)
+                entries = []
+            job_type = name
+            found[name] = bytes(value)
+        else:
+            entries.append((kind, bytes(value)))
+    if entries:
+        found[job_type] = stored.whole(found[job_type], entries)
+    return found
+
+
+def run_row(r: Any) -> RunRow:
+    return RunRow(
+        run_id=r[0],
+        job_type=r[1],
+        client_id=r[2],
+        request_id=r[3],
+        status=RunStatus(r[4]),
+        partition=r[5],
+        started_at=datetime.fromisoformat(r[6]),
+        ended_at=None if r[7] is None else datetime.fromisoformat(r[7]),
+        initial_data=json.loads(r[8]),
+        metrics=None if r[9] is None else json.loads(r[9]),
+        reason=r[10],
+    )
+
+
+async def upsert_runs(db: aiosqlite.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
+    """Write `runs` whole (`UPSERT_RUN`)."""
+    await db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])

@@ -1,0 +1,185 @@
+"""The store's write-behind queue: committed batches merged and written in order.
+
+A batch is queued only after its Kafka commit; one writer task writes what accumulated in one
+SQLite transaction with the batches' applied offsets, so the file always holds a prefix of
+what Kafka committed. A failed write raises a `StoreError`, and nothing queued after it is
+written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import aiosqlite
+
+from worker.core.lifecycle import JobState
+from worker.core.runs import RunRow
+from worker.engine import stored
+from worker.engine.sqlfile import (
+    DROP_ENTRY,
+    END_RUN,
+    PUT_ENTRY,
+    PUT_OFFSET,
+    PUT_STATE,
+    dumps,
+    upsert_runs,
+    writing,
+)
+
+
+@dataclass
+class _Pending:
+    """Batches queued for writing, merged: later rows win, tombstones apply after rows."""
+
+    runs: dict[str, RunRow] = field(default_factory=dict)
+    # Runs that ended, whose start was queued before these batches: their row is in the file
+    # (or is being written), so the end is written as an update (`END_RUN`).
+    ended: set[str] = field(default_factory=set)
+    states: dict[str, tuple[int, JobState]] = field(default_factory=dict)  # (partition, state)
+    # (job type, kind, number) -> entry JSON, or None: it left its window
+    entries: dict[tuple[str, str, int], bytes | None] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
+    tombstoned: list[str] = field(default_factory=list)
+
+
+class WriteBehind:
+    """The queue of one store's connection; `lock` is the store's, for its transactions."""
+
+    def __init__(self, db: aiosqlite.Connection, path: str, lock: asyncio.Lock) -> None:
+        self._db = db
+        self._path = path
+        self._lock = lock
+        self._pending: _Pending | None = None
+        self._writing: _Pending | None = None  # being written by `_write_pending`
+        self._writer: asyncio.Task[None] | None = None
+
+    def queued_state(self, job_type: str) -> JobState | None:
+        """The latest state of `job_type` queued or being written, if any."""
+        for queued in (self._pending, self._writing):
+            if queued is not None and (held := queued.states.get(job_type)) is not None:
+                return held[1]
+        return None
+
+    def record_batch(
+        self,
+        partition: int,
+        runs: Iterable[RunRow],
+        states: Iterable[tuple[str, JobState]],
+        next_offsets: Mapping[str, int],
+        tombstoned: Iterable[str] = (),
+        entries: Iterable[tuple[str, bytes, int, bytes | None]] = (),
+    ) -> None:
+        """Queue one processed batch of `partition` for writing; `flush` waits for it.
+
+        `states` are the job states the batch changed, `entries` the window changes they
+        took: (job type, kind, number, entry JSON or None: it left), `changelog.Change`s.
+
+        Batches queued while a write is in progress are merged (later rows win) and written
+        together in one SQLite transaction, with their applied offsets, so the file always
+        holds a prefix of what was committed to Kafka.
+        """
+        if (failure := self.failure) is not None:
+            raise failure  # a write failed: what follows it must not be written either
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = _Pending()
+        held = pending.runs
+        for row in runs:
+            run_id = row.run_id
+            if row.ended_at is not None and run_id not in held:
+                pending.ended.add(run_id)
+            held[run_id] = row
+        for job_type, state in states:
+            pending.states[job_type] = (partition, state)
+        queued = pending.entries
+        for job_type, kind, number, entry in entries:
+            queued[(job_type, kind.decode(), number)] = entry
+        for topic, offset in next_offsets.items():
+            pending.offsets[(topic, partition)] = offset
+        pending.tombstoned.extend(tombstoned)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+
+    async def flush(self) -> None:
+        """Wait until every queued batch is written; raise the error of a failed write."""
+        while self._writer is not None:
+            writer = self._writer
+            await asyncio.shield(writer)  # raises the writer's error
+            if self._writer is writer:
+                return
+
+    @property
+    def backlog(self) -> int:
+        """Rows queued and not yet being written."""
+        pending = self._pending
+        return 0 if pending is None else len(pending.runs) + len(pending.states)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error of the last queued write, if it failed (nothing queued is written after)."""
+        writer = self._writer
+        if writer is None or not writer.done() or writer.cancelled():
+            return None
+        return writer.exception()
+
+    async def _write_pending(self) -> None:
+        while (pending := self._pending) is not None:
+            self._pending = None
+            self._writing = pending
+            async with self._lock, writing(self._db, self._path):
+                await self._write_runs(pending)
+                if pending.tombstoned:
+                    await self._db.executemany(
+                        "UPDATE runs SET retained = 0 WHERE run_id = ?",
+                        [(r,) for r in pending.tombstoned],
+                    )
+                await self._db.executemany(
+                    PUT_STATE,
+                    [(j, p, stored.head(state)) for j, (p, state) in pending.states.items()],
+                )
+                await self._write_entries(pending.entries)
+                await self._db.executemany(
+                    PUT_OFFSET, [(t, p, o) for (t, p), o in pending.offsets.items()]
+                )
+                await self._db.commit()
+            self._writing = None
+
+    async def _write_entries(self, entries: Mapping[tuple[str, str, int], bytes | None]) -> None:
+        if not entries:
+            return
+        gone = [key for key, entry in entries.items() if entry is None]
+        if gone:
+            await self._db.executemany(DROP_ENTRY, gone)
+        await self._db.executemany(
+            PUT_ENTRY, [(*key, entry) for key, entry in entries.items() if entry is not None]
+        )
+
+    async def _write_runs(self, pending: _Pending) -> None:
+        """The queued run rows: whole, or as an end over the row of a run's start."""
+        ended = pending.ended
+        rows = pending.runs
+        await upsert_runs(
+            self._db, (row for run_id, row in rows.items() if run_id not in ended), retained=True
+        )
+        if not ended:
+            return
+        ends = [rows[run_id] for run_id in ended]
+        cursor = await self._db.executemany(
+            END_RUN,
+            [
+                (
+                    r.status,
+                    r.ended_at.isoformat() if r.ended_at else None,
+                    dumps(r.metrics),
+                    r.reason,
+                    r.run_id,
+                )
+                for r in ends
+            ],
+        )
+        if cursor.rowcount < len(ends):
+            # A run started and ended in one batch has no row yet: write the ends whole
+            # (an upsert leaves the rows that were updated as they are now).
+            await upsert_runs(self._db, ends, retained=True)
