@@ -891,7 +891,7 @@ def bench(
         help="Seconds of latency measured after a new or restarted worker takes its partitions.",
     ),
     growth: str = typer.Option(
-        "1000,10000,100000,1000000",
+        "10,1000,10000,100000,1000000",
         "--growth",
         help="Job-type counts of the growth table, comma-separated; 'none' to skip it.",
     ),
