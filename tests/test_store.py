@@ -58,12 +58,12 @@ async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path
     """Later rows win, offsets move forward, and the file holds them once flushed."""
     store = await Store.open(tmp_path / "jobs.db")
     try:
-        store.record_batch(0, [run("r1")], [state("report")], {"jobs.requests": 5})
-        store.record_batch(
+        store.writes.record_batch(0, [run("r1")], [state("report")], {"jobs.requests": 5})
+        store.writes.record_batch(
             0, [run("r1", RunStatus.COMPLETED), run("r2")], [], {"jobs.requests": 9}, ["r0"]
         )
         await store.flush()
-        assert store.backlog == 0
+        assert store.writes.backlog == 0
         rows = {r.run_id: r.status for r in await store.runs()}
         assert rows == {"r1": RunStatus.COMPLETED, "r2": RunStatus.RUNNING}
         assert await store.applied_offsets(0) == {"jobs.requests": 9}
@@ -87,11 +87,11 @@ async def test_an_end_written_over_its_start_leaves_the_row_as_a_whole_write_wou
     updated = await Store.open(tmp_path / "updated.db")
     whole = await Store.open(tmp_path / "whole.db")
     try:
-        updated.record_batch(0, [run("r1")], [], {"jobs.requests": 1})
+        updated.writes.record_batch(0, [run("r1")], [], {"jobs.requests": 1})
         await updated.flush()  # the start is in the file before its end is queued
-        updated.record_batch(0, [ended, alone], [], {"jobs.results": 1})
+        updated.writes.record_batch(0, [ended, alone], [], {"jobs.results": 1})
         await updated.flush()
-        whole.record_batch(0, [ended, alone], [], {"jobs.results": 1})
+        whole.writes.record_batch(0, [ended, alone], [], {"jobs.results": 1})
         await whole.flush()
         assert await updated.runs() == await whole.runs() == [alone, ended]
         assert await updated.active_runs(0) == []
@@ -115,7 +115,7 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
             replace(run(r, RunStatus.COMPLETED), ended_at=AT + timedelta(seconds=s))
             for r, s in (("r-z", 1), ("r-a", 2))
         )
-        store.record_batch(
+        store.writes.record_batch(
             0,
             [run("r-running"), late, early],
             [
@@ -125,7 +125,9 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
             ],
             {},
         )
-        store.record_batch(1, [replace(run("r-other"), partition=1)], [state("elsewhere")], {})
+        store.writes.record_batch(
+            1, [replace(run("r-other"), partition=1)], [state("elsewhere")], {}
+        )
         await store.flush()
 
         busy = await store.busy_states(0)
@@ -153,9 +155,9 @@ async def test_states_are_readable_while_queued_and_after_they_are_written(
     try:
         old = JobState("report")
         newer = replace(old, queue=(Queued("r-q", "req-q", None, "", AT),))
-        store.record_batch(0, [], [("report", old)], {})
+        store.writes.record_batch(0, [], [("report", old)], {})
         await store.flush()
-        store.record_batch(0, [], [("report", newer)], {})
+        store.writes.record_batch(0, [], [("report", newer)], {})
         queued = await store.load_states(["report", "never-seen"])
         assert queued == {"report": newer}
         await store.flush()
@@ -171,12 +173,12 @@ async def test_a_failed_write_stops_the_queue(tmp_path: Path) -> None:
     store = await Store.open(tmp_path / "jobs.db")
     try:
         bad = replace(run("r1"), initial_data={"not json": object()})  # cannot be stored
-        store.record_batch(0, [bad], [], {"jobs.requests": 1})
+        store.writes.record_batch(0, [bad], [], {"jobs.requests": 1})
         with pytest.raises(PydanticSerializationError):
             await store.flush()
         assert isinstance(store.failure, PydanticSerializationError)
         with pytest.raises(PydanticSerializationError):
-            store.record_batch(0, [run("r2")], [], {"jobs.requests": 2})
+            store.writes.record_batch(0, [run("r2")], [], {"jobs.requests": 2})
         assert await store.applied_offsets(0) == {}
     finally:
         with pytest.raises(PydanticSerializationError):
@@ -194,7 +196,7 @@ async def test_concurrent_reads_open_one_reading_connection(tmp_path: Path) -> N
 
     before = sqlite_threads()
     store = await Store.open(tmp_path / "jobs.db")
-    store.record_batch(0, [], [state("a"), state("b")], {})
+    store.writes.record_batch(0, [], [state("a"), state("b")], {})
     await store.flush()
     results = await asyncio.gather(*(store.load_states([j]) for j in ("a", "b", "c")))
     assert [set(r) for r in results] == [{"a"}, {"b"}, set()]
@@ -212,7 +214,7 @@ async def test_a_restore_drops_runs_another_owner_ended_long_ago(tmp_path: Path)
     runs stay."""
     store = await Store.open(tmp_path / "jobs.db")
     try:
-        store.record_batch(
+        store.writes.record_batch(
             0, [run("gone"), run("kept"), run("done", RunStatus.COMPLETED)], [], {"x": 1}
         )
         await store.flush()
@@ -253,7 +255,7 @@ async def test_window_entries_are_rows_and_the_file_reads_back_every_state(
     store = await Store.open(tmp_path / "jobs.db")
     try:
         for before, after in steps:
-            store.record_batch(
+            store.writes.record_batch(
                 0,
                 [],
                 [("report", after)],

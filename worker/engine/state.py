@@ -217,7 +217,7 @@ class StateManager:
         offsets = dict(outcome.next_offsets)
         if position is not None:
             offsets[self._settings.topics.state] = position
-        store.record_batch(
+        store.writes.record_batch(
             number,
             outcome.runs.values(),
             outcome.changed.items(),
@@ -225,6 +225,6 @@ class StateManager:
             outcome.tombstones,
             outcome.entries,
         )
-        self._metrics.sqlite_backlog.set(store.backlog)
-        if store.backlog > self._settings.batch_max_records:
+        self._metrics.sqlite_backlog.set(store.writes.backlog)
+        if store.writes.backlog > self._settings.batch_max_records:
             await store.flush()

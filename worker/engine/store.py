@@ -109,7 +109,8 @@ class Store:
         # Each SQLite transaction is a sequence of awaits on one connection (queued writes,
         # a restore, replay), so they must not interleave.
         self._lock = asyncio.Lock()
-        self._queue = WriteBehind(db, path, self._lock)
+        # Committed batches queued for writing (`WriteBehind.record_batch`).
+        self.writes = WriteBehind(db, path, self._lock)
         # `load_states` reads through a connection (and thread) of its own, so a batch that
         # needs states does not queue behind the writes (WAL readers never wait for them).
         self._reader: aiosqlite.Connection | None = None
@@ -175,7 +176,7 @@ class Store:
         found: dict[str, JobState | bytes] = {}
         rest: list[str] = []
         for job_type in job_types:
-            if (queued := self._queue.queued_state(job_type)) is not None:
+            if (queued := self.writes.queued_state(job_type)) is not None:
                 found[job_type] = queued
             else:
                 rest.append(job_type)
@@ -205,31 +206,14 @@ class Store:
         ) as cursor:
             return {topic: offset async for topic, offset in cursor}
 
-    def record_batch(
-        self,
-        partition: int,
-        runs: Iterable[RunRow],
-        states: Iterable[tuple[str, JobState]],
-        next_offsets: Mapping[str, int],
-        tombstoned: Iterable[str] = (),
-        entries: Iterable[tuple[str, bytes, int, bytes | None]] = (),
-    ) -> None:
-        """Queue one committed batch of `partition` (`WriteBehind.record_batch`)."""
-        self._queue.record_batch(partition, runs, states, next_offsets, tombstoned, entries)
-
     async def flush(self) -> None:
         """Wait until every queued batch is written; raise the error of a failed write."""
-        await self._queue.flush()
-
-    @property
-    def backlog(self) -> int:
-        """Rows queued and not yet being written."""
-        return self._queue.backlog
+        await self.writes.flush()
 
     @property
     def failure(self) -> BaseException | None:
         """The error of the last queued write, if it failed (nothing queued is written after)."""
-        return self._queue.failure
+        return self.writes.failure
 
     async def replace_partition(
         self,
