@@ -27,7 +27,7 @@ from worker.core.lifecycle import (
     load_state,
 )
 from worker.core.runs import RunRow
-from worker.engine import changelog, stored
+from worker.engine import changelog, sqlfile, stored
 from worker.engine.store import SCHEMA_VERSION, Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
@@ -333,3 +333,22 @@ async def test_a_version_1_file_is_converted_and_reads_the_same(tmp_path: Path) 
         ("numbered", "e", 0),
     ]
     assert damaged == (b"{not json",)  # left as it was: loading it fails as before
+
+
+@pytest.mark.parametrize("where", [f"partition = ? AND ({sqlfile.BUSY})", "job_type IN (?, ?)"])
+def test_reading_states_looks_up_their_entries_and_scans_no_other(where: str) -> None:
+    """A read of a few job states must not walk every window entry of the file (millions
+    with a long history): SQLite searches the entries by job type, per state read."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(sqlfile.SCHEMA)
+        db.executemany(
+            sqlfile.PUT_ENTRY, [(f"t{i}", "d", n, b"{}") for i in range(200) for n in range(5)]
+        )
+        db.execute("ANALYZE")
+        params = (0,) if "partition" in where else ("t1", "t2")
+        plan = [r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sqlfile.states_sql(where)}", params)]
+    finally:
+        db.close()
+    assert "SEARCH w USING PRIMARY KEY (job_type=?)" in plan
+    assert not [step for step in plan if step.startswith("SCAN w")]

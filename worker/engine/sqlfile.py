@@ -349,16 +349,23 @@ async def writing(db: aiosqlite.Connection, path: str) -> AsyncIterator[None]:
         ) from exc
 
 
+def states_sql(where: str) -> str:
+    """The statement `read_states` runs: the heads `where` selects, then their entries, in
+    key order. The heads are read once and drive the join (CROSS JOIN keeps SQLite from
+    scanning every entry of the file instead)."""
+    return (
+        f"WITH h AS MATERIALIZED (SELECT job_type, state FROM job_states WHERE {where}) "
+        "SELECT job_type, '', 0, state FROM h UNION ALL "
+        "SELECT h.job_type, w.kind, w.number, w.entry "
+        "FROM h CROSS JOIN window_entries AS w ON w.job_type = h.job_type "
+        "ORDER BY 1, 2, 3"
+    )
+
+
 async def read_states(db: aiosqlite.Connection, where: str, params: list[Any]) -> dict[str, bytes]:
     """The JSON (`dump_state`'s shape) of the job states `where` selects, from their heads
     and window entries, read in one statement (one snapshot, one trip to `db`'s thread)."""
-    rows = await db.execute_fetchall(
-        f"WITH h AS (SELECT job_type, state FROM job_states WHERE {where}) "
-        "SELECT job_type, '', 0, state FROM h UNION ALL "
-        "SELECT job_type, kind, number, entry FROM window_entries JOIN h USING (job_type) "
-        "ORDER BY 1, 2, 3",
-        params,
-    )
+    rows = await db.execute_fetchall(states_sql(where), params)
     found: dict[str, bytes] = {}
     entries: list[tuple[str, bytes]] = []
     job_type = ""
