@@ -27,7 +27,6 @@ Entry = tuple[str, int, bytes]  # (kind "d" or "e", number, entry JSON)
 _STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
 _ADAPTERS: dict[str, TypeAdapter[Any]] = {"d": TypeAdapter(Decided), "e": TypeAdapter(EndedRun)}
 _WINDOWS = {"decided": True, "ended": True}
-KINDS = ("d", "e")  # the order `whole` puts them back in: `JobState.decided`, `ended`
 
 
 def head(state: JobState) -> bytes:
