@@ -140,3 +140,18 @@ def test_idle_job_states_stay_parsed_within_their_budget_least_recently_used_out
     assert set(task.jobs) == {"c", "d", "b"}
     assert len(task.idle) == 3
     assert task.wanted_states([start(9, 9_000, "a"), start(10, 9_001, "b")]) == ["a"]
+
+
+def test_an_idle_budget_of_zero_keeps_no_idle_state() -> None:
+    """`JOBS_IDLE_STATE_ENTRIES=0`: an idle job type leaves memory after its batch, as a busy
+    one that becomes idle does; a busy one stays."""
+    rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
+    task = PartitionTask(0, rules)
+    task.idle = IdleStates(budget=0)
+    outcome = task.apply([start(0, 1_000, "a"), start(1, 1_001, "b")])
+    run_id = next(e.run_id for e in outcome.events if e.job_type == "a") or ""
+    body = json.dumps({"job_type": "a", "run_id": run_id, "status": "completed"}).encode()
+    task.apply([InputRecord("results", "jobs.results", 0, 0, 1_002, b"a", body)])
+    task.evict_idle(["a", "b"])
+    assert set(task.jobs) == {"b"}  # "b" still runs
+    assert len(task.idle) == 0

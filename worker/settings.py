@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     ended_window: int = Field(
         default=256, ge=0, description="Ended runs remembered per job type for late results."
     )
+    idle_state_entries: int = Field(
+        default=16_384,
+        ge=0,
+        description="What the idle job states each partition keeps parsed may hold, in window "
+        "entries (a state counts 4 more; 90-250 bytes an entry), so a job type started again "
+        "soon is not read back from SQLite; 0 keeps none.",
+    )
     tick_s: float = Field(
         default=1.0, gt=0, description="How often idle partitions check for timed-out runs."
     )

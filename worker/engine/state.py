@@ -132,6 +132,7 @@ class StateManager:
             applied=applied,
             known=known,
         )
+        task.idle.budget = self._settings.idle_state_entries
         if self._settings.view_refresh_s:
             task.view.refresh = timedelta(seconds=self._settings.view_refresh_s)
         log.debug("partition loaded", partition=number, committed=committed, restored=restored)
