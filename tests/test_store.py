@@ -27,7 +27,7 @@ from worker.core.lifecycle import (
     load_state,
 )
 from worker.core.runs import RunRow
-from worker.engine import changelog, sqlfile, stored
+from worker.engine import sqlfile, stored
 from worker.engine.store import SCHEMA_VERSION, Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
@@ -260,7 +260,7 @@ async def test_window_entries_are_rows_and_the_file_reads_back_every_state(
                 [],
                 [("report", after)],
                 {},
-                entries=[("report", *c) for c in changelog.window_changes(before, after)],
+                entries=[("report", *c) for c in stored.window_changes(before, after)],
             )
             await store.flush()
         last = steps[-1][1]

@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
 from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
-from worker.core.lifecycle import Decided, EndedRun, JobState, Queued, Run, dump_state, load_state
+from worker.core.lifecycle import JobState, Queued, Run, dump_state, load_state
 from worker.core.runs import RunRow
 from worker.engine import stored
 from worker.kafkaio import read_until
@@ -53,10 +53,6 @@ _RUN = RUN_ROW_PREFIX
 SETTINGS_HEAD = b'{"row":"settings","settings":'
 _WINDOW_KEY = b"\x00w"
 _ENTRY = b'{"row":"window","v":1,"entry":'
-_WINDOWS: tuple[tuple[bytes, TypeAdapter[Any]], ...] = (
-    (b"d", TypeAdapter(Decided)),
-    (b"e", TypeAdapter(EndedRun)),
-)
 
 Row = tuple[bytes, bytes | None]  # (key, value); no value: a tombstone
 
@@ -83,7 +79,6 @@ def window_key(kind: bytes, number: int, job_type: str) -> bytes:
     return b"%s%s\x00%d\x00%s" % (_WINDOW_KEY, kind, number, job_type.encode())
 
 
-_STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
 _PAYLOAD = {"initial_data"}
 
 
@@ -101,38 +96,7 @@ def _head(state: JobState, has_row: Callable[[str], bool]) -> bytes:
             i: _PAYLOAD for i, r in enumerate(runs) if r.initial_data and has_row(r.run_id)
         }:
             leave_out[name] = payloads
-    return _STATE.dump_json(state, exclude=leave_out)
-
-
-Change = tuple[bytes, int, bytes | None]  # (window kind, entry number, entry JSON or None)
-
-
-def window_changes(before: JobState | None, after: JobState) -> list[Change]:
-    """The window entries a job type's state took going from `before` to `after`, and a
-    None for each that left, oldest first within each window.
-
-    `before` is None when `after`'s windows are not rows yet (a state an earlier version
-    wrote): every entry it holds is taken.
-    """
-    changes: list[Change] = []
-    windows = (
-        (after.decided, after.decided_next, before.decided if before is not None else None),
-        (after.ended, after.ended_next, before.ended if before is not None else None),
-    )
-    for (kind, adapter), (entries, end, old), old_end in zip(
-        _WINDOWS,
-        windows,
-        (before.decided_next, before.ended_next) if before is not None else (0, 0),
-        strict=True,
-    ):
-        first = end - len(entries)  # the number of the oldest entry held
-        written = first
-        if old is not None:
-            changes.extend((kind, n, None) for n in range(old_end - len(old), min(first, old_end)))
-            written = max(first, old_end)
-        for number in range(written, end):
-            changes.append((kind, number, adapter.dump_json(entries[number - first])))
-    return changes
+    return stored.STATE.dump_json(state, exclude=leave_out)
 
 
 def job_rows(
@@ -140,10 +104,10 @@ def job_rows(
     before: JobState | None,
     after: JobState,
     has_row: Callable[[str], bool] = lambda run_id: False,
-    changes: list[Change] | None = None,
+    changes: list[stored.Change] | None = None,
 ) -> list[Row]:
     """The rows of a job type's state going from `before` to `after`: its job row, a row per
-    window entry taken since, a tombstone per entry that left (`window_changes`, or the
+    window entry taken since, a tombstone per entry that left (`stored.window_changes`, or the
     `changes` already found).
 
     The job row leaves out the payload of each run for which `has_row` says its run row is
@@ -152,7 +116,7 @@ def job_rows(
     held = b"%d,%d" % (len(after.decided), len(after.ended))
     head = _HEAD + b'"held":[' + held + b'],"state":' + _head(after, has_row) + b"}"
     rows: list[Row] = [(job_type.encode(), head)]
-    for kind, number, entry in window_changes(before, after) if changes is None else changes:
+    for kind, number, entry in stored.window_changes(before, after) if changes is None else changes:
         value = None if entry is None else _ENTRY + entry + b"}"
         rows.append((window_key(kind, number, job_type), value))
     return rows
@@ -176,13 +140,13 @@ class StateRows:
 
     def of(
         self, job_type: str, before: JobState | None, after: JobState
-    ) -> tuple[list[Row], list[Change]]:
+    ) -> tuple[list[Row], list[stored.Change]]:
         """The rows of `job_type` going from `before` to `after` (`job_rows`), and the window
         changes they carry (for SQLite, which stores the same entries)."""
         if job_type in self._unnumbered:
             self._unnumbered.discard(job_type)
             before = None
-        changes = window_changes(before, after)
+        changes = stored.window_changes(before, after)
         return job_rows(job_type, before, after, self._runs.__contains__, changes), changes
 
 
@@ -284,7 +248,7 @@ class PartitionSnapshot:
             head = _HEAD_ROW.validate_json(value)
             entries: list[stored.Entry] = []
             for (kind, adapter), end, held in zip(
-                _WINDOWS,
+                stored.WINDOWS,
                 (head.state.decided_next, head.state.ended_next),
                 head.held,
                 strict=True,

@@ -3,8 +3,8 @@
 A job type's idempotency window holds up to a thousand entries and its ended-runs window a
 few hundred; every transition adds one and drops the oldest. Written inline, each change
 rewrote both windows (a full state is about 150 KB of JSON); as rows, a change writes the
-head and the entries that came and went, as the changelog does (`changelog.window_changes`,
-whose entry JSON both share).
+head and the entries that came and went, as the changelog does: `window_changes` finds them
+once for both, with the entry JSON both store.
 
 An entry is (kind, number, JSON): kind ``d`` (idempotency, `Decided`) or ``e`` (ended runs,
 `EndedRun`), numbered by `JobState.decided_next` / `ended_next`. A state whose windows are
@@ -24,14 +24,18 @@ from worker.core.lifecycle import Decided, EndedRun, JobState, load_state
 
 Entry = tuple[str, int, bytes]  # (kind "d" or "e", number, entry JSON)
 
-_STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
-_ADAPTERS: dict[str, TypeAdapter[Any]] = {"d": TypeAdapter(Decided), "e": TypeAdapter(EndedRun)}
-_WINDOWS = {"decided": True, "ended": True}
+STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
+# Each window's kind (as in changelog keys) and entry type, in `JobState` order.
+WINDOWS: tuple[tuple[bytes, TypeAdapter[Any]], ...] = (
+    (b"d", TypeAdapter(Decided)),
+    (b"e", TypeAdapter(EndedRun)),
+)
+_NO_WINDOWS = {"decided": True, "ended": True}
 
 
 def head(state: JobState) -> bytes:
     """`state`'s JSON without its windows (which keep their numbering fields)."""
-    return _STATE.dump_json(state, exclude=_WINDOWS)
+    return STATE.dump_json(state, exclude=_NO_WINDOWS)
 
 
 def whole(head_json: bytes, entries: Sequence[tuple[str, bytes]]) -> bytes:
@@ -50,17 +54,35 @@ def inline(state: JobState) -> bool:
     return state.decided_next < len(state.decided) or state.ended_next < len(state.ended)
 
 
-def entries_of(state: JobState) -> list[Entry]:
-    """Every entry of `state`'s windows, numbered (`state` must be numbered)."""
-    found: list[Entry] = []
-    for kind, window, end in (
-        ("d", state.decided, state.decided_next),
-        ("e", state.ended, state.ended_next),
+Change = tuple[bytes, int, bytes | None]  # (window kind, entry number, entry JSON or None)
+
+
+def window_changes(before: JobState | None, after: JobState) -> list[Change]:
+    """The window entries a job type's state took going from `before` to `after`, and a
+    None for each that left, oldest first within each window.
+
+    `before` is None when `after`'s windows are not rows yet (a state an earlier version
+    wrote): every entry it holds is taken.
+    """
+    changes: list[Change] = []
+    windows = (
+        (after.decided, after.decided_next, before.decided if before is not None else None),
+        (after.ended, after.ended_next, before.ended if before is not None else None),
+    )
+    for (kind, adapter), (entries, end, old), old_end in zip(
+        WINDOWS,
+        windows,
+        (before.decided_next, before.ended_next) if before is not None else (0, 0),
+        strict=True,
     ):
-        adapter = _ADAPTERS[kind]
-        first = end - len(window)
-        found.extend((kind, first + i, adapter.dump_json(e)) for i, e in enumerate(window))
-    return found
+        first = end - len(entries)  # the number of the oldest entry held
+        written = first
+        if old is not None:
+            changes.extend((kind, n, None) for n in range(old_end - len(old), min(first, old_end)))
+            written = max(first, old_end)
+        for number in range(written, end):
+            changes.append((kind, number, adapter.dump_json(entries[number - first])))
+    return changes
 
 
 def split(state_json: bytes) -> tuple[bytes, list[Entry]]:
@@ -69,4 +91,5 @@ def split(state_json: bytes) -> tuple[bytes, list[Entry]]:
     state = load_state(state_json)
     if inline(state):
         return state_json, []
-    return head(state), entries_of(state)
+    entries = window_changes(None, state)
+    return head(state), [(kind.decode(), n, e) for kind, n, e in entries if e is not None]

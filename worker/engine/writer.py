@@ -74,7 +74,7 @@ class WriteBehind:
         """Queue one processed batch of `partition` for writing; `flush` waits for it.
 
         `states` are the job states the batch changed, `entries` the window changes they
-        took: (job type, kind, number, entry JSON or None: it left), `changelog.Change`s.
+        took: (job type, kind, number, entry JSON or None: it left), `stored.Change`s.
 
         Batches queued while a write is in progress are merged (later rows win) and written
         together in one SQLite transaction, with their applied offsets, so the file always
