@@ -27,6 +27,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.alo_cpu_us_per_transition,
         report.baseline_records_per_s,
         report.floor_records_per_s,
+        report.floor_cpu_us_per_transition,
         report.latency_achieved_rate,
         report.latency_p50_ms,
         report.latency_p95_ms,
@@ -34,6 +35,10 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.librdkafka_p50_ms,
         report.librdkafka_p95_ms,
         report.librdkafka_p99_ms,
+        report.floor_latency_p50_ms,
+        report.floor_latency_p99_ms,
+        report.floor_librdkafka_p50_ms,
+        report.floor_librdkafka_p99_ms,
         report.joined_fresh_start_s,
         report.joined_fresh_p99_ms,
         report.joined_fresh_librdkafka_p99_ms,
@@ -57,6 +62,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert report.latency_librdkafka_seen == report.latency_requests
     assert report.librdkafka_p50_ms.median <= report.librdkafka_p95_ms.median
     assert report.librdkafka_p95_ms.median <= report.librdkafka_p99_ms.median
+    assert report.floor_latency_p50_ms.median <= report.floor_latency_p99_ms.median
     # A transition costs the worker some CPU, and less than a second of it.
     assert 0 < report.eos_cpu_us_per_transition.median < 1_000_000
     assert report.joined_seconds == 2.0
@@ -91,6 +97,8 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     Console(file=out, width=120).print(report.table())
     assert "exactly_once" in out.getvalue()
     assert "contract floor ÷ baseline" in out.getvalue()
+    assert "contract floor CPU" in out.getvalue()
+    assert "contract floor latency p99, librdkafka" in out.getvalue()
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()
     assert "peak RSS, restarted on them" in out.getvalue()
     assert "peak RSS, restoring them" in out.getvalue()

@@ -25,15 +25,19 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    fastest pass-through this client gives, not a strawman. Timed the same way, first to last output
    record seen. The ratio worker ÷ baseline says what the orchestrator's own work costs on
    top of the Kafka transactions it cannot avoid (one input record yields one transition).
-   The contract floor is the same loop doing the least the worker's contract asks of each
-   record, without deciding anything: validate it (pydantic, as the worker must to
-   dead-letter bad input), serialize one status event, send three records (the event and
-   two changelog records) and write one run row to SQLite behind the commit. Floor ÷
-   baseline bounds what any worker on this stack could reach on the same machine.
+   The contract floor (`worker.devtools.floor`) is the same loop doing the least the
+   worker's contract asks of each record, without deciding anything: validate it (pydantic,
+   as the worker must to dead-letter bad input), serialize one status event, send three
+   records (the event and two changelog records) and write one run row to SQLite behind the
+   commit. It runs as a process of its own on the same lifecycles as the worker, measured as
+   item 1 measures the worker (transitions/s, CPU µs per transition). Floor ÷ baseline and
+   the floor's CPU bound what any worker on this stack could reach on the same machine.
 3. End-to-end latency: from producing a request to its `started` event being visible to a
    read_committed consumer, at a fixed offered rate against a caught-up worker, seen by two
    consumers side by side: aiokafka (the one that plays the executor) and librdkafka
-   (confluent-kafka, its default fetch settings, `poll` in a thread of its own).
+   (confluent-kafka, its default fetch settings, `poll` in a thread of its own). The same
+   rounds, interleaved with the worker's, for the contract floor: the latency no worker on
+   this stack gets under on the same machine.
 4. Restore: a worker with an empty SQLite file rebuilds a 1-partition changelog holding
    `restore_runs` runs; the figure is the `seconds` of its "partition restored from
    changelog" log line. The changelog is written once and restored `rounds` times (a restore
@@ -95,28 +99,25 @@ import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiokafka
-import aiosqlite
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from rich.console import Console
 from rich.table import Table
 
-from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker.audit.replay import replay
 from worker.client.jobclient import JobClient
 from worker.client.view import window_of
+from worker.devtools.floor import PassThrough
 from worker.devtools.latency import BenchError as BenchError
 from worker.devtools.latency import Percentiles, RdkafkaTail, cpu_seconds, percentile
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
 from worker.engine import topics as topic_admin
-from worker.kafkaio import Outbox, connection, partitions_of, read_until
+from worker.kafkaio import connection, partitions_of, read_until
 from worker.settings import Settings, Topics
 
 _GUARANTEES = ("exactly_once", "at_least_once")
@@ -298,7 +299,8 @@ class BenchReport:
     alo_cpu_us_per_transition: Figure
     baseline_records_per_s: Figure
     eos_over_baseline: float  # worker EOS transitions/s ÷ baseline records/s (medians)
-    floor_records_per_s: Figure  # the contract floor (module docstring, item 2)
+    floor_records_per_s: Figure  # the contract floor (module docstring, item 2), transitions/s
+    floor_cpu_us_per_transition: Figure  # its process's CPU time ÷ transitions, in µs
     floor_over_baseline: float  # what any worker on this stack could reach at best
     latency_offered_rate: float
     latency_achieved_rate: Figure  # requests/s the paced producer actually sent
@@ -309,6 +311,13 @@ class BenchReport:
     librdkafka_p50_ms: Figure  # confluent-kafka, read_committed, its default fetch settings
     librdkafka_p95_ms: Figure
     librdkafka_p99_ms: Figure
+    # The same, for the contract floor in rounds interleaved with the worker's.
+    floor_latency_p50_ms: Figure
+    floor_latency_p95_ms: Figure
+    floor_latency_p99_ms: Figure
+    floor_librdkafka_p50_ms: Figure
+    floor_librdkafka_p95_ms: Figure
+    floor_librdkafka_p99_ms: Figure
     latency_aiokafka_seen: int  # of `latency_requests`, in the round that saw fewest
     latency_librdkafka_seen: int
     joined_seconds: float  # measured after a worker has taken its partitions
@@ -378,11 +387,14 @@ class BenchReport:
         row("worker CPU, at_least_once", self.alo_cpu_us_per_transition, "µs/transition")
         row("baseline", self.baseline_records_per_s, "records/s")
         single("exactly_once ÷ baseline", f"{self.eos_over_baseline:.2f}", "ratio")
-        row("contract floor", self.floor_records_per_s, "records/s")
+        row("contract floor", self.floor_records_per_s, "transitions/s")
+        row("contract floor CPU", self.floor_cpu_us_per_transition, "µs/transition")
         single("contract floor ÷ baseline", f"{self.floor_over_baseline:.2f}", "ratio")
-        for client, prefix in (("aiokafka", "latency"), ("librdkafka", "librdkafka")):
-            for q in ("p50", "p95", "p99"):
-                row(f"latency {q}, {client}", getattr(self, f"{prefix}_{q}_ms"), "ms", ",.1f")
+        for who, infix in (("", ""), ("contract floor ", "floor_")):
+            for client, prefix in (("aiokafka", "latency"), ("librdkafka", "librdkafka")):
+                for q in ("p50", "p95", "p99"):
+                    figure = getattr(self, f"{infix}{prefix}_{q}_ms")
+                    row(f"{who}latency {q}, {client}", figure, "ms", ",.1f")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
         for label in ("fresh", "restarted"):
             row(
@@ -484,10 +496,18 @@ def _timeout_for(records: int) -> float:
 
 
 class _Worker:
-    """`python -m worker.cli run` in a child process, its stderr parsed as JSON log lines."""
+    """`python -m worker.cli run` in a child process, its stderr parsed as JSON log lines;
+    or another module given as `command` (the contract floor's)."""
 
-    def __init__(self, env: dict[str, str], directory: Path, name: str) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        directory: Path,
+        name: str,
+        command: Sequence[str] = ("-m", "worker.cli", "run"),
+    ) -> None:
         self.env = env
+        self.command = tuple(command)
         self.directory = directory
         self.name = name
         self.proc: asyncio.subprocess.Process | None = None
@@ -502,9 +522,7 @@ class _Worker:
         self.spawned_at = time.perf_counter()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "worker.cli",
-            "run",
+            *self.command,
             env=self.env,
             cwd=self.directory,
             stdin=asyncio.subprocess.DEVNULL,
@@ -858,6 +876,13 @@ class _Bench:
         env.update({f"JOBS_{k.upper()}": v for k, v in settings.items()})
         return _Worker(env, self.tmp, name)
 
+    def floor(self, topics: Topics) -> _Worker:
+        """The contract floor (`worker.devtools.floor`) as a process, configured and
+        stopped as a worker is, on `topics` with an empty SQLite file of its own."""
+        floor = self.worker(topics, "exactly_once")
+        floor.command = ("-m", "worker.devtools.floor", str(self.options.partitions))
+        return floor
+
     async def read_all(self, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
         """Every committed record of `topic`, per partition, in offset order."""
         tps = await partitions_of(self.reader, topic)
@@ -989,16 +1014,16 @@ async def _throughput_round(
     bench: _Bench, guarantee: str, record: bool
 ) -> tuple[float, float, _Recorded | None]:
     """Transitions/s and the worker's CPU µs per transition of one round; the round's input
-    records when `record`.
+    records when `record`. `guarantee` "floor" runs the contract floor instead of a worker.
 
     The CPU time is the worker process's (user + system, all its threads) between the end of
     the first batch of events the tail reads and the end of the last, over the transitions
     read in between: start-up and shutdown are left out, idle ticks and GC under load are in.
     """
     o = bench.options
-    label = "eos" if guarantee == "exactly_once" else "alo"
+    label = {"exactly_once": "eos", "at_least_once": "alo"}.get(guarantee, guarantee)
     topics = await bench.topics(label, o.partitions)
-    worker = bench.worker(topics, guarantee)
+    worker = bench.floor(topics) if guarantee == "floor" else bench.worker(topics, guarantee)
     tail = await _run_lifecycles(bench, topics, worker, o.lifecycles, cpu=True)
     rate = (2 * o.lifecycles) / tail.elapsed
     cpu, transitions = tail.probed()
@@ -1016,84 +1041,9 @@ async def _throughput_round(
     return rate, cpu_us, recorded
 
 
-class _FloorWork:
-    """The contract floor's work per record (see the module docstring, item 2)."""
-
-    def __init__(self, topics: Topics, db: aiosqlite.Connection) -> None:
-        self.topics = topics
-        self.db = db
-        self.now = datetime.now(UTC)
-        self._rows: list[tuple[str, str, str, str]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def open(cls, topics: Topics, path: Path) -> _FloorWork:
-        db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute(
-            "CREATE TABLE runs (run_id TEXT PRIMARY KEY, job_type TEXT NOT NULL, "
-            "status TEXT NOT NULL, event TEXT NOT NULL)"
-        )
-        await db.commit()
-        return cls(topics, db)
-
-    def add(self, out: Outbox, partition: int, record: Any) -> tuple[str, str, str, str]:
-        """Validate `record`, send its event and two changelog records to `out`; its row."""
-        message: JobRequest | JobResult
-        if record.topic == self.topics.requests:
-            message = JobRequest.model_validate_json(record.value)
-            event_type, status = EventType.STARTED, RunStatus.RUNNING
-            run_id = f"{partition}.{record.offset}"
-        else:
-            message = JobResult.model_validate_json(record.value)
-            event_type, status, run_id = EventType.COMPLETED, RunStatus.COMPLETED, message.run_id
-        event = StatusEvent(
-            event_id=f"{record.topic}:{partition}:{record.offset}",
-            type=event_type,
-            status=status,
-            job_type=message.job_type,
-            run_id=run_id,
-            occurred_at=self.now,
-        )
-        value = event.model_dump_json().encode()
-        out.add(self.topics.status, partition, record.key, value)
-        out.add(self.topics.state, partition, record.key, value)
-        out.add(self.topics.state, partition, run_id.encode(), value)
-        return run_id, message.job_type, status, value.decode()
-
-    def committed(self, rows: list[tuple[str, str, str, str]]) -> None:
-        """Write the rows of a committed batch behind, one SQLite transaction at a time."""
-        self._rows.extend(rows)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
-
-    async def _write(self) -> None:
-        while self._rows:
-            rows, self._rows = self._rows, []
-            await self.db.executemany(
-                "INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET "
-                "status = excluded.status, event = excluded.event",
-                rows,
-            )
-            await self.db.commit()
-
-    async def close(self) -> int:
-        """Finish writing; how many rows were written."""
-        try:
-            if self._writer is not None:
-                await self._writer
-            async with self.db.execute("SELECT count(*) FROM runs") as cursor:
-                row = await cursor.fetchone()
-            return 0 if row is None else int(row[0])
-        finally:
-            await self.db.close()
-
-
-async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = False) -> float:
-    """Records/s of a raw transactional pass-through of `recorded`, sized like the worker;
-    with `floor`, of the contract floor."""
-    topics = await bench.topics("floor" if floor else "base", bench.options.partitions)
+async def _baseline_round(bench: _Bench, recorded: _Recorded) -> float:
+    """Records/s of a raw transactional pass-through of `recorded`, sized like the worker."""
+    topics = await bench.topics("base", bench.options.partitions)
     inputs = {"requests": topics.requests, "results": topics.results}
     async with _producer(bench.kafka, linger_ms=5) as copier:
         futures = [
@@ -1104,115 +1054,23 @@ async def _baseline_round(bench: _Bench, recorded: _Recorded, *, floor: bool = F
         ]
         await asyncio.gather(*futures)
     group = f"{topics.requests.removesuffix('.requests')}.baseline"
-    work = await _FloorWork.open(topics, bench.tmp / f"{group}.db") if floor else None
-    baseline = _PassThrough(bench, topics, group, work)
-    return await baseline.run(recorded.count)
-
-
-class _PassThrough:
-    """The worker's transactions, minus the worker: same records out through the same
-    batching `Outbox`, same offsets in, same client settings (the worker's defaults)."""
-
-    def __init__(self, bench: _Bench, topics: Topics, group: str, work: _FloorWork | None):
-        worker_settings = Settings.model_construct()
-        self.topics = topics
-        self.group = group
-        self.work = work
-        self.committed = 0
-        self.batch_max_records = bench.options.batch_max_records
-        self.producers = {
-            n: AIOKafkaProducer(
-                **bench.kafka,
-                transactional_id=f"{group}.{n}",
-                linger_ms=worker_settings.linger_ms,
-                max_batch_size=worker_settings.producer_batch_bytes,
-            )
-            for n in range(bench.options.partitions)
-        }
-        self.consumer = AIOKafkaConsumer(
-            **bench.kafka,
-            group_id=group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            max_poll_records=bench.options.batch_max_records,
-            fetch_max_wait_ms=worker_settings.fetch_max_wait_ms,
-        )
-        self.observer = _Tail(bench.kafka, topics.status, decode=False)
-
-    def tps(self, n: int) -> tuple[TopicPartition, TopicPartition]:
-        return TopicPartition(self.topics.requests, n), TopicPartition(self.topics.results, n)
-
-    async def pass_through(self, n: int, records: list[Any]) -> None:
-        """One partition's batch in one transaction."""
-        producer, work = self.producers[n], self.work
-        rows: list[tuple[str, str, str, str]] = []
-        await producer.begin_transaction()
-        try:
-            out = Outbox(producer)
-            for r in records:
-                if work is None:
-                    out.add(self.topics.status, n, r.key, r.value)
-                else:
-                    rows.append(work.add(out, n, r))
-            await out.flush()
-            offsets: dict[TopicPartition, int] = {}
-            for r in records:
-                tp = TopicPartition(r.topic, n)
-                offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-            await producer.send_offsets_to_transaction(offsets, self.group)
-            await producer.commit_transaction()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await producer.abort_transaction()
-            raise
-        finally:
-            self.consumer.resume(*self.tps(n))
-        self.committed += len(records)
-        if work is not None:
-            work.committed(rows)
-
-    async def run(self, total: int) -> float:
-        """Pass `total` records through; records/s as a downstream consumer saw them."""
-        consumer, observer = self.consumer, self.observer
-        tasks: list[asyncio.Task[None]] = []
-        await asyncio.gather(*(p.start() for p in self.producers.values()))
-        try:
-            await observer.start()
-            consumer.subscribe([self.topics.requests, self.topics.results])
-            await consumer.start()
-            async with asyncio.timeout(_timeout_for(total)):
-                while self.committed < total:
-                    batch = await consumer.getmany(
-                        timeout_ms=100, max_records=self.batch_max_records
-                    )
-                    by_partition: dict[int, list[Any]] = {}
-                    for tp, records in batch.items():
-                        by_partition.setdefault(tp.partition, []).extend(records)
-                    for n, records in by_partition.items():
-                        # Like the worker: N is paused while its transaction is in flight,
-                        # and the other partitions keep flowing.
-                        consumer.pause(*self.tps(n))
-                        tasks.append(asyncio.create_task(self.pass_through(n, records)))
-                    for task in tasks:
-                        if task.done() and task.exception() is not None:
-                            raise BenchError(f"baseline transaction failed: {task.exception()!r}")
-                    tasks = [t for t in tasks if not t.done()]
-            await observer.until(lambda: observer.count >= total, f"{total} records", 60)
-        finally:
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await consumer.stop()
-            await observer.stop()
-            await asyncio.gather(
-                *(p.stop() for p in self.producers.values()), return_exceptions=True
-            )
-            written = await self.work.close() if self.work is not None else total
-        if written != total:
-            raise BenchError(f"contract floor wrote {written} rows, expected {total}")
-        if observer.count != total:
-            raise BenchError(f"baseline produced {observer.count} records, expected {total}")
-        return total / observer.elapsed
+    o = bench.options
+    baseline = PassThrough(bench.kafka, topics, group, o.partitions, o.batch_max_records, None)
+    observer = _Tail(bench.kafka, topics.status, decode=False)
+    total = recorded.count
+    await baseline.start()
+    try:
+        await observer.start()
+        async with asyncio.timeout(_timeout_for(total)):
+            while baseline.committed < total:
+                await baseline.step()
+        await observer.until(lambda: observer.count >= total, f"{total} records", 60)
+    finally:
+        await baseline.stop()
+        await observer.stop()
+    if observer.count != total:
+        raise BenchError(f"baseline produced {observer.count} records, expected {total}")
+    return total / observer.elapsed
 
 
 async def _paced(
@@ -1284,17 +1142,22 @@ async def latency_round(
     bench: _Bench,
     observers: Callable[[Topics], Sequence[_Observer]],
     window: Callable[[_Worker], Awaitable[None]] | None = None,
+    floor: bool = False,
     **worker_settings: str,
 ) -> LatencyRound:
-    """Start requests at the offered rate against a caught-up exactly-once worker, after a
-    warm-up; each `started` event timed by the aiokafka reader that plays the executor and
-    by `observers(topics)`, side by side. `window(worker)` is awaited just before the
-    measured requests and once every reader has seen them."""
+    """Start requests at the offered rate against a caught-up exactly-once worker (or the
+    contract floor, with `floor`), after a warm-up; each `started` event timed by the
+    aiokafka reader that plays the executor and by `observers(topics)`, side by side.
+    `window(worker)` is awaited just before the measured requests and once every reader has
+    seen them."""
     o = bench.options
     topics = await bench.topics("lat", o.partitions)
     prefix = topics.requests.removesuffix(".requests")
     total = max(1, round(o.latency_rate * o.latency_seconds))
-    worker = bench.worker(topics, "exactly_once", **worker_settings)
+    if floor:
+        worker = bench.floor(topics)
+    else:
+        worker = bench.worker(topics, "exactly_once", **worker_settings)
     # linger 0: a request goes out as soon as it is due; batching would add latency.
     async with _producer(bench.kafka, linger_ms=0) as producer:
         tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), track=True)
@@ -1704,30 +1567,31 @@ async def with_bench(
 
 async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
     """The throughput figures of the report: transitions/s and CPU µs per transition of each
-    guarantee, baseline and floor records/s, and the ratios."""
+    guarantee and of the contract floor, baseline records/s, and the ratios."""
     o = bench.options
-    rates: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
-    cpu: dict[str, list[float]] = {g: [] for g in _GUARANTEES}
+    measured = (*_GUARANTEES, "floor")
+    rates: dict[str, list[float]] = {g: [] for g in measured}
+    cpu: dict[str, list[float]] = {g: [] for g in measured}
     baseline: list[float] = []
-    floor: list[float] = []
     recorded: _Recorded | None = None
     for r in range(o.rounds):
-        # Interleaved, so that both guarantees and the baseline see the same machine state.
-        for guarantee in _GUARANTEES:
+        # Interleaved, so that both guarantees, the floor and the baseline see the same
+        # machine state.
+        for guarantee in measured:
             rate, cpu_us, got = await _throughput_round(bench, guarantee, record=recorded is None)
             recorded = recorded or got
             rates[guarantee].append(rate)
             cpu[guarantee].append(cpu_us)
+            name = "contract floor" if guarantee == "floor" else guarantee
             bench.say(
-                f"round {r + 1}/{o.rounds} {guarantee}: {rate:,.0f} transitions/s, "
+                f"round {r + 1}/{o.rounds} {name}: {rate:,.0f} transitions/s, "
                 f"{cpu_us:,.0f} µs CPU per transition ({o.lifecycles:,} lifecycles)"
             )
         assert recorded is not None
         baseline.append(await _baseline_round(bench, recorded))
         bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
-        floor.append(await _baseline_round(bench, recorded, floor=True))
-        bench.say(f"round {r + 1}/{o.rounds} contract floor: {floor[-1]:,.0f} records/s")
-    eos, base, least = Figure.of(rates["exactly_once"]), Figure.of(baseline), Figure.of(floor)
+    eos, base = Figure.of(rates["exactly_once"]), Figure.of(baseline)
+    least = Figure.of(rates["floor"])
     return {
         "eos_transitions_per_s": eos,
         "alo_transitions_per_s": Figure.of(rates["at_least_once"]),
@@ -1736,6 +1600,7 @@ async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
         "baseline_records_per_s": base,
         "eos_over_baseline": eos.median / base.median,
         "floor_records_per_s": least,
+        "floor_cpu_us_per_transition": Figure.of(cpu["floor"]),
         "floor_over_baseline": least.median / base.median,
     }
 
@@ -1751,31 +1616,40 @@ def _figures(prefix: str, rounds: Sequence[Percentiles]) -> dict[str, Figure]:
 
 async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
     """The latency figures of the report: aiokafka's and librdkafka's read_committed
-    consumers side by side on the status topic (librdkafka with its default settings)."""
+    consumers side by side on the status topic (librdkafka with its default settings), for
+    the worker and, in rounds interleaved with its, for the contract floor."""
     o = bench.options
-    aiokafka_rounds: list[Percentiles] = []
-    rdkafka_rounds: list[Percentiles] = []
+    seen: dict[str, list[Percentiles]] = {}
     achieved: list[float] = []
     for r in range(o.rounds):
-        got = await latency_round(
-            bench, lambda t: [RdkafkaTail(bench.settings, t.status, o.partitions)]
-        )
-        aiokafka_rounds.append(Percentiles.between(got.sent, got.tail.started_seen))
-        rdkafka_rounds.append(Percentiles.between(got.sent, got.observers[0].started_seen))
-        achieved.append(got.achieved)
-        bench.say(
-            f"latency {r + 1}/{o.rounds} at {got.achieved:,.0f}/s: aiokafka "
-            f"{aiokafka_rounds[-1].line()}; librdkafka {rdkafka_rounds[-1].line()}"
-        )
+        for floor in (False, True) if r % 2 == 0 else (True, False):
+            got = await latency_round(
+                bench, lambda t: [RdkafkaTail(bench.settings, t.status, o.partitions)], floor=floor
+            )
+            label = "floor_" if floor else ""
+            aio = Percentiles.between(got.sent, got.tail.started_seen)
+            rdk = Percentiles.between(got.sent, got.observers[0].started_seen)
+            seen.setdefault(f"{label}latency", []).append(aio)
+            seen.setdefault(f"{label}librdkafka", []).append(rdk)
+            if not floor:
+                achieved.append(got.achieved)
+            bench.say(
+                f"latency {r + 1}/{o.rounds}{', contract floor' if floor else ''} at "
+                f"{got.achieved:,.0f}/s: aiokafka {aio.line()}; librdkafka {rdk.line()}"
+            )
+    figures: dict[str, Any] = {}
+    for prefix, rounds in seen.items():
+        figures.update(_figures(prefix, rounds))
     return {
         "latency_offered_rate": o.latency_rate,
         "latency_achieved_rate": Figure.of(achieved),
         "latency_requests": max(1, round(o.latency_rate * o.latency_seconds)),
-        **_figures("latency", aiokafka_rounds),
-        **_figures("librdkafka", rdkafka_rounds),
+        **figures,
         # Measured requests whose `started` each consumer saw, in the round that saw fewest.
-        "latency_aiokafka_seen": min(p.count for p in aiokafka_rounds),
-        "latency_librdkafka_seen": min(p.count for p in rdkafka_rounds),
+        "latency_aiokafka_seen": min(p.count for p in seen["latency"] + seen["floor_latency"]),
+        "latency_librdkafka_seen": min(
+            p.count for p in seen["librdkafka"] + seen["floor_librdkafka"]
+        ),
     }
 
 
