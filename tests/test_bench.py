@@ -45,6 +45,10 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.joined_restarted_start_s,
         report.joined_restarted_p99_ms,
         report.joined_restarted_librdkafka_p99_ms,
+        report.floor_joined_fresh_start_s,
+        report.floor_joined_fresh_p99_ms,
+        report.floor_joined_restarted_p99_ms,
+        report.floor_joined_restarted_librdkafka_p99_ms,
         report.restore_seconds,
         report.replay_records_per_s,
         report.client_start_ms,
@@ -107,3 +111,4 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "latency p99, librdkafka" in out.getvalue()
     assert "jobctl status, 300 ended runs, from its view mark" in out.getvalue()
     assert "restarted worker: p99, first 2 s, librdkafka" in out.getvalue()
+    assert "fresh contract floor: p99, first 2 s, aiokafka" in out.getvalue()

@@ -54,7 +54,8 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
 7. A worker that has just joined: the same offered rate for `joined_seconds` from the moment
    a worker has taken its partitions ("partitions assigned"), p99 request → `started` seen
    by both consumers; first with an empty SQLite file on fresh topics, then restarted on that
-   file and topics. Also the seconds from spawning the process to partitions taken.
+   file and topics. Also the seconds from spawning the process to partitions taken. The
+   same for the contract floor, in rounds interleaved with the worker's.
 8. Client calls on an idle system, as an application makes them: `JobClient.start_job` (a
    new job type each time, so each one starts a run), `is_job_running` and
    `get_running_job_info`, one after another against a caught-up worker; the median of
@@ -327,6 +328,13 @@ class BenchReport:
     joined_restarted_start_s: Figure  # the same, restarted on its SQLite file
     joined_restarted_p99_ms: Figure
     joined_restarted_librdkafka_p99_ms: Figure
+    # The same, for the contract floor in rounds interleaved with the worker's.
+    floor_joined_fresh_start_s: Figure
+    floor_joined_fresh_p99_ms: Figure
+    floor_joined_fresh_librdkafka_p99_ms: Figure
+    floor_joined_restarted_start_s: Figure
+    floor_joined_restarted_p99_ms: Figure
+    floor_joined_restarted_librdkafka_p99_ms: Figure
     restore_runs_requested: int
     restored_runs: int  # `runs` of the worker's restore log line
     restored_records: int  # changelog records read by the restore
@@ -396,20 +404,21 @@ class BenchReport:
                     figure = getattr(self, f"{infix}{prefix}_{q}_ms")
                     row(f"{who}latency {q}, {client}", figure, "ms", ",.1f")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
-        for label in ("fresh", "restarted"):
-            row(
-                f"{label} worker: spawn → partitions taken",
-                getattr(self, f"joined_{label}_start_s"),
-                "s",
-                ",.2f",
-            )
-            for client, infix in (("aiokafka", ""), ("librdkafka", "librdkafka_")):
+        for who, prefix in (("worker", "joined"), ("contract floor", "floor_joined")):
+            for label in ("fresh", "restarted"):
                 row(
-                    f"{label} worker: p99, first {self.joined_seconds:g} s, {client}",
-                    getattr(self, f"joined_{label}_{infix}p99_ms"),
-                    "ms",
-                    ",.1f",
+                    f"{label} {who}: spawn → partitions taken",
+                    getattr(self, f"{prefix}_{label}_start_s"),
+                    "s",
+                    ",.2f",
                 )
+                for client, infix in (("aiokafka", ""), ("librdkafka", "librdkafka_")):
+                    row(
+                        f"{label} {who}: p99, first {self.joined_seconds:g} s, {client}",
+                        getattr(self, f"{prefix}_{label}_{infix}p99_ms"),
+                        "ms",
+                        ",.1f",
+                    )
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
         single(
             f"peak RSS, {self.history_runs:,} runs (≤ {self.history_in_flight:,} in flight)",
@@ -876,10 +885,10 @@ class _Bench:
         env.update({f"JOBS_{k.upper()}": v for k, v in settings.items()})
         return _Worker(env, self.tmp, name)
 
-    def floor(self, topics: Topics) -> _Worker:
+    def floor(self, topics: Topics, db: str | None = None) -> _Worker:
         """The contract floor (`worker.devtools.floor`) as a process, configured and
-        stopped as a worker is, on `topics` with an empty SQLite file of its own."""
-        floor = self.worker(topics, "exactly_once")
+        stopped as a worker is, on `topics` with an empty SQLite file of its own or `db`."""
+        floor = self.worker(topics, "exactly_once", db=db)
         floor.command = ("-m", "worker.devtools.floor", str(self.options.partitions))
         return floor
 
@@ -1204,16 +1213,21 @@ async def _joined_phase(
     readers: tuple[_Tail, RdkafkaTail],
     db: str,
     label: str,
+    floor: bool = False,
 ) -> tuple[float, Percentiles, Percentiles]:
-    """Start a worker on `db`; once it has taken its partitions, start requests at the
-    offered rate for `joined_seconds`; every run completed, stop it. Seconds from spawn to
-    partitions taken, and the latencies the aiokafka and librdkafka readers saw."""
+    """Start a worker (or the contract floor) on `db`; once it has taken its partitions,
+    start requests at the offered rate for `joined_seconds`; every run completed, stop it.
+    Seconds from spawn to partitions taken, and the latencies the aiokafka and librdkafka
+    readers saw."""
     o = bench.options
     tail, rdkafka = readers
     prefix = f"{topics.requests.removesuffix('.requests')}-{label}"
     count = max(1, round(o.latency_rate * o.joined_seconds))
     before = tail.types["started"]
-    worker = bench.worker(topics, "exactly_once", log_level="info", db=db)
+    if floor:
+        worker = bench.floor(topics, db)
+    else:
+        worker = bench.worker(topics, "exactly_once", log_level="info", db=db)
     try:
         await worker.start()
         await worker.wait_log("partitions assigned", _timeout_for(0))
@@ -1237,8 +1251,11 @@ async def _joined_phase(
     )
 
 
-async def _joined_round(bench: _Bench) -> list[tuple[float, Percentiles, Percentiles]]:
-    """A fresh worker, then one restarted on its SQLite file (`_joined_phase` each)."""
+async def _joined_round(
+    bench: _Bench, floor: bool = False
+) -> list[tuple[float, Percentiles, Percentiles]]:
+    """A fresh worker, then one restarted on its SQLite file (`_joined_phase` each); with
+    `floor`, the contract floor."""
     topics = await bench.topics("joined", bench.options.partitions)
     db = str(bench.tmp / f"{topics.requests.removesuffix('.requests')}.db")
     async with _producer(bench.kafka, linger_ms=0) as producer:
@@ -1248,7 +1265,7 @@ async def _joined_round(bench: _Bench) -> list[tuple[float, Percentiles, Percent
             await tail.start()
             await rdkafka.start()
             return [
-                await _joined_phase(bench, topics, producer, (tail, rdkafka), db, label)
+                await _joined_phase(bench, topics, producer, (tail, rdkafka), db, label, floor)
                 for label in ("fresh", "restarted")
             ]
         finally:
@@ -1654,25 +1671,30 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
 
 
 async def _joined_rounds(bench: _Bench) -> dict[str, Any]:
-    """The figures of a worker that has just joined, fresh and restarted on its file."""
+    """The figures of a worker that has just joined, fresh and restarted on its file; and
+    the same of the contract floor, in rounds interleaved with the worker's."""
     o = bench.options
     columns: dict[str, list[float]] = {}
     for r in range(o.rounds):
-        for label, (joined, aio, rdk) in zip(
-            ("fresh", "restarted"), await _joined_round(bench), strict=True
-        ):
-            for name, value in (("start_s", joined), ("p99_ms", aio.p99), ("rdkafka", rdk.p99)):
-                columns.setdefault(f"{label}_{name}", []).append(value)
-            bench.say(
-                f"just joined {r + 1}/{o.rounds}, {label}: partitions taken {joined:.2f} s "
-                f"after spawn; first {o.joined_seconds:g} s at {o.latency_rate:,.0f}/s: "
-                f"aiokafka {aio.line()}; librdkafka {rdk.line()}"
-            )
+        for floor in (False, True) if r % 2 == 0 else (True, False):
+            who = "floor_joined" if floor else "joined"
+            for label, (joined, aio, rdk) in zip(
+                ("fresh", "restarted"), await _joined_round(bench, floor), strict=True
+            ):
+                for name, value in (
+                    ("start_s", joined),
+                    ("p99_ms", aio.p99),
+                    ("librdkafka_p99_ms", rdk.p99),
+                ):
+                    columns.setdefault(f"{who}_{label}_{name}", []).append(value)
+                bench.say(
+                    f"just joined {r + 1}/{o.rounds}, {label}"
+                    f"{' contract floor' if floor else ''}: partitions taken {joined:.2f} s "
+                    f"after spawn; first {o.joined_seconds:g} s at {o.latency_rate:,.0f}/s: "
+                    f"aiokafka {aio.line()}; librdkafka {rdk.line()}"
+                )
     out: dict[str, Any] = {"joined_seconds": o.joined_seconds}
-    for label in ("fresh", "restarted"):
-        out[f"joined_{label}_start_s"] = Figure.of(columns[f"{label}_start_s"])
-        out[f"joined_{label}_p99_ms"] = Figure.of(columns[f"{label}_p99_ms"])
-        out[f"joined_{label}_librdkafka_p99_ms"] = Figure.of(columns[f"{label}_rdkafka"])
+    out.update((name, Figure.of(values)) for name, values in columns.items())
     return out
 
 
