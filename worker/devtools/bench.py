@@ -404,21 +404,7 @@ class BenchReport:
                     figure = getattr(self, f"{infix}{prefix}_{q}_ms")
                     row(f"{who}latency {q}, {client}", figure, "ms", ",.1f")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
-        for who, prefix in (("worker", "joined"), ("contract floor", "floor_joined")):
-            for label in ("fresh", "restarted"):
-                row(
-                    f"{label} {who}: spawn → partitions taken",
-                    getattr(self, f"{prefix}_{label}_start_s"),
-                    "s",
-                    ",.2f",
-                )
-                for client, infix in (("aiokafka", ""), ("librdkafka", "librdkafka_")):
-                    row(
-                        f"{label} {who}: p99, first {self.joined_seconds:g} s, {client}",
-                        getattr(self, f"{prefix}_{label}_{infix}p99_ms"),
-                        "ms",
-                        ",.1f",
-                    )
+        self._joined_rows(row)
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
         single(
             f"peak RSS, {self.history_runs:,} runs (≤ {self.history_in_flight:,} in flight)",
@@ -446,6 +432,31 @@ class BenchReport:
                 ",.2f",
             )
         return table
+
+    def _joined_rows(self, row: Callable[[str, Figure, str, str], None]) -> None:
+        """The just-joined figures of the worker and of the contract floor."""
+        for who, prefix in (("worker", "joined"), ("contract floor", "floor_joined")):
+            for label in ("fresh", "restarted"):
+                name = f"{label} {who}"
+                row(
+                    f"{name}: spawn → partitions taken",
+                    self._of(prefix, label, "start_s"),
+                    "s",
+                    ",.2f",
+                )
+                for client, infix in (("aiokafka", ""), ("librdkafka", "librdkafka_")):
+                    figure = self._of(prefix, label, f"{infix}p99_ms")
+                    row(
+                        f"{name}: p99, first {self.joined_seconds:g} s, {client}",
+                        figure,
+                        "ms",
+                        ",.1f",
+                    )
+
+    def _of(self, *parts: str) -> Figure:
+        figure = getattr(self, "_".join(parts))
+        assert isinstance(figure, Figure)
+        return figure
 
 
 # -- helpers ---------------------------------------------------------------------------------
