@@ -11,6 +11,7 @@ import sys
 import pytest
 from aiokafka import AIOKafkaConsumer
 
+from schemas import DeadLetter
 from tests.hostile import RawProducer, hostile_records
 from worker.settings import Settings
 
@@ -85,10 +86,12 @@ async def test_the_floor_dead_letters_hostile_input_and_decides_every_valid_reco
     assert valid <= started
     # Whatever cannot be read as JSON at all is among the dead letters, each with its reason.
     sources = {}
-    for letter in letters:
-        headers = dict(letter.headers)  # type: ignore[attr-defined]
-        assert b"validation error" in headers["error"]
-        sources[headers["source"].decode()] = headers["error"]
+    for record in letters:
+        letter = DeadLetter.model_validate_json(record.value)  # type: ignore[attr-defined]
+        assert letter.reason.code == "schema_invalid"
+        assert letter.reason.message.startswith(("invalid request: ", "invalid result: "))
+        source = letter.source
+        sources[f"{source.topic}:{source.partition}:{source.offset}"] = letter.reason.message
     unreadable = set()
     for index, record in enumerate(records):
         try:

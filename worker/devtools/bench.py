@@ -440,23 +440,18 @@ class BenchReport:
                 name = f"{label} {who}"
                 row(
                     f"{name}: spawn → partitions taken",
-                    self._of(prefix, label, "start_s"),
+                    getattr(self, f"{prefix}_{label}_start_s"),
                     "s",
                     ",.2f",
                 )
                 for client, infix in (("aiokafka", ""), ("librdkafka", "librdkafka_")):
-                    figure = self._of(prefix, label, f"{infix}p99_ms")
+                    figure = getattr(self, f"{prefix}_{label}_{infix}p99_ms")
                     row(
                         f"{name}: p99, first {self.joined_seconds:g} s, {client}",
                         figure,
                         "ms",
                         ",.1f",
                     )
-
-    def _of(self, *parts: str) -> Figure:
-        figure = getattr(self, "_".join(parts))
-        assert isinstance(figure, Figure)
-        return figure
 
 
 # -- helpers ---------------------------------------------------------------------------------

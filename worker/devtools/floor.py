@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import compat
+from worker.engine.codec import InputRecord, TopicRole, dead_letter, dead_letter_key, summarize
 from worker.kafkaio import Outbox, connection
 from worker.settings import Settings, Topics
 
@@ -78,12 +79,17 @@ class FloorWork:
                 event_type, status = EventType.COMPLETED, RunStatus.COMPLETED
                 run_id = message.run_id
         except ValidationError as exc:
-            reason = f"{exc.error_count()} validation error(s): {exc.errors()[0]['msg']}"
-            headers = [
-                ("error", reason[:500].encode()),
-                ("source", f"{record.topic}:{partition}:{record.offset}".encode()),
-            ]
-            out.add(self.topics.dlq, partition, record.key, record.value, headers)
+            # The worker's own dead letter: reason, source, what fits of the original.
+            role: TopicRole = "requests" if record.topic == self.topics.requests else "results"
+            source = InputRecord.of(role, record)
+            reason = f"invalid {role[:-1]}: {summarize(exc)}"
+            letter = dead_letter(source, "schema_invalid", reason, datetime.now(UTC))
+            out.add(
+                self.topics.dlq,
+                partition,
+                dead_letter_key(source),
+                letter.model_dump_json().encode(),
+            )
             return None
         event = StatusEvent(
             event_id=f"{record.topic}:{partition}:{record.offset}",

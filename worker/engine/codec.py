@@ -180,7 +180,8 @@ def dead_letter(
     )
 
 
-def _summarize(error: ValidationError) -> str:
+def summarize(error: ValidationError) -> str:
+    """The first few errors of `error`, each with where it is, as one sentence."""
     parts = []
     for item in error.errors(include_url=False)[:5]:
         where = ".".join(str(p) for p in item["loc"]) or "message"
@@ -397,7 +398,7 @@ def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobRes
     except ValidationError as exc:
         what = "request" if record.role == "requests" else "result"
         raise _Unusable(
-            "schema_invalid", f"invalid {what}: {_summarize(exc)}", payload, key_text
+            "schema_invalid", f"invalid {what}: {summarize(exc)}", payload, key_text
         ) from None
     if record.key is not None and key_text != message.job_type:
         raise _Unusable(

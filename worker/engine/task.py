@@ -52,6 +52,7 @@ from worker.engine.codec import (
 )
 from worker.engine.envelope import trace_of
 from worker.engine.hold import InputHold
+from worker.settings import Settings
 
 log = structlog.get_logger("worker")
 
@@ -178,7 +179,7 @@ def known_filter(job_types: Iterable[str] = ()) -> Bloom:
 # entries) or a few thousand with short ones. Loading one with full windows back (SQLite,
 # then parsing) took 2-3 ms, which a workload of a few busy job types paid on every start
 # (`jobctl bench --growth 10`).
-IDLE_BUDGET = 16_384
+IDLE_BUDGET: int = Settings.model_fields["idle_state_entries"].default
 _STATE_COST = 4  # a state's own objects, in entries
 
 
