@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
-from schemas import DeadLetter, RunStatus, Source
+from schemas import DeadLetter, JobRequest, JobResult, RunStatus, Source
+from tests.hostile import hostile_records
 from worker.core.lifecycle import Cancel, Command, Finish, Progress, Start, run_size
 from worker.core.limits import InputLimits
+from worker.engine import codec
 from worker.engine.codec import (
     MAX_DEAD_LETTER_VALUE,
     Bad,
@@ -24,6 +26,7 @@ from worker.engine.codec import (
     nesting_depth_over,
     partition_for,
 )
+from worker.settings import Topics
 
 PARTITIONS = 6
 MAX_BYTES = 1024
@@ -778,3 +781,87 @@ def test_a_rerouted_start_without_request_id_keeps_its_origin_as_request_id() ->
     )
     assert isinstance(forged, Start)
     assert forged.request_id == f"auto-{p(JOB)}.52"
+
+
+def _edge_values() -> list[InputRecord]:
+    """Records on the border of what the one-pass decode takes, with the right key and
+    partition unless the case is about them."""
+    start = {"job_type": JOB, "request_id": "r"}
+    result = {"job_type": JOB, "run_id": RUN_ID, "status": "COMPLETED"}
+    values: list[bytes] = [
+        json.dumps(start).encode(),
+        json.dumps({**start, "initial_data": {"text": "NaN and Infinity in a string"}}).encode(),
+        json.dumps({**start, "initial_data": {"x": 1e308, "y": -0.0, "z": 10**40}}).encode(),
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"x": 1%s}}'
+        % (b"0" * 4400),  # more digits than json.loads converts
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"x": 1e999}}',
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"x": -Infinity}}',
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"x": "\\ud800"}}',
+        b'{"job_type": "post_scoring", "job_type": "other", "request_id": "r"}',
+        b'{"job_type": "post_scoring", "request_id": "r"}  \n',
+        b'\xef\xbb\xbf{"job_type": "post_scoring", "request_id": "r"}',
+        json.dumps(start).encode("utf-16"),
+        json.dumps({**start, "run_id": RUN_ID}).encode(),
+        json.dumps({**start, "runId": None}).encode(),
+        json.dumps({**start, "kind": "cancel", "run_id": RUN_ID}).encode(),
+        json.dumps({**start, "initial_data": {"big": "x" * 900}}).encode(),  # over data_bytes
+        json.dumps({**start, "jobType": JOB}).encode(),
+        json.dumps({**start, "extra": 1}).encode(),
+    ]
+    records = [record(v) for v in values]
+    records += [
+        record(json.dumps(start).encode(), key=b"other"),
+        record(json.dumps(start).encode(), key=b"\xff\xfe"),
+        record(json.dumps(start).encode(), key=None, partition=p(JOB)),
+        record(json.dumps(start).encode(), partition=wrong_p(JOB)),
+        record(json.dumps(start).encode(), headers=[("\udcff\udcfe", b"v")]),
+        record(json.dumps(result).encode(), role="results"),
+        record(
+            json.dumps({**result, "kind": "progress", "metrics": {"n": 1}}).encode(), role="results"
+        ),
+        record(json.dumps({**result, "status": "DONE"}).encode(), role="results"),
+        record(json.dumps({**result, "final_metrics": {"x": "y" * 900}}).encode(), role="results"),
+    ]
+    return records
+
+
+def test_the_one_pass_decode_agrees_with_the_checks_that_explain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A record pydantic-core validates straight from its bytes decodes to what parsing
+    and checking it step by step gives; everything else takes the steps, which say what is
+    wrong. Edge cases and hostile records alike."""
+    topics = Topics.for_prefix("jobs")
+    hostile = [
+        InputRecord(
+            role="requests" if h.topic == topics.requests else "results",
+            topic=h.topic,
+            partition=h.partition
+            if h.partition is not None
+            else p((h.key or b"").decode("utf-8", "replace")),
+            offset=n,
+            timestamp_ms=TIMESTAMP_MS,
+            key=h.key,
+            value=h.value,
+            headers=tuple((name.decode("utf-8", "surrogateescape"), v) for name, v in h.headers),
+        )
+        for n, h in enumerate(hostile_records(topics, PARTITIONS, 400))
+    ]
+    records = _edge_values() + hostile
+    taken = []
+    one_pass = codec._well_formed
+
+    def counted(rec: InputRecord, limits: InputLimits) -> JobRequest | JobResult | None:
+        message = one_pass(rec, limits)
+        taken.append(message is not None)
+        return message
+
+    monkeypatch.setattr(codec, "_well_formed", counted)
+    fast = [run(rec) for rec in records]
+    monkeypatch.setattr(codec, "_well_formed", lambda rec, limits: None)
+    assert [run(rec) for rec in records] == fast
+    # The one pass took the valid records, and only them.
+    valid = [not isinstance(outcome, Bad) for outcome in fast]
+    assert sum(taken) >= 150
+    assert all(v for v, t in zip(valid, taken, strict=True) if t)
+    assert sum(isinstance(o, Bad) for o in fast) >= 150

@@ -319,14 +319,16 @@ def decode(
     record: InputRecord, *, partitions: int, limits: InputLimits, now: datetime
 ) -> Command | Bad | Reroute:
     """Turn an input record into a core command, or explain why it cannot be one."""
-    try:
-        payload = _parse(record, limits)
-        message, key_text = _validate(record, payload)
-        _check_data(message, len(record.value or b""), limits, payload, key_text)
-    except _Unusable as problem:
-        reason = f"{problem.code}: {problem.message}"
-        reject = _reject_for(record, problem.payload, reason, problem.key_text)
-        return Bad(dead_letter(record, problem.code, problem.message, now), reject)
+    message = _well_formed(record, limits)
+    if message is None:  # something is off: find what, to say it
+        try:
+            payload = _parse(record, limits)
+            message, key_text = _validate(record, payload)
+            _check_data(message, len(record.value or b""), limits, payload, key_text)
+        except _Unusable as problem:
+            reason = f"{problem.code}: {problem.message}"
+            reject = _reject_for(record, problem.payload, reason, problem.key_text)
+            return Bad(dead_letter(record, problem.code, problem.message, now), reject)
     key = message.job_type.encode()
     expected = partition_for(key, partitions)
     if expected != record.partition or record.key is None:
@@ -334,6 +336,41 @@ def decode(
         # type's partition must decide, so the record moves there inside this transaction.
         return Reroute(partition=expected, key=key)
     return _command(record, message)
+
+
+# Tokens json.loads would take for numbers, which `_parse` refuses and pydantic-core takes.
+_CONSTANTS = re.compile(rb"NaN|Infinity")
+
+
+def _well_formed(record: InputRecord, limits: InputLimits) -> JobRequest | JobResult | None:
+    """The message of a record that passes every check, validated by pydantic-core straight
+    from its bytes (one pass, no intermediate objects); None if any check might fail.
+
+    What pydantic-core refuses here (bad UTF-8, lone surrogates, a BOM, oversized numbers,
+    schema errors) `_parse` and `_validate` refuse too: they then say what is wrong. What
+    only they refuse is looked for first (size, header names, nesting, NaN and Infinity).
+    """
+    value = record.value
+    if (
+        not value
+        or len(value) > limits.record_bytes
+        or (record.headers and _bad_header(record.headers) is not None)
+        or nesting_depth_over(value, limits.nesting_depth)
+        or _CONSTANTS.search(value) is not None
+    ):
+        return None
+    model: type[JobRequest] | type[JobResult] = (
+        JobRequest if record.role == "requests" else JobResult
+    )
+    try:
+        message = model.model_validate_json(value)
+    except ValueError:  # ValidationError included
+        return None
+    if record.key is not None and record.key != message.job_type.encode():
+        return None  # a key mismatch, or a key that is not UTF-8
+    if _data_size(_data_of(message), len(value), limits.data_bytes) is not None:
+        return None
+    return message
 
 
 def _parse(record: InputRecord, limits: InputLimits) -> object:
@@ -410,6 +447,16 @@ def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobRes
     return message, key_text
 
 
+_DATA_FIELDS = {"progress": "metrics", "result": "final_metrics"}
+
+
+def _data_of(message: JobRequest | JobResult) -> dict[str, Any] | None:
+    """`initial_data`, `metrics` or `final_metrics`: the free-form part of a message."""
+    if isinstance(message, JobRequest):
+        return message.initial_data
+    return message.metrics if message.kind == "progress" else message.final_metrics
+
+
 def _check_data(
     message: JobRequest | JobResult,
     record_size: int,
@@ -418,14 +465,8 @@ def _check_data(
     key_text: str | None,
 ) -> None:
     """`initial_data`, `final_metrics` or `metrics` within `JOBS_MAX_DATA_BYTES`."""
-    data: dict[str, Any] | None
-    if isinstance(message, JobRequest):
-        name, data = "initial_data", message.initial_data
-    elif message.kind == "progress":
-        name, data = "metrics", message.metrics
-    else:
-        name, data = "final_metrics", message.final_metrics
-    if (size := _data_size(data, record_size, limits.data_bytes)) is not None:
+    name = _DATA_FIELDS[message.kind] if isinstance(message, JobResult) else "initial_data"
+    if (size := _data_size(_data_of(message), record_size, limits.data_bytes)) is not None:
         raise _Unusable(
             "too_large",
             f"{name} is {size} bytes as JSON; the limit is {limits.data_bytes} "
