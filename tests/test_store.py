@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 from dataclasses import replace
@@ -352,3 +353,44 @@ def test_reading_states_looks_up_their_entries_and_scans_no_other(where: str) ->
         db.close()
     assert "SEARCH w USING PRIMARY KEY (job_type=?)" in plan
     assert not [step for step in plan if step.startswith("SCAN w")]
+
+
+async def test_a_write_in_the_connections_thread_commits_whole_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    """`write_in_thread` runs a whole write on the connection's own thread, in one trip, and
+    commits it; a write that fails part way leaves nothing, and a SQLite failure is a
+    `StoreError` naming the file."""
+    path = tmp_path / "jobs.db"
+    store = await Store.open(path)
+    db = store._db
+    threads: list[int] = []
+
+    def two_offsets(conn: sqlite3.Connection) -> None:
+        threads.append(threading.get_ident())
+        conn.executemany(sqlfile.PUT_OFFSET, [("jobs.requests", 0, 5), ("jobs.results", 0, 7)])
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute(sqlfile.PUT_OFFSET, ("jobs.requests", 1, 9))
+        conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    def half_then_raise(conn: sqlite3.Connection) -> None:
+        conn.execute(sqlfile.PUT_OFFSET, ("jobs.requests", 2, 9))
+        raise ValueError("not a SQLite failure")
+
+    try:
+        await sqlfile.write_in_thread(db, str(path), two_offsets)
+        assert len(threads) == 1
+        assert threads[0] != threading.get_ident()  # not the event loop's
+        with pytest.raises(
+            sqlfile.StoreError, match=re.escape(f"writing the SQLite file {path} failed")
+        ):
+            await sqlfile.write_in_thread(db, str(path), half_then_fail)
+        with pytest.raises(ValueError, match="not a SQLite failure"):
+            await sqlfile.write_in_thread(db, str(path), half_then_raise)
+        assert not db.in_transaction
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as other:  # what another connection sees: the first write only
+        rows = other.execute("SELECT topic, partition, next_offset FROM applied_offsets")
+        assert sorted(rows) == [("jobs.requests", 0, 5), ("jobs.results", 0, 7)]

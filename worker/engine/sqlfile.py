@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import structlog
@@ -333,6 +333,14 @@ async def open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
     return await _connect(path, check=False)
 
 
+def _write_failed(path: str, exc: BaseException) -> StoreError:
+    return StoreError(
+        f"writing the SQLite file {path} failed ({exc}); the worker stops without "
+        "committing more to Kafka, and its next start restores what the file lacks from "
+        "the changelog"
+    )
+
+
 @contextlib.asynccontextmanager
 async def writing(db: aiosqlite.Connection, path: str) -> AsyncIterator[None]:
     """A transaction of the worker's on `db`: rolled back if it fails, raised as a
@@ -342,11 +350,34 @@ async def writing(db: aiosqlite.Connection, path: str) -> AsyncIterator[None]:
     except (sqlite3.Error, OSError) as exc:
         with contextlib.suppress(sqlite3.Error, ValueError):
             await db.rollback()
-        raise StoreError(
-            f"writing the SQLite file {path} failed ({exc}); the worker stops without "
-            "committing more to Kafka, and its next start restores what the file lacks from "
-            "the changelog"
-        ) from exc
+        raise _write_failed(path, exc) from exc
+
+
+async def write_in_thread(
+    db: aiosqlite.Connection, path: str, write: Callable[[sqlite3.Connection], None]
+) -> None:
+    """Run `write` (statements, no commit) on `db`'s own thread and commit it, in one trip
+    there; rolled back and raised as a `StoreError` like `writing`.
+
+    Every `await db.execute...` is a trip to the connection's thread and back (a queue, a
+    future, a wake-up of the event loop); a write-behind transaction of a dozen statements
+    made a dozen. aiosqlite has no public call for this: it queues `_execute`'s function as
+    it queues its own (`tests/test_store.py` checks the two stay in step).
+    """
+
+    def transaction() -> None:
+        conn = db._conn  # used on its own thread only
+        try:
+            write(conn)
+            conn.commit()
+        except BaseException as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()  # nothing of a failed write stays, whatever failed
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise _write_failed(path, exc) from exc
+            raise
+
+    await cast(Any, db)._execute(transaction)  # typed loosely by aiosqlite
 
 
 def states_sql(where: str) -> str:
@@ -402,3 +433,8 @@ def run_row(r: Any) -> RunRow:
 async def upsert_runs(db: aiosqlite.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
     """Write `runs` whole (`UPSERT_RUN`)."""
     await db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])
+
+
+def upsert_runs_now(db: sqlite3.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
+    """`upsert_runs` on the connection's own thread (`write_in_thread`)."""
+    db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])

@@ -9,6 +9,7 @@ written.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -24,8 +25,8 @@ from worker.engine.sqlfile import (
     PUT_OFFSET,
     PUT_STATE,
     dumps,
-    upsert_runs,
-    writing,
+    upsert_runs_now,
+    write_in_thread,
 )
 
 
@@ -42,6 +43,50 @@ class _Pending:
     entries: dict[tuple[str, str, int], bytes | None] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
     tombstoned: list[str] = field(default_factory=list)
+
+    def write(self, db: sqlite3.Connection) -> None:
+        """Every statement of these batches, on the connection's own thread (not committed)."""
+        self._write_runs(db)
+        if self.tombstoned:
+            db.executemany(
+                "UPDATE runs SET retained = 0 WHERE run_id = ?", [(r,) for r in self.tombstoned]
+            )
+        db.executemany(
+            PUT_STATE, [(j, p, stored.head(state)) for j, (p, state) in self.states.items()]
+        )
+        if gone := [key for key, entry in self.entries.items() if entry is None]:
+            db.executemany(DROP_ENTRY, gone)
+        db.executemany(
+            PUT_ENTRY, [(*key, entry) for key, entry in self.entries.items() if entry is not None]
+        )
+        db.executemany(PUT_OFFSET, [(t, p, o) for (t, p), o in self.offsets.items()])
+
+    def _write_runs(self, db: sqlite3.Connection) -> None:
+        """The queued run rows: whole, or as an end over the row of a run's start."""
+        ended, rows = self.ended, self.runs
+        upsert_runs_now(
+            db, (row for run_id, row in rows.items() if run_id not in ended), retained=True
+        )
+        if not ended:
+            return
+        ends = [rows[run_id] for run_id in ended]
+        cursor = db.executemany(
+            END_RUN,
+            [
+                (
+                    r.status,
+                    r.ended_at.isoformat() if r.ended_at else None,
+                    dumps(r.metrics),
+                    r.reason,
+                    r.run_id,
+                )
+                for r in ends
+            ],
+        )
+        if cursor.rowcount < len(ends):
+            # A run started and ended in one batch has no row yet: write the ends whole
+            # (an upsert leaves the rows that were updated as they are now).
+            upsert_runs_now(db, ends, retained=True)
 
 
 class WriteBehind:
@@ -128,58 +173,6 @@ class WriteBehind:
         while (pending := self._pending) is not None:
             self._pending = None
             self._writing = pending
-            async with self._lock, writing(self._db, self._path):
-                await self._write_runs(pending)
-                if pending.tombstoned:
-                    await self._db.executemany(
-                        "UPDATE runs SET retained = 0 WHERE run_id = ?",
-                        [(r,) for r in pending.tombstoned],
-                    )
-                await self._db.executemany(
-                    PUT_STATE,
-                    [(j, p, stored.head(state)) for j, (p, state) in pending.states.items()],
-                )
-                await self._write_entries(pending.entries)
-                await self._db.executemany(
-                    PUT_OFFSET, [(t, p, o) for (t, p), o in pending.offsets.items()]
-                )
-                await self._db.commit()
+            async with self._lock:
+                await write_in_thread(self._db, self._path, pending.write)
             self._writing = None
-
-    async def _write_entries(self, entries: Mapping[tuple[str, str, int], bytes | None]) -> None:
-        if not entries:
-            return
-        gone = [key for key, entry in entries.items() if entry is None]
-        if gone:
-            await self._db.executemany(DROP_ENTRY, gone)
-        await self._db.executemany(
-            PUT_ENTRY, [(*key, entry) for key, entry in entries.items() if entry is not None]
-        )
-
-    async def _write_runs(self, pending: _Pending) -> None:
-        """The queued run rows: whole, or as an end over the row of a run's start."""
-        ended = pending.ended
-        rows = pending.runs
-        await upsert_runs(
-            self._db, (row for run_id, row in rows.items() if run_id not in ended), retained=True
-        )
-        if not ended:
-            return
-        ends = [rows[run_id] for run_id in ended]
-        cursor = await self._db.executemany(
-            END_RUN,
-            [
-                (
-                    r.status,
-                    r.ended_at.isoformat() if r.ended_at else None,
-                    dumps(r.metrics),
-                    r.reason,
-                    r.run_id,
-                )
-                for r in ends
-            ],
-        )
-        if cursor.rowcount < len(ends):
-            # A run started and ended in one batch has no row yet: write the ends whole
-            # (an upsert leaves the rows that were updated as they are now).
-            await upsert_runs(self._db, ends, retained=True)
