@@ -5,6 +5,10 @@ Checks, in order: size, JSON, schema, key (every record is keyed by its job type
 record that fails a check becomes a dead letter carrying the original bytes; if the sender can
 be identified (a request ID or run ID and a job type), it also becomes a `Reject` command so
 the sender gets a `rejected` status event.
+
+A record that passes every check is validated once, by pydantic-core straight from its bytes
+(`_well_formed`); only a record that may fail one goes through the checks one by one, which
+say what is wrong.
 """
 
 from __future__ import annotations

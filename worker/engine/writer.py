@@ -4,6 +4,11 @@ A batch is queued only after its Kafka commit; one writer task writes what accum
 SQLite transaction with the batches' applied offsets, so the file always holds a prefix of
 what Kafka committed. A failed write raises a `StoreError`, and nothing queued after it is
 written.
+
+A write is one trip to the store connection's thread (`sqlfile.write_in_thread`): its
+statements, their parameters and the commit all run there (`_Pending.write`), so the event
+loop only hands it over and is told when it is done, rather than being woken once for each
+of a dozen statements.
 """
 
 from __future__ import annotations
