@@ -65,24 +65,48 @@ def window_changes(before: JobState | None, after: JobState) -> list[Change]:
     wrote): every entry it holds is taken.
     """
     changes: list[Change] = []
-    windows = (
-        (after.decided, after.decided_next, before.decided if before is not None else None),
-        (after.ended, after.ended_next, before.ended if before is not None else None),
-    )
-    for (kind, adapter), (entries, end, old), old_end in zip(
-        WINDOWS,
-        windows,
-        (before.decided_next, before.ended_next) if before is not None else (0, 0),
-        strict=True,
-    ):
-        first = end - len(entries)  # the number of the oldest entry held
-        written = first
-        if old is not None:
-            changes.extend((kind, n, None) for n in range(old_end - len(old), min(first, old_end)))
-            written = max(first, old_end)
-        for number in range(written, end):
-            changes.append((kind, number, adapter.dump_json(entries[number - first])))
+    (d, decided), (e, ended) = WINDOWS
+    if before is None:
+        _taken(changes, d, decided, after.decided, after.decided_next, 0)
+        _taken(changes, e, ended, after.ended, after.ended_next, 0)
+        return changes
+    # Entries are only added at a window's end and dropped at its start: a window whose end
+    # number and length are as they were is unchanged (a decision touches one window).
+    if after.decided_next != before.decided_next or len(after.decided) != len(before.decided):
+        _gone(changes, d, before.decided, before.decided_next, after.decided, after.decided_next)
+        _taken(changes, d, decided, after.decided, after.decided_next, before.decided_next)
+    if after.ended_next != before.ended_next or len(after.ended) != len(before.ended):
+        _gone(changes, e, before.ended, before.ended_next, after.ended, after.ended_next)
+        _taken(changes, e, ended, after.ended, after.ended_next, before.ended_next)
     return changes
+
+
+def _gone(
+    changes: list[Change],
+    kind: bytes,
+    old: tuple[Any, ...],
+    old_end: int,
+    entries: tuple[Any, ...],
+    end: int,
+) -> None:
+    """A tombstone for each entry numbered before the window's first one that was held."""
+    first = end - len(entries)
+    changes.extend((kind, n, None) for n in range(old_end - len(old), min(first, old_end)))
+
+
+def _taken(
+    changes: list[Change],
+    kind: bytes,
+    adapter: TypeAdapter[Any],
+    entries: tuple[Any, ...],
+    end: int,
+    old_end: int,
+) -> None:
+    """Each entry numbered from `old_end` (or the window's first), with its JSON."""
+    first = end - len(entries)
+    to_json = adapter.serializer.to_json  # the serializer itself: no wrapper per entry
+    for number in range(max(first, old_end), end):
+        changes.append((kind, number, to_json(entries[number - first])))
 
 
 def split(state_json: bytes) -> tuple[bytes, list[Entry]]:
