@@ -18,7 +18,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas import view_row
+from schemas import StatusEvent, view_row
 from worker import compat
 from worker.engine import changelog, rulebook
 from worker.engine.codec import REROUTED_FROM
@@ -56,11 +56,15 @@ class RecordCollector(Protocol):
         """Release everything."""
 
 
+# The event's serializer itself: `model_dump_json` adds a wrapper per call and a str.
+_EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
+
+
 def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcome) -> None:
     """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
     source = source_of(topics.status.removesuffix(".status"))
     for event in outcome.events:
-        value = event.model_dump_json().encode()
+        value = _EVENT_JSON(event)
         headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
         if outcome.settings:
             headers.append((rulebook.HEADER, outcome.settings.encode()))

@@ -35,7 +35,7 @@ _NO_WINDOWS = {"decided": True, "ended": True}
 
 def head(state: JobState) -> bytes:
     """`state`'s JSON without its windows (which keep their numbering fields)."""
-    return STATE.dump_json(state, exclude=_NO_WINDOWS)
+    return STATE.serializer.to_json(state, exclude=_NO_WINDOWS)
 
 
 def whole(head_json: bytes, entries: Sequence[tuple[str, bytes]]) -> bytes:
