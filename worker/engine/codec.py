@@ -18,7 +18,7 @@ import functools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -46,6 +46,8 @@ class InputRecord:
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes | None]] = ()
+    # `at`, once asked for (holding, deciding and the command each ask).
+    _at: datetime | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, role: TopicRole, record: Any) -> InputRecord:
@@ -69,7 +71,11 @@ class InputRecord:
     @property
     def at(self) -> datetime:
         """The record's broker time (UTC)."""
-        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
+        at = self._at
+        if at is None:  # made when first asked: a stamp out of range fails the record's batch
+            at = datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
+            object.__setattr__(self, "_at", at)
+        return at
 
 
 @dataclass(frozen=True, slots=True)
