@@ -378,7 +378,7 @@ def _well_formed(record: InputRecord, limits: InputLimits) -> JobRequest | JobRe
         return None
     if record.key is not None and record.key != message.job_type.encode():
         return None  # a key mismatch, or a key that is not UTF-8
-    if _data_size(_data_of(message), len(value), limits.data_bytes) is not None:
+    if _data_size(_data_of(message)[1], len(value), limits.data_bytes) is not None:
         return None
     return message
 
@@ -457,14 +457,14 @@ def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobRes
     return message, key_text
 
 
-_DATA_FIELDS = {"progress": "metrics", "result": "final_metrics"}
-
-
-def _data_of(message: JobRequest | JobResult) -> dict[str, Any] | None:
-    """`initial_data`, `metrics` or `final_metrics`: the free-form part of a message."""
+def _data_of(message: JobRequest | JobResult) -> tuple[str, dict[str, Any] | None]:
+    """The free-form part of a message, and its name: `initial_data`, `metrics` or
+    `final_metrics`."""
     if isinstance(message, JobRequest):
-        return message.initial_data
-    return message.metrics if message.kind == "progress" else message.final_metrics
+        return "initial_data", message.initial_data
+    if message.kind == "progress":
+        return "metrics", message.metrics
+    return "final_metrics", message.final_metrics
 
 
 def _check_data(
@@ -475,8 +475,8 @@ def _check_data(
     key_text: str | None,
 ) -> None:
     """`initial_data`, `final_metrics` or `metrics` within `JOBS_MAX_DATA_BYTES`."""
-    name = _DATA_FIELDS[message.kind] if isinstance(message, JobResult) else "initial_data"
-    if (size := _data_size(_data_of(message), record_size, limits.data_bytes)) is not None:
+    name, data = _data_of(message)
+    if (size := _data_size(data, record_size, limits.data_bytes)) is not None:
         raise _Unusable(
             "too_large",
             f"{name} is {size} bytes as JSON; the limit is {limits.data_bytes} "
