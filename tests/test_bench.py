@@ -1,4 +1,5 @@
-"""The benchmark, at its quick size: it completes and reports every figure."""
+"""The benchmark, at its quick size: it completes and reports every figure, the Quix
+Streams job lock's too."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     """Every throughput, CPU, latency, restore, memory and replay figure is measured and
     plausible; both consumers saw every measured `started` event."""
     out = io.StringIO()
-    report = await run_bench(BenchOptions(bootstrap=kafka_bootstrap, quick=True), Console(file=out))
+    options = BenchOptions(bootstrap=kafka_bootstrap, quick=True, quix=True)
+    report = await run_bench(options, Console(file=out))
 
     for figure in (
         report.eos_transitions_per_s,
@@ -28,6 +30,8 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.baseline_records_per_s,
         report.floor_records_per_s,
         report.floor_cpu_us_per_transition,
+        report.quix_transitions_per_s,
+        report.quix_cpu_us_per_transition,
         report.latency_achieved_rate,
         report.latency_p50_ms,
         report.latency_p95_ms,
@@ -55,6 +59,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.client_is_running_ms,
         report.client_running_info_ms,
     ):
+        assert figure is not None
         assert len(figure.samples) == report.rounds == 1
         assert 0 < figure.low <= figure.median <= figure.high
     assert report.eos_over_baseline > 0
@@ -102,6 +107,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "exactly_once" in out.getvalue()
     assert "contract floor ÷ baseline" in out.getvalue()
     assert "contract floor CPU" in out.getvalue()
+    assert "Quix Streams job lock CPU" in out.getvalue()
     assert "contract floor latency p99, librdkafka" in out.getvalue()
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()
     assert "peak RSS, restarted on them" in out.getvalue()

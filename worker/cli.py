@@ -899,6 +899,11 @@ def bench(
         False, "--growth-only", help="Measure the growth table alone (its sizes: --growth)."
     ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
+    quix: bool = typer.Option(
+        False,
+        "--quix",
+        help="Also time a job lock written with Quix Streams (installed once, in its own venv).",
+    ),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     soak: float = typer.Option(
         None, "--soak", min=0.1, help="Instead: a soak of this many minutes (exit 1 past a bound)."
@@ -932,6 +937,7 @@ def bench(
         joined_seconds=joined_seconds,
         growth_job_types=_growth_sizes(growth),
         quick=quick,
+        quix=quix,
     )
     if soak is not None:
         _soak(options, soak, soak_rate, soak_interval, soak_retention)

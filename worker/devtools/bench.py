@@ -32,6 +32,9 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    commit. It runs as a process of its own on the same lifecycles as the worker, measured as
    item 1 measures the worker (transitions/s, CPU µs per transition). Floor ÷ baseline and
    the floor's CPU bound what any worker on this stack could reach on the same machine.
+   With `quix`, so is the Quix Streams job lock (`worker.devtools.quixlock`): the least a
+   lock written with that stream processor does for the same lifecycles (one run per job
+   type in its RocksDB state, exactly-once), in an interpreter of its own (`quixref`).
 3. End-to-end latency: from producing a request to its `started` event being visible to a
    read_committed consumer, at a fixed offered rate against a caught-up worker, seen by two
    consumers side by side: aiokafka (the one that plays the executor) and librdkafka
@@ -117,6 +120,8 @@ from worker.devtools.floor import PassThrough
 from worker.devtools.latency import BenchError as BenchError
 from worker.devtools.latency import Percentiles, RdkafkaTail, cpu_seconds, percentile
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
+from worker.devtools.quixref import LOCK as QUIX_LOCK
+from worker.devtools.quixref import quix_python
 from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, partitions_of, read_until
 from worker.settings import Settings, Topics
@@ -147,6 +152,7 @@ class BenchOptions:
     client_calls: int = 100
     growth_job_types: tuple[int, ...] = (10, 1_000, 10_000, 100_000, 1_000_000)
     quick: bool = False
+    quix: bool = False  # also the Quix Streams job lock's throughput rounds (item 2)
 
     def sized(self) -> BenchOptions:
         """The options actually run: with `quick`, every size capped to a few seconds' work."""
@@ -353,6 +359,9 @@ class BenchReport:
     status_whole_s: Figure  # the same, reading the state topic whole
     growth: tuple[GrowthRow, ...] = ()  # module docstring, item 10
     environment: dict[str, str] = field(default_factory=dict)
+    # The Quix Streams job lock (module docstring, item 2), with `BenchOptions.quix`.
+    quix_transitions_per_s: Figure | None = None
+    quix_cpu_us_per_transition: Figure | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; figures as `{"median", "min", "max", "samples"}`."""
@@ -398,6 +407,9 @@ class BenchReport:
         row("contract floor", self.floor_records_per_s, "transitions/s")
         row("contract floor CPU", self.floor_cpu_us_per_transition, "µs/transition")
         single("contract floor ÷ baseline", f"{self.floor_over_baseline:.2f}", "ratio")
+        if self.quix_transitions_per_s is not None and self.quix_cpu_us_per_transition:
+            row("Quix Streams job lock", self.quix_transitions_per_s, "transitions/s")
+            row("Quix Streams job lock CPU", self.quix_cpu_us_per_transition, "µs/transition")
         for who, infix in (("", ""), ("contract floor ", "floor_")):
             for client, prefix in (("aiokafka", "latency"), ("librdkafka", "librdkafka")):
                 for q in ("p50", "p95", "p99"):
@@ -522,6 +534,7 @@ class _Worker:
         command: Sequence[str] = ("-m", "worker.cli", "run"),
     ) -> None:
         self.env = env
+        self.executable = sys.executable
         self.command = tuple(command)
         self.directory = directory
         self.name = name
@@ -536,7 +549,7 @@ class _Worker:
         """Spawn the worker; its log lines are collected as they come."""
         self.spawned_at = time.perf_counter()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
+            self.executable,
             *self.command,
             env=self.env,
             cwd=self.directory,
@@ -841,9 +854,13 @@ class _Bench:
             isolation_level="read_committed", enable_auto_commit=False, **self.kafka
         )
         self._workers = 0
+        self.quix_python: Path | None = None  # with `options.quix`: `quixref.quix_python`
 
     async def start(self) -> None:
-        """Connect the admin client and the reader."""
+        """Connect the admin client and the reader; with `options.quix`, make sure Quix
+        Streams is installed."""
+        if self.options.quix:
+            self.quix_python = await asyncio.to_thread(quix_python, self.say)
         await self.admin.start()
         await self.reader.start()
 
@@ -897,6 +914,16 @@ class _Bench:
         floor = self.worker(topics, "exactly_once", db=db)
         floor.command = ("-m", "worker.devtools.floor", str(self.options.partitions))
         return floor
+
+    def quix(self, topics: Topics) -> _Worker:
+        """The Quix Streams job lock (`worker.devtools.quixlock`) as a process on `topics`,
+        in the interpreter `start` installed it for, stopped as a worker is."""
+        if self.quix_python is None:
+            raise BenchError("the Quix Streams job lock needs BenchOptions.quix")
+        lock = self.worker(topics, "exactly_once")
+        lock.executable = str(self.quix_python)
+        lock.command = (str(QUIX_LOCK),)
+        return lock
 
     async def read_all(self, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
         """Every committed record of `topic`, per partition, in offset order."""
@@ -1029,7 +1056,8 @@ async def _throughput_round(
     bench: _Bench, guarantee: str, record: bool
 ) -> tuple[float, float, _Recorded | None]:
     """Transitions/s and the worker's CPU µs per transition of one round; the round's input
-    records when `record`. `guarantee` "floor" runs the contract floor instead of a worker.
+    records when `record`. `guarantee` "floor" runs the contract floor instead of a worker,
+    "quix" the Quix Streams job lock.
 
     The CPU time is the worker process's (user + system, all its threads) between the end of
     the first batch of events the tail reads and the end of the last, over the transitions
@@ -1038,7 +1066,12 @@ async def _throughput_round(
     o = bench.options
     label = {"exactly_once": "eos", "at_least_once": "alo"}.get(guarantee, guarantee)
     topics = await bench.topics(label, o.partitions)
-    worker = bench.floor(topics) if guarantee == "floor" else bench.worker(topics, guarantee)
+    if guarantee == "floor":
+        worker = bench.floor(topics)
+    elif guarantee == "quix":
+        worker = bench.quix(topics)
+    else:
+        worker = bench.worker(topics, guarantee)
     tail = await _run_lifecycles(bench, topics, worker, o.lifecycles, cpu=True)
     rate = (2 * o.lifecycles) / tail.elapsed
     cpu, transitions = tail.probed()
@@ -1592,7 +1625,7 @@ async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
     """The throughput figures of the report: transitions/s and CPU µs per transition of each
     guarantee and of the contract floor, baseline records/s, and the ratios."""
     o = bench.options
-    measured = (*_GUARANTEES, "floor")
+    measured = (*_GUARANTEES, "floor", *(("quix",) if bench.quix_python else ()))
     rates: dict[str, list[float]] = {g: [] for g in measured}
     cpu: dict[str, list[float]] = {g: [] for g in measured}
     baseline: list[float] = []
@@ -1605,7 +1638,9 @@ async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
             recorded = recorded or got
             rates[guarantee].append(rate)
             cpu[guarantee].append(cpu_us)
-            name = "contract floor" if guarantee == "floor" else guarantee
+            name = {"floor": "contract floor", "quix": "Quix Streams job lock"}.get(
+                guarantee, guarantee
+            )
             bench.say(
                 f"round {r + 1}/{o.rounds} {name}: {rate:,.0f} transitions/s, "
                 f"{cpu_us:,.0f} µs CPU per transition ({o.lifecycles:,} lifecycles)"
@@ -1615,7 +1650,11 @@ async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
         bench.say(f"round {r + 1}/{o.rounds} baseline: {baseline[-1]:,.0f} records/s")
     eos, base = Figure.of(rates["exactly_once"]), Figure.of(baseline)
     least = Figure.of(rates["floor"])
-    return {
+    quix: dict[str, Any] = {}
+    if rates.get("quix"):
+        quix["quix_transitions_per_s"] = Figure.of(rates["quix"])
+        quix["quix_cpu_us_per_transition"] = Figure.of(cpu["quix"])
+    return quix | {
         "eos_transitions_per_s": eos,
         "alo_transitions_per_s": Figure.of(rates["at_least_once"]),
         "eos_cpu_us_per_transition": Figure.of(cpu["exactly_once"]),
