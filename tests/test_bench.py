@@ -32,6 +32,10 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.floor_cpu_us_per_transition,
         report.quix_transitions_per_s,
         report.quix_cpu_us_per_transition,
+        report.quix_latency_p50_ms,
+        report.quix_latency_p99_ms,
+        report.quix_librdkafka_p50_ms,
+        report.quix_librdkafka_p99_ms,
         report.latency_achieved_rate,
         report.latency_p50_ms,
         report.latency_p95_ms,
@@ -108,6 +112,7 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "contract floor ÷ baseline" in out.getvalue()
     assert "contract floor CPU" in out.getvalue()
     assert "Quix Streams job lock CPU" in out.getvalue()
+    assert "Quix Streams job lock latency p99, librdkafka" in out.getvalue()
     assert "contract floor latency p99, librdkafka" in out.getvalue()
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()
     assert "peak RSS, restarted on them" in out.getvalue()

@@ -127,6 +127,7 @@ from worker.kafkaio import connection, partitions_of, read_until
 from worker.settings import Settings, Topics
 
 _GUARANTEES = ("exactly_once", "at_least_once")
+_NAMES = {"floor": ", contract floor", "quix": ", Quix Streams job lock"}  # progress lines
 _RESTORED = "partition restored from changelog"
 
 
@@ -362,6 +363,12 @@ class BenchReport:
     # The Quix Streams job lock (module docstring, item 2), with `BenchOptions.quix`.
     quix_transitions_per_s: Figure | None = None
     quix_cpu_us_per_transition: Figure | None = None
+    quix_latency_p50_ms: Figure | None = None
+    quix_latency_p95_ms: Figure | None = None
+    quix_latency_p99_ms: Figure | None = None
+    quix_librdkafka_p50_ms: Figure | None = None
+    quix_librdkafka_p95_ms: Figure | None = None
+    quix_librdkafka_p99_ms: Figure | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; figures as `{"median", "min", "max", "samples"}`."""
@@ -410,11 +417,15 @@ class BenchReport:
         if self.quix_transitions_per_s is not None and self.quix_cpu_us_per_transition:
             row("Quix Streams job lock", self.quix_transitions_per_s, "transitions/s")
             row("Quix Streams job lock CPU", self.quix_cpu_us_per_transition, "µs/transition")
-        for who, infix in (("", ""), ("contract floor ", "floor_")):
+        for who, infix in (
+            ("", ""),
+            ("contract floor ", "floor_"),
+            ("Quix Streams job lock ", "quix_"),
+        ):
             for client, prefix in (("aiokafka", "latency"), ("librdkafka", "librdkafka")):
                 for q in ("p50", "p95", "p99"):
-                    figure = getattr(self, f"{infix}{prefix}_{q}_ms")
-                    row(f"{who}latency {q}, {client}", figure, "ms", ",.1f")
+                    if (figure := getattr(self, f"{infix}{prefix}_{q}_ms")) is not None:
+                        row(f"{who}latency {q}, {client}", figure, "ms", ",.1f")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
         self._joined_rows(row)
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
@@ -1190,11 +1201,12 @@ async def latency_round(
     bench: _Bench,
     observers: Callable[[Topics], Sequence[_Observer]],
     window: Callable[[_Worker], Awaitable[None]] | None = None,
-    floor: bool = False,
+    who: str = "worker",
     **worker_settings: str,
 ) -> LatencyRound:
-    """Start requests at the offered rate against a caught-up exactly-once worker (or the
-    contract floor, with `floor`), after a warm-up; each `started` event timed by the
+    """Start requests at the offered rate against a caught-up exactly-once worker (or
+    `who`: the contract "floor", the "quix" job lock), after a warm-up; each `started` event
+    timed by the
     aiokafka reader that plays the executor and by `observers(topics)`, side by side.
     `window(worker)` is awaited just before the measured requests and once every reader has
     seen them."""
@@ -1202,8 +1214,10 @@ async def latency_round(
     topics = await bench.topics("lat", o.partitions)
     prefix = topics.requests.removesuffix(".requests")
     total = max(1, round(o.latency_rate * o.latency_seconds))
-    if floor:
+    if who == "floor":
         worker = bench.floor(topics)
+    elif who == "quix":
+        worker = bench.quix(topics)
     else:
         worker = bench.worker(topics, "exactly_once", **worker_settings)
     # linger 0: a request goes out as soon as it is due; batching would add latency.
@@ -1683,20 +1697,21 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
     o = bench.options
     seen: dict[str, list[Percentiles]] = {}
     achieved: list[float] = []
+    contenders = ["worker", "floor", *(["quix"] if bench.quix_python else [])]
     for r in range(o.rounds):
-        for floor in (False, True) if r % 2 == 0 else (True, False):
+        for who in contenders if r % 2 == 0 else contenders[::-1]:
             got = await latency_round(
-                bench, lambda t: [RdkafkaTail(bench.settings, t.status, o.partitions)], floor=floor
+                bench, lambda t: [RdkafkaTail(bench.settings, t.status, o.partitions)], who=who
             )
-            label = "floor_" if floor else ""
+            label = "" if who == "worker" else f"{who}_"
             aio = Percentiles.between(got.sent, got.tail.started_seen)
             rdk = Percentiles.between(got.sent, got.observers[0].started_seen)
             seen.setdefault(f"{label}latency", []).append(aio)
             seen.setdefault(f"{label}librdkafka", []).append(rdk)
-            if not floor:
+            if who == "worker":
                 achieved.append(got.achieved)
             bench.say(
-                f"latency {r + 1}/{o.rounds}{', contract floor' if floor else ''} at "
+                f"latency {r + 1}/{o.rounds}{_NAMES.get(who, '')} at "
                 f"{got.achieved:,.0f}/s: aiokafka {aio.line()}; librdkafka {rdk.line()}"
             )
     figures: dict[str, Any] = {}
@@ -1708,9 +1723,11 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
         "latency_requests": max(1, round(o.latency_rate * o.latency_seconds)),
         **figures,
         # Measured requests whose `started` each consumer saw, in the round that saw fewest.
-        "latency_aiokafka_seen": min(p.count for p in seen["latency"] + seen["floor_latency"]),
+        "latency_aiokafka_seen": min(
+            p.count for name, rounds in seen.items() if name.endswith("latency") for p in rounds
+        ),
         "latency_librdkafka_seen": min(
-            p.count for p in seen["librdkafka"] + seen["floor_librdkafka"]
+            p.count for name, rounds in seen.items() if name.endswith("librdkafka") for p in rounds
         ),
     }
 

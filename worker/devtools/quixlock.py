@@ -13,8 +13,9 @@ a counter), any other start is refused; a result for the running run ends it, an
 result is rejected. Nothing else of the worker's contract is here: no idempotency window,
 no queueing or replacing, no time-outs, no validation beyond JSON, no dead letters, no run
 history, no audit. An input it cannot decode or decide (not JSON, not an object, no key, a
-key over `MAX_KEY` bytes) is logged and skipped: Quix stops on it by default. So its figures say what the worker's contract costs over the least a
-stream processor does for the same lifecycles.
+key over `MAX_KEY` bytes) is logged and skipped: Quix stops on it by default. So its
+figures say what the worker's contract costs over the least a stream processor does for
+the same lifecycles.
 
 Configured like the worker: `JOBS_BOOTSTRAP_SERVERS`, `JOBS_TOPIC_PREFIX`; plaintext only.
 Stopped with SIGTERM (Quix exits 0 on it).
