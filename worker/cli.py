@@ -881,9 +881,7 @@ def bench(
         min=1,
         help="Requests outstanding at most while the peak-RSS history is made.",
     ),
-    client_calls: int = typer.Option(
-        100, "--client-calls", min=1, help="JobClient calls of each kind timed per round."
-    ),
+    client_calls: int = typer.Option(100, "--client-calls", min=1, help="Client calls per kind."),
     joined_seconds: float = typer.Option(
         10.0,
         "--joined-seconds",
@@ -899,11 +897,7 @@ def bench(
         False, "--growth-only", help="Measure the growth table alone (its sizes: --growth)."
     ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
-    quix: bool = typer.Option(
-        False,
-        "--quix",
-        help="Also time a job lock written with Quix Streams (installed once, in its own venv).",
-    ),
+    quix: bool = typer.Option(False, "--quix", help="Also time a Quix Streams job lock."),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     soak: float = typer.Option(
         None, "--soak", min=0.1, help="Instead: a soak of this many minutes (exit 1 past a bound)."
@@ -941,11 +935,10 @@ def bench(
     )
     if soak is not None:
         _soak(options, soak, soak_rate, soak_interval, soak_retention)
-        return
-    if growth_only:
+    elif growth_only:
         _growth(options, json_path)
-        return
-    _full_bench(options, json_path)
+    else:
+        _full_bench(options, json_path)
 
 
 def _full_bench(options: Any, json_path: Path | None) -> None:
