@@ -865,13 +865,10 @@ class _Bench:
             isolation_level="read_committed", enable_auto_commit=False, **self.kafka
         )
         self._workers = 0
-        self.quix_python: Path | None = None  # with `options.quix`: `quixref.quix_python`
+        self.quix_python: Path | None = None  # with `options.quix`: made by `with_bench`
 
     async def start(self) -> None:
-        """Connect the admin client and the reader; with `options.quix`, make sure Quix
-        Streams is installed."""
-        if self.options.quix:
-            self.quix_python = await asyncio.to_thread(quix_python, self.say)
+        """Connect the admin client and the reader."""
         await self.admin.start()
         await self.reader.start()
 
@@ -1612,6 +1609,12 @@ async def with_bench(
     """Run `body` with a bench (its broker clients, temp directory, created topics) and a
     description of the environment; the local broker, if one was started, stopped after."""
     o = options.sized()
+    quix = None
+    if o.quix:
+        given = o.bootstrap is not None and Settings(bootstrap_servers=o.bootstrap)
+        if given and given.security_protocol != "PLAINTEXT":
+            raise BenchError("--quix connects over PLAINTEXT only; this cluster is not")
+        quix = await asyncio.to_thread(quix_python, console.print)
     local: LocalKafka | None = None
     bootstrap = o.bootstrap
     if bootstrap is None:
@@ -1625,6 +1628,7 @@ async def with_bench(
     try:
         with tempfile.TemporaryDirectory(prefix="jobs-bench-") as tmp:
             bench = _Bench(o, console, settings, Path(tmp))
+            bench.quix_python = quix
             await bench.start()
             try:
                 return await body(bench, _environment(bootstrap, local))
