@@ -29,7 +29,7 @@ def quix_python(say: Callable[[str], None]) -> Path:
     venv = cache_dir() / f"quixstreams-{QUIX_VERSION}"
     python = venv / "bin" / "python"
     stamp = venv / ".installed"
-    if stamp.exists():
+    if stamp.exists() and python.exists():
         return python
     say(f"installing Quix Streams {QUIX_VERSION} into {venv} (once)")
     steps = (
