@@ -7,12 +7,16 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from tests.hostile import RawProducer, hostile_records
+from worker.devtools import quixref
+from worker.devtools.latency import BenchError
 from worker.devtools.quixref import LOCK, quix_python
 from worker.settings import Settings
 
@@ -90,3 +94,31 @@ async def test_the_quix_lock_decides_every_valid_start_past_hostile_input(
     refused = [e for e in events if e["type"] == "refused"]
     assert again[0].request_id in {e["request_id"] for e in refused}
     assert "skipped an input" in err.decode(errors="replace")  # the hostile ones, logged
+
+
+def test_a_quix_venv_without_its_interpreter_is_made_again_and_a_failure_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stamp left beside a removed interpreter does not count as installed; when pip
+    cannot install Quix Streams, the error names what failed and pip's last lines."""
+    monkeypatch.setenv("JOBS_KAFKA_CACHE", str(tmp_path))
+    venv = tmp_path / f"quixstreams-{quixref.QUIX_VERSION}"
+    venv.mkdir()
+    (venv / ".installed").touch()
+    calls: list[list[str]] = []
+
+    def run(step: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append(step)
+        failed = "pip" in step
+        stderr = "ERROR: No matching distribution found for quixstreams" if failed else ""
+        return subprocess.CompletedProcess(step, 1 if failed else 0, "", stderr)
+
+    monkeypatch.setattr(quixref.subprocess, "run", run)
+    said: list[str] = []
+    with pytest.raises(BenchError) as raised:
+        quixref.quix_python(said.append)
+    assert [step[1:3] for step in calls] == [["-m", "venv"], ["-m", "pip"]]
+    assert "could not install Quix Streams" in str(raised.value)
+    assert "No matching distribution" in str(raised.value)
+    assert len(said) == 1
+    assert "installing Quix Streams" in said[0]
