@@ -50,6 +50,11 @@ def spawn(topics: Settings, tmp_path: Path) -> Iterator[Any]:
     yield start
     for process in started:
         process.ensure_dead()
+        # Shown by pytest only when the test failed: what each executor did and logged.
+        print(f"--- executor {process.name} (pid {process.pid}) ---\n{process.log_tail()}")
+    journal = started[0].journal if started else None
+    if journal is not None and journal.exists():
+        print("--- journal ---\n" + journal.read_text(errors="replace"))
 
 
 def ends(tail: StatusTail, run_id: str | None) -> list[StatusEvent]:
