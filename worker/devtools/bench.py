@@ -127,7 +127,7 @@ from worker.kafkaio import connection, partitions_of, read_until
 from worker.settings import Settings, Topics
 
 _GUARANTEES = ("exactly_once", "at_least_once")
-_NAMES = {"floor": ", contract floor", "quix": ", Quix Streams job lock"}  # progress lines
+_NAMES = {"floor": "contract floor", "quix": "Quix Streams job lock"}  # in progress lines
 _RESTORED = "partition restored from changelog"
 
 
@@ -153,7 +153,7 @@ class BenchOptions:
     client_calls: int = 100
     growth_job_types: tuple[int, ...] = (10, 1_000, 10_000, 100_000, 1_000_000)
     quick: bool = False
-    quix: bool = False  # also the Quix Streams job lock's throughput rounds (item 2)
+    quix: bool = False  # also the Quix Streams job lock's rounds (items 2 and 3)
 
     def sized(self) -> BenchOptions:
         """The options actually run: with `quick`, every size capped to a few seconds' work."""
@@ -414,7 +414,7 @@ class BenchReport:
         row("contract floor", self.floor_records_per_s, "transitions/s")
         row("contract floor CPU", self.floor_cpu_us_per_transition, "µs/transition")
         single("contract floor ÷ baseline", f"{self.floor_over_baseline:.2f}", "ratio")
-        if self.quix_transitions_per_s is not None and self.quix_cpu_us_per_transition:
+        if self.quix_transitions_per_s is not None and self.quix_cpu_us_per_transition is not None:
             row("Quix Streams job lock", self.quix_transitions_per_s, "transitions/s")
             row("Quix Streams job lock CPU", self.quix_cpu_us_per_transition, "µs/transition")
         for who, infix in (
@@ -925,13 +925,24 @@ class _Bench:
 
     def quix(self, topics: Topics) -> _Worker:
         """The Quix Streams job lock (`worker.devtools.quixlock`) as a process on `topics`,
-        in the interpreter `start` installed it for, stopped as a worker is."""
+        in the interpreter `with_bench` made ready for it, stopped as a worker is."""
         if self.quix_python is None:
             raise BenchError("the Quix Streams job lock needs BenchOptions.quix")
         lock = self.worker(topics, "exactly_once")
         lock.executable = str(self.quix_python)
         lock.command = (str(QUIX_LOCK),)
         return lock
+
+    def contender(
+        self, topics: Topics, who: str, guarantee: str = "exactly_once", **settings: str
+    ) -> _Worker:
+        """What a round measures on `topics`: a worker with `guarantee` and `settings`, or
+        `who` "floor" (the contract floor) or "quix" (the Quix Streams job lock)."""
+        if who == "floor":
+            return self.floor(topics)
+        if who == "quix":
+            return self.quix(topics)
+        return self.worker(topics, guarantee, **settings)
 
     async def read_all(self, topic: str) -> dict[int, list[tuple[bytes | None, bytes | None]]]:
         """Every committed record of `topic`, per partition, in offset order."""
@@ -1074,12 +1085,7 @@ async def _throughput_round(
     o = bench.options
     label = {"exactly_once": "eos", "at_least_once": "alo"}.get(guarantee, guarantee)
     topics = await bench.topics(label, o.partitions)
-    if guarantee == "floor":
-        worker = bench.floor(topics)
-    elif guarantee == "quix":
-        worker = bench.quix(topics)
-    else:
-        worker = bench.worker(topics, guarantee)
+    worker = bench.contender(topics, guarantee, guarantee)
     tail = await _run_lifecycles(bench, topics, worker, o.lifecycles, cpu=True)
     rate = (2 * o.lifecycles) / tail.elapsed
     cpu, transitions = tail.probed()
@@ -1203,20 +1209,15 @@ async def latency_round(
 ) -> LatencyRound:
     """Start requests at the offered rate against a caught-up exactly-once worker (or
     `who`: the contract "floor", the "quix" job lock), after a warm-up; each `started` event
-    timed by the
-    aiokafka reader that plays the executor and by `observers(topics)`, side by side.
+    timed by the aiokafka reader that plays the executor and by `observers(topics)`, side
+    by side.
     `window(worker)` is awaited just before the measured requests and once every reader has
     seen them."""
     o = bench.options
     topics = await bench.topics("lat", o.partitions)
     prefix = topics.requests.removesuffix(".requests")
     total = max(1, round(o.latency_rate * o.latency_seconds))
-    if who == "floor":
-        worker = bench.floor(topics)
-    elif who == "quix":
-        worker = bench.quix(topics)
-    else:
-        worker = bench.worker(topics, "exactly_once", **worker_settings)
+    worker = bench.contender(topics, who, **worker_settings)
     # linger 0: a request goes out as soon as it is due; batching would add latency.
     async with _producer(bench.kafka, linger_ms=0) as producer:
         tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), track=True)
@@ -1656,9 +1657,7 @@ async def _throughput_rounds(bench: _Bench) -> dict[str, Any]:
             recorded = recorded or got
             rates[guarantee].append(rate)
             cpu[guarantee].append(cpu_us)
-            name = {"floor": "contract floor", "quix": "Quix Streams job lock"}.get(
-                guarantee, guarantee
-            )
+            name = _NAMES.get(guarantee, guarantee)
             bench.say(
                 f"round {r + 1}/{o.rounds} {name}: {rate:,.0f} transitions/s, "
                 f"{cpu_us:,.0f} µs CPU per transition ({o.lifecycles:,} lifecycles)"
@@ -1715,7 +1714,7 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
             if who == "worker":
                 achieved.append(got.achieved)
             bench.say(
-                f"latency {r + 1}/{o.rounds}{_NAMES.get(who, '')} at "
+                f"latency {r + 1}/{o.rounds}{f', {_NAMES[who]}' if who in _NAMES else ''} at "
                 f"{got.achieved:,.0f}/s: aiokafka {aio.line()}; librdkafka {rdk.line()}"
             )
     figures: dict[str, Any] = {}
