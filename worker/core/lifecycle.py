@@ -54,6 +54,7 @@ from pydantic import TypeAdapter
 
 from schemas import EventType, RunStatus, Source, StatusEvent
 from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
+from worker.core.wire import made
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 _NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
@@ -390,7 +391,8 @@ class _Out:
         self.events: list[StatusEvent] = []
 
     def emit(self, type: EventType, job_type: str, **fields: Any) -> StatusEvent:
-        event = StatusEvent(
+        event = made(
+            StatusEvent,
             event_id=_event_id(self.cause, len(self.events)),
             type=type,
             job_type=job_type,
@@ -503,10 +505,24 @@ def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limit
         # A replacing start first cancels the old run; its answer is the run it started.
         first = next(e for e in out.events if e.type in _START_ANSWERS)
     decided = (*state.decided, Decided(command.request_id, first.type, first.run_id))
-    return replace(
+    return _changed(
         state,
         decided=_tail(decided, limits.idempotency_window),
         decided_next=state.decided_next + 1,
+    )
+
+
+def _changed(state: JobState, **changes: Any) -> JobState:
+    """`dataclasses.replace(state, **changes)` in half its time (it runs on every transition:
+    `replace` looks up each field's definition at every call)."""
+    return JobState(
+        job_type=state.job_type,
+        active=changes.get("active", state.active),
+        queue=changes.get("queue", state.queue),
+        ended=changes.get("ended", state.ended),
+        decided=changes.get("decided", state.decided),
+        ended_next=changes.get("ended_next", state.ended_next),
+        decided_next=changes.get("decided_next", state.decided_next),
     )
 
 
@@ -580,7 +596,7 @@ def _start_run(
         initial_data=dict(initial_data),
         started_at=started_at,
     )
-    return replace(state, active=(*state.active, run))
+    return _changed(state, active=(*state.active, run))
 
 
 def _end_run(
@@ -612,12 +628,12 @@ def _end_run(
         started_at=run.started_at,
     )
     active = tuple(r for r in state.active if r is not run)
-    return _with_ended(replace(state, active=active), EndedRun(run.run_id, status, out.at), limits)
+    return _with_ended(state, EndedRun(run.run_id, status, out.at), limits, active=active)
 
 
-def _with_ended(state: JobState, run: EndedRun, limits: Limits) -> JobState:
+def _with_ended(state: JobState, run: EndedRun, limits: Limits, **changes: Any) -> JobState:
     ended = _tail((*state.ended, run), limits.ended_window)
-    return replace(state, ended=ended, ended_next=state.ended_next + 1)
+    return _changed(state, ended=ended, ended_next=state.ended_next + 1, **changes)
 
 
 def _promote(state: JobState, scope: str, config: JobConfig, out: _Out) -> JobState:
@@ -886,7 +902,7 @@ def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out
         reason=reason,
     )
     queue = tuple(q for q in state.queue if q is not waiting)
-    return _with_ended(replace(state, queue=queue), EndedRun(run_id, status, cmd.at), limits)
+    return _with_ended(state, EndedRun(run_id, status, cmd.at), limits, queue=queue)
 
 
 def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out: _Out) -> JobState:

@@ -19,7 +19,7 @@ import heapq
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
@@ -40,7 +40,7 @@ from worker.core.lifecycle import (
     stream_time,
 )
 from worker.core.limits import InputLimits
-from worker.core.runs import RunRow, new_row, run_change
+from worker.core.runs import RunRow, changed, new_row, run_change
 from worker.engine import changelog, rulebook
 from worker.engine.codec import (
     Bad,
@@ -557,7 +557,7 @@ class PartitionTask:
         active = self.runs.get(run_id)
         if change is None or active is None:
             return  # a run queued before queued runs had rows, cancelled before it started
-        row = replace(active, **change)
+        row = changed(active, change)
         outcome.runs[run_id] = row
         if event.type is EventType.PROGRESS:
             self.runs[run_id] = row
