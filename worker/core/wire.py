@@ -2,7 +2,7 @@
 
 A status event is made on every transition from values already of their fields' types: IDs
 the core made, enums, aware datetimes, dicts validated when their request or result was
-read. Validating them once more cost a third of making an event (pydantic tries each
+read. Validating them once more took most of the time of making an event (pydantic tries each
 field's snake_case and camelCase name, and copies each dict). `made` builds the model as
 validation leaves it: every field, in declaration order (the order of its JSON), defaults
 filled in.
