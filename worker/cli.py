@@ -859,6 +859,9 @@ def watch(
             raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
 
 
+_BATCH = Settings.model_fields["batch_max_records"].default  # the bench runs the default
+
+
 @app.command()
 def bench(
     bootstrap: str = typer.Option(
@@ -867,7 +870,7 @@ def bench(
     lifecycles: int = typer.Option(20_000, "--lifecycles", min=1, help="Starts + completions."),
     partitions: int = typer.Option(4, "--partitions", min=1),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Rounds per figure (median, min, max)."),
-    batch: int = typer.Option(500, "--batch-max-records", min=1),
+    batch: int = typer.Option(_BATCH, "--batch-max-records", min=1, help="As the worker's."),
     rate: float = typer.Option(1000.0, "--latency-rate", help="Offered requests/s for latency."),
     latency_seconds: float = typer.Option(10.0, "--latency-seconds"),
     latency_warmup: float = typer.Option(

@@ -10,12 +10,17 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
 
 1. Worker throughput, transitions per second, with `exactly_once` and `at_least_once`,
    rounds interleaved so both see the same machine state. N start requests, each of its own
-   job type (so none is refused), wait as a backlog before the worker starts; the executor
-   answers each `started`. Transitions are the 2N `started` and `completed` events; the time
-   runs from the first event a read_committed consumer sees to the last one. Beside it, the
-   worker's CPU time per transition: user plus system time of the worker process (every
-   thread, read from /proc) between the first and the last batch of events that consumer
-   reads, over the transitions read in between.
+   job type (so none is refused); the executor answers each `started`. The worker is
+   started first and has answered a few warm-up
+   lifecycles (so it has joined, taken its partitions and is idle) when the N start requests
+   are sent, as fast as a producer sends them: a backlog from its first poll on.
+   Transitions are the 2N `started` and `completed` events; the time runs from the end of
+   the warm-up to the last event a read_committed consumer sees. Beside it, the worker's
+   CPU time per transition: user plus system time of the worker process (every thread, read
+   from /proc) over the same span, over the 2N transitions. (Measured from the first event
+   read instead, the work of the worker's first batch fell outside the span while its
+   transitions counted: with batches of thousands of records, a tenth of a 20,000-lifecycle
+   round's CPU went uncounted.)
 2. Baseline: the same input records (copied byte for byte, same keys and partitions, from
    an exactly-once round) through a raw aiokafka consume-transform-produce loop with the
    worker's transaction sizing: one transactional producer per partition, one transaction per
@@ -142,7 +147,7 @@ class BenchOptions:
     lifecycles: int = 20_000
     partitions: int = 4
     rounds: int = 3
-    batch_max_records: int = 500
+    batch_max_records: int = Settings.model_fields["batch_max_records"].default  # the worker's
     latency_rate: float = 1000.0
     latency_seconds: float = 10.0
     latency_warmup_seconds: float = 3.0
@@ -788,10 +793,15 @@ class _Tail:
             ) from None
         self._check(worker)
 
-    def measure_from_here(self) -> None:
-        """Time and probe from the next batch on, leaving out what was read so far."""
+    def measure_from_here(self, now: bool = False) -> None:
+        """Time and probe from the next batch on, leaving out what was read so far; with
+        `now`, from this moment (a sample of the probe, the time)."""
         self.first_probe = None
         self.first_seen = None
+        if now:
+            self.first_seen = time.perf_counter()
+            if self.probe is not None:
+                self.first_probe = (self.probe(), self.count)
 
     def probed(self) -> tuple[float, int]:
         """How much the probe grew and how many records were seen between its first sample
@@ -977,22 +987,31 @@ async def _run_lifecycles(
 
     Without `in_flight`, every start request is put in a backlog before the worker starts;
     with it, start requests are sent as runs complete, at most `in_flight` outstanding. With
-    `cpu`, the tail samples the worker's CPU time after each batch of events it reads.
+    `cpu`, the worker first answers `_warm_up` lifecycles; the tail then samples its CPU time
+    and the time (`measure_from_here`), then after each batch of events it reads, and the
+    start requests are sent: the span covers every transition of the `count` lifecycles
+    and all the work they cost.
     """
     prefix = topics.requests.removesuffix(".requests")
     starts = [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
+    warm = _warm_count(bench.options) if cpu else 0
     async with _producer(bench.kafka, linger_ms=5) as producer:
-        if in_flight is None:
+        if in_flight is None and not cpu:
             await _send_starts(producer, topics, starts)
         probe = (lambda: cpu_seconds(worker.pid)) if cpu else None
         tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), probe=probe)
         await tail.start()
         try:
             await worker.start()
+            if cpu:
+                await _warm_up(tail, producer, topics, worker, prefix, warm)
+                tail.measure_from_here(now=True)
+                if in_flight is None:
+                    await _send_starts(producer, topics, starts)
             if in_flight is not None:
                 await _keep_in_flight(tail, producer, topics, worker, starts, in_flight)
             await tail.until(
-                lambda: tail.types["completed"] >= count,
+                lambda: tail.types["completed"] >= warm + count,
                 f"{count} completed runs",
                 _timeout_for(2 * count),
                 worker,
@@ -1003,8 +1022,31 @@ async def _run_lifecycles(
         finally:
             await worker.close()
             await tail.stop()
-    _expect_lifecycles(tail, count)
+    _expect_lifecycles(tail, warm + count)
     return tail
+
+
+def _warm_count(options: BenchOptions) -> int:
+    """Warm-up lifecycles: a few on every partition."""
+    return 4 * options.partitions
+
+
+async def _warm_up(
+    tail: _Tail,
+    producer: AIOKafkaProducer,
+    topics: Topics,
+    worker: _Worker,
+    prefix: str,
+    count: int,
+) -> None:
+    """`count` lifecycles answered and completed, so the worker owns its partitions, its
+    producers are connected and it is idle."""
+    warm = [(f"bench-warm-{i}", f"{prefix}-warm-{i}") for i in range(count)]
+    done = tail.types["completed"]
+    await _send_starts(producer, topics, warm)
+    await tail.until(
+        lambda: tail.types["completed"] >= done + count, "warm-up", _timeout_for(0), worker
+    )
 
 
 def _expect_lifecycles(tail: _Tail, count: int) -> None:
@@ -1098,8 +1140,9 @@ async def _throughput_round(
                 "results": await bench.read_all(topics.results),
             }
         )
-        if recorded.count != 2 * o.lifecycles:
-            raise BenchError(f"recorded {recorded.count} inputs, expected {2 * o.lifecycles}")
+        expected = 2 * (_warm_count(o) + o.lifecycles)
+        if recorded.count != expected:
+            raise BenchError(f"recorded {recorded.count} inputs, expected {expected}")
     return rate, cpu_us, recorded
 
 
@@ -1226,18 +1269,13 @@ async def latency_round(
             for observer in (tail, *others):
                 await observer.start()
             await worker.start()
-            # Warm-up: a few lifecycles on every partition, answered and completed, so the
-            # worker owns its partitions, its producers are connected and it is idle; then
-            # the offered rate for a few seconds, unmeasured, so that the figures describe
-            # the steady state rather than the first seconds of a process and a broker.
-            warm = [(f"bench-warm-{i}", f"{prefix}-warm-{i}") for i in range(4 * o.partitions)]
-            await _send_starts(producer, topics, warm)
-            await tail.until(
-                lambda: tail.types["completed"] >= len(warm), "warm-up", _timeout_for(0), worker
-            )
+            # Warm-up: a few lifecycles on every partition (`_warm_up`); then the offered
+            # rate for a few seconds, unmeasured, so that the figures describe the steady
+            # state rather than the first seconds of a process and a broker.
+            await _warm_up(tail, producer, topics, worker, prefix, _warm_count(o))
             warm_count = round(o.latency_rate * o.latency_warmup_seconds)
             await _paced(producer, topics, o.latency_rate, f"{prefix}-paced-warm", warm_count)
-            warmed = len(warm) + warm_count
+            warmed = _warm_count(o) + warm_count
             await _all_saw(tail, others, warmed, "warm-up", worker)
             if window is not None:
                 await window(worker)
