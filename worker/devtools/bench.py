@@ -14,13 +14,13 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    started first and has answered a few warm-up
    lifecycles (so it has joined, taken its partitions and is idle) when the N start requests
    are sent, as fast as a producer sends them: a backlog from its first poll on.
-   Transitions are the 2N `started` and `completed` events; the time runs from the end of
-   the warm-up to the last event a read_committed consumer sees. Beside it, the worker's
-   CPU time per transition: user plus system time of the worker process (every thread, read
-   from /proc) over the same span, over the 2N transitions. (Measured from the first event
-   read instead, the work of the worker's first batch fell outside the span while its
-   transitions counted: with batches of thousands of records, a tenth of a 20,000-lifecycle
-   round's CPU went uncounted.)
+   Transitions are the 2N `started` and `completed` events; the time runs from the first
+   of them a read_committed consumer sees to the last. Beside it, the worker's CPU time per
+   transition: user plus system time of the worker process (every thread, read from /proc)
+   from the end of the warm-up to the last event, over the 2N transitions. (Measured from
+   the first event read instead, the work of the worker's first batch fell outside it while
+   its transitions counted: with batches of thousands of records, a tenth of a
+   20,000-lifecycle round's CPU went uncounted.)
 2. Baseline: the same input records (copied byte for byte, same keys and partitions, from
    an exactly-once round) through a raw aiokafka consume-transform-produce loop with the
    worker's transaction sizing: one transactional producer per partition, one transaction per
@@ -795,13 +795,11 @@ class _Tail:
 
     def measure_from_here(self, now: bool = False) -> None:
         """Time and probe from the next batch on, leaving out what was read so far; with
-        `now`, from this moment (a sample of the probe, the time)."""
+        `now`, probe from this moment (a sample now), time from the next batch."""
         self.first_probe = None
         self.first_seen = None
-        if now:
-            self.first_seen = time.perf_counter()
-            if self.probe is not None:
-                self.first_probe = (self.probe(), self.count)
+        if now and self.probe is not None:
+            self.first_probe = (self.probe(), self.count)
 
     def probed(self) -> tuple[float, int]:
         """How much the probe grew and how many records were seen between its first sample
@@ -988,9 +986,8 @@ async def _run_lifecycles(
     Without `in_flight`, every start request is put in a backlog before the worker starts;
     with it, start requests are sent as runs complete, at most `in_flight` outstanding. With
     `cpu`, the worker first answers `_warm_up` lifecycles; the tail then samples its CPU time
-    and the time (`measure_from_here`), then after each batch of events it reads, and the
-    start requests are sent: the span covers every transition of the `count` lifecycles
-    and all the work they cost.
+    (`measure_from_here`), again after each batch of events it reads, and the start
+    requests are sent: the CPU measured covers all the work of the `count` lifecycles.
     """
     prefix = topics.requests.removesuffix(".requests")
     starts = [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
