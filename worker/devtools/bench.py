@@ -11,9 +11,9 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
 1. Worker throughput, transitions per second, with `exactly_once` and `at_least_once`,
    rounds interleaved so both see the same machine state. N start requests, each of its own
    job type (so none is refused); the executor answers each `started`. The worker is
-   started first and has answered a few warm-up
-   lifecycles (so it has joined, taken its partitions and is idle) when the N start requests
-   are sent, as fast as a producer sends them: a backlog from its first poll on.
+   started first and has answered a few warm-up lifecycles (so it has joined, taken its
+   partitions and is idle) when the N start requests are sent, as fast as a producer sends
+   them: a backlog from its first poll on.
    Transitions are the 2N `started` and `completed` events; the time runs from the first
    of them a read_committed consumer sees to the last. Beside it, the worker's CPU time per
    transition: user plus system time of the worker process (every thread, read from /proc)
@@ -983,11 +983,12 @@ async def _run_lifecycles(
     """Run `count` lifecycles through the worker and the executor until every run completed,
     call `on_done` while the worker still runs, then stop the worker (exit 0).
 
-    Without `in_flight`, every start request is put in a backlog before the worker starts;
-    with it, start requests are sent as runs complete, at most `in_flight` outstanding. With
-    `cpu`, the worker first answers `_warm_up` lifecycles; the tail then samples its CPU time
-    (`measure_from_here`), again after each batch of events it reads, and the start
-    requests are sent: the CPU measured covers all the work of the `count` lifecycles.
+    Without `in_flight`, every start request is put in a backlog before the worker starts
+    (with `cpu`, once it has warmed up: below); with it, start requests are sent as runs
+    complete, at most `in_flight` outstanding. With `cpu`, the worker first answers
+    `_warm_up` lifecycles; the tail then samples its CPU time (`measure_from_here`), again
+    after each batch of events it reads, and the start requests are sent: the CPU measured
+    covers all the work of the `count` lifecycles.
     """
     prefix = topics.requests.removesuffix(".requests")
     starts = [(f"bench-{i}", f"{prefix}-{i}") for i in range(count)]
