@@ -995,7 +995,7 @@ async def _run_lifecycles(
     warm = _warm_count(bench.options) if cpu else 0
     async with _producer(bench.kafka, linger_ms=5) as producer:
         if in_flight is None and not cpu:
-            await _send_starts(producer, topics, starts)
+            await _send_starts(producer, topics, starts)  # waiting before the worker starts
         probe = (lambda: cpu_seconds(worker.pid)) if cpu else None
         tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), probe=probe)
         await tail.start()
@@ -1004,10 +1004,10 @@ async def _run_lifecycles(
             if cpu:
                 await _warm_up(tail, producer, topics, worker, prefix, warm)
                 tail.measure_from_here(now=True)
-                if in_flight is None:
-                    await _send_starts(producer, topics, starts)
             if in_flight is not None:
                 await _keep_in_flight(tail, producer, topics, worker, starts, in_flight)
+            elif cpu:
+                await _send_starts(producer, topics, starts)
             await tail.until(
                 lambda: tail.types["completed"] >= warm + count,
                 f"{count} completed runs",
