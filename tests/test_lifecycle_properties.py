@@ -169,19 +169,3 @@ def test_adopting_the_logged_events_rebuilds_the_state(
         for event in events:
             adopted = adopt(adopted, event, config, limits)
         assert _adoptable(adopted) == _adoptable(decided)
-
-
-@SETTINGS
-@given(config=configs, spec=steps, window=st.sampled_from([0, 3, 1000]))
-def test_every_event_is_what_validating_its_values_makes(
-    config: JobConfig, spec: list[Any], window: int
-) -> None:
-    """The core makes its events without validating them again (`worker.core.wire.made`):
-    each must equal, and serialize exactly as, the model its values make when validated, and
-    read back from its JSON as itself."""
-    for _, _, _, events in _play(config, spec, window):
-        for event in events:
-            validated = StatusEvent(**dict(event))
-            assert event == validated
-            assert event.model_dump_json() == validated.model_dump_json()
-            assert StatusEvent.model_validate_json(event.model_dump_json()) == event

@@ -54,7 +54,6 @@ from pydantic import TypeAdapter
 
 from schemas import EventType, RunStatus, Source, StatusEvent
 from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
-from worker.core.wire import made
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 _NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
@@ -391,8 +390,7 @@ class _Out:
         self.events: list[StatusEvent] = []
 
     def emit(self, type: EventType, job_type: str, **fields: Any) -> StatusEvent:
-        event = made(
-            StatusEvent,
+        event = StatusEvent(
             event_id=_event_id(self.cause, len(self.events)),
             type=type,
             job_type=job_type,

@@ -30,7 +30,6 @@ from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult,
 from schemas.messages import RequestId, RunIdText
 from worker.core.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
 from worker.core.limits import InputLimits
-from worker.core.wire import made
 
 TopicRole = Literal["requests", "results"]
 
@@ -67,8 +66,7 @@ class InputRecord:
     @property
     def source(self) -> Source:
         """The record's coordinates."""
-        # Kafka's own coordinates: no need to validate them again.
-        return made(Source, topic=self.topic, partition=self.partition, offset=self.offset)
+        return Source(topic=self.topic, partition=self.partition, offset=self.offset)
 
     @property
     def at(self) -> datetime:
