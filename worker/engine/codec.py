@@ -331,14 +331,30 @@ def decode(
     """Turn an input record into a core command, or explain why it cannot be one."""
     message = _well_formed(record, limits)
     if message is None:  # something is off: find what, to say it
-        try:
-            payload = _parse(record, limits)
-            message, key_text = _validate(record, payload)
-            _check_data(message, len(record.value or b""), limits, payload, key_text)
-        except _Unusable as problem:
-            reason = f"{problem.code}: {problem.message}"
-            reject = _reject_for(record, problem.payload, reason, problem.key_text)
-            return Bad(dead_letter(record, problem.code, problem.message, now), reject)
+        return explained(record, partitions=partitions, limits=limits, now=now)
+    return _routed(record, message, partitions)
+
+
+def explained(
+    record: InputRecord, *, partitions: int, limits: InputLimits, now: datetime
+) -> Command | Bad | Reroute:
+    """`decode` without its one pass: parse, validate and check in turn, each saying what is
+    wrong. For a record the one pass takes, the same outcome."""
+    try:
+        payload = _parse(record, limits)
+        message, key_text = _validate(record, payload)
+        _check_data(message, len(record.value or b""), limits, payload, key_text)
+    except _Unusable as problem:
+        reason = f"{problem.code}: {problem.message}"
+        reject = _reject_for(record, problem.payload, reason, problem.key_text)
+        return Bad(dead_letter(record, problem.code, problem.message, now), reject)
+    return _routed(record, message, partitions)
+
+
+def _routed(
+    record: InputRecord, message: JobRequest | JobResult, partitions: int
+) -> Command | Reroute:
+    """The command of a valid message, or where its record must go instead."""
     key = message.job_type.encode()
     expected = partition_for(key, partitions)
     if expected != record.partition or record.key is None:
