@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 CHROMIUM ?= chromium
 
-.PHONY: demo test lint typecheck kafka-jars chromium quix console-screenshot clean
+.PHONY: demo test lint typecheck kafka-jars chromium quix compile console-screenshot clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ else
 	$(BIN)/jobctl broker --fetch-only
 endif
 
-demo: kafka-jars
+demo: kafka-jars compile
 	$(BIN)/jobctl demo
+
+# The hot modules compiled with mypyc into worker/_compiled/, rebuilt when a source changes;
+# the worker uses the build only while it matches the sources (worker/compiled.py). Without
+# a C compiler this says so and the worker runs from source. JOBS_COMPILED=0 skips it.
+COMPILED := worker/_compiled/manifest.json
+compile: $(COMPILED)
+$(COMPILED): $(STAMP) $(wildcard worker/core/*.py worker/engine/*.py) worker/compiled.py worker/devtools/compile.py
+	$(BIN)/python -m worker.devtools.compile
 
 # The console's browser tests drive Debian's Chromium (never Playwright's download). Install
 # it with apt-get when it is missing and we may (root, or sudo without a password); when we
@@ -61,8 +69,8 @@ typecheck: $(STAMP)
 quix: $(STAMP)
 	$(BIN)/python -c "from worker.devtools.quixref import quix_python; quix_python(print)"
 
-test: kafka-jars chromium quix lint typecheck
+test: kafka-jars chromium quix compile lint typecheck
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache worker/_compiled

@@ -108,12 +108,13 @@ def install() -> str:
     else:
         try:
             found = _binaries(json.loads(MANIFEST.read_text()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            found = f"unreadable manifest ({exc.__class__.__name__})"
+        except Exception as exc:  # whatever the damage, the sources still run
+            found = f"unreadable manifest: {exc.__class__.__name__}"
         if isinstance(found, str):
-            _state = f"source: the compiled build is stale ({found})"
+            stale = f"the compiled build is stale ({found})"
+            _state = f"source: {stale}"
             warnings.warn(
-                f"worker: {_state[8:]}; running from source. `make compile` rebuilds it.",
+                f"worker: {stale}; running from source. `make compile` rebuilds it.",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -118,6 +118,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.table import Table
 
+from worker import compiled
 from worker.audit.replay import replay
 from worker.client.jobclient import JobClient
 from worker.client.view import window_of
@@ -1620,6 +1621,8 @@ def _environment(bootstrap: str, local: LocalKafka | None) -> dict[str, str]:
     return {
         "python": platform.python_version(),
         "aiokafka": aiokafka.__version__,
+        # The worker's hot modules: compiled with mypyc, or from source (and why).
+        "worker_code": compiled.state(),
         "platform": platform.platform(),
         "cpus": str(os.cpu_count()),
         "broker": f"local Apache Kafka {local.version}" if local is not None else bootstrap,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {BUILD}: the worker runs from source")
         return 0
     reason = missing_tools()
+    if os.environ.get("JOBS_COMPILED", "1") == "0":
+        reason = "JOBS_COMPILED=0"
     if reason is not None:
         print(f"not compiling the hot modules: {reason}; the worker runs from source")
         return 0

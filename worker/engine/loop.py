@@ -27,7 +27,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
 from schemas import RunStatus
-from worker import compat
+from worker import compat, compiled
 from worker.core.config import JobsConfig
 from worker.core.config import load as load_config
 from worker.core.lifecycle import JobConfig, merge_inputs
@@ -169,6 +169,7 @@ class Worker:
                 defaults=_described(self.jobs_config.defaults),
                 job_types_configured=len(self.jobs_config.job_types),
                 job_types=sorted(self.jobs_config.job_types)[:20],  # the first, for a glance
+                code=compiled.state(),
             )
             await self._loop(stop)
         finally:
