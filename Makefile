@@ -35,7 +35,7 @@ demo: kafka-jars compile
 COMPILED := worker/_compiled/manifest.json
 compile: $(COMPILED)
 $(COMPILED): $(STAMP) $(wildcard worker/core/*.py worker/engine/*.py) worker/compiled.py worker/devtools/compile.py
-	$(BIN)/python -m worker.devtools.compile
+	$(BIN)/python -W ignore::RuntimeWarning -m worker.devtools.compile
 
 # The console's browser tests drive Debian's Chromium (never Playwright's download). Install
 # it with apt-get when it is missing and we may (root, or sudo without a password); when we

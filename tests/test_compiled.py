@@ -102,7 +102,7 @@ def test_jobs_compiled_0_runs_from_source(tree: Path) -> None:
     ("damage", "why"),
     [
         (lambda m: m.update(suffix=".cpython-39-x86_64-linux-gnu.so"), "not this interpreter"),
-        (lambda m: m["modules"].pop("worker.core.runs"), "another list of modules"),
+        (lambda m: m["modules"].pop("worker.core.runid"), "another list of modules"),
         (lambda m: m.update(group="gone.so"), "gone.so missing"),
         (lambda m: m.clear(), "not this interpreter"),
     ],

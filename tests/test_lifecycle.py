@@ -10,8 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas import ENDED_STATUSES, EventType, RunStatus, Source, StatusEvent
 from worker.core.lifecycle import (
@@ -34,6 +33,7 @@ from worker.core.lifecycle import (
     Run,
     Scope,
     Start,
+    _active_in as active_in,
     decide,
     decision_clock,
     dump_state,
@@ -44,7 +44,6 @@ from worker.core.lifecycle import (
     scope_key,
     stream_time,
 )
-from worker.core.lifecycle import _active_in as active_in
 from worker.core.runid import RUN_ID_RE, make_run_id
 
 

@@ -343,8 +343,7 @@ def replay(
 
     Example: jobctl replay --db rebuilt.db --from-offset 0
     """
-    from worker.audit.replay import ReplayError
-    from worker.audit.replay import replay as run_replay
+    from worker.audit.replay import ReplayError, replay as run_replay
 
     start_offset, start_time = _window_start(from_offset, from_timestamp)
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
@@ -392,10 +391,8 @@ def verify(
 
     Example: jobctl verify --prefix jobs --from-timestamp 2026-12-01
     """
-    from worker.audit.verify import Window
-    from worker.audit.verify import verify as run_verify
-    from worker.core.config import ConfigError
-    from worker.core.config import load as load_config
+    from worker.audit.verify import Window, verify as run_verify
+    from worker.core.config import ConfigError, load as load_config
 
     window = Window(*_window_start(from_offset, from_timestamp))
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, config=config)

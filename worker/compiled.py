@@ -28,17 +28,17 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# What a transition runs through, in the worker's process: decoding, deciding, run rows,
-# changelog rows, the status events' headers and the records held for the other input.
-# Modules whose classes derive from a builtin or from pydantic, or that hold async
-# generators, stay out: mypyc does not compile them.
+# What a transition runs through, in the worker's process: decoding, deciding, the status
+# events' headers, SQLite's rows and the records held for the other input. Left out: what
+# pydantic validates or serializes by its annotations (mypyc erases those it does not
+# need): the job state (`core/jobstate.py`), run rows (`core/runs.py`) and the changelog's
+# rows (`engine/changelog.py`); and what mypyc does not compile (classes derived from a
+# builtin exception or from pydantic, async generators).
 MODULES = (
     "worker.core.lifecycle",
-    "worker.core.runs",
     "worker.core.runid",
     "worker.engine.task",
     "worker.engine.codec",
-    "worker.engine.changelog",
     "worker.engine.stored",
     "worker.engine.hold",
     "worker.engine.envelope",

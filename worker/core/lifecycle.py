@@ -45,14 +45,21 @@ import hashlib
 import heapq
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from pydantic import TypeAdapter
-
 from schemas import EventType, RunStatus, Source, StatusEvent
+from worker.core.jobstate import (
+    Decided as Decided,
+    EndedRun as EndedRun,
+    JobState as JobState,
+    Queued as Queued,
+    Run as Run,
+    dump_state as dump_state,
+    load_state as load_state,
+)
 from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
@@ -117,77 +124,6 @@ class Limits:
     ended_window: int = 256
     idempotency_window: int = 1000
     run_bytes: int = 393_216  # what active and queued runs of a job type may hold together
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """An active run, as the core needs to know it."""
-
-    run_id: str
-    job_type: str
-    client_id: str | None
-    request_id: str
-    status: RunStatus
-    started_at: datetime
-    initial_data: Mapping[str, Any] = field(default_factory=dict)
-    scope: str = ""
-    deadline: datetime | None = None
-    size: int = 0  # counted against `Limits.run_bytes`
-    # Its request was answered `queued` (it started later): how a repeat of that request is
-    # answered once the idempotency window has forgotten it. Not part of a run's identity.
-    was_queued: bool = field(default=False, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A start waiting for its scope to free up; its run ID is fixed when it is queued."""
-
-    run_id: str
-    request_id: str
-    client_id: str | None
-    scope: str
-    queued_at: datetime
-    size: int = 0  # counted against `Limits.run_bytes`
-    initial_data: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class EndedRun:
-    """A recently ended run, kept so late results are rejected with the right reason."""
-
-    run_id: str
-    status: RunStatus
-    ended_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Decided:
-    """A request ID and the decision it got, for idempotency."""
-
-    request_id: str
-    type: EventType
-    run_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class JobState:
-    """Everything the core knows about one job type."""
-
-    job_type: str
-    active: tuple[Run, ...] = ()  # at most one per scope
-    queue: tuple[Queued, ...] = ()  # FIFO over all scopes
-    ended: tuple[EndedRun, ...] = ()  # oldest first, at most `Limits.ended_window`
-    decided: tuple[Decided, ...] = ()  # oldest first, at most `Limits.idempotency_window`
-    # How many entries each window has taken in all: the number its next entry gets. The
-    # changelog keeps each entry as a row of its own under that number, so a state row
-    # stays small however full its windows are; not part of what a state decides.
-    ended_next: int = field(default=0, compare=False)
-    decided_next: int = field(default=0, compare=False)
-
-    def next_deadline(self) -> datetime | None:
-        """The earliest deadline of an active run, if any."""
-        deadlines = [r.deadline for r in self.active if r.deadline is not None]
-        return min(deadlines) if deadlines else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,21 +267,6 @@ def decision_clock(stream_time: datetime | None, wall_clock: datetime | None) ->
     if wall_clock is not None and (stream_time is None or wall_clock > stream_time):
         return wall_clock
     return stream_time
-
-
-_STATE_ADAPTER: TypeAdapter[JobState] = TypeAdapter(JobState)
-
-
-def dump_state(state: JobState) -> bytes:
-    """Serialize a job type's state to JSON (for SQLite and the changelog)."""
-    return _STATE_ADAPTER.dump_json(state)
-
-
-def load_state(data: bytes | str | dict[str, Any]) -> JobState:
-    """Inverse of `dump_state`; also accepts the already-parsed JSON object."""
-    if isinstance(data, dict):
-        return _STATE_ADAPTER.validate_python(data)
-    return _STATE_ADAPTER.validate_json(data)
 
 
 def event_id(source: Source, index: int) -> str:

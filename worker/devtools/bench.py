@@ -123,11 +123,15 @@ from worker.audit.replay import replay
 from worker.client.jobclient import JobClient
 from worker.client.view import window_of
 from worker.devtools.floor import PassThrough
-from worker.devtools.latency import BenchError as BenchError
-from worker.devtools.latency import Percentiles, RdkafkaTail, cpu_seconds, percentile
+from worker.devtools.latency import (
+    BenchError as BenchError,
+    Percentiles,
+    RdkafkaTail,
+    cpu_seconds,
+    percentile,
+)
 from worker.devtools.localkafka import LocalKafka, _die_with_parent
-from worker.devtools.quixref import LOCK as QUIX_LOCK
-from worker.devtools.quixref import quix_python
+from worker.devtools.quixref import LOCK as QUIX_LOCK, quix_python
 from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, partitions_of, read_until
 from worker.settings import Settings, Topics

@@ -28,8 +28,7 @@ from aiokafka.errors import KafkaError
 
 from schemas import RunStatus
 from worker import compat, compiled
-from worker.core.config import JobsConfig
-from worker.core.config import load as load_config
+from worker.core.config import JobsConfig, load as load_config
 from worker.core.lifecycle import JobConfig, merge_inputs
 from worker.engine import topics as topic_admin
 from worker.engine.codec import InputRecord, TopicRole

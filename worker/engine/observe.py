@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client import Counter as MetricCounter
+from prometheus_client import CollectorRegistry, Counter as MetricCounter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from worker.engine.task import BatchOutcome
