@@ -127,15 +127,5 @@ def install() -> str:
 
 
 def state() -> str:
-    """ "compiled", or "source: <why>"."""
+    """`compiled`, or `source: <why>`."""
     return _state
-
-
-def in_use() -> bool:
-    """Whether `MODULES` were loaded from the build."""
-    return all(
-        getattr(sys.modules.get(name), "__file__", "").endswith(
-            importlib.machinery.EXTENSION_SUFFIXES[0]
-        )
-        for name in MODULES
-    )
