@@ -136,3 +136,37 @@ def test_a_damaged_manifest_is_not_used(tree: Path, junk: bytes) -> None:
         manifest_path.write_bytes(kept)
     assert state.startswith("source: the compiled build is stale")
     assert lifecycle.endswith("lifecycle.py")
+
+
+def _compile(tree: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "ignore::RuntimeWarning", "-m", "worker.devtools.compile", *args],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree), **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_make_compile_with_jobs_compiled_0_leaves_the_build_alone(tree: Path) -> None:
+    manifest = (tree / "worker" / "_compiled" / "manifest.json").read_bytes()
+    done = _compile(tree, JOBS_COMPILED="0")
+    assert done.returncode == 0
+    assert "not compiling the hot modules: JOBS_COMPILED=0" in done.stdout
+    assert (tree / "worker" / "_compiled" / "manifest.json").read_bytes() == manifest
+
+
+def test_clean_removes_the_build_and_the_worker_runs_from_source(
+    tree: Path, tmp_path: Path
+) -> None:
+    keep = tmp_path / "kept"
+    shutil.copytree(tree / "worker" / "_compiled", keep)
+    try:
+        done = _compile(tree, "--clean")
+        assert done.returncode == 0
+        assert not (tree / "worker" / "_compiled").exists()
+        state, lifecycle, _ = _probe(tree)
+    finally:
+        shutil.copytree(keep, tree / "worker" / "_compiled", dirs_exist_ok=True)
+    assert state == "source: no compiled build (make compile)"
+    assert lifecycle.endswith("lifecycle.py")

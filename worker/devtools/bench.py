@@ -1808,6 +1808,7 @@ async def _joined_rounds(bench: _Bench) -> dict[str, Any]:
 
 async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     o = bench.options
+    bench.say(f"the worker's hot modules: {environment['worker_code']}")
     throughput = await _throughput_rounds(bench)
     restore_seconds, restored_runs, restored_records = await _restore(bench)
     bench.say(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
@@ -47,10 +48,10 @@ setup(
 
 def missing_tools() -> str | None:
     """Why this machine cannot compile, or None."""
-    try:
-        import mypyc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("mypyc") is None:
         return "mypyc is not installed (it comes with mypy: pip install mypy)"
+    if importlib.util.find_spec("setuptools") is None:
+        return "setuptools is not installed (pip install setuptools)"
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(compiler) is None:
         return f"no C compiler ({compiler}) on PATH"
