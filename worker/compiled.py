@@ -7,10 +7,10 @@ the one compiled; otherwise (no build, a stale one, or `JOBS_COMPILED=0`) every 
 comes from its source, as without a build. It is all or nothing: compiled modules call
 each other directly, so one stale module sends all of them back to source.
 
-Compiled, a module decides exactly as its source does (mypyc compiles the same code, and
-checks its type annotations at run time besides); the worker spends 12-14% less CPU per
-transition (README, "Compiled hot modules"). `state()` says which is in use; the worker
-logs it at start and `jobctl bench` records it.
+Compiled, a module runs the same code as its source (mypyc checks its type annotations at
+run time besides: a value that contradicts one raises `TypeError`, a batch failure like any
+other); the worker spends 12-14% less CPU per transition (README, "Compiled hot modules").
+`state()` says which is in use; the worker logs it at start and `jobctl bench` records it.
 """
 
 from __future__ import annotations

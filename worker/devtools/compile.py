@@ -24,8 +24,8 @@ from pathlib import Path
 
 from worker.compiled import BUILD, GROUP, MANIFEST, MODULES, ROOT, digest, source_of
 
-# mypy's view of the code while compiling: the project's own settings, less `strict`
-# (mypyc needs the types, not the lint).
+# mypy's settings while compiling: pydantic's plugin, for the models' types; no `strict`
+# (mypyc needs the types, not the lint, which `make typecheck` does).
 _MYPY_INI = """\
 [mypy]
 plugins = pydantic.mypy
@@ -58,7 +58,7 @@ def missing_tools() -> str | None:
     return None
 
 
-def build(say: object = print) -> Path:
+def build() -> Path:
     """Compile `MODULES` into `BUILD`, replacing what is there; returns the manifest."""
     sources = {name: source_of(name) for name in MODULES}
     with tempfile.TemporaryDirectory(prefix="worker-compile-") as tmp:
