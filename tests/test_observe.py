@@ -15,6 +15,7 @@ from prometheus_client.exposition import generate_latest
 from schemas import DeadLetter, EventType
 from tests.chaos import WorkerProcess
 from tests.conftest import RunningWorker, create_topics
+from worker import compiled
 from worker.client.watch import StatusTail
 from worker.devtools.localkafka import LocalKafka
 from worker.engine.hooks import Hooks
@@ -83,6 +84,8 @@ async def test_health_readiness_and_metrics(
         assert "jobs_commit_seconds_count" in text
         assert "jobs_ready 1.0" in text
         assert "jobs_partitions_owned 2.0" in text
+        # The worker runs the code this process runs: compiled under `make test`.
+        assert f"jobs_compiled {1.0 if compiled.state() == 'compiled' else 0.0}" in text
         assert 'jobs_consumer_lag{input="requests",partition="0"}' in text
         assert "etl" not in text  # no label names a job type
         assert await worker.terminate() == 0

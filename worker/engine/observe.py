@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter as MetricCounter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from worker import compiled
 from worker.engine.task import BatchOutcome
 
 log = structlog.get_logger("worker")
@@ -101,6 +102,12 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("jobs_ready", "1 when every assigned partition is served.", registry=r)
+        self.compiled = Gauge(
+            "jobs_compiled",
+            "1 when the hot modules run compiled (make compile), 0 when from source.",
+            registry=r,
+        )
+        self.compiled.set(1 if compiled.state() == "compiled" else 0)
         self._since = Summary()
         self.lag = Gauge(
             "jobs_consumer_lag",
