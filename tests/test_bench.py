@@ -10,7 +10,8 @@ import math
 import pytest
 from rich.console import Console
 
-from worker.devtools.bench import BenchOptions, growth_table, run_bench
+from worker.devtools.bench import BenchOptions, growth_table, pass_rate, run_bench
+from worker.devtools.latency import BenchError
 
 pytestmark = pytest.mark.kafka
 
@@ -123,3 +124,15 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "jobctl status, 300 ended runs, from its view mark" in out.getvalue()
     assert "restarted worker: p99, first 2 s, librdkafka" in out.getvalue()
     assert "fresh contract floor: p99, first 2 s, aiokafka" in out.getvalue()
+
+
+def test_a_pass_the_reader_saw_in_one_fetch_is_timed_from_its_first_step() -> None:
+    """The baseline's records/s: from the first fetch to the last; when one fetch held it
+    all (a quick run's few hundred records), from the pass's first committing step."""
+    assert pass_rate(1_000, 10.0, 10.5, 9.0) == 2_000
+    assert pass_rate(1_000, 10.0, 10.0, 9.5) == 2_000
+    for first_step in (None, 10.0, 10.5):
+        with pytest.raises(BenchError, match="too few records"):
+            pass_rate(1_000, 10.0, 10.0, first_step)
+    with pytest.raises(BenchError, match="too few records"):
+        pass_rate(1_000, None, None, 9.0)
