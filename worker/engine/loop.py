@@ -50,6 +50,13 @@ def _described(config: JobConfig) -> str:
     return f"policy={config.policy.value} scope={config.scope.value} timeout={timeout}"
 
 
+# How long a stop may take to finish its transactions, leave the group and flush SQLite. A
+# broker that does not answer can hold a client's close for ever; past this the worker
+# exits anyway: the next owner reads again what it had not committed, and SQLite is still a
+# prefix of what Kafka committed.
+SHUTDOWN_S = 25.0
+
+
 class Worker:
     """The orchestrator process: `await Worker(settings).run(stop_event)`."""
 
@@ -303,7 +310,6 @@ class Worker:
             await asyncio.gather(*batches, return_exceptions=True)
 
     async def _shutdown(self) -> None:
-        # Shielded so a second cancellation cannot leave the group membership dangling.
         async def close() -> None:
             await self._drain()
             if self._consumer is not None:
@@ -318,4 +324,12 @@ class Worker:
                 await self._http.stop()
             log.info("worker stopped")
 
-        await asyncio.shield(close())
+        try:
+            async with asyncio.timeout(SHUTDOWN_S):
+                # Shielded so a second cancellation cannot leave the group membership dangling.
+                await asyncio.shield(close())
+        except TimeoutError:
+            log.error(
+                "stopping took too long (the broker does not answer); exiting without it",
+                seconds=SHUTDOWN_S,
+            )
