@@ -29,7 +29,8 @@ from pathlib import Path
 from types import ModuleType
 
 # What a transition runs through, in the worker's process: decoding, deciding, the status
-# events' headers, SQLite's rows and the records held for the other input. Left out: what
+# events' headers, SQLite's rows and the records held for the other input. Left out: the
+# write-behind queue (`engine/writer.py`, asynchronous, its work SQLite's); what
 # pydantic validates or serializes by its annotations (mypyc erases those it does not
 # need): the job state (`core/jobstate.py`), run rows (`core/runs.py`) and the changelog's
 # rows (`engine/changelog.py`); and what mypyc does not compile (classes derived from a
@@ -42,7 +43,6 @@ MODULES = (
     "worker.engine.stored",
     "worker.engine.hold",
     "worker.engine.envelope",
-    "worker.engine.writer",
 )
 GROUP = "worker_native"  # mypyc's shared library of the group: `worker_native__mypyc`
 BUILD = Path(__file__).resolve().parent / "_compiled"
