@@ -264,14 +264,15 @@ def run(
     from worker.core.config import ConfigError
     from worker.devtools.faults import from_environment
     from worker.engine.hooks import Hooks
-    from worker.engine.loop import Worker
+    from worker.engine.loop import StopTimedOut, Worker
     from worker.engine.store import StoreError
+    from worker.watchdog import StopWatchdog
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     configure_logs(s.log_level, s.log_format)
     gctuning.tune()
 
-    hooks = Hooks(on_tick=gctuning.Collector())
+    hooks = Hooks(on_tick=gctuning.Collector(), on_stop=StopWatchdog().arm)
     if (faults := from_environment()) is not None:  # the crash tests
         hooks = faults.hooks(hooks)
 
@@ -280,7 +281,14 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Worker(s, hooks).run(stop)
+        try:
+            await Worker(s, hooks).run(stop)
+        except StopTimedOut as exc:
+            # Exiting without what did not answer: asyncio.run's clean-up would wait on those
+            # very clients and on SQLite's thread.
+            _fail(str(exc))
+            sys.stderr.flush()
+            os._exit(1)
 
     try:
         _run(main())

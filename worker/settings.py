@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     tick_s: float = Field(
         default=1.0, gt=0, description="How often idle partitions check for timed-out runs."
     )
+    shutdown_timeout_s: float = Field(
+        default=25.0,
+        gt=0,
+        description="Longest a stop may take to commit the batches in flight, leave the group "
+        "and close SQLite; past it the worker exits without them (the next owner reads again "
+        "what was not committed), and 5 s later `jobctl run` exits hard whatever holds it.",
+    )
     time_hold_s: float = Field(
         default=5.0,
         ge=0,

@@ -2,8 +2,10 @@
 
 Only `jobctl run` reads these variables; a worker embedded elsewhere never faults.
 
-- `JOBS_FAULT_POINT`: `in_transaction` or `after_commit` (exit the process hard there), or
-  `stop_in_transaction` (freeze it with SIGSTOP inside an open transaction);
+- `JOBS_FAULT_POINT`: `in_transaction` or `after_commit` (exit the process hard there),
+  `stop_in_transaction` (freeze it with SIGSTOP inside an open transaction), or, once the
+  worker begins to stop, `fail_stopping` (its first step raises) or `hang_stopping` (its
+  event loop blocks for good, as in a call that never returns);
 - `JOBS_FAULT_AFTER_BATCHES`: at the first such point from this batch number on (default 0);
 - `JOBS_FAULT_RECORD`: an input record whose value contains this text fails to process,
   every time it is tried.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Mapping
 
 import structlog
@@ -24,15 +27,21 @@ log = structlog.get_logger("worker")
 
 
 class InjectedFault(RuntimeError):
-    """A record marked to fail (`JOBS_FAULT_RECORD`)."""
+    """A record marked to fail (`JOBS_FAULT_RECORD`), or a step of stopping (`fail_stopping`)."""
+
+
+# Faults at the "stopping" point rather than points of their own.
+STOPPING_FAULTS = ("fail_stopping", "hang_stopping")
 
 
 class Faults:
     """Exit, freeze or fail where the environment says, once."""
 
     def __init__(self, point: str = "", after_batches: int = 0, record: str = "") -> None:
-        if point and point not in POINTS:
-            raise ValueError(f"JOBS_FAULT_POINT must be one of {', '.join(POINTS)}")
+        if point and point not in POINTS + STOPPING_FAULTS:
+            raise ValueError(
+                f"JOBS_FAULT_POINT must be one of {', '.join(POINTS + STOPPING_FAULTS)}"
+            )
         self.point = point
         self.after_batches = after_batches
         self.record = record.encode()
@@ -43,6 +52,9 @@ class Faults:
         """Count batches; exit hard (or freeze) at the configured point."""
         if name == "batch":
             self.batches += 1
+        if name == "stopping" and self.point in STOPPING_FAULTS:
+            self._at_stopping()
+            return
         if name != self.point or self.batches < self.after_batches or self.done:
             return
         self.done = True
@@ -52,6 +64,13 @@ class Faults:
             return
         log.warning("injected fault: exiting hard", point=name)
         os._exit(70)
+
+    def _at_stopping(self) -> None:
+        if self.point == "fail_stopping":
+            log.warning("injected fault: a step of stopping fails", point=self.point)
+            raise InjectedFault("injected fault while stopping")
+        log.warning("injected fault: the event loop blocks for good", point=self.point)
+        threading.Event().wait()  # never set: a call that never returns
 
     def before_record(self, record: InputRecord) -> None:
         """Fail on a marked record."""
@@ -65,6 +84,7 @@ class Faults:
             on_tick=base.on_tick,
             at_point=self.at_point if self.point else None,
             before_record=self.before_record if self.record else None,
+            on_stop=base.on_stop,
         )
 
 

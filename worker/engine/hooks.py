@@ -1,7 +1,8 @@
 """What an embedder passes into the engine instead of the engine deciding it.
 
-`jobctl run` passes a garbage collection per tick (`worker.gctuning.Collector`); tests pass
-fault points (`worker.devtools.faults`). A worker built with the default `Hooks()` does neither.
+`jobctl run` passes a garbage collection per tick (`worker.gctuning.Collector`) and a watchdog
+for a stop that never ends (`worker.watchdog`); tests pass fault points
+(`worker.devtools.faults`). A worker built with the default `Hooks()` does neither.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from worker.engine.codec import InputRecord
 
 # The named points of a batch, in order: "batch" (a batch begins), "in_transaction" and
 # "stop_in_transaction" (its transaction is open, before the commit), "after_commit" (Kafka
-# committed, SQLite not yet written).
-POINTS = ("batch", "in_transaction", "stop_in_transaction", "after_commit")
+# committed, SQLite not yet written); and "stopping" (the worker begins its stop's steps).
+POINTS = ("batch", "in_transaction", "stop_in_transaction", "after_commit", "stopping")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class Hooks:
     on_tick: Callable[[], None] | None = None  # once per tick of the poll loop
     at_point: Callable[[str], None] | None = None  # at each of `POINTS`
     before_record: Callable[[InputRecord], None] | None = None  # raise to fail the record
+    # Once, when the worker begins to stop, with the seconds its stop may take
+    # (`Settings.shutdown_timeout_s`): `jobctl run` arms its `worker.watchdog` here.
+    on_stop: Callable[[float], None] | None = None
 
     def point(self, name: str) -> None:
         """Call `at_point` with `name`, if set."""

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -50,11 +52,33 @@ def _described(config: JobConfig) -> str:
     return f"policy={config.policy.value} scope={config.scope.value} timeout={timeout}"
 
 
-# How long a stop may take to finish its transactions, leave the group and flush SQLite. A
-# broker that does not answer can hold a client's close for ever; past this the worker
-# exits anyway: the next owner reads again what it had not committed, and SQLite is still a
-# prefix of what Kafka committed.
-SHUTDOWN_S = 25.0
+class StopTimedOut(RuntimeError):
+    """The worker's stop outlasted `Settings.shutdown_timeout_s` (a broker that does not
+    answer); it exits without waiting longer."""
+
+
+Step = tuple[str, Callable[[], Awaitable[None]] | None]
+
+
+async def run_steps(steps: list[Step], failed: Callable[[BaseException], None]) -> list[str]:
+    """Run each step (None: nothing to do) whatever became of the ones before: a failure is
+    logged and given to `failed`; returns the names of the steps that failed."""
+    names = []
+    for name, action in steps:
+        if action is None:
+            continue
+        try:
+            await action()
+        except Exception as exc:
+            names.append(name)
+            log.error("a step of stopping failed; going on", step=name, error=repr(exc))
+            failed(exc)
+    return names
+
+
+async def _leave(consumer: AIOKafkaConsumer) -> None:
+    with contextlib.suppress(KafkaError):
+        await consumer.stop()  # leaves the group; revokes the partitions
 
 
 class Worker:
@@ -228,8 +252,6 @@ class Worker:
         finally:
             stopping.cancel()
             self._stopping.set()  # cuts short any retry's backoff
-            # Graceful stop: let every batch in flight commit before leaving the group.
-            await self._drain()
 
     def _dispatch(self, batch: dict[TopicPartition, list[Any]]) -> None:
         assert self._partitions is not None
@@ -310,26 +332,50 @@ class Worker:
             await asyncio.gather(*batches, return_exceptions=True)
 
     async def _shutdown(self) -> None:
-        async def close() -> None:
-            await self._drain()
-            if self._consumer is not None:
-                with contextlib.suppress(KafkaError):
-                    await self._consumer.stop()  # leaves the group; revokes the partitions
-            if self._partitions is not None:
-                await self._partitions.close_all()
-            if self._collector is not None:
-                await self._collector.stop()
-            await self._state.stop()
-            if self._http is not None:
-                await self._http.stop()
-            log.info("worker stopped")
+        """Stop in order, each step whatever became of the ones before, within
+        `Settings.shutdown_timeout_s`: let the batches in flight commit, leave the group,
+        close the producers, close SQLite (writing what is queued), stop the HTTP server.
 
+        A failed step is logged and the next ones run, so SQLite is closed and its thread
+        ends whatever failed before it; the first failure is what `run` raises. A stop that
+        outlasts the bound (a broker that does not answer can hold a client's close for
+        ever) logs so and `run` raises `StopTimedOut`: the next owner reads again what was
+        not committed, and SQLite is still a prefix of what Kafka committed. A hang the
+        event loop cannot time out (a call that never returns) is `worker.watchdog`'s.
+        """
+        bound = self.settings.shutdown_timeout_s
+        if self.hooks.on_stop is not None:
+            self.hooks.on_stop(bound)
         try:
-            async with asyncio.timeout(SHUTDOWN_S):
+            async with asyncio.timeout(bound):
                 # Shielded so a second cancellation cannot leave the group membership dangling.
-                await asyncio.shield(close())
+                await asyncio.shield(self._stop_steps())
         except TimeoutError:
             log.error(
                 "stopping took too long (the broker does not answer); exiting without it",
-                seconds=SHUTDOWN_S,
+                seconds=bound,
             )
+            self.stop_with(StopTimedOut(f"stopping took over {bound:g} s; exited without it"))
+
+    async def _stop_steps(self) -> None:
+        consumer, partitions, collector, http = (
+            self._consumer,
+            self._partitions,
+            self._collector,
+            self._http,
+        )
+        steps: list[Step] = [
+            ("draining the batches in flight", self._drain_to_stop),
+            ("leaving the group", functools.partial(_leave, consumer) if consumer else None),
+            ("closing the partitions' producers", partitions.close_all if partitions else None),
+            ("stopping the record collector", collector.stop if collector else None),
+            ("closing SQLite", self._state.stop),
+            ("stopping the HTTP server", http.stop if http else None),
+        ]
+        failed = await run_steps(steps, self.stop_with)
+        log.info("worker stopped", **({"failed_steps": failed} if failed else {}))
+
+    async def _drain_to_stop(self) -> None:
+        """Let every batch in flight commit before leaving the group."""
+        self.hooks.point("stopping")
+        await self._drain()

@@ -1,0 +1,185 @@
+"""A stop that fails or hangs: the worker still exits, and its SQLite file serves the next.
+
+`jobctl run` stops in steps (drain the batches in flight, leave the group, close the
+producers, close SQLite, stop HTTP). A step that fails must not skip the ones after it:
+SQLite's connection thread, left open, would keep the process from ever exiting. A stop the
+event loop cannot time out (a call that never returns) ends by the watchdog. Either way the
+next worker on the file serves the runs started before and decides every input once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from schemas import EventType, StatusEvent
+from tests.chaos import WorkerProcess
+from tests.test_damaged_state import (
+    START_S,
+    assert_converged,
+    assert_served,
+    job_types,
+    log_lines,
+    start,
+)
+from worker.client.watch import StatusTail
+from worker.settings import Settings
+from worker.watchdog import EXIT_CODE, StopWatchdog
+
+
+async def started_runs(
+    s: Settings, producer: AIOKafkaProducer, tail: StatusTail
+) -> dict[str, StatusEvent]:
+    """A run started on each partition of the worker on `s.db_path`."""
+    started = {}
+    for job_type in job_types("stopping"):
+        event = await tail.wait_event(START_S, request_id=await start(producer, s, job_type))
+        assert event.type is EventType.STARTED
+        started[job_type] = event
+    return started
+
+
+def events_named(process: WorkerProcess, text: str) -> list[dict[str, Any]]:
+    records, _ = log_lines(process)
+    return [r for r in records if text in str(r.get("event"))]
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+async def test_a_failed_step_of_stopping_leaves_the_others_to_run(
+    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+) -> None:
+    """The first step of the stop fails: the worker still leaves the group and closes
+    SQLite, says which step failed, and exits 1 at once; a worker restarted on the file
+    serves the runs started before, and every input is decided once."""
+    failing = WorkerProcess(topics, "worker", tmp_path, fault_point="fail_stopping")
+    failing.start()
+    try:
+        runs = await started_runs(topics, producer, tail)
+        assert await failing.terminate(timeout=60) == 1, failing.log_text()[-4000:]
+    finally:
+        failing.ensure_dead()
+    [failure] = events_named(failing, "a step of stopping failed")
+    assert failure["step"] == "draining the batches in flight"
+    assert "injected fault while stopping" in failure["error"]
+    [stopped] = events_named(failing, "worker stopped")
+    assert stopped["failed_steps"] == ["draining the batches in flight"]
+
+    again = WorkerProcess(topics, "worker", tmp_path)
+    again.start()
+    try:
+        await assert_served(topics, producer, tail, runs)
+        await assert_converged(topics, again, tmp_path)
+    finally:
+        again.ensure_dead()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+async def test_a_stop_whose_event_loop_never_returns_ends_by_the_watchdog(
+    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+) -> None:
+    """The event loop blocks for good as the stop begins: no timeout inside can fire, and
+    the watchdog ends the process with one line, its bound plus its grace after SIGTERM; the
+    next worker on the file serves the runs started before."""
+    bound = 1.0
+    hanging = WorkerProcess(
+        topics, "worker", tmp_path, fault_point="hang_stopping", shutdown_timeout_s=str(bound)
+    )
+    hanging.start()
+    try:
+        runs = await started_runs(topics, producer, tail)
+        asked = time.monotonic()
+        assert await hanging.terminate(timeout=60) == EXIT_CODE, hanging.log_text()[-4000:]
+        took = time.monotonic() - asked
+    finally:
+        hanging.ensure_dead()
+    [fired] = events_named(hanging, "exiting hard")
+    assert fired["seconds"] == bound + 5.0
+    assert bound + 5.0 <= took < 30, took
+    assert events_named(hanging, "worker stopped") == []
+
+    again = WorkerProcess(topics, "worker", tmp_path)
+    again.start()
+    try:
+        await assert_served(topics, producer, tail, runs)
+        await assert_converged(topics, again, tmp_path)
+    finally:
+        again.ensure_dead()
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+async def test_a_stop_held_by_a_locked_sqlite_file_ends_at_its_bound(
+    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+) -> None:
+    """Another process holds the SQLite file's write lock, so the worker's last write waits:
+    the stop ends at its bound with one line and exit 1, nothing decided twice; once the
+    lock is let go, the next worker on the file serves the runs started before."""
+    bound = 2.0
+    held = WorkerProcess(topics, "worker", tmp_path, shutdown_timeout_s=str(bound))
+    held.start()
+    locker = sqlite3.connect(held.db_path, isolation_level=None, timeout=30)
+    try:
+        runs = await started_runs(topics, producer, tail)
+        locker.execute("BEGIN IMMEDIATE")  # the write lock, as a long write elsewhere holds it
+        # Committed to Kafka, queued for SQLite behind the lock.
+        extra = await tail.wait_event(
+            START_S, request_id=await start(producer, topics, "stopping-while-locked")
+        )
+        assert extra.type is EventType.STARTED
+        asked = time.monotonic()
+        assert await held.terminate(timeout=60) == 1, held.log_text()[-4000:]
+        took = time.monotonic() - asked
+    finally:
+        held.ensure_dead()
+        with contextlib.suppress(sqlite3.Error):
+            locker.rollback()
+        locker.close()
+    [late] = events_named(held, "stopping took too long")
+    assert late["seconds"] == bound
+    assert events_named(held, "worker stopped") == []
+    assert f"stopping took over {bound:g} s; exited without it" in held.log_text()
+    assert events_named(held, "exiting hard") == []  # at its bound, before the watchdog
+    assert bound <= took < bound + 5.0, took
+
+    again = WorkerProcess(topics, "worker", tmp_path)
+    again.start()
+    try:
+        await assert_served(topics, producer, tail, runs)
+        await assert_converged(topics, again, tmp_path)
+    finally:
+        again.ensure_dead()
+
+
+def test_the_watchdog_exits_with_one_line_once_its_bound_and_grace_are_past() -> None:
+    """Armed twice, it fires once, at the first deadline, with its exit code and a line."""
+    fired = threading.Event()
+    codes: list[int] = []
+
+    def exit_(code: int) -> None:
+        codes.append(code)
+        fired.set()
+
+    dog = StopWatchdog(grace=0.05, exit=exit_)
+    with structlog.testing.capture_logs() as logs:
+        began = time.monotonic()
+        dog.arm(0.05)
+        dog.arm(60.0)  # a second stop keeps the first deadline
+        assert fired.wait(10)
+        took = time.monotonic() - began
+    assert codes == [EXIT_CODE]
+    assert 0.1 <= took < 5
+    assert [(e["event"], e["log_level"], e["seconds"]) for e in logs] == [
+        ("the worker has not exited since it began to stop; exiting hard", "error", 0.1)
+    ]
+    json.dumps(logs)  # nothing in the line that a JSON log cannot carry
