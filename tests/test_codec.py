@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner, murmur2 as aiokafka_murmur2
 
 from schemas import DeadLetter, RunStatus, Source
 from tests.hostile import hostile_records
@@ -88,6 +90,21 @@ def test_partition_for_is_stable_and_in_range() -> None:
     assert p(JOB) == p(JOB)
     assert all(0 <= partition_for(k.encode(), PARTITIONS) < PARTITIONS for k in ("a", "b", JOB))
     assert partition_for(JOB.encode(), 1) == 0
+
+
+def test_murmur2_is_the_java_clients_on_any_bytes() -> None:
+    """Our murmur2 (compiled with machine integers) equals aiokafka's, the Java client's
+    port, on keys of every length and byte, hostile ones among them; and so the partition
+    a keyed record is routed to is the one aiokafka's default partitioner picks."""
+    rng = random.Random(20261204)
+    keys = [rng.randbytes(rng.randrange(0, 64)) for _ in range(5_000)]
+    keys += [b"", b"\x00", b"\xff" * 3, b"\xff" * 4, b"\xff" * 1_001, "é".encode() * 9]
+    hostile = hostile_records(Topics.for_prefix("jobs"), PARTITIONS, 60)
+    keys += [part for r in hostile for part in (r.key, r.value) if part is not None]
+    assert [codec.murmur2(k) for k in keys] == [aiokafka_murmur2(k) & 0xFFFFFFFF for k in keys]
+    picker = DefaultPartitioner()
+    for key in keys[:500]:
+        assert partition_for(key, 7) == picker(key, list(range(7)), list(range(7)))
 
 
 def test_record_time_and_source() -> None:
