@@ -9,16 +9,17 @@ mypyc erases annotations it does not need.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import datetime
 from typing import Any
 
 from pydantic import TypeAdapter
 
 from schemas import EventType, RunStatus
+from worker.core.values import immutable
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Run:
     """An active run, as the core needs to know it."""
 
@@ -37,7 +38,7 @@ class Run:
     was_queued: bool = field(default=False, compare=False)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Queued:
     """A start waiting for its scope to free up; its run ID is fixed when it is queued."""
 
@@ -50,7 +51,7 @@ class Queued:
     initial_data: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class EndedRun:
     """A recently ended run, kept so late results are rejected with the right reason."""
 
@@ -59,7 +60,7 @@ class EndedRun:
     ended_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Decided:
     """A request ID and the decision it got, for idempotency."""
 
@@ -68,7 +69,7 @@ class Decided:
     run_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class JobState:
     """Everything the core knows about one job type."""
 

@@ -61,6 +61,7 @@ from worker.core.jobstate import (
     load_state as load_state,
 )
 from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
+from worker.core.values import immutable
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 _NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
@@ -126,7 +127,7 @@ class Limits:
     run_bytes: int = 393_216  # what active and queued runs of a job type may hold together
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Start:
     """Start a run of `job_type` (requests topic, kind `start`)."""
 
@@ -139,7 +140,7 @@ class Start:
     size: int = 0  # what the run will hold in the state: see `run_size`
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Cancel:
     """Cancel a run by ID, or the active run of a scope (requests topic, kind `cancel`)."""
 
@@ -152,7 +153,7 @@ class Cancel:
     source: Source
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Finish:
     """An executor's result for `run_id`: COMPLETED or FAILED, with its final metrics."""
 
@@ -165,7 +166,7 @@ class Finish:
     source: Source
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Progress:
     """An executor's progress report; `metrics=None` is a heartbeat."""
 
@@ -177,7 +178,7 @@ class Progress:
     source: Source
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class AdvanceTime:
     """Time has reached `now` for this job type: overdue runs time out."""
 
@@ -185,7 +186,7 @@ class AdvanceTime:
     now: datetime
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Reject:
     """An input the shell could not turn into a command, but whose sender can be told."""
 

@@ -6,14 +6,14 @@ events through `new_row` and `run_change`, so they cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
+from worker.core.values import immutable
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class RunRow:
     """One run as recorded."""
 

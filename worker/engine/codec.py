@@ -29,6 +29,7 @@ from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult,
 from schemas.messages import RequestId, RunIdText
 from worker.core.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
 from worker.core.limits import InputLimits
+from worker.core.values import immutable
 
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a machine integer where compiled
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 TopicRole = Literal["requests", "results"]
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class InputRecord:
     """The parts of a Kafka record the orchestrator uses (no Kafka types past this point)."""
 
