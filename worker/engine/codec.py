@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 TopicRole = Literal["requests", "results"]
 
 
+# By field name only: `Source(...)` also tries each field's camelCase alias (0.8 µs, 0.55).
+_NEW_SOURCE = Source.__pydantic_validator__.validate_python
+
+
 @immutable
 class InputRecord:
     """The parts of a Kafka record the orchestrator uses (no Kafka types past this point)."""
@@ -69,7 +73,9 @@ class InputRecord:
     @property
     def source(self) -> Source:
         """The record's coordinates."""
-        return Source(topic=self.topic, partition=self.partition, offset=self.offset)
+        coordinates = {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+        source: Source = _NEW_SOURCE(coordinates, by_alias=False, by_name=True)
+        return source
 
     @property
     def at(self) -> datetime:
