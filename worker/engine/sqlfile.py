@@ -144,10 +144,10 @@ UPDATE_RUN = (
 )
 # An ended run's row, over the row its start wrote: only the columns an end changes, so
 # neither the insert's key lookup nor the other indexes are touched (half an upsert's time).
-END_RUN = (
-    "UPDATE runs SET status = ?, ended_at = ?, metrics = ?, reason = ?, retained = 1 "
-    "WHERE run_id = ?"
-)
+# `retained` is left as it is: the row of a run not yet ended is always retained in a
+# worker's file (written so, and a restore deletes any other), and setting it anyway
+# rewrote its `runs_retained` index entry (2.9 µs an end instead of 4.5-5.2).
+END_RUN = "UPDATE runs SET status = ?, ended_at = ?, metrics = ?, reason = ? WHERE run_id = ?"
 
 
 def run_params(r: RunRow, *, retained: bool) -> list[Any]:
