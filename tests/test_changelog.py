@@ -227,3 +227,23 @@ def test_payloads_stay_in_the_run_rows_and_a_restore_puts_them_back() -> None:
     inline = changelog.job_rows("report", None, state)
     assert len(inline[0][1] or b"") > 150_000
     assert list(_states(_restored(inline))) == [("report", dump_state(state))]
+
+
+def test_sqlite_takes_the_job_rows_state_when_it_left_out_no_payload() -> None:
+    """A changed state is serialized once for the changelog and SQLite when the job row
+    leaves out nothing but the windows; with a payload left to a run row, SQLite gets none
+    (it stores the state whole) and the job row still leaves it out."""
+    limits, config = Limits(), JobConfig(policy=Policy.QUEUE)
+    for payload in ({}, {"blob": "x" * 5_000}):
+        state, rows = JobState("report"), {}
+        source = Source(topic="t.requests", partition=0, offset=0)
+        begin = Start("req-0", "report", None, payload, AT, source)
+        after, events = decide(state, begin, config, limits)
+        rows[events[0].run_id or ""] = new_row(events[0], 0)
+        written, _, head = changelog.StateRows(rows).of("report", state, after)
+        if payload:
+            assert head is None
+            assert b"blob" not in (written[0][1] or b"")
+        else:
+            assert head == stored.head(after)
+            assert (written[0][1] or b"").endswith(b'"state":' + head + b"}")

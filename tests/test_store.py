@@ -73,6 +73,28 @@ async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path
         await store.close()
 
 
+async def test_a_head_given_with_a_state_is_written_and_a_later_batch_without_one_wins(
+    tmp_path: Path,
+) -> None:
+    """A state's head row given already serialized is what the file gets (it is not
+    serialized again); a later batch changing the same job type without one has its own
+    state written, not the earlier batch's head."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        old = JobState("report")
+        newer = replace(old, queue=(Queued("r-q", "req-q", None, "", AT),))
+        given = {"report": stored.head(newer)}
+        store.writes.record_batch(0, [], [("report", old)], {}, heads=given)
+        await store.flush()
+        assert [load_state(s) for s in (await store.load_states(["report"])).values()] == [newer]
+        store.writes.record_batch(0, [], [("report", newer)], {}, heads=given)
+        store.writes.record_batch(0, [], [("report", old)], {})
+        await store.flush()
+        assert [load_state(s) for s in (await store.load_states(["report"])).values()] == [old]
+    finally:
+        await store.close()
+
+
 async def test_an_end_written_over_its_start_leaves_the_row_as_a_whole_write_would(
     tmp_path: Path,
 ) -> None:

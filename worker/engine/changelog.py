@@ -85,9 +85,10 @@ def window_key(kind: bytes, number: int, job_type: str) -> bytes:
 _PAYLOAD = {"initial_data"}
 
 
-def _head(state: JobState, has_row: Callable[[str], bool]) -> bytes:
+def _head(state: JobState, has_row: Callable[[str], bool]) -> tuple[bytes, bool]:
     """`state`'s JSON without its windows, nor the `initial_data` of each active or queued
-    run whose run row carries it (a restore takes it from there: `PartitionSnapshot.states`).
+    run whose run row carries it (a restore takes it from there: `PartitionSnapshot.states`);
+    and whether that left out nothing else, so it is SQLite's head row too (`stored.head`).
     """
     leave_out: dict[str, Any] = {"decided": True, "ended": True}
     groups: tuple[tuple[str, tuple[Run | Queued, ...]], ...] = (
@@ -99,7 +100,7 @@ def _head(state: JobState, has_row: Callable[[str], bool]) -> bytes:
             i: _PAYLOAD for i, r in enumerate(runs) if r.initial_data and has_row(r.run_id)
         }:
             leave_out[name] = payloads
-    return stored.STATE.serializer.to_json(state, exclude=leave_out)
+    return stored.STATE.serializer.to_json(state, exclude=leave_out), len(leave_out) == 2
 
 
 def job_rows(
@@ -116,13 +117,25 @@ def job_rows(
     The job row leaves out the payload of each run for which `has_row` says its run row is
     in the changelog.
     """
+    return _job_rows(job_type, before, after, has_row, changes)[0]
+
+
+def _job_rows(
+    job_type: str,
+    before: JobState | None,
+    after: JobState,
+    has_row: Callable[[str], bool],
+    changes: list[stored.Change] | None,
+) -> tuple[list[Row], bytes | None]:
+    """`job_rows`, and SQLite's head row of `after` when it is the job row's state."""
+    state, whole = _head(after, has_row)
     held = b"%d,%d" % (len(after.decided), len(after.ended))
-    head = _HEAD + b'"held":[' + held + b'],"state":' + _head(after, has_row) + b"}"
+    head = _HEAD + b'"held":[' + held + b'],"state":' + state + b"}"
     rows: list[Row] = [(job_type.encode(), head)]
     for kind, number, entry in stored.window_changes(before, after) if changes is None else changes:
         value = None if entry is None else _ENTRY + entry + b"}"
         rows.append((window_key(kind, number, job_type), value))
-    return rows
+    return rows, state if whole else None
 
 
 class StateRows:
@@ -143,14 +156,17 @@ class StateRows:
 
     def of(
         self, job_type: str, before: JobState | None, after: JobState
-    ) -> tuple[list[Row], list[stored.Change]]:
-        """The rows of `job_type` going from `before` to `after` (`job_rows`), and the window
-        changes they carry (for SQLite, which stores the same entries)."""
+    ) -> tuple[list[Row], list[stored.Change], bytes | None]:
+        """The rows of `job_type` going from `before` to `after` (`job_rows`), the window
+        changes they carry (for SQLite, which stores the same entries), and SQLite's head row
+        of `after` when the job row holds it as it is (no payload left out): serialized once
+        for both."""
         if job_type in self._unnumbered:
             self._unnumbered.discard(job_type)
             before = None
         changes = stored.window_changes(before, after)
-        return job_rows(job_type, before, after, self._runs.__contains__, changes), changes
+        rows, head = _job_rows(job_type, before, after, self._runs.__contains__, changes)
+        return rows, changes, head
 
 
 def numbered(state: JobState) -> JobState | None:

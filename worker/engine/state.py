@@ -225,6 +225,7 @@ class StateManager:
             offsets,
             outcome.tombstones,
             outcome.entries,
+            outcome.heads,
         )
         self._metrics.sqlite_backlog.set(store.writes.backlog)
         if store.writes.backlog > self._settings.batch_max_records:

@@ -107,6 +107,8 @@ class BatchOutcome:
     changed: dict[str, JobState] = field(default_factory=dict)
     before: dict[str, JobState] = field(default_factory=dict)  # of `changed`, as they were
     state_rows: list[changelog.Row] = field(default_factory=list)  # `changed`, changelog
+    # SQLite's head rows (`stored.head`) of `changed`, where the changelog's are the same
+    heads: dict[str, bytes | None] = field(default_factory=dict)
     # The window changes of `changed`, by job type (the changelog's entries, for SQLite)
     entries: list[tuple[str, bytes, int, bytes | None]] = field(default_factory=list)
     runs: dict[str, RunRow] = field(default_factory=dict)
@@ -504,8 +506,9 @@ class PartitionTask:
         if not self.settings_logged and (outcome.events or outcome.changed):
             outcome.settings_row = rulebook.settings_row(digest, document)
         for job_type, state in outcome.changed.items():
-            rows, changes = self.rows.of(job_type, outcome.before[job_type], state)
+            rows, changes, head = self.rows.of(job_type, outcome.before[job_type], state)
             outcome.state_rows.extend(rows)
+            outcome.heads[job_type] = head
             outcome.entries.extend((job_type, *change) for change in changes)
         self.known.update(outcome.changed)
         if self.stream_time is not None:

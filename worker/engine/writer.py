@@ -44,6 +44,7 @@ class _Pending:
     # (or is being written), so the end is written as an update (`END_RUN`).
     ended: set[str] = field(default_factory=set)
     states: dict[str, tuple[int, JobState]] = field(default_factory=dict)  # (partition, state)
+    heads: dict[str, bytes] = field(default_factory=dict)  # of `states`, where serialized
     # (job type, kind, number) -> entry JSON, or None: it left its window
     entries: dict[tuple[str, str, int], bytes | None] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
@@ -56,8 +57,10 @@ class _Pending:
             db.executemany(
                 "UPDATE runs SET retained = 0 WHERE run_id = ?", [(r,) for r in self.tombstoned]
             )
+        heads = self.heads
         db.executemany(
-            PUT_STATE, [(j, p, stored.head(state)) for j, (p, state) in self.states.items()]
+            PUT_STATE,
+            [(j, p, heads.get(j) or stored.head(state)) for j, (p, state) in self.states.items()],
         )
         if gone := [key for key, entry in self.entries.items() if entry is None]:
             db.executemany(DROP_ENTRY, gone)
@@ -120,11 +123,13 @@ class WriteBehind:
         next_offsets: Mapping[str, int],
         tombstoned: Iterable[str] = (),
         entries: Iterable[tuple[str, bytes, int, bytes | None]] = (),
+        heads: Mapping[str, bytes | None] | None = None,
     ) -> None:
         """Queue one processed batch of `partition` for writing; `flush` waits for it.
 
         `states` are the job states the batch changed, `entries` the window changes they
         took: (job type, kind, number, entry JSON or None: it left), `stored.Change`s.
+        `heads` are some of those states' head rows (`stored.head`), already serialized.
 
         Batches queued while a write is in progress are merged (later rows win) and written
         together in one SQLite transaction, with their applied offsets, so the file always
@@ -143,6 +148,11 @@ class WriteBehind:
             held[run_id] = row
         for job_type, state in states:
             pending.states[job_type] = (partition, state)
+            head = heads.get(job_type) if heads else None
+            if head is None:
+                pending.heads.pop(job_type, None)  # an earlier batch's head is not this one's
+            else:
+                pending.heads[job_type] = head
         queued = pending.entries
         for job_type, kind, number, entry in entries:
             queued[(job_type, kind.decode(), number)] = entry
