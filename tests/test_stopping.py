@@ -48,6 +48,39 @@ async def started_runs(
     return started
 
 
+async def started_then_stopped(
+    process: WorkerProcess, s: Settings, producer: AIOKafkaProducer, tail: StatusTail
+) -> tuple[dict[str, StatusEvent], int, float]:
+    """Start `process`, start a run on each partition, SIGTERM it: the runs, its exit code
+    and the seconds from SIGTERM to its exit."""
+    process.start()
+    try:
+        runs = await started_runs(s, producer, tail)
+        asked = time.monotonic()
+        code = await process.terminate(timeout=60)
+        return runs, code, time.monotonic() - asked
+    finally:
+        process.ensure_dead()
+
+
+async def served_by_the_next(
+    s: Settings,
+    producer: AIOKafkaProducer,
+    tail: StatusTail,
+    tmp_path: Path,
+    runs: dict[str, StatusEvent],
+) -> None:
+    """A worker started on the file after the stop serves `runs`; stopped, each input was
+    decided once and the file equals the status topic's state."""
+    again = WorkerProcess(s, "worker", tmp_path)
+    again.start()
+    try:
+        await assert_served(s, producer, tail, runs)
+        await assert_converged(s, again, tmp_path)
+    finally:
+        again.ensure_dead()
+
+
 def events_named(process: WorkerProcess, text: str) -> list[dict[str, Any]]:
     records, _ = log_lines(process)
     return [r for r in records if text in str(r.get("event"))]
@@ -62,25 +95,15 @@ async def test_a_failed_step_of_stopping_leaves_the_others_to_run(
     SQLite, says which step failed, and exits 1 at once; a worker restarted on the file
     serves the runs started before, and every input is decided once."""
     failing = WorkerProcess(topics, "worker", tmp_path, fault_point="fail_stopping")
-    failing.start()
-    try:
-        runs = await started_runs(topics, producer, tail)
-        assert await failing.terminate(timeout=60) == 1, failing.log_text()[-4000:]
-    finally:
-        failing.ensure_dead()
+    runs, code, _ = await started_then_stopped(failing, topics, producer, tail)
+    assert code == 1, failing.log_text()[-4000:]
     [failure] = events_named(failing, "a step of stopping failed")
     assert failure["step"] == "draining the batches in flight"
     assert "injected fault while stopping" in failure["error"]
     [stopped] = events_named(failing, "worker stopped")
     assert stopped["failed_steps"] == ["draining the batches in flight"]
 
-    again = WorkerProcess(topics, "worker", tmp_path)
-    again.start()
-    try:
-        await assert_served(topics, producer, tail, runs)
-        await assert_converged(topics, again, tmp_path)
-    finally:
-        again.ensure_dead()
+    await served_by_the_next(topics, producer, tail, tmp_path, runs)
 
 
 @pytest.mark.kafka
@@ -95,26 +118,14 @@ async def test_a_stop_whose_event_loop_never_returns_ends_by_the_watchdog(
     hanging = WorkerProcess(
         topics, "worker", tmp_path, fault_point="hang_stopping", shutdown_timeout_s=str(bound)
     )
-    hanging.start()
-    try:
-        runs = await started_runs(topics, producer, tail)
-        asked = time.monotonic()
-        assert await hanging.terminate(timeout=60) == EXIT_CODE, hanging.log_text()[-4000:]
-        took = time.monotonic() - asked
-    finally:
-        hanging.ensure_dead()
+    runs, code, took = await started_then_stopped(hanging, topics, producer, tail)
+    assert code == EXIT_CODE, hanging.log_text()[-4000:]
     [fired] = events_named(hanging, "exiting hard")
     assert fired["seconds"] == bound + 5.0
     assert bound + 5.0 <= took < 30, took
     assert events_named(hanging, "worker stopped") == []
 
-    again = WorkerProcess(topics, "worker", tmp_path)
-    again.start()
-    try:
-        await assert_served(topics, producer, tail, runs)
-        await assert_converged(topics, again, tmp_path)
-    finally:
-        again.ensure_dead()
+    await served_by_the_next(topics, producer, tail, tmp_path, runs)
 
 
 @pytest.mark.kafka
@@ -152,13 +163,7 @@ async def test_a_stop_held_by_a_locked_sqlite_file_ends_at_its_bound(
     assert events_named(held, "exiting hard") == []  # at its bound, before the watchdog
     assert bound <= took < bound + 5.0, took
 
-    again = WorkerProcess(topics, "worker", tmp_path)
-    again.start()
-    try:
-        await assert_served(topics, producer, tail, runs)
-        await assert_converged(topics, again, tmp_path)
-    finally:
-        again.ensure_dead()
+    await served_by_the_next(topics, producer, tail, tmp_path, runs)
 
 
 def test_the_watchdog_exits_with_one_line_once_its_bound_and_grace_are_past() -> None:
