@@ -95,12 +95,14 @@ def _head(state: JobState, has_row: Callable[[str], bool]) -> tuple[bytes, bool]
         ("active", state.active),
         ("queue", state.queue),
     )
+    whole = True  # nothing left out but the windows
     for name, runs in groups:
         if payloads := {
             i: _PAYLOAD for i, r in enumerate(runs) if r.initial_data and has_row(r.run_id)
         }:
             leave_out[name] = payloads
-    return stored.STATE.serializer.to_json(state, exclude=leave_out), len(leave_out) == 2
+            whole = False
+    return stored.STATE.serializer.to_json(state, exclude=leave_out), whole
 
 
 def job_rows(

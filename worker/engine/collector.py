@@ -63,11 +63,12 @@ _EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
 def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcome) -> None:
     """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
     source = source_of(topics.status.removesuffix(".status"))
+    settings = (rulebook.HEADER, outcome.settings.encode()) if outcome.settings else None
     for event in outcome.events:
         value = _EVENT_JSON(event)
         headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
-        if outcome.settings:
-            headers.append((rulebook.HEADER, outcome.settings.encode()))
+        if settings is not None:
+            headers.append(settings)
         out.add(topics.status, number, event.job_type.encode(), value, headers)
     for key, letter in outcome.dead_letters:
         out.add(topics.dlq, number, key, letter.model_dump_json().encode())
