@@ -114,17 +114,25 @@ async def test_a_killed_executor_s_run_is_run_again_and_recorded_once(
 async def test_executors_of_disjoint_job_types_each_run_theirs(
     worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
 ) -> None:
-    """Two processes, different job types, default groups: every run runs, once."""
+    """Two processes, different job types, default groups: every run runs, once.
+
+    A job type takes one run at a time by default (a second start is refused while the
+    first runs), so each round of starts waits for the round before it to complete; the
+    two job types' runs of a round run at once, one in each process."""
     mail = spawn("mail", "mail.send")
     index = spawn("index", "index.build")
     await mail.ready()
     await index.ready()
     runs = []
     for n in range(3):
-        runs.append(await client.start_job("mail.send", client_id=f"c{n}"))
-        runs.append(await client.start_job("index.build", client_id=f"c{n}"))
-    for decision in runs:
-        await tail.wait_event(run_id=decision.run_id, type=EventType.COMPLETED)
+        round_ = [
+            await client.start_job(job_type, client_id=f"c{n}")
+            for job_type in ("mail.send", "index.build")
+        ]
+        assert [d.type for d in round_] == [EventType.STARTED] * 2
+        for decision in round_:
+            await tail.wait_event(run_id=decision.run_id, type=EventType.COMPLETED)
+        runs.extend(round_)
     starts = mail.entries(event="start")
     assert sorted(e["run_id"] for e in starts) == sorted(r.run_id for r in runs)
     assert len(mail.entries(event="start", pid=mail.pid)) == 3
