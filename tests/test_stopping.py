@@ -130,14 +130,21 @@ async def test_a_stop_whose_event_loop_never_returns_ends_by_the_watchdog(
 
 @pytest.mark.kafka
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("failed_before", [False, True], ids=["alone", "after-a-failed-step"])
 async def test_a_stop_held_by_a_locked_sqlite_file_ends_at_its_bound(
-    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+    topics: Settings,
+    producer: AIOKafkaProducer,
+    tail: StatusTail,
+    tmp_path: Path,
+    failed_before: bool,
 ) -> None:
     """Another process holds the SQLite file's write lock, so the worker's last write waits:
-    the stop ends at its bound with one line and exit 1, nothing decided twice; once the
-    lock is let go, the next worker on the file serves the runs started before."""
+    the stop ends at its bound with one line and exit 1, nothing decided twice, also when a
+    step of the stop had failed before (not 5 s later, by the watchdog); once the lock is
+    let go, the next worker on the file serves the runs started before."""
     bound = 2.0
-    held = WorkerProcess(topics, "worker", tmp_path, shutdown_timeout_s=str(bound))
+    faults = {"fault_point": "fail_stopping"} if failed_before else {}
+    held = WorkerProcess(topics, "worker", tmp_path, shutdown_timeout_s=str(bound), **faults)
     held.start()
     locker = sqlite3.connect(held.db_path, isolation_level=None, timeout=30)
     try:
@@ -162,6 +169,8 @@ async def test_a_stop_held_by_a_locked_sqlite_file_ends_at_its_bound(
     assert f"stopping took over {bound:g} s; exited without it" in held.log_text()
     assert events_named(held, "exiting hard") == []  # at its bound, before the watchdog
     assert bound <= took < bound + 5.0, took
+    failed = [e["step"] for e in events_named(held, "a step of stopping failed")]
+    assert failed == (["draining the batches in flight"] if failed_before else [])
 
     await served_by_the_next(topics, producer, tail, tmp_path, runs)
 
