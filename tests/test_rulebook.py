@@ -35,6 +35,27 @@ def test_a_document_round_trips_every_setting_a_decision_depends_on() -> None:
     )
 
 
+def test_rules_build_their_settings_document_once_not_per_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every batch names the settings it decided with; the document behind the digest is
+    built with the rules, not again per batch (compiled code included)."""
+    built: list[Rules] = []
+    real = rulebook.document_of
+
+    def counted(of: Rules) -> bytes:
+        built.append(of)
+        return real(of)
+
+    monkeypatch.setattr(rulebook, "document_of", counted)
+    config = parse('[job_types.a]\npolicy = "queue"\n')
+    made = rules(config)
+    named = [made.settings for _ in range(5)]
+    assert len(built) == 1
+    assert named == [(rulebook.digest_of(real(made)), real(made))] * 5
+    assert made.settings[1] == rulebook.document_of(rules(config))  # equal rules, one document
+
+
 def test_equal_settings_have_one_digest_and_any_change_another() -> None:
     a = rulebook.document_of(rules(parse('[job_types.a]\npolicy = "queue"\n[job_types.b]\n')))
     b = rulebook.document_of(rules(parse('[job_types.b]\n[job_types.a]\npolicy = "queue"\n')))
