@@ -337,12 +337,11 @@ class Worker:
         close the producers, close SQLite (writing what is queued), stop the HTTP server.
 
         A failed step is logged and the next ones run, so SQLite is closed and its thread
-        ends whatever failed before it; the first failure is what `run` raises. A stop that
-        outlasts the bound (a broker that does not answer can hold a client's close for
-        ever) logs so and `run` raises `StopTimedOut`, whatever failed before: the next
-        owner reads again what was not committed, and SQLite is still a prefix of what
-        Kafka committed. A hang the event loop cannot time out (a call that never returns)
-        is `worker.watchdog`'s.
+        ends whatever failed before it; the first failure is what `run` raises, unless the
+        stop outlasts the bound (a broker that does not answer can hold a client's close for
+        ever): then `StopTimedOut`. The next owner reads again what was not committed, and
+        SQLite is still a prefix of what Kafka committed. A hang the event loop cannot time
+        out (a call that never returns) is `worker.watchdog`'s.
         """
         bound = self.settings.shutdown_timeout_s
         if self.hooks.on_stop is not None:
@@ -357,9 +356,7 @@ class Worker:
                 seconds=bound,
             )
             timed_out = StopTimedOut(f"stopping took over {bound:g} s; exited without it")
-            # Raised even after an earlier failure (logged when it happened, and chained
-            # here): what did not answer would hold the process at exit all the same.
-            timed_out.__cause__, self._failure = self._failure, timed_out
+            timed_out.__cause__, self._failure = self._failure, timed_out  # logged before
 
     async def _stop_steps(self) -> None:
         consumer, partitions, collector, http = (
