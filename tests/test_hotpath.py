@@ -1,0 +1,32 @@
+"""The broker-less measure of the worker's own work per transition runs the real steps."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from worker.devtools.hotpath import measure
+
+
+async def test_every_lifecycle_is_decided_published_and_stored(tmp_path: Path) -> None:
+    split = await measure(250, 40, tmp_path)
+    assert split.transitions == 500  # a start and a completion each
+    assert min(split.cpu_us, split.deciding_us, split.records_us, split.sqlite_us) > 0
+    with sqlite3.connect(tmp_path / "hotpath.db") as db:
+        statuses = dict(db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"))
+        offsets = dict(db.execute("SELECT topic, next_offset FROM applied_offsets"))
+    assert statuses == {"COMPLETED": 250}
+    assert offsets == {"jobs.requests": 250, "jobs.results": 250}
+
+
+def test_the_command_prints_its_line_and_refuses_what_it_cannot_measure() -> None:
+    command = [sys.executable, "-m", "worker.devtools.hotpath"]
+    done = subprocess.run([*command, "--lifecycles", "30", "--batch", "7"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().startswith("60 transitions: ")
+    assert "µs CPU a transition" in done.stdout.decode()
+    refused = subprocess.run([*command, "--batch", "0"], capture_output=True)
+    assert refused.returncode == 2
+    assert b"--lifecycles and --batch must be positive" in refused.stderr

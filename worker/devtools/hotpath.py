@@ -1,0 +1,194 @@
+"""The worker's own work per transition, without a broker: `python -m worker.devtools.hotpath`.
+
+Lifecycles go through one partition's task as the live worker's batches do, in batches of a
+given size (all start requests first, then a result for each run), and each batch's outcome
+through the three steps that follow a decision:
+
+- deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
+- records: `collector.write_outcome` into aiokafka record batches, which are never sent;
+- SQLite: the write-behind's statements for the batch (`writer.Pending`) and the commit, on a
+  WAL file opened as the store opens its own.
+
+It prints the process's CPU time per transition and the wall time of each step per
+transition, in µs. Kafka's requests, the event loop and the SQLite thread's hand-over are
+left out (`jobctl bench` measures the whole worker); what is left is the work a lever on the
+worker's own code changes, measured with less noise than live rounds, and in one process,
+so that `py-spy record --native` sees into the compiled modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+
+from worker import compiled, gctuning
+from worker.core.config import JobsConfig
+from worker.core.lifecycle import Limits, merge_inputs
+from worker.core.limits import InputLimits
+from worker.engine.codec import InputRecord
+from worker.engine.collector import write_outcome
+from worker.engine.sqlfile import SCHEMA
+from worker.engine.task import BatchOutcome, PartitionTask, Rules
+from worker.engine.writer import Pending
+from worker.kafkaio import Outbox
+from worker.logs import configure as configure_logs
+from worker.settings import Topics
+
+_BROKER_MS = 1_700_000_000_000  # the inputs' broker time; results a millisecond later
+
+
+@dataclass(frozen=True)
+class Split:
+    """µs per transition: the process's CPU time, and the wall time of each step."""
+
+    transitions: int
+    cpu_us: float
+    deciding_us: float
+    records_us: float
+    sqlite_us: float
+
+    def line(self) -> str:
+        return (
+            f"{self.transitions:,} transitions: {self.cpu_us:.1f} µs CPU a transition; "
+            f"deciding {self.deciding_us:.1f}, records {self.records_us:.1f}, "
+            f"SQLite {self.sqlite_us:.1f}"
+        )
+
+
+class _Steps:
+    """One partition's task, a producer that never connects, and a SQLite file."""
+
+    def __init__(self, db: sqlite3.Connection, producer: AIOKafkaProducer) -> None:
+        self.topics = Topics.for_prefix("jobs")
+        rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
+        self.task = PartitionTask(0, rules)
+        self.db = db
+        self.producer = producer
+        self.seconds = {"deciding": 0.0, "records": 0.0, "sqlite": 0.0}
+        self.transitions = 0
+
+    def batch(self, records: list[InputRecord]) -> BatchOutcome:
+        began = time.perf_counter()
+        outcome = self.task.apply(merge_inputs(records))
+        decided = time.perf_counter()
+        write_outcome(Outbox(self.producer), self.topics, 0, outcome)
+        written = time.perf_counter()
+        pending = Pending()
+        pending.add(
+            0,
+            outcome.runs.values(),
+            outcome.changed.items(),
+            outcome.next_offsets,
+            outcome.tombstones,
+            outcome.entries,
+            outcome.heads,
+        )
+        pending.write(self.db)
+        self.db.commit()
+        stored = time.perf_counter()
+        self.seconds["deciding"] += decided - began
+        self.seconds["records"] += written - decided
+        self.seconds["sqlite"] += stored - written
+        self.transitions += len(outcome.events)
+        return outcome
+
+
+def _starts(topics: Topics, first: int, count: int) -> list[InputRecord]:
+    return [
+        InputRecord(
+            "requests",
+            topics.requests,
+            0,
+            i,
+            _BROKER_MS,
+            f"job-{i}".encode(),
+            json.dumps({"job_type": f"job-{i}", "request_id": f"req-{i}"}).encode(),
+        )
+        for i in range(first, first + count)
+    ]
+
+
+def _results(topics: Topics, outcome: BatchOutcome, first: int) -> list[InputRecord]:
+    return [
+        InputRecord(
+            "results",
+            topics.results,
+            0,
+            first + i,
+            _BROKER_MS + 1,
+            event.job_type.encode(),
+            json.dumps(
+                {
+                    "job_type": event.job_type,
+                    "run_id": event.run_id,
+                    "status": "COMPLETED",
+                    "final_metrics": {"rows": 1},
+                }
+            ).encode(),
+        )
+        for i, event in enumerate(outcome.events)
+    ]
+
+
+async def measure(lifecycles: int, batch: int, directory: Path) -> Split:
+    """Run `lifecycles` through the steps, `batch` start requests (then their results) a
+    batch, with a SQLite file in `directory`."""
+    if lifecycles <= 0 or batch <= 0:
+        raise ValueError(f"lifecycles and batch must be positive, not {lifecycles} and {batch}")
+    producer = AIOKafkaProducer(bootstrap_servers="localhost:9")  # builds batches, never sends
+    db = sqlite3.connect(directory / "hotpath.db")
+    try:
+        db.executescript(SCHEMA)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        steps = _Steps(db, producer)
+        cpu = time.process_time()
+        for first in range(0, lifecycles, batch):
+            started = steps.batch(_starts(steps.topics, first, min(batch, lifecycles - first)))
+            steps.batch(_results(steps.topics, started, first))
+        cpu = time.process_time() - cpu
+    finally:
+        db.close()
+        await producer.stop()  # never started: releases what its constructor made
+    per = 1e6 / max(1, steps.transitions)
+    return Split(
+        steps.transitions,
+        cpu * per,
+        steps.seconds["deciding"] * per,
+        steps.seconds["records"] * per,
+        steps.seconds["sqlite"] * per,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the arguments, measure, print one line (and which code ran)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.devtools.hotpath",
+        description="The worker's own work per transition, without a broker.",
+    )
+    parser.add_argument("--lifecycles", type=int, default=40_000)
+    parser.add_argument(
+        "--batch", type=int, default=2_000, help="start requests a batch (then their results)"
+    )
+    args = parser.parse_args(argv)
+    if args.lifecycles <= 0 or args.batch <= 0:
+        parser.error("--lifecycles and --batch must be positive")
+    configure_logs("warning", "json")  # a decision's debug line is not part of the work
+    gctuning.tune()  # as `jobctl run` does
+    with tempfile.TemporaryDirectory(prefix="jobs-hotpath-") as tmp:
+        split = asyncio.run(measure(args.lifecycles, args.batch, Path(tmp)))
+    print(f"{split.line()} (hot modules: {compiled.state()})")
+
+
+if __name__ == "__main__":
+    main()
