@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.consumer import fetcher
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from aiokafka.record.memory_records import MemoryRecords
 
 from tests.hostile import _RawName
 from worker import compat
@@ -114,6 +115,27 @@ async def test_an_open_transaction_is_aborted_and_a_closed_one_left_alone(
         assert producer._txn_manager.state is TransactionState.READY
         await producer.begin_transaction()  # a new one can begin: the old one is gone
         await producer.abort_transaction()
+    finally:
+        await producer.stop()
+
+
+async def test_a_record_appended_directly_reads_back_as_appended_and_a_full_batch_closes() -> None:
+    """`append_record` writes what `BatchBuilder.append` writes, counts it as the producer
+    does, and says when the batch is full (closing it)."""
+    producer = AIOKafkaProducer(bootstrap_servers="localhost:9", max_batch_size=600)
+    try:
+        builder = producer.create_batch()
+        sent = [
+            (b"job-%d" % i, b"v" * 100, [("ce_id", b"%d" % i), ("empty", None)]) for i in range(9)
+        ]
+        taken = [compat.append_record(builder, *record) for record in sent]
+        assert builder.closed()
+        count = builder.record_count()
+        assert 0 < count < len(sent)
+        assert taken == [True] * count + [False] * (len(sent) - count)
+        batch = list(MemoryRecords(bytes(builder._build())).next_batch())
+        assert [(r.key, r.value, list(r.headers)) for r in batch] == sent[:count]
+        assert [r.offset for r in batch] == list(range(count))
     finally:
         await producer.stop()
 

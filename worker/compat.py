@@ -9,6 +9,8 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
 - `install`: fetched records whose header names are not UTF-8 become readable, not fatal
   (below); and a transactional producer whose coordinator is still completing its previous
   transaction asks again after `TXN_BUSY_BACKOFF_S`, not aiokafka's 20 ms.
+- `append_record`: a record appended to a producer's record batch without
+  `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
 - `connect_failure`: why a client could not connect. aiokafka's bootstrap raises only
   "Unable to bootstrap from [...]" and logs the cause (a wrong password, an untrusted
   certificate); a filter on its logger keeps that cause.
@@ -110,6 +112,28 @@ async def abort_if_open(producer: AIOKafkaProducer) -> None:
     with contextlib.suppress(KafkaError, TimeoutError, AssertionError):
         async with asyncio.timeout(10):
             await producer.abort_transaction()
+
+
+def append_record(
+    builder: Any,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes | None]],
+) -> bool:
+    """Append a record to `builder` (a producer's `create_batch()`, of a producer without
+    serializers), stamped now, as its `append` does; False when the batch is full, which
+    closes it. The record goes to the batch's compiled encoder directly, and the count the
+    producer reads (`record_count`) moves with it."""
+    if (
+        builder._builder.append(
+            builder._relative_offset, None, key=key, value=value, headers=headers
+        )
+        is None
+    ):
+        builder.close()
+        return False
+    builder._relative_offset += 1
+    return True
 
 
 async def fetch_all_metadata(consumer: AIOKafkaConsumer) -> Any:

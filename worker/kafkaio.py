@@ -142,14 +142,13 @@ class Outbox:
         """Append one record for `topic`/`partition` (sent by `flush`)."""
         builders = self._batches.setdefault((topic, partition), [])
         extra = list(headers)
-        if builders and builders[-1].append(timestamp=None, key=key, value=value, headers=extra):
-            self.records += 1
+        self.records += 1
+        if builders and compat.append_record(builders[-1], key, value, extra):
             return
         builder = self._producer.create_batch()
         # An empty batch takes any one record; its size is checked by the broker.
-        builder.append(timestamp=None, key=key, value=value, headers=extra)
+        compat.append_record(builder, key, value, extra)
         builders.append(builder)
-        self.records += 1
 
     async def flush(self) -> dict[tuple[str, int], int]:
         """Send every batch and wait until all are delivered; raise the first failure.
