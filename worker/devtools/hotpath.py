@@ -10,10 +10,11 @@ through the three steps that follow a decision:
   WAL file opened as the store opens its own.
 
 It prints the process's CPU time in those steps per transition and the wall time of each
-step per transition, in µs (the input records are made outside the measure). Kafka's requests, the event loop and the SQLite thread's hand-over are
-left out (`jobctl bench` measures the whole worker); what is left is the work a lever on the
-worker's own code changes, measured with less noise than live rounds, and in one process,
-so that `py-spy record --native` sees into the compiled modules.
+step per transition, in µs (the input records are made outside the measure). Kafka's
+requests, the event loop and the SQLite thread's hand-over are left out (`jobctl bench`
+measures the whole worker); what is left is the work a lever on the worker's own code
+changes, measured with less noise than live rounds, and in one process, so that
+`py-spy record --native` sees into the compiled modules.
 """
 
 from __future__ import annotations
