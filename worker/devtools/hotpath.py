@@ -6,15 +6,15 @@ through the three steps that follow a decision:
 
 - deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
 - records: `collector.write_outcome` into aiokafka record batches, which are never sent;
-- SQLite: the write-behind's statements for the batch (`writer.Pending`) and the commit, on a
-  WAL file opened as the store opens its own.
+- SQLite: the batch queued on the store's write-behind and written by its thread
+  (`Store.open`, `writes.record_batch`, `flush`), as the worker's store writes it.
 
-It prints the process's CPU time in those steps per transition and the wall time of each
-step per transition, in µs (the input records are made outside the measure). Kafka's
-requests, the event loop and the SQLite thread's hand-over are left out (`jobctl bench`
-measures the whole worker); what is left is the work a lever on the worker's own code
-changes, measured with less noise than live rounds, and in one process, so that
-`py-spy record --native` sees into the compiled modules.
+It prints the process's CPU time in those steps per transition (both threads) and the wall
+time of each step per transition, in µs (the input records are made outside the measure).
+Kafka's requests and the consumer are left out (`jobctl bench` measures the whole worker);
+what is left is the work a lever on the worker's own code changes, measured with less noise
+than live rounds, and in one process, so that `py-spy record --native` sees into the
+compiled modules.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sqlite3
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,9 +37,8 @@ from worker.core.lifecycle import Limits, merge_inputs
 from worker.core.limits import InputLimits
 from worker.engine.codec import InputRecord
 from worker.engine.collector import write_outcome
-from worker.engine.sqlfile import SCHEMA
+from worker.engine.store import Store
 from worker.engine.task import BatchOutcome, PartitionTask, Rules
-from worker.engine.writer import Pending
 from worker.kafkaio import Outbox
 from worker.logs import configure as configure_logs
 from worker.settings import Topics
@@ -67,26 +65,25 @@ class Split:
 
 
 class _Steps:
-    """One partition's task, a producer that never connects, and a SQLite file."""
+    """One partition's task, a producer that never connects, and a store."""
 
-    def __init__(self, db: sqlite3.Connection, producer: AIOKafkaProducer) -> None:
+    def __init__(self, store: Store, producer: AIOKafkaProducer) -> None:
         self.topics = Topics.for_prefix("jobs")
         rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
         self.task = PartitionTask(0, rules)
-        self.db = db
+        self.store = store
         self.producer = producer
         self.seconds = {"cpu": 0.0, "deciding": 0.0, "records": 0.0, "sqlite": 0.0}
         self.transitions = 0
 
-    def batch(self, records: list[InputRecord]) -> BatchOutcome:
+    async def batch(self, records: list[InputRecord]) -> BatchOutcome:
         cpu = time.process_time()
         began = time.perf_counter()
         outcome = self.task.apply(merge_inputs(records))
         decided = time.perf_counter()
         write_outcome(Outbox(self.producer), self.topics, 0, outcome)
         written = time.perf_counter()
-        pending = Pending()
-        pending.add(
+        self.store.writes.record_batch(
             0,
             outcome.runs.values(),
             outcome.changed.items(),
@@ -95,8 +92,7 @@ class _Steps:
             outcome.entries,
             outcome.heads,
         )
-        pending.write(self.db)
-        self.db.commit()
+        await self.store.flush()
         stored = time.perf_counter()
         self.seconds["cpu"] += time.process_time() - cpu
         self.seconds["deciding"] += decided - began
@@ -149,17 +145,15 @@ async def measure(lifecycles: int, batch: int, directory: Path) -> Split:
     if lifecycles <= 0 or batch <= 0:
         raise ValueError(f"lifecycles and batch must be positive, not {lifecycles} and {batch}")
     producer = AIOKafkaProducer(bootstrap_servers="localhost:9")  # builds batches, never sends
-    db = sqlite3.connect(directory / "hotpath.db")
+    store = await Store.open(directory / "hotpath.db")
     try:
-        db.executescript(SCHEMA)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        steps = _Steps(db, producer)
+        steps = _Steps(store, producer)
         for first in range(0, lifecycles, batch):  # the inputs are made outside the measure
-            started = steps.batch(_starts(steps.topics, first, min(batch, lifecycles - first)))
-            steps.batch(_results(steps.topics, started, first))
+            count = min(batch, lifecycles - first)
+            started = await steps.batch(_starts(steps.topics, first, count))
+            await steps.batch(_results(steps.topics, started, first))
     finally:
-        db.close()
+        await store.close()
         await producer.stop()  # never started: releases what its constructor made
     per = 1e6 / max(1, steps.transitions)
     return Split(

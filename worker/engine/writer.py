@@ -6,7 +6,7 @@ what Kafka committed. A failed write raises a `StoreError`, and nothing queued a
 written.
 
 A write is one trip to the store connection's thread (`sqlfile.write_in_thread`): its
-statements, their parameters and the commit all run there (`Pending.write`), so the event
+statements, their parameters and the commit all run there (`_Pending.write`), so the event
 loop only hands it over and is told when it is done, rather than being woken once for each
 of a dozen statements.
 """
@@ -36,7 +36,7 @@ from worker.engine.sqlfile import (
 
 
 @dataclass
-class Pending:
+class _Pending:
     """Batches queued for writing, merged: later rows win, tombstones apply after rows."""
 
     runs: dict[str, RunRow] = field(default_factory=dict)
@@ -49,37 +49,6 @@ class Pending:
     entries: dict[tuple[str, str, int], bytes | None] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition)
     tombstoned: list[str] = field(default_factory=list)
-
-    def add(
-        self,
-        partition: int,
-        runs: Iterable[RunRow],
-        states: Iterable[tuple[str, JobState]],
-        next_offsets: Mapping[str, int],
-        tombstoned: Iterable[str] = (),
-        entries: Iterable[tuple[str, bytes, int, bytes | None]] = (),
-        heads: Mapping[str, bytes | None] | None = None,
-    ) -> None:
-        """Merge one committed batch of `partition` into these (`WriteBehind.record_batch`)."""
-        held = self.runs
-        for row in runs:
-            run_id = row.run_id
-            if row.ended_at is not None and run_id not in held:
-                self.ended.add(run_id)
-            held[run_id] = row
-        for job_type, state in states:
-            self.states[job_type] = (partition, state)
-            head = heads.get(job_type) if heads else None
-            if head is None:
-                self.heads.pop(job_type, None)  # an earlier batch's head is not this one's
-            else:
-                self.heads[job_type] = head
-        queued = self.entries
-        for job_type, kind, number, entry in entries:
-            queued[(job_type, kind.decode(), number)] = entry
-        for topic, offset in next_offsets.items():
-            self.offsets[(topic, partition)] = offset
-        self.tombstoned.extend(tombstoned)
 
     def write(self, db: sqlite3.Connection) -> None:
         """Every statement of these batches, on the connection's own thread (not committed)."""
@@ -135,8 +104,8 @@ class WriteBehind:
         self._db = db
         self._path = path
         self._lock = lock
-        self._pending: Pending | None = None
-        self._writing: Pending | None = None  # being written by `_write_pending`
+        self._pending: _Pending | None = None
+        self._writing: _Pending | None = None  # being written by `_write_pending`
         self._writer: asyncio.Task[None] | None = None
 
     def queued_state(self, job_type: str) -> JobState | None:
@@ -170,8 +139,26 @@ class WriteBehind:
             raise failure  # a write failed: what follows it must not be written either
         pending = self._pending
         if pending is None:
-            pending = self._pending = Pending()
-        pending.add(partition, runs, states, next_offsets, tombstoned, entries, heads)
+            pending = self._pending = _Pending()
+        held = pending.runs
+        for row in runs:
+            run_id = row.run_id
+            if row.ended_at is not None and run_id not in held:
+                pending.ended.add(run_id)
+            held[run_id] = row
+        for job_type, state in states:
+            pending.states[job_type] = (partition, state)
+            head = heads.get(job_type) if heads else None
+            if head is None:
+                pending.heads.pop(job_type, None)  # an earlier batch's head is not this one's
+            else:
+                pending.heads[job_type] = head
+        queued = pending.entries
+        for job_type, kind, number, entry in entries:
+            queued[(job_type, kind.decode(), number)] = entry
+        for topic, offset in next_offsets.items():
+            pending.offsets[(topic, partition)] = offset
+        pending.tombstoned.extend(tombstoned)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
 
