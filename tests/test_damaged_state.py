@@ -34,6 +34,7 @@ from schemas import EventType, StatusEvent
 from tests.chaos import WorkerProcess, oracle, read_topic
 from tests.conftest import RunningWorker
 from worker.client.watch import StatusTail
+from worker.engine import writer
 from worker.engine.codec import partition_for
 from worker.engine.loop import Worker
 from worker.engine.store import SCHEMA_VERSION, Store, StoreError
@@ -399,13 +400,14 @@ async def poll(condition: Callable[[], bool], timeout: float, what: str) -> None
 
 @contextlib.asynccontextmanager
 async def requests_while(
-    process: WorkerProcess, producer: AIOKafkaProducer, s: Settings
+    process: WorkerProcess, producer: AIOKafkaProducer, s: Settings, after_s: float = 0.0
 ) -> AsyncIterator[list[str]]:
     """Send start requests of new job types, both partitions, every 20 ms while `process`
-    runs; yield their request IDs (sent so far)."""
+    runs, the first `after_s` from now; yield their request IDs (sent so far)."""
     sent: list[str] = []
 
     async def send() -> None:
+        await asyncio.sleep(after_s)
         for i in range(1000):
             if not process.alive():
                 return
@@ -438,7 +440,9 @@ async def test_a_failing_sqlite_write_stops_the_worker_and_a_restart_converges(
             request_id=await start(producer, topics, done, initial_data=blob)
         )
         assert big.type is EventType.STARTED  # committed to Kafka, its write fails after
-        async with requests_while(process, producer, topics) as after:
+        # A committed batch is written at most `GATHER_S` after its commit (the writer may
+        # be letting batches gather): requests sent later come after the failed write.
+        async with requests_while(process, producer, topics, writer.GATHER_S) as after:
             # A batch that found the write failed is logged with its traceback.
             line = await refusal(process, traceback=True)
         assert after, "no request was sent while the worker ran"

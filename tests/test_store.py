@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic_core import PydanticSerializationError
@@ -28,7 +29,7 @@ from worker.core.lifecycle import (
     load_state,
 )
 from worker.core.runs import RunRow
-from worker.engine import sqlfile, stored
+from worker.engine import sqlfile, stored, writer
 from worker.engine.store import SCHEMA_VERSION, Store
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
@@ -53,6 +54,39 @@ def run(run_id: str, status: RunStatus = RunStatus.RUNNING) -> RunRow:
 
 def state(job_type: str) -> tuple[str, JobState]:
     return job_type, JobState(job_type)
+
+
+async def test_batches_that_come_while_the_writer_gathers_share_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch after a quiet spell is written at once; those that come during the writer's
+    pause after a write gather into one SQLite transaction; a flush does not wait out the
+    pause."""
+    monkeypatch.setattr(writer, "GATHER_S", 3600.0)
+    written: list[int] = []
+    first_written = asyncio.Event()
+    real = writer.write_in_thread
+
+    async def counted(*args: Any) -> None:
+        await real(*args)
+        written.append(1)
+        first_written.set()
+
+    monkeypatch.setattr(writer, "write_in_thread", counted)
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        store.writes.record_batch(0, [run("r1")], [], {"jobs.requests": 1})
+        await asyncio.wait_for(first_written.wait(), 30)  # at once, not after the pause
+        for offset in (2, 3):
+            store.writes.record_batch(0, [run(f"r{offset}")], [], {"jobs.requests": offset})
+            await asyncio.sleep(0)  # the writer runs: it is pausing
+        assert written == [1]
+        await asyncio.wait_for(store.flush(), 30)  # not an hour
+        assert written == [1, 1]
+        assert sorted(r.run_id for r in await store.runs()) == ["r1", "r2", "r3"]
+        assert await store.applied_offsets(0) == {"jobs.requests": 3}
+    finally:
+        await store.close()
 
 
 async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path: Path) -> None:
