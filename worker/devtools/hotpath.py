@@ -1,8 +1,8 @@
 """The worker's own work per transition, without a broker: `python -m worker.devtools.hotpath`.
 
 Lifecycles go through one partition's task as the live worker's batches do, in batches of a
-given size (all start requests first, then a result for each run), and each batch's outcome
-through the three steps that follow a decision:
+given size (all start requests first, then a result for each run), each batch in three
+steps:
 
 - deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
 - records: `collector.write_outcome` into aiokafka record batches, which are never sent;
