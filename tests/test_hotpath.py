@@ -17,7 +17,9 @@ async def test_every_lifecycle_is_decided_published_and_stored(tmp_path: Path) -
     with sqlite3.connect(tmp_path / "hotpath.db") as db:
         statuses = dict(db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status"))
         offsets = dict(db.execute("SELECT topic, next_offset FROM applied_offsets"))
+        payloads = {row[0] for row in db.execute("SELECT initial_data FROM runs")}
     assert statuses == {"COMPLETED": 250}
+    assert payloads == {'{"bench":true}'}  # the start requests are the bench's
     assert offsets == {"jobs.requests": 250, "jobs.results": 250}
 
 

@@ -493,7 +493,8 @@ class BenchReport:
 _percentile = percentile  # the soak's name for it
 
 
-def _start_body(job_type: str, request_id: str) -> bytes:
+def start_body(job_type: str, request_id: str) -> bytes:
+    """A start request's value as the bench's producers send it (`hotpath`'s too)."""
     return json.dumps(
         {"job_type": job_type, "request_id": request_id, "initial_data": {"bench": True}},
         separators=(",", ":"),
@@ -506,7 +507,7 @@ async def _send_starts(
     """Send (job type, request ID) start requests keyed by job type; wait for every ack."""
     futures = [
         await producer.send(
-            topics.requests, _start_body(job_type, request_id), key=job_type.encode()
+            topics.requests, start_body(job_type, request_id), key=job_type.encode()
         )
         for job_type, request_id in items
     ]
@@ -1227,7 +1228,7 @@ async def _paced(
             sent[request_id] = time.perf_counter()
         futures.append(
             await producer.send(
-                topics.requests, _start_body(job_type, request_id), key=job_type.encode()
+                topics.requests, start_body(job_type, request_id), key=job_type.encode()
             )
         )
     await asyncio.gather(*futures)

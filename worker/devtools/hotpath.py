@@ -1,8 +1,8 @@
 """The worker's own work per transition, without a broker: `python -m worker.devtools.hotpath`.
 
 Lifecycles go through one partition's task as the live worker's batches do, in batches of a
-given size (all start requests first, then a result for each run), each batch in three
-steps:
+given size (all start requests first, as `jobctl bench` sends them, then a result for each
+run), each batch in three steps:
 
 - deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
 - records: `collector.write_outcome` into aiokafka record batches, which are never sent;
@@ -35,6 +35,7 @@ from worker import compiled, gctuning
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import Limits, merge_inputs
 from worker.core.limits import InputLimits
+from worker.devtools.bench import start_body
 from worker.engine.codec import InputRecord
 from worker.engine.collector import write_outcome
 from worker.engine.store import Store
@@ -111,7 +112,7 @@ def _starts(topics: Topics, first: int, count: int) -> list[InputRecord]:
             i,
             _BROKER_MS,
             f"job-{i}".encode(),
-            json.dumps({"job_type": f"job-{i}", "request_id": f"req-{i}"}).encode(),
+            start_body(f"job-{i}", f"req-{i}"),
         )
         for i in range(first, first + count)
     ]

@@ -34,9 +34,9 @@ from worker.devtools.bench import (
     _percentile,
     _producer,
     _send_starts,
-    _start_body,
     _Tail,
     _Worker,
+    start_body,
 )
 from worker.settings import Topics
 
@@ -135,7 +135,7 @@ class _Pacer:
             job_type, request_id = f"{self.prefix}-job-{i % JOB_TYPES}", f"{self.prefix}-{i}"
             self.sent[request_id] = time.perf_counter()
             await producer.send(
-                topics.requests, _start_body(job_type, request_id), key=job_type.encode()
+                topics.requests, start_body(job_type, request_id), key=job_type.encode()
             )
 
 
