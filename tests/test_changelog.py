@@ -22,6 +22,7 @@ from worker.core.lifecycle import (
     decide,
     dump_state,
     load_state,
+    run_size,
 )
 from worker.core.runs import RunRow, new_row
 from worker.engine import changelog, stored
@@ -229,21 +230,57 @@ def test_payloads_stay_in_the_run_rows_and_a_restore_puts_them_back() -> None:
     assert list(_states(_restored(inline))) == [("report", dump_state(state))]
 
 
-def test_sqlite_takes_the_job_rows_state_when_it_left_out_no_payload() -> None:
-    """A changed state is serialized once for the changelog and SQLite when the job row
-    leaves out nothing but the windows; with a payload left to a run row, SQLite gets none
-    (it stores the state whole) and the job row still leaves it out."""
+def test_a_queue_of_small_requests_keeps_its_payloads_in_the_job_row_up_to_a_budget() -> None:
+    """Small payloads stay in the job row only up to `INLINE_RUN_BYTES` in all, in state
+    order, so a long queue of small requests does not grow the row a heartbeat rewrites;
+    a restore puts the others back from their run rows."""
     limits, config = Limits(), JobConfig(policy=Policy.QUEUE)
-    for payload in ({}, {"blob": "x" * 5_000}):
-        state, rows = JobState("report"), {}
-        source = Source(topic="t.requests", partition=0, offset=0)
-        begin = Start("req-0", "report", None, payload, AT, source)
-        after, events = decide(state, begin, config, limits)
+    state, rows = JobState("report"), {}
+    for n in range(12):
+        payload = {"n": n, "blob": "y" * 900}
+        source = Source(topic="t.requests", partition=0, offset=n)
+        begin = Start(f"req-{n}", "report", None, payload, AT, source, run_size(960, None))
+        state, events = decide(state, begin, config, limits)
         rows[events[0].run_id or ""] = new_row(events[0], 0)
-        written, _, head = changelog.StateRows(rows).of("report", state, after)
-        if payload:
-            assert head is None
-            assert b"blob" not in (written[0][1] or b"")
-        else:
-            assert head == stored.head(after)
-            assert (written[0][1] or b"").endswith(b'"state":' + head + b"}")
+    assert [len(state.active), len(state.queue)] == [1, 11]
+    written = changelog.job_rows("report", None, state, rows.__contains__)
+    job_row = written[0][1] or b""
+    assert job_row.count(b"y" * 900) == 1  # the active run's: 1,472 of the 2,048 bytes
+    assert len(job_row) < 6_000
+    snapshot = _restored([*written, *(changelog.run_row(r) for r in rows.values() if r)])
+    assert list(_states(snapshot)) == [("report", dump_state(state))]
+
+
+@pytest.mark.parametrize(
+    ("payload", "request_bytes", "in_job_row"),
+    [
+        ({}, 60, True),
+        ({"bench": True}, 80, True),  # a small request's payload stays in the job row
+        ({"blob": "x" * 1_400}, 1_440, True),
+        ({"blob": "x" * 5_000}, 5_040, False),  # a large one is left to the run row
+        ({"bench": True}, None, False),  # a run of unknown size is taken as large
+    ],
+)
+def test_sqlite_takes_the_job_rows_state_when_it_left_out_no_payload(
+    payload: dict[str, object], request_bytes: int | None, in_job_row: bool
+) -> None:
+    """A changed state is serialized once for the changelog and SQLite when the job row
+    leaves out nothing but the windows, as it does for a run of a small request; with a
+    payload left to a run row, SQLite gets none (it stores the state whole) and the job row
+    still leaves it out. Either way a restore gives the state back with its payload."""
+    limits, config = Limits(), JobConfig(policy=Policy.QUEUE)
+    state, rows = JobState("report"), {}
+    source = Source(topic="t.requests", partition=0, offset=0)
+    size = 0 if request_bytes is None else run_size(request_bytes, None)
+    begin = Start("req-0", "report", None, payload, AT, source, size)
+    after, events = decide(state, begin, config, limits)
+    rows[events[0].run_id or ""] = new_row(events[0], 0)
+    written, _, head = changelog.StateRows(rows).of("report", state, after)
+    if in_job_row:
+        assert head == stored.head(after)
+        assert (written[0][1] or b"").endswith(b'"state":' + head + b"}")
+    else:
+        assert head is None
+        assert b'"initial_data"' not in (written[0][1] or b"")
+    snapshot = _restored([*written, *(changelog.run_row(r) for r in rows.values() if r)])
+    assert list(_states(snapshot)) == [("report", dump_state(after))]

@@ -83,25 +83,38 @@ def window_key(kind: bytes, number: int, job_type: str) -> bytes:
 
 
 _PAYLOAD = {"initial_data"}
+# Runs whose `size`s (`run_size`: a request's bytes, plus 512) add up to at most this keep
+# their payloads in the job row, in state order: rewriting a small payload with each change
+# of the state costs less than serializing the state a second time for SQLite, which stores
+# it whole, and a long queue of small requests still leaves the row small. A run of size 0
+# (from a build before sizes) is taken as large.
+INLINE_RUN_BYTES = 2_048
 
 
 def _head(state: JobState, has_row: Callable[[str], bool]) -> tuple[bytes, bool]:
     """`state`'s JSON without its windows, nor the `initial_data` of each active or queued
-    run whose run row carries it (a restore takes it from there: `PartitionSnapshot.states`);
-    and whether that left out nothing else, so it is SQLite's head row too (`stored.head`).
+    run past `INLINE_RUN_BYTES` whose run row carries it (a restore takes it from there:
+    `PartitionSnapshot.states`); and whether that left out nothing else, so it is SQLite's
+    head row too (`stored.head`).
     """
     leave_out: dict[str, Any] = {"decided": True, "ended": True}
     groups: tuple[tuple[str, tuple[Run | Queued, ...]], ...] = (
         ("active", state.active),
         ("queue", state.queue),
     )
-    whole = True  # nothing left out but the windows
+    budget = INLINE_RUN_BYTES
     for name, runs in groups:
-        if payloads := {
-            i: _PAYLOAD for i, r in enumerate(runs) if r.initial_data and has_row(r.run_id)
-        }:
+        payloads: dict[int, set[str]] = {}
+        for i, run in enumerate(runs):
+            if not run.initial_data:
+                continue
+            if 0 < run.size <= budget:
+                budget -= run.size
+            elif has_row(run.run_id):
+                payloads[i] = _PAYLOAD
+        if payloads:
             leave_out[name] = payloads
-            whole = False
+    whole = len(leave_out) == 2  # nothing left out but the windows
     return stored.STATE.serializer.to_json(state, exclude=leave_out), whole
 
 
@@ -116,8 +129,8 @@ def job_rows(
     window entry taken since, a tombstone per entry that left (`stored.window_changes`, or the
     `changes` already found).
 
-    The job row leaves out the payload of each run for which `has_row` says its run row is
-    in the changelog.
+    The job row leaves out the payload of each run past `INLINE_RUN_BYTES` for which
+    `has_row` says its run row is in the changelog.
     """
     return _job_rows(job_type, before, after, has_row, changes)[0]
 
