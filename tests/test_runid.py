@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -28,6 +29,21 @@ def test_make_run_id_converts_to_utc() -> None:
 def test_make_run_id_truncates_subseconds() -> None:
     """Milliseconds of the broker time do not appear in the run ID."""
     assert make_run_id(AT.replace(microsecond=999_999), 1, 2) == "250102-030405-1.2"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_make_run_id_stamps_every_second_as_the_calendar_does(seed: int) -> None:
+    """Stamps are formatted once per second and reused: times far apart, in one second,
+    just before a second ends, before 1970 and in other zones are stamped as
+    `strftime` stamps them in UTC, however the stamps of earlier calls were kept."""
+    rng = random.Random(seed)
+    zones = [UTC, timezone(timedelta(hours=-7)), timezone(timedelta(hours=5, minutes=30))]
+    for _ in range(2_000):
+        second = rng.choice([rng.randrange(-(10**9), 4 * 10**9), 1_700_000_000 + rng.randrange(3)])
+        micros = rng.choice([0, 999_999, rng.randrange(1_000_000)])
+        at = datetime.fromtimestamp(second, UTC) + timedelta(microseconds=micros)
+        expected = at.strftime("%y%m%d-%H%M%S")
+        assert make_run_id(at.astimezone(rng.choice(zones)), 1, 5) == f"{expected}-1.5"
 
 
 def test_make_run_id_client_suffix_is_lowercased() -> None:

@@ -9,6 +9,8 @@ is recognised so it can be resolved against known runs.
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,13 +45,17 @@ class SeedRunId:
         return client_id is not None and client_id.lower() == self.client
 
 
+@functools.lru_cache(maxsize=64)
+def _stamp(second: int) -> str:
+    """``YYMMDD-HHMMSS`` (UTC) of a Unix time in seconds: the requests of a batch share a
+    few seconds, so each stamp is formatted once, not once per start."""
+    t = datetime.fromtimestamp(second, UTC)
+    return f"{t.year % 100:02d}{t.month:02d}{t.day:02d}-{t.hour:02d}{t.minute:02d}{t.second:02d}"
+
+
 def make_run_id(at: datetime, partition: int, offset: int, client_id: str | None = None) -> str:
     """The run ID of a request recorded at broker time `at` on `partition` at `offset`."""
-    t = at.astimezone(UTC)
-    run_id = (
-        f"{t.year % 100:02d}{t.month:02d}{t.day:02d}-{t.hour:02d}{t.minute:02d}{t.second:02d}"
-        f"-{partition}.{offset}"
-    )
+    run_id = f"{_stamp(math.floor(at.timestamp()))}-{partition}.{offset}"
     if client_id is not None:
         run_id += f"-{client_id.strip().lower()}"
     return run_id
