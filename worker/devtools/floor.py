@@ -3,10 +3,11 @@
 For every input record of a partition batch, in one transaction per batch with the input
 offsets, as the worker's exactly-once loop does: validate it (pydantic: bad input must be
 dead-lettered), serialize one status event, send it and two changelog records, and write one
-run row to SQLite behind the commit. One transactional producer per partition; a partition
-is paused while its transaction is in flight and the others keep flowing; the worker's
-client settings and produce path (`worker.kafkaio.Outbox`). No worker on this stack can do
-less per record, so what the floor reaches on a machine bounds what a worker can reach there.
+run row to SQLite behind the commit (pausing after a write, as the worker's writer does).
+One transactional producer per partition; a partition is paused while its transaction is in
+flight and the others keep flowing; the worker's client settings and produce path
+(`worker.kafkaio.Outbox`). No worker on this stack can do less per record, so what the
+floor reaches on a machine bounds what a worker can reach there.
 
 `jobctl bench` runs it as `python -m worker.devtools.floor`, configured through the same
 `JOBS_*` variables as the worker and stopped with SIGTERM, so that its throughput, its CPU
@@ -34,6 +35,7 @@ from pydantic import ValidationError
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import compat
 from worker.engine.codec import InputRecord, TopicRole, dead_letter, dead_letter_key, summarize
+from worker.engine.writer import GATHER_S
 from worker.kafkaio import Outbox, connection
 from worker.settings import Settings, Topics
 
@@ -50,6 +52,7 @@ class FloorWork:
         self.written = 0
         self._rows: list[Row] = []
         self._writer: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()  # the writer stops pausing
 
     @classmethod
     async def open(cls, topics: Topics, path: Path) -> FloorWork:
@@ -107,7 +110,9 @@ class FloorWork:
         return run_id, message.job_type, status, value.decode()
 
     def committed(self, rows: list[Row]) -> None:
-        """Write the rows of a committed batch behind, one SQLite transaction at a time."""
+        """Write the rows of a committed batch behind, one SQLite transaction at a time,
+        pausing `GATHER_S` after each as the worker's writer does, so that the batches of a
+        steady trickle share one."""
         self._rows.extend(rows)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
@@ -122,9 +127,12 @@ class FloorWork:
             )
             await self.db.commit()
             self.written += len(rows)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), GATHER_S)
 
     async def close(self) -> int:
         """Finish writing; how many rows were written."""
+        self._closing.set()
         try:
             if self._writer is not None:
                 await self._writer
