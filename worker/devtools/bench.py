@@ -501,6 +501,18 @@ def start_body(job_type: str, request_id: str) -> bytes:
     ).encode()
 
 
+def result_body(job_type: str, run_id: str, n: int) -> bytes:
+    """A `COMPLETED` result's value as the bench's simulated executor sends it (`hotpath`'s
+    too), its metrics counting the `started` events seen."""
+    body = {
+        "job_type": job_type,
+        "run_id": run_id,
+        "status": "COMPLETED",
+        "final_metrics": {"n": n},
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 async def _send_starts(
     producer: AIOKafkaProducer, topics: Topics, items: Sequence[tuple[str, str]]
 ) -> None:
@@ -755,19 +767,11 @@ class _Tail:
             self.started_seen.setdefault(event["request_id"], now)
         if self.executor is not None:
             producer, results = self.executor
-            body = {
-                "job_type": event["job_type"],
-                "run_id": event["run_id"],
-                "status": "COMPLETED",
-                "final_metrics": {"n": self.types["started"]},
-            }
+            job_type = event["job_type"]
+            body = result_body(job_type, event["run_id"], self.types["started"])
             # Not awaited here: waiting for each ack would serialize the executor on the
             # broker's round trip; failures are collected and raised by `until`.
-            future = await producer.send(
-                results,
-                json.dumps(body, separators=(",", ":")).encode(),
-                key=event["job_type"].encode(),
-            )
+            future = await producer.send(results, body, key=job_type.encode())
             future.add_done_callback(self._delivered)
 
     def _check(self, worker: _Worker | None) -> None:

@@ -1,13 +1,13 @@
 """The worker's own work per transition, without a broker: `python -m worker.devtools.hotpath`.
 
 Lifecycles go through one partition's task as the live worker's batches do, in batches of a
-given size (all start requests first, as `jobctl bench` sends them, then a result for each
-run), each batch in three steps:
+given size (all start requests first, then a result for each run, as `jobctl bench` and its
+simulated executor send them), each batch in three steps:
 
 - deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
 - records: `collector.write_outcome` into aiokafka record batches, which are never sent;
 - SQLite: the batch queued on the store's write-behind and written by its thread
-  (`Store.open`, `writes.record_batch`, `flush`), as the worker's store writes it.
+  (`Store.open`, `state.queue_outcome`, `flush`), as the worker's store writes it.
 
 It prints the process's CPU time in those steps per transition (both threads) and the wall
 time of each step per transition, in µs (the input records are made outside the measure).
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -35,9 +34,10 @@ from worker import compiled, gctuning
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import Limits, merge_inputs
 from worker.core.limits import InputLimits
-from worker.devtools.bench import start_body
+from worker.devtools.bench import result_body, start_body
 from worker.engine.codec import InputRecord
 from worker.engine.collector import write_outcome
+from worker.engine.state import queue_outcome
 from worker.engine.store import Store
 from worker.engine.task import BatchOutcome, PartitionTask, Rules
 from worker.kafkaio import Outbox
@@ -84,15 +84,7 @@ class _Steps:
         decided = time.perf_counter()
         write_outcome(Outbox(self.producer), self.topics, 0, outcome)
         written = time.perf_counter()
-        self.store.writes.record_batch(
-            0,
-            outcome.runs.values(),
-            outcome.changed.items(),
-            outcome.next_offsets,
-            outcome.tombstones,
-            outcome.entries,
-            outcome.heads,
-        )
+        queue_outcome(self.store, 0, outcome, outcome.next_offsets)
         await self.store.flush()
         stored = time.perf_counter()
         self.seconds["cpu"] += time.process_time() - cpu
@@ -127,14 +119,7 @@ def _results(topics: Topics, outcome: BatchOutcome, first: int) -> list[InputRec
             first + i,
             _BROKER_MS + 1,
             event.job_type.encode(),
-            json.dumps(
-                {
-                    "job_type": event.job_type,
-                    "run_id": event.run_id,
-                    "status": "COMPLETED",
-                    "final_metrics": {"rows": 1},
-                }
-            ).encode(),
+            result_body(event.job_type, event.run_id or "", first + i + 1),
         )
         for i, event in enumerate(outcome.events)
     ]

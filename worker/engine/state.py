@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,22 @@ from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
+
+
+def queue_outcome(
+    store: Store, number: int, outcome: BatchOutcome, offsets: Mapping[str, int]
+) -> None:
+    """Queue partition `number`'s committed `outcome` on `store`'s write-behind, with the
+    `offsets` it applied (its inputs', and the changelog position it left)."""
+    store.writes.record_batch(
+        number,
+        outcome.runs.values(),
+        outcome.changed.items(),
+        offsets,
+        outcome.tombstones,
+        outcome.entries,
+        outcome.heads,
+    )
 
 
 class StateManager:
@@ -218,15 +235,7 @@ class StateManager:
         offsets = dict(outcome.next_offsets)
         if position is not None:
             offsets[self._settings.topics.state] = position
-        store.writes.record_batch(
-            number,
-            outcome.runs.values(),
-            outcome.changed.items(),
-            offsets,
-            outcome.tombstones,
-            outcome.entries,
-            outcome.heads,
-        )
+        queue_outcome(store, number, outcome, offsets)
         self._metrics.sqlite_backlog.set(store.writes.backlog)
         if store.writes.backlog > self._settings.batch_max_records:
             await store.flush()
