@@ -6,8 +6,10 @@ in production.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
@@ -115,6 +117,77 @@ async def test_an_open_transaction_is_aborted_and_a_closed_one_left_alone(
         assert producer._txn_manager.state is TransactionState.READY
         await producer.begin_transaction()  # a new one can begin: the old one is gone
         await producer.abort_transaction()
+    finally:
+        await producer.stop()
+
+
+async def _committed(settings: Settings, group: str, tp: TopicPartition) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
+    await consumer.start()
+    try:
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.kafka
+async def test_offsets_go_into_the_transaction_beside_its_records_and_commit_after_them(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`send_with_offsets` adds the group while the records are produced and sends the
+    offset commit only once they are acknowledged (here they are acknowledged after the
+    group is added, so an offset commit not held back would go first); the transaction
+    commits both. A failure
+    while producing leaves the offsets uncommitted and the transaction abortable."""
+    from aiokafka.producer import sender
+
+    compat.install()
+    order: list[str] = []
+    sending_offsets = sender.TxnOffsetCommitHandler.create_request
+
+    def offset_commit(handler: object) -> object:
+        order.append("offset commit")
+        return sending_offsets(handler)
+
+    monkeypatch.setattr(sender.TxnOffsetCommitHandler, "create_request", offset_commit)
+    group_added = asyncio.Event()
+    adding_group = sender.AddOffsetsToTxnHandler.handle_response
+
+    def added(handler: object, response: object) -> object:
+        group_added.set()
+        return adding_group(handler, response)
+
+    monkeypatch.setattr(sender.AddOffsetsToTxnHandler, "handle_response", added)
+    group, tp = f"{topics.topic_prefix}.g", TopicPartition(topics.topics.requests, 0)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=topics.bootstrap_servers, transactional_id=f"{topics.topic_prefix}.t"
+    )
+
+    async def produce(value: bytes, fail: bool = False) -> int:
+        # Slower than the group's adding, so an offset commit not held back goes first.
+        await asyncio.wait_for(group_added.wait(), 30)
+        group_added.clear()
+        delivered = await (await producer.send(topics.topics.dlq, value, partition=0))
+        order.append(f"acknowledged {value.decode()}")
+        if fail:
+            raise RuntimeError("the batch failed")
+        return delivered.offset
+
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        sent = await compat.send_with_offsets(producer, produce(b"one"), {tp: 7}, group)
+        await producer.commit_transaction()
+        assert sent == 0
+        assert order == ["acknowledged one", "offset commit"]
+        assert await _committed(topics, group, tp) == 7
+
+        await producer.begin_transaction()
+        with pytest.raises(RuntimeError, match="the batch failed"):
+            await compat.send_with_offsets(producer, produce(b"two", fail=True), {tp: 9}, group)
+        await compat.abort_if_open(producer)
+        assert producer._txn_manager.state is TransactionState.READY
+        assert await _committed(topics, group, tp) == 7  # the aborted offsets did not count
     finally:
         await producer.stop()
 

@@ -24,12 +24,13 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
 2. Baseline: the same input records (copied byte for byte, same keys and partitions, from
    an exactly-once round) through a raw aiokafka consume-transform-produce loop with the
    worker's transaction sizing: one transactional producer per partition, one transaction per
-   partition batch with `send_offsets_to_transaction`, partitions processed concurrently and
-   paused while their transaction is in flight; and with the worker's client settings (fetch
-   wait, linger, batch size) and produce path (`worker.kafkaio.Outbox`), so that it is the
-   fastest pass-through this client gives, not a strawman. Timed the same way, first to last output
-   record seen. The ratio worker ÷ baseline says what the orchestrator's own work costs on
-   top of the Kafka transactions it cannot avoid (one input record yields one transition).
+   partition batch with its offsets (`compat.send_with_offsets`), partitions processed
+   concurrently and paused while their transaction is in flight; and with the worker's
+   client settings (fetch wait, linger, batch size) and produce path
+   (`worker.kafkaio.Outbox`), so that it is the fastest pass-through this client gives, not
+   a strawman. Timed the same way, first to last output record seen. The ratio worker ÷
+   baseline says what the orchestrator's own work costs on top of the Kafka transactions it
+   cannot avoid (one input record yields one transition).
    The contract floor (`worker.devtools.floor`) is the same loop doing the least the
    worker's contract asks of each record, without deciding anything: validate it (pydantic,
    as the worker must to dead-letter bad input), serialize one status event, send three

@@ -188,6 +188,7 @@ class PassThrough:
 
     async def start(self) -> None:
         """Connect the producers, subscribe to the input topics."""
+        compat.install()  # the worker's transactions: `send_with_offsets` needs it
         await asyncio.gather(*(p.start() for p in self.producers.values()))
         topics = [self.topics.requests, self.topics.results]
         if self.listener is None:
@@ -224,12 +225,11 @@ class PassThrough:
                     out.add(self.topics.status, n, r.key, r.value)
                 elif (row := work.add(out, n, r)) is not None:
                     rows.append(row)
-            await out.flush()
             offsets: dict[TopicPartition, int] = {}
             for r in records:
                 tp = TopicPartition(r.topic, n)
                 offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
-            await producer.send_offsets_to_transaction(offsets, self.group)
+            await compat.send_with_offsets(producer, out.flush(), offsets, self.group)
             await producer.commit_transaction()
         except BaseException:
             with contextlib.suppress(Exception):

@@ -127,11 +127,15 @@ class ExactlyOnce:
         try:
             out = Outbox(producer)
             write_outcome(out, self._settings.topics, number, outcome)
-            ends = await out.flush()
             if outcome.next_offsets:
-                await producer.send_offsets_to_transaction(
-                    _offsets(number, outcome.next_offsets), self._settings.group_id
+                ends = await compat.send_with_offsets(
+                    producer,
+                    out.flush(),
+                    _offsets(number, outcome.next_offsets),
+                    self._settings.group_id,
                 )
+            else:
+                ends = await out.flush()
             self._hooks.point("in_transaction")
             self._hooks.point("stop_in_transaction")
             await producer.commit_transaction()
