@@ -194,8 +194,10 @@ async def send_with_offsets(
     offset commit, and a second check of one producer's transaction that arrives while the
     first is in flight supersedes it; the superseded request fails as retriable (the
     produce with NOT_ENOUGH_REPLICAS, the offset commit with COORDINATOR_NOT_AVAILABLE) and
-    aiokafka asks again after its 100 ms backoff. Needs `install()`.
+    aiokafka asks again after its 100 ms backoff.
     """
+    if TransactionManager.offsets_to_commit is not _offsets_to_commit_after_records:
+        install()  # what holds the offset commit back
     txn = producer._txn_manager
     setattr(txn, _RECORDS_IN_FLIGHT, True)
     adding = asyncio.ensure_future(producer.send_offsets_to_transaction(offsets, group_id))

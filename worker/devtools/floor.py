@@ -188,7 +188,6 @@ class PassThrough:
 
     async def start(self) -> None:
         """Connect the producers, subscribe to the input topics."""
-        compat.install()  # the worker's transactions: `send_with_offsets` needs it
         await asyncio.gather(*(p.start() for p in self.producers.values()))
         topics = [self.topics.requests, self.topics.results]
         if self.listener is None:
