@@ -137,11 +137,10 @@ async def test_offsets_go_into_the_transaction_beside_its_records_and_commit_aft
     """`send_with_offsets` adds the group while the records are produced and sends the
     offset commit only once they are acknowledged (here they are acknowledged after the
     group is added, so an offset commit not held back would go first); the transaction
-    commits both. A failure
-    while producing leaves the offsets uncommitted and the transaction abortable."""
+    commits both. A failure while producing leaves the offsets uncommitted and the
+    transaction abortable."""
     from aiokafka.producer import sender
 
-    compat.install()
     order: list[str] = []
     sending_offsets = sender.TxnOffsetCommitHandler.create_request
 

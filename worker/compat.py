@@ -196,8 +196,8 @@ async def send_with_offsets(
     produce with NOT_ENOUGH_REPLICAS, the offset commit with COORDINATOR_NOT_AVAILABLE) and
     aiokafka asks again after its 100 ms backoff.
     """
-    if TransactionManager.offsets_to_commit is not _offsets_to_commit_after_records:
-        install()  # what holds the offset commit back
+    # The hold itself (`install` sets it too, with the rest of what it installs).
+    TransactionManager.offsets_to_commit = _offsets_to_commit_after_records
     txn = producer._txn_manager
     setattr(txn, _RECORDS_IN_FLIGHT, True)
     adding = asyncio.ensure_future(producer.send_offsets_to_transaction(offsets, group_id))
