@@ -7,7 +7,7 @@ import re
 import sqlite3
 import threading
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,32 @@ async def test_queued_batches_are_merged_and_written_with_their_offsets(tmp_path
         assert rows == {"r1": RunStatus.COMPLETED, "r2": RunStatus.RUNNING}
         assert await store.applied_offsets(0) == {"jobs.requests": 9}
         assert [n async for n in store.job_types(0)] == [["report"]]
+    finally:
+        await store.close()
+
+
+async def test_run_history_is_filtered_by_start_time_and_limited_newest_first(
+    tmp_path: Path,
+) -> None:
+    """`jobctl runs --since ... --limit ...`: the newest runs started at or after the time,
+    whatever time zone it is given in, the exact start included."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        rows = [
+            replace(run(f"r{i}", RunStatus.COMPLETED), started_at=AT + timedelta(minutes=i))
+            for i in range(6)
+        ]
+        rows[3] = replace(rows[3], started_at=rows[3].started_at.replace(microsecond=250_000))
+        store.writes.record_batch(0, rows, [], {})
+        await store.flush()
+        since = AT + timedelta(minutes=2)
+        assert [r.run_id for r in await store.runs(since=since)] == ["r5", "r4", "r3", "r2"]
+        assert [r.run_id for r in await store.runs(since=since, limit=2)] == ["r5", "r4"]
+        east = timezone(timedelta(hours=5))
+        later = (AT + timedelta(minutes=3, seconds=0.1)).astimezone(east)
+        assert [r.run_id for r in await store.runs(since=later)] == ["r5", "r4", "r3"]
+        assert await store.runs(since=AT + timedelta(hours=1)) == []
+        assert [r.run_id for r in await store.runs(limit=1)] == ["r5"]
     finally:
         await store.close()
 

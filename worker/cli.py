@@ -767,12 +767,11 @@ def runs(
     async def load() -> list[Any]:
         store = await Store.open(s.db_path)
         try:
-            rows = await store.runs(job_type=job_type, client_id=client_id, status=wanted)
+            return await store.runs(
+                job_type=job_type, client_id=client_id, status=wanted, since=since, limit=limit
+            )
         finally:
             await store.close()
-        if since is not None:
-            rows = [r for r in rows if r.started_at >= since]
-        return rows[:limit]
 
     rows = _run(load())
     if as_json:

@@ -14,7 +14,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -312,14 +312,21 @@ class Store:
         job_type: str | None = None,
         client_id: str | None = None,
         status: RunStatus | None = None,
+        since: datetime | None = None,
         limit: int | None = None,
     ) -> list[RunRow]:
-        """Run history, newest first, optionally filtered."""
+        """Run history, newest first, optionally filtered; `since` keeps the runs started
+        at or after it (an aware time). SQLite filters and limits, so a long history is not
+        read whole for the last few runs."""
         clauses, params = [], []
         for column, value in (("job_type", job_type), ("client_id", client_id), ("status", status)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(str(value))
+        if since is not None:
+            # Start times are stored as UTC ISO strings, which sort as text.
+            clauses.append("started_at >= ?")
+            params.append(since.astimezone(UTC).isoformat())
         sql = f"SELECT {COLUMNS} FROM runs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
