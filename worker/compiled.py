@@ -9,7 +9,8 @@ each other directly, so one stale module sends all of them back to source.
 
 Compiled, a module runs the same code as its source (mypyc checks its type annotations at
 run time besides: a value that contradicts one raises `TypeError`, a batch failure like any
-other); the worker spends 12-15% less CPU per transition (README, "Compiled hot modules").
+other); the worker spends 12-15% less CPU per transition (docs/performance.md, "Compiled
+hot modules").
 `state()` says which is in use; the worker logs it at start and `jobctl bench` records it.
 """
 
