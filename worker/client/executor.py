@@ -9,7 +9,7 @@
 
     await executor.run(stop_event)
 
-What is guaranteed (the README's "Executors" section says the same):
+What is guaranteed (the README's "What an executor guarantees" says the same):
 
 - **Work at least once, one outcome per run.** A `started` event's offset is committed only
   after the run's outcome is delivered, so a run whose executor dies (SIGKILL, a crash, a
