@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from typer.testing import CliRunner
 
-from schemas import EventType, RunStatus
+from schemas import EventType, RunStatus, StatusEvent
 from tests.conftest import RunningWorker
 from worker.audit.replay import replay
 from worker.cli import app
@@ -149,6 +151,50 @@ async def test_executor_completes_fails_cancels_and_reports_progress(
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_tail_that_keeps_nothing_hands_every_event_over_and_holds_none(
+    topics: Settings, producer: AIOKafkaProducer
+) -> None:
+    """`jobctl watch`'s tail: every event reaches `on_item`, in order, and none is kept, so
+    a watch left running (or reading a long history) does not grow; one that keeps (the
+    default) holds them all."""
+    at = datetime(2026, 12, 4, tzinfo=UTC)
+    count = 300
+    for n in range(count):
+        event = StatusEvent(
+            event_id=f"e{n}",
+            type=EventType.STARTED,
+            status=RunStatus.RUNNING,
+            request_id=f"req-{n}",
+            job_type="report",
+            run_id=f"261204-000000-0.{n}",
+            started_at=at,
+            occurred_at=at,
+        )
+        await producer.send(topics.topics.status, event.model_dump_json().encode(), partition=0)
+    await producer.send_and_wait(topics.topics.status, b"\xff not json", partition=0)
+    seen: list[str] = []
+    all_seen = asyncio.Event()
+
+    def take(item: Any) -> None:
+        seen.append(item.event_id)
+        if len(seen) == count:
+            all_seen.set()
+
+    with pytest.raises(ValueError, match="needs on_item"):
+        StatusTail(topics.bootstrap_servers, topics.topics, keep=False)
+    async with StatusTail(
+        topics.bootstrap_servers, topics.topics, on_item=take, keep=False
+    ) as following:
+        await asyncio.wait_for(all_seen.wait(), 30)
+        assert seen == [f"e{n}" for n in range(count)]
+        assert following.items == []
+        with pytest.raises(RuntimeError, match="keeps no items"):
+            await following.wait_for(lambda item: True, timeout=1)
+    async with StatusTail(topics.bootstrap_servers, topics.topics) as keeping:
+        await keeping.wait_event(event_id=f"e{count - 1}")
+        assert len(keeping.items) == count
 
 
 async def _cli(*args: str) -> Any:

@@ -853,7 +853,12 @@ def watch(
             done.set()
 
     async def follow() -> None:
-        async with StatusTail(connection(s), s.topics, from_beginning=from_beginning, on_item=show):
+        # Each event is printed and let go: a watch left running, or replaying a long
+        # history, holds no more than a fetch.
+        tail = StatusTail(
+            connection(s), s.topics, from_beginning=from_beginning, on_item=show, keep=False
+        )
+        async with tail:
             await done.wait()
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -21,7 +21,12 @@ Item = StatusEvent | DeadLetter
 
 
 class StatusTail:
-    """Collects every committed status event and dead letter, in arrival order."""
+    """Collects every committed status event and dead letter, in arrival order (`items`).
+
+    With `keep=False` each one goes to `on_item` and nothing is kept: a follower that runs
+    for days, or reads a long history from its beginning (`jobctl watch`), holds no more
+    than one fetch's worth; `wait_for` is then refused.
+    """
 
     def __init__(
         self,
@@ -31,7 +36,10 @@ class StatusTail:
         from_beginning: bool = True,
         dead_letters: bool = True,
         on_item: Callable[[Item], None] | None = None,
+        keep: bool = True,
     ) -> None:
+        if not keep and on_item is None:
+            raise ValueError("a tail that keeps nothing needs on_item")
         self._topics = topics
         # A reader's principal may read status only: without dead letters, only status.
         self._read_topics = (topics.status, topics.dlq) if dead_letters else (topics.status,)
@@ -43,6 +51,7 @@ class StatusTail:
         )
         self._from_beginning = from_beginning
         self._on_item = on_item
+        self._keep = keep
         self.items: list[Item] = []
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -90,16 +99,18 @@ class StatusTail:
                         fresh.append(model.model_validate_json(record.value))
                     except ValidationError as exc:
                         log.warning("unreadable record", topic=tp.topic, error=str(exc))
-            if fresh:
+            if fresh and self._keep:
                 async with self._changed:
                     self.items.extend(fresh)
                     self._changed.notify_all()
-                if self._on_item is not None:
-                    for item in fresh:
-                        self._on_item(item)
+            if self._on_item is not None:
+                for item in fresh:
+                    self._on_item(item)
 
     async def wait_for(self, predicate: Callable[[Item], bool], timeout: float = 30.0) -> Item:
         """The first item (seen or to come) matching `predicate`; TimeoutError after `timeout`."""
+        if not self._keep:
+            raise RuntimeError("this tail keeps no items (keep=False): follow them with on_item")
 
         def find() -> Item | None:
             return next((i for i in self.items if predicate(i)), None)
