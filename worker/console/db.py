@@ -66,6 +66,9 @@ CREATE INDEX IF NOT EXISTS console_runs_by_type_client
     ON runs (job_type, client_id, started_at, run_id);
 CREATE INDEX IF NOT EXISTS console_runs_by_client_status
     ON runs (client_id, status, started_at, run_id);
+-- all three filters: a pair's index would walk every run of the pair to find the third
+CREATE INDEX IF NOT EXISTS console_runs_by_type_client_status
+    ON runs (job_type, client_id, status, started_at, run_id);
 CREATE INDEX IF NOT EXISTS console_runs_durations ON runs (job_type, {DURATION})
     WHERE ended_at IS NOT NULL;
 """
