@@ -29,6 +29,7 @@ from yarl import URL
 from schemas import EventType, RunStatus, StatusEvent
 from tests.conftest import RunningWorker, publish_status
 from worker.client import JobClient
+from worker.console import api as console_api
 from worker.console.api import STATIC
 from worker.console.command import serve
 from worker.console.db import ConsoleDb
@@ -570,6 +571,51 @@ async def test_the_event_stream_delivers_new_events(
         all_frames = await read_frames(everything, lambda f: len(f) >= 3)
         assert {f["data"]["job_type"] for f in all_frames} == {"ignored", "watched"}
         assert [f["id"] for f in all_frames] == sorted(f["id"] for f in all_frames)
+
+
+async def read_block(response: aiohttp.ClientResponse) -> dict[str, str]:
+    """The next SSE block's fields (a comment as ":"), up to its blank line."""
+    block: dict[str, str] = {}
+    async with asyncio.timeout(DEADLINE_S):
+        while line := (await response.content.readline()).decode().rstrip("\n"):
+            name, _, value = line.partition(":")
+            block[name or ":"] = value.strip()
+    return block
+
+
+async def test_a_filtered_stream_moves_its_id_past_what_it_leaves_out(
+    worker: RunningWorker, topics: Settings, api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect resumes from what a filtered stream has read past, not from its last
+    match: the replay and the keep-alives send an ID without data, and only then."""
+    monkeypatch.setattr(console_api, "_KEEPALIVE_S", 0.2)
+    async with JobClient(topics) as client:
+        await client.start_job("watched")
+        stream = await open_stream(api, job_type="watched")
+        try:
+            await client.start_job("other")
+            everything = await api.session.get(api.base + "/api/events", params={"after": "0"})
+            frames = await read_frames(everything, lambda f: len(f) >= 2)
+            everything.close()
+            ids = {f["data"]["job_type"]: f["id"] for f in frames}
+            async with asyncio.timeout(DEADLINE_S):  # keep-alives come every 0.2 s
+                while (block := await read_block(stream)).get("id") != str(ids["other"]):
+                    if "data" in block:  # the watched start, if folded after the stream opened
+                        assert json.loads(block["data"])["job_type"] == "watched", block
+        finally:
+            stream.close()
+    # Resuming from the watched start: the replay reads past "other" and says so.
+    async with api.session.get(
+        api.base + "/api/events",
+        params={"job_type": "watched"},
+        headers={"Last-Event-ID": str(ids["watched"])},
+    ) as resumed:
+        await resumed.content.readline()  # ": following ..."
+        await resumed.content.readline()  # "retry: ..."
+        await resumed.content.readline()
+        assert await read_block(resumed) == {"id": str(ids["other"])}
+        # Nothing new since: the keep-alives say no more.
+        assert await read_block(resumed) == {":": "keep-alive"}
 
 
 def test_a_slow_stream_overflows_and_ends() -> None:

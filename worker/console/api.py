@@ -198,13 +198,24 @@ async def events(request: web.Request) -> web.StreamResponse:
         hub.unsubscribe(subscription)
 
 
+def _passed(seq: int) -> bytes:
+    # An ID without data moves the client's Last-Event-ID without an event: a filtered
+    # stream that reconnects resumes from what it has read past, not from its last match.
+    return f"id: {seq}\n\n".encode()
+
+
 async def _replay(queries: Queries, response: web.StreamResponse, f: RunFilter, after: int) -> int:
-    """Send the stored events after `after` that pass `f`; the last stream ID sent past."""
+    """Send the stored events after `after` that pass `f`; the last stream ID read past,
+    which the client is told."""
+    told = after
     async for rows in queries.events_after(after):
         for seq, _, _, job_type, status, client, occurred_at, body in rows:
             if f.matches(job_type, status, client, occurred_at):
                 await response.write(_frame(seq, body))
+                told = seq
         after = rows[-1][0]
+    if after > told:
+        await response.write(_passed(after))
     return after
 
 
@@ -215,7 +226,12 @@ async def _stream(
         try:
             item: Folded | None = await asyncio.wait_for(subscription.queue.get(), _KEEPALIVE_S)
         except TimeoutError:
-            await response.write(b": keep-alive\n\n")
+            offered = subscription.offered  # the queue is empty: all of it up to here sent
+            if offered > (after or 0):
+                after = offered
+                await response.write(b": keep-alive\n" + _passed(offered))
+            else:
+                await response.write(b": keep-alive\n\n")
             continue
         if item is None:
             if subscription.overflowed:
@@ -224,6 +240,7 @@ async def _stream(
         if after is not None and item.seq <= after:
             continue  # sent by the replay
         await response.write(_frame(item.seq, item.body))
+        after = item.seq
 
 
 def make_app(

@@ -46,12 +46,16 @@ class Subscription:
         self.queue: asyncio.Queue[Folded | None] = asyncio.Queue(_QUEUE_DEPTH + 1)
         self.overflowed = False
         self.ended = False
+        # The stream ID of the last event offered, passed or not: once the queue is empty,
+        # the stream has sent everything of its filter up to it.
+        self.offered = 0
 
     def offer(self, items: Iterable[Folded]) -> None:
         """Queue those of `items` that pass the filter."""
         if self.ended:
             return
         for item in items:
+            self.offered = item.seq
             e = item.event
             if not self.filter.matches(e.job_type, e.status, e.client_id, item.occurred_at):
                 continue

@@ -285,8 +285,10 @@ def _paths() -> dict[str, Any]:
         "/api/events": _get(
             "Status events as the console folds them, as Server-Sent Events: `id` is the "
             "event's ID (send it back as `Last-Event-ID`, or `after`, to resume), `data` the "
-            "status event's JSON as published. A stream that falls 10,000 events behind gets "
-            "an `overflow` event and is closed; reconnecting resumes it.",
+            "status event's JSON as published. A filtered stream also sends an `id` without "
+            "data when it has read past events its filters leave out, so that a reconnect "
+            "resumes from there. A stream that falls 10,000 events behind gets an `overflow` "
+            "event and is closed; reconnecting resumes it.",
             _refs("job_type", "status", "client_id", "since", "until", "after"),
             {"description": "An event stream", "content": {"text/event-stream": {}}},
         ),
