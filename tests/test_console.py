@@ -539,6 +539,15 @@ async def open_stream(api: Api, **query: Any) -> aiohttp.ClientResponse:
     return response
 
 
+def resume(api: Api, job_type: str, last_id: int) -> Any:
+    """A stream of `job_type`'s events resumed after `last_id` (as a browser reconnects)."""
+    return api.session.get(
+        api.base + "/api/events",
+        params={"job_type": job_type},
+        headers={"Last-Event-ID": str(last_id)},
+    )
+
+
 async def test_the_event_stream_delivers_new_events(
     worker: RunningWorker, topics: Settings, api: Api
 ) -> None:
@@ -560,11 +569,7 @@ async def test_the_event_stream_delivers_new_events(
     finally:
         stream.close()
     # Resuming after the started event replays the completion, filters still applied.
-    async with api.session.get(
-        api.base + "/api/events",
-        params={"job_type": "watched"},
-        headers={"Last-Event-ID": str(first["id"])},
-    ) as resumed:
+    async with resume(api, "watched", first["id"]) as resumed:
         (replayed,) = await read_frames(resumed, lambda f: len(f) >= 1)
         assert (replayed["id"], replayed["data"]["type"]) == (done["id"], "completed")
     async with api.session.get(api.base + "/api/events", params={"after": "0"}) as everything:
@@ -605,11 +610,7 @@ async def test_a_filtered_stream_moves_its_id_past_what_it_leaves_out(
         finally:
             stream.close()
     # Resuming from the watched start: the replay reads past "other" and says so.
-    async with api.session.get(
-        api.base + "/api/events",
-        params={"job_type": "watched"},
-        headers={"Last-Event-ID": str(ids["watched"])},
-    ) as resumed:
+    async with resume(api, "watched", ids["watched"]) as resumed:
         await resumed.content.readline()  # ": following ..."
         await resumed.content.readline()  # "retry: ..."
         await resumed.content.readline()
