@@ -122,12 +122,10 @@ async def test_an_open_transaction_is_aborted_and_a_closed_one_left_alone(
 
 
 async def _committed(settings: Settings, group: str, tp: TopicPartition) -> int | None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=group)
-    await consumer.start()
-    try:
+    async with AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=group
+    ) as consumer:
         return await consumer.committed(tp)
-    finally:
-        await consumer.stop()
 
 
 @pytest.mark.kafka
