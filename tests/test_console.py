@@ -35,7 +35,7 @@ from worker.console.command import serve
 from worker.console.db import ConsoleDb
 from worker.console.follow import _QUEUE_DEPTH, Subscription
 from worker.console.params import RunFilter, cursor, stored_time
-from worker.console.queries import Queries
+from worker.console.queries import _COUNTS, _NEXT_TYPE, Queries
 from worker.console.service import Console
 from worker.kafkaio import connection
 from worker.settings import Settings
@@ -347,8 +347,15 @@ async def test_a_run_and_the_job_type_summary(history: list[StatusEvent], api: A
         assert (
             entry["last_run"]["run_id"] == expected(history, lambda e, n=name: e.job_type == n)[0]
         )
-    one = (await api.ok("/api/job-types", job_type="mail"))["job_types"]
-    assert one == [summary["mail"]]
+    one = await api.ok("/api/job-types", job_type="mail")
+    assert one == {"job_types": [summary["mail"]], "next": None}
+
+    # a page at a time, by name: the next page starts after the last name of the one before
+    assert (await api.ok("/api/job-types"))["next"] is None
+    first = await api.ok("/api/job-types", limit="2")
+    assert first["job_types"] == [summary["etl"], summary["mail"]]
+    rest = await api.ok("/api/job-types", limit="2", cursor=first["next"])
+    assert rest == {"job_types": [summary["report"]], "next": None}
 
 
 async def test_an_unknown_run_is_404(console: Console, api: Api) -> None:
@@ -381,8 +388,15 @@ BAD: list[tuple[str, str, str]] = [
     ("/api/runs", "job_type=a&job_type=b", "job_type"),
     ("/api/runs", "jobtype=etl", "jobtype"),
     ("/api/runs/running", "status=FAILED", "status"),
-    ("/api/job-types", "limit=5", "limit"),
+    ("/api/job-types", "limit=0", "limit"),
+    ("/api/job-types", "types=5", "types"),
     ("/api/job-types", "job_type=%FF", "job_type"),
+    ("/api/job-types", "cursor=garbage!", "cursor"),
+    ("/api/job-types", "cursor=WyJhIiwiYiJd", "cursor"),  # ["a","b"]: a run page's cursor
+    ("/api/job-types", "cursor=WzFd", "cursor"),  # [1]
+    ("/api/job-types/durations", "types=501", "types"),
+    ("/api/job-types/durations", "types=" + "9" * 400, "types"),
+    ("/api/runs", "cursor=WyJhIl0", "cursor"),  # ["a"]: a job types page's cursor
     ("/api/events", "after=soon", "after"),
     ("/api/events", "status=bogus", "status"),
     ("/openapi.json", "x=1", "x"),
@@ -763,7 +777,7 @@ async def measure(path: Path, rounds: int = 20) -> dict[str, float]:
                 timings[f"{name}: {label}"] = sorted(samples)[rounds // 2]
         started = time.perf_counter()
         await queries.job_types()
-        timings["job-type summary"] = (time.perf_counter() - started) * 1000
+        timings["job-type summary, first page"] = (time.perf_counter() - started) * 1000
     finally:
         await queries.close()
     return timings
@@ -816,6 +830,14 @@ async def test_every_filter_is_served_by_an_index(tmp_path: Path) -> None:
                 assert all(f"{column}=?" in plan for column in given), (f, plan)
     finally:
         await queries.close()
+    # the job types' pages: a seek for each name, counts from an index of the job type's runs
+    with sqlite3.connect(path) as db:
+        for sql in (_NEXT_TYPE, _COUNTS):
+            plan = " ".join(r[3] for r in db.execute(f"EXPLAIN QUERY PLAN {sql}", ["etl"]))
+            assert "COVERING INDEX" in plan, (sql, plan)
+            assert "job_type" in plan, (sql, plan)
+            assert "SCAN" not in plan, (sql, plan)
+            assert "TEMP B-TREE" not in plan, (sql, plan)
     print({k: f"{v:.2f} ms" for k, v in (await measure(path)).items()})
 
 

@@ -79,6 +79,14 @@ async def test_durations_per_job_type(
     ]
     assert len(last3["job_types"]) == 1
     assert (await api.ok("/api/job-types/durations", job_type="nope"))["job_types"] == []
+    assert body["next"] is None
+    # a page of two job types at a time, then the rest
+    first = await api.ok("/api/job-types/durations", types="2", limit="3")
+    assert [e["job_type"] for e in first["job_types"]] == ["etl", "mail"]
+    rest = await api.ok("/api/job-types/durations", types="2", limit="3", cursor=first["next"])
+    assert [e["job_type"] for e in rest["job_types"]] == ["report"]
+    assert rest["next"] is None
+    assert [len(e["runs"]) for e in first["job_types"] + rest["job_types"]] == [3, 3, 3]
     for query, parameter in (("limit=0", "limit"), ("status=FAILED", "status")):
         status, answer = await api.raw(f"/api/job-types/durations?{query}")
         assert status == 400

@@ -312,6 +312,7 @@ async def test_cancel_from_the_page(
 # -- filters, pages, a failed run's metrics ------------------------------------------------------
 
 PAGE_SIZE = 25  # console.js: runs a page of the recent runs shows
+TYPES_PAGE_SIZE = 25  # console.js: job types a page of the summary shows
 HISTORY = 60  # runs: more than two pages
 
 
@@ -424,6 +425,56 @@ async def test_older_runs_are_a_page_at_a_time(
     assert asked, "the page asked for no runs"
     assert all(query.get("limit") == str(PAGE_SIZE) for query in asked), asked
     assert sum(1 for query in asked if "cursor" in query) >= 3, asked  # pages 2, 3, 2
+    assert watched.errors == []
+
+
+async def test_job_types_are_a_page_at_a_time(
+    topics: Settings, console: Console, session: aiohttp.ClientSession, open_page: OpenPage
+) -> None:
+    """More job types than a page: the summary shows the first page by name, each with its
+    chart; "next" shows the rest, "previous" goes back; every load asks for one page of the
+    summary and of the charts, never every job type."""
+    names = [f"type-{n:02d}" for n in range(TYPES_PAGE_SIZE + 5)]
+    runs = [
+        [e.model_copy(update={"job_type": name}) for e in lifecycle(n)]
+        for n, name in enumerate(names)
+    ]
+    events = [e for run in runs for e in run]
+    await publish(topics, events)
+    await folded(Api(session, console.url), len(events))
+
+    watched = await open_page(console)
+    page = watched.page
+    shown = page.locator("#types tbody tr td:first-child")
+    previous, following = page.locator("#types-previous"), page.locator("#types-next")
+    numbers = page.locator("#types-page-number")
+    await expect(shown).to_have_text(names[:TYPES_PAGE_SIZE])
+    await expect(numbers).to_have_text(f"job types 1-{TYPES_PAGE_SIZE}")
+    await expect(previous).to_be_disabled()
+
+    await following.click()
+    await expect(shown).to_have_text(names[TYPES_PAGE_SIZE:])
+    await expect(numbers).to_have_text(f"job types {TYPES_PAGE_SIZE + 1}-{len(names)}")
+    await expect(following).to_be_disabled()
+    for name, run in zip(names[TYPES_PAGE_SIZE:], runs[TYPES_PAGE_SIZE:], strict=True):
+        row = page.locator(f"#types tbody tr[data-job-type='{name}']")
+        await expect(row.locator("svg.durations rect.bar")).to_have_count(len(run) - 1)
+
+    await previous.click()
+    await expect(shown).to_have_text(names[:TYPES_PAGE_SIZE])
+    await expect(previous).to_be_disabled()
+    await expect(following).to_be_enabled()
+
+    asked = [
+        (url.path, dict(parse_qsl(url.query)))
+        for url in map(urlsplit, watched.requested)
+        if url.path.startswith("/api/job-types")
+    ]
+    assert asked, "the page asked for no job types"
+    for path, query in asked:
+        size = query.get("limit" if path == "/api/job-types" else "types")
+        assert size == str(TYPES_PAGE_SIZE), (path, query)
+    assert sum(1 for _, query in asked if "cursor" in query) >= 2, asked  # page 2, both calls
     assert watched.errors == []
 
 

@@ -118,18 +118,29 @@ async def cancel_run(request: web.Request) -> web.Response:
 
 
 async def durations(request: web.Request) -> web.Response:
-    """GET /api/job-types/durations: each job type's last ended runs and their durations."""
-    query = _query(request, ("job_type", "limit"))
+    """GET /api/job-types/durations: a page of job types, each with its last ended runs and
+    their durations."""
+    query = _query(request, ("job_type", "limit", "types", "cursor"))
     job_type = params.job_type(query["job_type"]) if "job_type" in query else None
-    found = await request.app[QUERIES].durations(job_type, params.limit(query.get("limit")))
-    return web.json_response({"job_types": found})
+    found, following = await request.app[QUERIES].durations(
+        job_type,
+        params.limit(query.get("limit")),
+        params.limit(query.get("types"), "types"),
+        params.type_cursor(query["cursor"]) if "cursor" in query else None,
+    )
+    return web.json_response({"job_types": found, "next": following})
 
 
 async def job_types(request: web.Request) -> web.Response:
-    """GET /api/job-types: a summary of each job type's runs."""
-    query = _query(request, ("job_type",))
+    """GET /api/job-types: a page of job types, each with a summary of its runs."""
+    query = _query(request, ("job_type", "limit", "cursor"))
     job_type = params.job_type(query["job_type"]) if "job_type" in query else None
-    return web.json_response({"job_types": await request.app[QUERIES].job_types(job_type)})
+    found, following = await request.app[QUERIES].job_types(
+        job_type,
+        params.limit(query.get("limit")),
+        params.type_cursor(query["cursor"]) if "cursor" in query else None,
+    )
+    return web.json_response({"job_types": found, "next": following})
 
 
 async def status(request: web.Request) -> web.Response:

@@ -23,6 +23,8 @@ def _param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 
 
 _TIME = {"type": "string", "format": "date-time"}
+_NEXT = {"type": ["string", "null"], "description": "The next page's `cursor`; null on the last."}
+_SIZE = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}
 _RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PARAMETERS: dict[str, dict[str, Any]] = {
     "job_type": _param("job_type", "Only this job type.", {"type": "string", "maxLength": 200}),
@@ -40,12 +42,14 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
         _TIME,
     ),
     "until": _param("until", "Runs started (events occurred) before this time.", _TIME),
-    "limit": _param(
-        "limit",
-        f"Runs a page (default {DEFAULT_LIMIT}).",
-        {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
-    ),
+    "limit": _param("limit", f"Runs a page (default {DEFAULT_LIMIT}).", _SIZE),
     "cursor": _param("cursor", "The `next` of the previous page.", {"type": "string"}),
+    "types_limit": _param("limit", f"Job types a page (default {DEFAULT_LIMIT}).", _SIZE),
+    "types": _param("types", f"Job types a page (default {DEFAULT_LIMIT}).", _SIZE),
+    "chart_runs": _param("limit", f"Ended runs of each job type (default {DEFAULT_LIMIT}).", _SIZE),
+    "types_cursor": _param(
+        "cursor", "The `next` of the previous page of job types.", {"type": "string"}
+    ),
     "after": _param(
         "after",
         "Replay the stored events after this event ID first (as the `Last-Event-ID` header).",
@@ -97,7 +101,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}},
-            "next": {"type": ["string", "null"], "description": "The next page's cursor."},
+            "next": _NEXT,
         },
     },
     "Event": {
@@ -148,7 +152,8 @@ _SCHEMAS: dict[str, Any] = {
                         "last_run": _NULLABLE_OBJ,
                     },
                 },
-            }
+            },
+            "next": _NEXT,
         },
     },
     "Status": {
@@ -190,7 +195,8 @@ _SCHEMAS: dict[str, Any] = {
                         },
                     },
                 },
-            }
+            },
+            "next": _NEXT,
         },
     },
     "CancelRequest": {
@@ -271,16 +277,16 @@ def _paths() -> dict[str, Any]:
         ),
         "/api/runs/{run_id}": one_run,
         "/api/job-types": _get(
-            "Per job type: runs, failures, time-outs, median and p95 duration (nearest rank "
-            "over ended runs), the last run.",
-            _refs("job_type"),
-            _json("JobTypes", "One entry per job type, by name."),
+            "A page of job types, by name: each one's runs, failures, time-outs, median and "
+            "p95 duration (nearest rank over ended runs), the last run.",
+            _refs("job_type", "types_limit", "types_cursor"),
+            _json("JobTypes", "One entry per job type, by name; `next` for the next page."),
         ),
         "/api/job-types/durations": _get(
-            "Per job type: its last `limit` ended runs by start (oldest first) and their "
-            "durations, as the page charts them.",
-            _refs("job_type", "limit"),
-            _json("Durations", "One entry per job type, by name."),
+            "A page of `types` job types, by name: each one's last `limit` ended runs by "
+            "start (oldest first) and their durations, as the page charts them.",
+            _refs("job_type", "chart_runs", "types", "types_cursor"),
+            _json("Durations", "One entry per job type, by name; `next` for the next page."),
         ),
         "/api/events": _get(
             "Status events as the console folds them, as Server-Sent Events: `id` is the "

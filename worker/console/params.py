@@ -138,12 +138,12 @@ def stored_time(at: datetime) -> str:
     return at.astimezone(UTC).isoformat()
 
 
-def limit(value: str | None) -> int:
-    """A page size: 1 to `MAX_LIMIT`, `DEFAULT_LIMIT` when not given."""
+def limit(value: str | None, name: str = "limit") -> int:
+    """A page size (parameter `name`): 1 to `MAX_LIMIT`, `DEFAULT_LIMIT` when not given."""
     if value is None:
         return DEFAULT_LIMIT
     if not _DIGITS.fullmatch(value) or not 1 <= int(value) <= MAX_LIMIT:
-        raise BadParameter("limit", f"limit must be a whole number from 1 to {MAX_LIMIT}")
+        raise BadParameter(name, f"{name} must be a whole number from 1 to {MAX_LIMIT}")
     return int(value)
 
 
@@ -171,12 +171,34 @@ def run_id(raw: str) -> str:
 
 def make_cursor(started_at: str, run_id: str) -> str:
     """The opaque cursor of the page after the run (`started_at`, `run_id`)."""
-    raw = json.dumps([started_at, run_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return _encode([started_at, run_id])
 
 
 def cursor(value: str) -> tuple[str, str]:
     """(started_at, run_id) of a cursor `make_cursor` made."""
+    started_at, run = _decode_cursor(value, 2)
+    return started_at, run
+
+
+def make_type_cursor(job_type: str) -> str:
+    """The opaque cursor of the page of job types after `job_type`."""
+    return _encode([job_type])
+
+
+def type_cursor(value: str) -> str:
+    """The job type of a cursor `make_type_cursor` made."""
+    (name,) = _decode_cursor(value, 1)
+    return name
+
+
+def _encode(parts: list[str]) -> str:
+    raw = json.dumps(parts, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(value: str, parts: int) -> list[str]:
+    """The `parts` strings of a cursor `_encode` made; a run cursor is refused as a job type
+    cursor and the other way round."""
     problem = BadParameter("cursor", "cursor is not one this console gave out (use `next`)")
     if len(value) > _MAX_CURSOR_CHARS or not _CURSOR.fullmatch(value):
         raise problem
@@ -186,11 +208,11 @@ def cursor(value: str) -> tuple[str, str]:
         raise problem from None
     if (
         not isinstance(decoded, list)
-        or len(decoded) != 2
+        or len(decoded) != parts
         or not all(isinstance(part, str) and _utf8(part) for part in decoded)
     ):
         raise problem
-    return decoded[0], decoded[1]
+    return decoded
 
 
 def _utf8(text: str) -> bool:

@@ -22,7 +22,7 @@ import aiosqlite
 
 from schemas import ENDED_STATUSES
 from worker.console.db import DURATION
-from worker.console.params import RunFilter, make_cursor
+from worker.console.params import DEFAULT_LIMIT, RunFilter, make_cursor, make_type_cursor
 
 _COLUMNS = (
     "run_id, job_type, client_id, request_id, status, partition, started_at, ended_at, "
@@ -30,6 +30,8 @@ _COLUMNS = (
 )
 _EVENT_CHUNK = 1_000
 _HAS_TYPE = "SELECT 1 FROM runs WHERE job_type = ? LIMIT 1"
+_NEXT_TYPE = "SELECT MIN(job_type) FROM runs WHERE job_type > ?"
+_COUNTS = "SELECT status, COUNT(*) FROM runs WHERE job_type = ? GROUP BY status"
 _LAST_ENDED = (
     "SELECT run_id, status, started_at, ended_at FROM runs "
     "WHERE job_type = ? AND ended_at IS NOT NULL "
@@ -106,22 +108,37 @@ def _where(f: RunFilter, after: tuple[str, str] | None) -> tuple[str, list[Any]]
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def _job_types(uri: str, job_type: str | None) -> list[dict[str, Any]]:
+def _type_page(
+    db: sqlite3.Connection, job_type: str | None, limit: int, after: str | None
+) -> tuple[list[str], str | None]:
+    """A page of job type names, by name, after `after` (or only `job_type`), and the cursor
+    of the next page (None on the last). Each name is one seek in the job type index, so a
+    page costs the same whatever the runs of the types before it."""
+    if job_type is not None:
+        return ([job_type] if db.execute(_HAS_TYPE, [job_type]).fetchone() else []), None
+    names: list[str] = []
+    last = "" if after is None else after  # no job type is empty
+    while len(names) <= limit and (name := db.execute(_NEXT_TYPE, [last]).fetchone()[0]):
+        names.append(name)
+        last = name
+    if len(names) <= limit:
+        return names, None
+    return names[:limit], make_type_cursor(names[limit - 1])
+
+
+def _job_types(
+    uri: str, job_type: str | None, limit: int, after: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
     db = sqlite3.connect(uri, uri=True, timeout=10.0)
     try:
-        where, params = ("WHERE job_type = ?", [job_type]) if job_type is not None else ("", [])
-        counts: dict[str, dict[str, int]] = {}
-        for name, status, n in db.execute(
-            f"SELECT job_type, status, COUNT(*) FROM runs {where} GROUP BY job_type, status",
-            params,
-        ):
-            counts.setdefault(name, {})[status] = n
-        return [_summary(db, name, by_status) for name, by_status in sorted(counts.items())]
+        names, following = _type_page(db, job_type, limit, after)
+        return [_summary(db, name) for name in names], following
     finally:
         db.close()
 
 
-def _summary(db: sqlite3.Connection, job_type: str, by_status: dict[str, int]) -> dict[str, Any]:
+def _summary(db: sqlite3.Connection, job_type: str) -> dict[str, Any]:
+    by_status: dict[str, int] = dict(db.execute(_COUNTS, [job_type]).fetchall())
     ended = sum(n for status, n in by_status.items() if status in _ENDED)
 
     def nearest_rank(fraction: float) -> float | None:
@@ -156,13 +173,12 @@ def _summary(db: sqlite3.Connection, job_type: str, by_status: dict[str, int]) -
     }
 
 
-def _durations(uri: str, job_type: str | None, limit: int) -> list[dict[str, Any]]:
+def _durations(
+    uri: str, job_type: str | None, limit: int, types: int, after: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
     db = sqlite3.connect(uri, uri=True, timeout=10.0)
     try:
-        if job_type is None:
-            names = [r[0] for r in db.execute("SELECT DISTINCT job_type FROM runs ORDER BY 1")]
-        else:
-            names = [job_type] if db.execute(_HAS_TYPE, [job_type]).fetchone() else []
+        names, following = _type_page(db, job_type, types, after)
         found = []
         for name in names:
             rows = db.execute(_LAST_ENDED, [name, limit]).fetchall()
@@ -177,7 +193,7 @@ def _durations(uri: str, job_type: str | None, limit: int) -> list[dict[str, Any
                 for run_id, status, started_at, ended_at in reversed(rows)
             ]
             found.append({"job_type": name, "runs": runs})
-        return found
+        return found, following
     finally:
         db.close()
 
@@ -243,19 +259,25 @@ class Queries:
         found["events"] = [event_json(self.topic, *e) for e in events]
         return found
 
-    async def job_types(self, job_type: str | None = None) -> list[dict[str, Any]]:
-        """Per job type: runs, how they ended, median and p95 duration (nearest rank, over
-        ended runs, start to end), and the last run to start.
+    async def job_types(
+        self, job_type: str | None = None, limit: int = DEFAULT_LIMIT, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of job types by name, after the job type `after` (or only `job_type`): runs,
+        how they ended, median and p95 duration (nearest rank, over ended runs, start to
+        end), and the last run to start; and the cursor of the next page (None on the last).
 
         Its statements run one after another in a thread with a connection of their own:
-        two index lookups a job type are cheap in SQLite and dear as trips to a thread.
+        a few index lookups a job type are cheap in SQLite and dear as trips to a thread.
         """
-        return await asyncio.to_thread(_job_types, self._uri, job_type)
+        return await asyncio.to_thread(_job_types, self._uri, job_type, limit, after)
 
-    async def durations(self, job_type: str | None, limit: int) -> list[dict[str, Any]]:
-        """Per job type (by name): its last `limit` ended runs by start, oldest first, with
-        their durations (what the page charts)."""
-        return await asyncio.to_thread(_durations, self._uri, job_type, limit)
+    async def durations(
+        self, job_type: str | None, limit: int, types: int = DEFAULT_LIMIT, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of `types` job types by name, after `after` (or only `job_type`), each with
+        its last `limit` ended runs by start, oldest first, and their durations (what the page
+        charts); and the cursor of the next page."""
+        return await asyncio.to_thread(_durations, self._uri, job_type, limit, types, after)
 
     async def events_after(self, seq: int) -> AsyncIterator[list[Any]]:
         """Stored events after stream ID `seq`, in order, a chunk at a time:

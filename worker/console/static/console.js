@@ -6,6 +6,7 @@
 
 const ENDINGS = new Set(["completed", "failed", "cancelled", "timed_out"]);
 const PAGE_SIZE = 25;
+const TYPES_PAGE_SIZE = 25; // job types a page of the summary
 const CHART_RUNS = 40; // ended runs a job type's duration chart shows
 const SVG = "http://www.w3.org/2000/svg";
 const ARMED_MS = 4000; // how long a pressed cancel button waits for its confirmation
@@ -16,6 +17,10 @@ const state = {
   cursors: [null], // cursors[i]: the cursor of page i + 1
   page: 0,
   next: null,
+  typeCursors: [null], // typeCursors[i]: the cursor of the job types' page i + 1
+  typePage: 0,
+  typesNext: null,
+  typeRequests: 0, // job types' loads so far: only the latest one is shown
   allowCancel: false, // from /api/status: the console was started with --allow-cancel
   armed: new Map(), // run_id -> when its cancel button stops waiting for confirmation
   cancelling: new Set(), // run IDs whose cancel request is on its way
@@ -421,10 +426,13 @@ function durationChart(runs) {
 }
 
 async function loadTypes() {
-  const [{ job_types: types }, { job_types: charts }] = await Promise.all([
-    api("/api/job-types"),
-    api("/api/job-types/durations", { limit: CHART_RUNS }),
+  const request = ++state.typeRequests;
+  const page = { types: TYPES_PAGE_SIZE, cursor: state.typeCursors[state.typePage] };
+  const [{ job_types: types, next }, { job_types: charts }] = await Promise.all([
+    api("/api/job-types", { limit: page.types, cursor: page.cursor }),
+    api("/api/job-types/durations", { limit: CHART_RUNS, ...page }),
   ]);
+  if (request !== state.typeRequests) return; // a later load (another page) answers instead
   const durations = new Map(charts.map((entry) => [entry.job_type, entry.runs]));
   const body = $("#types tbody");
   body.replaceChildren();
@@ -450,7 +458,14 @@ async function loadTypes() {
     cell(row, last ? `${last.status}, ${when(last.started_at)}` : "");
     body.appendChild(row);
   }
-  $("#types-empty").hidden = types.length > 0;
+  $("#types-empty").hidden = types.length > 0 || state.typePage > 0;
+  state.typesNext = next;
+  const first = state.typePage * TYPES_PAGE_SIZE + 1;
+  $("#types-page-number").textContent = types.length
+    ? `job types ${first}-${first + types.length - 1}`
+    : "no more job types";
+  $("#types-previous").disabled = state.typePage === 0;
+  $("#types-next").disabled = !next;
 }
 
 // -- the event stream and the status line ----------------------------------------------
@@ -529,6 +544,17 @@ function start() {
     if (state.page === 0) return;
     state.page -= 1;
     loadRuns();
+  });
+  $("#types-next").addEventListener("click", () => {
+    if (!state.typesNext) return;
+    state.typeCursors[state.typePage + 1] = state.typesNext;
+    state.typePage += 1;
+    loadTypes().catch(() => {});
+  });
+  $("#types-previous").addEventListener("click", () => {
+    if (state.typePage === 0) return;
+    state.typePage -= 1;
+    loadTypes().catch(() => {});
   });
   $("#run-close").addEventListener("click", () => {
     $("#run-section").hidden = true;
