@@ -223,9 +223,8 @@ _SCHEMAS: dict[str, Any] = {
 
 
 def _get(summary: str, parameters: list[Any], ok: dict[str, Any], **more: Any) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": ok}
-    if parameters:
-        responses["400"] = _BAD
+    # every operation refuses a parameter it does not know
+    responses: dict[str, Any] = {"200": ok, "400": _BAD}
     responses.update(more)
     return {"get": {"summary": summary, "parameters": parameters, "responses": responses}}
 
@@ -295,7 +294,16 @@ def _paths() -> dict[str, Any]:
             "data when it has read past events its filters leave out, so that a reconnect "
             "resumes from there. A stream that falls 10,000 events behind gets an `overflow` "
             "event and is closed; reconnecting resumes it.",
-            _refs("job_type", "status", "client_id", "since", "until", "after"),
+            [
+                *_refs("job_type", "status", "client_id", "since", "until", "after"),
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "The `id` of the last event received: resume after it.",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+            ],
             {"description": "An event stream", "content": {"text/event-stream": {}}},
         ),
         "/api/status": _get(
