@@ -29,6 +29,8 @@ from schemas.messages import (
     is_run_row,
     parse_run_row,
     parse_view_row,
+    read_status_event,
+    time_problem,
     view_row,
 )
 
@@ -59,6 +61,8 @@ __all__ = [
     "json_schema_documents",
     "parse_run_row",
     "parse_view_row",
+    "read_status_event",
+    "time_problem",
     "view_row",
 ]
 

@@ -7,7 +7,7 @@ fields, so a misspelt field is reported instead of silently dropped.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -27,6 +27,31 @@ from pydantic.alias_generators import to_camel
 
 def _snake_or_camel(name: str) -> AliasChoices:
     return AliasChoices(name, to_camel(name))
+
+
+# The times the orchestrator writes are UTC broker and wall-clock times. A reader does
+# arithmetic on them (durations, a margin before a view mark, Kafka timestamps, which start
+# in 1970), so a time it cannot do that with is refused where it is read, not where it is used.
+_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+def time_problem(value: datetime) -> str | None:
+    """Why `value` is not a time the orchestrator writes (None: it is one)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return f"{value.isoformat()} has no UTC offset"
+    if not _EARLIEST <= value < _LATEST:
+        return f"{value.isoformat()} is not between 1970 and 9000"
+    return None
+
+
+def _checked_time(value: datetime) -> datetime:
+    if (problem := time_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+WireTime = Annotated[datetime, AfterValidator(_checked_time)]
 
 
 class WireModel(BaseModel):
@@ -187,6 +212,27 @@ class StatusEvent(WireModel):
     source: Source | None = None
 
 
+def read_status_event(value: bytes | str) -> StatusEvent:
+    """A status event as read from `<prefix>.status`, with what its readers rely on checked:
+    its times (`time_problem`), a run ID and start time on `started`, a run ID and status on
+    an ending. ValueError (a pydantic `ValidationError`, whatever the bytes) for a record that
+    is not one. The orchestrator builds its events with these fields; the check is the
+    readers', so that a record written there by anyone else is skipped, not folded."""
+    event = StatusEvent.model_validate_json(value)
+    problem = None
+    for at in (event.occurred_at, event.started_at):
+        if at is not None and (problem := time_problem(at)) is not None:
+            break
+    else:
+        if event.type is EventType.STARTED and (event.run_id is None or event.started_at is None):
+            problem = "a started event names its run and its start"
+        elif event.type in ENDING_EVENTS and (event.run_id is None or event.status is None):
+            problem = f"a {event.type.value} event names its run and its status"
+    if problem is not None:
+        raise ValueError(f"not a status event the orchestrator writes: {problem}")
+    return event
+
+
 class DeadLetterReason(WireModel):
     """Why a record was dead-lettered: a stable code and a sentence for people."""
 
@@ -230,10 +276,10 @@ class RunRecord(BaseModel):
     request_id: str | None
     status: RunStatus
     partition: int = Field(ge=0, description="The partition of its job type.")
-    started_at: datetime = Field(
+    started_at: WireTime = Field(
         description="When the run started; for a QUEUED run, when it was queued."
     )
-    ended_at: datetime | None
+    ended_at: WireTime | None
     initial_data: dict[str, Any]
     metrics: dict[str, Any] | None = Field(description="The last progress or final metrics.")
     reason: str | None
@@ -274,7 +320,7 @@ class ViewMark(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    since: datetime = Field(description="Every unended run has a row stamped at or after it.")
+    since: WireTime = Field(description="Every unended run has a row stamped at or after it.")
     every_s: float = Field(gt=0, description="How often the orchestrator writes the mark.")
 
 

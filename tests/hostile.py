@@ -76,6 +76,24 @@ def hostile_records(topics: Topics, partitions: int, count: int, seed: int = 7) 
             ),
         ),
         (
+            "lone_surrogate",  # JSON escapes half a UTF-16 pair: Python reads it, UTF-8 cannot
+            lambda i: Hostile(
+                "lone_surrogate",
+                req,
+                f"h-{i}".encode(),
+                start(f"h-{i}", request_id=f"surrogate-{i}", initial_data={"x": "a\ud800"}),
+            ),
+        ),
+        (
+            "lone_surrogate_result",
+            lambda i: Hostile(
+                "lone_surrogate_result",
+                res,
+                f"h-{i}".encode(),
+                result(f"h-{i}", final_metrics={"\udc00": 1}),
+            ),
+        ),
+        (
             "bad_utf8_key",
             lambda i: Hostile(
                 "bad_utf8_key", req, b"\xff\xfe\xfd", start(f"h-{i}", request_id=f"bad-key-{i}")

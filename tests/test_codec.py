@@ -304,6 +304,35 @@ def test_malformed_json(value: bytes, fragment: str) -> None:
     assert base64.b64decode(outcome.dead_letter.value) == value
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"x": "\\ud800"}}',
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"\\uDC00": 1}}',
+        b'{"job_type": "post_scoring", "request_id": "r", "initial_data": {"x": ["a\\udfffb"]}}',
+        b'{"job_type": "post_scoring", "run_id": "r", "status": "COMPLETED", '
+        b'"final_metrics": {"x": "\\ud83d"}}',
+    ],
+)
+def test_a_lone_surrogate_escape_is_malformed(value: bytes) -> None:
+    """JSON may escape half of a UTF-16 pair alone; Python reads it as a string no UTF-8 can
+    carry, so no event could hold it: the record is dead-lettered as malformed_json, saying
+    so, rather than failing its batch where the event is written."""
+    outcome = bad(record(value), "malformed_json")
+    assert "lone UTF-16 surrogate" in outcome.dead_letter.reason.message
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text() -> None:
+    """An escaped pair is one character, and `\\ud800` escaping the backslash is six."""
+    for text in ("\U0001f600", "\\ud800"):
+        payload = {"job_type": JOB, "request_id": "r", "initial_data": {"x": text}}
+        value = json.dumps(payload).encode()
+        assert (b"\\ud83d\\ude00" in value) or (b"\\\\ud800" in value)
+        command = run(record(value))
+        assert isinstance(command, Start), command
+        assert command.initial_data == {"x": text}
+
+
 def test_utf16_json_is_malformed() -> None:
     """A UTF-16 encoded JSON value is not UTF-8 and is dead-lettered as malformed_json."""
     value = json.dumps({"request_id": "r", "job_type": JOB}).encode("utf-16")

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import pytest
 import typer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from typer.testing import CliRunner
 from yarl import URL
@@ -247,6 +248,70 @@ async def test_resumes_from_the_offsets_it_stored(topics: Settings, tmp_path: Pa
                 assert [e["type"] for e in found["events"]] == [e.type.value for e in run]
     finally:
         await second.stop()
+
+
+def misshapen(started: StatusEvent, ending: StatusEvent) -> list[bytes]:
+    """Records on the status topic that no reader can fold: bytes that are not a status
+    event (random, bad UTF-8, deep nesting, a huge value, wrong types), and status events
+    that pass the wire model but not what a fold relies on (a start without its start time,
+    an ending without its status, times without an offset or out of any reader's range)."""
+    rng = random.Random(11)
+    first, last = started.model_dump(mode="json"), ending.model_dump(mode="json")
+    shapes: list[dict[str, Any]] = [
+        {**first, "started_at": None},
+        {**first, "run_id": None},
+        {**last, "status": None},
+        {**last, "run_id": None},
+        {**first, "occurred_at": "0001-01-01T00:00:00+05:00"},
+        {**first, "occurred_at": "9999-12-31T23:59:59-05:00"},
+        {**first, "started_at": "2026-11-20T10:00:00"},
+        {**last, "occurred_at": "1969-12-31T23:59:59+00:00"},
+        {**first, "job_type": ["etl"]},
+        {**first, "initial_data": {"x": "y" * 1_000_000}, "type": "nope"},
+    ]
+    return [
+        bytes(rng.randrange(256) for _ in range(200)),
+        b"\xff\xfe{}",
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({**first, "reason": "[" * 10_000}).encode()[:-1],
+        *(json.dumps(shape).encode() for shape in shapes),
+    ]
+
+
+async def test_records_that_are_not_status_events_are_skipped(
+    topics: Settings, tmp_path: Path
+) -> None:
+    """A record on the status topic that cannot be folded (see `misshapen`) is skipped, as
+    `replay` skips it: the console keeps running and folds every status event around it,
+    and a console restarted on its file does not meet it again."""
+    runs = [lifecycle(n) for n in range(1, 5)]
+    good = [e for run in runs for e in run]
+    bad = misshapen(*lifecycle(1))
+    producer = AIOKafkaProducer(**connection(topics), max_request_size=4_000_000)
+    await producer.start()
+    try:
+        await publish(topics, good[:3])
+        for value in bad:
+            await producer.send_and_wait(topics.topics.status, value, key=b"etl", partition=0)
+        await publish(topics, good[3:])
+    finally:
+        await producer.stop()
+    path = tmp_path / "console.db"
+    for _ in range(2):  # the second time on the file it wrote
+        console = await Console(topics, path, port=0).start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                api = Api(session, console.url)
+                assert console.follower is not None
+                await asyncio.wait_for(console.follower.caught_up.wait(), DEADLINE_S)
+                shown = (await api.ok("/api/runs"))["runs"]
+                assert sorted(r["run_id"] for r in shown) == sorted(r[0].run_id for r in runs)
+                for run in runs:
+                    found = await api.ok(f"/api/runs/{quote(run[0].run_id or '')}")
+                    assert [e["type"] for e in found["events"]] == [e.type.value for e in run]
+                assert (await api.ok("/api/status"))["caught_up"] is True
+        finally:
+            await console.stop()
 
 
 async def test_a_file_follows_one_prefix(topics: Settings, tmp_path: Path) -> None:

@@ -153,6 +153,12 @@ async def test_cancel_through_the_api(
         ({"status": "CANCELLED", "reason": ""}, "reason"),
         ({"status": "CANCELLED", "reason": "x" * 1001}, "reason"),
         ({"status": "CANCELLED", "force": True}, "force"),
+        # hostile bytes: deep nesting, not UTF-8, UTF-16, a lone surrogate, random bytes
+        (b"[" * 100_000, "body"),
+        (b'{"status": "CANCELLED", "reason": "\xff"}', "body"),
+        ('{"status": "CANCELLED"}'.encode("utf-16"), "body"),
+        (b'{"status": "CANCELLED", "reason": "\\ud800"}', "reason"),
+        (bytes(range(256)), "body"),
     ]:
         status, answer = await post(session, url, body)
         assert (status, answer.get("parameter")) == (400, parameter), (body, answer)

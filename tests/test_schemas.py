@@ -318,3 +318,45 @@ def test_the_asyncapi_document_describes_every_topic_and_resolves() -> None:
     actions = {name: op["action"] for name, op in doc["operations"].items()}
     assert actions["receive_requests"] == actions["receive_results"] == "receive"
     assert {actions[f"send_{c}"] for c in ("status", "state", "dlq")} == {"send"}
+
+
+def test_a_status_event_its_readers_cannot_fold_is_refused_where_it_is_read() -> None:
+    """`read_status_event` refuses, with a ValueError saying why, every record `misshapen`
+    makes, and reads the orchestrator's own events as they were written; `replay` keeps the
+    latter only, and the client's rows and view marks refuse times no reader can use."""
+    from tests.test_console import lifecycle, misshapen
+    from worker.audit.replay import parse_events
+
+    good = [e for n in range(1, 8) for e in lifecycle(n)]
+    bad = misshapen(*lifecycle(1))
+    for value in bad:
+        with pytest.raises(ValueError):  # noqa: PT011 (each has its own message)
+            schemas.read_status_event(value)
+    with pytest.raises(ValueError, match="has no UTC offset"):
+        schemas.read_status_event(
+            good[0].model_dump_json().replace("+00:00", "").replace("Z", "").encode()
+        )
+    for event in good:
+        assert schemas.read_status_event(event.model_dump_json().encode()) == event
+    assert parse_events([*bad, *(e.model_dump_json().encode() for e in good)]) == good
+
+    row = schemas.RunRecord.model_validate(
+        {
+            "run_id": "r",
+            "job_type": "etl",
+            "client_id": None,
+            "request_id": None,
+            "status": "RUNNING",
+            "partition": 0,
+            "started_at": "2026-11-20T10:00:00+00:00",
+            "ended_at": None,
+            "initial_data": {},
+            "metrics": None,
+            "reason": None,
+        }
+    )
+    for at in ("2026-11-20T10:00:00", "0001-01-01T00:00:00+00:00", "9999-12-31T23:59:59-05:00"):
+        with pytest.raises(ValidationError):
+            schemas.RunRecord.model_validate({**row.model_dump(), "started_at": at})
+        with pytest.raises(ValidationError):
+            schemas.ViewMark.model_validate({"since": at, "every_s": 60})

@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
-
-from schemas import EventType, StatusEvent
+from schemas import EventType, StatusEvent, read_status_event
 from worker.audit.replay import Progress, consumer_for, read_ranges, whole_topic
 from worker.core.adopt import adopt, with_deadline
 from worker.core.config import JobsConfig
@@ -193,8 +191,8 @@ async def verify(
         ):
             for r in records:
                 try:
-                    event = StatusEvent.model_validate_json(r.value)
-                except ValidationError:
+                    event = read_status_event(r.value)
+                except ValueError:
                     report.foreign += 1
                     continue
                 digest = rulebook.digest_in(r.headers)

@@ -48,9 +48,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
-from schemas import EventType, RunRecord, StatusEvent
+from schemas import EventType, RunRecord, read_status_event
 from worker.client.execution import JobFunction, RunContext, RunExecution, Timing
 from worker.client.jobclient import JobClient
 from worker.kafkaio import connection, partitions_of
@@ -147,8 +146,8 @@ class Executor:
         if record.value is None or _STARTED not in record.value:
             return
         try:
-            event = StatusEvent.model_validate_json(record.value)
-        except ValidationError:
+            event = read_status_event(record.value)
+        except ValueError:
             log.warning("unreadable status event", partition=tp.partition, offset=record.offset)
             return
         function = self._jobs.get(event.job_type)

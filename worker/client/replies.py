@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import AIOKafkaConsumer
-from pydantic import ValidationError
 
-from schemas import ENDING_EVENTS, EventType, StatusEvent
+from schemas import ENDING_EVENTS, EventType, StatusEvent, read_status_event
 from worker.kafkaio import assign_all, stop_task
 
 _Waiter = tuple[frozenset[EventType], "asyncio.Future[StatusEvent]"]
@@ -49,8 +48,8 @@ class Replies:
             for records in batch.values():
                 for record in records:
                     try:
-                        event = StatusEvent.model_validate_json(record.value)
-                    except ValidationError:
+                        event = read_status_event(record.value)
+                    except ValueError:
                         continue
                     self._deliver(event)
 

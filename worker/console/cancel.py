@@ -50,8 +50,12 @@ async def read_reason(request: web.Request) -> str:
     if request.content_type != "application/json":
         raise Refused(415, "send the cancel as JSON (Content-Type: application/json)")
     try:
-        body = json.loads(await request.read())
-    except ValueError:
+        # UTF-8 only (json.loads of bytes would take UTF-16 and UTF-32 too); RecursionError:
+        # arrays or objects nested deeper than the parser recurses.
+        body = json.loads((await request.read()).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadParameter("body", "the body is not UTF-8") from None
+    except (ValueError, RecursionError):
         raise BadParameter("body", "the body is not JSON") from None
     if not isinstance(body, dict):
         raise BadParameter("body", 'the body must be an object like {"status": "CANCELLED"}')
@@ -66,6 +70,10 @@ async def read_reason(request: web.Request) -> str:
     reason = body.get("reason", DEFAULT_REASON)
     if not isinstance(reason, str) or not 1 <= len(reason) <= MAX_REASON_CHARS:
         raise BadParameter("reason", f"reason must be text of 1 to {MAX_REASON_CHARS} characters")
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON: no event can carry it
+        raise BadParameter("reason", "reason must be text (it escapes a lone surrogate)") from None
     return reason
 
 

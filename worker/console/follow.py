@@ -16,9 +16,8 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
 
-from schemas import StatusEvent
+from schemas import StatusEvent, read_status_event
 from worker.console.db import ConsoleDb, Folded
 from worker.console.params import RunFilter
 from worker.kafkaio import connection, partitions_of
@@ -113,8 +112,8 @@ def _parse(value: bytes | None) -> StatusEvent | None:
     if not value:
         return None
     try:
-        return StatusEvent.model_validate_json(value)
-    except ValidationError:
+        return read_status_event(value)
+    except ValueError:
         return None  # not a status event: skipped, as replay skips it
 
 

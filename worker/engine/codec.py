@@ -407,6 +407,7 @@ def _routed(
 
 # Tokens json.loads would take for numbers, which `_parse` refuses and pydantic-core takes.
 _CONSTANTS = re.compile(rb"NaN|Infinity")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff, either half
 
 
 def _well_formed(record: InputRecord, limits: InputLimits) -> JobRequest | JobResult | None:
@@ -467,7 +468,7 @@ def _parse(record: InputRecord, limits: InputLimits) -> object:
             "(JOBS_MAX_NESTING_DEPTH)",
         )
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        payload = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise _Unusable(
             "malformed_json", f"the value is not JSON: {exc.msg} at position {exc.pos}"
@@ -475,6 +476,24 @@ def _parse(record: InputRecord, limits: InputLimits) -> object:
     except (ValueError, RecursionError) as exc:
         # ValueError: NaN or Infinity, or an integer of more digits than Python converts.
         raise _Unusable("malformed_json", f"the value is not JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(value) is not None and _lone_surrogate(payload):
+        # json.loads reads "\ud800" without its pair as a str no UTF-8 can carry, so no
+        # event or changelog row could hold it: refused here, not where it is written.
+        raise _Unusable(
+            "malformed_json",
+            "the value is not JSON text: it escapes a lone UTF-16 surrogate "
+            "(\\ud800-\\udfff without its pair)",
+        )
+    return payload
+
+
+def _lone_surrogate(payload: object) -> bool:
+    """Whether a string of `payload` (keys included) holds a lone surrogate."""
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobResult, str | None]:
