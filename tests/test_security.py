@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from pydantic import ValidationError
 
 from worker.acls import PrincipalError, rules
+from worker.audit.replay import _job, _settings_of
+from worker.client import JobClient
 from worker.kafkaio import connection, librdkafka_config
+from worker.logs import configure
 from worker.settings import Settings, Topics
 
 JOBCTL = [sys.executable, "-m", "worker.cli"]
@@ -147,3 +154,137 @@ def test_jobctl_acls_prints_them_as_json() -> None:
     listed = json.loads(done.stdout)
     assert {r["principal"] for r in listed} == {"User:o", "User:p", "User:e"}
     assert all(r["name"].startswith("shop.") for r in listed)
+
+
+def _shows_the_secret(text: str) -> bool:
+    # Any piece of it: pydantic shortens a long input to its two ends.
+    return any(SECRET[i : i + 8] in text for i in range(len(SECRET) - 7))
+
+
+def test_a_refused_setting_does_not_echo_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings refused as a whole (SASL without a user, a certificate without its key) or
+    a password that is not text say what is wrong, and neither their text nor their repr
+    shows the password given."""
+    monkeypatch.delenv("JOBS_SASL_USERNAME", raising=False)
+    monkeypatch.setenv("JOBS_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("JOBS_SASL_PASSWORD", SECRET)
+    with pytest.raises(ValidationError, match="JOBS_SASL_USERNAME") as no_user:
+        JobClient()
+    monkeypatch.setenv("JOBS_SASL_USERNAME", "producer")
+    with pytest.raises(ValidationError, match="go together") as half_tls:
+        Settings(ssl_certfile=Path("client.pem"))
+    with pytest.raises(ValidationError, match="sasl_password") as not_text:
+        Settings(sasl_password=[SECRET])
+    for caught in (no_user, half_tls, not_text):
+        assert not _shows_the_secret(str(caught.value)), caught.value
+        assert not _shows_the_secret(repr(caught.value)), caught.value
+
+
+def test_a_refused_setting_in_a_traceback_shows_no_password() -> None:
+    """A command building its settings from JOBS_* dies with a traceback that names the
+    missing setting, not the password."""
+    env = {
+        "JOBS_SECURITY_PROTOCOL": "SASL_SSL",
+        "JOBS_SASL_PASSWORD": SECRET,
+        "PATH": "/usr/bin:/bin",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.devtools.floor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "JOBS_SASL_USERNAME" in done.stderr
+    assert not _shows_the_secret(done.stderr), done.stderr
+
+
+def test_a_password_file_that_is_not_utf8_is_named_without_its_bytes(tmp_path: Path) -> None:
+    """The error names the setting and the file, and shows no byte of what it holds."""
+    secret_file = tmp_path / "password"
+    secret_file.write_bytes(b"horse\xffbattery")
+    with pytest.raises(ValidationError) as caught:
+        Settings(security_protocol="SASL_SSL", sasl_username="u", sasl_password_file=secret_file)
+    shown = str(caught.value)
+    assert f"JOBS_SASL_PASSWORD_FILE {secret_file} is not UTF-8" in shown
+    # What jobctl reads of it, too (`cli._settings`).
+    listed = repr(caught.value.errors(include_url=False, include_input=False))
+    for text in (shown, repr(caught.value), listed):
+        assert "horse" not in text
+        assert "battery" not in text
+        assert "xff" not in text
+
+
+async def test_a_clients_keywords_are_validated_as_the_environment_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`JobClient(sasl_password=...)` keeps the password secret and usable, over JOBS_*
+    variables and over given settings; what the settings refuse, a keyword may not bring."""
+    monkeypatch.setenv("JOBS_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("JOBS_SASL_USERNAME", "from-env")
+    monkeypatch.setenv("JOBS_SASL_PASSWORD", "from-env-password")
+    client = JobClient(
+        bootstrap_servers="127.0.0.1:1", sasl_username="producer", sasl_password=SECRET
+    )
+    await client.close()
+    assert (client.settings.sasl_username, client.settings.password()) == ("producer", SECRET)
+    assert client.settings.security_protocol == "SASL_PLAINTEXT"  # from JOBS_*
+    assert SECRET not in repr(client.settings)
+    given = Settings(security_protocol="SASL_SSL", sasl_username="executor", sasl_password="old")
+    client = JobClient(given, sasl_password=SECRET)
+    await client.close()
+    assert (client.settings.sasl_username, client.settings.password()) == ("executor", SECRET)
+    assert client.settings.security_protocol == "SASL_SSL"  # from the given settings
+    assert SECRET not in repr(client.settings)
+    monkeypatch.delenv("JOBS_SASL_USERNAME")
+    with pytest.raises(ValidationError, match="JOBS_SASL_USERNAME"):
+        JobClient(Settings(security_protocol="PLAINTEXT"), security_protocol="SASL_SSL")
+
+
+def test_a_replay_process_logs_in_as_its_parent(tmp_path: Path) -> None:
+    """The job a replay process reads gives it the settings of the process that started it,
+    the password itself (not its mask) among them."""
+    settings = Settings(
+        bootstrap_servers="kafka:9093",
+        security_protocol="SASL_SSL",
+        sasl_username="reader",
+        sasl_password=SECRET,
+        topic_prefix="shop",
+    )
+    job = _job(settings, tmp_path / "runs.db", tmp_path / ".lock", {0: (0, 10), 3: (5, 7)})
+    child = _settings_of(json.loads(job))
+    assert child.password() == SECRET
+    assert child == settings
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """The standard library's root logger as it was, after a test configures it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_console_traceback_shows_no_local_values() -> None:
+    """An exception logged in console format, by a library through the standard library
+    or by us through structlog, shows its traceback but not the values of its frames'
+    locals (a connection's frame holds the password)."""
+    out = io.StringIO()
+    configure("info", "console", stream=out)
+
+    def connect(sasl_plain_password: str) -> None:
+        raise ConnectionError("authentication failed")
+
+    try:
+        connect(SECRET)
+    except ConnectionError:
+        logging.getLogger("aiokafka.conn").error("cannot connect", exc_info=True)
+        structlog.get_logger("worker").exception("cannot connect")
+    shown = out.getvalue()
+    assert SECRET not in shown
+    assert shown.count("in connect") == 2, shown  # both tracebacks, down to the frame
+    assert shown.count("ConnectionError: authentication failed") == 2, shown

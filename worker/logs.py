@@ -60,8 +60,13 @@ def configure(
     """Configure structlog and route the standard library's logging through it."""
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    # A traceback in the console shows no frame's locals (rich's default shows them): a
+    # connection's frames hold the SASL password. Plain, as `format_exc_info` renders ours;
+    # the standard library's records (aiokafka's) reach this renderer with their exc_info.
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,

@@ -17,7 +17,12 @@ if TYPE_CHECKING:  # the client reads these settings too, and must not load the 
 class Settings(BaseSettings):
     """Worker and client settings; every field reads `JOBS_<NAME>` from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="JOBS_", frozen=True)
+    # A validation error's text would otherwise show the input it refused: for an error of
+    # the whole model (the checks of `_security_is_complete`) that is every setting given,
+    # the SASL password among them, and these errors are printed (tracebacks, `JobClient()`).
+    # Hidden from str() and repr() for every field, so no secret field can be forgotten;
+    # `errors()` still holds the input, for code that asks for it.
+    model_config = SettingsConfigDict(env_prefix="JOBS_", frozen=True, hide_input_in_errors=True)
 
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
@@ -185,11 +190,18 @@ class Settings(BaseSettings):
             return self.sasl_password.get_secret_value()
         if self.sasl_password_file is not None:
             try:
-                return self.sasl_password_file.read_text().rstrip("\r\n")
+                content = self.sasl_password_file.read_bytes()
             except OSError as exc:
                 raise ValueError(
                     f"cannot read JOBS_SASL_PASSWORD_FILE {self.sasl_password_file}: {exc.strerror}"
                 ) from None
+            try:
+                return content.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                # Its message shows a byte of the password and it holds them all: raised
+                # outside this block, ours does not carry it along as its context.
+                pass
+            raise ValueError(f"JOBS_SASL_PASSWORD_FILE {self.sasl_password_file} is not UTF-8 text")
         return None
 
     @property

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
+from pydantic import SecretStr
 
-from schemas import StatusEvent
+from schemas import StatusEvent, read_status_event
 from worker import gctuning
 from worker.engine.store import RunWrites, Store, fold_events
 from worker.kafkaio import connection, partitions_of, read_until
@@ -40,8 +40,8 @@ def parse_events(values: Sequence[bytes | None]) -> list[StatusEvent]:
         if not value:
             continue
         try:
-            events.append(StatusEvent.model_validate_json(value))
-        except ValidationError:
+            events.append(read_status_event(value))
+        except ValueError:
             continue  # not ours; `verify` reports foreign records
     return events
 
@@ -254,14 +254,8 @@ async def _in_processes(
                 stderr=asyncio.subprocess.PIPE,
             )
             children.append(child)
-            job = {
-                "settings": settings.model_dump(mode="json"),
-                "db": str(db_path),
-                "lock": str(lock_path),
-                "ranges": {str(p): list(r) for p, r in ranges.items()},
-            }
             assert child.stdin is not None
-            child.stdin.write(json.dumps(job).encode())
+            child.stdin.write(_job(settings, db_path, lock_path, ranges))
             child.stdin.close()
         follows = [
             asyncio.create_task(_follow(child, sorted(ranges), advance))
@@ -283,6 +277,31 @@ async def _in_processes(
                 child.kill()
                 await child.wait()
         lock_path.unlink(missing_ok=True)
+
+
+def _job(
+    settings: Settings, db_path: Path, lock_path: Path, ranges: Mapping[int, tuple[int, int]]
+) -> bytes:
+    """The JSON job of a replay process, for its stdin (never its argv, which `ps` shows).
+
+    `model_dump` writes a secret as `**********`, and a process with that password would not
+    get in: the secret fields go with their values, only in this job."""
+    values = settings.model_dump(mode="json")
+    values.update(
+        (name, value.get_secret_value()) for name, value in settings if isinstance(value, SecretStr)
+    )
+    job = {
+        "settings": values,
+        "db": str(db_path),
+        "lock": str(lock_path),
+        "ranges": {str(p): list(r) for p, r in ranges.items()},
+    }
+    return json.dumps(job).encode()
+
+
+def _settings_of(job: Mapping[str, Any]) -> Settings:
+    """The settings of a `_job`, as the process that wrote it had them."""
+    return Settings.model_validate(job["settings"])
 
 
 async def _follow(
@@ -311,7 +330,7 @@ def _child() -> None:
     """`python -m worker.audit.replay`: replay the ranges of a JSON job read from stdin, printing
     `{"records": n, "events": n}` per batch; on failure, one line on stderr and exit 1."""
     job = json.load(sys.stdin)
-    settings = Settings.model_validate(job["settings"])
+    settings = _settings_of(job)
     ranges = {int(p): (start, end) for p, (start, end) in job["ranges"].items()}
 
     def report(records: int, events: int) -> None:

@@ -63,12 +63,24 @@ _RESULT_ANSWERS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.RE
 _CANCEL_ANSWERS = frozenset({EventType.CANCELLED, EventType.REJECTED, EventType.DUPLICATE})
 
 
+def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
+    """`settings` (JOBS_*'s when None) with the keywords in `overrides` on top, validated as
+    values from the environment are: `model_copy(update=...)` would keep a password as the
+    plain str given (shown by repr, without `password()`) and a combination the settings
+    refuse, such as SASL without a user."""
+    if settings is None:
+        return Settings(**overrides)  # keywords come before JOBS_* variables
+    if not overrides:
+        return settings
+    # Every field given, so the environment adds nothing; a SecretStr validates as itself.
+    return Settings(**{**dict(settings), **overrides})
+
+
 class JobClient:
     """Async context manager speaking to the orchestrator through its topics."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
-        base = settings or Settings()
-        self.settings = base.model_copy(update=overrides) if overrides else base
+        self.settings = _overridden(settings, overrides)
         self.topics = self.settings.topics
         kafka = connection(self.settings)
         self._producer = AIOKafkaProducer(acks="all", linger_ms=1, **kafka)
