@@ -25,6 +25,11 @@ JOBCTL = [sys.executable, "-m", "worker.cli"]
 SECRET = "correct-horse-battery-staple"
 
 
+def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `argv` with only `env`, its output captured as text."""
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_sasl_settings_need_a_user_and_a_password() -> None:
     """A SASL protocol without credentials is refused with the setting to give."""
     with pytest.raises(ValidationError, match="JOBS_SASL_USERNAME"):
@@ -86,13 +91,7 @@ def test_a_missing_password_file_is_one_clear_line(tmp_path: Path) -> None:
         "JOBS_SASL_PASSWORD_FILE": str(tmp_path / "absent"),
         "PATH": "/usr/bin:/bin",
     }
-    done = subprocess.run(
-        [*JOBCTL, "status", "--bootstrap", "127.0.0.1:1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run([*JOBCTL, "status", "--bootstrap", "127.0.0.1:1"], env)
     assert done.returncode != 0
     assert "JOBS_SASL_PASSWORD_FILE" in done.stderr
     assert "Traceback" not in done.stderr
@@ -188,13 +187,7 @@ def test_a_refused_setting_in_a_traceback_shows_no_password() -> None:
         "JOBS_SASL_PASSWORD": SECRET,
         "PATH": "/usr/bin:/bin",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "worker.devtools.floor"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run([sys.executable, "-m", "worker.devtools.floor"], env)
     assert done.returncode != 0
     assert "JOBS_SASL_USERNAME" in done.stderr
     assert not _shows_the_secret(done.stderr), done.stderr
