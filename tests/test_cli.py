@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import io
 import os
+import random
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from rich.console import Console
 from typer.testing import CliRunner
 
+from schemas import EventType, RunStatus, StatusEvent
+from tests.conftest import create_topics, publish_status
+from worker import cli
 from worker.cli import app
+from worker.client.answers import RunInfo
+from worker.client.watch import StatusTail
+from worker.core.runs import RunRow
+from worker.engine.sqlfile import UPSERT_RUN, run_params
+from worker.engine.store import Store
 from worker.engine.topics import wait_for_leaders
-from worker.settings import Topics
+from worker.kafkaio import connection
+from worker.settings import Settings, Topics
 
 pytestmark = pytest.mark.kafka
 runner = CliRunner()
@@ -268,3 +285,307 @@ def test_bench_growth_only_needs_sizes() -> None:
     assert result.exit_code == 1
     assert "--growth-only needs sizes" in result.output
     assert "starting a local Kafka broker" not in result.output
+
+
+# --- text from outside is printed as it is, never as rich markup ----------------------------
+
+HOSTILE_JOB_TYPE = "etl[/]"  # valid on the wire; as markup, a closing tag with nothing open
+HOSTILE_REASON = "[red]x[/red] \x1b[2J"  # markup to spoof a style, and a clear-screen escape
+
+
+def _captured(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """What `jobctl` prints to stdout from now on, without colour, in lines wide enough."""
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=400, color_system=None))
+    return out
+
+
+def _hostile_event() -> StatusEvent:
+    return StatusEvent(
+        event_id="e-1",
+        type=EventType.CANCELLED,
+        status=RunStatus.CANCELLED,
+        job_type=HOSTILE_JOB_TYPE,
+        client_id="[bold]c[/]",
+        run_id="[link=http://x]r[/link]",
+        reason=HOSTILE_REASON,
+        metrics={"[i]k": "[/i]"},
+        occurred_at=datetime.now(UTC),
+    )
+
+
+def test_an_event_prints_its_text_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`watch`, `submit`, `cancel` print an event's job type, run ID, metrics and reason as
+    written: `etl[/]` raises no MarkupError, `[red]x[/red]` is not shown red, and an escape
+    sequence is shown, not sent to the terminal."""
+    out = _captured(monkeypatch)
+    cli._print_event(_hostile_event(), as_json=False)
+    printed = out.getvalue()
+    assert printed.startswith("cancelled etl[/] run [link=http://x]r[/link] status CANCELLED")
+    assert '{"[i]k": "[/i]"}' in printed
+    assert "— [red]x[/red] \\x1b[2J" in printed
+    assert "\x1b" not in printed
+    assert len(printed.splitlines()) == 1
+
+
+def test_a_sent_request_id_prints_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`submit --no-wait --request-id '[/]'` prints the ID it sent as given."""
+    out = _captured(monkeypatch)
+    cli._print_event("[/]", as_json=False)
+    assert out.getvalue() == "sent request [/]\n"
+
+
+def test_the_status_table_prints_its_text_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` shows job types, run IDs and client IDs from the state topic as written."""
+    out = _captured(monkeypatch)
+    info = RunInfo(HOSTILE_JOB_TYPE, "[red]r[/red]", "[b]c", "q", datetime.now(UTC), {})
+    cli.console.print(cli._jobs_table([("RUNNING", info)]))
+    printed = out.getvalue()
+    for text in (HOSTILE_JOB_TYPE, "[red]r[/red]", "[b]c"):
+        assert text in printed
+
+
+def _store_with(path: Path, row: RunRow) -> None:
+    """A worker's SQLite file at `path` holding `row`."""
+
+    async def create() -> None:
+        await (await Store.open(path)).close()
+
+    asyncio.run(create())
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(UPSERT_RUN, run_params(row, retained=True))
+
+
+def _run_row(**changes: Any) -> RunRow:
+    at = datetime(2026, 11, 28, 9, 30, tzinfo=UTC)
+    row = RunRow(
+        run_id="261128-093000-0.1",
+        job_type="etl",
+        client_id=None,
+        request_id="q",
+        status=RunStatus.COMPLETED,
+        partition=0,
+        started_at=at,
+        ended_at=at,
+        initial_data={},
+        metrics=None,
+        reason=None,
+    )
+    return dataclasses.replace(row, **changes)
+
+
+def test_runs_prints_the_file_s_text_literally(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`runs` shows what the status topic said (through the file) as written."""
+    path = tmp_path / "jobs.db"
+    _store_with(
+        path, _run_row(job_type=HOSTILE_JOB_TYPE, client_id="[red]c[/red]", metrics={"[/]": 1})
+    )
+    out = _captured(monkeypatch)
+    result = runner.invoke(app, ["runs", "--db", str(path)])
+    assert result.exit_code == 0, result.output
+    for text in (HOSTILE_JOB_TYPE, "[red]c[/red]", '{"[/]": 1}'):
+        assert text in out.getvalue()
+
+
+def test_paths_given_print_literally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path the user gives (`--dir`, `--db`, `--json`) is printed as given."""
+    target = tmp_path / "a[/]b"
+    out = _captured(monkeypatch)
+    result = runner.invoke(app, ["schemas", "export", "--dir", str(target)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {target}/" in out.getvalue()
+
+
+async def test_watch_prints_a_hostile_event_and_goes_on(topics: Settings) -> None:
+    """`jobctl watch` prints an event whose job type is `etl[/]` literally and keeps going;
+    it used to lose its reader task to the MarkupError and then wait forever."""
+    hostile = _hostile_event()
+    plain = hostile.model_copy(update={"event_id": "e-2", "job_type": "etl", "reason": "ok"})
+    await publish_status(topics, [hostile, plain], partitions=2)
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*JOBCTL, "watch", "--from-beginning", "--count", "2", *base],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cancelled etl[/] run" in result.stdout
+    assert "[red]x[/red]" in result.stdout
+    assert "— ok" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_failing_on_item_ends_the_wait_with_its_error(topics: Settings) -> None:
+    """An exception of `on_item` stops the tail's reading: `wait_until` (keep=False) and
+    `wait_for` (keep=True) raise it at once, instead of waiting for what cannot come."""
+
+    def explode(item: Any) -> None:
+        raise RuntimeError(f"on_item failed on {item.event_id}")
+
+    await publish_status(topics, [_hostile_event()], partitions=2)
+    never = asyncio.Event()
+    kafka = connection(topics)
+    async with StatusTail(kafka, topics.topics, on_item=explode, keep=False) as tail:
+        with pytest.raises(RuntimeError, match="on_item failed on e-1"):
+            await asyncio.wait_for(tail.wait_until(never), 30)
+    async with StatusTail(kafka, topics.topics, on_item=explode) as kept:
+        with pytest.raises(RuntimeError, match="on_item failed on e-1"):
+            # The event is kept before on_item sees it; the one asked for never comes.
+            await kept.wait_event(timeout=30, event_id="e-2")
+
+
+# --- --data and --metrics: what the worker would refuse, refused here in one line ------------
+
+
+def _one_line_error(result: Any, *, after: str | None = None) -> str:
+    """The error line of a command that must fail with exit 1 and without a traceback
+    (after a line starting with `after`, such as a progress bar, if given)."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    if after is not None and len(lines) == 2 and lines[0].startswith(after):
+        lines = lines[1:]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+NOWHERE = ["-b", "127.0.0.1:1", "--timeout", "1"]  # sent nowhere, should it get that far
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        pytest.param("[" * 100_000, "nested too deeply", id="deep-arrays"),
+        pytest.param('{"a":' * 32 + "1" + "}" * 32, "nested too deeply", id="one-too-deep"),
+        pytest.param('{"rows": ' + "9" * 5000 + "}", "5000 digits is too long", id="long-int"),
+        pytest.param('{"rows": -' + "9" * 5000 + "}", "5000 digits is too long", id="long-neg"),
+        pytest.param('{"rows": 1e400}', "the number 1e400 is too large", id="huge-float"),
+        pytest.param('{"rows": NaN}', "NaN is not a JSON number", id="nan"),
+        pytest.param('{"a": "\\ud800"}', "lone UTF-16 surrogate", id="lone-surrogate"),
+        pytest.param('{"a": "\udcff"}', "not UTF-8 text", id="argument-not-utf8"),
+        pytest.param(
+            '{"a": "' + "x" * 70_000 + '"}',
+            "--data is 70008 bytes as JSON; the limit is 65536 (JOBS_MAX_DATA_BYTES)",
+            id="too-large",
+        ),
+        pytest.param("[1]", "must be a JSON object", id="not-an-object"),
+        pytest.param("{", "not valid JSON", id="not-json"),
+    ],
+)
+def test_data_the_worker_would_refuse_is_one_line(value: str, fragment: str) -> None:
+    """`--data` JSON that the worker would refuse (or json.loads could not take) is a line
+    naming the option and the problem, before anything is sent."""
+    result = runner.invoke(app, ["submit", "etl", "--data", value, *NOWHERE])
+    line = _one_line_error(result)
+    assert "--data" in line
+    assert fragment in line
+    assert "cannot connect" not in line
+
+
+def test_metrics_the_worker_would_refuse_is_one_line() -> None:
+    """`complete` and `fail` check `--metrics` as `submit` checks `--data`."""
+    for command in ("complete", "fail"):
+        args = [command, "etl", "261128-093000-0.1", "--metrics", "[" * 100_000, *NOWHERE]
+        line = _one_line_error(runner.invoke(app, args))
+        assert "--metrics" in line
+        assert "nested too deeply" in line
+
+
+def test_data_as_deep_as_the_worker_takes_is_sent() -> None:
+    """An object 31 deep (the request around it makes 32, JOBS_MAX_NESTING_DEPTH) and at
+    the size limit passes the checks: here it then finds no broker."""
+    for value in ('{"a":' * 31 + "1" + "}" * 31, '{"a": "' + "x" * (65_536 - 8) + '"}'):
+        line = _one_line_error(runner.invoke(app, ["submit", "etl", "--data", value, *NOWHERE]))
+        assert "cannot connect to Kafka" in line
+
+
+# --- --db: a file that cannot be one is a line naming it ---------------------------------------
+
+
+def _random_file(path: Path) -> Path:
+    path.write_bytes(random.Random(7).randbytes(8192))
+    return path
+
+
+def test_runs_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """`runs --db <random bytes>` says the file is damaged, in one line naming it."""
+    path = _random_file(tmp_path / "noise.db")
+    line = _one_line_error(runner.invoke(app, ["runs", "--db", str(path)]))
+    assert str(path) in line
+    assert "not a database" in line
+
+
+def test_runs_refuses_a_directory(tmp_path: Path) -> None:
+    """`runs --db <directory>` says it is a directory."""
+    line = _one_line_error(runner.invoke(app, ["runs", "--db", str(tmp_path)]))
+    assert f"{tmp_path} is a directory" in line
+
+
+def test_runs_refuses_a_pipe(tmp_path: Path) -> None:
+    """`runs --db <fifo>` says it is no regular file, instead of waiting on the pipe."""
+    fifo = tmp_path / "pipe.db"
+    os.mkfifo(fifo)
+    line = _one_line_error(runner.invoke(app, ["runs", "--db", str(fifo)]))
+    assert f"{fifo} is not a regular file" in line
+
+
+def test_runs_refuses_a_row_it_cannot_read(tmp_path: Path) -> None:
+    """A run row that is not as the worker writes it is a line naming the file."""
+    path = tmp_path / "jobs.db"
+    _store_with(path, _run_row())
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE runs SET status = 'SOMETIMES', metrics = '{'")
+    line = _one_line_error(runner.invoke(app, ["runs", "--db", str(path)]))
+    assert f"{path} holds a run that is not as the worker writes it" in line
+
+
+def test_replay_refuses_a_directory_before_reading(tmp_path: Path) -> None:
+    """`replay --db <directory>` says so before it connects to Kafka."""
+    line = _one_line_error(runner.invoke(app, ["replay", "--db", str(tmp_path), *NOWHERE[:2]]))
+    assert f"{tmp_path} is a directory" in line
+
+
+def test_replay_refuses_a_path_in_no_directory(tmp_path: Path) -> None:
+    """`replay --db missing/dir/x.db` names the directory that is not there."""
+    path = tmp_path / "missing" / "x.db"
+    line = _one_line_error(runner.invoke(app, ["replay", "--db", str(path), *NOWHERE[:2]]))
+    assert f"there is no directory {path.parent}" in line
+
+
+def test_replay_refuses_a_file_that_is_not_a_database(settings: Settings, tmp_path: Path) -> None:
+    """`replay --db <random bytes>` reads the topic, then says the file is damaged."""
+    asyncio.run(create_topics(settings, 2))
+    path = _random_file(tmp_path / "noise.db")
+    base = ["-b", settings.bootstrap_servers, "--prefix", settings.topic_prefix]
+    result = runner.invoke(app, ["replay", "--db", str(path), *base])
+    line = _one_line_error(result, after="replaying")
+    assert str(path) in line
+    assert "not a database" in line
+
+
+def test_run_refuses_a_directory(tmp_path: Path) -> None:
+    """`jobctl run --db <directory>` exits 1 with one line, before it connects."""
+    result = subprocess.run(
+        [*JOBCTL, "run", "--db", str(tmp_path), "-b", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    expected = f"error: {tmp_path} is a directory; --db (or JOBS_DB_PATH) names a SQLite file"
+    assert result.stderr.strip() == expected
+
+
+def test_verify_refuses_a_settings_file_nested_too_deeply(tmp_path: Path) -> None:
+    """`verify --config` with arrays nested past Python's stack: one line naming the file."""
+    bad = tmp_path / "jobs.toml"
+    bad.write_text("[defaults]\ntimeout = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    line = _one_line_error(runner.invoke(app, ["verify", "--config", str(bad), *NOWHERE[:2]]))
+    assert line == f"error: {bad}: arrays or inline tables nest too deeply"

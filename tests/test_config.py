@@ -260,6 +260,49 @@ def test_out_of_range_timeout_is_a_config_error(value: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
+        "[defaults]\ntimeout = " + "[" * 100_000 + "]" * 100_000 + "\n",
+        "[defaults]\ntimeout = " + "{a = " * 100_000 + "1" + "}" * 100_000 + "\n",
+        "[job_types]\netl = " + "[{x = " * 50_000 + "1" + "}]" * 50_000 + "\n",
+    ],
+    ids=["arrays", "inline-tables", "both-in-job-types"],
+)
+def test_values_nested_too_deeply_are_a_config_error(text: str) -> None:
+    """Arrays or inline tables nested past what tomllib's recursion takes are a ConfigError
+    naming the file, not a RecursionError."""
+    error = error_of(text)
+    assert isinstance(error, ConfigError), repr(error)
+    assert str(error) == "jobs.toml: arrays or inline tables nest too deeply"
+
+
+@pytest.mark.parametrize(
+    "digits",
+    ["9" * 5000, "-" + "9" * 5000, "1_" * 4400 + "0"],
+    ids=["long", "negative", "underscores"],
+)
+def test_an_integer_too_long_to_convert_is_a_config_error(digits: str) -> None:
+    """An integer of more digits than Python converts is a ConfigError naming the file and
+    its line, not a ValueError."""
+    error = error_of(f'[defaults]\npolicy = "queue"\ntimeout = {digits}\n')
+    assert isinstance(error, ConfigError), repr(error)
+    assert str(error).startswith("jobs.toml:3: an integer has more than ")
+
+
+def test_load_names_the_file_of_a_value_it_cannot_read(tmp_path: Path) -> None:
+    """`jobctl run --config` and `verify --config` load the file: its path is in the error."""
+    path = tmp_path / "jobs.toml"
+    path.write_text("[defaults]\ntimeout = " + "[" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="nest too deeply") as caught:
+        load(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    path.write_text("[job_types.etl]\ntimeout = " + "9" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"more than \d+ digits") as caught:
+        load(path)
+    assert str(caught.value).startswith(f"{path}:2: ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "[job_types.'feed.import']\npolicy = 'bad'\n",
         '[job_types]\nfeed.policy = "bad"\n',
     ],

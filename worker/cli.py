@@ -6,9 +6,13 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import re
 import signal
 import socket
+import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +24,9 @@ import typer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import ValidationError
+from pydantic_core import to_json
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -75,8 +81,29 @@ def _logging(
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
     # One line, however long, and the message printed as it is (no markup read into it).
-    err.print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
+    err.print(
+        Text.assemble(("error:", "red"), " ", _shown(message, keep_newlines=True)),
+        highlight=False,
+        soft_wrap=True,
+    )
     return typer.Exit(code)
+
+
+# C0 and C1 control characters: in text a terminal is shown, they could move the cursor,
+# clear the screen or restyle what follows (rich's Text passes ESC through).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(value: object, *, keep_newlines: bool = False) -> Text:
+    """`value` as text to print, whoever wrote it (a status event, a SQLite file, an
+    argument): a `Text`, so rich reads no markup in it (`etl[/]` would raise, `[red]x[/red]`
+    would style), its control characters and lone surrogates written as escapes."""
+    text = "" if value is None else str(value)
+    control = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    text = control.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    # A lone surrogate (an argument's undecodable byte) would make printing it raise.
+    return Text(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -111,6 +138,40 @@ async def _with_admin(s: Settings, action: Callable[[AIOKafkaAdminClient], Await
         await admin.close()
 
 
+def _sqlite_file(path: Path, *, existing: bool, option: str = "--db") -> None:
+    """Refuse, in one line, a path that cannot be a SQLite file: a directory, a device or a
+    pipe (SQLite would hang on a FIFO), a path in no directory, or (with `existing`) none.
+
+    Checked before SQLite opens it: where the open itself fails, aiosqlite reports it
+    from its thread once the event loop has closed, as a traceback after our message.
+    """
+    try:
+        mode: int | None = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:  # a parent that is a file, a name too long, no permission
+        raise _fail(f"cannot use {path} as {option}: {exc.strerror}") from None
+    if mode is None:
+        if existing:
+            raise _fail(f"{path} does not exist; point {option} at a worker's SQLite file")
+        if not path.parent.is_dir():
+            raise _fail(f"{path}: there is no directory {path.parent} for {option}")
+    elif stat.S_ISDIR(mode):
+        raise _fail(f"{path} is a directory; {option} names a SQLite file")
+    elif not stat.S_ISREG(mode):
+        raise _fail(f"{path} is not a regular file; {option} names a SQLite file")
+
+
+def _store_failure(path: Path, exc: sqlite3.Error) -> typer.Exit:
+    """One line for a SQLite file that cannot be used: a `StoreError` says why and names the
+    file itself; SQLite's own errors are given the file's name."""
+    from worker.engine.store import StoreError
+
+    if isinstance(exc, StoreError):
+        return _fail(str(exc))
+    return _fail(f"cannot use the SQLite file {path}: {exc}")
+
+
 BOOTSTRAP = typer.Option(None, "--bootstrap", "-b", help="Kafka bootstrap servers.")
 PREFIX = typer.Option(None, "--prefix", help="Topic prefix (default: JOBS_TOPIC_PREFIX or jobs).")
 
@@ -142,7 +203,7 @@ def broker(
     try:
         if fetch_only:
             libs = localkafka.fetch_jars()
-            console.print(f"Kafka {localkafka.KAFKA_VERSION} jars in {libs}")
+            console.print(Text.assemble(f"Kafka {localkafka.KAFKA_VERSION} jars in ", _shown(libs)))
             return
         started = time.monotonic()
         if port is None:
@@ -265,10 +326,10 @@ def run(
     from worker.devtools.faults import from_environment
     from worker.engine.hooks import Hooks
     from worker.engine.loop import StopTimedOut, Worker
-    from worker.engine.store import StoreError
     from worker.watchdog import StopWatchdog
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
+    _sqlite_file(s.db_path, existing=False, option="--db (or JOBS_DB_PATH)")
     configure_logs(s.log_level, s.log_format)
     gctuning.tune()
 
@@ -292,8 +353,10 @@ def run(
 
     try:
         _run(main())
-    except (ConfigError, StoreError) as exc:
+    except ConfigError as exc:
         raise _fail(str(exc)) from None
+    except sqlite3.Error as exc:  # a StoreError among them
+        raise _store_failure(s.db_path, exc) from None
 
 
 def _progress_bar(description: str) -> tuple[Progress, Callable[[int, int], None]]:
@@ -355,6 +418,7 @@ def replay(
 
     start_offset, start_time = _window_start(from_offset, from_timestamp)
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    _sqlite_file(db, existing=False)
     bar, update = _progress_bar("replaying")
     try:
         with bar:
@@ -370,10 +434,15 @@ def replay(
             )
     except ReplayError as exc:
         raise _fail(str(exc)) from None
+    except sqlite3.Error as exc:  # a damaged file, or one of a newer schema (StoreError)
+        raise _store_failure(db, exc) from None
     console.print(
-        f"applied {report.events} status events in {report.seconds:.2f}s "
-        f"({report.rate:,.0f}/s, {report.processes} process{'es' if report.processes > 1 else ''})"
-        f"; {report.runs} runs in {db}"
+        Text.assemble(
+            f"applied {report.events} status events in {report.seconds:.2f}s "
+            f"({report.rate:,.0f}/s, {report.processes} "
+            f"process{'es' if report.processes > 1 else ''}); {report.runs} runs in ",
+            _shown(db),
+        )
     )
 
 
@@ -460,15 +529,73 @@ def print_verify_summary(report: Any) -> None:
 JSON_OUT = typer.Option(False, "--json", help="Machine-readable output.")
 
 
-def _json_data(text: str | None, what: str) -> dict[str, Any]:
+class _NotJson(ValueError):
+    """JSON that `json.loads` takes but the worker refuses; the message says why."""
+
+
+def _json_int(digits: str) -> int:
+    try:
+        return int(digits)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits())
+        raise _NotJson(f"a number of {len(digits.lstrip('-'))} digits is too long") from None
+
+
+def _json_float(digits: str) -> float:
+    value = float(digits)
+    if not math.isfinite(value):  # 1e400: sent on as Infinity, which is not JSON
+        raise _NotJson(f"the number {digits[:20]}{'…' if len(digits) > 20 else ''} is too large")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON number")
+
+
+def _json_data(text: str | None, what: str, s: Settings) -> dict[str, Any]:
+    """The JSON object of option `what` (--data, --metrics), or a one-line error when the
+    worker would refuse it: the limits are the worker's, as `s` has them (JOBS_MAX_*)."""
     if text is None:
         return {}
+    from worker.engine.codec import nesting_depth_over
+
+    limits = s.input_limits
     try:
-        data = json.loads(text)
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:  # an argument's bytes that are not UTF-8
+        raise _fail(f"{what} is not UTF-8 text") from None
+    # Counted before parsing, as the worker does: json.loads recurses once per level, and
+    # `[` * 100000 would exhaust the stack. The request around the object is one level.
+    depth = limits.nesting_depth - 1
+    if nesting_depth_over(raw, depth):
+        raise _fail(
+            f"{what} is not a JSON object the worker takes: nested too deeply (arrays and "
+            f"objects at most {depth} deep, JOBS_MAX_NESTING_DEPTH={limits.nesting_depth} "
+            "counting the request around it)"
+        )
+    try:
+        data = json.loads(
+            text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
+        )
     except json.JSONDecodeError as exc:
         raise _fail(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except _NotJson as exc:
+        raise _fail(f"{what} is not a JSON object the worker takes: {exc}") from None
+    except RecursionError:  # a JOBS_MAX_NESTING_DEPTH above what Python can parse
+        raise _fail(f"{what} is not a JSON object the worker takes: nested too deeply") from None
     if not isinstance(data, dict):
         raise _fail(f"{what} must be a JSON object, like '{{\"rows\": 10}}'")
+    try:
+        size = len(to_json(data))
+    except ValueError:  # pydantic-core refuses a lone surrogate, as the worker then does
+        raise _fail(
+            f"{what} is not a JSON object the worker takes: it escapes a lone UTF-16 surrogate "
+            "(\\ud800-\\udfff without its pair)"
+        ) from None
+    if size > limits.data_bytes:
+        raise _fail(
+            f"{what} is {size} bytes as JSON; the limit is {limits.data_bytes} "
+            "(JOBS_MAX_DATA_BYTES)"
+        )
     return data
 
 
@@ -524,21 +651,23 @@ def _print_event(event: StatusEvent | str, as_json: bool) -> None:
         if as_json:
             print(json.dumps({"sent": True, "request_id": event}))
         else:
-            console.print(f"sent request {event}")
+            console.print(Text.assemble("sent request ", _shown(event)))
         return
     if as_json:
         print(event.model_dump_json())
         return
-    parts = [f"[bold]{event.type}[/]", event.job_type]
+    # Every field but the type is anyone's text (the status topic takes any JSON that
+    # validates): `_shown`, never markup.
+    parts = [Text(str(event.type), style="bold"), _shown(event.job_type)]
     if event.run_id:
-        parts.append(f"run {event.run_id}")
+        parts.append(Text.assemble("run ", _shown(event.run_id)))
     if event.status:
-        parts.append(f"status {event.status}")
+        parts.append(Text.assemble("status ", _shown(event.status)))
     if event.metrics:
-        parts.append(f"metrics {json.dumps(event.metrics)}")
+        parts.append(Text.assemble("metrics ", _shown(json.dumps(event.metrics))))
     if event.reason:
-        parts.append(f"— {event.reason}")
-    console.print(" ".join(parts))
+        parts.append(Text.assemble("— ", _shown(event.reason)))
+    console.print(Text(" ").join(parts))
 
 
 @app.command()
@@ -557,8 +686,8 @@ def submit(
 
     Example: jobctl submit report.daily --data '{"day": "2026-11-28"}'
     """
-    initial = _json_data(data, "--data")
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    initial = _json_data(data, "--data", s)
 
     async def action(client: Any) -> Any:
         return await client.start_job(
@@ -582,8 +711,8 @@ def _result_command(status: str) -> Callable[..., None]:
         bootstrap: str = BOOTSTRAP,
         prefix: str = PREFIX,
     ) -> None:
-        final = _json_data(metrics, "--metrics")
         s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+        final = _json_data(metrics, "--metrics", s)
 
         async def action(client: Any) -> Any:
             return await client.complete_job(
@@ -723,14 +852,26 @@ def status(
         ]
         print(json.dumps(rows))
         return
+    console.print(_jobs_table(infos) if infos else "no job is running or queued")
+
+
+def _jobs_table(infos: list[tuple[str, Any]]) -> Table:
+    """`status`'s table: a row per (status, `RunInfo`)."""
     table = Table("job type", title="running and queued jobs")
     table.add_column("run ID", no_wrap=True)  # people copy it into complete, fail, cancel
     table.add_column("status")
     table.add_column("client")
     table.add_column("since")
     for status, i in infos:
-        table.add_row(i.job_type, i.run_id, status, i.client_id or "", i.started_at.isoformat())
-    console.print(table if infos else "no job is running or queued")
+        # The state topic's text, anyone's: `_shown`, never markup.
+        table.add_row(
+            _shown(i.job_type),
+            _shown(i.run_id),
+            status,
+            _shown(i.client_id),
+            i.started_at.isoformat(),
+        )
+    return table
 
 
 @app.command()
@@ -752,8 +893,7 @@ def runs(
     from worker.engine.store import Store
 
     s = _settings(db_path=db)
-    if not s.db_path.exists():
-        raise _fail(f"{s.db_path} does not exist; point --db (or JOBS_DB_PATH) at a worker's file")
+    _sqlite_file(s.db_path, existing=True, option="--db (or JOBS_DB_PATH)")
     wanted = None
     if status_filter is not None:
         try:
@@ -773,7 +913,13 @@ def runs(
         finally:
             await store.close()
 
-    rows = _run(load())
+    try:
+        rows = _run(load())
+    except sqlite3.Error as exc:  # not a database, damaged, a newer schema (StoreError)
+        raise _store_failure(s.db_path, exc) from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        # A row the worker did not write: a status, time or JSON column it cannot read.
+        raise _fail(f"{s.db_path} holds a run that is not as the worker writes it: {exc}") from None
     if as_json:
         print(
             json.dumps(
@@ -798,14 +944,15 @@ def runs(
     for column in ("job type", "client", "status", "started", "ended", "metrics"):
         table.add_column(column)
     for r in rows:
+        # What the status topic said, through the file: `_shown`, never markup.
         table.add_row(
-            r.run_id,
-            r.job_type,
-            r.client_id or "",
-            r.status,
+            _shown(r.run_id),
+            _shown(r.job_type),
+            _shown(r.client_id),
+            _shown(r.status),
             r.started_at.isoformat(timespec="seconds"),
             r.ended_at.isoformat(timespec="seconds") if r.ended_at else "",
-            json.dumps(r.metrics) if r.metrics else "",
+            _shown(json.dumps(r.metrics)) if r.metrics else "",
         )
     console.print(table if rows else "no runs match")
 
@@ -859,13 +1006,22 @@ def watch(
             connection(s), s.topics, from_beginning=from_beginning, on_item=show, keep=False
         )
         async with tail:
-            await done.wait()
+            # Not `done.wait()` alone: should printing raise, the tail stops reading and
+            # `done` would never be set; this raises that exception instead.
+            await tail.wait_until(done)
 
     with contextlib.suppress(KeyboardInterrupt):
         try:
             _run(follow())
         except LookupError as exc:
             raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
+        except BrokenPipeError:
+            # The reader of the output has gone (`jobctl watch | head -3`): stop quietly, as
+            # commands writing into a closed pipe do. Python flushes stdout at exit, which
+            # would raise again: from now on it writes to /dev/null.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
 
 
 _BATCH = Settings.model_fields["batch_max_records"].default  # the bench runs the default
@@ -965,7 +1121,7 @@ def _full_bench(options: Any, json_path: Path | None) -> None:
         console.print(growth_table(report.growth))
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(Text.assemble("wrote ", _shown(json_path)))
 
 
 def _growth_sizes(text: str) -> tuple[int, ...]:
@@ -1072,7 +1228,7 @@ def _growth(options: Any, json_path: Path | None) -> None:
     console.print(growth_table(rows))
     if json_path is not None:
         json_path.write_text(json.dumps(growth_json(rows), indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        console.print(Text.assemble("wrote ", _shown(json_path)))
 
 
 def _soak(options: Any, minutes: float, rate: float, interval: float, retention: int) -> None:
@@ -1115,7 +1271,7 @@ def schemas_export(
         console.print("schemas up to date")
         return
     for path in schemas.export_json_schemas(target):
-        console.print(f"wrote {path}")
+        console.print(Text.assemble("wrote ", _shown(path)))
 
 
 @app.command()
@@ -1165,9 +1321,11 @@ def demo(
                 console.print("[bold]starting a local Kafka broker…[/]")
                 kafka = localkafka.LocalKafka().start()
             bootstrap = kafka.bootstrap_servers
-            console.print(f"Kafka ready at {bootstrap} in {time.monotonic() - started:.1f}s")
+            console.print(
+                f"Kafka ready at {escape(bootstrap)} in {time.monotonic() - started:.1f}s"
+            )
         else:
-            console.print(f"[bold]using the broker at {bootstrap}[/]", highlight=False)
+            console.print(f"[bold]using the broker at {escape(bootstrap)}[/]", highlight=False)
         failures = _run(run_demo(bootstrap, console))
     except localkafka.LocalKafkaError as exc:
         raise _fail(str(exc)) from None
@@ -1176,7 +1334,7 @@ def demo(
             kafka.stop()
     if failures:
         for failure in failures:
-            err.print(f"[red]✗[/] {failure}")
+            err.print(Text.assemble(("✗", "red"), " ", _shown(failure)))
         raise _fail(f"the demo saw {len(failures)} unexpected outcome(s)")
     console.print("[bold green]✓ every outcome matched the scenario[/]")
 

@@ -25,7 +25,10 @@ class StatusTail:
 
     With `keep=False` each one goes to `on_item` and nothing is kept: a follower that runs
     for days, or reads a long history from its beginning (`jobctl watch`), holds no more
-    than one fetch's worth; `wait_for` is then refused.
+    than one fetch's worth; `wait_for` is then refused, and `wait_until` waits instead.
+
+    Should reading stop (`on_item` raised, or Kafka failed), the waiters get its exception
+    rather than waiting for items that will never come.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class StatusTail:
         self.items: list[Item] = []
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
 
     @property
     def events(self) -> list[StatusEvent]:
@@ -89,6 +93,23 @@ class StatusTail:
                 await self._consumer.position(tp)
 
     async def _read(self) -> None:
+        try:
+            await self._follow()
+        except asyncio.CancelledError:
+            raise  # `stop`
+        except BaseException as exc:  # SystemExit too: rich's, when its pipe is closed
+            # Nobody awaits this task until `stop`: kept and handed to every waiter (woken
+            # now), the exception ends their wait instead of leaving it to hang; and one that
+            # exits does not break out of the event loop from a task nobody is waiting on.
+            self._failure = exc
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _follow(self) -> None:
         while True:
             batch = await self._consumer.getmany(timeout_ms=500)
             fresh: list[Item] = []
@@ -117,8 +138,23 @@ class StatusTail:
 
         async with asyncio.timeout(timeout), self._changed:
             while (found := find()) is None:
+                self._raise_failure()
                 await self._changed.wait()
             return found
+
+    async def wait_until(self, done: asyncio.Event) -> None:
+        """Wait until `done` is set (by `on_item`, say); if reading stops first, raise why
+        (the exception of `on_item`, or of Kafka)."""
+        if self._task is None:
+            raise RuntimeError("the tail is not started")
+        waiting = asyncio.ensure_future(done.wait())
+        try:
+            await asyncio.wait({waiting, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if not done.is_set():
+            self._raise_failure()
+            raise RuntimeError("the tail was stopped")
 
     async def wait_event(self, timeout: float = 30.0, **fields: object) -> StatusEvent:
         """The first status event whose attributes equal `fields`."""

@@ -15,6 +15,7 @@ An invalid file stops start-up with a message naming the file, the line and the 
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -93,6 +94,13 @@ def parse(text: str, source: str = "<config>") -> JobsConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    except RecursionError:
+        # tomllib reads arrays and inline tables by recursion: a few hundred levels exhaust
+        # Python's stack, long before any setting would care how deep a value is.
+        raise ConfigError(f"{source}: arrays or inline tables nest too deeply") from None
+    except ValueError:
+        # Not a TOMLDecodeError: an integer of more digits than Python converts to int.
+        raise ConfigError(_long_integer(text, source)) from None
     try:
         parsed = _File.model_validate(data)
     except ValidationError as exc:
@@ -120,6 +128,16 @@ def load(path: Path | None) -> JobsConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse(text, str(path))
+
+
+def _long_integer(text: str, source: str) -> str:
+    """The error for an integer too long to convert, at its line when it can be found."""
+    limit = sys.get_int_max_str_digits()
+    found = re.search(rf"[0-9][0-9_]{{{limit},}}", text)
+    if found is None:
+        return f"{source}: an integer has more than {limit} digits"
+    line = text.count("\n", 0, found.start()) + 1
+    return f"{source}:{line}: an integer has more than {limit} digits"
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> int:
