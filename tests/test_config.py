@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from worker.core.config import ConfigError, JobsConfig, load, parse
 from worker.core.lifecycle import JobConfig, Policy, Scope
+from worker.settings import LONGEST_S, Settings
 
 VALID = """\
 # Job-type settings for the orchestrator.
@@ -370,3 +372,28 @@ def test_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
         error = None
     assert isinstance(error, ConfigError), repr(error)
     assert str(path) in str(error)
+
+
+SECONDS_SETTINGS = [name for name, field in Settings.model_fields.items() if name.endswith("_s")]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e300", str(LONGEST_S + 1)])
+@pytest.mark.parametrize("name", SECONDS_SETTINGS)
+def test_a_seconds_setting_no_time_can_hold_is_refused_naming_it(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each seconds setting becomes a `timedelta` added to times: infinity, NaN, or more than
+    a century is refused when the settings are read, naming the variable, not met as an
+    overflow when the worker starts."""
+    monkeypatch.setenv(f"JOBS_{name.upper()}", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert [e["loc"] for e in refused.value.errors()] == [(name,)]
+    monkeypatch.setenv(f"JOBS_{name.upper()}", str(LONGEST_S))
+    assert getattr(Settings(), name) == LONGEST_S
+    assert datetime.now(UTC) + timedelta(seconds=LONGEST_S) > datetime.now(UTC)
+
+
+def test_the_seconds_settings_are_the_ones_the_worker_turns_into_durations() -> None:
+    """The list above is not empty by accident: the worker's durations are among them."""
+    assert {"run_retention_s", "time_hold_s", "max_clock_skew_s", "tick_s"} <= set(SECONDS_SETTINGS)

@@ -14,6 +14,11 @@ if TYPE_CHECKING:  # the client reads these settings too, and must not load the 
     from worker.core.limits import InputLimits
 
 
+# The longest any seconds setting may be (100 years): each becomes a `timedelta` added to
+# times, which infinity, NaN or 1e300 would overflow when the worker starts, not here.
+LONGEST_S = 100 * 365 * 86_400
+
+
 class Settings(BaseSettings):
     """Worker and client settings; every field reads `JOBS_<NAME>` from the environment."""
 
@@ -99,6 +104,8 @@ class Settings(BaseSettings):
     )
     transaction_timeout_ms: int = Field(default=60_000, gt=0)
     run_retention_s: float = Field(
+        allow_inf_nan=False,
+        le=LONGEST_S,
         default=86_400,
         gt=0,
         description="Ended runs stay in the changelog this long (broker time), then are "
@@ -126,9 +133,15 @@ class Settings(BaseSettings):
         "soon is not read back from SQLite; 0 keeps none.",
     )
     tick_s: float = Field(
-        default=1.0, gt=0, description="How often idle partitions check for timed-out runs."
+        allow_inf_nan=False,
+        le=LONGEST_S,
+        default=1.0,
+        gt=0,
+        description="How often idle partitions check for timed-out runs.",
     )
     shutdown_timeout_s: float = Field(
+        allow_inf_nan=False,
+        le=LONGEST_S,
         default=25.0,
         gt=0,
         description="Longest a stop may take to commit the batches in flight, leave the group "
@@ -136,6 +149,8 @@ class Settings(BaseSettings):
         "what was not committed), and 5 s later `jobctl run` exits hard whatever holds it.",
     )
     time_hold_s: float = Field(
+        allow_inf_nan=False,
+        le=LONGEST_S,
         default=5.0,
         ge=0,
         description="Longest a partition's time is held back while one of its inputs has "
@@ -143,12 +158,16 @@ class Settings(BaseSettings):
         "with a warning.",
     )
     log_summary_s: float = Field(
+        allow_inf_nan=False,
+        le=LONGEST_S,
         default=60.0,
         ge=0,
         description="How often the worker logs, at info level, what it decided since the last "
         "summary (events by type, dead letters by reason, batches); 0 switches it off.",
     )
     view_refresh_s: float = Field(
+        allow_inf_nan=False,
+        le=LONGEST_S,
         default=60.0,
         ge=0,
         description="How often each partition re-publishes the rows of its running and queued "
@@ -156,6 +175,8 @@ class Settings(BaseSettings):
         "switches it off (clients then read the state topic from its start).",
     )
     max_clock_skew_s: float = Field(
+        allow_inf_nan=False,
+        le=LONGEST_S,
         default=60.0,
         ge=0,
         description="How far ahead of the worker's clock a record's broker time may move a "
