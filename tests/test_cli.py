@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from rich.console import Console
+from rich.text import Text
 from typer.testing import CliRunner
 
 from schemas import EventType, RunStatus, StatusEvent
@@ -589,3 +590,29 @@ def test_verify_refuses_a_settings_file_nested_too_deeply(tmp_path: Path) -> Non
     bad.write_text("[defaults]\ntimeout = " + "[" * 100_000 + "]" * 100_000 + "\n")
     line = _one_line_error(runner.invoke(app, ["verify", "--config", str(bad), *NOWHERE[:2]]))
     assert line == f"error: {bad}: arrays or inline tables nest too deeply"
+
+
+def test_the_demo_prints_events_and_dead_letters_literally() -> None:
+    """The demo's printer shows an event's text and a dead letter's reason as written (its
+    scenario sends bad inputs on purpose): no markup read, no escape sent, one line each."""
+    from schemas import DeadLetter, DeadLetterReason, Source
+    from worker.devtools.demo import _print_item
+
+    out = io.StringIO()
+    show = _print_item(Console(file=out, force_terminal=True, width=400))
+    show(_hostile_event())
+    show(
+        DeadLetter(
+            reason=DeadLetterReason(code="schema_invalid", message=f"job_type {HOSTILE_REASON}"),
+            source=Source(topic="jobs.requests", partition=0, offset=7),
+            key=None,
+            value=None,
+            dead_lettered_at=datetime.now(UTC),
+        )
+    )
+    lines = Text.from_ansi(out.getvalue()).plain.splitlines()
+    assert len(lines) == 2, lines
+    assert "etl[/]" in lines[0]
+    assert "[red]x[/red] \\x1b[2J" in lines[0]
+    assert "schema_invalid: job_type [red]x[/red] \\x1b[2J (from jobs.requests[0]@7)" in lines[1]
+    assert "\x1b[2J" not in out.getvalue()  # styles are sent, the event's escape is not

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import socket
 import sqlite3
@@ -38,6 +37,7 @@ from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, librdkafka_config
 from worker.logs import configure as configure_logs
 from worker.settings import Settings
+from worker.shown import shown
 
 app = typer.Typer(
     name="jobctl",
@@ -82,28 +82,11 @@ def _logging(
 def _fail(message: str, code: int = 1) -> typer.Exit:
     # One line, however long, and the message printed as it is (no markup read into it).
     err.print(
-        Text.assemble(("error:", "red"), " ", _shown(message, keep_newlines=True)),
+        Text.assemble(("error:", "red"), " ", shown(message, keep_newlines=True)),
         highlight=False,
         soft_wrap=True,
     )
     return typer.Exit(code)
-
-
-# C0 and C1 control characters: in text a terminal is shown, they could move the cursor,
-# clear the screen or restyle what follows (rich's Text passes ESC through).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
-
-
-def _shown(value: object, *, keep_newlines: bool = False) -> Text:
-    """`value` as text to print, whoever wrote it (a status event, a SQLite file, an
-    argument): a `Text`, so rich reads no markup in it (`etl[/]` would raise, `[red]x[/red]`
-    would style), its control characters and lone surrogates written as escapes."""
-    text = "" if value is None else str(value)
-    control = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
-    text = control.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    # A lone surrogate (an argument's undecodable byte) would make printing it raise.
-    return Text(text.encode("utf-8", "backslashreplace").decode("utf-8"))
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -203,7 +186,7 @@ def broker(
     try:
         if fetch_only:
             libs = localkafka.fetch_jars()
-            console.print(Text.assemble(f"Kafka {localkafka.KAFKA_VERSION} jars in ", _shown(libs)))
+            console.print(Text.assemble(f"Kafka {localkafka.KAFKA_VERSION} jars in ", shown(libs)))
             return
         started = time.monotonic()
         if port is None:
@@ -441,7 +424,7 @@ def replay(
             f"applied {report.events} status events in {report.seconds:.2f}s "
             f"({report.rate:,.0f}/s, {report.processes} "
             f"process{'es' if report.processes > 1 else ''}); {report.runs} runs in ",
-            _shown(db),
+            shown(db),
         )
     )
 
@@ -651,22 +634,22 @@ def _print_event(event: StatusEvent | str, as_json: bool) -> None:
         if as_json:
             print(json.dumps({"sent": True, "request_id": event}))
         else:
-            console.print(Text.assemble("sent request ", _shown(event)))
+            console.print(Text.assemble("sent request ", shown(event)))
         return
     if as_json:
         print(event.model_dump_json())
         return
     # Every field but the type is anyone's text (the status topic takes any JSON that
-    # validates): `_shown`, never markup.
-    parts = [Text(str(event.type), style="bold"), _shown(event.job_type)]
+    # validates): `shown`, never markup.
+    parts = [Text(str(event.type), style="bold"), shown(event.job_type)]
     if event.run_id:
-        parts.append(Text.assemble("run ", _shown(event.run_id)))
+        parts.append(Text.assemble("run ", shown(event.run_id)))
     if event.status:
-        parts.append(Text.assemble("status ", _shown(event.status)))
+        parts.append(Text.assemble("status ", shown(event.status)))
     if event.metrics:
-        parts.append(Text.assemble("metrics ", _shown(json.dumps(event.metrics))))
+        parts.append(Text.assemble("metrics ", shown(json.dumps(event.metrics))))
     if event.reason:
-        parts.append(Text.assemble("— ", _shown(event.reason)))
+        parts.append(Text.assemble("— ", shown(event.reason)))
     console.print(Text(" ").join(parts))
 
 
@@ -863,12 +846,12 @@ def _jobs_table(infos: list[tuple[str, Any]]) -> Table:
     table.add_column("client")
     table.add_column("since")
     for status, i in infos:
-        # The state topic's text, anyone's: `_shown`, never markup.
+        # The state topic's text, anyone's: `shown`, never markup.
         table.add_row(
-            _shown(i.job_type),
-            _shown(i.run_id),
+            shown(i.job_type),
+            shown(i.run_id),
             status,
-            _shown(i.client_id),
+            shown(i.client_id),
             i.started_at.isoformat(),
         )
     return table
@@ -944,15 +927,15 @@ def runs(
     for column in ("job type", "client", "status", "started", "ended", "metrics"):
         table.add_column(column)
     for r in rows:
-        # What the status topic said, through the file: `_shown`, never markup.
+        # What the status topic said, through the file: `shown`, never markup.
         table.add_row(
-            _shown(r.run_id),
-            _shown(r.job_type),
-            _shown(r.client_id),
-            _shown(r.status),
+            shown(r.run_id),
+            shown(r.job_type),
+            shown(r.client_id),
+            shown(r.status),
             r.started_at.isoformat(timespec="seconds"),
             r.ended_at.isoformat(timespec="seconds") if r.ended_at else "",
-            _shown(json.dumps(r.metrics)) if r.metrics else "",
+            shown(json.dumps(r.metrics)) if r.metrics else "",
         )
     console.print(table if rows else "no runs match")
 
@@ -1121,7 +1104,7 @@ def _full_bench(options: Any, json_path: Path | None) -> None:
         console.print(growth_table(report.growth))
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        console.print(Text.assemble("wrote ", _shown(json_path)))
+        console.print(Text.assemble("wrote ", shown(json_path)))
 
 
 def _growth_sizes(text: str) -> tuple[int, ...]:
@@ -1228,7 +1211,7 @@ def _growth(options: Any, json_path: Path | None) -> None:
     console.print(growth_table(rows))
     if json_path is not None:
         json_path.write_text(json.dumps(growth_json(rows), indent=2) + "\n")
-        console.print(Text.assemble("wrote ", _shown(json_path)))
+        console.print(Text.assemble("wrote ", shown(json_path)))
 
 
 def _soak(options: Any, minutes: float, rate: float, interval: float, retention: int) -> None:
@@ -1271,7 +1254,7 @@ def schemas_export(
         console.print("schemas up to date")
         return
     for path in schemas.export_json_schemas(target):
-        console.print(Text.assemble("wrote ", _shown(path)))
+        console.print(Text.assemble("wrote ", shown(path)))
 
 
 @app.command()
@@ -1334,7 +1317,7 @@ def demo(
             kafka.stop()
     if failures:
         for failure in failures:
-            err.print(Text.assemble(("✗", "red"), " ", _shown(failure)))
+            err.print(Text.assemble(("✗", "red"), " ", shown(failure)))
         raise _fail(f"the demo saw {len(failures)} unexpected outcome(s)")
     console.print("[bold green]✓ every outcome matched the scenario[/]")
 

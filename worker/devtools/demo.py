@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from schemas import DeadLetter, EventType, StatusEvent
 from worker.client import JobClient, JobRejectedError
@@ -30,6 +31,7 @@ from worker.engine.loop import Worker
 from worker.engine.store import Store
 from worker.kafkaio import connection
 from worker.settings import Settings, Topics
+from worker.shown import shown
 
 
 def _print_item(console: Console) -> Callable[[Item], None]:
@@ -42,19 +44,31 @@ def _print_item(console: Console) -> Callable[[Item], None]:
     }
 
     def show(item: Item) -> None:
+        # The events' and dead letters' text is the inputs' (the scenario sends bad ones on
+        # purpose): `shown`, never markup.
         if isinstance(item, StatusEvent):
-            colour = colours.get(item.type, "white")
-            extra = f" metrics={json.dumps(item.metrics)}" if item.metrics else ""
-            reason = f" — {item.reason}" if item.reason else ""
-            console.print(
-                f"  [{colour}]{item.type:<9}[/] {item.job_type:<14} run={item.run_id}"
-                f" status={item.status}{extra}{reason}"
+            line = Text.assemble(
+                "  ",
+                (f"{item.type:<9}", colours.get(item.type, "white")),
+                " ",
+                shown(f"{item.job_type:<14} run={item.run_id} status={item.status}"),
             )
+            if item.metrics:
+                line.append_text(shown(f" metrics={json.dumps(item.metrics)}"))
+            if item.reason:
+                line.append_text(shown(f" — {item.reason}"))
         else:
-            console.print(
-                f"  [red]dead-letter[/] {item.reason.code}: {item.reason.message} "
-                f"(from {item.source.topic}[{item.source.partition}]@{item.source.offset})"
+            source = item.source
+            line = Text.assemble(
+                "  ",
+                ("dead-letter", "red"),
+                " ",
+                shown(
+                    f"{item.reason.code}: {item.reason.message} "
+                    f"(from {source.topic}[{source.partition}]@{source.offset})"
+                ),
             )
+        console.print(line)
 
     return show
 

@@ -1,0 +1,27 @@
+"""Text from outside, made safe to print with rich: `shown`.
+
+A status event, a SQLite file or an argument may hold anything the wire format takes: rich
+would read `[red]x[/red]` in it as style and raise on `etl[/]`, and a control character
+(ESC) would reach the terminal and move the cursor, clear the screen or restyle what
+follows. Every command and the demo print such text through `shown`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rich.text import Text
+
+# C0 and C1 control characters (rich's Text passes ESC through).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(value: object, *, keep_newlines: bool = False) -> Text:
+    """`value` as a `Text`, so rich reads no markup in it, with its control characters and
+    lone surrogates written as escapes."""
+    text = "" if value is None else str(value)
+    control = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
+    text = control.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    # A lone surrogate (an argument's undecodable byte) would make printing it raise.
+    return Text(text.encode("utf-8", "backslashreplace").decode("utf-8"))
