@@ -878,6 +878,38 @@ async def measure_http(path: Path, rounds: int = 20) -> dict[str, float]:
     return timings
 
 
+@pytest.mark.parametrize("where", ["a directory", "no directory", "a pipe", "random bytes"])
+def test_serve_refuses_a_file_it_cannot_use_in_one_line(tmp_path: Path, where: str) -> None:
+    """`jobctl serve --db` on a directory, in a missing directory, on a FIFO (SQLite would
+    block on it) or on a file that is not SQLite exits 1 with one line naming the file, and
+    no traceback after it (aiosqlite's thread reports a failed open once the loop closed)."""
+    import os
+    import subprocess
+    import sys
+
+    db = {
+        "a directory": tmp_path,
+        "no directory": tmp_path / "absent" / "c.db",
+        "a pipe": tmp_path / "fifo",
+        "random bytes": tmp_path / "junk.db",
+    }[where]
+    if where == "a pipe":
+        os.mkfifo(db)
+    if where == "random bytes":
+        db.write_bytes(random.Random(3).randbytes(4096))
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "serve", "--db", str(db), "--port", "0"],
+        env={**os.environ, "JOBS_BOOTSTRAP_SERVERS": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert str(db) in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")], done.stderr
+
+
 async def test_every_filter_is_served_by_an_index(tmp_path: Path) -> None:
     """Each filtered page (and the next page's cursor) walks an index that holds every
     filter it is given, in start order: no table scan, no sort, and no run of a job type,

@@ -51,13 +51,14 @@ def serve(
     import signal
     import sqlite3
 
-    from worker.cli import _fail, _run, _settings
+    from worker.cli import _fail, _run, _settings, _sqlite_file
     from worker.client.answers import JobError
     from worker.console.db import ConsoleError
     from worker.console.service import Console
     from worker.logs import configure as configure_logs
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    _sqlite_file(db, existing=False)
     configure_logs(s.log_level, s.log_format)
 
     async def main() -> None:
