@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import socket
 from pathlib import Path
 
@@ -35,6 +37,34 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
+_HOSTILE_HTTP = [
+    random.Random(5).randbytes(2000),
+    b"GET /healthz\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /metrics?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n",
+    b"GET /%00 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n[[[[[",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /healthz HTTP/9.9\r\n\r\n",
+]
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    """What the server answers `request`, sent as raw bytes on a connection of its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read(200)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 async def test_health_readiness_and_metrics(
     settings: Settings, producer: AIOKafkaProducer, tmp_path: Path
 ) -> None:
@@ -61,6 +91,12 @@ async def test_health_readiness_and_metrics(
                         break
                     await asyncio.sleep(0.1)
             assert json.loads(body) == {"ready": True}
+            assert (await _get(session, f"{base}/healthz"))[0] == 200
+            # Hostile bytes to the HTTP server: each answered 4xx (or the connection closed),
+            # and the worker goes on answering and deciding (the start below).
+            for answer in [await _raw(port, request) for request in _HOSTILE_HTTP]:
+                assert answer == b"" or answer.split(b" ", 2)[1][:1] == b"4", answer[:200]
+            assert worker.alive(), worker.log_text()[-3000:]
             assert (await _get(session, f"{base}/healthz"))[0] == 200
             body_ok = json.dumps({"job_type": "etl", "request_id": "m1"}).encode()
             await producer.send_and_wait(settings.topics.requests, body_ok, key=b"etl")
