@@ -30,7 +30,7 @@ import aiosqlite
 
 from schemas import StatusEvent
 from worker.console.params import stored_time
-from worker.engine.store import RunWrites, Store, fold_events
+from worker.engine.store import DamagedFile, RunWrites, Store, fold_events
 
 # An ended run's duration in seconds, as the duration index computes it (the queries must
 # spell it the same way for SQLite to use the index).
@@ -137,6 +137,14 @@ class ConsoleDb:
         fd = _lock(path)
         try:
             store = await Store.open(path)
+        except DamagedFile as exc:
+            os.close(fd)
+            # The worker's message says what a worker does with a damaged file; a console's
+            # file holds only what it folded, so it can be folded again from the topic.
+            raise ConsoleError(
+                f"{path} is damaged ({exc.damage}); move it away or give another --db: the "
+                "console folds the status topic again from its start"
+            ) from None
         except BaseException:
             os.close(fd)
             raise

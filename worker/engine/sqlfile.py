@@ -188,6 +188,14 @@ class _Damaged(Exception):
     """The file is not a database, or is corrupt."""
 
 
+class DamagedFile(StoreError):
+    """A `StoreError`: the file is not a database, or is corrupt (`damage` says how)."""
+
+    def __init__(self, message: str, damage: str) -> None:
+        super().__init__(message)
+        self.damage = damage
+
+
 # SQLite's primary result codes for a file that is not a database or is corrupt; anything
 # else (locked, unreadable, a full disk) says nothing about the file's content.
 _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
@@ -317,9 +325,10 @@ async def open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
         return await _connect(path, check=repair)
     except _Damaged as damage:
         if not repair:
-            raise StoreError(
+            raise DamagedFile(
                 f"{path} is damaged ({damage}); a worker started on it moves it aside and "
-                "restores its partitions from the changelog"
+                "restores its partitions from the changelog",
+                str(damage),
             ) from None
         reason = str(damage)
     moved = _move_aside(path)

@@ -37,6 +37,7 @@ from worker.engine.sqlfile import (
     SCHEMA_VERSION,
     UPDATE_RUN,
     UPSERT_RUN,
+    DamagedFile,
     StoreError,
     chunks,
     hold_lock,
@@ -49,7 +50,15 @@ from worker.engine.sqlfile import (
 )
 from worker.engine.writer import WriteBehind
 
-__all__ = ["SCHEMA_VERSION", "Abandoned", "RunWrites", "Store", "StoreError", "fold_events"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Abandoned",
+    "DamagedFile",
+    "RunWrites",
+    "Store",
+    "StoreError",
+    "fold_events",
+]
 
 
 @dataclass(slots=True)
