@@ -10,13 +10,14 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from schemas import ENDING_EVENTS, EventType, StatusEvent
+from schemas import ENDING_EVENTS, RUN_ROW_PREFIX, EventType, RunRecord, RunStatus, StatusEvent
 from tests.chaos import WorkerProcess
 from tests.conftest import RunningWorker, create_topics
 from tests.executor_process import ExecutorProcess
@@ -24,7 +25,8 @@ from worker.client import Executor, JobClient, RunContext
 from worker.client.execution import SYSTEM_NOTES
 from worker.client.watch import StatusTail
 from worker.devtools.localkafka import LocalKafka
-from worker.kafkaio import partitions_of
+from worker.engine.codec import partition_for
+from worker.kafkaio import connection, partitions_of
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -177,11 +179,38 @@ async def test_a_cancel_reaches_the_job_after_a_rebalance(
 async def test_a_new_group_runs_what_was_started_before_it_joined(
     worker: RunningWorker, client: JobClient, tail: StatusTail, spawn: Any
 ) -> None:
-    """A group with no offsets starts at its oldest RUNNING run, not at the topic's end;
-    a run that already ended is not run again."""
+    """A group with no offsets starts at its oldest RUNNING run, not at the topic's end
+    (at the topic's start when that run began as Kafka's times begin); a run that already
+    ended is not run again."""
     done = await client.start_job("report")
     await client.complete_job("report", done.run_id or "")
     waiting = await client.start_job("report", initial_data={"seconds": 0})
+    # A RUNNING row started as Kafka's times begin: the new group's start, a margin before
+    # its oldest run, would fall before 1970; it reads from the status topic's start instead.
+    epoch = RunRecord(
+        run_id="700101-000000-0.0",
+        job_type="report",
+        client_id=None,
+        request_id=None,
+        status=RunStatus.RUNNING,
+        partition=partition_for(b"report", 2),  # the `topics` fixture's partitions
+        started_at=datetime(1970, 1, 1, tzinfo=UTC),
+        ended_at=None,
+        initial_data={},
+        metrics=None,
+        reason=None,
+    )
+    producer = AIOKafkaProducer(**connection(client.settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            client.topics.state,
+            RUN_ROW_PREFIX + epoch.model_dump_json().encode() + b"}",
+            key=epoch.run_id.encode(),
+            partition=epoch.partition,
+        )
+    finally:
+        await producer.stop()
     late = spawn("late", "report")
     finished = await tail.wait_event(run_id=waiting.run_id, type=EventType.COMPLETED, timeout=60)
     assert finished.metrics == {"pid": late.pid}

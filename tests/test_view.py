@@ -27,7 +27,7 @@ from worker.client import JobClient, JobConnectionError
 from worker.client.view import RunningView
 from worker.engine.codec import partition_for
 from worker.kafkaio import assign_all, connection, read_until
-from worker.settings import Settings
+from worker.settings import LONGEST_S, Settings
 
 HISTORY = 3_000  # ended runs of an hour ago
 PARTITIONS = 2
@@ -42,6 +42,15 @@ HOSTILE = [
     b'{"row":"run","run":{"status":"RUNNING","x":' + b"[" * 5_000 + b"}}",
     b'{"row":"run","run":{"status":"RUNNING","run_id":7}}',
     b'{"row":"run","v":1,"run":{"status":"RUNNING",\xc3\x28}',
+    # times no reader can use: without an offset, before Kafka's 1970, out of range in UTC
+    b'{"row":"view","v":1,"mark":{"since":"2026-12-02T10:00:00","every_s":60}}',
+    b'{"row":"view","v":1,"mark":{"since":"0001-01-01T00:00:00+05:00","every_s":60}}',
+    b'{"row":"run","v":1,"run":{"run_id":"t","job_type":"t","client_id":null,'
+    b'"request_id":null,"status":"RUNNING","partition":0,"started_at":"1960-01-01T00:00:00Z",'
+    b'"ended_at":null,"initial_data":{},"metrics":null,"reason":null}}',
+    b'{"row":"run","v":1,"run":{"run_id":"u","job_type":"u","client_id":null,'
+    b'"request_id":null,"status":"RUNNING","partition":0,"started_at":"2026-12-02T10:00:00",'
+    b'"ended_at":null,"initial_data":{},"metrics":null,"reason":null}}',
 ]
 
 
@@ -230,7 +239,8 @@ async def test_hostile_rows_never_stop_the_view(topics: Settings) -> None:
         await producer.flush()
     finally:
         await producer.stop()
-    for window in (None, timedelta(minutes=2)):
+    # a window of a century reaches before Kafka's times begin: read from the start
+    for window in (None, timedelta(minutes=2), timedelta(seconds=LONGEST_S)):
         seen, read = await _seen(topics, window)
         assert seen == {"valid"}
         assert read == 2 * len(HOSTILE) + 1

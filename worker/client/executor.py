@@ -248,7 +248,8 @@ class Executor:
             start = dict(ends)
             if oldest is not None:
                 margin = timedelta(seconds=60 + settings.max_clock_skew_s)
-                since = int((oldest - margin).timestamp() * 1000)
+                # Kafka's times start in 1970: a run started just after is read from there.
+                since = max(0, int((oldest - margin).timestamp() * 1000))
                 found = await probe.offsets_for_times(dict.fromkeys(tps, since))
                 for tp, at in found.items():
                     if at is not None:

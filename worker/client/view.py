@@ -93,7 +93,8 @@ class RunningView:
 
     async def _start_in_window(self, partitions: list[TopicPartition], since: datetime) -> None:
         found = await self._offsets.offsets_for_times(
-            {tp: int(since.timestamp() * 1000) for tp in partitions}
+            # Kafka's times start in 1970: a window reaching before it reads from there.
+            dict.fromkeys(partitions, max(0, int(since.timestamp() * 1000)))
         )
         ends = await self._offsets.end_offsets(partitions)
         for tp in partitions:

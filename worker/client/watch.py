@@ -9,9 +9,8 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from pydantic import ValidationError
 
-from schemas import DeadLetter, StatusEvent
+from schemas import DeadLetter, StatusEvent, read_status_event
 from worker.kafkaio import partitions_of, stop_task
 from worker.settings import Topics
 
@@ -59,6 +58,7 @@ class StatusTail:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._failure_raised = False  # to a waiter; else `stop` raises it
 
     @property
     def events(self) -> list[StatusEvent]:
@@ -107,6 +107,7 @@ class StatusTail:
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
+            self._failure_raised = True
             raise self._failure
 
     async def _follow(self) -> None:
@@ -114,11 +115,17 @@ class StatusTail:
             batch = await self._consumer.getmany(timeout_ms=500)
             fresh: list[Item] = []
             for tp, records in batch.items():
-                model: Any = StatusEvent if tp.topic == self._topics.status else DeadLetter
+                # Status events as every reader reads them (`read_status_event`: what cannot
+                # be folded is skipped); dead letters by their model.
+                read: Callable[[Any], Item] = (
+                    read_status_event
+                    if tp.topic == self._topics.status
+                    else DeadLetter.model_validate_json
+                )
                 for record in records:
                     try:
-                        fresh.append(model.model_validate_json(record.value))
-                    except ValidationError as exc:
+                        fresh.append(read(record.value))
+                    except ValueError as exc:
                         log.warning("unreadable record", topic=tp.topic, error=str(exc))
             if fresh and self._keep:
                 async with self._changed:
@@ -169,9 +176,11 @@ class StatusTail:
         return found
 
     async def stop(self) -> None:
-        """Stop reading."""
+        """Stop reading; raise why reading stopped early, unless a waiter was told."""
         await stop_task(self._task)
         await self._consumer.stop()
+        if not self._failure_raised:
+            self._raise_failure()
 
     async def __aenter__(self) -> StatusTail:
         await self.start()
