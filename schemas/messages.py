@@ -52,6 +52,8 @@ def _checked_time(value: datetime) -> datetime:
 
 
 WireTime = Annotated[datetime, AfterValidator(_checked_time)]
+# What the schema documents say of every time (readers refuse others: `time_problem`).
+TIME_RULE = "With a UTC offset, from 1970 to 9000 (readers skip others)."
 
 
 class WireModel(BaseModel):
@@ -203,21 +205,22 @@ class StatusEvent(WireModel):
         default=None, description="The run's initial data, on `started` events."
     )
     started_at: datetime | None = Field(
-        default=None, description="When the run named by run_id started."
+        default=None, description="When the run named by run_id started. " + TIME_RULE
     )
     original_type: EventType | None = Field(
         default=None, description="On `duplicate` events: the original decision's type."
     )
-    occurred_at: datetime
+    occurred_at: datetime = Field(description="When it was decided. " + TIME_RULE)
     source: Source | None = None
 
 
 def read_status_event(value: bytes | str) -> StatusEvent:
     """A status event as read from `<prefix>.status`, with what its readers rely on checked:
-    its times (`time_problem`), a run ID and start time on `started`, a run ID and status on
-    an ending. ValueError (a pydantic `ValidationError`, whatever the bytes) for a record that
-    is not one. The orchestrator builds its events with these fields; the check is the
-    readers', so that a record written there by anyone else is skipped, not folded."""
+    its times (`time_problem`), a run ID and start time on `started`, a run ID and an ended
+    status on an ending. ValueError (a pydantic `ValidationError`, whatever the bytes) for
+    a record that is not one. The orchestrator builds its events with these fields; the
+    check is the readers', so that a record written there by anyone else is skipped, not
+    folded."""
     event = StatusEvent.model_validate_json(value)
     problem = None
     for at in (event.occurred_at, event.started_at):
@@ -226,8 +229,10 @@ def read_status_event(value: bytes | str) -> StatusEvent:
     else:
         if event.type is EventType.STARTED and (event.run_id is None or event.started_at is None):
             problem = "a started event names its run and its start"
-        elif event.type in ENDING_EVENTS and (event.run_id is None or event.status is None):
-            problem = f"a {event.type.value} event names its run and its status"
+        elif event.type in ENDING_EVENTS and (
+            event.run_id is None or event.status not in ENDED_STATUSES
+        ):
+            problem = f"a {event.type.value} event names its run and the status it ended in"
     if problem is not None:
         raise ValueError(f"not a status event the orchestrator writes: {problem}")
     return event
@@ -277,9 +282,9 @@ class RunRecord(BaseModel):
     status: RunStatus
     partition: int = Field(ge=0, description="The partition of its job type.")
     started_at: WireTime = Field(
-        description="When the run started; for a QUEUED run, when it was queued."
+        description="When the run started; for a QUEUED run, when it was queued. " + TIME_RULE
     )
-    ended_at: WireTime | None
+    ended_at: WireTime | None = Field(description="When the run ended. " + TIME_RULE)
     initial_data: dict[str, Any]
     metrics: dict[str, Any] | None = Field(description="The last progress or final metrics.")
     reason: str | None
@@ -320,7 +325,9 @@ class ViewMark(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    since: WireTime = Field(description="Every unended run has a row stamped at or after it.")
+    since: WireTime = Field(
+        description="Every unended run has a row stamped at or after it. " + TIME_RULE
+    )
     every_s: float = Field(gt=0, description="How often the orchestrator writes the mark.")
 
 

@@ -261,6 +261,7 @@ def misshapen(started: StatusEvent, ending: StatusEvent) -> list[bytes]:
         {**first, "started_at": None},
         {**first, "run_id": None},
         {**last, "status": None},
+        {**last, "status": "RUNNING"},
         {**last, "run_id": None},
         {**first, "occurred_at": "0001-01-01T00:00:00+05:00"},
         {**first, "occurred_at": "9999-12-31T23:59:59-05:00"},

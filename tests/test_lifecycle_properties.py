@@ -8,7 +8,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from schemas import EventType, RunStatus, Source, StatusEvent
+from schemas import EventType, RunStatus, Source, StatusEvent, read_status_event
 from worker.core.adopt import adopt
 from worker.core.lifecycle import (
     AdvanceTime,
@@ -109,7 +109,8 @@ def test_replay_and_restore_are_deterministic(
 @SETTINGS
 @given(config=configs, spec=steps, window=st.sampled_from([0, 3, 1000]))
 def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -> None:
-    """One active run per scope; runs end once; queued runs start once; repeats change nothing."""
+    """One active run per scope; runs end once; queued runs start once; repeats change
+    nothing; every event is one the status topic's readers take (`read_status_event`)."""
     started: set[str] = set()
     ended: set[str] = set()
     queued: set[str] = set()
@@ -120,6 +121,8 @@ def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -
         for event in events:
             assert event.event_id not in event_ids
             event_ids.add(event.event_id)
+            # every reader takes what the core decides, as it was decided
+            assert read_status_event(event.model_dump_json()) == event
             run_id = event.run_id
             if event.type is EventType.STARTED:
                 assert run_id not in started, "a run started twice"

@@ -398,6 +398,7 @@ def replay(
     Example: jobctl replay --db rebuilt.db --from-offset 0
     """
     from worker.audit.replay import ReplayError, replay as run_replay
+    from worker.engine.store import DamagedFile
 
     start_offset, start_time = _window_start(from_offset, from_timestamp)
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
@@ -417,7 +418,12 @@ def replay(
             )
     except ReplayError as exc:
         raise _fail(str(exc)) from None
-    except sqlite3.Error as exc:  # a damaged file, or one of a newer schema (StoreError)
+    except DamagedFile as exc:
+        raise _fail(
+            f"{db} is damaged ({exc.damage}); move it away or give another --db: replay "
+            "builds a new file from the status topic"
+        ) from None
+    except sqlite3.Error as exc:  # one of a newer schema (StoreError), or SQLite's own
         raise _store_failure(db, exc) from None
     console.print(
         Text.assemble(
@@ -467,7 +473,8 @@ def verify(
         print(json.dumps(report.as_json()))
         raise typer.Exit(0 if report.ok else 1)
     for divergence in report.divergences[:show]:
-        console.print(Text.assemble(("✗ ", "red"), divergence.line()), soft_wrap=True)
+        # The line quotes logged events (anyone's text): `shown`, control characters escaped.
+        console.print(Text.assemble(("✗ ", "red"), shown(divergence.line())), soft_wrap=True)
     if len(report.divergences) > show:
         console.print(f"… and {len(report.divergences) - show} more (--show N, or --json)")
     print_verify_summary(report)
@@ -497,8 +504,8 @@ def print_verify_summary(report: Any) -> None:
         console.print(
             Text.assemble(
                 ("✗ ", "red"),
-                f"settings named by events but missing from the changelog: "
-                f"{', '.join(sorted(report.missing))}",
+                "settings named by events but missing from the changelog: ",
+                shown(", ".join(sorted(report.missing))),
             )
         )
     if report.foreign:

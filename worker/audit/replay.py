@@ -114,9 +114,11 @@ async def replay(
     events a second, all of it under one GIL.
     """
     started = time.perf_counter()
-    ranges = await _ranges(settings, from_offset, from_timestamp)
-    store = await Store.open(db_path)  # the schema exists before processes share the file
+    # Opened first: a file it cannot use is refused before any record is read. The schema
+    # exists before processes share the file.
+    store = await Store.open(db_path)
     try:
+        ranges = await _ranges(settings, from_offset, from_timestamp)
         groups = _groups_of(ranges, processes or os.cpu_count() or 1)
         total = sum(max(0, end - start) for start, end in ranges.values())
         done = 0
