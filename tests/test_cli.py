@@ -616,3 +616,15 @@ def test_the_demo_prints_events_and_dead_letters_literally() -> None:
     assert "[red]x[/red] \\x1b[2J" in lines[0]
     assert "schema_invalid: job_type [red]x[/red] \\x1b[2J (from jobs.requests[0]@7)" in lines[1]
     assert "\x1b[2J" not in out.getvalue()  # styles are sent, the event's escape is not
+
+
+def test_shown_escapes_what_would_act_on_the_terminal() -> None:
+    """Control characters, bidirectional overrides and lone surrogates are written as
+    escapes; markup and ordinary text (accents, emoji) are kept as they are."""
+    from worker.shown import shown
+
+    assert shown("a\x1b[2Jb\x9b\u202ec\u2066d").plain == "a\\x1b[2Jb\\x9b\\u202ec\\u2066d"
+    assert shown("x\ud800y").plain == "x\\ud800y"
+    assert shown("[red]é 😀[/red]").plain == "[red]é 😀[/red]"
+    assert shown("one\ntwo").plain == "one\\x0atwo"
+    assert shown("one\ntwo", keep_newlines=True).plain == "one\ntwo"

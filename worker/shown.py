@@ -12,16 +12,22 @@ import re
 
 from rich.text import Text
 
-# C0 and C1 control characters (rich's Text passes ESC through).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+# C0 and C1 control characters (rich's Text passes ESC through), and the bidirectional
+# overrides and isolates, which reorder what follows them on the line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def shown(value: object, *, keep_newlines: bool = False) -> Text:
-    """`value` as a `Text`, so rich reads no markup in it, with its control characters and
-    lone surrogates written as escapes."""
+    """`value` as a `Text`, so rich reads no markup in it, with its control characters
+    (bidirectional overrides among them) and lone surrogates written as escapes."""
     text = "" if value is None else str(value)
     control = _CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL
-    text = control.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = control.sub(_escaped, text)
     # A lone surrogate (an argument's undecodable byte) would make printing it raise.
     return Text(text.encode("utf-8", "backslashreplace").decode("utf-8"))

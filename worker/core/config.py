@@ -98,9 +98,9 @@ def parse(text: str, source: str = "<config>") -> JobsConfig:
         # tomllib reads arrays and inline tables by recursion: a few hundred levels exhaust
         # Python's stack, long before any setting would care how deep a value is.
         raise ConfigError(f"{source}: arrays or inline tables nest too deeply") from None
-    except ValueError:
+    except ValueError as exc:
         # Not a TOMLDecodeError: an integer of more digits than Python converts to int.
-        raise ConfigError(_long_integer(text, source)) from None
+        raise ConfigError(_long_integer(text, source) or f"{source}: {exc}") from None
     try:
         parsed = _File.model_validate(data)
     except ValidationError as exc:
@@ -130,12 +130,12 @@ def load(path: Path | None) -> JobsConfig:
     return parse(text, str(path))
 
 
-def _long_integer(text: str, source: str) -> str:
-    """The error for an integer too long to convert, at its line when it can be found."""
+def _long_integer(text: str, source: str) -> str | None:
+    """The error for an integer too long to convert, at its line; None if there is none."""
     limit = sys.get_int_max_str_digits()
     found = re.search(rf"[0-9][0-9_]{{{limit},}}", text)
     if found is None:
-        return f"{source}: an integer has more than {limit} digits"
+        return None
     line = text.count("\n", 0, found.start()) + 1
     return f"{source}:{line}: an integer has more than {limit} digits"
 
