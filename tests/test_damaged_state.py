@@ -22,8 +22,10 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,6 @@ from schemas import EventType, StatusEvent
 from tests.chaos import WorkerProcess, oracle, read_topic
 from tests.conftest import RunningWorker
 from worker.client.watch import StatusTail
-from worker.engine import writer
 from worker.engine.codec import partition_for
 from worker.engine.loop import Worker
 from worker.engine.store import SCHEMA_VERSION, Store, StoreError
@@ -400,18 +401,18 @@ async def poll(condition: Callable[[], bool], timeout: float, what: str) -> None
 
 @contextlib.asynccontextmanager
 async def requests_while(
-    process: WorkerProcess, producer: AIOKafkaProducer, s: Settings, after_s: float = 0.0
-) -> AsyncIterator[list[str]]:
+    process: WorkerProcess, producer: AIOKafkaProducer, s: Settings
+) -> AsyncIterator[list[tuple[float, str]]]:
     """Send start requests of new job types, both partitions, every 20 ms while `process`
-    runs, the first `after_s` from now; yield their request IDs (sent so far)."""
-    sent: list[str] = []
+    runs; yield (when each began to be sent, as `time.time()`, its request ID), so far."""
+    sent: list[tuple[float, str]] = []
 
     async def send() -> None:
-        await asyncio.sleep(after_s)
         for i in range(1000):
             if not process.alive():
                 return
-            sent.append(await start(producer, s, f"after-{i}"))
+            began = time.time()
+            sent.append((began, await start(producer, s, f"after-{i}")))
             await asyncio.sleep(0.02)
 
     task = asyncio.create_task(send())
@@ -421,11 +422,21 @@ async def requests_while(
         await task
 
 
+def failed_write_at(process: WorkerProcess) -> float:
+    """When `process` logged its failed SQLite write (`time.time()`'s scale): no batch it
+    commits after that is fetched after it."""
+    records, _ = log_lines(process)
+    failed = [r for r in records if r.get("event") == "the SQLite write failed"]
+    assert len(failed) == 1, records
+    return datetime.fromisoformat(failed[0]["timestamp"]).timestamp()
+
+
 async def test_a_failing_sqlite_write_stops_the_worker_and_a_restart_converges(
     topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
 ) -> None:
     """The write of a committed batch fails with SQLITE_FULL: the worker commits no further
-    Kafka transaction (requests sent after that batch are not decided), exits 1 with one line,
+    Kafka transaction (requests sent after the failed write are not decided), exits 1 with
+    one line,
     and a start on the same file converges: every request decided once, SQLite equal to the
     state rebuilt from the status topic, the runs started before served."""
     db = topics.db_path
@@ -440,12 +451,14 @@ async def test_a_failing_sqlite_write_stops_the_worker_and_a_restart_converges(
             request_id=await start(producer, topics, done, initial_data=blob)
         )
         assert big.type is EventType.STARTED  # committed to Kafka, its write fails after
-        # A committed batch is written at most `GATHER_S` after its commit (the writer may
-        # be letting batches gather): requests sent later come after the failed write.
-        async with requests_while(process, producer, topics, writer.GATHER_S) as after:
+        # Requests go on while the worker runs; those sent once the write had failed (the
+        # worker logs when) must not be decided: every commit is checked against it.
+        async with requests_while(process, producer, topics) as sent:
             # A batch that found the write failed is logged with its traceback.
             line = await refusal(process, traceback=True)
-        assert after, "no request was sent while the worker ran"
+        failed_at = failed_write_at(process)
+        after = [request_id for began, request_id in sent if began > failed_at]
+        assert after, "no request was sent after the failed write, while the worker ran"
         assert line.startswith(f"error: writing the SQLite file {db} failed (database or disk")
         assert big.run_id not in stored_run_ids(db)
         decided = {

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import aiosqlite
+import structlog
 
 from worker.core.lifecycle import JobState
 from worker.core.runs import RunRow
@@ -42,6 +43,8 @@ from worker.engine.sqlfile import (
     upsert_runs_now,
     write_in_thread,
 )
+
+log = structlog.get_logger("worker")
 
 GATHER_S = 0.02  # how long the writer lets batches gather after a write; `flush` does not wait
 
@@ -204,7 +207,13 @@ class WriteBehind:
                 self._pending = None
                 self._writing = pending
                 async with self._lock:
-                    await write_in_thread(self._db, self._path, pending.write)
+                    try:
+                        await write_in_thread(self._db, self._path, pending.write)
+                    except Exception as exc:
+                        # Logged when it happens (no await between here and `failure`):
+                        # from now on no batch is committed to Kafka (`StateManager.check`).
+                        log.error("the SQLite write failed", path=self._path, error=repr(exc))
+                        raise
                 self._writing = None
                 # Batches that come meanwhile share the next write (`GATHER_S`).
                 with contextlib.suppress(TimeoutError):
