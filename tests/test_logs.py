@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 from collections import Counter
 from pathlib import Path
 
+import structlog
 from aiokafka import AIOKafkaProducer
 
 from schemas import DeadLetter
 from tests.chaos import WorkerProcess
 from worker.client.watch import StatusTail
-from worker.logs import LibraryNoise
+from worker.logs import LibraryNoise, configure
 from worker.settings import Settings
 
 
@@ -78,3 +80,27 @@ async def test_the_worker_logs_what_it_decided_at_info_level(
             assert await worker.terminate() == 0
     finally:
         worker.ensure_dead()
+
+
+def test_a_library_exception_in_json_logs_carries_its_traceback() -> None:
+    """In JSON format an exception logged by a library through the standard library (as
+    aiokafka logs its failures) is one JSON line whose `exception` holds the traceback, as
+    one logged through structlog is, not the repr of its exc_info tuple."""
+    out = io.StringIO()
+    configure("info", "json", stream=out)
+
+    def connect() -> None:
+        raise ConnectionError("broker went away")
+
+    try:
+        connect()
+    except ConnectionError:
+        logging.getLogger("aiokafka.conn").error("cannot connect", exc_info=True)
+        structlog.get_logger("worker").exception("cannot connect")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["cannot connect", "cannot connect"]
+    for line in lines:
+        assert "exc_info" not in line, line
+        assert line["exception"].startswith("Traceback (most recent call last)"), line
+        assert "in connect" in line["exception"]
+        assert line["exception"].rstrip().endswith("ConnectionError: broker went away")

@@ -61,8 +61,8 @@ def configure(
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
     # A traceback in the console shows no frame's locals (rich's default shows them): a
-    # connection's frames hold the SASL password. Plain, as `format_exc_info` renders ours;
-    # the standard library's records (aiokafka's) reach this renderer with their exc_info.
+    # connection's frames hold the SASL password. Every record's exc_info is rendered by
+    # `format_exc_info` before the renderer; the plain formatter is the console's fallback.
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         if use_console
@@ -88,7 +88,13 @@ def configure(
     handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            # A library's exc_info rendered as ours is (`format_exc_info`): a traceback in
+            # `exception`, not the repr of the tuple that JSON would otherwise print.
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )
