@@ -419,10 +419,7 @@ def replay(
     except ReplayError as exc:
         raise _fail(str(exc)) from None
     except DamagedFile as exc:
-        raise _fail(
-            f"{db} is damaged ({exc.damage}); move it away or give another --db: replay "
-            "builds a new file from the status topic"
-        ) from None
+        raise _fail(exc.rebuilt("replay builds a new file from the status topic")) from None
     except sqlite3.Error as exc:  # one of a newer schema (StoreError), or SQLite's own
         raise _store_failure(db, exc) from None
     console.print(

@@ -117,16 +117,22 @@ async def cancel_run(request: web.Request) -> web.Response:
     return web.json_response(await cancel(client, request.app[QUERIES], run_id, reason))
 
 
+def _type_page(query: dict[str, str]) -> tuple[str | None, str | None]:
+    """(`job_type`, the job type after which the page starts) of a job types request."""
+    job_type = params.job_type(query["job_type"]) if "job_type" in query else None
+    return job_type, params.type_cursor(query["cursor"]) if "cursor" in query else None
+
+
 async def durations(request: web.Request) -> web.Response:
     """GET /api/job-types/durations: a page of job types, each with its last ended runs and
     their durations."""
     query = _query(request, ("job_type", "limit", "types", "cursor"))
-    job_type = params.job_type(query["job_type"]) if "job_type" in query else None
+    job_type, after = _type_page(query)
     found, following = await request.app[QUERIES].durations(
         job_type,
         params.limit(query.get("limit")),
         params.limit(query.get("types"), "types"),
-        params.type_cursor(query["cursor"]) if "cursor" in query else None,
+        after,
     )
     return web.json_response({"job_types": found, "next": following})
 
@@ -134,11 +140,9 @@ async def durations(request: web.Request) -> web.Response:
 async def job_types(request: web.Request) -> web.Response:
     """GET /api/job-types: a page of job types, each with a summary of its runs."""
     query = _query(request, ("job_type", "limit", "cursor"))
-    job_type = params.job_type(query["job_type"]) if "job_type" in query else None
+    job_type, after = _type_page(query)
     found, following = await request.app[QUERIES].job_types(
-        job_type,
-        params.limit(query.get("limit")),
-        params.type_cursor(query["cursor"]) if "cursor" in query else None,
+        job_type, params.limit(query.get("limit")), after
     )
     return web.json_response({"job_types": found, "next": following})
 

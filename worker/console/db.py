@@ -139,11 +139,9 @@ class ConsoleDb:
             store = await Store.open(path)
         except DamagedFile as exc:
             os.close(fd)
-            # The worker's message says what a worker does with a damaged file; a console's
-            # file holds only what it folded, so it can be folded again from the topic.
+            # A console's file holds only what it folded: it can be folded again.
             raise ConsoleError(
-                f"{path} is damaged ({exc.damage}); move it away or give another --db: the "
-                "console folds the status topic again from its start"
+                exc.rebuilt("the console folds the status topic again from its start")
             ) from None
         except BaseException:
             os.close(fd)

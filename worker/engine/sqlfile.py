@@ -189,11 +189,21 @@ class _Damaged(Exception):
 
 
 class DamagedFile(StoreError):
-    """A `StoreError`: the file is not a database, or is corrupt (`damage` says how)."""
+    """A `StoreError`: the file at `path` is not a database, or is corrupt (`damage` says
+    how). Its message is a worker's advice; `rebuilt` gives a rebuilder's."""
 
-    def __init__(self, message: str, damage: str) -> None:
-        super().__init__(message)
+    def __init__(self, path: Path, damage: str) -> None:
+        super().__init__(
+            f"{path} is damaged ({damage}); a worker started on it moves it aside and "
+            "restores its partitions from the changelog"
+        )
+        self.path = path
         self.damage = damage
+
+    def rebuilt(self, how: str) -> str:
+        """The one line for a file that replay or the console builds anew from the status
+        topic (`how` says so): it may be moved away, as nothing else is in it."""
+        return f"{self.path} is damaged ({self.damage}); move it away or give another --db: {how}"
 
 
 # SQLite's primary result codes for a file that is not a database or is corrupt; anything
@@ -325,11 +335,7 @@ async def open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
         return await _connect(path, check=repair)
     except _Damaged as damage:
         if not repair:
-            raise DamagedFile(
-                f"{path} is damaged ({damage}); a worker started on it moves it aside and "
-                "restores its partitions from the changelog",
-                str(damage),
-            ) from None
+            raise DamagedFile(path, str(damage)) from None
         reason = str(damage)
     moved = _move_aside(path)
     log.warning(
