@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 
 import pytest
 from rich.console import Console
@@ -48,6 +49,12 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.floor_latency_p99_ms,
         report.floor_librdkafka_p50_ms,
         report.floor_librdkafka_p99_ms,
+        report.latency_cpu_pct,
+        report.latency_cpu_us_per_transition,
+        report.floor_latency_cpu_pct,
+        report.floor_latency_cpu_us_per_transition,
+        report.quix_latency_cpu_pct,
+        report.quix_latency_cpu_us_per_transition,
         report.joined_fresh_start_s,
         report.joined_fresh_p99_ms,
         report.joined_fresh_librdkafka_p99_ms,
@@ -79,6 +86,9 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert report.floor_latency_p50_ms.median <= report.floor_latency_p99_ms.median
     # A transition costs the worker some CPU, and less than a second of it.
     assert 0 < report.eos_cpu_us_per_transition.median < 1_000_000
+    # In the latency rounds each process used some CPU, and at most every core there is.
+    for share in (report.latency_cpu_pct, report.floor_latency_cpu_pct):
+        assert 0 < share.high <= 100 * (os.cpu_count() or 1)
     assert report.joined_seconds == 2.0
     assert report.restored_runs == report.restore_runs_requested == 300
     assert report.restored_records > 0
@@ -115,6 +125,8 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "Quix Streams job lock CPU" in out.getvalue()
     assert "Quix Streams job lock latency p99, librdkafka" in out.getvalue()
     assert "contract floor latency p99, librdkafka" in out.getvalue()
+    assert "contract floor CPU in the latency rounds" in out.getvalue()
+    assert "Quix Streams job lock CPU in the latency rounds" in out.getvalue()
     assert "peak RSS, 300 runs (≤ 100 in flight)" in out.getvalue()
     assert "peak RSS, restarted on them" in out.getvalue()
     assert "peak RSS, restoring them" in out.getvalue()

@@ -46,7 +46,12 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    consumers side by side: aiokafka (the one that plays the executor) and librdkafka
    (confluent-kafka, its default fetch settings, `poll` in a thread of its own). The same
    rounds, interleaved with the worker's, for the contract floor: the latency no worker on
-   this stack gets under on the same machine.
+   this stack gets under on the same machine. Beside each round, the process's CPU over
+   its measured window (from the warm-up's last `started` seen to the round's last), as
+   percent of one core and per transition (each measured start and its run's end): under a
+   steady rate a partition commits a transaction for every few records, so this is what a
+   worker costs at a steady load, where item 1's backlog spreads each transaction over
+   thousands.
 4. Restore: a worker with an empty SQLite file rebuilds a 1-partition changelog holding
    `restore_runs` runs; the figure is the `seconds` of its "partition restored from
    changelog" log line. The changelog is written once and restored `rounds` times (a restore
@@ -337,6 +342,12 @@ class BenchReport:
     floor_librdkafka_p50_ms: Figure
     floor_librdkafka_p95_ms: Figure
     floor_librdkafka_p99_ms: Figure
+    # The process's CPU over a latency round's measured window: percent of one core, and
+    # per transition (each measured start, and its run's end: twice the requests), in µs.
+    latency_cpu_pct: Figure
+    latency_cpu_us_per_transition: Figure
+    floor_latency_cpu_pct: Figure
+    floor_latency_cpu_us_per_transition: Figure
     latency_aiokafka_seen: int  # of `latency_requests`, in the round that saw fewest
     latency_librdkafka_seen: int
     joined_seconds: float  # measured after a worker has taken its partitions
@@ -380,6 +391,8 @@ class BenchReport:
     quix_librdkafka_p50_ms: Figure | None = None
     quix_librdkafka_p95_ms: Figure | None = None
     quix_librdkafka_p99_ms: Figure | None = None
+    quix_latency_cpu_pct: Figure | None = None
+    quix_latency_cpu_us_per_transition: Figure | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict; figures as `{"median", "min", "max", "samples"}`."""
@@ -437,6 +450,10 @@ class BenchReport:
                 for q in ("p50", "p95", "p99"):
                     if (figure := getattr(self, f"{infix}{prefix}_{q}_ms")) is not None:
                         row(f"{who}latency {q}, {client}", figure, "ms", ",.1f")
+            if (share := getattr(self, f"{infix}latency_cpu_pct")) is not None:
+                row(f"{who or 'worker '}CPU in the latency rounds", share, "% of a core")
+                per = getattr(self, f"{infix}latency_cpu_us_per_transition")
+                row(f"{who or 'worker '}CPU in the latency rounds", per, "µs/transition")
         row("latency: rate sent", self.latency_achieved_rate, "requests/s")
         self._joined_rows(row)
         row(f"restore {self.restored_runs:,} runs", self.restore_seconds, "s", ",.3f")
@@ -1273,6 +1290,10 @@ class LatencyRound:
 
     sent: dict[str, float]  # request ID -> when it was sent (perf_counter)
     achieved: float  # requests/s the paced producer actually sent
+    # The contender's CPU time (user + system, every thread) over the measured window, from
+    # the last warm-up `started` seen to the last measured one, and that window's length.
+    cpu_seconds: float
+    window_seconds: float
     tail: _Tail  # the aiokafka read_committed reader that plays the executor
     observers: list[_Observer]
 
@@ -1314,10 +1335,13 @@ async def latency_round(
             if window is not None:
                 await window(worker)
             sent: dict[str, float] = {}
+            cpu = cpu_seconds(worker.pid)
             began = time.perf_counter()
             await _paced(producer, topics, o.latency_rate, prefix, total, sent)
             finished = time.perf_counter()
             await _all_saw(tail, others, warmed + total, f"{total} started events", worker)
+            cpu = cpu_seconds(worker.pid) - cpu
+            window_s = time.perf_counter() - began
             if window is not None:
                 await window(worker)
             await worker.stop()
@@ -1326,7 +1350,7 @@ async def latency_round(
             for observer in (tail, *others):
                 await observer.stop()
     achieved = total / (finished - began) if finished > began else float(total)
-    return LatencyRound(sent, achieved, tail, others)
+    return LatencyRound(sent, achieved, cpu, window_s, tail, others)
 
 
 async def _joined_phase(
@@ -1774,6 +1798,8 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
     o = bench.options
     seen: dict[str, list[Percentiles]] = {}
     achieved: list[float] = []
+    cpu: dict[str, list[float]] = {}
+    transitions = 2 * max(1, round(o.latency_rate * o.latency_seconds))
     contenders = ["worker", "floor", *(["quix"] if bench.quix_python else [])]
     for r in range(o.rounds):
         for who in contenders if r % 2 == 0 else contenders[::-1]:
@@ -1787,11 +1813,16 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
             seen.setdefault(f"{label}librdkafka", []).append(rdk)
             if who == "worker":
                 achieved.append(got.achieved)
+            share = 100 * got.cpu_seconds / got.window_seconds
+            per = 1e6 * got.cpu_seconds / transitions
+            cpu.setdefault(f"{label}latency_cpu_pct", []).append(share)
+            cpu.setdefault(f"{label}latency_cpu_us_per_transition", []).append(per)
             bench.say(
                 f"latency {r + 1}/{o.rounds}{f', {_NAMES[who]}' if who in _NAMES else ''} at "
-                f"{got.achieved:,.0f}/s: aiokafka {aio.line()}; librdkafka {rdk.line()}"
+                f"{got.achieved:,.0f}/s: aiokafka {aio.line()}; librdkafka {rdk.line()}; "
+                f"CPU {share:.0f}% of a core, {per:,.0f} µs a transition"
             )
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {name: Figure.of(values) for name, values in cpu.items()}
     for prefix, rounds in seen.items():
         figures.update(_figures(prefix, rounds))
     return {
