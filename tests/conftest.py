@@ -222,6 +222,13 @@ class RunningWorker:
         assert self.worker.ready.is_set(), "the worker got no partitions within 60 s"
         return self
 
+    async def stopped(self, within: float = 30) -> None:
+        """Wait for the worker to stop by itself; raise the error it stopped with."""
+        assert self._task is not None
+        task, self._task = self._task, None
+        async with asyncio.timeout(within):
+            await task
+
     async def stop(self) -> None:
         """Stop after the batch in flight (which is then fully recorded) and wait for exit."""
         if self._task is not None:

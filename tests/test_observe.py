@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import socket
@@ -154,6 +155,55 @@ async def test_an_aborted_transaction_is_counted_and_its_batch_retried(
         assert [e.type for e in tail.events if e.request_id == "a1"] == [EventType.STARTED]
     finally:
         await running.stop()
+
+
+async def test_a_retry_that_cannot_take_its_partition_again_stops_the_worker(
+    topics: Settings, tail: StatusTail, producer: AIOKafkaProducer
+) -> None:
+    """A batch fails (the broker times out) and its retry cannot take the partition again
+    for a reason no retry mends: the worker stops with that error at once. It used to leave
+    the partition owned and unserved (its producer closed, its batch task dead with an
+    error nobody read) until a later record happened to reach it. A worker started after
+    it decides the start once."""
+    import sqlite3
+
+    from aiokafka.errors import KafkaTimeoutError
+
+    failures: list[str] = []
+
+    def fail_once(point: str) -> None:
+        if point == "in_transaction" and not failures:
+            failures.append(point)
+            raise KafkaTimeoutError("injected: the broker did not answer in time")
+
+    unread: list[BaseException] = []
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unread.append(context["exception"]))
+    running = await RunningWorker(topics, Hooks(at_point=fail_once)).start()
+    partitions = running.worker._partitions
+    assert partitions is not None
+
+    async def unreadable(number: int) -> dict[str, int]:
+        raise sqlite3.OperationalError("injected: disk I/O error")
+
+    partitions._position = unreadable  # type: ignore[method-assign]
+    body = json.dumps({"job_type": "etl", "request_id": "r1"}).encode()
+    await producer.send_and_wait(topics.topics.requests, body, key=b"etl")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="injected"):
+            await running.stopped(within=15)
+        gc.collect()  # a task that died with an error nobody read reports it when freed
+    finally:
+        loop.set_exception_handler(handler)
+    assert failures == ["in_transaction"]
+    assert unread == []
+    again = await RunningWorker(topics).start()
+    try:
+        assert (await tail.wait_event(request_id="r1")).type is EventType.STARTED
+    finally:
+        await again.stop()
+    assert [e.type for e in tail.events if e.request_id == "r1"] == [EventType.STARTED]
 
 
 async def test_not_ready_while_the_broker_does_not_answer(tmp_path: Path) -> None:

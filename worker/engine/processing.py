@@ -149,7 +149,14 @@ class BatchRunner:
             self._partitions.fence(owned, exc)
         except Exception as exc:
             self._metrics.failed()
-            await self._failed(owned, records, exc, alone)
+            try:
+                await self._failed(owned, records, exc, alone)
+            except Exception as failure:
+                # Retrying could not take the partition again (its producer is closed by
+                # then): nothing is left to serve it, so the one failure rule applies now,
+                # not when a later record happens to reach the dead partition.
+                log.exception("retrying a failed batch failed; stopping", partition=number)
+                self._stop(failure)
         else:
             if trouble is not None:
                 self._recovered(owned, trouble, alone)
