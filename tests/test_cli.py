@@ -522,6 +522,31 @@ def test_runs_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     assert "not a database" in line
 
 
+def test_runs_refuses_another_programs_sqlite_file_and_leaves_it_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """`runs`, `serve` and `replay --db` on a SQLite file of another program's (tables, none
+    of the worker's) is a line naming the file and its tables, escaped; nothing is added to
+    the file (the worker's tables used to be)."""
+    path = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+        db.execute('CREATE TABLE "red\x1b[31m" (x)')
+        db.execute("INSERT INTO notes VALUES ('keep me')")
+    for command, *more in (["runs"], ["serve", *NOWHERE[:2]], ["replay", *NOWHERE[:2]]):
+        result = runner.invoke(app, [command, "--db", str(path), *more])
+        line = _one_line_error(result, after="replaying" if command == "replay" else None)
+        assert f"{path} is not a worker's SQLite file" in line, command
+        assert "'notes'" in line
+        assert "\\x1b" in line
+        assert "\x1b" not in line
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master"))
+        assert tables == ["notes", "red\x1b[31m"]
+        assert db.execute("SELECT body FROM notes").fetchall() == [("keep me",)]
+        assert db.execute("PRAGMA user_version").fetchone() == (0,)
+
+
 def test_runs_refuses_a_directory(tmp_path: Path) -> None:
     """`runs --db <directory>` says it is a directory."""
     line = _one_line_error(runner.invoke(app, ["runs", "--db", str(tmp_path)]))

@@ -305,6 +305,25 @@ async def test_a_file_from_a_newer_schema_version_is_refused_untouched(
     assert damaged_copies(db) == []
 
 
+async def test_another_programs_sqlite_file_is_refused_untouched(
+    topics: Settings, spawn: Callable[[], WorkerProcess]
+) -> None:
+    """`jobctl run --db` on another program's SQLite file (tables, none of the worker's)
+    exits 1 with one line naming the file; the file is neither changed nor moved aside."""
+    db = topics.db_path
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        conn.execute("INSERT INTO invoices (total) VALUES (12.5)")
+    before = db.read_bytes()
+    process = spawn()
+    process.start()
+    line = await refusal(process)
+    assert f"{db} is not a worker's SQLite file" in line
+    assert "'invoices'" in line
+    assert db.read_bytes() == before
+    assert damaged_copies(db) == []
+
+
 async def test_a_file_locked_by_another_process_is_refused(
     topics: Settings,
     producer: AIOKafkaProducer,

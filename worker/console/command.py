@@ -55,6 +55,7 @@ def serve(
     from worker.client.answers import JobError
     from worker.console.db import ConsoleError
     from worker.console.service import Console
+    from worker.engine.sqlfile import StoreError
     from worker.logs import configure as configure_logs
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
@@ -71,8 +72,10 @@ def serve(
 
     try:
         _run(main())
-    except (ConsoleError, sqlite3.Error) as exc:
-        raise _fail(f"{db}: {exc}" if isinstance(exc, sqlite3.Error) else str(exc)) from None
+    except (ConsoleError, StoreError) as exc:  # each names the file itself
+        raise _fail(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise _fail(f"{db}: {exc}") from None
     except JobError as exc:
         raise _fail(f"--allow-cancel: {exc}") from None
     except LookupError as exc:

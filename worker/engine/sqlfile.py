@@ -251,6 +251,8 @@ async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None
             found = [str(r[0]) for r in await db.execute_fetchall("PRAGMA quick_check")]
             if found != ["ok"]:
                 raise _Damaged("; ".join(found[:3]))
+        if version == 0:
+            await _refuse_foreign(db, path)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
@@ -265,6 +267,23 @@ async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None
         if exc.sqlite_errorcode & 0xFF in _DAMAGE_CODES:
             raise _Damaged(str(exc)) from exc
         raise StoreError(f"cannot open the SQLite file {path}: {exc}") from exc
+
+
+async def _refuse_foreign(db: aiosqlite.Connection, path: Path) -> None:
+    """Raise `StoreError` when `path` holds tables and none is the worker's: another
+    program's file, which the schema would otherwise be added to (an unversioned worker
+    file, from before versions were recorded, has its `runs` table)."""
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    ours = await db.execute_fetchall(f"{tables} AND name IN ('runs', 'job_states') LIMIT 1")
+    if ours:
+        return
+    names = [str(name) for (name,) in await db.execute_fetchall(f"{tables} ORDER BY name LIMIT 4")]
+    if names:
+        listed = ", ".join(ascii(name) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise StoreError(
+            f"{path} is not a worker's SQLite file: it holds other tables ({listed}) and none "
+            "of the worker's; it is left as it is (use a file of its own)"
+        )
 
 
 async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
