@@ -82,6 +82,15 @@ class Settings(BaseSettings):
         description="Longest a fetch waits at the broker for data. A partition resumed after "
         "its batch waits for the fetch in flight, so this bounds the latency it adds.",
     )
+    batch_interval_ms: int = Field(
+        default=0,
+        ge=0,
+        le=60_000,
+        description="Shortest time from the start of a partition's batch to the start of its "
+        "next: the partition's records wait meanwhile and share one transaction. 0 starts the "
+        "next batch as soon as one commits (the lowest latency); under a steady load each "
+        "transaction then carries a few records, and its client work is most of the CPU.",
+    )
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(

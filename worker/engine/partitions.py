@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ class Owned:
     task: PartitionTask
     batch: asyncio.Task[None] | None = None
     fenced: bool = False  # another worker owns it now; nothing more is written for it
+    resuming: asyncio.TimerHandle | None = None  # `resume_after`'s, pending
 
 
 class PartitionManager:
@@ -109,6 +111,28 @@ class PartitionManager:
         if owned is not None and not owned.fenced:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                 self._consumer.resume(*self.topic_partitions(number))
+
+    def resume_after(self, number: int, began: float) -> None:
+        """Resume `number` once `JOBS_BATCH_INTERVAL_MS` has passed since its batch `began`
+        (`time.perf_counter`), at once if it has."""
+        owned = self.owned.get(number)
+        wait = self._settings.batch_interval_ms / 1000 - (time.perf_counter() - began)
+        if owned is None or wait <= 0:
+            self.resume(number)
+            return
+        if owned.resuming is not None:
+            owned.resuming.cancel()
+        owned.resuming = asyncio.get_running_loop().call_later(
+            wait, self._resume_idle, number, owned
+        )
+
+    def _resume_idle(self, number: int, owned: Owned) -> None:
+        owned.resuming = None
+        if self.owned.get(number) is not owned:
+            return  # revoked, or taken again: whoever owns it now resumes it
+        if owned.batch is not None and not owned.batch.done():
+            return  # a tick's batch began meanwhile: it resumes N when it ends
+        self.resume(number)
 
     async def lagging(self, number: int) -> frozenset[str]:
         """The inputs of `number` (`requests`, `results`) with records not yet consumed."""
@@ -322,6 +346,9 @@ class PartitionManager:
         return committed
 
     async def _close(self, owned: Owned) -> None:
+        if owned.resuming is not None:
+            owned.resuming.cancel()
+            owned.resuming = None
         if owned.batch is not None and owned.batch is not asyncio.current_task():
             # The batch in flight commits or aborts before the partition moves.
             await asyncio.gather(owned.batch, return_exceptions=True)

@@ -161,7 +161,7 @@ class BatchRunner:
             if trouble is not None:
                 self._recovered(owned, trouble, alone)
         finally:
-            self._partitions.resume(number)
+            self._partitions.resume_after(number, started)
 
     async def _decide(
         self,
