@@ -51,11 +51,10 @@ def serve(
     import signal
     import sqlite3
 
-    from worker.cli import _fail, _run, _settings, _sqlite_file
+    from worker.cli import _fail, _run, _settings, _sqlite_file, _store_failure
     from worker.client.answers import JobError
     from worker.console.db import ConsoleError
     from worker.console.service import Console
-    from worker.engine.sqlfile import StoreError
     from worker.logs import configure as configure_logs
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
@@ -72,10 +71,10 @@ def serve(
 
     try:
         _run(main())
-    except (ConsoleError, StoreError) as exc:  # each names the file itself
+    except ConsoleError as exc:
         raise _fail(str(exc)) from None
-    except sqlite3.Error as exc:
-        raise _fail(f"{db}: {exc}") from None
+    except sqlite3.Error as exc:  # a StoreError names the file itself
+        raise _store_failure(db, exc) from None
     except JobError as exc:
         raise _fail(f"--allow-cancel: {exc}") from None
     except LookupError as exc:
