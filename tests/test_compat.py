@@ -11,6 +11,7 @@ import asyncio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
@@ -187,6 +188,84 @@ async def test_offsets_go_into_the_transaction_beside_its_records_and_commit_aft
         assert await _committed(topics, group, tp) == 7  # the aborted offsets did not count
     finally:
         await producer.stop()
+
+
+@pytest.mark.kafka
+async def test_offsets_carry_the_generation_and_a_stale_member_cannot_commit_them(
+    topics: Settings,
+) -> None:
+    """With `fence_by_group`, a transaction's offsets carry the member's generation: the
+    current one commits; one the group has moved past is refused (`MemberFenced`), the
+    transaction stays abortable, and the producer goes on after the abort."""
+    group, tp = f"{topics.topic_prefix}.g", TopicPartition(topics.topics.requests, 0)
+    consumer = AIOKafkaConsumer(
+        topics.topics.requests, bootstrap_servers=topics.bootstrap_servers, group_id=group
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=topics.bootstrap_servers, transactional_id=f"{topics.topic_prefix}.t"
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=200)  # joins the group
+        compat.fence_by_group(producer, consumer)
+
+        async def transaction(offset: int) -> None:
+            await producer.begin_transaction()
+            sending = producer.send_and_wait(topics.topics.dlq, b"x", partition=0)
+            await compat.send_with_offsets(producer, sending, {tp: offset}, group)
+            await producer.commit_transaction()
+
+        await transaction(5)
+        assert await compat.stable_committed(consumer, group, [tp], within=10) == {tp: 5}
+        generation, member = consumer._coordinator.generation, consumer._coordinator.member_id
+        setattr(producer._txn_manager, compat._MEMBER, lambda: (generation - 1, member))
+        with pytest.raises(compat.MemberFenced, match="generation is over"):
+            await transaction(9)
+        await compat.abort_if_open(producer)
+        assert producer._txn_manager.state is TransactionState.READY
+        setattr(producer._txn_manager, compat._MEMBER, lambda: (generation, "someone-else"))
+        with pytest.raises(compat.MemberFenced):
+            await transaction(10)
+        await compat.abort_if_open(producer)
+        compat.fence_by_group(producer, consumer)
+        await transaction(11)
+        assert await compat.stable_committed(consumer, group, [tp], within=10) == {tp: 11}
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+@pytest.mark.kafka
+async def test_stable_offsets_wait_for_the_transaction_that_holds_them(topics: Settings) -> None:
+    """While a transaction holds offsets for a partition, a plain fetch returns the old
+    ones and `stable_committed` waits (here: gives up after its bound); once the
+    transaction commits, it returns the new ones. A partition nothing was committed for
+    reads None."""
+    group = f"{topics.topic_prefix}.g"
+    tp, other = (TopicPartition(topics.topics.requests, n) for n in (0, 1))
+    consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers, group_id=group)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=topics.bootstrap_servers, transactional_id=f"{topics.topic_prefix}.t"
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_offsets_to_transaction({tp: 3}, group)
+        await producer.commit_transaction()
+        await producer.begin_transaction()
+        await producer.send_offsets_to_transaction({tp: 8}, group)
+        assert await consumer.committed(tp) == 3  # not stable: the open transaction's 8 waits
+        with pytest.raises(KafkaTimeoutError, match="still open"):
+            await compat.stable_committed(consumer, group, [tp], within=0.5)
+        waiting = asyncio.ensure_future(compat.stable_committed(consumer, group, [tp, other], 30))
+        await producer.commit_transaction()
+        assert await waiting == {tp: 8, other: None}
+    finally:
+        await producer.stop()
+        await consumer.stop()
 
 
 async def test_a_record_appended_directly_reads_back_as_appended_and_a_full_batch_closes() -> None:

@@ -39,9 +39,11 @@ import contextlib
 import logging
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
+import aiokafka.errors as Errors
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher
 from aiokafka.errors import (
@@ -53,6 +55,17 @@ from aiokafka.errors import (
 )
 from aiokafka.producer import sender
 from aiokafka.producer.transaction_manager import TransactionManager, TransactionState
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import (
+    Boolean,
+    CompactArray,
+    CompactString,
+    Int16,
+    Int32,
+    Int64,
+    Schema,
+    TaggedFields,
+)
 from aiokafka.record.default_records import _DefaultRecordBatchPy, _DefaultRecordPy
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import decode_varint
@@ -316,3 +329,265 @@ def _bytes(buffer: bytearray, pos: int) -> tuple[bytes | None, int]:
     if length < 0:
         return None, pos
     return bytes(buffer[pos : pos + length]), pos + length
+
+
+# Fencing by the group's generation (KIP-447), for one transactional producer serving every
+# partition of a worker. aiokafka 0.14 sends TxnOffsetCommit v0 (the group's name only) and
+# fetches committed offsets without `require_stable`; the two versions below carry what the
+# broker needs: the member's generation and ID in the offset commit, so a member that lost
+# its partitions cannot commit them (ILLEGAL_GENERATION), and a fetch of committed offsets
+# that waits while a transaction holding offsets for them is still open
+# (UNSTABLE_OFFSET_COMMIT). Both need Kafka 2.5 or later.
+
+_TAGS = ("tags", TaggedFields)
+_NAME = CompactString("utf-8")
+UNSTABLE_OFFSET_COMMIT = 88  # not among aiokafka's error codes
+_MEMBER_FENCED = {
+    Errors.IllegalGenerationError.errno,
+    Errors.UnknownMemberIdError.errno,
+    82,  # FENCED_INSTANCE_ID
+}
+
+
+class MemberFenced(KafkaError):  # type: ignore[misc]
+    """The group no longer counts this member's generation: the offsets of its transaction
+    were refused, and the partitions belong to the group's next assignment."""
+
+    retriable = False
+
+
+class _TxnOffsetCommitResponseV3(Response):  # type: ignore[misc]
+    API_KEY = 28
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "errors",
+            CompactArray(
+                ("topic", _NAME),
+                (
+                    "partition_errors",
+                    CompactArray(("partition", Int32), ("error_code", Int16), _TAGS),
+                ),
+                _TAGS,
+            ),
+        ),
+        _TAGS,
+    )
+
+
+class _TxnOffsetCommitRequestV3(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 28
+    API_VERSION = 3
+    RESPONSE_TYPE = _TxnOffsetCommitResponseV3
+    SCHEMA = Schema(
+        ("transactional_id", _NAME),
+        ("group_id", _NAME),
+        ("producer_id", Int64),
+        ("producer_epoch", Int16),
+        ("generation_id", Int32),
+        ("member_id", _NAME),
+        ("group_instance_id", _NAME),
+        (
+            "topics",
+            CompactArray(
+                ("topic", _NAME),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("partition", Int32),
+                        ("offset", Int64),
+                        ("leader_epoch", Int32),
+                        ("metadata", _NAME),
+                        _TAGS,
+                    ),
+                ),
+                _TAGS,
+            ),
+        ),
+        _TAGS,
+    )
+
+
+class _TxnOffsetCommitV3(Request[_TxnOffsetCommitRequestV3]):  # type: ignore[misc]
+    API_KEY = 28
+
+    def __init__(self, *fields: Any) -> None:
+        self._fields = fields
+
+    def build(self, request_struct_class: type[_TxnOffsetCommitRequestV3]) -> Any:
+        return request_struct_class(*self._fields)
+
+
+_MEMBER = "jobs_group_member"  # set on a TransactionManager: () -> (generation, member ID)
+_TXN_CREATE_REQUEST = sender.TxnOffsetCommitHandler.create_request
+_TXN_HANDLE_RESPONSE = sender.TxnOffsetCommitHandler.handle_response
+
+
+def fence_by_group(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
+    """Have `producer`'s offset commits carry `consumer`'s generation and member ID (read
+    when each commit is sent), so the group refuses them once the member is stale."""
+    coordinator = consumer._coordinator
+
+    def member() -> tuple[int, str]:
+        return coordinator.generation, coordinator.member_id
+
+    setattr(producer._txn_manager, _MEMBER, member)
+    sender.TxnOffsetCommitHandler.create_request = _txn_create_request
+    sender.TxnOffsetCommitHandler.handle_response = _txn_handle_response
+
+
+def _txn_create_request(self: Any) -> Any:
+    txn = self._sender._txn_manager
+    member = getattr(txn, _MEMBER, None)
+    if member is None:
+        return _TXN_CREATE_REQUEST(self)
+    generation, member_id = member()
+    topics: dict[str, list[Any]] = {}
+    for tp, offset in sorted(self._offsets.items()):
+        topics.setdefault(tp.topic, []).append(
+            (tp.partition, offset.offset, -1, offset.metadata or "", {})
+        )
+    return _TxnOffsetCommitV3(
+        txn.transactional_id,
+        self._group_id,
+        txn.producer_id,
+        txn.producer_epoch,
+        generation,
+        member_id,
+        None,
+        [(topic, partitions, {}) for topic, partitions in topics.items()],
+        {},
+    )
+
+
+class _Errors:
+    """A v3 response in the shape aiokafka's handler reads (topic, [(partition, code)])."""
+
+    def __init__(self, errors: list[tuple[str, list[tuple[int, int]]]]) -> None:
+        self.errors = errors
+
+
+def _txn_handle_response(self: Any, response: Any) -> Any:
+    if not isinstance(response, _TxnOffsetCommitResponseV3):
+        return _TXN_HANDLE_RESPONSE(self, response)
+    errors = [
+        (topic, [(partition, code) for partition, code, _ in partitions])
+        for topic, partitions, _ in response.errors
+    ]
+    for topic, partitions in errors:
+        for partition, code in partitions:
+            if code in _MEMBER_FENCED:
+                # Abortable, as in Kafka's own producer: abort, rejoin, and go on.
+                self._sender._txn_manager.error_transaction(
+                    MemberFenced(
+                        f"the group refused the offsets of {topic}[{partition}]: this member's "
+                        f"generation is over (error {code})"
+                    )
+                )
+                return None
+    return _TXN_HANDLE_RESPONSE(self, _Errors(errors))
+
+
+class _OffsetFetchResponseV7(Response):  # type: ignore[misc]
+    API_KEY = 9
+    API_VERSION = 7
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "topics",
+            CompactArray(
+                ("name", _NAME),
+                (
+                    "partitions",
+                    CompactArray(
+                        ("partition", Int32),
+                        ("offset", Int64),
+                        ("leader_epoch", Int32),
+                        ("metadata", _NAME),
+                        ("error_code", Int16),
+                        _TAGS,
+                    ),
+                ),
+                _TAGS,
+            ),
+        ),
+        ("error_code", Int16),
+        _TAGS,
+    )
+
+
+class _OffsetFetchRequestV7(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 9
+    API_VERSION = 7
+    RESPONSE_TYPE = _OffsetFetchResponseV7
+    SCHEMA = Schema(
+        ("group_id", _NAME),
+        ("topics", CompactArray(("name", _NAME), ("partitions", CompactArray(Int32)), _TAGS)),
+        ("require_stable", Boolean),
+        _TAGS,
+    )
+
+
+class _OffsetFetchV7(Request[_OffsetFetchRequestV7]):  # type: ignore[misc]
+    API_KEY = 9
+
+    def __init__(self, *fields: Any) -> None:
+        self._fields = fields
+
+    def build(self, request_struct_class: type[_OffsetFetchRequestV7]) -> Any:
+        return request_struct_class(*self._fields)
+
+
+_COORDINATOR_MOVED = {
+    Errors.CoordinatorNotAvailableError.errno,
+    Errors.NotCoordinatorError.errno,
+    Errors.CoordinatorLoadInProgressError.errno,
+}
+
+
+async def stable_committed(
+    consumer: AIOKafkaConsumer,
+    group_id: str,
+    tps: list[TopicPartition],
+    within: float,
+    retry_s: float = 0.1,
+) -> dict[TopicPartition, int | None]:
+    """The group's committed offsets of `tps` (None: none), once no open transaction holds
+    offsets for them: asked again every `retry_s` while the broker answers
+    UNSTABLE_OFFSET_COMMIT, for at most `within` seconds (then `KafkaTimeoutError`)."""
+    coordinator = consumer._coordinator
+    topics: dict[str, list[int]] = {}
+    for tp in tps:
+        topics.setdefault(tp.topic, []).append(tp.partition)
+    request = _OffsetFetchV7(group_id, [(t, ps, {}) for t, ps in topics.items()], True, {})
+    deadline = time.monotonic() + within
+    while True:
+        await coordinator.ensure_coordinator_known()
+        response = await consumer._client.send(coordinator.coordinator_id, request)
+        if response.error_code in _COORDINATOR_MOVED:
+            coordinator.coordinator_dead()
+            codes = {response.error_code}
+        elif response.error_code:
+            raise Errors.for_code(response.error_code)(f"fetching the offsets of {group_id}")
+        else:
+            offsets: dict[TopicPartition, int | None] = {}
+            codes = set()
+            for topic, partitions, _ in response.topics:
+                for partition, offset, _epoch, _meta, code, _ in partitions:
+                    if code:
+                        codes.add(code)
+                    offsets[TopicPartition(topic, partition)] = offset if offset >= 0 else None
+            if not codes:
+                return offsets
+        unknown = codes - {UNSTABLE_OFFSET_COMMIT} - _COORDINATOR_MOVED
+        if unknown:
+            raise Errors.for_code(min(unknown))(f"fetching the offsets of {group_id}")
+        if time.monotonic() >= deadline:
+            raise Errors.KafkaTimeoutError(
+                f"the offsets of {group_id} stayed unstable for {within:g} s: a transaction "
+                "holding offsets for them is still open"
+            )
+        await asyncio.sleep(retry_s)
