@@ -295,8 +295,16 @@ async def wait_until_processed(settings: Settings, load: Load | None, timeout: f
         bootstrap_servers=settings.bootstrap_servers,
         isolation_level="read_committed",
     )
+    # The high watermarks: an output partition whose last stable offset is behind its has a
+    # transaction open (with JOBS_TRANSACTIONS=worker, a killed worker's, until the broker
+    # times it out), and what follows it is not readable yet.
+    raw = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, isolation_level="read_uncommitted"
+    )
+    outputs = [t.status, t.state, t.dlq]
     await admin.start()
     await probe.start()
+    await raw.start()
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -318,10 +326,12 @@ async def wait_until_processed(settings: Settings, load: Load | None, timeout: f
                                 if end > 0
                             )
                             and await end_offsets(probe, [t.status]) == status_ends
+                            and await end_offsets(probe, outputs) == await end_offsets(raw, outputs)
                         ):
                             return
                 await asyncio.sleep(0.2)
     finally:
+        await raw.stop()
         await probe.stop()
         await admin.close()
 

@@ -40,7 +40,12 @@ from worker.settings import Settings
 # container (testcontainers), or the default JOBS_TEST_BROKER=jars, a LocalKafka.
 BROKER_CHOICES = ("jars", "docker")
 # A low minimum session timeout lets kill tests move partitions in seconds.
-SESSION_BROKER_CONFIG = {"group.min.session.timeout.ms": "1000"}
+SESSION_BROKER_CONFIG = {
+    "group.min.session.timeout.ms": "1000",
+    # Transactions past their timeout (a killed worker's) are aborted within a second of it,
+    # not Kafka's 10 s sweep: the worker-wide transactions' takeover tests wait for it.
+    "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
+}
 
 
 def session_broker() -> str:

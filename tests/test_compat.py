@@ -195,43 +195,66 @@ async def test_offsets_carry_the_generation_and_a_stale_member_cannot_commit_the
     topics: Settings,
 ) -> None:
     """With `fence_by_group`, a transaction's offsets carry the member's generation: the
-    current one commits; one the group has moved past is refused (`MemberFenced`), the
-    transaction stays abortable, and the producer goes on after the abort."""
+    current one commits; one the group has moved past, or a member it does not know, is
+    refused (`MemberFenced`) and nothing of that transaction becomes visible once the
+    producer is replaced. A consumer that dropped its generation (an expired session) still
+    sends its last one, never -1 (which the broker does not check)."""
     group, tp = f"{topics.topic_prefix}.g", TopicPartition(topics.topics.requests, 0)
+    out = TopicPartition(topics.topics.dlq, 0)
     consumer = AIOKafkaConsumer(
         topics.topics.requests, bootstrap_servers=topics.bootstrap_servers, group_id=group
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=topics.bootstrap_servers, transactional_id=f"{topics.topic_prefix}.t"
-    )
     await consumer.start()
-    await producer.start()
+
+    async def started() -> AIOKafkaProducer:
+        made = AIOKafkaProducer(
+            bootstrap_servers=topics.bootstrap_servers,
+            transactional_id=f"{topics.topic_prefix}.t",
+        )
+        await made.start()
+        compat.fence_by_group(made, consumer)
+        return made
+
+    producer = await started()
     try:
         while not consumer.assignment():
             await consumer.getmany(timeout_ms=200)  # joins the group
-        compat.fence_by_group(producer, consumer)
 
         async def transaction(offset: int) -> None:
             await producer.begin_transaction()
-            sending = producer.send_and_wait(topics.topics.dlq, b"x", partition=0)
+            value = str(offset).encode()
+            sending = producer.send_and_wait(out.topic, value, partition=0)
             await compat.send_with_offsets(producer, sending, {tp: offset}, group)
             await producer.commit_transaction()
 
         await transaction(5)
         assert await compat.stable_committed(consumer, group, [tp], within=10) == {tp: 5}
-        generation, member = consumer._coordinator.generation, consumer._coordinator.member_id
-        setattr(producer._txn_manager, compat._MEMBER, lambda: (generation - 1, member))
-        with pytest.raises(compat.MemberFenced, match="generation is over"):
-            await transaction(9)
-        await compat.abort_if_open(producer)
-        assert producer._txn_manager.state is TransactionState.READY
-        setattr(producer._txn_manager, compat._MEMBER, lambda: (generation, "someone-else"))
-        with pytest.raises(compat.MemberFenced):
-            await transaction(10)
-        await compat.abort_if_open(producer)
-        compat.fence_by_group(producer, consumer)
+        coordinator = consumer._coordinator
+        generation, member = coordinator.generation, coordinator.member_id
+        for stale in ((generation - 1, member), (generation, "someone-else")):
+            setattr(producer._txn_manager, compat._MEMBER, lambda stale=stale: stale)
+            with pytest.raises(compat.MemberFenced, match="generation is over"):
+                await transaction(9)
+            await producer.stop()  # its InitProducerId aborts what the refused one left
+            producer = await started()
         await transaction(11)
         assert await compat.stable_committed(consumer, group, [tp], within=10) == {tp: 11}
+        async with AIOKafkaConsumer(
+            bootstrap_servers=topics.bootstrap_servers, isolation_level="read_committed"
+        ) as reader:
+            reader.assign([out])
+            await reader.seek_to_beginning(out)
+            end = (await reader.end_offsets([out]))[out]
+            values = []
+            while await reader.position(out) < end:
+                fetched = await reader.getmany(out, timeout_ms=1000)
+                values += [r.value for r in fetched.get(out, [])]
+        assert values == [b"5", b"11"]
+        member_of = getattr(producer._txn_manager, compat._MEMBER)
+        assert member_of() == (generation, member)
+        coordinator.reset_generation()  # what aiokafka does when the session expires
+        assert coordinator.generation == -1
+        assert member_of() == (generation, member)
     finally:
         await producer.stop()
         await consumer.stop()

@@ -349,6 +349,9 @@ _MEMBER_FENCED = {
 }
 
 
+NOT_A_MEMBER = "jobs-not-a-member"  # sent before the consumer ever joined: refused
+
+
 class MemberFenced(KafkaError):  # type: ignore[misc]
     """The group no longer counts this member's generation: the offsets of its transaction
     were refused, and the partitions belong to the group's next assignment."""
@@ -428,10 +431,17 @@ _TXN_HANDLE_RESPONSE = sender.TxnOffsetCommitHandler.handle_response
 def fence_by_group(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
     """Have `producer`'s offset commits carry `consumer`'s generation and member ID (read
     when each commit is sent), so the group refuses them once the member is stale."""
-    coordinator = consumer._coordinator
+    known = [(0, NOT_A_MEMBER)]  # the last generation and member ID the consumer had
 
     def member() -> tuple[int, str]:
-        return coordinator.generation, coordinator.member_id
+        # Read when sent (the consumer may start after the producer). Never generation -1:
+        # the broker skips its check for it (an admin's or a v0 producer's commit), and
+        # aiokafka's consumer drops to -1 when its session expires, which is exactly when
+        # the check must refuse. A member without a generation sends its last one.
+        coordinator = consumer._coordinator
+        if coordinator is not None and coordinator.generation >= 0 and coordinator.member_id:
+            known[0] = (coordinator.generation, coordinator.member_id)
+        return known[0]
 
     setattr(producer._txn_manager, _MEMBER, member)
     sender.TxnOffsetCommitHandler.create_request = _txn_create_request

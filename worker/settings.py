@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +17,11 @@ if TYPE_CHECKING:  # the client reads these settings too, and must not load the 
 # The longest any seconds setting may be (100 years): each becomes a `timedelta` added to
 # times, which infinity, NaN or 1e300 would overflow when the worker starts, not here.
 LONGEST_S = 100 * 365 * 86_400
+
+
+# JOBS_TRANSACTION_TIMEOUT_MS's default with JOBS_TRANSACTIONS=worker (Kafka Streams' with
+# exactly-once).
+WORKER_TRANSACTION_TIMEOUT_MS = 10_000
 
 
 class Settings(BaseSettings):
@@ -98,6 +103,16 @@ class Settings(BaseSettings):
         description="exactly_once: one Kafka transaction per partition batch; "
         "at_least_once: no transactions, a crash may republish a batch's events.",
     )
+    transactions: Literal["partition", "worker"] = Field(
+        default="partition",
+        description="With exactly_once, whose transactions: partition, a transactional "
+        "producer per partition (ID <group>.<N>; a new owner fences the old one at once); "
+        "worker, one producer and one transaction at a time for all the worker's partitions "
+        "(ID <group>.worker.<ID kept in its SQLite file>), fenced by the group's generation "
+        "(Kafka 2.5 or later): fewer transactions under a steady load, but a worker that "
+        "crashes and is not restarted holds its partitions' next owner until its open "
+        "transaction times out (JOBS_TRANSACTION_TIMEOUT_MS).",
+    )
     linger_ms: int = Field(
         default=0,
         ge=0,
@@ -111,7 +126,14 @@ class Settings(BaseSettings):
         "partition per request, so a batch's output should fit in one; keep it below the "
         "topics' max.message.bytes (1 MiB by default).",
     )
-    transaction_timeout_ms: int = Field(default=60_000, gt=0)
+    transaction_timeout_ms: int = Field(
+        default=60_000,
+        gt=0,
+        description="How long a transaction may stay open before the broker aborts it: the "
+        "longest a crashed worker's open transaction can hold back readers of what it wrote "
+        "(and, with JOBS_TRANSACTIONS=worker, its partitions' next owner). 60000 by default, "
+        "10000 with JOBS_TRANSACTIONS=worker.",
+    )
     run_retention_s: float = Field(
         allow_inf_nan=False,
         le=LONGEST_S,
@@ -213,6 +235,18 @@ class Settings(BaseSettings):
             raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
         self.password()  # an unreadable password file fails here, with its name
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_transactions_time_out_sooner(cls, data: Any) -> Any:
+        # A crashed worker's open transaction holds its partitions' next owner this long.
+        if (
+            isinstance(data, dict)
+            and data.get("transactions") == "worker"
+            and data.get("transaction_timeout_ms") is None
+        ):
+            return {**data, "transaction_timeout_ms": WORKER_TRANSACTION_TIMEOUT_MS}
+        return data
 
     def password(self) -> str | None:
         """The SASL password, from `sasl_password` or read from `sasl_password_file`."""

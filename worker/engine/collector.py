@@ -1,6 +1,8 @@
 """The record collector: a batch's outcome to Kafka records, published with its offsets.
 
-Two implementations of one protocol, chosen by `JOBS_PROCESSING_GUARANTEE`:
+Implementations of one protocol, chosen by `JOBS_PROCESSING_GUARANTEE` (and
+`JOBS_TRANSACTIONS`: `worker.engine.shared.SharedExactlyOnce`, one transactional producer
+for all partitions):
 
 - `ExactlyOnce`: one transactional producer per partition (transactional ID `<group>.<N>`,
   which fences the previous owner when it starts); status events, changelog rows, dead
@@ -13,6 +15,7 @@ Two implementations of one protocol, chosen by `JOBS_PROCESSING_GUARANTEE`:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -42,9 +45,13 @@ class RecordCollector(Protocol):
     async def open(self, number: int) -> None:
         """Prepare to publish for partition `number` (fencing any previous owner)."""
 
-    async def commit(self, number: int, outcome: BatchOutcome) -> int | None:
+    async def commit(
+        self, number: int, outcome: BatchOutcome, applied: Mapping[str, int]
+    ) -> int | None:
         """Publish `outcome` with its input offsets; raise if it did not happen.
 
+        `applied` are N's input offsets before the batch (a batch that consumed nothing
+        commits none, except through `SharedExactlyOnce`, which commits these again).
         Returns the changelog position the batch leaves: the end offset of N's changelog
         partition once it is committed, or None when the batch wrote no changelog row.
         """
@@ -118,7 +125,9 @@ class ExactlyOnce:
         await producer.start()
         self._producers[number] = producer
 
-    async def commit(self, number: int, outcome: BatchOutcome) -> int | None:
+    async def commit(
+        self, number: int, outcome: BatchOutcome, applied: Mapping[str, int]
+    ) -> int | None:
         """Publish `outcome` and its offsets in one transaction."""
         producer = self._producers.get(number)
         if producer is None:
@@ -182,7 +191,9 @@ class AtLeastOnce:
     async def open(self, number: int) -> None:
         """Nothing to fence without transactions."""
 
-    async def commit(self, number: int, outcome: BatchOutcome) -> int | None:
+    async def commit(
+        self, number: int, outcome: BatchOutcome, applied: Mapping[str, int]
+    ) -> int | None:
         """Publish, wait for every acknowledgement, then commit the offsets."""
         assert self._producer is not None
         out = Outbox(self._producer)

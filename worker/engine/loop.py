@@ -39,6 +39,7 @@ from worker.engine.hooks import Hooks
 from worker.engine.observe import HttpServer, Metrics
 from worker.engine.partitions import PartitionManager
 from worker.engine.processing import BatchRunner
+from worker.engine.shared import SharedExactlyOnce
 from worker.engine.state import StateManager
 from worker.engine.task import Rules
 from worker.kafkaio import connection
@@ -159,11 +160,15 @@ class Worker:
             max_poll_records=s.batch_max_records,
             fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
-        collector: RecordCollector = (
-            ExactlyOnce(s, self.hooks)
-            if s.processing_guarantee == "exactly_once"
-            else AtLeastOnce(s, consumer)
-        )
+        collector: RecordCollector
+        if s.processing_guarantee == "at_least_once":
+            collector = AtLeastOnce(s, consumer)
+        elif s.transactions == "worker":
+            collector = SharedExactlyOnce(
+                s, self.hooks, consumer, self._state.store.identity, self.stop_with
+            )
+        else:
+            collector = ExactlyOnce(s, self.hooks)
         self._collector = collector
         partitions = self._partitions = PartitionManager(
             s,
@@ -194,6 +199,7 @@ class Worker:
                 group=s.group_id,
                 partitions=self.partition_count,
                 guarantee=s.processing_guarantee,
+                transactions=s.transactions,
                 db=str(s.db_path),
                 job_settings=str(s.config) if s.config is not None else "none (the defaults)",
                 defaults=_described(self.jobs_config.defaults),

@@ -50,6 +50,9 @@ log = structlog.get_logger("worker")
 TAKE_ATTEMPTS = 5
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 10.0
+# How much longer than the transaction timeout a take waits for stable offsets: the broker
+# aborts timed-out transactions in a sweep every 10 s (by default).
+STABLE_MARGIN_S = 15.0
 
 
 @dataclass
@@ -91,6 +94,7 @@ class PartitionManager:
         self._takes: dict[int, asyncio.Task[None]] = {}
         self._abandoned: dict[int, asyncio.Task[None]] = {}
         self.ready = ready  # set once every assigned partition is taken
+        self._exact = settings.processing_guarantee == "exactly_once"
 
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to subscribe with."""
@@ -322,8 +326,7 @@ class PartitionManager:
             await self._collector.open(number)  # fences the previous owner
             try:
                 committed = await self._position(number)
-                exact = self._settings.processing_guarantee == "exactly_once"
-                return await self._state.load(number, committed, self._rules(), exact=exact)
+                return await self._state.load(number, committed, self._rules(), exact=self._exact)
             except BaseException:
                 await self._collector.close(number)
                 raise
@@ -334,9 +337,18 @@ class PartitionManager:
         # Always position N here, after the fencing: aiokafka fetched committed offsets while
         # joining, possibly including the offsets of the previous owner's transaction that
         # opening N has just aborted.
+        # With one producer for the worker (KIP-447), nothing was fenced: the offsets are read
+        # once no transaction holding offsets of N is open (the previous owner's last).
+        tps = self.topic_partitions(number)
+        stable: dict[TopicPartition, int | None] = {}
+        if self._settings.transactions == "worker" and self._exact:
+            within = self._settings.transaction_timeout_ms / 1000 + STABLE_MARGIN_S
+            stable = await compat.stable_committed(
+                self._consumer, self._settings.group_id, list(tps), within
+            )
         committed: dict[str, int] = {}
-        for tp in self.topic_partitions(number):
-            offset = await self._consumer.committed(tp)
+        for tp in tps:
+            offset = stable[tp] if stable else await self._consumer.committed(tp)
             if offset is not None:
                 committed[tp.topic] = offset
             # Offset 0 when nothing is committed: if retention deleted it, the consumer's

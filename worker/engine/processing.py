@@ -187,7 +187,7 @@ class BatchRunner:
         self._state.check()  # a failed SQLite write: commit nothing more to Kafka
         began = time.perf_counter()
         try:
-            position = await self._collector.commit(number, outcome)
+            position = await self._collector.commit(number, outcome, owned.task.applied)
         except BaseException:
             self._metrics.publish_failed()
             raise

@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS window_entries (
     entry    BLOB NOT NULL,
     PRIMARY KEY (job_type, kind, number)
 ) WITHOUT ROWID;
+-- the worker's own ID, made once per file: JOBS_TRANSACTIONS=worker's transactional ID
+CREATE TABLE IF NOT EXISTS worker_identity (
+    id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS applied_offsets (
     topic       TEXT NOT NULL,
     partition   INTEGER NOT NULL,

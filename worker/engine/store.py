@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -214,6 +215,19 @@ class Store:
             "SELECT topic, next_offset FROM applied_offsets WHERE partition = ?", (partition,)
         ) as cursor:
             return {topic: offset async for topic, offset in cursor}
+
+    async def identity(self) -> str:
+        """This file's worker ID, made (random) the first time it is asked for: a worker
+        restarted on its file is the same worker to the broker (its transactional ID)."""
+        async with self._lock:
+            async with self._db.execute("SELECT id FROM worker_identity") as cursor:
+                row = await cursor.fetchone()
+            if row is not None:
+                return str(row[0])
+            made = uuid.uuid4().hex
+            await self._db.execute("INSERT INTO worker_identity (id) VALUES (?)", (made,))
+            await self._db.commit()
+            return made
 
     async def flush(self) -> None:
         """Wait until every queued batch is written; raise the error of a failed write."""

@@ -1,0 +1,216 @@
+"""One transactional producer for all of a worker's partitions (`JOBS_TRANSACTIONS=worker`).
+
+Partitions hand their outcomes to `commit`; one transaction at a time carries every outcome
+handed in while the one before was in flight, with each partition's input offsets. So under
+a steady load the worker commits one transaction for all its partitions where a producer per
+partition commits one each, and the client work a transaction costs is paid once.
+
+Fencing is by the group's generation (KIP-447), not by a transactional ID per partition:
+
+- every transaction's offsets carry the consumer's generation and member ID
+  (`compat.fence_by_group`), and the group refuses them from a member it has moved past
+  (`MemberFenced`: the transaction aborts, the partitions are fenced and the worker rejoins);
+  a tick's batch, which consumed nothing, commits its partition's applied offsets again, so
+  no transaction escapes the check;
+- a new owner reads the committed offsets with `require_stable`
+  (`compat.stable_committed`), which waits while a transaction holding offsets of the
+  partition is open: the previous owner's last batch is committed or aborted before anything
+  is read.
+
+The transactional ID is `<group>.worker.<ID>`, the ID kept in the worker's SQLite file: a
+worker restarted on its file aborts its own transaction left open at once. A transaction left
+open by a worker that does not come back holds its partitions' next owner until the broker
+times it out (`JOBS_TRANSACTION_TIMEOUT_MS`).
+
+A failed transaction fails every outcome in it (each partition retries from what Kafka
+committed, as with a producer of its own), and the producer is started again before the next
+transaction, which aborts at the broker whatever the failed one left open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
+
+from worker import compat
+from worker.engine.collector import FencedError, write_outcome
+from worker.engine.hooks import Hooks
+from worker.engine.task import BatchOutcome
+from worker.kafkaio import Outbox, connection
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+# A worker whose transactions the broker fences this often in a row, each time with a new
+# producer, shares its transactional ID with another process: it stops.
+PRODUCER_FENCED_IN_A_ROW = 5
+
+
+@dataclass
+class _Handed:
+    """An outcome waiting for the next transaction, and who waits for it."""
+
+    number: int
+    outcome: BatchOutcome
+    offsets: dict[TopicPartition, int]
+    done: asyncio.Future[int | None]
+
+
+def _retrieved(future: asyncio.Future[int | None]) -> None:
+    future.exception()
+
+
+class SharedExactlyOnce:
+    """Every partition's outcomes through one transactional producer, fenced by the group."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        hooks: Hooks,
+        consumer: AIOKafkaConsumer,
+        identity: Callable[[], Awaitable[str]],
+        stop: Callable[[BaseException], None],
+    ) -> None:
+        self._settings = settings
+        self._hooks = hooks
+        self._consumer = consumer
+        self._identity = identity
+        self._stop = stop  # stops the worker with this error
+        self._transactional_id = ""
+        self._producer: AIOKafkaProducer | None = None
+        self._handed: list[_Handed] = []
+        self._cycle: asyncio.Task[None] | None = None
+        self.transactions = 0  # committed, for the tests and the log
+        self._producer_fenced = 0  # transactions in a row the broker fenced
+
+    async def start(self) -> None:
+        """Start the worker's producer (aborting what its last run left open)."""
+        self._transactional_id = f"{self._settings.group_id}.worker.{await self._identity()}"
+        await self._restart()
+
+    async def _restart(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+        s = self._settings
+        producer = AIOKafkaProducer(
+            **connection(s),
+            transactional_id=self._transactional_id,
+            linger_ms=s.linger_ms,
+            max_batch_size=s.producer_batch_bytes,
+            transaction_timeout_ms=s.transaction_timeout_ms,
+        )
+        await producer.start()
+        compat.fence_by_group(producer, self._consumer)
+        self._producer = producer
+
+    async def open(self, number: int) -> None:
+        """Nothing to fence per partition: the take's stable offsets wait out the previous
+        owner's transaction."""
+
+    async def commit(
+        self, number: int, outcome: BatchOutcome, applied: Mapping[str, int]
+    ) -> int | None:
+        """Publish `outcome` and its offsets in the next transaction; raise if it did not
+        commit. A batch that consumed nothing commits `applied` again."""
+        offsets = outcome.next_offsets or {t: applied.get(t, 0) for t in self._inputs()}
+        done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        where = {TopicPartition(topic, number): offset for topic, offset in offsets.items()}
+        self._handed.append(_Handed(number, outcome, where, done))
+        if self._cycle is None or self._cycle.done():
+            self._cycle = asyncio.create_task(self._transactions())
+        return await asyncio.shield(done)  # a cancelled batch's outcome is still decided
+
+    def _inputs(self) -> tuple[str, str]:
+        topics = self._settings.topics
+        return topics.requests, topics.results
+
+    async def _transactions(self) -> None:
+        """Commit what was handed in, a transaction at a time, until nothing waits."""
+        while self._handed:
+            handed, self._handed = self._handed, []
+            try:
+                if self._producer is None:
+                    await self._restart()
+                ends = await self._transaction(handed)
+            except BaseException as exc:
+                failure = self._failure(exc)
+                for item in handed:
+                    item.done.set_exception(failure)
+                    item.done.add_done_callback(_retrieved)  # its batch may have been cancelled
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            self.transactions += 1
+            self._producer_fenced = 0
+            state = self._settings.topics.state
+            for item in handed:
+                written = ends.get((state, item.number))
+                # The commit marker follows the transaction's last record in the partition.
+                item.done.set_result(None if written is None else written + 1)
+
+    async def _transaction(self, handed: list[_Handed]) -> dict[tuple[str, int], int]:
+        producer = self._producer
+        assert producer is not None
+        await producer.begin_transaction()
+        try:
+            out = Outbox(producer)
+            offsets: dict[TopicPartition, int] = {}
+            for item in handed:
+                write_outcome(out, self._settings.topics, item.number, item.outcome)
+                offsets.update(item.offsets)
+            ends = await compat.send_with_offsets(
+                producer, out.flush(), offsets, self._settings.group_id
+            )
+            self._hooks.point("in_transaction")
+            self._hooks.point("stop_in_transaction")
+            await producer.commit_transaction()
+        except BaseException:
+            # Started again before the next transaction: its InitProducerId aborts at the
+            # broker whatever this one left open. An abort alone is not enough: after an
+            # abortable error aiokafka forgets the transaction's partitions and "aborts" it
+            # without asking the broker, so the next commit would commit it too.
+            self._producer = None
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+            raise
+        return ends
+
+    def _failure(self, exc: BaseException) -> BaseException:
+        """What each partition of a failed transaction is told: fenced (they rejoin and are
+        taken again) when the group or the broker refused this worker's transaction."""
+        if isinstance(exc, compat.MemberFenced):
+            return FencedError(str(exc))
+        if not isinstance(exc, ProducerFenced | InvalidProducerEpoch):
+            return exc
+        # The broker aborted the transaction (it outlived JOBS_TRANSACTION_TIMEOUT_MS, a
+        # frozen process), or another process started a producer with this worker's ID.
+        self._producer_fenced += 1
+        if self._producer_fenced >= PRODUCER_FENCED_IN_A_ROW:
+            message = (
+                f"fenced {self._producer_fenced} times in a row: another process uses this "
+                f"worker's transactional ID {self._transactional_id!r} (a copy of its SQLite "
+                f"file?); two workers must not share one"
+            )
+            log.error("fenced again and again by another producer; stopping", error=message)
+            self._stop(FencedError(message))
+        return FencedError(f"the broker fenced this worker's transaction: {exc!r}")
+
+    async def close(self, number: int) -> None:
+        """Nothing is held per partition (its last batch has committed or failed)."""
+
+    async def stop(self) -> None:
+        """Let the transaction in flight end, then stop the producer."""
+        if self._cycle is not None:
+            await asyncio.gather(self._cycle, return_exceptions=True)
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
