@@ -23,6 +23,8 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
 SEED = 20261128
+# Both ways of committing: a transactional producer per partition, one for the worker.
+TRANSACTIONS = pytest.mark.parametrize("transactions", ["partition", "worker"])
 
 
 @pytest.fixture
@@ -70,11 +72,12 @@ async def finish(cluster: Settings, load: Load, workers: list[WorkerProcess], tm
     assert verdict.dead_letters > 0
 
 
+@TRANSACTIONS
 async def test_sigkill_at_random_moments_neither_loses_nor_repeats(
-    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, transactions: str
 ) -> None:
     """Killed by SIGKILL 12 times mid-stream, the worker still decides each input once."""
-    worker = spawn("crashy")
+    worker = spawn("crashy", transactions=transactions)
     worker.start()
     load = Load(cluster, seed=SEED, requests=4200, rate=250, job_types=1000)
     rng = random.Random(SEED)
@@ -92,12 +95,19 @@ async def test_sigkill_at_random_moments_neither_loses_nor_repeats(
     assert verdict.inputs >= 5000
 
 
-@pytest.mark.parametrize("point", ["in_transaction", "after_commit"])
+@pytest.mark.parametrize(
+    ("point", "transactions"),
+    [("in_transaction", "partition"), ("after_commit", "partition"), ("in_transaction", "worker")],
+)
 async def test_hard_exit_at_a_fault_point_is_recovered(
-    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, point: str
+    cluster: Settings,
+    spawn: Callable[..., WorkerProcess],
+    tmp_path: Path,
+    point: str,
+    transactions: str,
 ) -> None:
     """A hard exit inside an open transaction, or after the Kafka commit, is recovered exactly."""
-    worker = spawn("faulty")
+    worker = spawn("faulty", transactions=transactions)
     worker.start(fault_point=point, fault_after_batches="8")
     load = Load(cluster, seed=SEED + 1, requests=600, rate=300)
     async with flowing(load):
@@ -112,13 +122,19 @@ async def test_hard_exit_at_a_fault_point_is_recovered(
         assert restores, "the SQLite file was behind Kafka, so the partition must be restored"
 
 
+@TRANSACTIONS
 async def test_survivors_take_over_a_killed_workers_partitions(
-    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, transactions: str
 ) -> None:
-    """Three workers share the partitions; one is killed; the others restore its partitions."""
+    """Three workers share the partitions; one is killed; the others restore its partitions
+    (with worker-wide transactions, once the broker has timed out the one it left open)."""
     # The victim reports what it decided every half second: it is killed once it has
     # committed batches (a member killed before it owned anything leaves nothing to restore).
-    workers = [spawn("member0", log_summary_s="0.5"), spawn("member1"), spawn("member2")]
+    workers = [
+        spawn("member0", log_summary_s="0.5", transactions=transactions),
+        spawn("member1", transactions=transactions),
+        spawn("member2", transactions=transactions),
+    ]
     for process in workers:
         process.start()
     load = Load(cluster, seed=SEED + 2, requests=1500, rate=250)
@@ -158,13 +174,18 @@ async def _until(predicate: Callable[[], bool], timeout: float, what: str) -> No
     assert predicate(), what
 
 
+@TRANSACTIONS
 async def test_a_frozen_zombie_cannot_publish_after_its_partitions_move(
-    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, transactions: str
 ) -> None:
-    """A worker frozen inside an open transaction is fenced: nothing it sent becomes visible."""
-    zombie = spawn("zombie")
+    """A worker frozen inside an open transaction is fenced: nothing it sent becomes visible.
+
+    With a producer per partition the heir's producer fences it at once; with one for the
+    worker, the group refuses its offsets (and the broker times its transaction out, which
+    the heir waits for before it reads the offsets)."""
+    zombie = spawn("zombie", transactions=transactions)
     zombie.start(fault_point="stop_in_transaction", fault_after_batches="5")
-    heir = spawn("heir")
+    heir = spawn("heir", transactions=transactions)
     heir.start()
     load = Load(cluster, seed=SEED + 3, requests=900, rate=200)
     async with flowing(load):

@@ -92,7 +92,7 @@ def rules(
         "WRITE",
         "TRANSACTIONAL_ID",
         f"{group}.",
-        "one transactional producer per partition",
+        "its transactional producers (per partition, or per worker)",
         "PREFIXED",
     )
 

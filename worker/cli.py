@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import typer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -1053,6 +1053,11 @@ def bench(
     ),
     quick: bool = typer.Option(False, "--quick", help="Small sizes, one round: a smoke run."),
     quix: bool = typer.Option(False, "--quix", help="Also time a Quix Streams job lock."),
+    transactions: str = typer.Option(
+        "partition",
+        "--transactions",
+        help="The workers' JOBS_TRANSACTIONS: partition (a producer per partition) or worker.",
+    ),
     json_path: Path = typer.Option(None, "--json", help="Also write the report as JSON here."),
     soak: float = typer.Option(
         None, "--soak", min=0.1, help="Instead: a soak of this many minutes (exit 1 past a bound)."
@@ -1087,6 +1092,7 @@ def bench(
         growth_job_types=_growth_sizes(growth),
         quick=quick,
         quix=quix,
+        transactions=_transactions(transactions),
     )
     if soak is not None:
         _soak(options, soak, soak_rate, soak_interval, soak_retention)
@@ -1109,6 +1115,15 @@ def _full_bench(options: Any, json_path: Path | None) -> None:
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
         console.print(Text.assemble("wrote ", shown(json_path)))
+
+
+def _transactions(text: str) -> Literal["partition", "worker"]:
+    """`--transactions`: partition or worker."""
+    if text == "partition":
+        return "partition"
+    if text == "worker":
+        return "worker"
+    raise _fail(f"--transactions {text!a}: use partition or worker")
 
 
 def _growth_sizes(text: str) -> tuple[int, ...]:

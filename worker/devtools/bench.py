@@ -116,7 +116,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import aiokafka
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -170,6 +170,7 @@ class BenchOptions:
     growth_job_types: tuple[int, ...] = (10, 1_000, 10_000, 100_000, 1_000_000)
     quick: bool = False
     quix: bool = False  # also the Quix Streams job lock's rounds (items 2 and 3)
+    transactions: Literal["partition", "worker"] = "partition"  # the workers' JOBS_TRANSACTIONS
 
     def sized(self) -> BenchOptions:
         """The options actually run: with `quick`, every size capped to a few seconds' work."""
@@ -943,6 +944,7 @@ class _Bench:
             JOBS_TOPIC_PREFIX=topics.requests.removesuffix(".requests"),
             JOBS_DB_PATH=db or str(self.tmp / f"{name}.db"),
             JOBS_PROCESSING_GUARANTEE=guarantee,
+            JOBS_TRANSACTIONS=self.options.transactions,
             JOBS_BATCH_MAX_RECORDS=str(self.options.batch_max_records),
             JOBS_LOG_LEVEL=log_level,
             JOBS_LOG_FORMAT="json",
@@ -1871,6 +1873,8 @@ async def _joined_rounds(bench: _Bench) -> dict[str, Any]:
 async def _measure(bench: _Bench, environment: dict[str, str]) -> BenchReport:
     o = bench.options
     bench.say(f"the worker's hot modules: {environment['worker_code']}")
+    environment["worker_transactions"] = o.transactions
+    bench.say(f"the worker's transactions: JOBS_TRANSACTIONS={o.transactions}")
     throughput = await _throughput_rounds(bench)
     restore_seconds, restored_runs, restored_records = await _restore(bench)
     bench.say(

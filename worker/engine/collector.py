@@ -27,6 +27,7 @@ from worker.engine import changelog, rulebook
 from worker.engine.codec import REROUTED_FROM
 from worker.engine.envelope import source_of, status_headers
 from worker.engine.hooks import Hooks
+from worker.engine.observe import Metrics
 from worker.engine.task import BatchOutcome
 from worker.kafkaio import Outbox, connection
 from worker.settings import Settings, Topics
@@ -44,6 +45,12 @@ class RecordCollector(Protocol):
 
     async def open(self, number: int) -> None:
         """Prepare to publish for partition `number` (fencing any previous owner)."""
+
+    def begin(self, number: int) -> None:
+        """A batch of partition `number` has begun (it may hand an outcome in)."""
+
+    def end(self, number: int) -> None:
+        """The batch of partition `number` is over, whatever became of it."""
 
     async def commit(
         self, number: int, outcome: BatchOutcome, applied: Mapping[str, int]
@@ -104,13 +111,20 @@ def _offsets(number: int, next_offsets: dict[str, int]) -> dict[TopicPartition, 
 class ExactlyOnce:
     """One transaction per batch, through the partition's own transactional producer."""
 
-    def __init__(self, settings: Settings, hooks: Hooks) -> None:
+    def __init__(self, settings: Settings, hooks: Hooks, metrics: Metrics) -> None:
         self._settings = settings
         self._hooks = hooks
+        self._metrics = metrics
         self._producers: dict[int, AIOKafkaProducer] = {}
 
     async def start(self) -> None:
         """Nothing is shared between partitions."""
+
+    def begin(self, number: int) -> None:
+        """Nothing waits for other partitions."""
+
+    def end(self, number: int) -> None:
+        """Nothing waits for other partitions."""
 
     async def open(self, number: int) -> None:
         """Start N's producer: this fences the previous owner and waits out its transaction."""
@@ -151,6 +165,7 @@ class ExactlyOnce:
         except BaseException:
             await compat.abort_if_open(producer)
             raise
+        self._metrics.transaction()
         written = ends.get((self._settings.topics.state, number))
         # The commit marker follows the transaction's last record in the partition.
         return None if written is None else written + 1
@@ -187,6 +202,12 @@ class AtLeastOnce:
             max_batch_size=s.producer_batch_bytes,
         )
         await self._producer.start()
+
+    def begin(self, number: int) -> None:
+        """Nothing waits for other partitions."""
+
+    def end(self, number: int) -> None:
+        """Nothing waits for other partitions."""
 
     async def open(self, number: int) -> None:
         """Nothing to fence without transactions."""

@@ -165,10 +165,10 @@ class Worker:
             collector = AtLeastOnce(s, consumer)
         elif s.transactions == "worker":
             collector = SharedExactlyOnce(
-                s, self.hooks, consumer, self._state.store.identity, self.stop_with
+                s, self.hooks, consumer, self._state.store.identity, self.stop_with, self.metrics
             )
         else:
-            collector = ExactlyOnce(s, self.hooks)
+            collector = ExactlyOnce(s, self.hooks, self.metrics)
         self._collector = collector
         partitions = self._partitions = PartitionManager(
             s,
@@ -291,6 +291,7 @@ class Worker:
             events=dict(sorted(done.events.items())),
             dead_letters=dict(sorted(done.dead_letters.items())),
             batches=done.batches,
+            transactions=done.transactions,
             failed_batches=done.failed,
             partitions=sorted(self._partitions.owned) if self._partitions else [],
         )

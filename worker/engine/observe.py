@@ -44,6 +44,7 @@ class Summary:
     dead_letters: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     failed: int = 0
+    transactions: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.batches or self.failed)
@@ -75,9 +76,16 @@ class Metrics:
         )
         self.commits = MetricCounter(
             "jobs_commits",
-            "Outcomes published (one Kafka transaction each, exactly-once), by result: "
-            "committed, or aborted (nothing of it became visible).",
+            "Outcomes published (each in a Kafka transaction, exactly-once: see "
+            "jobs_transactions), by result: committed, or aborted (nothing of it became "
+            "visible).",
             ["result"],
+            registry=r,
+        )
+        self.transactions = MetricCounter(
+            "jobs_transactions",
+            "Kafka transactions committed (exactly-once): one an outcome with a producer per "
+            "partition, one for every outcome handed in meanwhile with JOBS_TRANSACTIONS=worker.",
             registry=r,
         )
         self.commit_seconds = Histogram(
@@ -130,6 +138,11 @@ class Metrics:
         self._since.events.update(kinds)
         self._since.dead_letters.update(codes)
         self._since.batches += 1
+
+    def transaction(self) -> None:
+        """Count a committed Kafka transaction."""
+        self.transactions.inc()
+        self._since.transactions += 1
 
     def failed(self) -> None:
         """Count a failed batch."""

@@ -139,11 +139,7 @@ class BatchRunner:
         trouble = self._trouble.get(number)
         alone = trouble is not None and bool(trouble.until) and len(records) == 1
         try:
-            if trouble is not None and alone and trouble.given_up(records[0]):
-                outcome = self._unprocessable(owned, records[0], trouble)
-            else:
-                outcome = await self._decide(owned, records, wall_clock, wait=not alone)
-            await self._commit(owned, outcome, len(records))
+            outcome = await self._publish(owned, records, wall_clock, trouble, alone)
             self._metrics.committed(outcome, time.perf_counter() - started)
         except (ProducerFenced, InvalidProducerEpoch, FencedError) as exc:
             self._partitions.fence(owned, exc)
@@ -162,6 +158,29 @@ class BatchRunner:
                 self._recovered(owned, trouble, alone)
         finally:
             self._partitions.resume_after(number, started)
+
+    async def _publish(
+        self,
+        owned: Owned,
+        records: list[InputRecord],
+        wall_clock: datetime | None,
+        trouble: Trouble | None,
+        alone: bool,
+    ) -> BatchOutcome:
+        """Decide the batch and commit its outcome. The collector knows the batch is on its
+        way from here until it hands its outcome in, or fails (not through the backoff of a
+        retry): worker-wide transactions wait for it."""
+        number = owned.task.number
+        self._collector.begin(number)
+        try:
+            if trouble is not None and alone and trouble.given_up(records[0]):
+                outcome = self._unprocessable(owned, records[0], trouble)
+            else:
+                outcome = await self._decide(owned, records, wall_clock, wait=not alone)
+            await self._commit(owned, outcome, len(records))
+        finally:
+            self._collector.end(number)
+        return outcome
 
     async def _decide(
         self,

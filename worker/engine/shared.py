@@ -1,7 +1,9 @@
 """One transactional producer for all of a worker's partitions (`JOBS_TRANSACTIONS=worker`).
 
 Partitions hand their outcomes to `commit`; one transaction at a time carries every outcome
-handed in while the one before was in flight, with each partition's input offsets. So under
+handed in while the one before was in flight, with each partition's input offsets, and
+waits for the batches that have begun to hand theirs in (`begin`): the partitions fetched
+together commit together. So under
 a steady load the worker commits one transaction for all its partitions where a producer per
 partition commits one each, and the client work a transaction costs is paid once.
 
@@ -41,6 +43,7 @@ from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 from worker import compat
 from worker.engine.collector import FencedError, write_outcome
 from worker.engine.hooks import Hooks
+from worker.engine.observe import Metrics
 from worker.engine.task import BatchOutcome
 from worker.kafkaio import Outbox, connection
 from worker.settings import Settings
@@ -76,8 +79,10 @@ class SharedExactlyOnce:
         consumer: AIOKafkaConsumer,
         identity: Callable[[], Awaitable[str]],
         stop: Callable[[BaseException], None],
+        metrics: Metrics,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._hooks = hooks
         self._consumer = consumer
         self._identity = identity
@@ -86,7 +91,12 @@ class SharedExactlyOnce:
         self._producer: AIOKafkaProducer | None = None
         self._handed: list[_Handed] = []
         self._cycle: asyncio.Task[None] | None = None
-        self.transactions = 0  # committed, for the tests and the log
+        # Partitions whose batch has begun and not handed an outcome in yet: the next
+        # transaction waits for them (each decides in a few milliseconds at most, and is
+        # paused once it has handed in), so the partitions fetched together commit together.
+        self._deciding: set[int] = set()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self._producer_fenced = 0  # transactions in a row the broker fenced
 
     async def start(self) -> None:
@@ -115,6 +125,17 @@ class SharedExactlyOnce:
         """Nothing to fence per partition: the take's stable offsets wait out the previous
         owner's transaction."""
 
+    def begin(self, number: int) -> None:
+        """A batch of `number` has begun: the next transaction waits for its outcome."""
+        self._deciding.add(number)
+        self._quiet.clear()
+
+    def end(self, number: int) -> None:
+        """The batch of `number` is over (handed in, failed, or had nothing to publish)."""
+        self._deciding.discard(number)
+        if not self._deciding:
+            self._quiet.set()
+
     async def commit(
         self, number: int, outcome: BatchOutcome, applied: Mapping[str, int]
     ) -> int | None:
@@ -124,6 +145,7 @@ class SharedExactlyOnce:
         done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         where = {TopicPartition(topic, number): offset for topic, offset in offsets.items()}
         self._handed.append(_Handed(number, outcome, where, done))
+        self.end(number)
         if self._cycle is None or self._cycle.done():
             self._cycle = asyncio.create_task(self._transactions())
         return await asyncio.shield(done)  # a cancelled batch's outcome is still decided
@@ -135,6 +157,7 @@ class SharedExactlyOnce:
     async def _transactions(self) -> None:
         """Commit what was handed in, a transaction at a time, until nothing waits."""
         while self._handed:
+            await self._quiet.wait()
             handed, self._handed = self._handed, []
             try:
                 if self._producer is None:
@@ -148,7 +171,7 @@ class SharedExactlyOnce:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            self.transactions += 1
+            self._metrics.transaction()
             self._producer_fenced = 0
             state = self._settings.topics.state
             for item in handed:
