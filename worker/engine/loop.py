@@ -82,6 +82,19 @@ async def _leave(consumer: AIOKafkaConsumer) -> None:
         await consumer.stop()  # leaves the group; revokes the partitions
 
 
+def _collector(
+    worker: Worker, consumer: AIOKafkaConsumer, identity: Callable[[], Awaitable[str]]
+) -> RecordCollector:
+    """The record collector `JOBS_PROCESSING_GUARANTEE` and `JOBS_TRANSACTIONS` choose."""
+    s = worker.settings
+    if s.processing_guarantee == "at_least_once":
+        return AtLeastOnce(s, consumer)
+    if s.transactions == "worker":
+        stop, metrics = worker.stop_with, worker.metrics
+        return SharedExactlyOnce(s, worker.hooks, consumer, identity, stop, metrics)
+    return ExactlyOnce(s, worker.hooks, worker.metrics)
+
+
 class Worker:
     """The orchestrator process: `await Worker(settings).run(stop_event)`."""
 
@@ -160,16 +173,7 @@ class Worker:
             max_poll_records=s.batch_max_records,
             fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
-        collector: RecordCollector
-        if s.processing_guarantee == "at_least_once":
-            collector = AtLeastOnce(s, consumer)
-        elif s.transactions == "worker":
-            collector = SharedExactlyOnce(
-                s, self.hooks, consumer, self._state.store.identity, self.stop_with, self.metrics
-            )
-        else:
-            collector = ExactlyOnce(s, self.hooks, self.metrics)
-        self._collector = collector
+        collector = self._collector = _collector(self, consumer, self._state.store.identity)
         partitions = self._partitions = PartitionManager(
             s,
             consumer,

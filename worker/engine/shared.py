@@ -117,7 +117,12 @@ class SharedExactlyOnce:
             max_batch_size=s.producer_batch_bytes,
             transaction_timeout_ms=s.transaction_timeout_ms,
         )
-        await producer.start()
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()  # its connections and tasks, from a start half done
+            raise
         compat.fence_by_group(producer, self._consumer)
         self._producer = producer
 
