@@ -27,10 +27,12 @@ SEED = 20261202
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("transactions", ["partition", "worker"])
 async def test_broker_kills_and_hangs_lose_nothing_and_decide_nothing_twice(
-    tmp_path: Path,
+    tmp_path: Path, transactions: str
 ) -> None:
-    """Two kills and two hangs longer than the session timeout, mid-load, two workers."""
+    """Two kills and two hangs longer than the session timeout, mid-load, two workers (with
+    a transactional producer per partition, or one per worker)."""
     faults = int(os.environ.get("JOBS_TEST_BROKER_FAULTS", "2"))
     broker = LocalKafka(
         data_dir=tmp_path / "kafka",
@@ -47,7 +49,9 @@ async def test_broker_kills_and_hangs_lose_nothing_and_decide_nothing_twice(
         session_timeout_ms=2_000,
         heartbeat_interval_ms=500,
     )
-    workers = [WorkerProcess(settings, f"w{i}", tmp_path) for i in range(2)]
+    workers = [
+        WorkerProcess(settings, f"w{i}", tmp_path, transactions=transactions) for i in range(2)
+    ]
     restarts = 0
     try:
         await create_topics(settings, 4)

@@ -72,12 +72,11 @@ async def finish(cluster: Settings, load: Load, workers: list[WorkerProcess], tm
     assert verdict.dead_letters > 0
 
 
-@TRANSACTIONS
 async def test_sigkill_at_random_moments_neither_loses_nor_repeats(
-    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, transactions: str
+    cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path
 ) -> None:
     """Killed by SIGKILL 12 times mid-stream, the worker still decides each input once."""
-    worker = spawn("crashy", transactions=transactions)
+    worker = spawn("crashy")
     worker.start()
     load = Load(cluster, seed=SEED, requests=4200, rate=250, job_types=1000)
     rng = random.Random(SEED)

@@ -346,6 +346,7 @@ class PartitionManager:
             stable = await compat.stable_committed(
                 self._consumer, self._settings.group_id, list(tps), within
             )
+            await self._state.settled(number, within)  # the changelog as far as they vouch
         committed: dict[str, int] = {}
         for tp in tps:
             offset = stable[tp] if stable else await self._consumer.committed(tp)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from worker.core.lifecycle import JobState
 from worker.engine import changelog
@@ -38,6 +39,9 @@ from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
+
+# How often `settled` reads the changelog partition's last stable offset again.
+SETTLE_RETRY_S = 0.02
 
 
 def queue_outcome(
@@ -64,6 +68,9 @@ class StateManager:
         self._metrics = metrics
         self._store: Store | None = None
         self._restorer: AIOKafkaConsumer | None = None
+        # read_uncommitted: the changelog's high watermarks (`settled`, worker-wide
+        # transactions only).
+        self._watermarks: AIOKafkaConsumer | None = None
         self._restoring = asyncio.Lock()  # one partition restored at a time
         self._abandoned: set[int] = set()  # partitions whose restore no one wants now
 
@@ -103,12 +110,17 @@ class StateManager:
             await store.close()  # releases the file's lock
             raise
         self._store, self._restorer = store, restorer
+        if self._settings.transactions == "worker":
+            self._watermarks = AIOKafkaConsumer(**connection(self._settings))
+            await self._watermarks.start()
 
     async def stop(self) -> None:
         """Write what is queued and close; raise the error of a failed write."""
         try:
             if self._restorer is not None:
                 await self._restorer.stop()
+            if self._watermarks is not None:
+                await self._watermarks.stop()
         finally:
             if self._store is not None:
                 await self._store.close()
@@ -154,6 +166,27 @@ class StateManager:
             task.view.refresh = timedelta(seconds=self._settings.view_refresh_s)
         log.debug("partition loaded", partition=number, committed=committed, restored=restored)
         return task
+
+    async def settled(self, number: int, within: float) -> None:
+        """Wait until every transaction written to `number`'s changelog partition so far is
+        committed or aborted there: its last stable offset reaches the high watermark read
+        first. With worker-wide transactions the committed offsets can be stable before the
+        changelog's commit marker is written (the coordinator writes the markers of a
+        transaction one partition at a time, after its commit returned), and a restore that
+        stopped short of it would lose the decisions those offsets vouch for. (A
+        partition's own producer cannot start before its last transaction is complete.)
+        `KafkaTimeoutError` after `within` seconds."""
+        assert self._restorer is not None
+        assert self._watermarks is not None
+        tp = TopicPartition(self._settings.topics.state, number)
+        high = (await self._watermarks.end_offsets([tp]))[tp]
+        deadline = time.monotonic() + within
+        while (await self._restorer.end_offsets([tp]))[tp] < high:
+            if time.monotonic() >= deadline:
+                raise KafkaTimeoutError(
+                    f"partition {number} of {tp.topic} kept a transaction open for {within:g} s"
+                )
+            await asyncio.sleep(SETTLE_RETRY_S)
 
     def abandon(self, number: int) -> None:
         """Stop the restore of `number` in progress, if any, at its next chunk: the load
