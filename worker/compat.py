@@ -489,13 +489,18 @@ def _txn_handle_response(self: Any, response: Any) -> Any:
     for topic, partitions in errors:
         for partition, code in partitions:
             if code in _MEMBER_FENCED:
-                # Abortable, as in Kafka's own producer: abort, rejoin, and go on.
-                self._sender._txn_manager.error_transaction(
+                # Abortable, as in Kafka's own producer: abort (a new producer, see
+                # `SharedExactlyOnce`), rejoin, and go on.
+                txn = self._sender._txn_manager
+                txn.error_transaction(
                     MemberFenced(
                         f"the group refused the offsets of {topic}[{partition}]: this member's "
                         f"generation is over (error {code})"
                     )
                 )
+                # Its waiter for the transaction's end holds the error too; the producer is
+                # replaced, so nothing awaits it: read here, not logged as never retrieved.
+                txn.wait_for_transaction_end().add_done_callback(_retrieved)
                 return None
     return _TXN_HANDLE_RESPONSE(self, _Errors(errors))
 
