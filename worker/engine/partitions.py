@@ -95,6 +95,7 @@ class PartitionManager:
         self._abandoned: dict[int, asyncio.Task[None]] = {}
         self.ready = ready  # set once every assigned partition is taken
         self._exact = settings.processing_guarantee == "exactly_once"
+        self._by_generation = self._exact and settings.transactions == "worker"
 
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to subscribe with."""
@@ -170,10 +171,15 @@ class PartitionManager:
         for number in numbers:
             self.pause(number)
         for number, take in list(self._abandoned.items()):
-            if number in numbers and not take.done():
-                # Ours again, and no one owned it in between: its take (a restore) goes on.
+            if number in numbers and not take.done() and not self._by_generation:
+                # Ours again, and no one owned it in between (a previous owner's producer,
+                # had there been one, fenced the take's): its take (a restore) goes on.
                 self._takes[number] = self._abandoned.pop(number)
             else:
+                # Fenced by the group's generation, a take read its offsets in a generation
+                # that is over: a member dropped from the group meanwhile (a freeze) was
+                # not told, and another may have owned the partition. A new take reads
+                # them again, after this one stops.
                 self._state.abandon(number)  # its restore stops at its next chunk
         for number in numbers:
             if number not in self.owned and number not in self._takes:
@@ -341,7 +347,7 @@ class PartitionManager:
         # once no transaction holding offsets of N is open (the previous owner's last).
         tps = self.topic_partitions(number)
         stable: dict[TopicPartition, int | None] = {}
-        if self._settings.transactions == "worker" and self._exact:
+        if self._by_generation:
             within = self._settings.transaction_timeout_ms / 1000 + STABLE_MARGIN_S
             stable = await compat.stable_committed(
                 self._consumer, self._settings.group_id, list(tps), within
