@@ -171,15 +171,11 @@ class PartitionManager:
         for number in numbers:
             self.pause(number)
         for number, take in list(self._abandoned.items()):
+            # Ours again: its take (a restore) goes on, unless fenced by the generation (its
+            # offsets are of one that is over; ARCHITECTURE.md, "Worker-wide transactions").
             if number in numbers and not take.done() and not self._by_generation:
-                # Ours again, and no one owned it in between (a previous owner's producer,
-                # had there been one, fenced the take's): its take (a restore) goes on.
                 self._takes[number] = self._abandoned.pop(number)
             else:
-                # Fenced by the group's generation, a take read its offsets in a generation
-                # that is over: a member dropped from the group meanwhile (a freeze) was
-                # not told, and another may have owned the partition. A new take reads
-                # them again, after this one stops.
                 self._state.abandon(number)  # its restore stops at its next chunk
         for number in numbers:
             if number not in self.owned and number not in self._takes:
@@ -341,10 +337,8 @@ class PartitionManager:
 
     async def _position(self, number: int) -> dict[str, int]:
         # Always position N here, after the fencing: aiokafka fetched committed offsets while
-        # joining, possibly including the offsets of the previous owner's transaction that
-        # opening N has just aborted.
-        # With one producer for the worker (KIP-447), nothing was fenced: the offsets are read
-        # once no transaction holding offsets of N is open (the previous owner's last).
+        # joining, maybe including those of a transaction the fencing has just aborted.
+        # Fenced by the generation (KIP-447): read once no transaction holds N's offsets.
         tps = self.topic_partitions(number)
         stable: dict[TopicPartition, int | None] = {}
         if self._by_generation:
