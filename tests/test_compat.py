@@ -124,10 +124,12 @@ async def test_an_open_transaction_is_aborted_and_a_closed_one_left_alone(
 
 
 async def _committed(settings: Settings, group: str, tp: TopicPartition) -> int | None:
+    # Stable offsets: the coordinator writes a committed transaction's offsets marker after
+    # EndTxn has returned, and a plain OffsetFetch may answer before that.
     async with AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers, group_id=group
     ) as consumer:
-        return await consumer.committed(tp)
+        return (await compat.stable_committed(consumer, group, [tp], within=10))[tp]
 
 
 @pytest.mark.kafka
