@@ -2119,6 +2119,15 @@ def test_the_clock_is_stream_time_unless_an_idle_wall_clock_is_later() -> None:
     assert decision_clock(None, None) is None
 
 
+def test_the_clock_stops_at_a_record_queued_for_the_next_batch() -> None:
+    """Rule 7: a record fetched for a later batch is decided before anything times out at a
+    later time, so the clock stops at it; an earlier clock is left as it is."""
+    assert decision_clock(MID, None, T0) == T0
+    assert decision_clock(None, MID, T0) == T0
+    assert decision_clock(T0, None, MID) == T0
+    assert decision_clock(None, None, T0) is None
+
+
 def test_a_report_stamped_earlier_never_moves_a_deadline_back() -> None:
     """A heartbeat renews the deadline from its own time, but one stamped before the last
     renewal leaves the later deadline in place."""

@@ -276,3 +276,43 @@ def test_held_records_are_decided_once_the_hold_runs_out() -> None:
     outcome = task.apply([], lagging=frozenset({"results"}))
     assert [e.type for e in outcome.events] == [EventType.TIMED_OUT, EventType.STARTED]
     assert outcome.next_offsets == {"p.requests": 2}
+
+
+def test_a_request_waits_for_an_earlier_result_queued_for_the_next_batch() -> None:
+    """With worker-wide transactions a partition's records fetched while its batch is in
+    flight wait in a queue for its next batch. A queued result stamped before a request in
+    this batch holds the request (it would time the run out first); both are then decided
+    in broker-time order. A queued result stamped after it holds nothing."""
+    _, task, _, result, late = _records(1_764_640_000_000)
+    assert task.apply([late], queued=[result]).events == []
+    assert task.held == [late]
+    outcome = task.apply([result])
+    assert [(e.type, e.request_id) for e in outcome.events] == [
+        (EventType.COMPLETED, None),
+        (EventType.STARTED, "s2"),
+    ]
+
+    _, task, _, result, late = _records(1_764_640_000_000)
+    queued_after = InputRecord(
+        "results", "p.results", 0, 0, late.timestamp_ms + 1, result.key, result.value
+    )
+    outcome = task.apply([late], queued=[queued_after])
+    assert [e.type for e in outcome.events] == [EventType.TIMED_OUT, EventType.STARTED]
+
+
+def test_time_does_not_pass_a_record_queued_for_the_next_batch() -> None:
+    """A batch's time does not move past a record queued for the next batch: a start of
+    another job type 10 s in (past the run's deadline) does not time the run out at the
+    batch's end while its result, stamped 1 s in, is queued; without the queue it does."""
+    t0 = 1_764_640_000_000
+    other = InputRecord(
+        "requests", "p.requests", 0, 1, t0 + 10_000, b"other", b'{"job_type":"other"}'
+    )
+    _, task, _, result, _ = _records(t0)
+    outcome = task.apply([other], wait=False, queued=[result])
+    assert [e.type for e in outcome.events] == [EventType.STARTED]
+    assert [e.type for e in task.apply([result]).events] == [EventType.COMPLETED]
+
+    _, task, _, result, _ = _records(t0)
+    outcome = task.apply([other], wait=False)
+    assert sorted(e.type for e in outcome.events) == [EventType.STARTED, EventType.TIMED_OUT]

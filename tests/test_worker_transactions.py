@@ -28,8 +28,11 @@ from worker.settings import WORKER_TRANSACTION_TIMEOUT_MS, Settings
 async def test_batches_begun_together_commit_in_one_transaction(topics: Settings) -> None:
     """A batch handed in while another partition's batch is still deciding waits for it:
     the two go out in one transaction (`jobs_transactions_total` 1), each with its offsets
-    and its changelog position. A batch that consumed nothing (a tick's time-outs) commits
-    its partition's applied offsets again, so the group checks its generation too."""
+    and its changelog position. Once it has committed, the next transaction waits until each
+    of its partitions has begun its next batch or ended (`end`), so partitions that fetched
+    together keep committing together. A batch that consumed nothing (a tick's time-outs)
+    commits its partition's applied offsets again, so the group checks its generation
+    too."""
     settings = topics.model_copy(update={"transactions": "worker"})
     t = settings.topics
     consumer = AIOKafkaConsumer(
@@ -63,8 +66,16 @@ async def test_batches_begun_together_commit_in_one_transaction(topics: Settings
         assert await first == 2  # one row and the commit marker
         assert second == 2
         assert metrics.registry.get_sample_value("jobs_transactions_total") == 1
-        tick = await collector.commit(0, outcome(None), {t.requests: 3, t.results: 4})
-        assert tick == 4
+        # Partition 0 begins its next batch at once (a tick's); partition 1's batch has not
+        # ended yet (it may begin its next too): the next transaction waits for it.
+        tick = asyncio.ensure_future(
+            collector.commit(0, outcome(None), {t.requests: 3, t.results: 4})
+        )
+        await consumer.end_offsets([TopicPartition(t.requests, 0)])
+        assert not tick.done()
+        collector.end(1)  # over, with nothing fetched meanwhile: no next batch
+        assert await tick == 4
+        collector.end(0)
         assert metrics.registry.get_sample_value("jobs_transactions_total") == 2
         tps = [TopicPartition(topic, n) for topic in (t.requests, t.results) for n in (0, 1)]
         committed = await compat.stable_committed(consumer, settings.group_id, tps, within=10)

@@ -262,12 +262,18 @@ def stream_time(seen: Mapping[str, datetime], lagging: Iterable[str] = ()) -> da
     return min(t for t in shown if t is not None)
 
 
-def decision_clock(stream_time: datetime | None, wall_clock: datetime | None) -> datetime | None:
+def decision_clock(
+    stream_time: datetime | None, wall_clock: datetime | None, queued: datetime | None = None
+) -> datetime | None:
     """Rule 7: what time a partition's time-outs are decided at: its stream time, or the wall
-    clock of an idle partition's tick when that is later."""
+    clock of an idle partition's tick when that is later; never past the earliest record
+    fetched for a later batch (`queued`), which is decided first."""
+    clock = stream_time
     if wall_clock is not None and (stream_time is None or wall_clock > stream_time):
-        return wall_clock
-    return stream_time
+        clock = wall_clock
+    if clock is not None and queued is not None and queued < clock:
+        return queued
+    return clock
 
 
 def event_id(source: Source, index: int) -> str:

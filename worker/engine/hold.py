@@ -38,18 +38,24 @@ class InputHold:
         lagging: frozenset[str],
         now: datetime,
         limit: timedelta,
+        queued: Sequence[InputRecord] = (),
     ) -> list[InputRecord]:
         """The held and new records that can be decided now, in decision order; the rest
-        stay held. `lagging`: the inputs with unread records; `limit`: the longest wait
-        (zero: no wait)."""
-        for record in records:
+        stay held. `lagging`: the inputs with records not yet fetched; `queued`: records
+        fetched for a later batch; `limit`: the longest wait (zero: no wait)."""
+        first: dict[str, datetime] = {}  # the earliest broker time queued, by input
+        for record in queued:
+            earliest = first.get(record.role)
+            if earliest is None or record.at < earliest:
+                first[record.role] = record.at
+        for record in (*records, *queued):
             seen = self.fetched.get(record.role)
             if seen is None or record.at > seen:
                 self.fetched[record.role] = record.at
         pending = merge_inputs([*self.records, *records]) if self.records else list(records)
         cut = len(pending)
-        if lagging and limit > timedelta(0):
-            cut = next((i for i, r in enumerate(pending) if self._waits(r, lagging)), cut)
+        if (lagging or first) and limit > timedelta(0):
+            cut = next((i for i, r in enumerate(pending) if self._waits(r, lagging, first)), cut)
         if cut == len(pending):
             self.drop()
             return pending
@@ -68,14 +74,17 @@ class InputHold:
         self.records = pending[cut:]
         return pending[:cut]
 
-    def _waits(self, record: InputRecord, lagging: frozenset[str]) -> bool:
+    def _waits(
+        self, record: InputRecord, lagging: frozenset[str], first: dict[str, datetime]
+    ) -> bool:
         other = "results" if record.role == "requests" else "requests"
+        queued = first.get(other)  # the other input's earliest record in a later batch
+        if queued is not None and _first(queued, record):
+            return True
         if other not in lagging:
             return False
         shown = self.fetched.get(other)
-        if shown is None:
-            return True
-        return shown < record.at if record.role == "requests" else shown <= record.at
+        return shown is None or _first(shown, record)
 
     def drop(self) -> None:
         """Forget the held records (decided now, or to be fetched again)."""
@@ -84,3 +93,9 @@ class InputHold:
     def too_long(self, now: datetime, limit: timedelta) -> bool:
         """Whether held records have waited out `limit` (a tick then decides them)."""
         return self.since is not None and now - self.since > limit
+
+
+def _first(other: datetime, record: InputRecord) -> bool:
+    """Whether a record of the other input stamped `other` is decided before `record` (a
+    request ties with an equal result and goes first)."""
+    return other < record.at if record.role == "requests" else other <= record.at

@@ -1,15 +1,16 @@
 """The worker: its Kafka clients, the poll loop, dispatch to partitions, ticks, shutdown.
 
 One consumer in the group `<prefix>.orchestrator` reads `<prefix>.requests` and
-`<prefix>.results`. Each poll's records are split by partition, sorted into decision order,
-and handed to the batch runner, one batch per partition at a time (a partition is paused
-while its batch is in flight, so the owner of N serializes every transition of N's job
-types). Every `JOBS_TICK_S` an idle partition with a run past its deadline gets an empty
-batch at the wall clock's time, so its runs time out without new input.
+`<prefix>.results`. The intake queues each poll's records by partition and hands them to the
+batch runner in decision order, one batch per partition at a time, so the owner of N
+serializes every transition of N's job types. Every `JOBS_TICK_S` an idle partition with a
+run past its deadline gets an empty batch at the wall clock's time, so its runs time out
+without new input.
 
-The units (see ARCHITECTURE.md): `PartitionManager` (ownership), `PartitionTask`
-(decisions), `StateManager` (SQLite and the changelog), the record collector (output and
-offsets), `BatchRunner` (one batch, and what a failure does).
+The units (see ARCHITECTURE.md): `PartitionManager` (ownership), `Intake` (what was
+fetched, batch by batch), `PartitionTask` (decisions), `StateManager` (SQLite and the
+changelog), the record collector (output and offsets), `BatchRunner` (one batch, and what a
+failure does).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
@@ -31,11 +31,12 @@ from aiokafka.errors import KafkaError
 from schemas import RunStatus
 from worker import compat, compiled
 from worker.core.config import JobsConfig, load as load_config
-from worker.core.lifecycle import JobConfig, merge_inputs
+from worker.core.lifecycle import JobConfig
 from worker.engine import topics as topic_admin
-from worker.engine.codec import InputRecord, TopicRole
+from worker.engine.codec import TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
 from worker.engine.hooks import Hooks
+from worker.engine.intake import Intake
 from worker.engine.observe import HttpServer, Metrics
 from worker.engine.partitions import PartitionManager
 from worker.engine.processing import BatchRunner
@@ -118,7 +119,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._collector: RecordCollector | None = None
         self._partitions: PartitionManager | None = None
-        self._runner: BatchRunner | None = None
+        self._intake: Intake | None = None
         self._rules: Rules | None = None
 
     def rules(self) -> Rules:
@@ -148,6 +149,9 @@ class Worker:
             and partitions is not None
             and partitions.taking == 0
         )
+
+    def _halted(self) -> bool:
+        return self._stopping.is_set() or self._failure is not None
 
     def stop_with(self, failure: BaseException) -> None:
         """Stop the worker; `run` raises `failure` once it has shut down."""
@@ -184,9 +188,10 @@ class Worker:
             self._stopping,
             self.ready,
         )
-        self._runner = BatchRunner(
+        runner = BatchRunner(
             partitions, collector, self._state, self.hooks, self.stop_with, self.metrics
         )
+        self._intake = Intake(s, partitions, runner, collector, self._roles, self._halted)
         try:
             if s.http_port:
                 self._http = HttpServer(
@@ -229,8 +234,8 @@ class Worker:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         assert self._consumer is not None
-        assert self._partitions is not None
-        s = self.settings
+        assert self._intake is not None
+        intake, s = self._intake, self.settings
         stopping = asyncio.ensure_future(stop.wait())
         next_tick = time.monotonic() + s.tick_s
         next_summary = time.monotonic() + s.log_summary_s
@@ -247,13 +252,13 @@ class Worker:
                     with contextlib.suppress(asyncio.CancelledError):
                         await fetch
                     break
-                self._dispatch(fetch.result())
+                intake.offer(fetch.result())
                 if (failure := self._state.failure) is not None:
                     log.error("writing the SQLite file failed; stopping", error=repr(failure))
                     self.stop_with(failure)
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + s.tick_s
-                    self._tick(datetime.now(UTC))
+                    intake.tick(datetime.now(UTC))
                     if self.hooks.on_tick is not None:
                         self.hooks.on_tick()
                 if s.log_summary_s and time.monotonic() >= next_summary:
@@ -262,27 +267,6 @@ class Worker:
         finally:
             stopping.cancel()
             self._stopping.set()  # cuts short any retry's backoff
-
-    def _dispatch(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        assert self._partitions is not None
-        assert self._runner is not None
-        by_partition: dict[int, list[InputRecord]] = {}
-        for tp, records in batch.items():
-            role = self._roles[tp.topic]
-            by_partition.setdefault(tp.partition, []).extend(
-                InputRecord.of(role, r) for r in records
-            )
-        for number, records in by_partition.items():
-            owned = self._partitions.owned.get(number)
-            if owned is None or owned.fenced:
-                continue  # not ours (any more); whoever owns it reads from the committed offset
-            self._partitions.pause(number)
-            records = merge_inputs(records)
-            if self._runner.isolating(number):
-                # One record per batch until the failed batch is behind; the rest are read
-                # again (the partition is re-positioned after the batch).
-                records = records[:1]
-            owned.batch = asyncio.create_task(self._runner.run(owned, records))
 
     def _log_summary(self) -> None:
         """One info line with what was decided since the last one (nothing when idle)."""
@@ -299,17 +283,6 @@ class Worker:
             failed_batches=done.failed,
             partitions=sorted(self._partitions.owned) if self._partitions else [],
         )
-
-    def _tick(self, now: datetime) -> None:
-        """Time out overdue runs of idle partitions by the wall clock."""
-        assert self._partitions is not None
-        assert self._runner is not None
-        for number, owned in self._partitions.owned.items():
-            busy = owned.batch is not None and not owned.batch.done()
-            if busy or owned.fenced or not owned.task.due(now):
-                continue
-            self._partitions.pause(number)
-            owned.batch = asyncio.create_task(self._runner.run(owned, [], wall_clock=now))
 
     async def _probe(self) -> None:
         """One request that only the broker can answer: its end offsets of the owned inputs."""

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -40,6 +40,7 @@ from aiokafka.errors import (
 )
 
 from worker import compat
+from worker.engine.codec import InputRecord
 from worker.engine.collector import RecordCollector
 from worker.engine.state import StateManager
 from worker.engine.task import PartitionTask, Rules
@@ -57,13 +58,14 @@ STABLE_MARGIN_S = 15.0
 
 @dataclass
 class Owned:
-    """A partition this worker owns: its task and the batch in flight (N is paused
-    meanwhile)."""
+    """A partition this worker owns: its task, the batch in flight and the records fetched
+    meanwhile (`worker.engine.intake`)."""
 
     task: PartitionTask
     batch: asyncio.Task[None] | None = None
     fenced: bool = False  # another worker owns it now; nothing more is written for it
-    resuming: asyncio.TimerHandle | None = None  # `resume_after`'s, pending
+    queued: list[InputRecord] = field(default_factory=list)  # fetched, not yet in a batch
+    resuming: asyncio.TimerHandle | None = None  # the next batch, after the batch interval
 
 
 class PartitionManager:
@@ -108,7 +110,8 @@ class PartitionManager:
 
     def pause(self, number: int) -> None:
         """Fetch nothing more for `number` until `resume`."""
-        self._consumer.pause(*self.topic_partitions(number))
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+            self._consumer.pause(*self.topic_partitions(number))
 
     def resume(self, number: int) -> None:
         """Fetch again for `number`, unless it is no longer ours or fenced."""
@@ -117,30 +120,9 @@ class PartitionManager:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                 self._consumer.resume(*self.topic_partitions(number))
 
-    def resume_after(self, number: int, began: float) -> None:
-        """Resume `number` once `JOBS_BATCH_INTERVAL_MS` has passed since its batch `began`
-        (`time.perf_counter`), at once if it has."""
-        owned = self.owned.get(number)
-        wait = self._settings.batch_interval_ms / 1000 - (time.perf_counter() - began)
-        if owned is None or wait <= 0:
-            self.resume(number)
-            return
-        if owned.resuming is not None:
-            owned.resuming.cancel()
-        owned.resuming = asyncio.get_running_loop().call_later(
-            wait, self._resume_idle, number, owned
-        )
-
-    def _resume_idle(self, number: int, owned: Owned) -> None:
-        owned.resuming = None
-        if self.owned.get(number) is not owned:
-            return  # revoked, or taken again: whoever owns it now resumes it
-        if owned.batch is not None and not owned.batch.done():
-            return  # a tick's batch began meanwhile: it resumes N when it ends
-        self.resume(number)
-
     async def lagging(self, number: int) -> frozenset[str]:
-        """The inputs of `number` (`requests`, `results`) with records not yet consumed."""
+        """The inputs of `number` (`requests`, `results`) with records not yet fetched
+        (those fetched and queued for a later batch are `Owned.queued`)."""
         behind = set()
         for role, tp in zip(("requests", "results"), self.topic_partitions(number), strict=True):
             stable = self._consumer.last_stable_offset(tp)
@@ -151,17 +133,21 @@ class PartitionManager:
     async def lag(self, number: int) -> dict[str, int]:
         """Records of `number`'s inputs not yet consumed (as of the last fetch), by role."""
         lags: dict[str, int] = {}
+        owned = self.owned.get(number)
+        queued = Counter[str](r.role for r in owned.queued) if owned is not None else Counter()
         for role, tp in zip(("requests", "results"), self.topic_partitions(number), strict=True):
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile
                 stable = self._consumer.last_stable_offset(tp)
                 if stable is not None:
-                    lags[role] = max(0, stable - await self._consumer.position(tp))
+                    fetched = await self._consumer.position(tp)
+                    lags[role] = max(0, stable - fetched) + queued[role]
         return lags
 
     def reposition(self, owned: Owned) -> None:
         """Fetch `owned` again from its applied offsets (records fetched after them are
         read again)."""
         owned.task.hold.drop()
+        owned.queued.clear()
         for tp in self.topic_partitions(owned.task.number):
             self._consumer.seek(tp, owned.task.applied.get(tp.topic, 0))
 
@@ -239,6 +225,7 @@ class PartitionManager:
         """Stop writing for `owned`, which another worker owns now, and ask the group to
         settle the assignment promptly."""
         owned.fenced = True
+        self.pause(owned.task.number)
         log.error(
             "fenced: another worker owns this partition now; stopped writing to it",
             partition=owned.task.number,
@@ -277,6 +264,7 @@ class PartitionManager:
                 await self._collector.close(number)  # revoked while it was being loaded
                 return
             owned.task = task
+            owned.queued.clear()  # fetched before `_load` sought the committed offsets
             return
 
     async def back_off(self, seconds: float) -> None:

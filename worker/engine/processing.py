@@ -156,8 +156,6 @@ class BatchRunner:
         else:
             if trouble is not None:
                 self._recovered(owned, trouble, alone)
-        finally:
-            self._partitions.resume_after(number, started)
 
     async def _publish(
         self,
@@ -168,10 +166,9 @@ class BatchRunner:
         alone: bool,
     ) -> BatchOutcome:
         """Decide the batch and commit its outcome. The collector knows the batch is on its
-        way from here until it hands its outcome in, or fails (not through the backoff of a
-        retry): worker-wide transactions wait for it."""
+        way from when the intake starts it until it hands its outcome in, or fails (not
+        through the backoff of a retry): worker-wide transactions wait for it."""
         number = owned.task.number
-        self._collector.begin(number)
         try:
             if trouble is not None and alone and trouble.given_up(records[0]):
                 outcome = self._unprocessable(owned, records[0], trouble)
@@ -195,7 +192,7 @@ class BatchRunner:
         task.add_states(await self._state.states(wanted))
         lagging = await self._partitions.lagging(task.number)
         self._hooks.point("batch")
-        outcome = task.apply(records, wall_clock, lagging, wait=wait)
+        outcome = task.apply(records, wall_clock, lagging, wait=wait, queued=owned.queued)
         task.evict_idle([*wanted, *outcome.changed])
         return outcome
 
@@ -233,6 +230,7 @@ class BatchRunner:
     ) -> None:
         """Retry after a backoff from what Kafka committed; isolate records at fault."""
         number = owned.task.number
+        self._partitions.pause(number)  # read again from the committed offsets after the reset
         tied = tied_to_input(exc)
         if not tied and not isinstance(exc, KafkaError):
             log.exception("batch failed unexpectedly; stopping", partition=number)

@@ -63,6 +63,7 @@ class _Handed:
     outcome: BatchOutcome
     offsets: dict[TopicPartition, int]
     done: asyncio.Future[int | None]
+    waited: bool = True  # its batch awaits `done` (not cancelled meanwhile)
 
 
 def _retrieved(future: asyncio.Future[int | None]) -> None:
@@ -149,11 +150,16 @@ class SharedExactlyOnce:
         offsets = outcome.next_offsets or {t: applied.get(t, 0) for t in self._inputs()}
         done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         where = {TopicPartition(topic, number): offset for topic, offset in offsets.items()}
-        self._handed.append(_Handed(number, outcome, where, done))
+        handed = _Handed(number, outcome, where, done)
+        self._handed.append(handed)
         self.end(number)
         if self._cycle is None or self._cycle.done():
             self._cycle = asyncio.create_task(self._transactions())
-        return await asyncio.shield(done)  # a cancelled batch's outcome is still decided
+        try:
+            return await asyncio.shield(done)  # a cancelled batch's outcome is still decided
+        except asyncio.CancelledError:
+            handed.waited = False
+            raise
 
     def _inputs(self) -> tuple[str, str]:
         topics = self._settings.topics
@@ -162,7 +168,8 @@ class SharedExactlyOnce:
     async def _transactions(self) -> None:
         """Commit what was handed in, a transaction at a time, until nothing waits."""
         while self._handed:
-            await self._quiet.wait()
+            while not self._quiet.is_set():  # set, then cleared by a batch that began
+                await self._quiet.wait()
             handed, self._handed = self._handed, []
             try:
                 if self._producer is None:
@@ -180,6 +187,11 @@ class SharedExactlyOnce:
             self._producer_fenced = 0
             state = self._settings.topics.state
             for item in handed:
+                if item.waited:
+                    # Its partition may begin its next batch (with what was fetched during
+                    # this transaction) as soon as it hears: the next transaction waits for
+                    # it to begin, or to end without one (its batch's `end`).
+                    self.begin(item.number)
                 written = ends.get((state, item.number))
                 # The commit marker follows the transaction's last record in the partition.
                 item.done.set_result(None if written is None else written + 1)

@@ -341,23 +341,23 @@ class PartitionTask:
         wall_clock: datetime | None = None,
         lagging: frozenset[str] = frozenset(),
         wait: bool = True,
+        queued: Sequence[InputRecord] = (),
     ) -> BatchOutcome:
         """Decide `records` (in decision order), then time out what is due.
 
-        A record waits (`held`) while the other input has unread records (`lagging`) not
-        yet as late as it, for at most `Rules.hold`, so the inputs are merged by broker time
-        however a fetch brings them (`wait=False`: as given, after a failure). Time is the
-        stream time, held back likewise, or an idle partition's tick (`wall_clock`) once
-        both inputs are read. A batch that fails to commit is thrown away with the whole
-        task: nothing here is undone.
-        """
+        A record waits (`held`) while the other input has an earlier record queued for a
+        later batch (`queued`) or not yet fetched (`lagging`), for at most `Rules.hold`
+        (`wait=False`: as given, after a failure). Time is the stream time, held back
+        likewise and never past a queued record, or an idle partition's tick (`wall_clock`)
+        once both inputs are read. A batch that fails to commit is thrown away whole."""
         outcome = BatchOutcome()
         now = datetime.now(UTC)
         if wait:
-            records = self.hold.ready(records, lagging, now, self.rules.hold)
+            records = self.hold.ready(records, lagging, now, self.rules.hold, queued)
         for record in records:
             self.decide_record(record, outcome, now)
-        clock = decision_clock(self._time(lagging, now), None if lagging else wall_clock)
+        first = min((r.at for r in queued), default=None)  # decided before any time-out
+        clock = decision_clock(self._time(lagging, now), None if lagging else wall_clock, first)
         if clock is not None:
             self.time_out(clock, outcome)
         self.close_batch(outcome)
