@@ -300,6 +300,12 @@ class Settings(BaseSettings):
         """The orchestrator's consumer group."""
         return f"{self.topic_prefix}.orchestrator"
 
+    @property
+    def worker_transactions(self) -> bool:
+        """Whether one transactional producer serves all of a worker's partitions (exactly
+        once, `JOBS_TRANSACTIONS=worker`)."""
+        return self.processing_guarantee == "exactly_once" and self.transactions == "worker"
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:

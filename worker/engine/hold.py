@@ -43,15 +43,14 @@ class InputHold:
         """The held and new records that can be decided now, in decision order; the rest
         stay held. `lagging`: the inputs with records not yet fetched; `queued`: records
         fetched for a later batch; `limit`: the longest wait (zero: no wait)."""
+        for record in records:
+            self._fetched(record)
         first: dict[str, datetime] = {}  # the earliest broker time queued, by input
         for record in queued:
+            self._fetched(record)
             earliest = first.get(record.role)
             if earliest is None or record.at < earliest:
                 first[record.role] = record.at
-        for record in (*records, *queued):
-            seen = self.fetched.get(record.role)
-            if seen is None or record.at > seen:
-                self.fetched[record.role] = record.at
         pending = merge_inputs([*self.records, *records]) if self.records else list(records)
         cut = len(pending)
         if (lagging or first) and limit > timedelta(0):
@@ -73,6 +72,11 @@ class InputHold:
             return pending
         self.records = pending[cut:]
         return pending[:cut]
+
+    def _fetched(self, record: InputRecord) -> None:
+        seen = self.fetched.get(record.role)
+        if seen is None or record.at > seen:
+            self.fetched[record.role] = record.at
 
     def _waits(
         self, record: InputRecord, lagging: frozenset[str], first: dict[str, datetime]

@@ -49,8 +49,7 @@ class Intake:
         halted: Callable[[], bool],
     ) -> None:
         self._interval = settings.batch_interval_ms / 1000
-        exact = settings.processing_guarantee == "exactly_once"
-        self._fetching = exact and settings.transactions == "worker"  # during a batch
+        self._fetching = settings.worker_transactions  # during a batch
         self._most = settings.batch_max_records
         self._partitions = partitions
         self._runner = runner

@@ -90,7 +90,7 @@ def _collector(
     s = worker.settings
     if s.processing_guarantee == "at_least_once":
         return AtLeastOnce(s, consumer)
-    if s.transactions == "worker":
+    if s.worker_transactions:
         stop, metrics = worker.stop_with, worker.metrics
         return SharedExactlyOnce(s, worker.hooks, consumer, identity, stop, metrics)
     return ExactlyOnce(s, worker.hooks, worker.metrics)

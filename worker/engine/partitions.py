@@ -97,7 +97,7 @@ class PartitionManager:
         self._abandoned: dict[int, asyncio.Task[None]] = {}
         self.ready = ready  # set once every assigned partition is taken
         self._exact = settings.processing_guarantee == "exactly_once"
-        self._by_generation = self._exact and settings.transactions == "worker"
+        self._by_generation = settings.worker_transactions
 
     def listener(self) -> ConsumerRebalanceListener:
         """The rebalance listener to subscribe with."""

@@ -110,7 +110,7 @@ class StateManager:
             await store.close()  # releases the file's lock
             raise
         self._store, self._restorer = store, restorer
-        if self._settings.transactions == "worker":
+        if self._settings.worker_transactions:
             self._watermarks = AIOKafkaConsumer(**connection(self._settings))
             await self._watermarks.start()
 
