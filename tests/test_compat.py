@@ -12,7 +12,7 @@ import gc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError, ProducerFenced
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
@@ -298,6 +298,46 @@ async def test_stable_offsets_wait_for_the_transaction_that_holds_them(topics: S
     finally:
         await producer.stop()
         await consumer.stop()
+
+
+@pytest.mark.kafka
+async def test_open_transactions_name_their_partitions_and_a_new_producer_aborts_one(
+    topics: Settings,
+) -> None:
+    """`open_transactions` lists the ongoing transactions under a prefix with the partitions
+    they wrote (not those of other prefixes, not committed ones); a producer started with
+    the transactional ID of one aborts it: it is no longer listed, its record is never
+    read, and its own producer is fenced."""
+    status = topics.topics.status
+    ours, foreign = f"{topics.topic_prefix}.gone", f"{topics.topic_prefix}-other.gone"
+    kafka = {"bootstrap_servers": topics.bootstrap_servers}
+    left = AIOKafkaProducer(**kafka, transactional_id=ours)
+    other = AIOKafkaProducer(**kafka, transactional_id=foreign)
+    reader = AIOKafkaConsumer(**kafka, isolation_level="read_committed")
+    for client in (left, other, reader):
+        await client.start()
+    try:
+        for producer, partition in ((left, 1), (other, 0)):
+            await producer.begin_transaction()
+            await producer.send_and_wait(status, b"left open", partition=partition)
+        found = await compat.open_transactions(reader, f"{topics.topic_prefix}.")
+        assert found == {ours: frozenset({TopicPartition(status, 1)})}
+
+        heir = AIOKafkaProducer(**kafka, transactional_id=ours)
+        await heir.start()  # InitProducerId aborts the open transaction
+        await heir.stop()
+        assert await compat.open_transactions(reader, f"{topics.topic_prefix}.") == {}
+        with pytest.raises(ProducerFenced):
+            await left.commit_transaction()
+        tp = TopicPartition(status, 1)
+        reader.assign([tp])
+        await reader.seek_to_beginning(tp)
+        assert not await reader.getmany(tp, timeout_ms=500)  # the abort marker, no record
+        assert await reader.position(tp) == 2  # read past the record and its abort marker
+    finally:
+        await other.abort_transaction()
+        for client in (left, other, reader):
+            await client.stop()
 
 
 async def test_a_record_appended_directly_reads_back_as_appended_and_a_full_batch_closes() -> None:

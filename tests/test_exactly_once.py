@@ -12,6 +12,7 @@ import contextlib
 import json
 import random
 import signal
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,7 +127,7 @@ async def test_survivors_take_over_a_killed_workers_partitions(
     cluster: Settings, spawn: Callable[..., WorkerProcess], tmp_path: Path, transactions: str
 ) -> None:
     """Three workers share the partitions; one is killed; the others restore its partitions
-    (with worker-wide transactions, once the broker has timed out the one it left open)."""
+    (with worker-wide transactions, aborting the transaction it left open, if any)."""
     # The victim reports what it decided every half second: it is killed once it has
     # committed batches (a member killed before it owned anything leaves nothing to restore).
     workers = [
@@ -182,11 +183,12 @@ async def test_a_frozen_zombie_cannot_publish_after_its_partitions_move(
     go on with the offsets they read then.
 
     With a producer per partition the heir's producer fences it at once; with one for the
-    worker, the group refuses its offsets (and the broker times its transaction out, which
-    the heir waits for before it reads the offsets)."""
-    zombie = spawn("zombie", transactions=transactions)
+    worker, the group refuses its offsets, and the heir aborts the transaction the zombie
+    left open rather than wait for the broker to time it out (two minutes here: the test's
+    own time-outs would run out first)."""
+    zombie = spawn("zombie", transactions=transactions, transaction_timeout_ms="120000")
     zombie.start(fault_point="stop_in_transaction", fault_after_batches="1")
-    heir = spawn("heir", transactions=transactions)
+    heir = spawn("heir", transactions=transactions, transaction_timeout_ms="120000")
     heir.start()
     load = Load(cluster, seed=SEED + 3, requests=900, rate=200)
     async with flowing(load):
@@ -209,3 +211,16 @@ async def test_a_frozen_zombie_cannot_publish_after_its_partitions_move(
             "the resumed zombie found itself fenced",
         )
         await finish(cluster, load, [zombie, heir], tmp_path)
+    aborted = [
+        e
+        for e in log_events(heir)
+        if e.get("event") == "aborted a transaction its previous owner left open"
+    ]
+    if transactions == "worker":
+        with sqlite3.connect(zombie.db_path) as db:
+            (zombie_id,) = db.execute("SELECT id FROM worker_identity").fetchone()
+        assert {e.get("transactional_id") for e in aborted} == {
+            f"{cluster.group_id}.worker.{zombie_id}"
+        }
+    else:
+        assert not aborted  # the heir's producer for the partition fenced it

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import TopicAuthorizationFailedError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ProducerFenced, TopicAuthorizationFailedError
 from pydantic import SecretStr
 
 from schemas import EventType, StatusEvent
 from tests.chaos import WorkerProcess
 from tests.conftest import RunningWorker, create_topics
+from worker import compat
 from worker.client import Executor, JobClient, JobConnectionError, RunContext
 from worker.client.watch import StatusTail
 from worker.devtools.localkafka import LocalKafka
@@ -184,6 +185,39 @@ async def test_only_the_orchestrator_can_write_runs(secured: dict[str, Settings]
     async with StatusTail(connection(secured["reader"]), topics, dead_letters=False) as tail:
         await tail.wait_event(event_id="marker")
         assert [e.event_id for e in tail.events] == ["marker"]
+
+
+async def test_the_orchestrator_can_abort_what_a_gone_worker_left_open(
+    secured: dict[str, Settings],
+) -> None:
+    """Under its ACLs, the orchestrator sees a transaction another of its group's producers
+    left open on a partition, with the partition, and aborts it by starting a producer with
+    its ID (what a worker taking the partition does); the producer side is fenced. The
+    reader, whose rights cover no transactional ID, sees none."""
+    orchestrator = secured["orchestrator"]
+    kafka = connection(orchestrator)
+    status = TopicPartition(orchestrator.topics.status, 0)
+    gone = f"{orchestrator.group_id}.worker.gone"
+    left = AIOKafkaProducer(**kafka, transactional_id=gone)
+    looker = AIOKafkaConsumer(**kafka)
+    outsider = AIOKafkaConsumer(**connection(secured["reader"]))
+    for client in (left, looker, outsider):
+        await client.start()
+    try:
+        await left.begin_transaction()
+        await left.send_and_wait(status.topic, b"left open", key=b"x", partition=0)
+        prefix = f"{orchestrator.group_id}."
+        assert await compat.open_transactions(looker, prefix) == {gone: frozenset({status})}
+        assert await compat.open_transactions(outsider, prefix) == {}
+        heir = AIOKafkaProducer(**kafka, transactional_id=gone)
+        await heir.start()
+        await heir.stop()
+        assert await compat.open_transactions(looker, prefix) == {}
+        with pytest.raises(ProducerFenced):
+            await left.commit_transaction()
+    finally:
+        for client in (left, looker, outsider):
+            await client.stop()
 
 
 async def test_a_wrong_password_is_one_clear_error(

@@ -14,6 +14,8 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
   committed once they are acknowledged (one request fewer in turn, no superseded check).
 - `append_record`: a record appended to a producer's record batch without
   `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
+- `open_transactions`: the transactions open on the cluster, and the partitions each holds
+  (a worker aborts those a previous owner that is gone left on the partitions it takes).
 - `connect_failure`: why a client could not connect. aiokafka's bootstrap raises only
   "Unable to bootstrap from [...]" and logs the cause (a wrong password, an untrusted
   certificate); a filter on its logger keeps that cause.
@@ -45,6 +47,7 @@ from typing import Any, TypeVar
 
 import aiokafka.errors as Errors
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.consumer import fetcher
 from aiokafka.errors import (
     AuthenticationFailedError,
@@ -352,6 +355,23 @@ _MEMBER_FENCED = {
 NOT_A_MEMBER = "jobs-not-a-member"  # sent before the consumer ever joined: refused
 
 
+_S = TypeVar("_S", bound=RequestStruct)
+
+
+class _Exactly(Request[_S]):  # type: ignore[misc]
+    """A request sent at the one version of its struct (the broker must support it), built
+    from the struct's fields in order."""
+
+    API_KEY = -1  # each request's own
+
+    def __init__(self, *fields: Any) -> None:
+        self._fields = fields
+
+    def build(self, request_struct_class: type[_S]) -> _S:
+        built: _S = request_struct_class(*self._fields)
+        return built
+
+
 class MemberFenced(KafkaError):  # type: ignore[misc]
     """The group no longer counts this member's generation: the offsets of its transaction
     were refused, and the partitions belong to the group's next assignment."""
@@ -413,14 +433,8 @@ class _TxnOffsetCommitRequestV3(RequestStruct):  # type: ignore[misc]
     )
 
 
-class _TxnOffsetCommitV3(Request[_TxnOffsetCommitRequestV3]):  # type: ignore[misc]
+class _TxnOffsetCommitV3(_Exactly[_TxnOffsetCommitRequestV3]):
     API_KEY = 28
-
-    def __init__(self, *fields: Any) -> None:
-        self._fields = fields
-
-    def build(self, request_struct_class: type[_TxnOffsetCommitRequestV3]) -> Any:
-        return request_struct_class(*self._fields)
 
 
 _MEMBER = "jobs_group_member"  # set on a TransactionManager: () -> (generation, member ID)
@@ -546,14 +560,8 @@ class _OffsetFetchRequestV7(RequestStruct):  # type: ignore[misc]
     )
 
 
-class _OffsetFetchV7(Request[_OffsetFetchRequestV7]):  # type: ignore[misc]
+class _OffsetFetchV7(_Exactly[_OffsetFetchRequestV7]):
     API_KEY = 9
-
-    def __init__(self, *fields: Any) -> None:
-        self._fields = fields
-
-    def build(self, request_struct_class: type[_OffsetFetchRequestV7]) -> Any:
-        return request_struct_class(*self._fields)
 
 
 _COORDINATOR_MOVED = {
@@ -606,3 +614,118 @@ async def stable_committed(
                 "holding offsets for them is still open"
             )
         await asyncio.sleep(retry_s)
+
+
+# Transactions left open by a process that is gone (KIP-664's ListTransactions and
+# DescribeTransactions, Kafka 3.0 or later; aiokafka has neither).
+
+ONGOING = "Ongoing"
+
+
+class _ListTransactionsResponseV0(Response):  # type: ignore[misc]
+    API_KEY = 66
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("unknown_state_filters", CompactArray(_NAME)),
+        (
+            "transaction_states",
+            CompactArray(
+                ("transactional_id", _NAME),
+                ("producer_id", Int64),
+                ("transaction_state", _NAME),
+                _TAGS,
+            ),
+        ),
+        _TAGS,
+    )
+
+
+class _ListTransactionsRequestV0(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 66
+    API_VERSION = 0
+    RESPONSE_TYPE = _ListTransactionsResponseV0
+    SCHEMA = Schema(
+        ("state_filters", CompactArray(_NAME)),
+        ("producer_id_filters", CompactArray(Int64)),
+        _TAGS,
+    )
+
+
+class _ListTransactionsV0(_Exactly[_ListTransactionsRequestV0]):
+    API_KEY = 66
+
+
+class _DescribeTransactionsResponseV0(Response):  # type: ignore[misc]
+    API_KEY = 65
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        (
+            "transaction_states",
+            CompactArray(
+                ("error_code", Int16),
+                ("transactional_id", _NAME),
+                ("transaction_state", _NAME),
+                ("transaction_timeout_ms", Int32),
+                ("transaction_start_time_ms", Int64),
+                ("producer_id", Int64),
+                ("producer_epoch", Int16),
+                (
+                    "topics",
+                    CompactArray(("topic", _NAME), ("partitions", CompactArray(Int32)), _TAGS),
+                ),
+                _TAGS,
+            ),
+        ),
+        _TAGS,
+    )
+
+
+class _DescribeTransactionsRequestV0(RequestStruct):  # type: ignore[misc]
+    FLEXIBLE_VERSION = True
+    API_KEY = 65
+    API_VERSION = 0
+    RESPONSE_TYPE = _DescribeTransactionsResponseV0
+    SCHEMA = Schema(("transactional_ids", CompactArray(_NAME)), _TAGS)
+
+
+class _DescribeTransactionsV0(_Exactly[_DescribeTransactionsRequestV0]):
+    API_KEY = 65
+
+
+async def open_transactions(
+    consumer: AIOKafkaConsumer, prefix: str
+) -> dict[str, frozenset[TopicPartition]]:
+    """The cluster's ongoing transactions whose transactional ID starts with `prefix`, each
+    with the partitions it has written records to or holds offsets in (as their coordinators
+    see them now).
+
+    Every broker is asked for the transactions it coordinates; one that stopped
+    coordinating meanwhile answers NOT_COORDINATOR for it, and that transaction is left out
+    (it is looked for again at the next call). Raises a `KafkaError` when a broker refuses
+    (an older Kafka without these requests raises `IncompatibleBrokerVersion`)."""
+    client: AIOKafkaClient = consumer._client
+    await client.force_metadata_update()
+    ids: set[str] = set()
+    for broker in client.cluster.brokers():
+        listed = await client.send(broker.nodeId, _ListTransactionsV0([ONGOING], [], {}))
+        if listed.error_code:
+            raise Errors.for_code(listed.error_code)("listing the cluster's transactions")
+        ids.update(t for t, _, _, _ in listed.transaction_states if t.startswith(prefix))
+    by_coordinator: dict[int, list[str]] = {}
+    for transactional_id in sorted(ids):
+        node = await client.coordinator_lookup(CoordinationType.TRANSACTION, transactional_id)
+        by_coordinator.setdefault(node, []).append(transactional_id)
+    found: dict[str, frozenset[TopicPartition]] = {}
+    for node, named in by_coordinator.items():
+        described = await client.send(node, _DescribeTransactionsV0(named, {}))
+        for code, transactional_id, state, _, _, _, _, topics, _ in described.transaction_states:
+            if code or state != ONGOING:
+                continue
+            found[transactional_id] = frozenset(
+                TopicPartition(topic, p) for topic, partitions, _ in topics for p in partitions
+            )
+    return found

@@ -20,9 +20,13 @@ Fencing is by the group's generation (KIP-447), not by a transactional ID per pa
   is read.
 
 The transactional ID is `<group>.worker.<ID>`, the ID kept in the worker's SQLite file: a
-worker restarted on its file aborts its own transaction left open at once. A transaction left
-open by a worker that does not come back holds its partitions' next owner until the broker
-times it out (`JOBS_TRANSACTION_TIMEOUT_MS`).
+worker restarted on its file aborts its own transaction left open at once. A worker that
+takes a partition aborts any other of the group's transactions still holding records on it
+(`open`): every live member ended its transactions on the partitions it gave up before the
+assignment, so what is left belongs to a worker that crashed, froze or was cut off. Only a
+transaction holding just the partition's offsets (a tick's, with no records) is waited
+out until the broker times it out (`JOBS_TRANSACTION_TIMEOUT_MS`), as is everything on a
+Kafka older than 3.0, which cannot list its transactions.
 
 A failed transaction fails every outcome in it (each partition retries from what Kafka
 committed, as with a producer of its own), and the producer is started again before the next
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -99,6 +104,7 @@ class SharedExactlyOnce:
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._producer_fenced = 0  # transactions in a row the broker fenced
+        self._aborting = asyncio.Lock()
 
     async def start(self) -> None:
         """Start the worker's producer (aborting what its last run left open)."""
@@ -128,8 +134,56 @@ class SharedExactlyOnce:
         self._producer = producer
 
     async def open(self, number: int) -> None:
-        """Nothing to fence per partition: the take's stable offsets wait out the previous
-        owner's transaction."""
+        """Abort the transactions a previous owner of `number` left open, if it is gone.
+
+        Every member of the group has ended its transactions on its partitions before it
+        asks for the new assignment, so a transaction of another of this group's producers
+        that still holds records on `number` belongs to a process that is dead, frozen or
+        cut off. Starting a producer with its transactional ID aborts it at once (and fences
+        the process, should it come back), where the take's stable offsets would wait until
+        the broker timed it out. A transaction holding only the partition's offsets (a tick's,
+        with no records) cannot be told apart from a live member's and is still waited out.
+        """
+        topics = self._settings.topics
+        held = {TopicPartition(t, number) for t in (topics.status, topics.state, topics.dlq)}
+        async with self._aborting:  # partitions taken together: one lookup, one abort each
+            try:
+                # Bounded: past the transaction time-out the broker has aborted it anyway.
+                async with asyncio.timeout(self._settings.transaction_timeout_ms / 1000):
+                    left = await compat.open_transactions(
+                        self._consumer, f"{self._settings.group_id}."
+                    )
+                    for transactional_id, partitions in sorted(left.items()):
+                        if transactional_id != self._transactional_id and partitions & held:
+                            await self._abort_left_open(transactional_id, number)
+            except (KafkaError, NotImplementedError, TimeoutError) as exc:
+                # An older Kafka (before 3.0) or a broker away: the take waits for the
+                # broker's time-out, as it did before it could abort.
+                log.warning(
+                    "could not abort the transactions left open on the partition; waiting "
+                    "for the broker to time them out",
+                    partition=number,
+                    error=repr(exc),
+                )
+
+    async def _abort_left_open(self, transactional_id: str, number: int) -> None:
+        began = time.perf_counter()
+        producer = AIOKafkaProducer(
+            **connection(self._settings),
+            transactional_id=transactional_id,
+            transaction_timeout_ms=self._settings.transaction_timeout_ms,
+        )
+        try:
+            await producer.start()  # InitProducerId: the coordinator aborts what it held
+        finally:
+            with contextlib.suppress(KafkaError):
+                await producer.stop()
+        log.info(
+            "aborted a transaction its previous owner left open",
+            partition=number,
+            transactional_id=transactional_id,
+            ms=round((time.perf_counter() - began) * 1000, 1),
+        )
 
     def begin(self, number: int) -> None:
         """A batch of `number` has begun: the next transaction waits for its outcome."""
