@@ -114,11 +114,15 @@ def test_an_unknown_transactions_value_is_refused_naming_it(
 
 
 def test_worker_transactions_time_out_sooner_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A crashed worker's open transaction holds its partitions' next owner until it times
-    out: 10 s with `worker`, unless JOBS_TRANSACTION_TIMEOUT_MS says otherwise."""
-    assert Settings().transactions == "partition"
+    """Worker-wide transactions are the default. A crashed worker's open transaction that
+    its partitions' next owner cannot abort holds it until it times out: 10 s with
+    `worker`, 60 s with `partition`, unless JOBS_TRANSACTION_TIMEOUT_MS says otherwise."""
+    monkeypatch.delenv("JOBS_TRANSACTIONS", raising=False)
+    monkeypatch.delenv("JOBS_TRANSACTION_TIMEOUT_MS", raising=False)
+    assert Settings().transactions == "worker"
+    assert Settings().transaction_timeout_ms == WORKER_TRANSACTION_TIMEOUT_MS == 10_000
+    monkeypatch.setenv("JOBS_TRANSACTIONS", "partition")
     assert Settings().transaction_timeout_ms == 60_000
     monkeypatch.setenv("JOBS_TRANSACTIONS", "worker")
-    assert Settings().transaction_timeout_ms == WORKER_TRANSACTION_TIMEOUT_MS == 10_000
     monkeypatch.setenv("JOBS_TRANSACTION_TIMEOUT_MS", "3000")
     assert Settings().transaction_timeout_ms == 3_000

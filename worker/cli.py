@@ -1022,9 +1022,9 @@ _HISTORY_IN_FLIGHT = typer.Option(
     help="Requests outstanding at most while the peak-RSS history is made.",
 )
 _TRANSACTIONS = typer.Option(
-    "partition",
+    "worker",
     "--transactions",
-    help="The workers' JOBS_TRANSACTIONS: partition (a producer per partition) or worker.",
+    help="The workers' JOBS_TRANSACTIONS: worker (one producer per worker) or partition.",
 )
 
 

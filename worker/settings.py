@@ -104,14 +104,14 @@ class Settings(BaseSettings):
         "at_least_once: no transactions, a crash may republish a batch's events.",
     )
     transactions: Literal["partition", "worker"] = Field(
-        default="partition",
-        description="With exactly_once, whose transactions: partition, a transactional "
-        "producer per partition (ID <group>.<N>; a new owner fences the old one at once); "
-        "worker, one producer and one transaction at a time for all the worker's partitions "
-        "(ID <group>.worker.<ID kept in its SQLite file>), fenced by the group's generation "
-        "(Kafka 2.5 or later): fewer transactions under a steady load, but a worker that "
-        "crashes and is not restarted holds its partitions' next owner until its open "
-        "transaction times out (JOBS_TRANSACTION_TIMEOUT_MS).",
+        default="worker",
+        description="With exactly_once, whose transactions: worker, one producer and one "
+        "transaction at a time for all the worker's partitions (ID <group>.worker.<ID kept in "
+        "its SQLite file>), fenced by the group's generation (Kafka 2.5 or later; 3.0 or "
+        "later for a new owner to abort what a crashed worker left open at once): fewer "
+        "transactions under a steady load and a lower latency; partition, a transactional "
+        "producer per partition (ID <group>.<N>; a new owner fences the old one at once), "
+        "for Kafka before 2.5.",
     )
     linger_ms: int = Field(
         default=0,
@@ -131,8 +131,8 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a transaction may stay open before the broker aborts it: the "
         "longest a crashed worker's open transaction can hold back readers of what it wrote "
-        "(and, with JOBS_TRANSACTIONS=worker, its partitions' next owner). 60000 by default, "
-        "10000 with JOBS_TRANSACTIONS=worker.",
+        "(and, with JOBS_TRANSACTIONS=worker, its partitions' next owner when it cannot abort "
+        "it). 10000 by default, 60000 with JOBS_TRANSACTIONS=partition.",
     )
     run_retention_s: float = Field(
         allow_inf_nan=False,
@@ -239,10 +239,11 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _worker_transactions_time_out_sooner(cls, data: Any) -> Any:
-        # A crashed worker's open transaction holds its partitions' next owner this long.
+        # A crashed worker's open transaction holds its partitions' next owner this long
+        # when the owner cannot abort it (a tick's, an older Kafka).
         if (
             isinstance(data, dict)
-            and data.get("transactions") == "worker"
+            and data.get("transactions", "worker") == "worker"
             and data.get("transaction_timeout_ms") is None
         ):
             return {**data, "transaction_timeout_ms": WORKER_TRANSACTION_TIMEOUT_MS}

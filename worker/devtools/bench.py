@@ -170,7 +170,7 @@ class BenchOptions:
     growth_job_types: tuple[int, ...] = (10, 1_000, 10_000, 100_000, 1_000_000)
     quick: bool = False
     quix: bool = False  # also the Quix Streams job lock's rounds (items 2 and 3)
-    transactions: Literal["partition", "worker"] = "partition"  # the workers' JOBS_TRANSACTIONS
+    transactions: Literal["partition", "worker"] = "worker"  # the workers' JOBS_TRANSACTIONS
 
     def sized(self) -> BenchOptions:
         """The options actually run: with `quick`, every size capped to a few seconds' work."""
