@@ -9,11 +9,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas import EventType, RunStatus, Source, StatusEvent, read_status_event
+from worker.core import lifecycle
 from worker.core.adopt import adopt
 from worker.core.lifecycle import (
     AdvanceTime,
     Cancel,
     Command,
+    Decided,
     Finish,
     JobConfig,
     JobState,
@@ -22,6 +24,7 @@ from worker.core.lifecycle import (
     Progress,
     Scope,
     Start,
+    _in_window,
     decide,
     dump_state,
     load_state,
@@ -171,3 +174,49 @@ def test_adopting_the_logged_events_rebuilds_the_state(
         for event in events:
             adopted = adopt(adopted, event, config, limits)
         assert _adoptable(adopted) == _adoptable(decided)
+
+
+def _scanned(state: JobState, request_id: str) -> Decided | None:
+    """The idempotency window's latest entry for `request_id`, found the slow way."""
+    return next((d for d in reversed(state.decided) if d.request_id == request_id), None)
+
+
+@SETTINGS
+@given(config=configs, spec=steps, window=st.sampled_from([0, 1, 3, 1000]))
+def test_the_window_index_finds_what_a_scan_finds(
+    config: JobConfig, spec: list[Any], window: int
+) -> None:
+    """A request is found in the idempotency window exactly when a scan of the window finds
+    it, through the index each new state takes over, one rebuilt for a state decided from
+    again (each `before` gave its index away), and one built for a state read back."""
+    asked = {f"req-{n}" for n in range(len(spec))} | {f"cancel-{n}" for n in range(len(spec))}
+    scanned = lifecycle._SCANNED
+    lifecycle._SCANNED = -1  # an index for every window, even an empty one
+    try:
+        for before, _, after, _ in _play(config, spec, window):
+            for state in (after, before, load_state(dump_state(after))):
+                for request_id in sorted(asked):
+                    assert _in_window(state, request_id) == _scanned(state, request_id)
+                # and it holds the window's request IDs, no more: a busy job type's does
+                # not grow
+                assert state.decided_index is not None
+                assert state.decided_index.keys() == {d.request_id for d in state.decided}
+    finally:
+        lifecycle._SCANNED = scanned
+
+
+def test_the_window_index_is_never_read_or_written() -> None:
+    """The index is no part of a state's JSON, and one in a row read back is ignored: it
+    cannot make a request look new, or decided."""
+    window = tuple(Decided(f"r{n}", EventType.STARTED, f"run-{n}") for n in range(40))
+    state = JobState(JOB, decided=window, decided_next=40)
+    assert _in_window(state, "r3") == window[3]
+    assert state.decided_index == {d.request_id: d for d in window}
+    assert b"index" not in dump_state(state)
+    entry = b'{"request_id":"b","type":"started","run_id":"r2"}'
+    forged = dump_state(state)[:-1] + b',"decided_index":{"b":' + entry + b"}}"
+    read = load_state(forged)
+    assert read == state
+    assert read.decided_index is None
+    assert _in_window(read, "b") is None
+    assert _in_window(read, "r39") == window[39]

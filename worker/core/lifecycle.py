@@ -408,7 +408,7 @@ def _illegal(before: RunStatus | None, action: Action) -> str:
 def _decided(state: JobState, request_id: str, start: bool = False) -> Decided | None:
     """The decision `request_id` got: from the idempotency window or, for a start, from the
     active or queued run it made, however long ago (a start is never a second run)."""
-    seen = next((d for d in reversed(state.decided) if d.request_id == request_id), None)
+    seen = _in_window(state, request_id)
     if seen is not None or not start:
         return seen
     if (run := next((r for r in state.active if r.request_id == request_id), None)) is not None:
@@ -443,8 +443,9 @@ def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limit
 
 def _changed(state: JobState, **changes: Any) -> JobState:
     """`dataclasses.replace(state, **changes)` in half its time (it runs on every transition:
-    `replace` looks up each field's definition at every call)."""
-    return JobState(
+    `replace` looks up each field's definition at every call); the new state takes over the
+    window's index (`JobState.decided_index`), which `replace` leaves behind."""
+    new = JobState(
         job_type=state.job_type,
         active=changes.get("active", state.active),
         queue=changes.get("queue", state.queue),
@@ -453,6 +454,47 @@ def _changed(state: JobState, **changes: Any) -> JobState:
         ended_next=changes.get("ended_next", state.ended_next),
         decided_next=changes.get("decided_next", state.decided_next),
     )
+    index = state.decided_index
+    if index is not None:
+        # One owner at a time: `state` builds an index of its own if it is asked again.
+        object.__setattr__(state, "decided_index", None)
+        if new.decided is state.decided or _reindex(index, state, new):
+            object.__setattr__(new, "decided_index", index)
+    return new
+
+
+# Up to this many entries a window is scanned: an index would cost more than it saves.
+_SCANNED = 32
+
+
+def _in_window(state: JobState, request_id: str) -> Decided | None:
+    """The latest entry of `request_id` in the idempotency window, through its index once
+    the window is long."""
+    index = state.decided_index
+    if index is None:
+        decided = state.decided
+        if len(decided) <= _SCANNED:
+            return next((d for d in reversed(decided) if d.request_id == request_id), None)
+        index = {d.request_id: d for d in decided}  # the latest entry wins
+        object.__setattr__(state, "decided_index", index)
+    return index.get(request_id)
+
+
+def _reindex(index: dict[str, Decided], old: JobState, new: JobState) -> bool:
+    """Move `old`'s window index to `new`'s window; False when `new`'s window is not `old`'s
+    with entries dropped at its start and added at its end (the index is then rebuilt)."""
+    old_first = old.decided_next - len(old.decided)  # the number of its oldest entry
+    first = new.decided_next - len(new.decided)
+    if first < old_first or new.decided_next < old.decided_next:
+        return False
+    for number in range(old_first, min(first, old.decided_next)):
+        gone = old.decided[number - old_first]
+        if index.get(gone.request_id) is gone:
+            del index[gone.request_id]
+    for number in range(max(first, old.decided_next), new.decided_next):
+        entry = new.decided[number - first]
+        index[entry.request_id] = entry
+    return True
 
 
 def _tail(items: tuple[Any, ...], size: int) -> tuple[Any, ...]:

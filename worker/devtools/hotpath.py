@@ -2,7 +2,11 @@
 
 Lifecycles go through one partition's task as the live worker's batches do, in batches of a
 given size (all start requests first, then a result for each run, as `jobctl bench` and its
-simulated executor send them), each batch in three steps:
+simulated executor send them, each lifecycle of a job type of its own). With `--job-types
+N` they take N job types in turn instead, each start followed by its run's result in the
+same batch, as a busy job type's backlog is decided once its windows are full (1,000
+request IDs and 256 ended runs each, after the first lifecycles). Each batch goes in three
+steps:
 
 - deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
 - records: `collector.write_outcome` into aiokafka record batches, which are never sent;
@@ -25,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
@@ -34,6 +38,7 @@ from worker import compiled, gctuning
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import Limits, merge_inputs
 from worker.core.limits import InputLimits
+from worker.core.runid import make_run_id
 from worker.devtools.bench import result_body, start_body
 from worker.engine.codec import InputRecord
 from worker.engine.collector import write_outcome
@@ -125,17 +130,42 @@ def _results(topics: Topics, outcome: BatchOutcome, first: int) -> list[InputRec
     ]
 
 
-async def measure(lifecycles: int, batch: int, directory: Path) -> Split:
+def _busy(topics: Topics, first: int, count: int, job_types: int) -> list[InputRecord]:
+    """Lifecycles `first` to `first + count` on `job_types` job types in turn, each start
+    (request offset n) followed by its run's result (result offset n), a millisecond apart."""
+    records = []
+    for n in range(first, first + count):
+        job_type, at = f"job-{n % job_types}", _BROKER_MS + 2 * n
+        run_id = make_run_id(datetime.fromtimestamp(at / 1000, UTC), 0, n)
+        start = start_body(job_type, f"req-{n}")
+        result = result_body(job_type, run_id, n + 1)
+        records.append(InputRecord("requests", topics.requests, 0, n, at, job_type.encode(), start))
+        records.append(
+            InputRecord("results", topics.results, 0, n, at + 1, job_type.encode(), result)
+        )
+    return records
+
+
+async def measure(
+    lifecycles: int, batch: int, directory: Path, job_types: int | None = None
+) -> Split:
     """Run `lifecycles` through the steps, `batch` start requests (then their results) a
-    batch, with a SQLite file in `directory`."""
-    if lifecycles <= 0 or batch <= 0:
-        raise ValueError(f"lifecycles and batch must be positive, not {lifecycles} and {batch}")
+    batch, with a SQLite file in `directory`; on `job_types` job types in turn, each start
+    and its result in one batch, when given."""
+    if lifecycles <= 0 or batch <= 0 or (job_types is not None and job_types <= 0):
+        raise ValueError(
+            f"lifecycles, batch and job types must be positive, not {lifecycles}, {batch} "
+            f"and {job_types}"
+        )
     producer = AIOKafkaProducer(bootstrap_servers="localhost:9")  # builds batches, never sends
     store = await Store.open(directory / "hotpath.db")
     try:
         steps = _Steps(store, producer)
         for first in range(0, lifecycles, batch):  # the inputs are made outside the measure
             count = min(batch, lifecycles - first)
+            if job_types is not None:
+                await steps.batch(_busy(steps.topics, first, count, job_types))
+                continue
             started = await steps.batch(_starts(steps.topics, first, count))
             await steps.batch(_results(steps.topics, started, first))
     finally:
@@ -161,13 +191,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--batch", type=int, default=2_000, help="start requests a batch (then their results)"
     )
+    parser.add_argument(
+        "--job-types",
+        type=int,
+        default=None,
+        help="this many busy job types, each start and its result in one batch "
+        "(default: a job type per lifecycle)",
+    )
     args = parser.parse_args(argv)
     if args.lifecycles <= 0 or args.batch <= 0:
         parser.error("--lifecycles and --batch must be positive")
+    if args.job_types is not None and args.job_types <= 0:
+        parser.error("--job-types must be positive")
     configure_logs("warning", "json")  # a decision's debug line is not part of the work
     gctuning.tune()  # as `jobctl run` does
     with tempfile.TemporaryDirectory(prefix="jobs-hotpath-") as tmp:
-        split = asyncio.run(measure(args.lifecycles, args.batch, Path(tmp)))
+        split = asyncio.run(measure(args.lifecycles, args.batch, Path(tmp), args.job_types))
     print(f"{split.line()} (hot modules: {compiled.state()})")
 
 
