@@ -24,6 +24,7 @@ from worker.core.lifecycle import (
     Progress,
     Scope,
     Start,
+    _appended,
     _in_window,
     decide,
     dump_state,
@@ -220,3 +221,11 @@ def test_the_window_index_is_never_read_or_written() -> None:
     assert read.decided_index is None
     assert _in_window(read, "b") is None
     assert _in_window(read, "r39") == window[39]
+
+
+@given(items=st.lists(st.integers(), max_size=6), size=st.integers(0, 8))
+def test_a_window_keeps_its_last_entries(items: list[int], size: int) -> None:
+    """A window with an entry added holds the last `size` of its entries (none for 0)."""
+    kept = _appended(tuple(items), -1, size)
+    expected = (*items, -1)[max(0, len(items) + 1 - size) :] if size else ()
+    assert kept == expected
