@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 import structlog
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from structlog.testing import capture_logs
 
 from schemas import RunStatus
@@ -133,3 +133,36 @@ async def test_shutdown_is_not_held_by_a_take_waiting_for_the_broker(
     assert collector.opening == [0]
     assert manager.taking == 0
     assert manager.owned == {}
+
+
+@pytest.mark.kafka
+async def test_a_changelog_read_leaves_no_fetch_waiting_at_the_broker(settings: Settings) -> None:
+    """Once a partition's changelog is read, its reader is assigned nothing, so no fetch of
+    it waits at the broker for new records. The broker answers a connection's requests in
+    order: each partition taken after a restore waited out such a fetch to learn its
+    changelog's end offset (half a second apiece), and the reader can still read the next
+    partition it is given."""
+    await create_topics(settings, 2)
+    producer = AIOKafkaProducer(**connection(settings))
+    await producer.start()
+    at = datetime.now(UTC)
+    try:
+        for partition in (0, 1):
+            row = RunRow(
+                f"r{partition}", "job", None, "q", RunStatus.COMPLETED, 0, at, at, {}, None, None
+            )
+            key, value = changelog.run_row(row)
+            await producer.send_and_wait(settings.topics.state, value, key=key, partition=partition)
+    finally:
+        await producer.stop()
+    reader = AIOKafkaConsumer(
+        **connection(settings), enable_auto_commit=False, isolation_level="read_committed"
+    )
+    await reader.start()
+    try:
+        for partition in (0, 1):
+            snapshot = await changelog.read_partition(reader, settings.topics.state, partition)
+            assert set(snapshot.runs) == {f"r{partition}"}
+            assert reader.assignment() == set()
+    finally:
+        await reader.stop()

@@ -391,18 +391,24 @@ async def read_partition(
 ) -> PartitionSnapshot:
     """Read partition `partition` of the changelog from the beginning to its end offset.
 
-    `consumer` must be read_committed and have no group; it is re-assigned here. `wanted`,
-    called between fetches, may raise to stop the read.
+    `consumer` must be read_committed and have no group; it is assigned the partition here,
+    and nothing once the read is over: a consumer left assigned keeps a fetch waiting at the
+    broker for new records, and the broker answers a connection's requests in order, so its
+    next `end_offsets` waited out that fetch (`fetch_max_wait_ms`, 500 ms by default).
+    `wanted`, called between fetches, may raise to stop the read.
     """
     tp = TopicPartition(topic, partition)
     consumer.assign([tp])
-    await consumer.seek_to_beginning(tp)
-    end = (await consumer.end_offsets([tp]))[tp]
-    snapshot = PartitionSnapshot(end=end)
-    async for _, records in read_until(consumer, {tp: end}, max_records=10_000):
-        if wanted is not None:
-            wanted()
-        for record in records:
-            if record.key is not None:
-                apply_row(snapshot, record.key, record.value)
+    try:
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        snapshot = PartitionSnapshot(end=end)
+        async for _, records in read_until(consumer, {tp: end}, max_records=10_000):
+            if wanted is not None:
+                wanted()
+            for record in records:
+                if record.key is not None:
+                    apply_row(snapshot, record.key, record.value)
+    finally:
+        consumer.assign([])
     return snapshot

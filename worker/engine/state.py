@@ -42,6 +42,8 @@ log = structlog.get_logger("worker")
 
 # How often `settled` reads the changelog partition's last stable offset again.
 SETTLE_RETRY_S = 0.02
+# The longest a fetch of the changelog reader waits at the broker for records.
+RESTORE_FETCH_WAIT_MS = 10
 
 
 def queue_outcome(
@@ -103,6 +105,9 @@ class StateManager:
             **connection(self._settings),
             enable_auto_commit=False,
             isolation_level="read_committed",
+            # It reads up to end offsets it knows: a fetch has no reason to wait for more,
+            # and one still in flight after a read delays its next request that long.
+            fetch_max_wait_ms=RESTORE_FETCH_WAIT_MS,
         )
         try:
             await restorer.start()
