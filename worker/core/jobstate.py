@@ -87,7 +87,7 @@ class JobState:
     # Each request ID of `decided` and its latest entry: an index, not part of the value.
     # Never read from input or written out; built at its first lookup and handed on to the
     # state that replaces this one (`worker.core.lifecycle`), so that a busy job type's
-    # full window is not scanned at each request (about 36 bytes an entry).
+    # full window is not scanned at each request (26-52 bytes an entry).
     decided_index: SkipJsonSchema[Annotated[dict[str, Decided] | None, Field(exclude=True)]] = (
         field(default=None, init=False, compare=False, repr=False)
     )

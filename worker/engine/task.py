@@ -178,9 +178,10 @@ def known_filter(job_types: Iterable[str] = ()) -> Bloom:
 
 
 # What the idle job states a partition keeps parsed may hold by default
-# (`JOBS_IDLE_STATE_ENTRIES`), in window entries (90-250 bytes each parsed; a state counts
-# `_STATE_COST` more): at most about 4 MB, a dozen job types with full windows (1,256
-# entries) or a few thousand with short ones. Loading one with full windows back (SQLite,
+# (`JOBS_IDLE_STATE_ENTRIES`), in window entries (90-250 bytes each parsed, and up to 52
+# more in the index of a long idempotency window; a state counts `_STATE_COST` more): at
+# most about 5 MB, a dozen job types with full windows (1,256 entries) or a few thousand
+# with short ones. Loading one with full windows back (SQLite,
 # then parsing) took 2-3 ms, which a workload of a few busy job types paid on every start
 # (`jobctl bench --growth 10`).
 IDLE_BUDGET: int = Settings.model_fields["idle_state_entries"].default
