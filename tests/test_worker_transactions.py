@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from worker import compat
 from worker.engine.hooks import Hooks
@@ -126,3 +128,42 @@ def test_worker_transactions_time_out_sooner_unless_told(monkeypatch: pytest.Mon
     monkeypatch.setenv("JOBS_TRANSACTIONS", "worker")
     monkeypatch.setenv("JOBS_TRANSACTION_TIMEOUT_MS", "3000")
     assert Settings().transaction_timeout_ms == 3_000
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        NotImplementedError("the broker does not support ListTransactions"),
+        KafkaConnectionError("the broker went away"),
+        TimeoutError(),
+    ],
+)
+async def test_a_take_that_cannot_look_for_open_transactions_says_so_and_goes_on(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    """A Kafka before 3.0, a broker away or a lookup past the time-out: the take logs which
+    partition waits for the broker's time-out instead, and why, and goes on without aborting
+    anything (as every take did before the abort existed)."""
+
+    async def unanswered(consumer: object, prefix: str) -> dict[str, frozenset[TopicPartition]]:
+        raise failure
+
+    async def identity() -> str:
+        return "test"
+
+    monkeypatch.setattr(compat, "open_transactions", unanswered)
+    collector = SharedExactlyOnce(
+        settings.model_copy(update={"transactions": "worker"}),
+        Hooks(),
+        None,  # type: ignore[arg-type]  # the lookup that would use it fails first
+        identity,
+        lambda exc: None,
+        Metrics(),
+    )
+    with capture_logs() as logs:
+        await collector.open(2)
+    waiting = [e for e in logs if e["event"].startswith("could not abort the transactions")]
+    assert len(waiting) == 1
+    assert waiting[0]["partition"] == 2
+    assert waiting[0]["error"] == repr(failure)
+    assert not [e for e in logs if e["event"].startswith("aborted a transaction")]
