@@ -36,10 +36,12 @@ from worker.engine import stored
 from worker.engine.sqlfile import (
     DROP_ENTRY,
     END_RUN,
+    NULL,
     PUT_ENTRY,
     PUT_OFFSET,
     PUT_STATE,
     dumps,
+    status_text,
     upsert_runs_now,
     write_in_thread,
 )
@@ -72,14 +74,19 @@ class _Pending:
                 "UPDATE runs SET retained = 0 WHERE run_id = ?", [(r,) for r in self.tombstoned]
             )
         heads = self.heads
+        # Blobs as bytearrays, which sqlite3 binds without looking for an adapter (`NULL`).
         db.executemany(
             PUT_STATE,
-            [(j, p, heads.get(j) or stored.head(state)) for j, (p, state) in self.states.items()],
+            [
+                (j, p, bytearray(heads.get(j) or stored.head(state)))
+                for j, (p, state) in self.states.items()
+            ],
         )
         if gone := [key for key, entry in self.entries.items() if entry is None]:
             db.executemany(DROP_ENTRY, gone)
         db.executemany(
-            PUT_ENTRY, [(*key, entry) for key, entry in self.entries.items() if entry is not None]
+            PUT_ENTRY,
+            [(*key, bytearray(entry)) for key, entry in self.entries.items() if entry is not None],
         )
         db.executemany(PUT_OFFSET, [(t, p, o) for (t, p), o in self.offsets.items()])
 
@@ -96,10 +103,10 @@ class _Pending:
             END_RUN,
             [
                 (
-                    r.status,
+                    status_text(r.status),
                     r.ended_at.isoformat() if r.ended_at else None,
-                    dumps(r.metrics),
-                    r.reason,
+                    NULL if r.metrics is None else dumps(r.metrics),
+                    NULL if r.reason is None else r.reason,
                     r.run_id,
                 )
                 for r in ends
