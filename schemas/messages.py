@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -107,6 +108,10 @@ class RunStatus(StrEnum):
     CANCELLED = "CANCELLED"  # ended: cancelled before it finished
     TIMED_OUT = "TIMED_OUT"  # ended: no result or heartbeat within its timeout
 
+    # pydantic-core serializes an enum member by its `value`, which `Enum` defines as a
+    # property written in Python; this one reads the member's attribute in C.
+    value = property(attrgetter("_value_"))
+
 
 ENDED_STATUSES = frozenset(
     {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.TIMED_OUT}
@@ -126,6 +131,8 @@ class EventType(StrEnum):
     FAILED = "failed"  # a run ended in failure
     CANCELLED = "cancelled"  # a run was cancelled; executors stop it
     TIMED_OUT = "timed_out"  # a run ended for lack of a result or heartbeat
+
+    value = property(attrgetter("_value_"))  # as RunStatus's
 
 
 ENDING_EVENTS = frozenset(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,25 @@ def test_a_status_event_its_readers_cannot_fold_is_refused_where_it_is_read() ->
             schemas.RunRecord.model_validate({**row.model_dump(), "started_at": at})
         with pytest.raises(ValidationError):
             schemas.ViewMark.model_validate({"since": at, "every_s": 60})
+
+
+def test_status_and_event_type_members_keep_their_values_and_serialize_as_them() -> None:
+    """Both enums read `value` through a C attribute getter (pydantic-core serializes a member
+    by it): the members, their values and lookups by value are as a plain `StrEnum`'s."""
+    for enum in (RunStatus, EventType):
+        plain = StrEnum("Plain", {m.name: str(m) for m in enum})  # type: ignore[misc]
+        assert [(m.name, m.value) for m in enum] == [(m.name, m.value) for m in plain]
+        for member in enum:
+            assert type(member.value) is str
+            assert member.value == str(member) == member
+            assert enum(member.value) is member
+    event = StatusEvent(
+        event_id="e",
+        type=EventType.COMPLETED,
+        job_type="report",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+        status=RunStatus.COMPLETED,
+        from_status=RunStatus.RUNNING,
+    )
+    assert b'"type":"completed"' in event.model_dump_json().encode()
+    assert event.model_dump(mode="json")["from_status"] == "RUNNING"
