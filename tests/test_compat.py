@@ -20,6 +20,7 @@ from aiokafka.record.memory_records import MemoryRecords
 from tests.hostile import _RawName
 from worker import compat
 from worker.compat import TolerantMemoryRecords
+from worker.engine.records import append_record
 from worker.settings import Settings
 
 
@@ -349,7 +350,7 @@ async def test_a_record_appended_directly_reads_back_as_appended_and_a_full_batc
         sent = [
             (b"job-%d" % i, b"v" * 100, [("ce_id", b"%d" % i), ("empty", None)]) for i in range(9)
         ]
-        taken = [compat.append_record(builder, *record) for record in sent]
+        taken = [append_record(builder, *record) for record in sent]
         assert builder.closed()
         count = builder.record_count()
         assert 0 < count < len(sent)

@@ -153,7 +153,7 @@ async def test_outbox_keeps_order_across_full_batches_and_commits_atomically(
 ) -> None:
     """Records added through the `Outbox` arrive in order even when they span many record
     batches, and an aborted transaction's outbox is invisible."""
-    from worker.kafkaio import Outbox
+    from worker.engine.collector import Outbox
 
     _, out_topic = two_topics
     producer = AIOKafkaProducer(

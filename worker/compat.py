@@ -12,7 +12,8 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
   commit can be held back until the transaction's records are acknowledged.
 - `send_with_offsets`: a transaction's input offsets added beside its records, and
   committed once they are acknowledged (one request fewer in turn, no superseded check).
-- `append_record`: a record appended to a producer's record batch without
+- `worker.engine.records.append_record` (kept with the record batches it fills, in a
+  compiled module): a record appended to a producer's record batch without
   `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
 - `open_transactions`: the transactions open on the cluster, and the partitions each holds
   (a worker aborts those a previous owner that is gone left on the partitions it takes).
@@ -133,28 +134,6 @@ async def abort_if_open(producer: AIOKafkaProducer) -> None:
     with contextlib.suppress(KafkaError, TimeoutError, AssertionError):
         async with asyncio.timeout(10):
             await producer.abort_transaction()
-
-
-def append_record(
-    builder: Any,
-    key: bytes | None,
-    value: bytes | None,
-    headers: list[tuple[str, bytes | None]],
-) -> bool:
-    """Append a record to `builder` (a producer's `create_batch()`, of a producer without
-    serializers), stamped now, as its `append` does; False when the batch is full, which
-    closes it. The record goes to the batch's compiled encoder directly, and the count the
-    producer reads (`record_count`) moves with it."""
-    if (
-        builder._builder.append(
-            builder._relative_offset, None, key=key, value=value, headers=headers
-        )
-        is None
-    ):
-        builder.close()
-        return False
-    builder._relative_offset += 1
-    return True
 
 
 async def fetch_all_metadata(consumer: AIOKafkaConsumer) -> Any:

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 
 # What a transition runs through, in the worker's process: decoding, deciding, the status
-# events' headers, SQLite's rows and the records held for the other input. Left out: the
+# events' headers and records, SQLite's rows and the records held for the other input. Left out: the
 # write-behind queue (`engine/writer.py`, asynchronous, its work SQLite's); what
 # pydantic validates or serializes by its annotations (mypyc erases those it does not
 # need): the job state (`core/jobstate.py`), run rows (`core/runs.py`) and the changelog's
@@ -44,6 +44,7 @@ MODULES = (
     "worker.engine.stored",
     "worker.engine.hold",
     "worker.engine.envelope",
+    "worker.engine.records",
 )
 GROUP = "worker_native"  # mypyc's shared library of the group: `worker_native__mypyc`
 BUILD = Path(__file__).resolve().parent / "_compiled"

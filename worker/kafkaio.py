@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Literal, cast
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.helpers import create_ssl_context
 
 from worker import compat
@@ -113,64 +113,3 @@ async def read_until(
         for tp, records in batch.items():
             yield tp, records
         todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
-
-
-class Outbox:
-    """Records for one producer, appended straight into aiokafka record batches.
-
-    `AIOKafkaProducer.send` costs a coroutine, a partitioner call and a future per record;
-    a batch of several hundred decisions spent more time there than deciding. Here records
-    are appended to one batch builder per topic-partition (a full builder is set aside and a
-    new one opened, so order within a partition is kept) and `flush` hands each batch to the
-    producer with `send_batch`, inside the open transaction if the producer is
-    transactional, then waits for every delivery.
-    """
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self._producer = producer
-        self._batches: dict[tuple[str, int], list[Any]] = {}
-        self.records = 0
-
-    def add(
-        self,
-        topic: str,
-        partition: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes | None]] = (),
-    ) -> None:
-        """Append one record for `topic`/`partition` (sent by `flush`)."""
-        builders = self._batches.setdefault((topic, partition), [])
-        extra = list(headers)
-        self.records += 1
-        if builders and compat.append_record(builders[-1], key, value, extra):
-            return
-        builder = self._producer.create_batch()
-        # An empty batch takes any one record; its size is checked by the broker.
-        compat.append_record(builder, key, value, extra)
-        builders.append(builder)
-
-    async def flush(self) -> dict[tuple[str, int], int]:
-        """Send every batch and wait until all are delivered; raise the first failure.
-
-        Returns, per topic-partition written, the offset after its last record.
-        """
-        futures = []
-        sent: list[tuple[tuple[str, int], int]] = []  # (topic-partition, records) a batch
-        for (topic, partition), builders in self._batches.items():
-            for builder in builders:
-                sent.append(((topic, partition), builder.record_count()))
-                futures.append(await self._producer.send_batch(builder, topic, partition=partition))
-        self._batches.clear()
-        ends: dict[tuple[str, int], int] = {}
-        if futures:
-            # Every delivery is awaited, so that no failure is left unretrieved.
-            outcomes = await asyncio.gather(*futures, return_exceptions=True)
-            for item in outcomes:
-                if isinstance(item, BaseException):
-                    raise item
-            delivered = cast(list[Any], outcomes)  # RecordMetadata, none failed
-            for (where, count), metadata in zip(sent, delivered, strict=True):
-                # A delivered batch's metadata carries the offset of its first record.
-                ends[where] = max(ends.get(where, 0), int(metadata.offset) + count)
-        return ends

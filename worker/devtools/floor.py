@@ -6,7 +6,7 @@ dead-lettered), serialize one status event, send it and two changelog records, a
 run row to SQLite behind the commit (pausing after a write, as the worker's writer does).
 One transactional producer per partition; a partition is paused while its transaction is in
 flight and the others keep flowing; the worker's client settings and produce path
-(`worker.kafkaio.Outbox`). No worker on this stack can do less per record, so what the
+(`worker.engine.collector.Outbox`). No worker on this stack can do less per record, so what the
 floor reaches on a machine bounds what a worker can reach there.
 
 `jobctl bench` runs it as `python -m worker.devtools.floor`, configured through the same
@@ -35,8 +35,10 @@ from pydantic import ValidationError
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import compat
 from worker.engine.codec import InputRecord, TopicRole, dead_letter, dead_letter_key, summarize
+from worker.engine.collector import Outbox
+from worker.engine.records import RecordBatches
 from worker.engine.writer import GATHER_S
-from worker.kafkaio import Outbox, connection
+from worker.kafkaio import connection
 from worker.settings import Settings, Topics
 
 Row = tuple[str, str, str, str]
@@ -66,7 +68,7 @@ class FloorWork:
         await db.commit()
         return cls(topics, db)
 
-    def add(self, out: Outbox, partition: int, record: Any) -> Row | None:
+    def add(self, out: RecordBatches, partition: int, record: Any) -> Row | None:
         """Validate `record`, send its event and two changelog records to `out`; its row.
         A record that is not a valid request or result goes to the dead-letter topic with
         its reason, as the worker's contract asks (no row)."""
@@ -222,7 +224,7 @@ class PassThrough:
             for r in records:
                 if work is None:
                     out.add(self.topics.status, n, r.key, r.value)
-                elif (row := work.add(out, n, r)) is not None:
+                elif (row := work.add(out.batches, n, r)) is not None:
                     rows.append(row)
             offsets: dict[TopicPartition, int] = {}
             for r in records:

@@ -9,7 +9,7 @@ request IDs and 256 ended runs each, after the first lifecycles). Each batch goe
 steps:
 
 - deciding: `PartitionTask.apply` (decoding, the lifecycle, the changelog rows);
-- records: `collector.write_outcome` into aiokafka record batches, which are never sent;
+- records: `records.write_outcome` into aiokafka record batches, which are never sent;
 - SQLite: the batch queued on the store's write-behind and written by its thread
   (`Store.open`, `state.queue_outcome`, `flush`), as the worker's store writes it.
 
@@ -41,11 +41,10 @@ from worker.core.limits import InputLimits
 from worker.core.runid import make_run_id
 from worker.devtools.bench import result_body, start_body
 from worker.engine.codec import InputRecord
-from worker.engine.collector import write_outcome
+from worker.engine.records import RecordBatches, write_outcome
 from worker.engine.state import queue_outcome
 from worker.engine.store import Store
 from worker.engine.task import BatchOutcome, PartitionTask, Rules
-from worker.kafkaio import Outbox
 from worker.logs import configure as configure_logs
 from worker.settings import Topics
 
@@ -87,7 +86,7 @@ class _Steps:
         began = time.perf_counter()
         outcome = self.task.apply(merge_inputs(records))
         decided = time.perf_counter()
-        write_outcome(Outbox(self.producer), self.topics, 0, outcome)
+        write_outcome(RecordBatches(self.producer.create_batch), self.topics, 0, outcome)
         written = time.perf_counter()
         queue_outcome(self.store, 0, outcome, outcome.next_offsets)
         await self.store.flush()

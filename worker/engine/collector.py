@@ -14,23 +14,21 @@ for all partitions):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from schemas import StatusEvent, view_row
 from worker import compat
-from worker.engine import changelog, rulebook
-from worker.engine.codec import REROUTED_FROM
-from worker.engine.envelope import source_of, status_headers
 from worker.engine.hooks import Hooks
 from worker.engine.observe import Metrics
+from worker.engine.records import RecordBatches, write_outcome
 from worker.engine.task import BatchOutcome
-from worker.kafkaio import Outbox, connection
-from worker.settings import Settings, Topics
+from worker.kafkaio import connection
+from worker.settings import Settings
 
 
 class FencedError(RuntimeError):
@@ -70,38 +68,61 @@ class RecordCollector(Protocol):
         """Release everything."""
 
 
-# The event's serializer itself: `model_dump_json` adds a wrapper per call and a str.
-_EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
+class Outbox:
+    """Records for one producer, appended straight into aiokafka record batches
+    (`records.RecordBatches`), and sent by `flush`.
 
+    `AIOKafkaProducer.send` costs a coroutine, a partitioner call and a future per record;
+    a batch of several hundred decisions spent more time there than deciding. `flush` hands
+    each record batch to the producer with `send_batch`, inside the open transaction if the
+    producer is transactional, then waits for every delivery.
+    """
 
-def write_outcome(out: Outbox, topics: Topics, number: int, outcome: BatchOutcome) -> None:
-    """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
-    source = source_of(topics.status.removesuffix(".status"))
-    settings = (rulebook.HEADER, outcome.settings.encode()) if outcome.settings else None
-    for event in outcome.events:
-        value = _EVENT_JSON(event)
-        headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
-        if settings is not None:
-            headers.append(settings)
-        out.add(topics.status, number, event.job_type.encode(), value, headers)
-    for key, letter in outcome.dead_letters:
-        out.add(topics.dlq, number, key, letter.model_dump_json().encode())
-    for record, reroute in outcome.reroutes:
-        origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
-        headers = [*record.headers, (REROUTED_FROM, origin)]
-        out.add(record.topic, reroute.partition, reroute.key, record.value, headers)
-    if outcome.settings_row is not None:
-        out.add(topics.state, number, *outcome.settings_row)
-    for row_key, row_value in outcome.state_rows:
-        out.add(topics.state, number, row_key, row_value)
-    for row in outcome.runs.values():
-        out.add(topics.state, number, *changelog.run_row(row))
-    for run_id in outcome.tombstones:
-        out.add(topics.state, number, run_id.encode(), None)
-    for row in outcome.view_rows:
-        out.add(topics.state, number, *changelog.run_row(row))
-    if outcome.view_mark is not None:  # after the rows it vouches for
-        out.add(topics.state, number, *view_row(outcome.view_mark))
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self.batches = RecordBatches(producer.create_batch)
+
+    @property
+    def records(self) -> int:
+        """Records added."""
+        return self.batches.records
+
+    def add(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> None:
+        """Append one record for `topic`/`partition` (sent by `flush`)."""
+        self.batches.add(topic, partition, key, value, headers)
+
+    async def flush(self) -> dict[tuple[str, int], int]:
+        """Send every batch and wait until all are delivered; raise the first failure.
+
+        Returns, per topic-partition written, the offset after its last record.
+        """
+        futures = []
+        sent: list[tuple[tuple[str, int], int]] = []  # (topic-partition, records) a batch
+        batches = self.batches.batches
+        for (topic, partition), builders in batches.items():
+            for builder in builders:
+                sent.append(((topic, partition), builder.record_count()))
+                futures.append(await self._producer.send_batch(builder, topic, partition=partition))
+        batches.clear()
+        ends: dict[tuple[str, int], int] = {}
+        if futures:
+            # Every delivery is awaited, so that no failure is left unretrieved.
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+            for item in outcomes:
+                if isinstance(item, BaseException):
+                    raise item
+            delivered = cast(list[Any], outcomes)  # RecordMetadata, none failed
+            for (where, count), metadata in zip(sent, delivered, strict=True):
+                # A delivered batch's metadata carries the offset of its first record.
+                ends[where] = max(ends.get(where, 0), int(metadata.offset) + count)
+        return ends
 
 
 def _offsets(number: int, next_offsets: dict[str, int]) -> dict[TopicPartition, int]:
@@ -149,7 +170,7 @@ class ExactlyOnce:
         await producer.begin_transaction()
         try:
             out = Outbox(producer)
-            write_outcome(out, self._settings.topics, number, outcome)
+            write_outcome(out.batches, self._settings.topics, number, outcome)
             if outcome.next_offsets:
                 ends = await compat.send_with_offsets(
                     producer,
@@ -218,7 +239,7 @@ class AtLeastOnce:
         """Publish, wait for every acknowledgement, then commit the offsets."""
         assert self._producer is not None
         out = Outbox(self._producer)
-        write_outcome(out, self._settings.topics, number, outcome)
+        write_outcome(out.batches, self._settings.topics, number, outcome)
         ends = await out.flush()
         if outcome.next_offsets:
             # A failed commit (the partition moved on) fails the batch: SQLite must not

@@ -46,11 +46,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from worker import compat
-from worker.engine.collector import FencedError, write_outcome
+from worker.engine.collector import FencedError, Outbox
 from worker.engine.hooks import Hooks
 from worker.engine.observe import Metrics
+from worker.engine.records import write_outcome
 from worker.engine.task import BatchOutcome
-from worker.kafkaio import Outbox, connection
+from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -258,7 +259,7 @@ class SharedExactlyOnce:
             out = Outbox(producer)
             offsets: dict[TopicPartition, int] = {}
             for item in handed:
-                write_outcome(out, self._settings.topics, item.number, item.outcome)
+                write_outcome(out.batches, self._settings.topics, item.number, item.outcome)
                 offsets.update(item.offsets)
             ends = await compat.send_with_offsets(
                 producer, out.flush(), offsets, self._settings.group_id

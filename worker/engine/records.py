@@ -1,0 +1,113 @@
+"""A batch's outcome as Kafka records, appended straight into aiokafka's record batches.
+
+`write_outcome` turns an outcome into records (status events with their headers, changelog
+rows, dead letters, re-routed inputs) and `RecordBatches` appends each one to a record
+batch of its topic-partition. `AIOKafkaProducer.send` would cost a coroutine, a partitioner
+call and a future per record; a transition writes four. `collector.Outbox` sends the
+batches in the open transaction (or not) and waits for their delivery.
+
+A hot module (`worker.compiled`): every record of every transition passes through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from schemas import StatusEvent, view_row
+from worker.engine import changelog, rulebook
+from worker.engine.codec import REROUTED_FROM
+from worker.engine.envelope import source_of, status_headers
+from worker.engine.task import BatchOutcome
+from worker.settings import Topics
+
+# The event's serializer itself: `model_dump_json` adds a wrapper per call and a str.
+_EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
+_NO_HEADERS: list[tuple[str, bytes | None]] = []  # aiokafka takes a list; it only reads it
+
+
+def append_record(
+    builder: Any, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes | None]]
+) -> bool:
+    """Append a record to `builder` (a producer's `create_batch()`, of a producer without
+    serializers), stamped now, as its `append` does; False when the batch is full, which
+    closes it. The record goes to the batch's compiled encoder directly (0.22 µs a record
+    against `BatchBuilder.append`'s 0.56), and the count the producer reads
+    (`record_count`) moves with it. aiokafka's internals, as in `worker.compat`, and tested
+    against the installed aiokafka likewise (`tests/test_compat.py`)."""
+    if (
+        builder._builder.append(
+            builder._relative_offset, None, key=key, value=value, headers=headers
+        )
+        is None
+    ):
+        builder.close()
+        return False
+    builder._relative_offset += 1
+    return True
+
+
+class RecordBatches:
+    """Records for one producer: one list of record batches per topic-partition (a full
+    batch is set aside and a new one opened, so order within a partition is kept)."""
+
+    def __init__(self, create_batch: Callable[[], Any]) -> None:
+        self._create_batch = create_batch
+        self.batches: dict[tuple[str, int], list[Any]] = {}
+        self.records = 0
+
+    def add(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> None:
+        """Append one record for `topic`/`partition`."""
+        self.records += 1
+        extra = list(headers) if headers else _NO_HEADERS
+        builders = self.batches.get((topic, partition))
+        if builders is None:
+            builders = self.batches[(topic, partition)] = []
+        elif append_record(builders[-1], key, value, extra):
+            return
+        builder = self._create_batch()
+        # An empty batch takes any one record; its size is checked by the broker.
+        append_record(builder, key, value, extra)
+        builders.append(builder)
+
+
+def write_outcome(out: RecordBatches, topics: Topics, number: int, outcome: BatchOutcome) -> None:
+    """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
+    source = source_of(topics.status.removesuffix(".status"))
+    settings = (rulebook.HEADER, outcome.settings.encode()) if outcome.settings else None
+    status, state = topics.status, topics.state
+    for event in outcome.events:
+        value = _EVENT_JSON(event)
+        headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
+        if settings is not None:
+            headers.append(settings)
+        out.add(status, number, event.job_type.encode(), value, headers)
+    for key, letter in outcome.dead_letters:
+        out.add(topics.dlq, number, key, letter.model_dump_json().encode())
+    for record, reroute in outcome.reroutes:
+        origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
+        rerouted = [*record.headers, (REROUTED_FROM, origin)]
+        out.add(record.topic, reroute.partition, reroute.key, record.value, rerouted)
+    if outcome.settings_row is not None:
+        settings_key, settings_value = outcome.settings_row
+        out.add(state, number, settings_key, settings_value)
+    for row_key, row_value in outcome.state_rows:
+        out.add(state, number, row_key, row_value)
+    for row in outcome.runs.values():
+        run_key, run_value = changelog.run_row(row)
+        out.add(state, number, run_key, run_value)
+    for run_id in outcome.tombstones:
+        out.add(state, number, run_id.encode(), None)
+    for row in outcome.view_rows:
+        run_key, run_value = changelog.run_row(row)
+        out.add(state, number, run_key, run_value)
+    if outcome.view_mark is not None:  # after the rows it vouches for
+        mark_key, mark_value = view_row(outcome.view_mark)
+        out.add(state, number, mark_key, mark_value)
