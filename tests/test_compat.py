@@ -20,7 +20,7 @@ from aiokafka.record.memory_records import MemoryRecords
 from tests.hostile import _RawName
 from worker import compat
 from worker.compat import TolerantMemoryRecords
-from worker.engine.records import append_record
+from worker.engine.records import _NO_HEADERS, RecordBatches, append_record
 from worker.settings import Settings
 
 
@@ -411,3 +411,29 @@ async def test_the_cause_of_a_failed_connection_is_kept() -> None:
     assert "JOBS_BOOTSTRAP_SERVERS" in said
     again = compat.connect_failure(caught.value)  # consumed: a stale cause is not reused
     assert "Connect call failed" not in again
+
+
+async def test_record_batches_keep_each_partitions_order_across_full_batches() -> None:
+    """`RecordBatches.add` opens a new record batch when one is full, per topic-partition,
+    so every record is kept once and in order; records without headers share one empty list,
+    which aiokafka's encoder only reads."""
+    producer = AIOKafkaProducer(bootstrap_servers="localhost:9", max_batch_size=600)
+    try:
+        out = RecordBatches(producer.create_batch)
+        for i in range(30):
+            headers = [("n", b"%d" % i)] if i % 2 else ()
+            out.add("jobs.state", i % 2, b"k%d" % i, b"v" * 100, headers)
+        assert out.records == 30
+        assert sorted(out.batches) == [("jobs.state", 0), ("jobs.state", 1)]
+        for (_, partition), builders in out.batches.items():
+            assert len(builders) > 1
+            read = [
+                (r.key, list(r.headers))
+                for builder in builders
+                for r in MemoryRecords(bytes(builder._build())).next_batch()
+            ]
+            expected = range(partition, 30, 2)
+            assert read == [(b"k%d" % i, [("n", b"%d" % i)] if i % 2 else []) for i in expected]
+        assert _NO_HEADERS == []
+    finally:
+        await producer.stop()
