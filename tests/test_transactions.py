@@ -165,15 +165,17 @@ async def test_outbox_keeps_order_across_full_batches_and_commits_atomically(
     try:
         await producer.begin_transaction()
         aborted = Outbox(producer)
-        aborted.add(out_topic, 0, b"k", b"aborted")
+        aborted.batches.add(out_topic, 0, b"k", b"aborted")
         await aborted.flush()
         await producer.abort_transaction()
 
         await producer.begin_transaction()
         out = Outbox(producer)
         for i in range(300):
-            out.add(out_topic, 0, b"k", f"record-{i:03d}-".encode() * 4, [("n", str(i).encode())])
-        assert out.records == 300
+            out.batches.add(
+                out_topic, 0, b"k", f"record-{i:03d}-".encode() * 4, [("n", str(i).encode())]
+            )
+        assert out.batches.records == 300
         await out.flush()
         await producer.commit_transaction()
     finally:

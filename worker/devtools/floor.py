@@ -223,7 +223,7 @@ class PassThrough:
             out = Outbox(producer)
             for r in records:
                 if work is None:
-                    out.add(self.topics.status, n, r.key, r.value)
+                    out.batches.add(self.topics.status, n, r.key, r.value)
                 elif (row := work.add(out.batches, n, r)) is not None:
                     rows.append(row)
             offsets: dict[TopicPartition, int] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -70,7 +70,7 @@ class RecordCollector(Protocol):
 
 class Outbox:
     """Records for one producer, appended straight into aiokafka record batches
-    (`records.RecordBatches`), and sent by `flush`.
+    (`batches`, a `records.RecordBatches`), and sent by `flush`.
 
     `AIOKafkaProducer.send` costs a coroutine, a partitioner call and a future per record;
     a batch of several hundred decisions spent more time there than deciding. `flush` hands
@@ -81,22 +81,6 @@ class Outbox:
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
         self.batches = RecordBatches(producer.create_batch)
-
-    @property
-    def records(self) -> int:
-        """Records added."""
-        return self.batches.records
-
-    def add(
-        self,
-        topic: str,
-        partition: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Sequence[tuple[str, bytes | None]] = (),
-    ) -> None:
-        """Append one record for `topic`/`partition` (sent by `flush`)."""
-        self.batches.add(topic, partition, key, value, headers)
 
     async def flush(self) -> dict[tuple[str, int], int]:
         """Send every batch and wait until all are delivered; raise the first failure.
