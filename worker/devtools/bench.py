@@ -27,8 +27,8 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    partition batch with its offsets (`compat.send_with_offsets`), partitions processed
    concurrently and paused while their transaction is in flight; and with the worker's
    client settings (fetch wait, linger, batch size) and produce path
-   (`worker.kafkaio.Outbox`), so that it is the fastest pass-through this client gives, not
-   a strawman. Timed the same way, first to last output record seen. The ratio worker ÷
+   (`worker.engine.collector.Outbox`), so that it is the fastest pass-through this client
+   gives, not a strawman. Timed the same way, first to last output record seen. The ratio worker ÷
    baseline says what the orchestrator's own work costs on top of the Kafka transactions it
    cannot avoid (one input record yields one transition).
    The contract floor (`worker.devtools.floor`) is the same loop doing the least the
