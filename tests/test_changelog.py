@@ -25,7 +25,7 @@ from worker.core.lifecycle import (
     run_size,
 )
 from worker.core.runs import RunRow, new_row
-from worker.engine import changelog, stored
+from worker.engine import changelog, staterows, stored
 
 AT = datetime(2026, 11, 29, 3, 0, tzinfo=UTC)
 STATE = JobState("report", active=(Run("r1", "report", None, "req-1", RunStatus.RUNNING, AT),))
@@ -113,7 +113,7 @@ def _lifecycles(count: int, limits: Limits) -> list[tuple[JobState, JobState]]:
     return steps
 
 
-def _restored(rows: list[changelog.Row]) -> changelog.PartitionSnapshot:
+def _restored(rows: list[staterows.Row]) -> changelog.PartitionSnapshot:
     snapshot = changelog.PartitionSnapshot()
     for key, value in rows:
         changelog.apply_row(snapshot, key, value)
@@ -132,9 +132,9 @@ def test_window_entries_are_rows_of_their_own_and_a_restore_puts_them_back() -> 
     """Each decision writes a job row of constant size, a row per window entry taken and a
     tombstone per entry that left; the rows, read in order, give back the state whole."""
     limits = Limits(ended_window=3, idempotency_window=4)
-    rows: list[changelog.Row] = []
+    rows: list[staterows.Row] = []
     for before, after in _lifecycles(12, limits):
-        written = changelog.job_rows("report", before, after)
+        written = staterows.job_rows("report", before, after)
         head = written[0][1] or b""
         assert len(head) < 400  # no window inside, however many entries the windows hold
         assert len(written) <= 3  # the job row, one entry, at most one tombstone
@@ -158,16 +158,16 @@ def test_a_state_an_earlier_version_wrote_gets_its_entries_written_once() -> Non
     limits = Limits(ended_window=3, idempotency_window=4)
     steps = _lifecycles(6, limits)
     old = replace(steps[-1][1], decided_next=0, ended_next=0)  # as version 1 wrote it
-    rows: list[changelog.Row] = [changelog.job_row("report", dump_state(old))]
+    rows: list[staterows.Row] = [changelog.job_row("report", dump_state(old))]
     assert list(_states(_restored(rows))) == [("report", dump_state(old))]
-    numbered = changelog.numbered(old)
+    numbered = staterows.numbered(old)
     assert numbered is not None
     assert (numbered.decided_next, numbered.ended_next) == (4, 3)
-    assert changelog.numbered(numbered) is None
+    assert staterows.numbered(numbered) is None
     at = AT + timedelta(minutes=5)
     begin = Start("req-new", "report", None, {}, at, Source(topic="t", partition=0, offset=99))
     after = decide(numbered, begin, JobConfig(), limits).state
-    rows.extend(changelog.job_rows("report", None, after))
+    rows.extend(staterows.job_rows("report", None, after))
     assert len(rows) == 1 + 1 + 4 + 3  # the old row, the new job row, every entry
     assert list(_states(_restored(rows))) == [("report", dump_state(after))]
 
@@ -177,7 +177,7 @@ def test_a_missing_window_entry_fails_the_restore_naming_the_job_type() -> None:
     rows = [
         row
         for before, after in _lifecycles(3, Limits())
-        for row in changelog.job_rows("report", before, after)
+        for row in staterows.job_rows("report", before, after)
     ]
     entry = next(key for key, value in rows if key.startswith(b"\x00wd\x001\x00"))
     snapshot = _restored([(k, v) for k, v in rows if k != entry])
@@ -202,7 +202,7 @@ def test_hostile_rows_under_window_keys_are_skipped(key: bytes, value: bytes) ->
     rows = [
         row
         for before, after in _lifecycles(2, Limits())
-        for row in changelog.job_rows("report", before, after)
+        for row in staterows.job_rows("report", before, after)
     ]
     snapshot = _restored([*rows, (key, value)])
     assert snapshot.foreign == 1
@@ -220,12 +220,12 @@ def test_payloads_stay_in_the_run_rows_and_a_restore_puts_them_back() -> None:
         state, events = decide(state, begin, config, limits)
         rows[events[0].run_id or ""] = new_row(events[0], 0)
     assert [len(state.active), len(state.queue)] == [1, 2]
-    written = changelog.job_rows("report", None, state, rows.__contains__)
+    written = staterows.job_rows("report", None, state, rows.__contains__)
     assert len(written[0][1] or b"") < 2_000
     snapshot = _restored([*written, *(changelog.run_row(r) for r in rows.values() if r)])
     assert list(_states(snapshot)) == [("report", dump_state(state))]
     # A run without a row (queued by an earlier version) keeps its payload in the job row.
-    inline = changelog.job_rows("report", None, state)
+    inline = staterows.job_rows("report", None, state)
     assert len(inline[0][1] or b"") > 150_000
     assert list(_states(_restored(inline))) == [("report", dump_state(state))]
 
@@ -243,7 +243,7 @@ def test_a_queue_of_small_requests_keeps_its_payloads_in_the_job_row_up_to_a_bud
         state, events = decide(state, begin, config, limits)
         rows[events[0].run_id or ""] = new_row(events[0], 0)
     assert [len(state.active), len(state.queue)] == [1, 11]
-    written = changelog.job_rows("report", None, state, rows.__contains__)
+    written = staterows.job_rows("report", None, state, rows.__contains__)
     job_row = written[0][1] or b""
     assert job_row.count(b"y" * 900) == 1  # the active run's: 1,472 of the 2,048 bytes
     assert len(job_row) < 6_000
@@ -275,7 +275,7 @@ def test_sqlite_takes_the_job_rows_state_when_it_left_out_no_payload(
     begin = Start("req-0", "report", None, payload, AT, source, size)
     after, events = decide(state, begin, config, limits)
     rows[events[0].run_id or ""] = new_row(events[0], 0)
-    written, _, head = changelog.StateRows(rows).of("report", state, after)
+    written, _, head = staterows.StateRows(rows).of("report", state, after)
     if in_job_row:
         assert head == stored.head(after)
         assert (written[0][1] or b"").endswith(b'"state":' + head + b"}")

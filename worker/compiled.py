@@ -34,8 +34,8 @@ from types import ModuleType
 # write-behind queue (`engine/writer.py`, asynchronous, its work SQLite's); what
 # pydantic validates or serializes by its annotations (mypyc erases those it does not
 # need): the job state (`core/jobstate.py`), run rows (`core/runs.py`) and the changelog's
-# rows (`engine/changelog.py`); and what mypyc does not compile (classes derived from a
-# builtin exception or from pydantic, async generators).
+# rows as read and restored (`engine/changelog.py`); and what mypyc does not compile
+# (classes derived from a builtin exception or from pydantic, async generators).
 MODULES = (
     "worker.core.lifecycle",
     "worker.core.runid",
@@ -45,6 +45,7 @@ MODULES = (
     "worker.engine.hold",
     "worker.engine.envelope",
     "worker.engine.records",
+    "worker.engine.staterows",
 )
 GROUP = "worker_native"  # mypyc's shared library of the group: `worker_native__mypyc`
 BUILD = Path(__file__).resolve().parent / "_compiled"

@@ -40,7 +40,7 @@ from worker.core.lifecycle import (
 )
 from worker.core.limits import InputLimits
 from worker.core.runs import RunRow, changed, new_row, run_change
-from worker.engine import changelog, rulebook
+from worker.engine import rulebook
 from worker.engine.codec import (
     Bad,
     InputRecord,
@@ -51,6 +51,7 @@ from worker.engine.codec import (
 )
 from worker.engine.envelope import trace_of
 from worker.engine.hold import InputHold
+from worker.engine.staterows import Row, StateRows
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -105,7 +106,7 @@ class BatchOutcome:
     dead_letters: list[tuple[bytes | None, DeadLetter]] = field(default_factory=list)
     changed: dict[str, JobState] = field(default_factory=dict)
     before: dict[str, JobState] = field(default_factory=dict)  # of `changed`, as they were
-    state_rows: list[changelog.Row] = field(default_factory=list)  # `changed`, changelog
+    state_rows: list[Row] = field(default_factory=list)  # `changed`, changelog
     # SQLite's head rows (`stored.head`) of `changed`, where the changelog's are the same
     heads: dict[str, bytes | None] = field(default_factory=dict)
     # The window changes of `changed`, by job type (the changelog's entries, for SQLite)
@@ -289,7 +290,7 @@ class PartitionTask:
         # Job types with an active or queued run, plus idle ones a batch has loaded
         # (serialized in `dump_state`'s shape, or as queued for SQLite) until `evict_idle`.
         self.runs = {r.run_id: r for r in runs}  # running and queued runs, by run ID
-        self.rows = changelog.StateRows(self.runs)
+        self.rows = StateRows(self.runs)
         self.jobs: dict[str, JobState | bytes] = {
             job_type: self.rows.loaded(job_type, state) for job_type, state in (jobs or {}).items()
         }
