@@ -1,7 +1,9 @@
-"""The worker's tick hook collects the young generations every tick, every one once a minute."""
+"""The worker collects the young generations every second, every one once a minute, on a
+timer of its own; automatic collections are its backstop."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
 from typing import Any
@@ -39,3 +41,41 @@ def test_a_full_collection_at_first_then_young_ones_until_a_minute_has_passed(
     collections = [g for g in generations if g in (1, 2)]
     assert collections[:3] == [2, 1, 1]
     assert collections[-1] == 2
+
+
+async def test_the_worker_collects_on_a_timer_of_its_own(generations: list[int]) -> None:
+    """`jobctl run`'s task collects the young generations every `every_s`, whatever the
+    poll loop is doing (here the test only awaits, as a loop held by a restore would)."""
+    collected = asyncio.Event()
+
+    def note(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop" and sum(1 for g in generations if g >= 1) >= 3:
+            collected.set()
+
+    gc.callbacks.append(note)
+    task = asyncio.create_task(gctuning.collecting(every_s=0.01))
+    try:
+        await asyncio.wait_for(collected.wait(), timeout=30)
+    finally:
+        task.cancel()
+        gc.callbacks.remove(note)
+    # The first is a full collection, then young ones (a full one again after a minute).
+    assert [g for g in generations if g >= 1][:3] == [2, 1, 1]
+
+
+def test_the_worker_leaves_automatic_collections_as_a_backstop(
+    generations: list[int],
+) -> None:
+    """With the worker's thresholds, a batch's worth of live objects (a backlog's second
+    leaves a few hundred thousand) sets off no collection; replay's thresholds collect."""
+    previous = gc.get_threshold()
+    try:
+        gc.set_threshold(*gctuning.WORKER_THRESHOLDS)
+        kept = [[i] for i in range(300_000)]
+        assert generations == []
+        with gctuning.tuned():
+            more = [[i] for i in range(300_000)]
+        assert generations != []
+        assert len(kept) == len(more)
+    finally:
+        gc.set_threshold(*previous)

@@ -316,7 +316,7 @@ def run(
     configure_logs(s.log_level, s.log_format)
     gctuning.tune()
 
-    hooks = Hooks(on_tick=gctuning.Collector(), on_stop=StopWatchdog().arm)
+    hooks = Hooks(on_stop=StopWatchdog().arm)
     if (faults := from_environment()) is not None:  # the crash tests
         hooks = faults.hooks(hooks)
 
@@ -325,6 +325,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        collecting = asyncio.create_task(gctuning.collecting())
         try:
             await Worker(s, hooks).run(stop)
         except StopTimedOut as exc:
@@ -333,6 +334,8 @@ def run(
             _fail(str(exc))
             sys.stderr.flush()
             os._exit(1)
+        finally:
+            collecting.cancel()
 
     try:
         _run(main())

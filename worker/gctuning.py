@@ -1,4 +1,4 @@
-"""Garbage-collector thresholds for the worker's long batch loops.
+"""Garbage-collector settings for the worker's long batch loops.
 
 Deciding, replaying and restoring allocate a few dozen short-lived objects per record while
 a large state stays alive. At CPython's default first threshold (700 allocations) young
@@ -7,10 +7,20 @@ the time (`jobctl bench`). Almost all of that garbage is freed by reference coun
 so a young collection finds about the same few live objects (a batch's) whatever the
 threshold, and a higher one only makes them rarer: 50,000 instead of 10,000 took 1.5-2.5 µs
 (4%) off a transition in the in-process harness, 100,000 another 1.
+
+The worker (`tune`, `collecting`) collects the young generations on a timer of its own,
+every half second, and leaves the automatic collections as a backstop (`WORKER_THRESHOLDS`).
+In a backlog each batch leaves objects alive past a young collection (the busy job types'
+states, outcomes waiting for their commit), about 20 a transition. An automatic young
+collection every 50,000 of them walked each once and moved it on, and the next middle or
+timed collection walked it again: 258-387 ms of the worker's 3.4-4.2 s of CPU in a backlog
+round, against 200-225 ms with the timed collections alone (`gc.callbacks`, three rounds
+each; docs/performance.md, "Collections on a timer").
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import time
@@ -20,17 +30,23 @@ import structlog
 
 log = structlog.get_logger("worker")
 
-THRESHOLDS = (50_000, 10, 10)
+THRESHOLDS = (50_000, 10, 10)  # a loop that collects nothing itself (`tuned`: a replay)
+# The worker's: `collecting` does the work; an automatic collection comes only when more
+# new objects stay alive between two of its collections than a backlog leaves in a second
+# (about 260,000 in `jobctl bench`'s rounds).
+WORKER_THRESHOLDS = (1_000_000, 10, 10)
 
 
 def tune() -> None:
-    """For the rest of the process (the worker's `jobctl run`): `THRESHOLDS`, and what is
-    alive after start-up (modules, classes) frozen out of every later collection."""
-    gc.set_threshold(*THRESHOLDS)
+    """For the rest of the process (the worker's `jobctl run`, which runs `collecting`):
+    `WORKER_THRESHOLDS`, and what is alive after start-up (modules, classes) frozen out of
+    every later collection."""
+    gc.set_threshold(*WORKER_THRESHOLDS)
     gc.freeze()
 
 
-FULL_EVERY_S = 60.0  # a full collection at most this often; a young one every tick
+FULL_EVERY_S = 60.0  # a full collection at most this often; a young one every `EVERY_S`
+EVERY_S = 0.5
 
 
 def collect(full: bool = True) -> float:
@@ -39,9 +55,10 @@ def collect(full: bool = True) -> float:
     aiokafka's delivered record batches (up to `producer_batch_bytes` each) and fetch
     responses end up in reference cycles, which only a collection frees; with the thresholds
     above those come rarely, and the peak RSS of a 100,000-run bench was 30-40 MB higher
-    without one per tick. They are young when they become garbage, so the young generations
-    free them: a full collection every tick also walked the whole live state, a fifth of the
-    worker's time under load (py-spy), for the same peak RSS.
+    without a young collection every tick of the poll loop (a second). They are young when
+    they become garbage, so the young generations free them: a full collection every tick
+    also walked the whole live state, a fifth of the worker's time under load (py-spy), for
+    the same peak RSS.
     """
     started = time.perf_counter()
     gc.collect(2 if full else 1)
@@ -49,8 +66,8 @@ def collect(full: bool = True) -> float:
 
 
 class Collector:
-    """The worker's tick hook: a young collection every tick, a full one every
-    `FULL_EVERY_S`; each pause logged at debug level."""
+    """A young collection each call, a full one every `FULL_EVERY_S`; each pause logged at
+    debug level."""
 
     def __init__(self) -> None:
         self._next_full = 0.0
@@ -61,6 +78,17 @@ class Collector:
             self._next_full = time.monotonic() + FULL_EVERY_S
         pause = collect(full)
         log.debug("garbage collected", ms=round(pause * 1000, 1), full=full)
+
+
+async def collecting(every_s: float = EVERY_S) -> None:
+    """Call a `Collector` every `every_s` until cancelled: `jobctl run`'s task. A timer of its
+    own, not the poll loop's tick, so that it goes on while the loop waits (aiokafka holds
+    `getmany` while a partition is restored in the rebalance, which reads the changelog
+    with a consumer of its own)."""
+    collector = Collector()
+    while True:
+        await asyncio.sleep(every_s)
+        collector()
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """What an embedder passes into the engine instead of the engine deciding it.
 
-`jobctl run` passes a garbage collection per tick (`worker.gctuning.Collector`) and a watchdog
-for a stop that never ends (`worker.watchdog`); tests pass fault points
-(`worker.devtools.faults`). A worker built with the default `Hooks()` does neither.
+`jobctl run` passes a watchdog for a stop that never ends (`worker.watchdog`), and collects
+garbage on a timer of its own beside the worker (`worker.gctuning.collecting`); tests pass
+fault points (`worker.devtools.faults`). A worker built with the default `Hooks()` does
+none of these.
 """
 
 from __future__ import annotations
