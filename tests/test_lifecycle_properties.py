@@ -127,6 +127,7 @@ def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -
             event_ids.add(event.event_id)
             # every reader takes what the core decides, as it was decided
             assert read_status_event(event.model_dump_json()) == event
+            _as_validated(event)
             run_id = event.run_id
             if event.type is EventType.STARTED:
                 assert run_id not in started, "a run started twice"
@@ -151,6 +152,21 @@ def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -
             assert all(r.deadline is None or r.deadline > command.now for r in after.active)
         if isinstance(command, Progress) and command.metrics is None:
             assert all(e.type is EventType.REJECTED for e in events), "a heartbeat spoke"
+
+
+def _as_validated(event: StatusEvent) -> None:
+    """`event` (made without validation: `lifecycle.built`) is what validating its fields
+    makes: equal, with values of the same types, the same JSON and repr, its source too."""
+    validated = StatusEvent.model_validate(vars(event))
+    assert validated == event
+    assert validated.model_fields_set == event.model_fields_set
+    assert validated.model_dump_json() == event.model_dump_json()
+    assert repr(validated) == repr(event)
+    for name, value in vars(event).items():
+        assert type(value) is type(getattr(validated, name)), name
+    if event.source is not None:
+        assert type(event.source) is Source
+        assert event.source == Source.model_validate(vars(event.source))
 
 
 def _adoptable(state: JobState) -> JobState:

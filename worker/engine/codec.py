@@ -27,7 +27,16 @@ from pydantic_core import to_json
 
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
 from schemas.messages import RequestId, RunIdText
-from worker.core.lifecycle import Cancel, Command, Finish, Progress, Reject, Start, run_size
+from worker.core.lifecycle import (
+    Cancel,
+    Command,
+    Finish,
+    Progress,
+    Reject,
+    Start,
+    built,
+    run_size,
+)
 from worker.core.limits import InputLimits
 from worker.core.values import immutable
 
@@ -37,8 +46,7 @@ if TYPE_CHECKING:
 TopicRole = Literal["requests", "results"]
 
 
-# By field name only: `Source(...)` also tries each field's camelCase alias (0.8 µs, 0.55).
-_NEW_SOURCE = Source.__pydantic_validator__.validate_python
+_SOURCE_FIELDS: dict[str, Any] = dict.fromkeys(Source.model_fields)
 
 
 @immutable
@@ -72,10 +80,9 @@ class InputRecord:
 
     @property
     def source(self) -> Source:
-        """The record's coordinates."""
+        """The record's coordinates (Kafka's, not validated again: `built`)."""
         coordinates = {"topic": self.topic, "partition": self.partition, "offset": self.offset}
-        source: Source = _NEW_SOURCE(coordinates, by_alias=False, by_name=True)
-        return source
+        return built(Source, _SOURCE_FIELDS, coordinates)
 
     @property
     def at(self) -> datetime:
