@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -1311,6 +1312,27 @@ def test_overdue_runs_time_out_in_deadline_order() -> None:
     ]
     assert len({e.event_id for e in decision.events}) == 2
     assert decision.state.active == ()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    topic=st.text(st.characters(exclude_categories=("Cs",)), max_size=60),
+    partition=st.integers(0, 10_000),
+    offset=st.integers(0, 2**63 - 1),
+    index=st.integers(0, 50),
+)
+def test_event_ids_are_uuid5_of_their_cause(
+    topic: str, partition: int, offset: int, index: int
+) -> None:
+    """An event's ID is the name-based UUID (version 5) of "<topic>/<partition>/<offset>/
+    <index>" in the orchestrator's namespace, as anyone can compute it again."""
+    source = Source(topic=topic or "t", partition=partition, offset=offset)
+    expected = uuid.uuid5(
+        uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11"),
+        f"{source.topic}/{partition}/{offset}/{index}",
+    )
+    assert event_id(source, index) == str(expected)
+    assert uuid.UUID(event_id(source, index)).version == 5
 
 
 def test_advance_event_ids_depend_on_the_time_and_job_type() -> None:

@@ -64,7 +64,9 @@ from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
 from worker.core.values import immutable
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
-_NAMESPACE_BYTES = _EVENT_NAMESPACE.bytes
+_NAMESPACE_SHA1 = hashlib.sha1(_EVENT_NAMESPACE.bytes)
+# An RFC 4122 variant's first hex digit (binary 10xx) for each first digit of a hash.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class Action(StrEnum):
@@ -283,12 +285,13 @@ def event_id(source: Source, index: int) -> str:
 
 
 def _event_id(cause: str, index: int) -> str:
-    """`str(uuid.uuid5(_EVENT_NAMESPACE, f"{cause}/{index}"))`, in a third of the time."""
-    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{cause}/{index}".encode()).digest())
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest[:16].hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """`str(uuid.uuid5(_EVENT_NAMESPACE, f"{cause}/{index}"))`, in a fifth of the time: the
+    namespace's hash state copied rather than OpenSSL's SHA-1 looked up again, and the
+    version and variant digits set in the hex text."""
+    sha1 = _NAMESPACE_SHA1.copy()
+    sha1.update(f"{cause}/{index}".encode())
+    h = sha1.hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def scope_key(config: JobConfig, client_id: str | None) -> str:
