@@ -41,6 +41,7 @@ from worker.core.lifecycle import (
     event_id,
     load_state,
     merge_inputs,
+    next_deadline,
     overdue,
     scope_key,
     stream_time,
@@ -1291,7 +1292,7 @@ def test_run_without_a_timeout_never_times_out() -> None:
     """A run of a job type without a timeout has no deadline and survives any AdvanceTime."""
     state, run = running_state()
     assert run.deadline is None
-    assert state.next_deadline() is None
+    assert next_deadline(state) is None
     decision = decide(state, advance(T0 + timedelta(days=3650)))
     assert decision.events == ()
     assert decision.state is state
@@ -1304,7 +1305,7 @@ def test_overdue_runs_time_out_in_deadline_order() -> None:
     state, _ = play(
         JobState(JOB), start(1, client_id="b", at=later), start(2, client_id="a"), config=config
     )
-    assert state.next_deadline() == T0 + TIMEOUT
+    assert next_deadline(state) == T0 + TIMEOUT
     decision = decide(state, advance(T0 + timedelta(hours=1)), config)
     assert [(e.type, e.client_id) for e in decision.events] == [
         (EventType.TIMED_OUT, "a"),

@@ -7,14 +7,21 @@ import io
 import json
 import logging
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import structlog
 from aiokafka import AIOKafkaProducer
 
-from schemas import DeadLetter
+from schemas import DeadLetter, EventType
 from tests.chaos import WorkerProcess
 from worker.client.watch import StatusTail
+from worker.core.config import JobsConfig
+from worker.core.lifecycle import Limits
+from worker.core.limits import InputLimits
+from worker.devtools.bench import start_body
+from worker.engine.codec import InputRecord
+from worker.engine.task import PartitionTask, Rules
 from worker.logs import LibraryNoise, configure
 from worker.settings import Settings
 
@@ -104,3 +111,35 @@ def test_a_library_exception_in_json_logs_carries_its_traceback() -> None:
         assert line["exception"].startswith("Traceback (most recent call last)"), line
         assert "in connect" in line["exception"]
         assert line["exception"].rstrip().endswith("ConnectionError: broker went away")
+
+
+def _decide_one_start(level: str) -> list[dict[str, object]]:
+    out = io.StringIO()
+    configure(level, "json", stream=out)
+    try:
+        rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
+        task = PartitionTask(0, rules)
+        body = start_body("daily", "r1")
+        record = InputRecord("requests", "jobs.requests", 0, 7, 1_700_000_000_000, b"daily", body)
+        outcome = task.apply([record])
+        assert [e.type for e in outcome.events] == [EventType.STARTED]
+    finally:
+        configure("info", "json", stream=io.StringIO())
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_each_decision_is_a_debug_line_at_debug_level_only() -> None:
+    """At debug level a partition's task logs each event it decides (type, job type, run,
+    offset); at info level it logs none."""
+    lines = [line for line in _decide_one_start("debug") if line["event"] == "decided"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line["type"], line["job_type"], line["offset"], line["partition"]) == (
+        "started",
+        "daily",
+        7,
+        0,
+    )
+    assert isinstance(line["run_id"], str)
+    assert line["run_id"]
+    assert [line for line in _decide_one_start("info") if line["event"] == "decided"] == []

@@ -92,11 +92,6 @@ class JobState:
         field(default=None, init=False, compare=False, repr=False)
     )
 
-    def next_deadline(self) -> datetime | None:
-        """The earliest deadline of an active run, if any."""
-        deadlines = [r.deadline for r in self.active if r.deadline is not None]
-        return min(deadlines) if deadlines else None
-
 
 _STATE_ADAPTER: TypeAdapter[JobState] = TypeAdapter(JobState)
 

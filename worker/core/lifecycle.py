@@ -242,12 +242,22 @@ def merge_inputs(records: Iterable[A]) -> list[A]:
     )
 
 
+def next_deadline(state: JobState) -> datetime | None:
+    """The earliest deadline of an active run of `state`, if any."""
+    earliest: datetime | None = None
+    for run in state.active:
+        deadline = run.deadline
+        if deadline is not None and (earliest is None or deadline < earliest):
+            earliest = deadline
+    return earliest
+
+
 def overdue(state: JobState | None, now: datetime) -> bool:
     """Rule 7: whether a run of `state` is past its deadline at `now`, so it times out
     before anything else is decided at `now`."""
     if state is None:
         return False
-    deadline = state.next_deadline()
+    deadline = next_deadline(state)
     return deadline is not None and deadline <= now
 
 

@@ -16,6 +16,7 @@ job type that lookup.
 from __future__ import annotations
 
 import heapq
+import logging
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from worker.core.lifecycle import (
     decide,
     decision_clock,
     load_state,
+    next_deadline,
     overdue,
     stream_time,
 )
@@ -310,9 +312,10 @@ class PartitionTask:
         self.deadlines: list[tuple[datetime, str]] = []
         self._in_heap: dict[str, datetime] = {}
         for job_type, state in self.jobs.items():
-            if isinstance(state, JobState) and (deadline := state.next_deadline()) is not None:
+            if isinstance(state, JobState) and (deadline := next_deadline(state)) is not None:
                 self._push(job_type, deadline)
         self._log = log.bind(partition=number)
+        self._debug = bool(self._log.is_enabled_for(logging.DEBUG))
         self.settings_logged = False  # set once a batch with the settings row is committed
         self.view = ViewMarks()  # off until the engine sets its period (`verify` never)
 
@@ -491,7 +494,7 @@ class PartitionTask:
             del self._in_heap[job_type]
             self.advance(job_type, now, outcome)
             held = self.jobs.get(job_type)
-            if isinstance(held, JobState) and (deadline := held.next_deadline()) is not None:
+            if isinstance(held, JobState) and (deadline := next_deadline(held)) is not None:
                 self._push(job_type, deadline)
 
     def _push(self, job_type: str, deadline: datetime) -> None:
@@ -538,18 +541,19 @@ class PartitionTask:
             self.jobs[job_type] = new_state
             outcome.changed[job_type] = new_state
             outcome.before.setdefault(job_type, state)
-            deadline = new_state.next_deadline()
+            deadline = next_deadline(new_state)
             if deadline is not None:
                 self._push(job_type, deadline)
         for event in events:
             self._track_run(outcome, event)
-            self._log.debug(
-                "decided",
-                type=event.type,
-                job_type=job_type,
-                run_id=event.run_id,
-                offset=event.source.offset if event.source else None,
-            )
+            if self._debug:  # its arguments cost more than the line not logged
+                self._log.debug(
+                    "decided",
+                    type=event.type,
+                    job_type=job_type,
+                    run_id=event.run_id,
+                    offset=event.source.offset if event.source else None,
+                )
         outcome.events.extend(events)
 
     def _track_run(self, outcome: BatchOutcome, event: StatusEvent) -> None:
