@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from pydantic import ValidationError
 
 from schemas import ENDED_STATUSES, EventType, RunStatus, Source, StatusEvent
 from worker.core.lifecycle import (
@@ -2212,3 +2213,18 @@ def test_seed_style_id_with_client_suffix_resolves_under_the_default_scope() -> 
     other = only(decide(state, finish("250102-030405-bob", 1)))
     assert other.type is EventType.REJECTED
     assert "no run" in (other.reason or "")
+
+
+def test_events_share_one_fields_set_that_nothing_changes() -> None:
+    """Built events share their `model_fields_set` (`lifecycle.built`): a frozen event
+    refuses a change before touching it, and a copy with changes gets a set of its own."""
+    names = set(StatusEvent.model_fields)
+    state, started = decide(JobState(JOB), start(1), REJECT)
+    (event,) = started
+    with pytest.raises(ValidationError):
+        event.reason = "changed"  # type: ignore[misc]
+    copy = event.model_copy(update={"reason": "changed"})
+    assert copy.reason == "changed"
+    assert copy.model_fields_set is not event.model_fields_set
+    assert event.model_fields_set == names
+    assert only(decide(state, finish(event.run_id or "", 2))).model_fields_set == names

@@ -159,7 +159,7 @@ def _as_validated(event: StatusEvent) -> None:
     makes: equal, with values of the same types, the same JSON and repr, its source too."""
     validated = StatusEvent.model_validate(vars(event))
     assert validated == event
-    assert validated.model_fields_set == event.model_fields_set
+    assert validated.model_fields_set == event.model_fields_set == set(StatusEvent.model_fields)
     assert validated.model_dump_json() == event.model_dump_json()
     assert repr(validated) == repr(event)
     for name, value in vars(event).items():

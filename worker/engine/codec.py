@@ -31,6 +31,7 @@ from worker.core.lifecycle import (
     Cancel,
     Command,
     Finish,
+    ModelFields,
     Progress,
     Reject,
     Start,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 TopicRole = Literal["requests", "results"]
 
 
-_SOURCE_FIELDS: dict[str, Any] = dict.fromkeys(Source.model_fields)
+_SOURCE_FIELDS = ModelFields(Source)
 
 
 @immutable
