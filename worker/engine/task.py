@@ -547,13 +547,7 @@ class PartitionTask:
         for event in events:
             self._track_run(outcome, event)
             if self._debug:  # its arguments cost more than the line not logged
-                self._log.debug(
-                    "decided",
-                    type=event.type,
-                    job_type=job_type,
-                    run_id=event.run_id,
-                    offset=event.source.offset if event.source else None,
-                )
+                _log_decided(self._log, event)
         outcome.events.extend(events)
 
     def _track_run(self, outcome: BatchOutcome, event: StatusEvent) -> None:
@@ -575,3 +569,13 @@ class PartitionTask:
         else:
             del self.runs[run_id]
             self.retained.add(event.occurred_at, run_id)
+
+
+def _log_decided(logger: structlog.typing.FilteringBoundLogger, event: StatusEvent) -> None:
+    logger.debug(
+        "decided",
+        type=event.type,
+        job_type=event.job_type,
+        run_id=event.run_id,
+        offset=event.source.offset if event.source else None,
+    )
