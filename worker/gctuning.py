@@ -11,7 +11,7 @@ threshold, and a higher one only makes them rarer: 50,000 instead of 10,000 took
 The worker (`tune`, `collecting`) collects the young generations on a timer of its own,
 every half second, and leaves the automatic collections as a backstop (`WORKER_THRESHOLDS`).
 In a backlog each batch leaves objects alive past a young collection (the busy job types'
-states, outcomes waiting for their commit), about 20 a transition. An automatic young
+states, outcomes waiting for their commit), 16 a transition in one round. An automatic young
 collection every 50,000 of them walked each once and moved it on, and the next middle or
 timed collection walked it again: 258-387 ms of the worker's 3.4-4.2 s of CPU in a backlog
 round, against 200-225 ms with the timed collections alone (`gc.callbacks`, three rounds
