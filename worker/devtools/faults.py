@@ -81,7 +81,6 @@ class Faults:
         """`base` with these faults added."""
         base = base or Hooks()
         return Hooks(
-            on_tick=base.on_tick,
             at_point=self.at_point if self.point else None,
             before_record=self.before_record if self.record else None,
             on_stop=base.on_stop,

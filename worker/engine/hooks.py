@@ -23,7 +23,6 @@ POINTS = ("batch", "in_transaction", "stop_in_transaction", "after_commit", "sto
 class Hooks:
     """Callbacks the engine makes; each may be None."""
 
-    on_tick: Callable[[], None] | None = None  # once per tick of the poll loop
     at_point: Callable[[str], None] | None = None  # at each of `POINTS`
     before_record: Callable[[InputRecord], None] | None = None  # raise to fail the record
     # Once, when the worker begins to stop, with the seconds its stop may take

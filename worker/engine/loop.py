@@ -259,8 +259,6 @@ class Worker:
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + s.tick_s
                     intake.tick(datetime.now(UTC))
-                    if self.hooks.on_tick is not None:
-                        self.hooks.on_tick()
                 if s.log_summary_s and time.monotonic() >= next_summary:
                     next_summary = time.monotonic() + s.log_summary_s
                     self._log_summary()
