@@ -230,6 +230,29 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
         await store.close()
 
 
+async def test_a_job_type_that_moved_partition_is_read_from_its_new_one(
+    tmp_path: Path,
+) -> None:
+    """A state rewritten in place keeps its partition; one that a later batch writes from
+    another partition (its topic gained partitions) moves there, in the same write as the
+    states that stay, and its old partition no longer finds it."""
+    store = await Store.open(tmp_path / "jobs.db")
+    try:
+        busy = JobState("stays", queue=(Queued("r-q", "req-q", None, "", AT),))
+        store.writes.record_batch(0, [], [("stays", JobState("stays")), state("moves")], {})
+        await store.flush()
+        store.writes.record_batch(0, [], [("stays", busy)], {})
+        store.writes.record_batch(1, [], [("moves", replace(busy, job_type="moves"))], {})
+        await store.flush()
+
+        names = {p: [n for c in [c async for c in store.job_types(p)] for n in c] for p in (0, 1)}
+        assert names == {0: ["stays"], 1: ["moves"]}
+        assert await store.busy_states(0) == {"stays": busy}
+        assert await store.busy_states(1) == {"moves": replace(busy, job_type="moves")}
+    finally:
+        await store.close()
+
+
 async def test_states_are_readable_while_queued_and_after_they_are_written(
     tmp_path: Path,
 ) -> None:

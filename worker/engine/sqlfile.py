@@ -107,6 +107,16 @@ PUT_STATE = (
     "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
     "ON CONFLICT (job_type) DO UPDATE SET partition = excluded.partition, state = excluded.state"
 )
+# `PUT_STATE` for a job type that stays on its partition: setting `partition` at all, even
+# to the value it has, rewrites the row's entry in `job_states_by_partition` (SQLite updates
+# every index on a column that is set). A row on another partition is left as it is and
+# not counted in the statement's `rowcount`: the caller then writes the rows with
+# `PUT_STATE` (a job type moves only when its topic gains partitions).
+PUT_STATE_IN_PLACE = (
+    "INSERT INTO job_states (job_type, partition, state) VALUES (?, ?, ?) "
+    "ON CONFLICT (job_type) DO UPDATE SET state = excluded.state "
+    "WHERE partition = excluded.partition"
+)
 PUT_ENTRY = (
     "INSERT OR REPLACE INTO window_entries (job_type, kind, number, entry) VALUES (?, ?, ?, ?)"
 )

@@ -40,6 +40,7 @@ from worker.engine.sqlfile import (
     PUT_ENTRY,
     PUT_OFFSET,
     PUT_STATE,
+    PUT_STATE_IN_PLACE,
     dumps,
     status_text,
     upsert_runs_now,
@@ -75,13 +76,12 @@ class _Pending:
             )
         heads = self.heads
         # Blobs as bytearrays, which sqlite3 binds without looking for an adapter (`NULL`).
-        db.executemany(
-            PUT_STATE,
-            [
-                (j, p, bytearray(heads.get(j) or stored.head(state)))
-                for j, (p, state) in self.states.items()
-            ],
-        )
+        states = [
+            (j, p, bytearray(heads.get(j) or stored.head(state)))
+            for j, (p, state) in self.states.items()
+        ]
+        if db.executemany(PUT_STATE_IN_PLACE, states).rowcount < len(states):
+            db.executemany(PUT_STATE, states)  # some job type moved to another partition
         if gone := [key for key, entry in self.entries.items() if entry is None]:
             db.executemany(DROP_ENTRY, gone)
         db.executemany(
