@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import uuid
 from collections import Counter
@@ -2121,6 +2122,30 @@ def test_inputs_merge_by_broker_time_and_each_keeps_its_offset_order() -> None:
         _Arrival(3_000, "requests", 2),
         _Arrival(2_000, "requests", 3),  # after offset 2, whatever its time
     ]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from(["requests", "results", "elsewhere"])),
+        max_size=40,
+    )
+)
+def test_inputs_merge_as_a_heap_merge_of_each_inputs_offset_order(
+    arrivals: list[tuple[int, str]],
+) -> None:
+    """Rule 9 for any broker times (stepping back, equal) and any mix of inputs: the order
+    is that of merging each input's records in offset order by (time, requests first)."""
+    records = [_Arrival(ms, role, offset) for offset, (ms, role) in enumerate(arrivals)]
+    by_role: dict[str, list[_Arrival]] = {}
+    for record in records:
+        by_role.setdefault(record.role, []).append(record)
+    expected = list(
+        heapq.merge(
+            *(by_role.get(role, []) for role in ("requests", "results", "elsewhere")),
+            key=lambda r: (r.timestamp_ms, r.role != "requests"),
+        )
+    )
+    assert merge_inputs(reversed(records)) == expected
 
 
 def test_a_run_is_overdue_from_its_deadline_on() -> None:

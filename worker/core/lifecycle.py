@@ -235,11 +235,37 @@ def merge_inputs(records: Iterable[A]) -> list[A]:
     by_role: dict[str, list[A]] = {"requests": [], "results": []}
     for record in records:
         by_role.setdefault(record.role, []).append(record)
-    for inputs in by_role.values():
+    present = [inputs for inputs in by_role.values() if inputs]
+    for inputs in present:
         inputs.sort(key=lambda r: r.offset)
-    return list(
-        heapq.merge(*by_role.values(), key=lambda r: (r.timestamp_ms, r.role != "requests"))
-    )
+    if len(present) == 1:
+        return present[0]
+    if len(present) == 2:
+        return _merged(present[0], present[1])
+    return list(heapq.merge(*present, key=_arrival))
+
+
+def _arrival(record: Arrival) -> tuple[int, bool]:
+    """Where a record stands in the decision order: by broker time, a request before a
+    result of the same millisecond."""
+    return record.timestamp_ms, record.role != "requests"
+
+
+def _merged(first: list[A], second: list[A]) -> list[A]:
+    """`heapq.merge(first, second, key=_arrival)` without its generator and heap: the
+    smaller head goes next, `first`'s on a tie."""
+    merged: list[A] = []
+    i = j = 0
+    while i < len(first) and j < len(second):
+        if _arrival(first[i]) <= _arrival(second[j]):
+            merged.append(first[i])
+            i += 1
+        else:
+            merged.append(second[j])
+            j += 1
+    merged.extend(first[i:])
+    merged.extend(second[j:])
+    return merged
 
 
 def next_deadline(state: JobState) -> datetime | None:
