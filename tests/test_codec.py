@@ -6,11 +6,13 @@ import base64
 import json
 import random
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2 as aiokafka_murmur2
+from hypothesis import given, strategies as st
 
 from schemas import DeadLetter, RunStatus, Source
 from tests.hostile import hostile_records
@@ -904,3 +906,47 @@ def test_the_one_pass_decode_agrees_with_the_checks_that_explain() -> None:
     assert sum(taken) >= 150
     assert all(v for v, t in zip(valid, taken, strict=True) if t)
     assert sum(isinstance(o, Bad) for o in fast) >= 150
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@given(st.integers(-(2**33) * 1000, 2**33 * 1000))  # the years 1697 to 2242
+def test_a_broker_time_is_the_stamps_utc_time(timestamp_ms: int) -> None:
+    """`broker_time` is `datetime.fromtimestamp` of the stamp in seconds, wherever a float
+    of seconds still holds every millisecond (2**33 seconds either side of 1970), and the
+    record's `at`."""
+    at = codec.broker_time(timestamp_ms)
+    assert at == datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+    assert at.tzinfo is UTC
+    assert replace(record(b"{}"), timestamp_ms=timestamp_ms).at == at
+
+
+@given(
+    st.integers(2**33 * 1000, 253_402_300_799_999)
+    | st.integers(-62_135_596_800_000, -(2**33) * 1000)
+)
+def test_a_broker_time_past_those_years_keeps_its_milliseconds(timestamp_ms: int) -> None:
+    """Further from 1970 a float of seconds no longer holds every millisecond: the time is
+    still exactly the stamp's, to the millisecond, from year 1 to 9999."""
+    assert codec.broker_time(timestamp_ms) == _EPOCH + timedelta(milliseconds=timestamp_ms)
+
+
+@pytest.mark.parametrize(
+    "timestamp_ms", [-62_135_596_800_001, 253_402_300_800_000, 2**63 - 1, -(2**63)]
+)
+def test_a_stamp_outside_the_years_a_time_can_hold_raises_as_fromtimestamp_does(
+    timestamp_ms: int,
+) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+    with pytest.raises(ValueError, match="out of range"):
+        codec.broker_time(timestamp_ms)
+
+
+def test_broker_times_keep_a_bounded_number_of_whole_seconds() -> None:
+    for second in range(3 * codec._SECONDS_KEPT):
+        assert codec.broker_time(second * 1000 + 7) == _EPOCH + timedelta(
+            seconds=second, milliseconds=7
+        )
+        assert len(codec._SECONDS) <= codec._SECONDS_KEPT

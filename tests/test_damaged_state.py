@@ -37,8 +37,8 @@ from tests.chaos import WorkerProcess, oracle, read_topic
 from tests.conftest import RunningWorker
 from worker.client.watch import StatusTail
 from worker.engine.codec import partition_for
-from worker.engine.sqlfile import PAGE_SIZE
 from worker.engine.loop import Worker
+from worker.engine.sqlfile import PAGE_SIZE
 from worker.engine.store import SCHEMA_VERSION, Store, StoreError
 from worker.settings import Settings
 
