@@ -92,7 +92,8 @@ CHUNK = 5_000  # rows a time when a partition's history is read or restored
 # The page size of a new file. Each write-behind commit appends every page it changed to
 # the WAL, and a checkpoint copies them to the file: with 16 KiB pages a backlog's commits
 # append a quarter of the frames they did with SQLite's 4 KiB (5,700 writes instead of
-# 21,000 for 40,000 transitions) and the thread's CPU a transition fell by 6-15%.
+# 21,000 for 40,000 transitions), and the store thread's CPU a transition fell by about 7%
+# (docs/performance.md, "Five small levers").
 PAGE_SIZE = 16_384
 
 
