@@ -38,7 +38,6 @@ from tests.conftest import RunningWorker
 from worker.client.watch import StatusTail
 from worker.engine.codec import partition_for
 from worker.engine.loop import Worker
-from worker.engine.sqlfile import PAGE_SIZE
 from worker.engine.store import SCHEMA_VERSION, Store, StoreError
 from worker.settings import Settings
 
@@ -463,7 +462,7 @@ async def test_a_failing_sqlite_write_stops_the_worker_and_a_restart_converges(
     process = SmallDiskWorker(topics, "worker", tmp_path)
     held, done = job_types("small")
     try:
-        process.start_small(pages=32_768 // PAGE_SIZE)  # 32 KiB more of file
+        process.start_small(pages=4)
         first = await tail.wait_event(START_S, request_id=await start(producer, topics, held))
         await poll(lambda: first.run_id in stored_run_ids(db), 30, "the first run written")
         blob = {"blob": "x" * 40_000}  # needs more pages than the file may have

@@ -389,35 +389,6 @@ async def test_window_entries_are_rows_and_the_file_reads_back_every_state(
         await store.close()
 
 
-def _page_size(path: Path) -> int:
-    db = sqlite3.connect(path)
-    try:
-        return int(db.execute("PRAGMA page_size").fetchone()[0])
-    finally:
-        db.close()
-
-
-async def test_a_new_file_has_large_pages_and_keeps_them_when_opened_again(
-    tmp_path: Path,
-) -> None:
-    """A new file is made with `PAGE_SIZE` pages, in WAL mode, and reads back what was
-    written when a worker opens it again."""
-    path = tmp_path / "jobs.db"
-    store = await Store.open(path)
-    try:
-        store.writes.record_batch(0, [run("r1")], [state("report")], {"jobs.requests": 2})
-        await store.flush()
-    finally:
-        await store.close()
-    assert _page_size(path) == sqlfile.PAGE_SIZE == 16_384
-    store = await Store.open(path)
-    try:
-        assert [r.run_id for r in await store.active_runs(0)] == ["r1"]
-        assert _page_size(path) == sqlfile.PAGE_SIZE
-    finally:
-        await store.close()
-
-
 async def test_a_version_1_file_is_converted_and_reads_the_same(tmp_path: Path) -> None:
     """A file whose states carry their windows inline (schema version 1) opens as version 2:
     numbered windows become rows, a state not numbered yet stays whole, and every state
@@ -446,7 +417,6 @@ async def test_a_version_1_file_is_converted_and_reads_the_same(tmp_path: Path) 
     db.close()
     store = await Store.open(path)
     try:
-        assert _page_size(path) == 4_096  # the file keeps its pages; only new files differ
         read = await store.load_states(["numbered", "unnumbered"])
         assert {k: load_state(v) for k, v in read.items() if isinstance(v, bytes)} == {
             "numbered": numbered,

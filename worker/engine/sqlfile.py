@@ -89,12 +89,6 @@ BUSY = (
     "OR json_array_length(CAST(state AS TEXT), '$.queue') > 0"
 )
 CHUNK = 5_000  # rows a time when a partition's history is read or restored
-# The page size of a new file. Each write-behind commit appends every page it changed to
-# the WAL, and a checkpoint copies them to the file: with 16 KiB pages a backlog's commits
-# append a quarter of the frames they did with SQLite's 4 KiB (5,700 writes instead of
-# 21,000 for 40,000 transitions), and the store thread's CPU a transition fell by about 7%
-# (docs/performance.md, "Five small levers").
-PAGE_SIZE = 16_384
 
 
 T = TypeVar("T")
@@ -293,9 +287,6 @@ async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None
                 raise _Damaged("; ".join(found[:3]))
         if version == 0:
             await _refuse_foreign(db, path)
-            # Taken by a file with nothing in it yet (a file made by another build keeps its
-            # own): see `PAGE_SIZE`.
-            await db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.executescript(SCHEMA)
