@@ -252,17 +252,24 @@ def _arrival(record: Arrival) -> tuple[int, bool]:
 
 
 def _merged(first: list[A], second: list[A]) -> list[A]:
-    """`heapq.merge(first, second, key=_arrival)` without its generator and heap: the
-    smaller head goes next, `first`'s on a tie."""
+    """`heapq.merge(first, second, key=_arrival)` of two non-empty lists, without its
+    generator and heap: the smaller head goes next, `first`'s on a tie."""
     merged: list[A] = []
     i = j = 0
-    while i < len(first) and j < len(second):
-        if _arrival(first[i]) <= _arrival(second[j]):
+    a, b = _arrival(first[0]), _arrival(second[0])  # each head's key, made once
+    while True:
+        if a <= b:
             merged.append(first[i])
             i += 1
+            if i == len(first):
+                break
+            a = _arrival(first[i])
         else:
             merged.append(second[j])
             j += 1
+            if j == len(second):
+                break
+            b = _arrival(second[j])
     merged.extend(first[i:])
     merged.extend(second[j:])
     return merged
