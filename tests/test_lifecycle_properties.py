@@ -239,6 +239,43 @@ def test_the_window_index_is_never_read_or_written() -> None:
     assert _in_window(read, "r39") == window[39]
 
 
+def test_each_change_of_a_state_hands_its_window_index_on() -> None:
+    """A start, a heartbeat that renews a deadline, a queued start and an end that promotes
+    the queued run each pass the idempotency window's index on to the state they make, so
+    the next request of a busy job type is looked up in it, not found by scanning its
+    window again."""
+    window = tuple(Decided(f"r{n}", EventType.STARTED, f"run-{n}") for n in range(40))
+    state = JobState(JOB, decided=window, decided_next=40)
+    config = JobConfig(policy=Policy.QUEUE, timeout=timedelta(seconds=30))
+    asked = Source(topic="jobs.requests", partition=0, offset=0)
+    answered = Source(topic="jobs.results", partition=0, offset=0)
+    state, events = decide(state, Start("a", JOB, None, {}, T0, asked), config)
+    run_id = events[0].run_id
+    index = state.decided_index
+    assert index is not None
+    assert run_id is not None
+    later = T0 + timedelta(seconds=10)
+    steps: list[tuple[Command, list[EventType]]] = [
+        (Progress(JOB, run_id, None, None, later, answered), []),
+        (
+            Start("b", JOB, None, {}, later, Source(topic="jobs.requests", partition=0, offset=1)),
+            [EventType.QUEUED],
+        ),
+        (
+            Finish(JOB, run_id, RunStatus.COMPLETED, {}, None, later, answered),
+            [EventType.COMPLETED, EventType.STARTED],
+        ),
+    ]
+    for command, expected in steps:
+        before = state
+        state, events = decide(state, command, config)
+        assert [e.type for e in events] == expected
+        assert state is not before
+        assert state.decided_index is index
+    assert state.active[0].deadline == later + timedelta(seconds=30)
+    assert index.keys() == {d.request_id for d in state.decided}
+
+
 @given(items=st.lists(st.integers(), max_size=6), size=st.integers(0, 8))
 def test_a_window_keeps_its_last_entries(items: list[int], size: int) -> None:
     """A window with an entry added holds the last `size` of its entries (none for 0)."""

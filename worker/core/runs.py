@@ -43,18 +43,18 @@ def new_row(event: StatusEvent, partition: int) -> RunRow | None:
 
 def _created(event: StatusEvent, partition: int, status: RunStatus, at: datetime) -> RunRow:
     assert event.run_id is not None
-    return RunRow(
-        run_id=event.run_id,
-        job_type=event.job_type,
-        client_id=event.client_id,
-        request_id=event.request_id,
-        status=status,
-        partition=partition,
-        started_at=at,
-        ended_at=None,
-        initial_data=dict(event.initial_data or {}),
-        metrics=None,
-        reason=None,
+    return RunRow(  # by position: a call by keyword builds a dict of them first
+        event.run_id,
+        event.job_type,
+        event.client_id,
+        event.request_id,
+        status,
+        partition,
+        at,  # started_at
+        None,  # ended_at
+        dict(event.initial_data or {}),
+        None,  # metrics
+        None,  # reason
     )
 
 
@@ -86,16 +86,16 @@ def changed(row: RunRow, change: dict[str, Any]) -> RunRow:
     run's every progress report and end goes through here)."""
     if not _CHANGEABLE.issuperset(change):
         raise TypeError(f"a run row cannot change {sorted(change.keys() - _CHANGEABLE)}")
-    return RunRow(
-        run_id=row.run_id,
-        job_type=row.job_type,
-        client_id=row.client_id,
-        request_id=row.request_id,
-        status=change.get("status", row.status),
-        partition=row.partition,
-        started_at=row.started_at,
-        ended_at=change.get("ended_at", row.ended_at),
-        initial_data=row.initial_data,
-        metrics=change.get("metrics", row.metrics),
-        reason=change.get("reason", row.reason),
+    return RunRow(  # by position, as `_created`
+        row.run_id,
+        row.job_type,
+        row.client_id,
+        row.request_id,
+        change.get("status", row.status),
+        row.partition,
+        row.started_at,
+        change.get("ended_at", row.ended_at),
+        row.initial_data,
+        change.get("metrics", row.metrics),
+        change.get("reason", row.reason),
     )

@@ -622,14 +622,14 @@ def _command(record: InputRecord, message: JobRequest | JobResult) -> Command:
                 at=record.at,
                 source=record.source,
             )
-        return Start(
-            request_id=request_id,
-            job_type=message.job_type,
-            client_id=message.client_id,
-            initial_data=message.initial_data,
-            at=record.at,
-            source=record.source,
-            size=run_size(len(record.value or b""), message.client_id),
+        return Start(  # by position: a call by keyword builds a dict of them first
+            request_id,
+            message.job_type,
+            message.client_id,
+            message.initial_data,
+            record.at,
+            record.source,
+            run_size(len(record.value or b""), message.client_id),
         )
     if message.kind == "progress":
         return Progress(
@@ -641,12 +641,12 @@ def _command(record: InputRecord, message: JobRequest | JobResult) -> Command:
             source=record.source,
         )
     assert message.status is not None  # the model requires it of a result
-    return Finish(
-        job_type=message.job_type,
-        run_id=message.run_id,
-        status=_RESULT_STATUS[message.status],
-        metrics=message.final_metrics,
-        request_id=message.request_id,
-        at=record.at,
-        source=record.source,
+    return Finish(  # by position, as a start
+        message.job_type,
+        message.run_id,
+        _RESULT_STATUS[message.status],
+        message.final_metrics,
+        message.request_id,
+        record.at,
+        record.source,
     )
