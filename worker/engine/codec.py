@@ -68,15 +68,15 @@ class InputRecord:
     @classmethod
     def of(cls, role: TopicRole, record: Any) -> InputRecord:
         """From an aiokafka `ConsumerRecord` of the requests or results topic."""
-        return cls(
-            role=role,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp,
-            key=record.key,
-            value=record.value,
-            headers=tuple(record.headers or ()),
+        return cls(  # by position: a call by keyword builds a dict of them first
+            role,
+            record.topic,
+            record.partition,
+            record.offset,
+            record.timestamp,  # timestamp_ms
+            record.key,
+            record.value,
+            tuple(record.headers or ()),
         )
 
     @property
