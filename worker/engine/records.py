@@ -64,17 +64,33 @@ class RecordBatches:
         value: bytes | None,
         headers: Sequence[tuple[str, bytes | None]] = (),
     ) -> None:
-        """Append one record for `topic`/`partition`."""
-        self.records += 1
-        extra = list(headers) if headers else _NO_HEADERS
+        """Append one record for `topic`/`partition` (its headers copied)."""
+        headers_list = list(headers) if headers else _NO_HEADERS
+        self.append(self.to(topic, partition), key, value, headers_list)
+
+    def to(self, topic: str, partition: int) -> list[Any]:
+        """The record batches of `topic`/`partition`, for `append`: looked up once for the
+        records of an outcome that go there."""
         builders = self.batches.get((topic, partition))
         if builders is None:
             builders = self.batches[(topic, partition)] = []
-        elif append_record(builders[-1], key, value, extra):
+        return builders
+
+    def append(
+        self,
+        builders: list[Any],
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes | None]],
+    ) -> None:
+        """Append one record to a topic-partition's `builders` (`to`); `headers` is taken
+        as it is (aiokafka only reads it)."""
+        self.records += 1
+        if builders and append_record(builders[-1], key, value, headers):
             return
         builder = self._create_batch()
         # An empty batch takes any one record; its size is checked by the broker.
-        append_record(builder, key, value, extra)
+        append_record(builder, key, value, headers)
         builders.append(builder)
 
 
@@ -82,32 +98,34 @@ def write_outcome(out: RecordBatches, topics: Topics, number: int, outcome: Batc
     """Add the records of `outcome` (all to partition `number`, re-routes to theirs)."""
     source = source_of(topics.status.removesuffix(".status"))
     settings = (rulebook.HEADER, outcome.settings.encode()) if outcome.settings else None
-    status, state = topics.status, topics.state
-    for event in outcome.events:
-        value = _EVENT_JSON(event)
-        headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
-        if settings is not None:
-            headers.append(settings)
-        out.add(status, number, event.job_type.encode(), value, headers)
+    if outcome.events:
+        statuses = out.to(topics.status, number)
+        for event in outcome.events:
+            value = _EVENT_JSON(event)
+            headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
+            if settings is not None:
+                headers.append(settings)
+            out.append(statuses, event.job_type.encode(), value, headers)
     for key, letter in outcome.dead_letters:
         out.add(topics.dlq, number, key, letter.model_dump_json().encode())
     for record, reroute in outcome.reroutes:
         origin = f"{record.topic}:{record.partition}:{record.offset}".encode()
         rerouted = [*record.headers, (REROUTED_FROM, origin)]
         out.add(record.topic, reroute.partition, reroute.key, record.value, rerouted)
+    rows = out.to(topics.state, number)  # the changelog's
     if outcome.settings_row is not None:
         settings_key, settings_value = outcome.settings_row
-        out.add(state, number, settings_key, settings_value)
+        out.append(rows, settings_key, settings_value, _NO_HEADERS)
     for row_key, row_value in outcome.state_rows:
-        out.add(state, number, row_key, row_value)
+        out.append(rows, row_key, row_value, _NO_HEADERS)
     for row in outcome.runs.values():
         run_key, run_value = changelog.run_row(row)
-        out.add(state, number, run_key, run_value)
+        out.append(rows, run_key, run_value, _NO_HEADERS)
     for run_id in outcome.tombstones:
-        out.add(state, number, run_id.encode(), None)
+        out.append(rows, run_id.encode(), None, _NO_HEADERS)
     for row in outcome.view_rows:
         run_key, run_value = changelog.run_row(row)
-        out.add(state, number, run_key, run_value)
+        out.append(rows, run_key, run_value, _NO_HEADERS)
     if outcome.view_mark is not None:  # after the rows it vouches for
         mark_key, mark_value = view_row(outcome.view_mark)
-        out.add(state, number, mark_key, mark_value)
+        out.append(rows, mark_key, mark_value, _NO_HEADERS)
