@@ -839,19 +839,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             request_id=cmd.request_id,
             client_id=cmd.client_id,
         )
-    fields: dict[str, Any] = {
-        "run_id": run_id,
-        "request_id": cmd.request_id,
-        "client_id": cmd.client_id,
-        "initial_data": cmd.initial_data,
-        "scope": scope,
-        "config": config,
-        "out": out,
-        "size": cmd.size,
-    }
-    if active is None:
-        return _start_run(state, before=None, action=Action.START, **fields)
-    if config.policy is Policy.QUEUE:
+    if active is not None and config.policy is Policy.QUEUE:
         move = _move(None, Action.ENQUEUE)
         if move is None:
             return _reject(state, out, _illegal(None, Action.ENQUEUE), request_id=cmd.request_id)
@@ -870,7 +858,22 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             run_id, cmd.request_id, cmd.client_id, scope, cmd.at, cmd.size, cmd.initial_data
         )
         return _changed(state, queue=(*state.queue, waiting))
-    if config.policy is Policy.REPLACE:
+    if active is not None and config.policy is not Policy.REPLACE:
+        what = f"job type {cmd.job_type!r}"
+        if scope:
+            what += f" for client {cmd.client_id!r}"
+        out.emit(
+            EventType.REFUSED,
+            state.job_type,
+            status=active.status,
+            request_id=cmd.request_id,
+            client_id=cmd.client_id,
+            run_id=active.run_id,
+            started_at=active.started_at,
+            reason=f"{what} is already running as run {active.run_id}",
+        )
+        return state
+    if active is not None:  # Policy.REPLACE
         state = _end_run(
             state,
             active,
@@ -881,21 +884,21 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             reason=f"replaced by request {cmd.request_id}",
         )
         # A replacing start jumps the queue: it was asked for last, but it is what is wanted.
-        return _start_run(state, before=None, action=Action.START, **fields)
-    what = f"job type {cmd.job_type!r}"
-    if scope:
-        what += f" for client {cmd.client_id!r}"
-    out.emit(
-        EventType.REFUSED,
-        state.job_type,
-        status=active.status,
+    # Every argument named here (not a dict of them passed with `**`): compiled, that is a
+    # direct call, not one through the function's Python wrapper.
+    return _start_run(
+        state,
+        run_id=run_id,
         request_id=cmd.request_id,
         client_id=cmd.client_id,
-        run_id=active.run_id,
-        started_at=active.started_at,
-        reason=f"{what} is already running as run {active.run_id}",
+        initial_data=cmd.initial_data,
+        scope=scope,
+        before=None,
+        action=Action.START,
+        config=config,
+        out=out,
+        size=cmd.size,
     )
-    return state
 
 
 def _cancel(state: JobState, cmd: Cancel, config: JobConfig, limits: Limits, out: _Out) -> JobState:
