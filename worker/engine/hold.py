@@ -74,9 +74,10 @@ class InputHold:
         return pending[:cut]
 
     def _fetched(self, record: InputRecord) -> None:
+        at = record.at  # a property: asked once
         seen = self.fetched.get(record.role)
-        if seen is None or record.at > seen:
-            self.fetched[record.role] = record.at
+        if seen is None or at > seen:
+            self.fetched[record.role] = at
 
     def _waits(
         self, record: InputRecord, lagging: frozenset[str], first: dict[str, datetime]
