@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given, strategies as st
 from pydantic_core import PydanticSerializationError
 
 from schemas import EventType, RunStatus, Source
@@ -554,3 +555,22 @@ def test_the_write_behind_binds_only_types_sqlite3_takes_without_an_adapter_look
     assert db.execute("SELECT kind, number, entry FROM window_entries").fetchall() == [
         ("e", 0, b'{"run_id":"r2"}')
     ]
+
+
+@given(
+    st.datetimes(timezones=st.just(UTC)).map(
+        lambda t: t.replace(microsecond=t.microsecond // 1000 * 1000)
+    )
+)
+def test_a_brokers_time_is_stored_as_isoformat_spells_it(at: datetime) -> None:
+    """SQLite's time columns hold `isoformat`'s text (their order and the `since` filter
+    compare it); `time_text` spells a UTC time to the millisecond from tables."""
+    assert stored.time_text(at) == at.isoformat()
+
+
+_OFFSETS = st.builds(timezone, st.timedeltas(timedelta(hours=-23), timedelta(hours=23)))
+
+
+@given(st.datetimes(timezones=st.none() | st.just(UTC) | _OFFSETS))
+def test_any_other_time_is_stored_as_isoformat_spells_it(at: datetime) -> None:
+    assert stored.time_text(at) == at.isoformat()

@@ -193,8 +193,8 @@ def run_params(r: RunRow, *, retained: bool) -> list[Any]:
         NULL if r.request_id is None else r.request_id,
         status_text(r.status),
         r.partition,
-        r.started_at.isoformat(),
-        NULL if r.ended_at is None else r.ended_at.isoformat(),
+        stored.time_text(r.started_at),
+        NULL if r.ended_at is None else stored.time_text(r.ended_at),
         dumps(r.initial_data),
         NULL if r.metrics is None else dumps(r.metrics),
         NULL if r.reason is None else r.reason,
@@ -206,7 +206,7 @@ def run_params(r: RunRow, *, retained: bool) -> list[Any]:
 # and how it is stored.
 CHANGED: dict[str, tuple[int, int, Callable[[Any], Any]]] = {
     "status": (4, 0, str),
-    "ended_at": (7, 1, datetime.isoformat),
+    "ended_at": (7, 1, stored.time_text),
     "metrics": (9, 2, dumps),
     "reason": (10, 3, str),
 }

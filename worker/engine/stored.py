@@ -11,11 +11,15 @@ An entry is (kind, number, JSON): kind ``d`` (idempotency, `Decided`) or ``e`` (
 not numbered yet (written by a build before the numbers) stays inline until it changes:
 the changelog must then write its every entry, which `StateRows` learns from the state as
 loaded; the same change writes them to SQLite (`inline`).
+
+Also `time_text`: a time as SQLite's run rows hold it (a compiled module: a transition's
+run row writes one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -117,3 +121,23 @@ def split(state_json: bytes) -> tuple[bytes, list[Entry]]:
         return state_json, []
     entries = window_changes(None, state)
     return head(state), [(kind.decode(), n, e) for kind, n, e in entries if e is not None]
+
+
+_TWO_DIGITS = tuple(f"{n:02d}" for n in range(100))
+_FRACTIONS = tuple(f".{n:03d}000" for n in range(1000))  # of whole milliseconds
+
+
+def time_text(at: datetime) -> str:
+    """`at.isoformat()`, the text of SQLite's time columns, spelled from tables for a UTC
+    time to the millisecond (a broker's time) in a third of the time; any other time as
+    `isoformat` spells it."""
+    micro = at.microsecond
+    year = at.year
+    if at.tzinfo is not UTC or micro % 1000 or year < 1000:
+        return at.isoformat()
+    two = _TWO_DIGITS
+    fraction = _FRACTIONS[micro // 1000] if micro else ""
+    return (
+        f"{year}-{two[at.month]}-{two[at.day]}T{two[at.hour]}:{two[at.minute]}:"
+        f"{two[at.second]}{fraction}+00:00"
+    )

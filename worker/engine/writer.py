@@ -104,7 +104,7 @@ class _Pending:
             [
                 (
                     status_text(r.status),
-                    r.ended_at.isoformat() if r.ended_at else None,
+                    stored.time_text(r.ended_at) if r.ended_at else None,
                     NULL if r.metrics is None else dumps(r.metrics),
                     NULL if r.reason is None else r.reason,
                     r.run_id,
