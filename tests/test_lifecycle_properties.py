@@ -155,8 +155,10 @@ def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -
 
 
 def _as_validated(event: StatusEvent) -> None:
-    """`event` (made without validation: `lifecycle.built`) is what validating its fields
-    makes: equal, with values of the same types, the same JSON and repr, its source too."""
+    """`event` (made without validation: `lifecycle._Out.emit`) is what validating its
+    fields makes: every field, in the model's order, equal, with values of the same types,
+    the same JSON and repr, its source too."""
+    assert list(vars(event)) == list(StatusEvent.model_fields)
     validated = StatusEvent.model_validate(vars(event))
     assert validated == event
     assert validated.model_fields_set == event.model_fields_set == set(StatusEvent.model_fields)
