@@ -155,7 +155,7 @@ def test_lifecycle_invariants(config: JobConfig, spec: list[Any], window: int) -
 
 
 def _as_validated(event: StatusEvent) -> None:
-    """`event` (made without validation: `lifecycle._Out.emit`) is what validating its
+    """`event` (made without validation: `lifecycle.built`) is what validating its
     fields makes: every field, in the model's order, equal, with values of the same types,
     the same JSON and repr, its source too."""
     assert list(vars(event)) == list(StatusEvent.model_fields)
@@ -168,6 +168,7 @@ def _as_validated(event: StatusEvent) -> None:
         assert type(value) is type(getattr(validated, name)), name
     if event.source is not None:
         assert type(event.source) is Source
+        assert list(vars(event.source)) == list(Source.model_fields)
         assert event.source == Source.model_validate(vars(event.source))
 
 

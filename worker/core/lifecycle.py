@@ -361,34 +361,26 @@ _SET = object.__setattr__
 
 
 class ModelFields:
-    """A wire model's fields in order, each None, and the set of their names, for `built`."""
+    """The set of a wire model's field names, for `built`."""
 
     def __init__(self, model: type[StatusEvent] | type[Source]) -> None:
-        self.defaults: dict[str, Any] = dict.fromkeys(model.model_fields)
-        self.names: set[str] = set(self.defaults)
+        self.names: set[str] = set(model.model_fields)
 
 
-def built(model: type[W], known: ModelFields, fields: dict[str, Any]) -> W:
-    """A `model` holding `fields` by name, and None for each of its other fields (`known`,
-    the model's): what `model.model_construct(**fields)` makes, in a seventh of its time,
-    save that every field counts as set (`model_fields_set`).
+def built(model: type[W], known: ModelFields, values: dict[str, Any]) -> W:
+    """A `model` holding `values`, which names every field of the model (`known`, the
+    model's), in its order: what `model.model_construct(**values)` makes, in a seventh of
+    its time, save that every field counts as set (`model_fields_set`).
 
     For the sources and status events the worker makes from values it has typed and
     checked already (validating them from their fields took 1.6 µs an event, twice this):
-    no validation, so no copy of a dict given either (`_Out.emit` makes an event's dict
-    whole itself and hands it to `_whole`). `tests/test_lifecycle_properties.py` checks
-    that every event the rules make is the one validation makes of its fields.
-    Every model built shares one set as its `model_fields_set`: these models are frozen,
-    so pydantic never changes it in place (a copy of a model gets a copy), and one set an
-    event fewer is one object fewer for each young garbage collection to walk.
+    no validation, so no copy of the dict either. `tests/test_lifecycle_properties.py`
+    checks that every event the rules make, and its source, is the one validation makes of
+    its fields, with every field in order. Every model built shares one set as its
+    `model_fields_set`: these models are frozen, so pydantic never changes it in place (a
+    copy of a model gets a copy), and one set an event fewer is one object fewer for each
+    young garbage collection to walk.
     """
-    values = known.defaults.copy()
-    values.update(fields)
-    return _whole(model, known, values)
-
-
-def _whole(model: type[W], known: ModelFields, values: dict[str, Any]) -> W:
-    """A `model` holding `values`: every field of `known`, in order, and nothing else."""
     instance = _NEW(model)
     _SET(instance, "__dict__", values)
     _SET(instance, "__pydantic_fields_set__", known.names)
@@ -397,7 +389,7 @@ def _whole(model: type[W], known: ModelFields, values: dict[str, Any]) -> W:
     return instance
 
 
-EVENT_FIELDS = ModelFields(StatusEvent)  # those without a default are always given
+EVENT_FIELDS = ModelFields(StatusEvent)
 
 
 class _Out:
@@ -425,9 +417,8 @@ class _Out:
         started_at: datetime | None = None,
         original_type: EventType | None = None,
     ) -> StatusEvent:
-        """The event of this command's next decision, its fields as `StatusEvent` orders
-        them: made whole here, not gathered from keywords into a dict and laid over the
-        defaults (`built`)."""
+        """The event of this command's next decision, every field of it named here in
+        `StatusEvent`'s order (`built`), not gathered from keywords into a dict first."""
         values: dict[str, Any] = {
             "event_id": _event_id(self.cause, len(self.events)),
             "type": type,
@@ -445,7 +436,7 @@ class _Out:
             "occurred_at": self.at,
             "source": self.source,
         }
-        event = _whole(StatusEvent, EVENT_FIELDS, values)
+        event = built(StatusEvent, EVENT_FIELDS, values)
         self.events.append(event)
         return event
 
