@@ -1,5 +1,6 @@
-"""The worker collects the young generations every second, every one once a minute, on a
-timer of its own; automatic collections are its backstop."""
+"""The worker collects the young generations on a timer of its own (rarely while they free
+nothing, often as soon as one does), every generation once a minute; automatic collections
+are its backstop."""
 
 from __future__ import annotations
 
@@ -43,9 +44,24 @@ def test_a_full_collection_at_first_then_young_ones_until_a_minute_has_passed(
     assert collections[-1] == 2
 
 
+def test_young_collections_come_rarely_while_they_free_nothing_and_often_once_one_does() -> None:
+    """A backlog keeps objects alive that every collection walks, and the worker's work makes
+    no cyclic garbage: after a collection that frees nothing the next waits the quiet
+    period, and one that frees a cycle brings the short one back at once."""
+    collector = gctuning.Collector(every_s=0.5, quiet_every_s=4.0)
+    gc.collect()  # nothing left for the collector's first (full) collection to find
+    assert [collector() for _ in range(3)] == [4.0, 4.0, 4.0]
+    cycle: list[object] = []
+    cycle.append(cycle)
+    del cycle
+    assert collector() == 0.5
+    assert collector() == 4.0
+
+
 async def test_the_worker_collects_on_a_timer_of_its_own(generations: list[int]) -> None:
-    """`jobctl run`'s task collects the young generations every `every_s`, whatever the
-    poll loop is doing (here the test only awaits, as a loop held by a restore would)."""
+    """`jobctl run`'s task collects the young generations every `every_s` or
+    `quiet_every_s`, whatever the poll loop is doing (here the test only awaits, as a loop
+    held by a restore would)."""
     collected = asyncio.Event()
 
     def note(phase: str, info: dict[str, Any]) -> None:
@@ -53,7 +69,7 @@ async def test_the_worker_collects_on_a_timer_of_its_own(generations: list[int])
             collected.set()
 
     gc.callbacks.append(note)
-    task = asyncio.create_task(gctuning.collecting(every_s=0.01))
+    task = asyncio.create_task(gctuning.collecting(every_s=0.01, quiet_every_s=0.02))
     try:
         await asyncio.wait_for(collected.wait(), timeout=30)
     finally:

@@ -8,14 +8,21 @@ so a young collection finds about the same few live objects (a batch's) whatever
 threshold, and a higher one only makes them rarer: 50,000 instead of 10,000 took 1.5-2.5 µs
 (4%) off a transition in the in-process harness, 100,000 another 1.
 
-The worker (`tune`, `collecting`) collects the young generations on a timer of its own,
-every half second, and leaves the automatic collections as a backstop (`WORKER_THRESHOLDS`).
-In a backlog each batch leaves objects alive past a young collection (the busy job types'
-states, outcomes waiting for their commit), 16 a transition in one round. An automatic young
-collection every 50,000 of them walked each once and moved it on, and the next middle or
-timed collection walked it again: 258-387 ms of the worker's 3.4-4.2 s of CPU in a backlog
-round, against 200-225 ms with the timed collections alone (`gc.callbacks`, three rounds
-each; docs/performance.md, "Collections on a timer").
+The worker (`tune`, `collecting`) collects the young generations on a timer of its own and
+leaves the automatic collections as a backstop (`WORKER_THRESHOLDS`). In a backlog each batch
+leaves objects alive past a young collection (the busy job types' states, outcomes waiting
+for their commit), 16 a transition in one round. An automatic young collection every 50,000
+of them walked each once and moved it on, and the next middle or timed collection walked it
+again: 258-387 ms of the worker's 3.4-4.2 s of CPU in a backlog round, against 200-225 ms
+with the timed collections alone (`gc.callbacks`, three rounds each; docs/performance.md,
+"Collections on a timer").
+
+A timed collection walks every object alive that was made since the last one, so it costs
+what a backlog keeps alive, whether or not it finds garbage; and the worker's own work makes
+none (every young collection in backlog rounds and at 1,000 starts/s freed nothing:
+docs/performance.md, "Young collections that free nothing"). So the timer follows what the
+collections find: the next one comes `EVERY_S` after a collection that freed something, and
+`QUIET_EVERY_S` after one that freed nothing.
 """
 
 from __future__ import annotations
@@ -45,50 +52,65 @@ def tune() -> None:
     gc.freeze()
 
 
-FULL_EVERY_S = 60.0  # a full collection at most this often; a young one every `EVERY_S`
-EVERY_S = 0.5
+FULL_EVERY_S = 60.0  # a full collection at most this often
+EVERY_S = 0.5  # after a collection that freed something (and before the first)
+QUIET_EVERY_S = 10.0  # after one that freed nothing
 
 
-def collect(full: bool = True) -> float:
-    """A full collection, or one of the two young generations; returns the seconds it took.
+def collect(full: bool = True) -> tuple[float, int]:
+    """A full collection, or one of the two young generations; returns the seconds it took
+    and how many unreachable objects it found.
 
-    aiokafka's delivered record batches (up to `producer_batch_bytes` each) and fetch
-    responses end up in reference cycles, which only a collection frees; with the thresholds
-    above those come rarely, and the peak RSS of a 100,000-run bench was 30-40 MB higher
-    without a young collection every tick of the poll loop (a second). They are young when
-    they become garbage, so the young generations free them: a full collection every tick
-    also walked the whole live state, a fifth of the worker's time under load (py-spy), for
-    the same peak RSS.
+    Garbage in reference cycles is freed only by a collection, and with the thresholds above
+    those come rarely. When aiokafka's delivered record batches and fetch responses ended up
+    in cycles, the peak RSS of a 100,000-run bench was 30-40 MB higher without a young
+    collection every tick of the poll loop (a second); a full collection every tick also
+    walked the whole live state, a fifth of the worker's time under load (py-spy), for the
+    same peak RSS. Garbage is young when it becomes garbage, so the young generations free
+    it; `Collector` collects them often again as soon as they find any.
     """
     started = time.perf_counter()
-    gc.collect(2 if full else 1)
-    return time.perf_counter() - started
+    found = gc.collect(2 if full else 1)
+    return time.perf_counter() - started, found
 
 
 class Collector:
     """A young collection each call, a full one every `FULL_EVERY_S`; each pause logged at
-    debug level."""
+    debug level. Each call returns the seconds to wait before the next: `every_s` when the
+    collection freed something, `quiet_every_s` when it freed nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, every_s: float = EVERY_S, quiet_every_s: float = QUIET_EVERY_S) -> None:
         self._next_full = 0.0
+        self._every_s = every_s
+        self._quiet_every_s = quiet_every_s
+        self.wait_s = every_s
 
-    def __call__(self) -> None:
+    def __call__(self) -> float:
         full = time.monotonic() >= self._next_full
         if full:
             self._next_full = time.monotonic() + FULL_EVERY_S
-        pause = collect(full)
-        log.debug("garbage collected", ms=round(pause * 1000, 1), full=full)
+        pause, found = collect(full)
+        self.wait_s = self._every_s if found else self._quiet_every_s
+        log.debug(
+            "garbage collected",
+            ms=round(pause * 1000, 1),
+            full=full,
+            found=found,
+            next_s=self.wait_s,
+        )
+        return self.wait_s
 
 
-async def collecting(every_s: float = EVERY_S) -> None:
-    """Call a `Collector` every `every_s` until cancelled: `jobctl run`'s task. A timer of its
-    own, not the poll loop's tick, so that it goes on while the loop waits (aiokafka holds
-    `getmany` while a partition is restored in the rebalance, which reads the changelog
-    with a consumer of its own)."""
-    collector = Collector()
+async def collecting(every_s: float = EVERY_S, quiet_every_s: float = QUIET_EVERY_S) -> None:
+    """Collect with a `Collector` until cancelled, waiting as it says: `jobctl run`'s task. A
+    timer of its own, not the poll loop's tick, so that it goes on while the loop waits
+    (aiokafka holds `getmany` while a partition is restored in the rebalance, which reads
+    the changelog with a consumer of its own)."""
+    collector = Collector(every_s, quiet_every_s)
+    wait_s = every_s
     while True:
-        await asyncio.sleep(every_s)
-        collector()
+        await asyncio.sleep(wait_s)
+        wait_s = collector()
 
 
 @contextlib.contextmanager

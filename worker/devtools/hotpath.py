@@ -13,10 +13,10 @@ steps:
 - SQLite: the batch queued on the store's write-behind and written by its thread
   (`Store.open`, `state.queue_outcome`, `flush`), as the worker's store writes it.
 
-A young collection runs after a batch every `gctuning.EVERY_S`, as `jobctl run`'s timer
-makes one (`gctuning.collecting`), within the CPU time. It prints the process's CPU time in
-those steps per transition (both threads) and the wall time of each step per transition,
-in µs (the input records are made outside the measure).
+A young collection runs after a batch when `gctuning.Collector` says one is due, as `jobctl
+run`'s timer makes them (`gctuning.collecting`), within the CPU time. It prints the
+process's CPU time in those steps per transition (both threads) and the wall time of each
+step per transition, in µs (the input records are made outside the measure).
 Kafka's requests and the consumer are left out (`jobctl bench` measures the whole worker);
 what is left is the work a lever on the worker's own code changes, measured with less noise
 than live rounds, and in one process, so that `py-spy record --native` sees into the
@@ -83,7 +83,7 @@ class _Steps:
         self.seconds = {"cpu": 0.0, "deciding": 0.0, "records": 0.0, "sqlite": 0.0}
         self.transitions = 0
         self.collector = gctuning.Collector()
-        self.next_collection = time.monotonic() + gctuning.EVERY_S
+        self.next_collection = time.monotonic() + self.collector.wait_s
 
     async def batch(self, records: list[InputRecord]) -> BatchOutcome:
         cpu = time.process_time()
@@ -96,8 +96,7 @@ class _Steps:
         await self.store.flush()
         stored = time.perf_counter()
         if time.monotonic() >= self.next_collection:
-            self.next_collection = time.monotonic() + gctuning.EVERY_S
-            self.collector()
+            self.next_collection = time.monotonic() + self.collector()
         self.seconds["cpu"] += time.process_time() - cpu
         self.seconds["deciding"] += decided - began
         self.seconds["records"] += written - decided
