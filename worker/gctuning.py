@@ -38,9 +38,10 @@ import structlog
 log = structlog.get_logger("worker")
 
 THRESHOLDS = (50_000, 10, 10)  # a loop that collects nothing itself (`tuned`: a replay)
-# The worker's: `collecting` does the work; an automatic collection comes only when more
-# new objects stay alive between two of its collections than a backlog leaves in a second
-# (about 260,000 in `jobctl bench`'s rounds).
+# The worker's: `collecting` does the work; an automatic collection comes only when a
+# million more objects have been made than have died since the last collection (a backlog
+# round of `jobctl bench`'s, every start before its result, leaves about 16 a transition
+# alive: 640,000 in a round of 20,000 lifecycles).
 WORKER_THRESHOLDS = (1_000_000, 10, 10)
 
 
