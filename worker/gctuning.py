@@ -108,10 +108,9 @@ async def collecting(every_s: float = EVERY_S, quiet_every_s: float = QUIET_EVER
     (aiokafka holds `getmany` while a partition is restored in the rebalance, which reads
     the changelog with a consumer of its own)."""
     collector = Collector(every_s, quiet_every_s)
-    wait_s = every_s
     while True:
-        await asyncio.sleep(wait_s)
-        wait_s = collector()
+        await asyncio.sleep(collector.wait_s)
+        collector()
 
 
 @contextlib.contextmanager
