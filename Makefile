@@ -69,8 +69,11 @@ typecheck: $(STAMP)
 quix: $(STAMP)
 	$(BIN)/python -c "from worker.devtools.quixref import quix_python; quix_python(print)"
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file to each at a time and a
+# broker of its own to each process; TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
 test: kafka-jars chromium quix compile lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache worker/_compiled

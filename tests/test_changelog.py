@@ -72,7 +72,7 @@ def test_a_snapshot_keeps_the_latest_rows_and_refuses_a_damaged_state() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        (b"x", os.urandom(300)),
+        pytest.param(b"x", os.urandom(300), id="random-bytes"),
         (b"\xff\xfe", b'{"row":"run","v":1,"run":{}}'),
         (b"x", b"[" * 5_000 + b"]" * 5_000),
         (b"x", b'{"row":' + b"[" * 5_000 + b"}"),

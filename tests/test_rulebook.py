@@ -76,7 +76,7 @@ def test_the_settings_row_is_found_and_skipped_by_a_restore() -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        os.urandom(64),
+        pytest.param(os.urandom(64), id="random-bytes"),
         b'{"row":"settings","settings":\xff\xfe}',
         b'{"row":"settings","settings":' + b"[" * 5000 + b"}",
         b'{"row":"settings","settings":{"v":1,"defaults":{"policy":"nope"}}}',
