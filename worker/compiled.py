@@ -41,6 +41,7 @@ MODULES = (
     "worker.core.runid",
     "worker.engine.task",
     "worker.engine.codec",
+    "worker.engine.encoding",
     "worker.engine.stored",
     "worker.engine.hold",
     "worker.engine.envelope",

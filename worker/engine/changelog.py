@@ -42,6 +42,7 @@ from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
 from worker.core.lifecycle import JobState, dump_state, load_state
 from worker.core.runs import RunRow
 from worker.engine import stored
+from worker.engine.encoding import run_json
 from worker.engine.staterows import (
     ENTRY as _ENTRY,
     HEAD as _HEAD,
@@ -51,9 +52,6 @@ from worker.engine.staterows import (
 from worker.kafkaio import read_until
 
 _RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
-# Hot paths call serializers themselves: `TypeAdapter.dump_json` and `model_dump_json` add
-# a Python wrapper per call, about as long as serializing a small row.
-_RUN_JSON = _RUN_ADAPTER.serializer.to_json
 
 
 _JOB = b'{"row":"job","state":'  # version 1: the windows inside the state
@@ -80,7 +78,7 @@ def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
 
 def run_row(row: RunRow) -> tuple[bytes, bytes]:
     """(key, value) of a run's row."""
-    return row.run_id.encode(), _RUN + _RUN_JSON(row) + b"}"
+    return row.run_id.encode(), _RUN + run_json(row) + b"}"
 
 
 def split_row(value: bytes) -> tuple[str, bytes]:

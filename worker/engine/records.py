@@ -14,15 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from schemas import StatusEvent, view_row
+from schemas import view_row
 from worker.engine import changelog, rulebook
 from worker.engine.codec import REROUTED_FROM
+from worker.engine.encoding import event_json
 from worker.engine.envelope import source_of, status_headers
 from worker.engine.task import BatchOutcome
 from worker.settings import Topics
 
-# The event's serializer itself: `model_dump_json` adds a wrapper per call and a str.
-_EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
 _NO_HEADERS: list[tuple[str, bytes | None]] = []  # aiokafka takes a list; it only reads it
 
 
@@ -101,7 +100,7 @@ def write_outcome(out: RecordBatches, topics: Topics, number: int, outcome: Batc
     if outcome.events:
         statuses = out.to(topics.status, number)
         for event in outcome.events:
-            value = _EVENT_JSON(event)
+            value = event_json(event)
             headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
             if settings is not None:
                 headers.append(settings)

@@ -24,11 +24,11 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 import structlog
-from pydantic_core import to_json
 
 from schemas import RunStatus
 from worker.core.runs import RunRow
 from worker.engine import stored
+from worker.engine.encoding import value_json
 
 log = structlog.get_logger("worker")
 
@@ -154,9 +154,9 @@ def status_text(status: RunStatus) -> str:
 
 
 def dumps(value: object) -> str | None:
-    # pydantic-core's encoder: a seventh of the stdlib's time for these small dicts. Keys keep
-    # the order they arrived in, which the live worker, a restore and a replay all preserve.
-    return None if value is None else to_json(value).decode()
+    # msgspec's encoder (`encoding.value_json`). Keys keep the order they arrived in, which
+    # the live worker, a restore and a replay all preserve.
+    return None if value is None else value_json(value).decode()
 
 
 # A run's identity columns never change; updating only the others leaves the by-type index

@@ -15,6 +15,7 @@ from typing import Any
 
 from worker.core.lifecycle import JobState, Queued, Run
 from worker.engine import stored
+from worker.engine.encoding import head_json
 
 Row = tuple[bytes, bytes | None]  # (key, value); no value: a tombstone
 
@@ -60,8 +61,9 @@ def _head(state: JobState, has_row: Callable[[str], bool]) -> tuple[bytes, bool]
                 payloads[i] = _PAYLOAD
         if payloads:
             leave_out[name] = payloads
-    whole = len(leave_out) == 2  # nothing left out but the windows
-    return stored.STATE.serializer.to_json(state, exclude=leave_out), whole
+    if len(leave_out) == 2:  # nothing left out but the windows
+        return head_json(state), True
+    return stored.STATE.serializer.to_json(state, exclude=leave_out), False
 
 
 def job_rows(

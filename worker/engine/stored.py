@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from worker.core.lifecycle import Decided, EndedRun, JobState, load_state
+from worker.engine import encoding
 
 Entry = tuple[str, int, bytes]  # (kind "d" or "e", number, entry JSON)
 
@@ -34,12 +35,11 @@ WINDOWS: tuple[tuple[bytes, TypeAdapter[Any]], ...] = (
     (b"d", TypeAdapter(Decided)),
     (b"e", TypeAdapter(EndedRun)),
 )
-_NO_WINDOWS = {"decided": True, "ended": True}
 
 
 def head(state: JobState) -> bytes:
     """`state`'s JSON without its windows (which keep their numbering fields)."""
-    return STATE.serializer.to_json(state, exclude=_NO_WINDOWS)
+    return encoding.head_json(state)
 
 
 def whole(head_json: bytes, entries: Sequence[tuple[str, bytes]]) -> bytes:
@@ -69,19 +69,19 @@ def window_changes(before: JobState | None, after: JobState) -> list[Change]:
     wrote): every entry it holds is taken.
     """
     changes: list[Change] = []
-    (d, decided), (e, ended) = WINDOWS
+    (d, _), (e, _) = WINDOWS
     if before is None:
-        _taken(changes, d, decided, after.decided, after.decided_next, 0)
-        _taken(changes, e, ended, after.ended, after.ended_next, 0)
+        _taken(changes, d, after.decided, after.decided_next, 0)
+        _taken(changes, e, after.ended, after.ended_next, 0)
         return changes
     # Entries are only added at a window's end and dropped at its start: a window whose end
     # number and length are as they were is unchanged (a decision touches one window).
     if after.decided_next != before.decided_next or len(after.decided) != len(before.decided):
         _gone(changes, d, before.decided, before.decided_next, after.decided, after.decided_next)
-        _taken(changes, d, decided, after.decided, after.decided_next, before.decided_next)
+        _taken(changes, d, after.decided, after.decided_next, before.decided_next)
     if after.ended_next != before.ended_next or len(after.ended) != len(before.ended):
         _gone(changes, e, before.ended, before.ended_next, after.ended, after.ended_next)
-        _taken(changes, e, ended, after.ended, after.ended_next, before.ended_next)
+        _taken(changes, e, after.ended, after.ended_next, before.ended_next)
     return changes
 
 
@@ -101,16 +101,14 @@ def _gone(
 def _taken(
     changes: list[Change],
     kind: bytes,
-    adapter: TypeAdapter[Any],
     entries: tuple[Any, ...],
     end: int,
     old_end: int,
 ) -> None:
     """Each entry numbered from `old_end` (or the window's first), with its JSON."""
     first = end - len(entries)
-    to_json = adapter.serializer.to_json  # the serializer itself: no wrapper per entry
     for number in range(max(first, old_end), end):
-        changes.append((kind, number, to_json(entries[number - first])))
+        changes.append((kind, number, encoding.value_json(entries[number - first])))
 
 
 def split(state_json: bytes) -> tuple[bytes, list[Entry]]:

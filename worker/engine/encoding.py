@@ -1,0 +1,84 @@
+"""The JSON the worker writes of its own values on every transition, written by msgspec.
+
+A status event, a run's row, a job state's head, a window entry and the JSON columns of a
+run's SQLite row are written here in a fraction of what pydantic's serializers take for
+them (docs/performance.md, "Status events and rows written by msgspec"), as the same bytes:
+the same keys in the same order, times as RFC 3339 with `Z` for UTC and microseconds only
+when there are some, strings escaped alike. One spelling differs: a number written with an
+exponent has no plus sign in it (`1e20` where pydantic writes `1e+20`), the same number
+to any JSON reader. Infinity and NaN, which no input carries, are written as `null`.
+`tests/test_encoding.py` checks both serializers against each other over generated values.
+
+Whatever msgspec cannot encode goes to pydantic's serializer, as before. Everything the
+worker reads is still validated by pydantic. A hot module (`worker.compiled`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import msgspec
+from pydantic import TypeAdapter
+
+from schemas import Source, StatusEvent
+from worker.core.jobstate import JobState
+from worker.core.runs import RunRow
+
+# What msgspec raises for a value it cannot write (a type it does not know, an integer
+# past 128 bits, nesting past its depth): pydantic's serializer then writes it.
+_CANNOT = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
+
+
+def _plain(value: Any) -> Any:
+    """An event's source as its fields (a frozen model: its `__dict__`)."""
+    if type(value) is Source:
+        return value.__dict__
+    raise TypeError(f"{type(value).__name__} is not written by msgspec")
+
+
+_ENCODE = msgspec.json.Encoder(enc_hook=_plain).encode
+
+_EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
+_RUN_JSON = TypeAdapter(RunRow).serializer.to_json
+_STATE_JSON = TypeAdapter(JobState).serializer.to_json
+_ANY_JSON = TypeAdapter(Any).serializer.to_json
+# A head is the state without its windows (rows of their own) and without the index of its
+# idempotency window, which is never written (`JobState.decided_index`).
+_NOT_IN_HEAD = frozenset({"decided", "ended", "decided_index"})
+_HEAD_FIELDS = tuple(f.name for f in fields(JobState) if f.name not in _NOT_IN_HEAD)
+_NO_WINDOWS = {"decided": True, "ended": True}
+
+
+def event_json(event: StatusEvent) -> bytes:
+    """A status event's JSON (`StatusEvent` is a frozen model: its `__dict__` is its fields,
+    in their order)."""
+    try:
+        return _ENCODE(event.__dict__)
+    except _CANNOT:
+        return _EVENT_JSON(event)
+
+
+def run_json(row: RunRow) -> bytes:
+    """A run row's JSON, as in its changelog row."""
+    try:
+        return _ENCODE(row)
+    except _CANNOT:
+        return _RUN_JSON(row)
+
+
+def head_json(state: JobState) -> bytes:
+    """A job state's JSON without its windows: its head row (`stored.head`)."""
+    try:
+        return _ENCODE({name: getattr(state, name) for name in _HEAD_FIELDS})
+    except _CANNOT:
+        return _STATE_JSON(state, exclude=_NO_WINDOWS)
+
+
+def value_json(value: Any) -> bytes:
+    """The JSON of a window entry (`Decided`, `EndedRun`), or of a JSON value as read
+    (initial data, metrics)."""
+    try:
+        return _ENCODE(value)
+    except _CANNOT:
+        return _ANY_JSON(value)
