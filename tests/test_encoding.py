@@ -193,3 +193,17 @@ def test_what_msgspec_cannot_write_pydantic_writes() -> None:
 def test_a_value_neither_can_write_fails_as_pydantic_fails() -> None:
     with pytest.raises(ValueError, match="Unable to serialize"):
         encoding.value_json({"x": object()})
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for n in range(depth):
+        value = [value] if n % 2 else {"k": value}
+    return value
+
+
+def test_deep_and_huge_payloads_are_written_as_pydantic_writes_them() -> None:
+    for value in (_nested(200), {"x": "\u00e9\x00\x1f" * 300_000}, {"n": 10**400}):
+        assert encoding.value_json(value) == TypeAdapter(Any).dump_json(value)
+    with pytest.raises(ValueError, match="depth exceeded"):  # past both serializers' depth
+        encoding.value_json(_nested(5_000))
