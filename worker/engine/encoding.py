@@ -25,8 +25,8 @@ from schemas import Source, StatusEvent
 from worker.core.jobstate import JobState
 from worker.core.runs import RunRow
 
-# What msgspec raises for a value it cannot write (a type it does not know, an integer
-# past 128 bits, nesting past its depth): pydantic's serializer then writes it.
+# What msgspec raises for a value it cannot write (a type it does not know, nesting past
+# its depth): pydantic's serializer then writes it, or fails as it always did.
 _CANNOT = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 
 
