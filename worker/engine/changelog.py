@@ -41,7 +41,7 @@ from pydantic import TypeAdapter
 from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
 from worker.core.lifecycle import JobState, dump_state, load_state
 from worker.core.runs import RunRow
-from worker.engine import stored
+from worker.engine import encoding, stored
 from worker.engine.encoding import run_json
 from worker.engine.staterows import (
     ENTRY as _ENTRY,
@@ -51,7 +51,7 @@ from worker.engine.staterows import (
 )
 from worker.kafkaio import read_until
 
-_RUN_ADAPTER: TypeAdapter[RunRow] = TypeAdapter(RunRow)
+_RUN_ADAPTER = encoding.RUN
 
 
 _JOB = b'{"row":"job","state":'  # version 1: the windows inside the state

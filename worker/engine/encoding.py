@@ -39,9 +39,13 @@ def _plain(value: Any) -> Any:
 
 _ENCODE = msgspec.json.Encoder(enc_hook=_plain).encode
 
+# The worker's adapters of a job state and a run row (`stored`, `staterows` and `changelog`
+# use them too: one schema built for each at start-up).
+STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
+RUN: TypeAdapter[RunRow] = TypeAdapter(RunRow)
 _EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
-_RUN_JSON = TypeAdapter(RunRow).serializer.to_json
-_STATE_JSON = TypeAdapter(JobState).serializer.to_json
+_RUN_JSON = RUN.serializer.to_json
+_STATE_JSON = STATE.serializer.to_json
 _ANY_JSON = TypeAdapter(Any).serializer.to_json
 # A head is the state without its windows (rows of their own) and without the index of its
 # idempotency window, which is never written (`JobState.decided_index`).

@@ -15,7 +15,7 @@ from typing import Any
 
 from worker.core.lifecycle import JobState, Queued, Run
 from worker.engine import stored
-from worker.engine.encoding import head_json
+from worker.engine.encoding import STATE, head_json
 
 Row = tuple[bytes, bytes | None]  # (key, value); no value: a tombstone
 
@@ -63,7 +63,7 @@ def _head(state: JobState, has_row: Callable[[str], bool]) -> tuple[bytes, bool]
             leave_out[name] = payloads
     if len(leave_out) == 2:  # nothing left out but the windows
         return head_json(state), True
-    return stored.STATE.serializer.to_json(state, exclude=leave_out), False
+    return STATE.serializer.to_json(state, exclude=leave_out), False
 
 
 def job_rows(

@@ -29,7 +29,6 @@ from worker.engine import encoding
 
 Entry = tuple[str, int, bytes]  # (kind "d" or "e", number, entry JSON)
 
-STATE: TypeAdapter[JobState] = TypeAdapter(JobState)
 # Each window's kind (as in changelog keys) and entry type, in `JobState` order.
 WINDOWS: tuple[tuple[bytes, TypeAdapter[Any]], ...] = (
     (b"d", TypeAdapter(Decided)),
