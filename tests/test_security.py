@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from hypothesis import given, strategies as st
 from pydantic import ValidationError
 
 from worker.acls import PrincipalError, rules
@@ -281,3 +284,117 @@ def test_a_console_traceback_shows_no_local_values() -> None:
     assert SECRET not in shown
     assert shown.count("in connect") == 2, shown  # both tracebacks, down to the frame
     assert shown.count("ConnectionError: authentication failed") == 2, shown
+
+
+@pytest.mark.parametrize(
+    "servers",
+    ["host:notaport", "", " , ,", "host:0", "host:70000", "a b:9092", "host:9092:1", "[::1:9092"],
+)
+def test_bootstrap_servers_that_are_not_addresses_are_one_clear_line(servers: str) -> None:
+    """A server list aiokafka could only die on (a port that is not a number, nothing at
+    all) stops every command at once with a line naming the setting, not a traceback."""
+    done = _run([*JOBCTL, "status"], {"JOBS_BOOTSTRAP_SERVERS": servers, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: bad settings: JOBS_BOOTSTRAP_SERVERS: "), done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Value error" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    "servers", ["kafka:9092", " a:1 , b:65535 ", "kafka", "[::1]:9092", "10.0.0.1:9093,[fe80::1]"]
+)
+def test_bootstrap_servers_as_kafka_takes_them(servers: str) -> None:
+    assert Settings(bootstrap_servers=servers).bootstrap_servers == servers
+
+
+@given(st.text(max_size=60))
+def test_any_bootstrap_text_is_taken_or_refused_with_a_reason(servers: str) -> None:
+    """Hostile text (control characters, surrogates, separators) is refused as a setting."""
+    refused: list[object] = []
+    try:
+        Settings(bootstrap_servers=servers)
+    except ValidationError as exc:
+        refused = [e["loc"] for e in exc.errors()]
+    assert refused in ([], [("bootstrap_servers",)])
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed certificate with its plain key, the same key encrypted, and junk."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key, locked = d / "client.pem", d / "client.key", d / "locked.key"
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+        str(cert), "-days", "2", "-subj", "/CN=client",
+    )  # fmt: skip
+    _openssl(
+        "pkey", "-in", str(key), "-aes256", "-passout", f"pass:{SECRET}", "-out", str(locked)
+    )  # fmt: skip
+    junk = d / "junk.pem"
+    junk.write_bytes(bytes(range(256)) * 4)
+    return {"cert": cert, "key": key, "locked": locked, "junk": junk, "dir": d}
+
+
+def test_tls_files_that_cannot_be_used_are_named(certificates: dict[str, Path]) -> None:
+    """A missing, unreadable or non-certificate CA file, and a certificate whose key is
+    missing or encrypted without its password, are refused as settings naming the file;
+    an encrypted key never prompts on the terminal."""
+    missing = certificates["dir"] / "absent.pem"
+    cases = [
+        ({"ssl_cafile": missing}, "cannot read JOBS_SSL_CAFILE"),
+        ({"ssl_cafile": certificates["dir"]}, "JOBS_SSL_CAFILE"),
+        ({"ssl_cafile": certificates["junk"]}, "no usable PEM certificate"),
+        ({"ssl_certfile": certificates["cert"], "ssl_keyfile": missing}, "is not a file"),
+        (
+            {"ssl_certfile": certificates["cert"], "ssl_keyfile": certificates["locked"]},
+            "JOBS_SSL_KEY_PASSWORD",
+        ),
+        (
+            {
+                "ssl_certfile": certificates["cert"],
+                "ssl_keyfile": certificates["locked"],
+                "ssl_key_password": "wrong",
+            },
+            "JOBS_SSL_KEYFILE",
+        ),
+    ]
+    for files, says in cases:
+        with pytest.raises(ValidationError, match=says) as refused:
+            Settings(security_protocol="SSL", **files)  # type: ignore[arg-type]
+        assert not _shows_the_secret(str(refused.value))
+
+
+def test_an_encrypted_key_with_its_password_connects_both_libraries(
+    certificates: dict[str, Path],
+) -> None:
+    """The key's password goes to aiokafka's TLS context and to librdkafka, and shows
+    nowhere else."""
+    s = Settings(
+        security_protocol="SSL",
+        ssl_certfile=certificates["cert"],
+        ssl_keyfile=certificates["locked"],
+        ssl_key_password=SECRET,
+    )
+    assert connection(s)["ssl_context"].verify_mode == ssl.CERT_REQUIRED
+    assert librdkafka_config(s)["ssl.key.password"] == SECRET
+    assert not _shows_the_secret(repr(s))
+
+
+def test_jobctl_with_a_missing_ca_file_says_which(certificates: dict[str, Path]) -> None:
+    env = {
+        "JOBS_SECURITY_PROTOCOL": "SSL",
+        "JOBS_SSL_CAFILE": str(certificates["dir"] / "absent.pem"),
+        "PATH": "/usr/bin:/bin",
+    }
+    done = _run([*JOBCTL, "status", "--bootstrap", "127.0.0.1:1"], env)
+    assert done.returncode == 1
+    assert "JOBS_SSL_CAFILE" in done.stderr
+    assert "absent.pem" in done.stderr
+    assert "Traceback" not in done.stderr

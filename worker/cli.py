@@ -94,7 +94,8 @@ def _settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'JOBS_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}{e['msg']}"
+            f"{'JOBS_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}"
+            f"{e['msg'].removeprefix('Value error, ')}"
             for e in exc.errors(include_url=False, include_input=False)
         )
         raise _fail(f"bad settings: {problems}") from None

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.helpers import create_ssl_context
 
 from worker import compat
 from worker.settings import Settings
@@ -23,11 +22,7 @@ def connection(settings: Settings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = create_ssl_context(
-            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
-            certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-            keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        )
+        kwargs["ssl_context"] = settings.ssl_context()
     if settings.security_protocol.startswith("SASL_"):
         kwargs["sasl_mechanism"] = settings.sasl_mechanism
         kwargs["sasl_plain_username"] = settings.sasl_username
@@ -73,6 +68,8 @@ def librdkafka_config(settings: Settings) -> dict[str, str | int | float | bool]
     ):
         if path is not None and settings.security_protocol in ("SSL", "SASL_SSL"):
             conf[key] = str(path)
+    if settings.ssl_key_password is not None and settings.security_protocol in ("SSL", "SASL_SSL"):
+        conf["ssl.key.password"] = settings.ssl_key_password.get_secret_value()
     if settings.security_protocol.startswith("SASL_"):
         conf["sasl.mechanisms"] = settings.sasl_mechanism
         conf["sasl.username"] = settings.sasl_username or ""

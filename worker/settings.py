@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the client reads these settings too, and must not load the engine
@@ -55,6 +57,9 @@ class Settings(BaseSettings):
     )
     ssl_certfile: Path | None = Field(default=None, description="Client certificate (PEM).")
     ssl_keyfile: Path | None = Field(default=None, description="Client certificate's key (PEM).")
+    ssl_key_password: SecretStr | None = Field(
+        default=None, description="The password of an encrypted JOBS_SSL_KEYFILE."
+    )
     topic_prefix: str = Field(default="jobs", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     db_path: Path = Field(default=Path("jobs.db"), description="The worker's SQLite file.")
     config: Path | None = Field(default=None, description="Per-job-type TOML settings.")
@@ -222,6 +227,21 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_are_addresses(cls, value: str) -> str:
+        servers = [server.strip() for server in value.split(",")]
+        if not any(servers):
+            raise ValueError("no server given; expected host:port, comma-separated")
+        for server in servers:
+            match = _SERVER.fullmatch(server)
+            if match is None:
+                raise ValueError(f"{server!r} is not host:port (or host, for port 9092)")
+            port = match.group("port")
+            if port is not None and not 0 < int(port) <= 65535:
+                raise ValueError(f"{server!r} has a port outside 1-65535")
+        return value
+
     @model_validator(mode="after")
     def _security_is_complete(self) -> Settings:
         if self.security_protocol.startswith("SASL_"):
@@ -234,7 +254,47 @@ class Settings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
         self.password()  # an unreadable password file fails here, with its name
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            self.ssl_context()  # a missing or unreadable file fails here, with its name
         return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of `JOBS_SSL_CAFILE`, `JOBS_SSL_CERTFILE` and `JOBS_SSL_KEYFILE`:
+        the system's CA certificates by default, a client certificate when given. Raises
+        ValueError naming the setting whose file cannot be used. An encrypted key never
+        asks for its password on the terminal: it is `JOBS_SSL_KEY_PASSWORD`."""
+        cafile = self.ssl_cafile
+        try:
+            context = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH, cafile=None if cafile is None else str(cafile)
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(_file_problem("JOBS_SSL_CAFILE", cafile, exc)) from None
+        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
+            key_password = self.ssl_key_password
+
+            def password() -> str:
+                # Called only for an encrypted key: without one, OpenSSL would prompt.
+                return "" if key_password is None else key_password.get_secret_value()
+
+            for name, path in (
+                ("JOBS_SSL_CERTFILE", self.ssl_certfile),
+                ("JOBS_SSL_KEYFILE", self.ssl_keyfile),
+            ):
+                if not path.is_file():
+                    raise ValueError(f"{name} {path} is not a file")
+            try:
+                context.load_cert_chain(
+                    str(self.ssl_certfile), str(self.ssl_keyfile), password=password
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(
+                    f"cannot use the client certificate JOBS_SSL_CERTFILE {self.ssl_certfile} "
+                    f"with its key JOBS_SSL_KEYFILE {self.ssl_keyfile}: "
+                    f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}; "
+                    "an encrypted key needs JOBS_SSL_KEY_PASSWORD"
+                ) from None
+        return context
 
     @model_validator(mode="before")
     @classmethod
@@ -332,3 +392,14 @@ class Topics:
     def all(self) -> tuple[str, ...]:
         """All five names, inputs first."""
         return (self.requests, self.results, self.status, self.state, self.dlq)
+
+
+# host:port, host alone, or [IPv6]:port
+_SERVER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/,]+)(?::(?P<port>\d{1,5}))?")
+
+
+def _file_problem(name: str, path: Path | None, exc: OSError | ssl.SSLError) -> str:
+    """Why the file of setting `name` cannot be used, in one line."""
+    if isinstance(exc, ssl.SSLError):
+        return f"{name} {path} holds no usable PEM certificate ({exc.reason or exc})"
+    return f"cannot read {name} {path}: {exc.strerror or exc}"

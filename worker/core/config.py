@@ -106,7 +106,7 @@ def parse(text: str, source: str = "<config>") -> JobsConfig:
     except ValidationError as exc:
         problems = [
             f"{source}:{_line_of(text, item['loc'])}: {'.'.join(map(str, item['loc']))}: "
-            f"{item['msg']}"
+            f"{item['msg'].removeprefix('Value error, ')}"
             for item in exc.errors(include_url=False)
         ]
         raise ConfigError("\n".join(problems)) from None
