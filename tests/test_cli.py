@@ -653,3 +653,31 @@ def test_shown_escapes_what_would_act_on_the_terminal() -> None:
     assert shown("[red]é 😀[/red]").plain == "[red]é 😀[/red]"
     assert shown("one\ntwo").plain == "one\\x0atwo"
     assert shown("one\ntwo", keep_newlines=True).plain == "one\ntwo"
+
+
+@pytest.mark.parametrize("seconds", ["-5", "0", "nan", "inf", "1e400"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "report"],
+        ["complete", "report", "r1"],
+        ["fail", "report", "r1"],
+        ["cancel", "r1"],
+    ],
+    ids=["submit", "complete", "fail", "cancel"],
+)
+def test_a_timeout_that_cannot_be_waited_is_a_usage_error(command: list[str], seconds: str) -> None:
+    """`--timeout` of no time, negative or not finite is refused before anything is sent
+    (the request would otherwise be reported unanswered, or waited for forever)."""
+    result = runner.invoke(app, [*command, "--timeout", seconds, "-b", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "--timeout" in result.output
+    assert "not a number of seconds above 0" in result.output
+
+
+def test_watch_refuses_an_unknown_status_at_once() -> None:
+    """`jobctl watch --status` names the statuses, as `jobctl runs` does, rather than
+    waiting for events that can never match."""
+    result = runner.invoke(app, ["watch", "--status", "BOGUS", "-b", "127.0.0.1:1"])
+    assert result.exit_code == 1
+    assert "unknown status 'BOGUS'; one of QUEUED, RUNNING" in result.stderr

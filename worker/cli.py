@@ -36,7 +36,7 @@ from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, librdkafka_config
 from worker.logs import configure as configure_logs
-from worker.settings import Settings
+from worker.settings import LONGEST_S, Settings
 from worker.shown import shown
 
 app = typer.Typer(
@@ -520,6 +520,29 @@ def print_verify_summary(report: Any) -> None:
 JSON_OUT = typer.Option(False, "--json", help="Machine-readable output.")
 
 
+def _run_status(given: str) -> RunStatus:
+    """`--status`: a run status, in any case; anything else stops the command, naming them."""
+    try:
+        return RunStatus(given.upper())
+    except ValueError:
+        names = ", ".join(m.value for m in RunStatus)
+        raise _fail(f"unknown status {given!r}; one of {names}") from None
+
+
+def _wait_seconds(value: float) -> float:
+    """`--timeout`: a finite number of seconds above 0 (a request waited for no time, or
+    forever, is never answered)."""
+    if not (math.isfinite(value) and 0 < value <= LONGEST_S):
+        raise typer.BadParameter(f"{value} is not a number of seconds above 0 (up to 100 years)")
+    return value
+
+
+def _timeout_option(waits_for: str) -> Any:
+    return typer.Option(
+        30, "--timeout", callback=_wait_seconds, help=f"Seconds to wait for {waits_for}."
+    )
+
+
 class _NotJson(ValueError):
     """JSON that `json.loads` takes but the worker refuses; the message says why."""
 
@@ -668,7 +691,7 @@ def submit(
     data: str = typer.Option(None, "--data", help="Initial data, a JSON object."),
     request_id: str = typer.Option(None, "--request-id", help="Retry a request safely."),
     no_wait: bool = typer.Option(False, "--no-wait", help="Send and exit; don't wait."),
-    timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the decision."),
+    timeout: float = _timeout_option("the decision"),
     as_json: bool = JSON_OUT,
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
@@ -696,7 +719,7 @@ def _result_command(status: str) -> Callable[..., None]:
         job_type: str = typer.Argument(..., help="The run's job type."),
         run_id: str = typer.Argument(..., help="The run to report on."),
         metrics: str = typer.Option(None, "--metrics", help="Final metrics, a JSON object."),
-        timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the answer."),
+        timeout: float = _timeout_option("the answer"),
         request_id: str = typer.Option(None, "--request-id", help="Retry a report safely."),
         as_json: bool = JSON_OUT,
         bootstrap: str = BOOTSTRAP,
@@ -730,7 +753,7 @@ def cancel(
     job_type: str = typer.Option(None, "--job-type", help="Cancel this job type's run."),
     client_id: str = typer.Option(None, "--client-id", help="With --job-type: this client's."),
     reason: str = typer.Option(None, "--reason", help="Why; recorded in the event."),
-    timeout: float = typer.Option(30, "--timeout", help="Seconds to wait for the answer."),
+    timeout: float = _timeout_option("the answer"),
     request_id: str = typer.Option(None, "--request-id", help="Retry a cancel safely."),
     as_json: bool = JSON_OUT,
     bootstrap: str = BOOTSTRAP,
@@ -885,13 +908,7 @@ def runs(
 
     s = _settings(db_path=db)
     _sqlite_file(s.db_path, existing=True, option="--db (or JOBS_DB_PATH)")
-    wanted = None
-    if status_filter is not None:
-        try:
-            wanted = RunStatus(status_filter.upper())
-        except ValueError:
-            names = ", ".join(m.value for m in RunStatus)
-            raise _fail(f"unknown status {status_filter!r}; one of {names}") from None
+    wanted = None if status_filter is None else _run_status(status_filter)
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
 
@@ -971,7 +988,7 @@ def watch(
     from worker.client.watch import StatusTail
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
-    wanted = status_filter.upper() if status_filter else None
+    wanted = _run_status(status_filter).value if status_filter else None
     seen = 0
     done = asyncio.Event()
 
