@@ -424,8 +424,9 @@ async def test_a_killed_secured_broker_restarts_with_its_users(tmp_path: Path) -
 
 @pytest.mark.kafka
 def test_jobctl_broker_secure_prints_a_login_per_role(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`jobctl broker --secure` prints its address first, then for each role the settings
-    that log in as it, over SASL_PLAINTEXT and over SASL_SSL; as printed, they connect."""
+    """`jobctl broker --secure` prints its address first, then for each role the `export`
+    line of the settings that log in as it, over SASL_PLAINTEXT and over SASL_SSL; as
+    printed, they connect."""
     with subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "broker", "--secure"],
         stdout=subprocess.PIPE,
@@ -437,7 +438,8 @@ def test_jobctl_broker_secure_prints_a_login_per_role(monkeypatch: pytest.Monkey
             assert proc.stdout is not None
             lines = _lines_until(proc.stdout, "Ctrl-C stops it.")
             address = next(line for line in lines if line.startswith("127.0.0.1:"))
-            logins = [dict(w.split("=", 1) for w in shlex.split(x)) for x in lines if "JOBS_" in x]
+            exports = [shlex.split(x) for x in lines if x.startswith("export JOBS_")]
+            logins = [dict(w.split("=", 1) for w in words[1:]) for words in exports]
             assert [(e["JOBS_SASL_USERNAME"], e["JOBS_SECURITY_PROTOCOL"]) for e in logins] == [
                 (role, protocol)
                 for role in localkafka.ROLES

@@ -217,7 +217,7 @@ def broker(
                 console.print(
                     f"SCRAM-SHA-512 on {kafka.bootstrap_servers} (SASL_PLAINTEXT) and "
                     f"{kafka.ssl_bootstrap_servers} (SASL_SSL). No ACLs yet: only admin, a "
-                    "super user, may do anything. To connect as a role, set:",
+                    "super user, may do anything. To connect as a role, in another shell:",
                     highlight=False,
                 )
                 for role in localkafka.ROLES:
@@ -226,7 +226,7 @@ def broker(
                         # Plain print: a console would wrap the long line. Printing passwords
                         # is the point: so they reach the user of this throwaway broker.
                         line = (f"JOBS_{k.upper()}={shlex.quote(v)}" for k, v in settings.items())
-                        print(" ".join(line), flush=True)
+                        print("export", " ".join(line), flush=True)
             console.print("Ctrl-C stops it.")
             while kafka.running:
                 time.sleep(0.5)

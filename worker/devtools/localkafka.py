@@ -178,7 +178,7 @@ def _check_port_free(port: int) -> None:
                 raise
             raise LocalKafkaError(
                 f"port {port} of the local broker is taken by another process; "
-                "stop that process or use another LocalKafka"
+                "stop that process or use another port (`jobctl broker --port`)"
             ) from None
 
 
