@@ -681,3 +681,32 @@ def test_watch_refuses_an_unknown_status_at_once() -> None:
     result = runner.invoke(app, ["watch", "--status", "BOGUS", "-b", "127.0.0.1:1"])
     assert result.exit_code == 1
     assert "unknown status 'BOGUS'; one of QUEUED, RUNNING" in result.stderr
+
+
+def test_runs_piped_to_a_file_keeps_every_value_whole(tmp_path: Path) -> None:
+    """Redirected, `jobctl runs` prints each cell whole (no 80-column terminal to fit): a
+    script reading it gets the status and times as stored."""
+    path = tmp_path / "jobs.db"
+    reason = "the operator cancelled it because the upstream export was late again"
+    _store_with(
+        path,
+        _run_row(
+            status=RunStatus.CANCELLED,
+            client_id="a-client-with-a-long-name",
+            reason=reason,
+            metrics={"rows": 1200, "note": "x" * 60},
+        ),
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run(
+        [*JOBCTL, "runs", "--db", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for whole in ("CANCELLED", "2026-11-28T09:30:00+00:00", "a-client-with-a-long-name"):
+        assert whole in done.stdout
+    assert "…" not in done.stdout

@@ -51,7 +51,9 @@ schemas_app = typer.Typer(help="JSON Schema files of the wire format.", no_args_
 app.add_typer(topics_app, name="topics")
 app.add_typer(schemas_app, name="schemas")
 
-console = Console()
+# Piped or redirected, output is for a file or a program, with no width to fit: rich's 80
+# columns would cut table cells ("CANCEL…") and wrap lines in the middle of a value.
+console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 1_000)
 err = Console(stderr=True)
 T = TypeVar("T")
 
