@@ -710,3 +710,25 @@ def test_runs_piped_to_a_file_keeps_every_value_whole(tmp_path: Path) -> None:
     for whole in ("CANCELLED", "2026-11-28T09:30:00+00:00", "a-client-with-a-long-name"):
         assert whole in done.stdout
     assert "…" not in done.stdout
+
+
+@pytest.mark.parametrize("command", [["watch"], ["replay", "--db", "{db}"], ["verify"]])
+def test_a_broker_that_does_not_answer_is_one_line_and_nothing_else(
+    command: list[str], tmp_path: Path
+) -> None:
+    """No progress bar before it, no unclosed client logged after it, no Python tuples."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [a.format(db=tmp_path / "replayed.db") for a in command]
+    done = subprocess.run(
+        [*JOBCTL, *argv, "-b", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: cannot connect to Kafka: no bootstrap server answered ("), line
+    assert "check JOBS_BOOTSTRAP_SERVERS" in line

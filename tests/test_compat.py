@@ -406,7 +406,8 @@ async def test_the_cause_of_a_failed_connection_is_kept() -> None:
         await admin.start()
     await admin.close()
     said = compat.connect_failure(caught.value)
-    assert "Unable to bootstrap" in said
+    assert said.startswith("no bootstrap server answered (")
+    assert "AddressFamily" not in said  # aiokafka's tuples of addresses
     assert "Connect call failed" in said or "refused" in said.lower()  # the logged cause
     assert "JOBS_BOOTSTRAP_SERVERS" in said
     again = compat.connect_failure(caught.value)  # consumed: a stale cause is not reused

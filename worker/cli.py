@@ -14,7 +14,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -348,7 +348,11 @@ def run(
         raise _store_failure(s.db_path, exc) from None
 
 
-def _progress_bar(description: str) -> tuple[Progress, Callable[[int, int], None]]:
+def _progress_bar(
+    description: str,
+) -> tuple[contextlib.AbstractContextManager[None], Callable[[int, int], None]]:
+    """A progress bar on stderr, shown from the first progress reported (so a command that
+    fails to connect prints its error alone), and its update function."""
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -357,11 +361,24 @@ def _progress_bar(description: str) -> tuple[Progress, Callable[[int, int], None
         console=err,
     )
     task = bar.add_task(description, total=None)
+    shown = False
 
     def update(done: int, total: int) -> None:
+        nonlocal shown
+        if not shown:
+            bar.start()
+            shown = True
         bar.update(task, completed=done, total=total)
 
-    return bar, update
+    @contextlib.contextmanager
+    def showing() -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if shown:
+                bar.stop()
+
+    return showing(), update
 
 
 FROM_OFFSET = typer.Option(
@@ -804,14 +821,14 @@ async def _requested_job_type(s: Settings, run_id: str) -> str | None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from worker.core.runid import RUN_ID_RE
-    from worker.kafkaio import partitions_of
+    from worker.kafkaio import partitions_of, start_client
 
     m = RUN_ID_RE.match(run_id.strip().lower())
     if m is None:
         return None
     tp, offset = TopicPartition(s.topics.requests, int(m.group(3))), int(m.group(4))
     consumer = AIOKafkaConsumer(**connection(s), enable_auto_commit=False)
-    await consumer.start()
+    await start_client(consumer)
     try:
         if tp not in await partitions_of(consumer, tp.topic):
             return None

@@ -111,9 +111,11 @@ def connect_failure(error: BaseException) -> str:
         )
     if isinstance(cause, ssl.SSLError):
         return f"TLS failed ({cause}); check JOBS_SSL_CAFILE and JOBS_SECURITY_PROTOCOL"
+    # aiokafka's own sentence lists the resolved addresses as Python tuples.
+    what = "no bootstrap server answered" if "Unable to bootstrap" in str(error) else error
     if cause is not None:
-        return f"{error} ({cause}); check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
-    return f"{error}; check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
+        return f"{what} ({cause}); check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
+    return f"{what}; check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
 
 
 def request_rejoin(consumer: AIOKafkaConsumer) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -28,6 +28,23 @@ def connection(settings: Settings) -> dict[str, Any]:
         kwargs["sasl_plain_username"] = settings.sasl_username
         kwargs["sasl_plain_password"] = settings.password()
     return kwargs
+
+
+class _Client(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def start_client(client: _Client) -> None:
+    """`client.start()`; when it fails (no broker answers, a login refused), the client is
+    stopped again before the error goes on, so nothing is left unclosed behind it."""
+    try:
+        await client.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await client.stop()
+        raise
 
 
 async def stop_task(task: asyncio.Task[Any] | None) -> None:

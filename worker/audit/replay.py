@@ -27,7 +27,7 @@ from pydantic import SecretStr
 from schemas import StatusEvent, read_status_event
 from worker import gctuning
 from worker.engine.store import RunWrites, Store, fold_events
-from worker.kafkaio import connection, partitions_of, read_until
+from worker.kafkaio import connection, partitions_of, read_until, start_client
 from worker.settings import Settings
 
 Progress = Callable[[int, int], None]  # (records done, records in all)
@@ -148,7 +148,7 @@ async def _ranges(
 ) -> dict[int, tuple[int, int]]:
     """Status partition -> (first position, end position) to replay."""
     consumer = consumer_for(settings)
-    await consumer.start()
+    await start_client(consumer)
     try:
         whole = await whole_topic(consumer, settings.topics.status)
         if from_timestamp is None:
@@ -195,7 +195,7 @@ async def _apply_ranges(
     """
     applied = 0
     consumer = consumer_for(settings)
-    await consumer.start()
+    await start_client(consumer)
     store = await Store.open(db_path)
     lock = None if lock_path is None else lock_path.open("rb")
 

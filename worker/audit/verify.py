@@ -35,7 +35,7 @@ from worker.core.lifecycle import merge_inputs
 from worker.engine import rulebook
 from worker.engine.codec import InputRecord, TopicRole
 from worker.engine.task import BatchOutcome, PartitionTask, Rules
-from worker.kafkaio import partitions_of
+from worker.kafkaio import partitions_of, start_client
 from worker.settings import Settings
 
 
@@ -154,7 +154,7 @@ async def verify(
     """Re-decide the logged inputs with the settings in force when each was decided (events
     that name none: with `config`), or all of them with `config` when `fixed`."""
     consumer = consumer_for(settings)
-    await consumer.start()
+    await start_client(consumer)
     report = VerifyReport()
     try:
         t = settings.topics

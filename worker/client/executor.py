@@ -52,7 +52,7 @@ from aiokafka.errors import KafkaError
 from schemas import EventType, RunRecord, read_status_event
 from worker.client.execution import JobFunction, RunContext, RunExecution, Timing
 from worker.client.jobclient import JobClient
-from worker.kafkaio import connection, partitions_of
+from worker.kafkaio import connection, partitions_of, start_client
 
 __all__ = ["Executor", "RunContext", "default_group"]
 
@@ -127,7 +127,7 @@ class Executor:
             auto_offset_reset="earliest",
             **connection(self.client.settings),
         )
-        await consumer.start()
+        await start_client(consumer)
         try:
             consumer.subscribe([self.client.topics.status], listener=_Listener(self, consumer))
             while not stop.is_set():

@@ -12,7 +12,7 @@ import asyncio
 from aiokafka import AIOKafkaConsumer
 
 from schemas import ENDING_EVENTS, EventType, StatusEvent, read_status_event
-from worker.kafkaio import assign_all, stop_task
+from worker.kafkaio import assign_all, start_client, stop_task
 
 _Waiter = tuple[frozenset[EventType], "asyncio.Future[StatusEvent]"]
 
@@ -31,7 +31,7 @@ class Replies:
 
     async def open(self) -> None:
         """Connect and start reading from the topic's end, resolved now."""
-        await self._consumer.start()
+        await start_client(self._consumer)
         # The end resolved now: answers to requests sent after this count.
         await assign_all(self._consumer, self.topic, at="end")
         self._task = asyncio.create_task(self._read())

@@ -11,7 +11,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import DeadLetter, StatusEvent, read_status_event
-from worker.kafkaio import partitions_of, stop_task
+from worker.kafkaio import partitions_of, start_client, stop_task
 from worker.settings import Topics
 
 log = structlog.get_logger("watch")
@@ -72,7 +72,7 @@ class StatusTail:
 
     async def start(self) -> None:
         """Assign every partition of the topics and start reading; closed again on failure."""
-        await self._consumer.start()
+        await start_client(self._consumer)
         try:
             await self._assign()
         except BaseException:

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas import StatusEvent, read_status_event
 from worker.console.db import ConsoleDb, Folded
 from worker.console.params import RunFilter
-from worker.kafkaio import connection, partitions_of
+from worker.kafkaio import connection, partitions_of, start_client
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -143,7 +143,7 @@ class Follower:
         """Connect, and position every partition at its stored offset (else its beginning).
 
         Raises `LookupError` when the status topic does not exist."""
-        await self._consumer.start()
+        await start_client(self._consumer)
         try:
             self._next = await self._db.positions()
             await self._assign()
