@@ -324,6 +324,28 @@ async def test_another_programs_sqlite_file_is_refused_untouched(
     assert damaged_copies(db) == []
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[job_types.report]\ntimeout = "10m"\n',
+        "# Notes\n\nnon-ASCII at the edges: " + "é" * 40_000,  # cut where the read ends
+    ],
+    ids=["toml", "long-utf8"],
+)
+async def test_a_text_file_given_as_the_database_is_refused_untouched(
+    tmp_path: Path, text: str
+) -> None:
+    """A text file given as the worker's file by mistake (`--db jobs.toml`) is refused with
+    one line and left where it is; only binary damage is moved aside."""
+    db = tmp_path / "jobs.toml"
+    db.write_text(text)
+    with pytest.raises(StoreError) as refused:
+        await Store.open(db, exclusive=True)
+    assert str(refused.value).startswith(f"{db} is a text file, not a worker's SQLite file")
+    assert db.read_text() == text
+    assert damaged_copies(db) == []
+
+
 async def test_a_file_locked_by_another_process_is_refused(
     topics: Settings,
     producer: AIOKafkaProducer,

@@ -11,6 +11,7 @@ or locked by another worker, is refused with a `StoreError`, left as it is.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import itertools
@@ -364,6 +365,23 @@ async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
     return db
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _text_file(path: Path) -> bool:
+    """Whether `path` is UTF-8 text without SQLite's header: a file given by mistake (a
+    config, a README), which is refused rather than moved aside as damaged. A damaged
+    worker's file keeps its header, or is binary where its pages were overwritten."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        with path.open("rb") as f:
+            head = f.read(1 << 16)
+        if head and not head.startswith(_SQLITE_HEADER) and b"\x00" not in head:
+            # Incremental: a character cut at the end of what was read is not an error.
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+            return True
+    return False
+
+
 def _move_aside(path: Path) -> Path:
     """Rename `path` (its -wal, -shm and -journal first) to `<path>.damaged-<UTC time>`."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -390,6 +408,11 @@ async def open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
         if not repair:
             raise DamagedFile(path, str(damage)) from None
         reason = str(damage)
+    if _text_file(path):
+        raise StoreError(
+            f"{path} is a text file, not a worker's SQLite file; it is left as it is "
+            "(give the worker's file, or a new path, as JOBS_DB_PATH or --db)"
+        )
     moved = _move_aside(path)
     log.warning(
         "the SQLite file is damaged: moved it aside and started an empty one; every "
