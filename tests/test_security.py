@@ -398,3 +398,26 @@ def test_jobctl_with_a_missing_ca_file_says_which(certificates: dict[str, Path])
     assert "JOBS_SSL_CAFILE" in done.stderr
     assert "absent.pem" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_password_given_twice_or_empty_is_refused(tmp_path: Path) -> None:
+    """Both a password and a password file (which would win?) or an empty password (which
+    no broker takes) are refused, naming the settings and not the password."""
+    secret_file = tmp_path / "password"
+    secret_file.write_text(SECRET)
+    with pytest.raises(ValidationError, match="not both") as twice:
+        Settings(
+            security_protocol="SASL_SSL",
+            sasl_username="u",
+            sasl_password=SECRET,
+            sasl_password_file=secret_file,
+        )
+    assert not _shows_the_secret(str(twice.value))
+    with pytest.raises(ValidationError, match="JOBS_SASL_PASSWORD is empty"):
+        Settings(security_protocol="SASL_SSL", sasl_username="u", sasl_password="")
+
+
+def test_a_heartbeat_no_shorter_than_the_session_is_refused() -> None:
+    with pytest.raises(ValidationError, match="must be below JOBS_SESSION_TIMEOUT_MS"):
+        Settings(heartbeat_interval_ms=20_000, session_timeout_ms=10_000)
+    assert Settings(heartbeat_interval_ms=3_000, session_timeout_ms=10_000)

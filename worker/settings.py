@@ -251,6 +251,15 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{self.security_protocol} needs JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE"
                 )
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("give JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE, not both")
+        if self.sasl_password is not None and not self.sasl_password.get_secret_value():
+            raise ValueError("JOBS_SASL_PASSWORD is empty")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"JOBS_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be below "
+                f"JOBS_SESSION_TIMEOUT_MS ({self.session_timeout_ms}); a third of it is usual"
+            )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
         self.password()  # an unreadable password file fails here, with its name
