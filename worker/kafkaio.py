@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from worker import compat
-from worker.settings import Settings
+from worker.settings import Settings, tls_context
 
 
 def connection(settings: Settings) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def connection(settings: Settings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = settings.ssl_context()
+        kwargs["ssl_context"] = tls_context(settings)
     if settings.security_protocol.startswith("SASL_"):
         kwargs["sasl_mechanism"] = settings.sasl_mechanism
         kwargs["sasl_plain_username"] = settings.sasl_username

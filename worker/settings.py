@@ -230,17 +230,7 @@ class Settings(BaseSettings):
     @field_validator("bootstrap_servers")
     @classmethod
     def _servers_are_addresses(cls, value: str) -> str:
-        servers = [server.strip() for server in value.split(",")]
-        if not any(servers):
-            raise ValueError("no server given; expected host:port, comma-separated")
-        for server in servers:
-            match = _SERVER.fullmatch(server)
-            if match is None:
-                raise ValueError(f"{server!r} is not host:port (or host, for port 9092)")
-            port = match.group("port")
-            if port is not None and not 0 < int(port) <= 65535:
-                raise ValueError(f"{server!r} has a port outside 1-65535")
-        return value
+        return _addresses(value)
 
     @model_validator(mode="after")
     def _security_is_complete(self) -> Settings:
@@ -251,59 +241,13 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{self.security_protocol} needs JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE"
                 )
-        if self.sasl_password is not None and self.sasl_password_file is not None:
-            raise ValueError("give JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE, not both")
-        if self.sasl_password is not None and not self.sasl_password.get_secret_value():
-            raise ValueError("JOBS_SASL_PASSWORD is empty")
-        if self.heartbeat_interval_ms >= self.session_timeout_ms:
-            raise ValueError(
-                f"JOBS_HEARTBEAT_INTERVAL_MS ({self.heartbeat_interval_ms}) must be below "
-                f"JOBS_SESSION_TIMEOUT_MS ({self.session_timeout_ms}); a third of it is usual"
-            )
+        _settings_agree(self)
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
         self.password()  # an unreadable password file fails here, with its name
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            self.ssl_context()  # a missing or unreadable file fails here, with its name
+            tls_context(self)  # a missing or unreadable file fails here, with its name
         return self
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context of `JOBS_SSL_CAFILE`, `JOBS_SSL_CERTFILE` and `JOBS_SSL_KEYFILE`:
-        the system's CA certificates by default, a client certificate when given. Raises
-        ValueError naming the setting whose file cannot be used. An encrypted key never
-        asks for its password on the terminal: it is `JOBS_SSL_KEY_PASSWORD`."""
-        cafile = self.ssl_cafile
-        try:
-            context = ssl.create_default_context(
-                ssl.Purpose.SERVER_AUTH, cafile=None if cafile is None else str(cafile)
-            )
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(_file_problem("JOBS_SSL_CAFILE", cafile, exc)) from None
-        if self.ssl_certfile is not None and self.ssl_keyfile is not None:
-            key_password = self.ssl_key_password
-
-            def password() -> str:
-                # Called only for an encrypted key: without one, OpenSSL would prompt.
-                return "" if key_password is None else key_password.get_secret_value()
-
-            for name, path in (
-                ("JOBS_SSL_CERTFILE", self.ssl_certfile),
-                ("JOBS_SSL_KEYFILE", self.ssl_keyfile),
-            ):
-                if not path.is_file():
-                    raise ValueError(f"{name} {path} is not a file")
-            try:
-                context.load_cert_chain(
-                    str(self.ssl_certfile), str(self.ssl_keyfile), password=password
-                )
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(
-                    f"cannot use the client certificate JOBS_SSL_CERTFILE {self.ssl_certfile} "
-                    f"with its key JOBS_SSL_KEYFILE {self.ssl_keyfile}: "
-                    f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}; "
-                    "an encrypted key needs JOBS_SSL_KEY_PASSWORD"
-                ) from None
-        return context
 
     @model_validator(mode="before")
     @classmethod
@@ -401,6 +345,73 @@ class Topics:
     def all(self) -> tuple[str, ...]:
         """All five names, inputs first."""
         return (self.requests, self.results, self.status, self.state, self.dlq)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context of `JOBS_SSL_CAFILE`, `JOBS_SSL_CERTFILE` and `JOBS_SSL_KEYFILE`:
+    the system's CA certificates by default, a client certificate when given. Raises
+    ValueError naming the setting whose file cannot be used. An encrypted key never
+    asks for its password on the terminal: it is `JOBS_SSL_KEY_PASSWORD`."""
+    cafile = settings.ssl_cafile
+    try:
+        context = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=None if cafile is None else str(cafile)
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(_file_problem("JOBS_SSL_CAFILE", cafile, exc)) from None
+    if settings.ssl_certfile is not None and settings.ssl_keyfile is not None:
+        key_password = settings.ssl_key_password
+
+        def password() -> str:
+            # Called only for an encrypted key: without one, OpenSSL would prompt.
+            return "" if key_password is None else key_password.get_secret_value()
+
+        for name, path in (
+            ("JOBS_SSL_CERTFILE", settings.ssl_certfile),
+            ("JOBS_SSL_KEYFILE", settings.ssl_keyfile),
+        ):
+            if not path.is_file():
+                raise ValueError(f"{name} {path} is not a file")
+        try:
+            context.load_cert_chain(
+                str(settings.ssl_certfile), str(settings.ssl_keyfile), password=password
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"cannot use the client certificate JOBS_SSL_CERTFILE {settings.ssl_certfile} "
+                f"with its key JOBS_SSL_KEYFILE {settings.ssl_keyfile}: "
+                f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}; "
+                "an encrypted key needs JOBS_SSL_KEY_PASSWORD"
+            ) from None
+    return context
+
+
+def _settings_agree(s: Settings) -> None:
+    """ValueError for settings that each pass but cannot work together."""
+    if s.sasl_password is not None and s.sasl_password_file is not None:
+        raise ValueError("give JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE, not both")
+    if s.sasl_password is not None and not s.sasl_password.get_secret_value():
+        raise ValueError("JOBS_SASL_PASSWORD is empty")
+    if s.heartbeat_interval_ms >= s.session_timeout_ms:
+        raise ValueError(
+            f"JOBS_HEARTBEAT_INTERVAL_MS ({s.heartbeat_interval_ms}) must be below "
+            f"JOBS_SESSION_TIMEOUT_MS ({s.session_timeout_ms}); a third of it is usual"
+        )
+
+
+def _addresses(value: str) -> str:
+    """`value` if it is a comma-separated list of host:port (or host); else ValueError."""
+    servers = [server.strip() for server in value.split(",")]
+    if not any(servers):
+        raise ValueError("no server given; expected host:port, comma-separated")
+    for server in servers:
+        match = _SERVER.fullmatch(server)
+        if match is None:
+            raise ValueError(f"{server!r} is not host:port (or host, for port 9092)")
+        port = match.group("port")
+        if port is not None and not 0 < int(port) <= 65535:
+            raise ValueError(f"{server!r} has a port outside 1-65535")
+    return value
 
 
 # host:port, host alone, or [IPv6]:port
