@@ -40,6 +40,7 @@ from worker.settings import Settings, Topics
 pytestmark = pytest.mark.kafka
 runner = CliRunner()
 JOBCTL = [sys.executable, "-m", "worker.cli"]
+ACL_ROLES = ["--orchestrator", "User:o", "--producer", "User:p", "--executor", "User:e"]
 
 
 def test_topics_create_is_idempotent_and_describe_lists_them(
@@ -731,4 +732,23 @@ def test_a_broker_that_does_not_answer_is_one_line_and_nothing_else(
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
     assert line.startswith("error: cannot connect to Kafka: no bootstrap server answered ("), line
+    assert "check JOBS_BOOTSTRAP_SERVERS" in line
+
+
+def test_acls_apply_without_a_broker_is_one_line_at_once() -> None:
+    """librdkafka's connection attempts are not logged to the terminal; every broker down
+    ends the command at once, with one line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [*JOBCTL, "acls", *ACL_ROLES, "--apply", "-b", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: cannot connect to Kafka: "), line
     assert "check JOBS_BOOTSTRAP_SERVERS" in line

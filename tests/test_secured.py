@@ -36,6 +36,7 @@ from worker.settings import Settings
 pytestmark = pytest.mark.kafka
 
 JOBCTL = [sys.executable, "-m", "worker.cli"]
+ROLES = ["--orchestrator", "User:o", "--producer", "User:p", "--executor", "User:e"]
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +305,23 @@ async def test_an_untrusted_tls_endpoint_is_one_line(broker: LocalKafka) -> None
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "TLS failed" in lines[0]
+
+
+def test_acls_apply_with_a_wrong_password_is_one_line(broker: LocalKafka, tmp_path: Path) -> None:
+    """`jobctl acls --apply` (librdkafka's admin client) refused a login as every other
+    command is: one line that says what to check, none of librdkafka's own log lines, and
+    not the password."""
+    admin = as_role(broker, "admin", "acl-pw", tmp_path)
+    env = {**env_of(admin), "JOBS_SASL_PASSWORD": "not-the-password-of-admin"}
+    done = subprocess.run(
+        [*JOBCTL, "acls", *ROLES, "--apply"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith("error: cannot connect to Kafka: authentication failed ("), line
+    assert "check JOBS_SASL_USERNAME, JOBS_SASL_PASSWORD and JOBS_SASL_MECHANISM" in line
+    assert "not-the-password-of-admin" not in done.stdout + done.stderr

@@ -1243,7 +1243,20 @@ def _apply_acls(s: Settings, wanted: list[Any]) -> None:
         ResourceType,
     )
 
-    admin = AdminClient(librdkafka_config(s))
+    # librdkafka would log every failed connection attempt to stderr: its errors are kept
+    # instead, and the first one that says why (a refused login) ends the command.
+    errors: list[Any] = []
+    conf: dict[str, Any] = {**librdkafka_config(s), "log_level": 0, "error_cb": errors.append}
+    admin = AdminClient(conf)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            admin.list_topics(timeout=1)  # connected and logged in
+            break
+        except KafkaException as exc:
+            admin.poll(0)  # serves `error_cb`: a refused login, every broker down
+            if _rdkafka_gave_up(errors) or time.monotonic() > deadline:
+                raise _fail(f"cannot connect to Kafka: {_rdkafka_failure(exc, errors)}") from None
     bindings = [
         AclBinding(
             ResourceType[r.resource],
@@ -1261,6 +1274,29 @@ def _apply_acls(s: Settings, wanted: list[Any]) -> None:
             future.result()
     except KafkaException as exc:
         raise _fail(f"could not create the ACLs: {exc.args[0].str()}") from None
+
+
+def _rdkafka_gave_up(errors: list[Any]) -> bool:
+    """Whether librdkafka reported a failure that retrying does not mend."""
+    from confluent_kafka import KafkaError as RdKafkaError
+
+    final = (RdKafkaError._AUTHENTICATION, RdKafkaError._ALL_BROKERS_DOWN)
+    return any(e.code() in final for e in errors)
+
+
+def _rdkafka_failure(exc: Any, errors: list[Any]) -> str:
+    """Why a librdkafka client could not connect, as `compat.connect_failure` says it for
+    aiokafka: what to check, and no secret (librdkafka's messages name none)."""
+    from confluent_kafka import KafkaError as RdKafkaError
+
+    reasons = [e for e in errors if e.code() == RdKafkaError._AUTHENTICATION]
+    if reasons:
+        return (
+            f"authentication failed ({reasons[-1].str()}); check JOBS_SASL_USERNAME, "
+            "JOBS_SASL_PASSWORD and JOBS_SASL_MECHANISM"
+        )
+    cause = errors[-1].str() if errors else exc.args[0].str()
+    return f"{cause}; check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
 
 
 def _growth(options: Any, json_path: Path | None) -> None:
