@@ -158,7 +158,12 @@ def _store_failure(path: Path, exc: sqlite3.Error) -> typer.Exit:
     return _fail(f"cannot use the SQLite file {path}: {exc}")
 
 
-BOOTSTRAP = typer.Option(None, "--bootstrap", "-b", help="Kafka bootstrap servers.")
+BOOTSTRAP = typer.Option(
+    None,
+    "--bootstrap",
+    "-b",
+    help="Kafka bootstrap servers (default: JOBS_BOOTSTRAP_SERVERS or 127.0.0.1:9092).",
+)
 PREFIX = typer.Option(None, "--prefix", help="Topic prefix (default: JOBS_TOPIC_PREFIX or jobs).")
 
 
@@ -909,9 +914,11 @@ def _jobs_table(infos: list[tuple[str, Any]]) -> Table:
 
 @app.command()
 def runs(
-    db: Path = typer.Option(None, "--db", help="The worker's SQLite file (default: JOBS_DB_PATH)."),
-    job_type: str = typer.Option(None, "--job-type"),
-    client_id: str = typer.Option(None, "--client-id"),
+    db: Path = typer.Option(
+        None, "--db", help="The worker's SQLite file (default: JOBS_DB_PATH or jobs.db)."
+    ),
+    job_type: str = typer.Option(None, "--job-type", help="Only this job type's runs."),
+    client_id: str = typer.Option(None, "--client-id", help="Only this client's runs."),
     status_filter: str = typer.Option(None, "--status", help="RUNNING, COMPLETED, FAILED..."),
     since: datetime = typer.Option(
         None, "--since", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"], help="Started at or after."
