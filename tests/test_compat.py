@@ -438,3 +438,31 @@ async def test_record_batches_keep_each_partitions_order_across_full_batches() -
         assert _NO_HEADERS == []
     finally:
         await producer.stop()
+
+
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "SSL"])
+async def test_a_protocol_the_listener_does_not_speak_is_named(
+    kafka_bootstrap: str, protocol: str
+) -> None:
+    """SASL or TLS against the plaintext listener: the sentence points at the protocol, not
+    at the password, and is never empty where the cause is."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.errors import KafkaConnectionError
+
+    from worker.kafkaio import connection
+    from worker.settings import Settings
+
+    credentials = {"sasl_username": "u", "sasl_password": "p"} if "SASL" in protocol else {}
+    s = Settings(bootstrap_servers=kafka_bootstrap, security_protocol=protocol, **credentials)
+    admin = AIOKafkaAdminClient(**connection(s), request_timeout_ms=10_000)
+    with pytest.raises(KafkaConnectionError) as caught:
+        await admin.start()
+    await admin.close()
+    said = compat.connect_failure(caught.value)
+    assert "()" not in said
+    assert "JOBS_SECURITY_PROTOCOL" in said
+    if protocol == "SASL_PLAINTEXT":
+        assert said.startswith("the broker's listener does not speak SASL ("), said
+        assert "JOBS_SASL_PASSWORD" not in said
+    else:  # cut off (here, a reset with no text) or refused by TLS, by the platform
+        assert said.startswith(("no bootstrap server answered (", "TLS failed (")), said

@@ -104,6 +104,12 @@ _AUTH_ERRORS = (
 def connect_failure(error: BaseException) -> str:
     """Why connecting failed, as a sentence that says what to check (no secret in it)."""
     cause, _LAST_CONNECT_ERROR.cause = _LAST_CONNECT_ERROR.cause, None
+    if isinstance(cause, IllegalSaslStateError):
+        # The listener takes no SASL handshake: a protocol for another listener.
+        return (
+            f"the broker's listener does not speak SASL ({cause}); check "
+            "JOBS_SECURITY_PROTOCOL and JOBS_BOOTSTRAP_SERVERS"
+        )
     if isinstance(cause, _AUTH_ERRORS):
         return (
             f"authentication failed ({cause}); check JOBS_SASL_USERNAME, JOBS_SASL_PASSWORD "
@@ -114,7 +120,9 @@ def connect_failure(error: BaseException) -> str:
     # aiokafka's own sentence lists the resolved addresses as Python tuples.
     what = "no bootstrap server answered" if "Unable to bootstrap" in str(error) else error
     if cause is not None:
-        return f"{what} ({cause}); check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
+        # A TLS client on a plaintext listener is cut off by an error with no text.
+        said = str(cause) or f"{type(cause).__name__}: the broker closed the connection"
+        return f"{what} ({said}); check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
     return f"{what}; check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
 
 
