@@ -245,8 +245,8 @@ class Settings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
         self.password()  # an unreadable password file fails here, with its name
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            tls_context(self)  # a missing or unreadable file fails here, with its name
+        if self.security_protocol in ("SSL", "SASL_SSL") and (self.ssl_cafile or self.ssl_certfile):
+            tls_context(self)  # a file that cannot be used fails here, with its name
         return self
 
     @model_validator(mode="before")
