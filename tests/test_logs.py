@@ -22,7 +22,7 @@ from worker.core.limits import InputLimits
 from worker.devtools.bench import start_body
 from worker.engine.codec import InputRecord
 from worker.engine.task import PartitionTask, Rules
-from worker.logs import LibraryNoise, configure
+from worker.logs import REPEAT_BURST, LibraryNoise, Repeats, configure
 from worker.settings import Settings
 
 
@@ -143,3 +143,64 @@ def test_each_decision_is_a_debug_line_at_debug_level_only() -> None:
     assert isinstance(line["run_id"], str)
     assert line["run_id"]
     assert [line for line in _decide_one_start("info") if line["event"] == "decided"] == []
+
+
+def test_a_flood_of_one_warning_is_a_few_lines_then_a_count() -> None:
+    """The worker's own warnings of one kind (event and reason code): the first few of a
+    window are shown, then none; the next one shown, a window later, counts those left
+    out. Another kind, and info lines, are never held back by them."""
+    now = [0.0]
+    repeats = Repeats(window=10, burst=3, clock=lambda: now[0])
+
+    def shown(method: str, **fields: object) -> dict[str, object] | None:
+        try:
+            return repeats(None, method, dict(fields))
+        except structlog.DropEvent:
+            return None
+
+    flood = [shown("warning", event="dead-lettered", code="malformed_json") for _ in range(50)]
+    assert sum(line is not None for line in flood) == 3
+    assert all("left_out" not in line for line in flood if line is not None)
+    assert shown("warning", event="dead-lettered", code="too_deep") is not None
+    assert all(shown("info", event="decided") is not None for _ in range(10))
+    now[0] = 10.0
+    later = shown("warning", event="dead-lettered", code="malformed_json")
+    assert later is not None
+    assert later["left_out"] == 47
+
+
+def test_a_partition_fed_garbage_logs_a_few_dead_letters_and_decides_on() -> None:
+    """Thousands of bad records in a batch make thousands of dead letters but only
+    `REPEAT_BURST` warning lines; `verify`'s quiet task logs none."""
+    out = io.StringIO()
+    configure("info", "json", stream=out)
+    try:
+        rules = Rules(1, JobsConfig(), Limits(), InputLimits(), timedelta(days=1))
+        garbage = [
+            InputRecord("requests", "jobs.requests", 0, n, 1_700_000_000_000, b"x", b"\xff{")
+            for n in range(2_000)
+        ]
+        good = InputRecord(
+            "requests",
+            "jobs.requests",
+            0,
+            2_000,
+            1_700_000_000_000,
+            b"daily",
+            start_body("daily", "r1"),
+        )
+        outcome = PartitionTask(0, rules).apply([*garbage, good])
+        assert len(outcome.dead_letters) == 2_000
+        assert [e.type for e in outcome.events] == [EventType.STARTED]
+        lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        letters = [line for line in lines if line["event"] == "dead-lettered"]
+        assert len(letters) == REPEAT_BURST
+        assert {line["code"] for line in letters} == {"malformed_json"}
+        out = io.StringIO()
+        configure("info", "json", stream=out)  # a limiter of its own, nothing seen yet
+        quiet = PartitionTask(0, rules)
+        quiet.quiet = True
+        assert len(quiet.apply(garbage[:3]).dead_letters) == 3
+        assert "dead-lettered" not in out.getvalue()
+    finally:
+        configure("info", "json", stream=io.StringIO())

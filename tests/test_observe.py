@@ -124,6 +124,17 @@ async def test_health_readiness_and_metrics(
         assert f"jobs_compiled {1.0 if compiled.state() == 'compiled' else 0.0}" in text
         assert 'jobs_consumer_lag{input="requests",partition="0"}' in text
         assert "etl" not in text  # no label names a job type
+        # Failures have a series before the first one, at 0, for rates and alerts.
+        assert 'jobs_batches_total{outcome="failed"} 0.0' in text
+        assert 'jobs_commits_total{result="aborted"} 0.0' in text
+        assert 'jobs_dead_letters_total{code="too_deep"} 0.0' in text
+        assert 'jobs_status_events_total{type="timed_out"} 0.0' in text
+        assert "_created" not in text
+        # The process's own series: its memory, CPU and the interpreter's collections.
+        assert "process_resident_memory_bytes" in text
+        assert "process_cpu_seconds_total" in text
+        assert "python_gc_collections_total" in text
+        assert "jobs_sqlite_backlog 0.0" in text  # written by now, whatever the last batch set
         assert await worker.terminate() == 0
     finally:
         worker.ensure_dead()
@@ -241,12 +252,37 @@ async def test_not_ready_while_the_broker_does_not_answer(tmp_path: Path) -> Non
             await asyncio.to_thread(broker.freeze)
             try:
                 body = await readiness_becomes(503, 15)
-                assert "the broker does not answer" in body
+                assert "the broker does not answer: no answer within 2 s" in body
                 assert (await _get(session, f"{base}/healthz"))[0] == 200
+                # The gauge says what /readyz says, whichever was asked last.
+                assert "jobs_ready 0.0" in (await _get(session, f"{base}/metrics"))[1]
             finally:
                 await asyncio.to_thread(broker.thaw)
             await readiness_becomes(200, 60)
+            assert "jobs_ready 1.0" in (await _get(session, f"{base}/metrics"))[1]
     finally:
         if running is not None:
             await running.stop()
         await asyncio.to_thread(broker.stop)
+
+
+async def test_a_taken_http_port_stops_the_worker_with_one_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Another program on JOBS_HTTP_PORT: the worker exits 1 with one line naming the
+    setting, not a traceback."""
+    await create_topics(settings, 1)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        worker = WorkerProcess(settings.model_copy(update={"http_port": port}), "port", tmp_path)
+        worker.start()
+        try:
+            assert await worker.wait_exit() == 1
+        finally:
+            worker.ensure_dead()
+    text = worker.log_text()
+    assert "Traceback" not in text
+    assert f"cannot serve the HTTP endpoints on port {port} (JOBS_HTTP_PORT)" in text
+    assert "address already in use" in text.lower()

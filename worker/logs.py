@@ -5,6 +5,12 @@ renderer, so a worker's output is one format. aiokafka repeats itself while a br
 away (a line per retry, ~90 a second in an outage): a repeated message is shown once per
 `REPEAT_WINDOW_S`, with how many were left out; a coordinator still being elected when a
 worker starts on a new cluster is retried by aiokafka and not an error for the reader.
+
+The worker's own warnings are limited the same way (`Repeats`): a producer that sends bad
+records by the thousand makes a dead letter each, but not a log line each. The first
+`REPEAT_BURST` of a kind (its event and reason code) in a window are shown; the next one
+shown says how many were left out (`left_out`). The dead letters themselves, with their
+reasons, are on the dead-letter topic, and the periodic `decided` line counts them by code.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Literal, TextIO
 import structlog
 
 REPEAT_WINDOW_S = 10.0
+REPEAT_BURST = 5  # lines of one kind of the worker's own warnings shown in a window
 _EXPECTED_AT_START = ("GroupCoordinatorNotAvailableError",)
 
 
@@ -50,6 +57,41 @@ class LibraryNoise(logging.Filter):
         return True
 
 
+class Repeats:
+    """A structlog processor: the worker's warnings of one kind (event and `code`), at most
+    `burst` lines per window; the first shown after some were left out counts them."""
+
+    def __init__(
+        self,
+        window: float = REPEAT_WINDOW_S,
+        burst: int = REPEAT_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.burst = burst
+        self.clock = clock
+        # kind -> (window start, lines shown in it, lines left out since the last shown)
+        self._seen: dict[tuple[object, object], tuple[float, int, int]] = {}
+
+    def __call__(
+        self, logger: object, method: str, event_dict: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        if method != "warning":
+            return event_dict
+        key = (event_dict.get("event"), event_dict.get("code"))
+        now = self.clock()
+        start, shown, left_out = self._seen.get(key, (float("-inf"), 0, 0))
+        if now - start >= self.window:
+            start, shown = now, 0
+        if shown >= self.burst:
+            self._seen[key] = (start, shown, left_out + 1)
+            raise structlog.DropEvent
+        self._seen[key] = (start, shown + 1, 0)
+        if left_out:
+            event_dict["left_out"] = left_out
+        return event_dict
+
+
 def configure(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -77,6 +119,7 @@ def configure(
     structlog.configure(
         processors=[
             *shared,
+            Repeats(),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,

@@ -327,6 +327,7 @@ class _Audit:
         self.events = events
         self.report = report
         self.task = PartitionTask(partition, book.base)
+        self.task.quiet = True  # its dead letters were logged when they were decided
         self.now = datetime.now(UTC)
         self.read: set[tuple[str, int]] = set()  # inputs decided so far, in logged order
         self.results: dict[bytes | None, list[InputRecord]] = defaultdict(list)

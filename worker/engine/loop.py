@@ -292,10 +292,12 @@ class Worker:
             await self._consumer.end_offsets(tps)
 
     async def _measure(self) -> None:
-        """Set the gauges a scrape reads: partitions, active runs, lag per input."""
+        """Set the gauges a scrape reads: partitions, active runs, lag per input, and the
+        rows waiting for SQLite (set at each batch too, but not when the writer drains)."""
         partitions = self._partitions
         if partitions is None:
             return
+        self.metrics.sqlite_backlog.set(self._state.store.writes.backlog)
         owned = dict(partitions.owned)
         self.metrics.partitions.set(len(owned))
         self.metrics.active_runs.set(

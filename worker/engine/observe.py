@@ -7,10 +7,15 @@
   answers (the owned partitions' end offsets within 2 s), 503 with a `reason` otherwise:
   while a partition is being taken (a restore), none is assigned yet, or the broker is
   unreachable;
-- `/metrics`: Prometheus text format, from a registry of this worker's own.
+- `/metrics`: Prometheus text format, from a registry of this worker's own, with the
+  process's own series (`process_*`: CPU, memory, open files) and the interpreter's
+  (`python_gc_*`, `python_info`). `jobs_ready` is what `/readyz` answers, checked anew at
+  each scrape.
 
 Labels stay bounded: event types and dead-letter codes are fixed sets, partitions are as
-many as the topics have; no label names a job type.
+many as the topics have; no label names a job type. The series of those fixed sets are
+made at start, at 0, so that a rate or an alert on a failure has a series before the first
+one happens. No counter has a `_created` series beside it.
 """
 
 from __future__ import annotations
@@ -23,10 +28,21 @@ from dataclasses import dataclass, field
 import structlog
 from aiohttp import web
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter as MetricCounter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter as MetricCounter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from schemas import EventType
 from worker import compiled
+from worker.core.config import ConfigError
 from worker.engine.task import BatchOutcome
 
 log = structlog.get_logger("worker")
@@ -34,6 +50,24 @@ log = structlog.get_logger("worker")
 _BROKER_PROBE_S = 2.0  # how long /readyz waits for the broker before it says not ready
 _BATCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _RESTORE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The reason codes of dead letters (README, "Bad input and dead letters").
+DEAD_LETTER_CODES = (
+    "empty_value",
+    "oversized",
+    "malformed_header",
+    "malformed_json",
+    "too_deep",
+    "schema_invalid",
+    "run_id_not_allowed",
+    "too_large",
+    "key_mismatch",
+    "unprocessable",
+)
+# The process's series: prometheus_client's own collectors, added to each worker's registry.
+_RUNTIME_COLLECTORS = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
+# A counter's `_created` series doubles the series and says nothing a restart's reset of
+# the counter does not (process-wide: every registry of the process).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @dataclass
@@ -56,6 +90,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        for collector in _RUNTIME_COLLECTORS:
+            r.register(collector)
         self.events = MetricCounter(
             "jobs_status_events", "Status events published, by type.", ["type"], registry=r
         )
@@ -123,6 +159,14 @@ class Metrics:
             ["partition", "input"],
             registry=r,
         )
+        for kind in EventType:
+            self.events.labels(kind.value)
+        for code in DEAD_LETTER_CODES:
+            self.dead_letters.labels(code)
+        for outcome in ("committed", "failed"):
+            self.batches.labels(outcome)
+        for result in ("committed", "aborted"):
+            self.commits.labels(result)
 
     def committed(self, outcome: BatchOutcome, seconds: float) -> None:
         """Count a committed batch."""
@@ -190,7 +234,14 @@ class HttpServer:
         app.router.add_get("/metrics", self._scrape)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, port=self._port).start()
+        try:
+            await web.TCPSite(self._runner, port=self._port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"cannot serve the HTTP endpoints on port {self._port} (JOBS_HTTP_PORT): "
+                f"{exc.strerror or exc}; give a free port, or 0 to switch them off"
+            ) from None
         log.info("http endpoints listening", port=self._port)
 
     async def stop(self) -> None:
@@ -201,22 +252,30 @@ class HttpServer:
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
-    async def _readiness(self, request: web.Request) -> web.Response:
-        ready, reason = self._ready(), "a partition is being taken, or none is assigned"
-        if ready:
+    async def _check(self) -> str | None:
+        """Why the worker is not ready, or None when it is; `jobs_ready` says the same."""
+        reason: str | None = None
+        if not self._ready():
+            reason = "a partition is being taken, or none is assigned"
+        else:
             try:  # the broker answers: end offsets of the owned partitions, within 2 s
                 async with asyncio.timeout(_BROKER_PROBE_S):
                     await self._probe()
-            except (TimeoutError, KafkaError, OSError) as exc:
-                ready, reason = False, f"the broker does not answer: {exc!r}"
-        self._metrics.ready.set(1 if ready else 0)
-        body: dict[str, object] = {"ready": ready}
-        if not ready:
-            body["reason"] = reason
-        return web.json_response(body, status=200 if ready else 503)
+            except TimeoutError:
+                reason = f"the broker does not answer: no answer within {_BROKER_PROBE_S:g} s"
+            except (KafkaError, OSError) as exc:
+                reason = f"the broker does not answer: {str(exc) or type(exc).__name__}"
+        self._metrics.ready.set(1 if reason is None else 0)
+        return reason
+
+    async def _readiness(self, request: web.Request) -> web.Response:
+        reason = await self._check()
+        if reason is None:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False, "reason": reason}, status=503)
 
     async def _scrape(self, request: web.Request) -> web.Response:
-        self._metrics.ready.set(1 if self._ready() else 0)
+        await self._check()
         await self._refresh()
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -207,7 +207,8 @@ class PartitionManager:
             owned = self.owned.pop(number, None)
             if owned is not None:
                 await self._close(owned)
-        log.info("partitions revoked", partitions=numbers)
+        if numbers:  # aiokafka revokes nothing before the first assignment too
+            log.info("partitions revoked", partitions=numbers)
 
     async def close_all(self) -> None:
         """Close every partition (shutdown), cancelling takes in progress: one waiting for

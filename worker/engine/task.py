@@ -316,6 +316,8 @@ class PartitionTask:
                 self._push(job_type, deadline)
         self._log = log.bind(partition=number)
         self._debug = bool(self._log.is_enabled_for(logging.DEBUG))
+        # No warnings about input records: `verify` re-decides records long decided.
+        self.quiet = False
         self.settings_logged = False  # set once a batch with the settings row is committed
         self.view = ViewMarks()  # off until the engine sets its period (`verify` never)
 
@@ -433,12 +435,13 @@ class PartitionTask:
             # A broker clock stepped far forward (a leader on a wrong clock): such a record
             # moves time no further than this worker's clock allows, or every run of the
             # partition would time out at once.
-            self._log.warning(
-                "record stamped ahead of this worker's clock; time moves only to the clock",
-                offset=record.offset,
-                topic=record.topic,
-                stamped=at.isoformat(),
-            )
+            if not self.quiet:
+                self._log.warning(
+                    "record stamped ahead of this worker's clock; time moves only to the clock",
+                    offset=record.offset,
+                    topic=record.topic,
+                    stamped=at.isoformat(),
+                )
             at = ahead
         if self.stream_time is None or at > self.stream_time:
             self.stream_time = at
@@ -458,13 +461,14 @@ class PartitionTask:
         if isinstance(decoded, Bad):
             letter = decoded.dead_letter
             outcome.dead_letters.append((dead_letter_key(record), letter))
-            self._log.warning(
-                "dead-lettered",
-                code=letter.reason.code,
-                reason=letter.reason.message,
-                offset=record.offset,
-                topic=record.topic,
-            )
+            if not self.quiet:
+                self._log.warning(
+                    "dead-lettered",
+                    code=letter.reason.code,
+                    reason=letter.reason.message,
+                    offset=record.offset,
+                    topic=record.topic,
+                )
             if decoded.reject is None:
                 return
             command = decoded.reject
