@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -153,10 +154,11 @@ def test_failed_download_is_reported(tmp_path: Path) -> None:
     assert not (tmp_path / "cache" / "kafka_2.13-4.1.1" / ".complete").exists()
 
 
-def test_broker_prints_its_address_and_stops_on_ctrl_c() -> None:
-    """`jobctl broker` prints 127.0.0.1:PORT, serves it, and on Ctrl-C stops the JVM."""
+@contextlib.contextmanager
+def _broker(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`jobctl broker *args` running, and the address it printed; killed if still running."""
     with subprocess.Popen(
-        [*JOBCTL, "broker"],
+        [*JOBCTL, "broker", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -172,22 +174,66 @@ def test_broker_prints_its_address_and_stops_on_ctrl_c() -> None:
                     address = line.strip()
                     break
             assert address is not None, proc.stderr.read() if proc.stderr else ""
-            port = int(address.rsplit(":", 1)[1])
-            with socket.create_connection(("127.0.0.1", port), timeout=5):
-                pass
-            proc.send_signal(signal.SIGINT)
-            # communicate() drains both pipes, so a chatty shutdown cannot block on them.
-            out, errors = proc.communicate(timeout=60)
-            assert proc.returncode == 0, f"{out}\n{errors}"
-            with (
-                pytest.raises(ConnectionRefusedError),
-                socket.create_connection(("127.0.0.1", port), timeout=2),
-            ):
-                pass
+            yield proc, address
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _ctrl_c(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    # communicate() drains both pipes, so a chatty shutdown cannot block on them.
+    out, errors = proc.communicate(timeout=60)
+    assert proc.returncode == 0, f"{out}\n{errors}"
+
+
+def test_broker_prints_its_address_and_stops_on_ctrl_c() -> None:
+    """`jobctl broker` prints 127.0.0.1:PORT, serves it, and on Ctrl-C stops the JVM."""
+    with _broker() as (proc, address):
+        port = int(address.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        _ctrl_c(proc)
+        with (
+            pytest.raises(ConnectionRefusedError),
+            socket.create_connection(("127.0.0.1", port), timeout=2),
+        ):
+            pass
+
+
+def test_broker_keeps_its_topics_in_a_data_dir_across_restarts(tmp_path: Path) -> None:
+    """`jobctl broker --data-dir D`: topics made on it are there when a broker starts again
+    on D (to try a worker through a broker's restart); a file as D is one line."""
+    data = tmp_path / "kafka"
+
+    def topics(command: str, address: str) -> str:
+        result = subprocess.run(
+            [*JOBCTL, "topics", command, "--bootstrap", address, "--prefix", "kept"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    with _broker("--data-dir", str(data)) as (proc, address):
+        assert "kept.requests: created" in topics("create", address)
+        _ctrl_c(proc)
+    with _broker("--data-dir", str(data)) as (proc, address):
+        assert "kept.requests: exists" in topics("create", address)
+        _ctrl_c(proc)
+    result = subprocess.run(
+        [*JOBCTL, "broker", "--data-dir", str(tmp_path / "kafka" / "server.properties")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "is not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_demo_plays_its_scenario(kafka_bootstrap: str) -> None:

@@ -181,6 +181,12 @@ def broker(
         help="SCRAM-SHA-512 logins on the client port and over TLS on another, ACLs, and a "
         "user per role with a random password; prints how to connect as each.",
     ),
+    data_dir: Path = typer.Option(
+        None,
+        "--data-dir",
+        help="Keep the broker's log (topics, records, users) in this directory, so that a "
+        "broker started again on it has them (default: a temporary one, removed on stop).",
+    ),
 ) -> None:
     """Run a local single-node Kafka broker in the foreground until Ctrl-C.
 
@@ -199,7 +205,9 @@ def broker(
         started = time.monotonic()
         if port is None:
             port = 9092 if _port_is_free(9092) else 0
-        kafka = localkafka.LocalKafka(port=port, secure=secure)
+        if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+            raise _fail(f"--data-dir: {data_dir} is not a directory")
+        kafka = localkafka.LocalKafka(port=port, secure=secure, data_dir=data_dir)
         kafka.start()
     except localkafka.LocalKafkaError as exc:
         raise _fail(str(exc)) from None
