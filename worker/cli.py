@@ -195,8 +195,6 @@ def broker(
 
     Example: jobctl broker --port 9092
     """
-    import shlex
-
     try:
         if fetch_only:
             libs = localkafka.fetch_jars()
@@ -229,19 +227,7 @@ def broker(
                     soft_wrap=True,
                 )
             if secure:
-                console.print(
-                    f"SCRAM-SHA-512 on {kafka.bootstrap_servers} (SASL_PLAINTEXT) and "
-                    f"{kafka.ssl_bootstrap_servers} (SASL_SSL). No ACLs yet: only admin, a "
-                    "super user, may do anything. To connect as a role, in another shell:",
-                    highlight=False,
-                )
-                for role in localkafka.ROLES:
-                    for tls in (False, True):
-                        settings = kafka.connection_settings(role, tls=tls)
-                        # Plain print: a console would wrap the long line. Printing passwords
-                        # is the point: so they reach the user of this throwaway broker.
-                        line = (f"JOBS_{k.upper()}={shlex.quote(v)}" for k, v in settings.items())
-                        print("export", " ".join(line), flush=True)
+                _print_logins(kafka)
             console.print("Ctrl-C stops it.")
             while kafka.running:
                 time.sleep(0.5)
@@ -249,6 +235,25 @@ def broker(
     finally:
         kafka.stop()
         console.print("broker stopped")
+
+
+def _print_logins(kafka: localkafka.LocalKafka) -> None:
+    """How to connect to a `--secure` broker as each role, as `export` lines."""
+    import shlex
+
+    console.print(
+        f"SCRAM-SHA-512 on {kafka.bootstrap_servers} (SASL_PLAINTEXT) and "
+        f"{kafka.ssl_bootstrap_servers} (SASL_SSL). No ACLs yet: only admin, a "
+        "super user, may do anything. To connect as a role, in another shell:",
+        highlight=False,
+    )
+    for role in localkafka.ROLES:
+        for tls in (False, True):
+            settings = kafka.connection_settings(role, tls=tls)
+            # Plain print: a console would wrap the long line. Printing passwords is the
+            # point: so they reach the user of this throwaway broker.
+            line = (f"JOBS_{k.upper()}={shlex.quote(v)}" for k, v in settings.items())
+            print("export", " ".join(line), flush=True)
 
 
 def _port_is_free(port: int) -> bool:
