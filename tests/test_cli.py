@@ -44,6 +44,16 @@ JOBCTL = [sys.executable, "-m", "worker.cli"]
 ACL_ROLES = ["--orchestrator", "User:o", "--producer", "User:p", "--executor", "User:e"]
 
 
+def _fails_in_one_line(*args: str) -> str:
+    """Run `jobctl *args`, which must exit 1 without a traceback; its stderr."""
+    result = subprocess.run(
+        [*JOBCTL, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
 def test_topics_create_is_idempotent_and_describe_lists_them(
     kafka_bootstrap: str, prefix: str
 ) -> None:
@@ -87,17 +97,9 @@ def test_unreachable_broker_is_one_clear_line() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = subprocess.run(
-        [*JOBCTL, "topics", "describe", "-b", f"127.0.0.1:{port}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert "cannot connect to Kafka" in result.stderr
-    assert "JOBS_BOOTSTRAP_SERVERS" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = _fails_in_one_line("topics", "describe", "-b", f"127.0.0.1:{port}")
+    assert "cannot connect to Kafka" in stderr
+    assert "JOBS_BOOTSTRAP_SERVERS" in stderr
 
 
 def test_schemas_on_disk_are_current() -> None:
@@ -224,16 +226,8 @@ def test_broker_keeps_its_topics_in_a_data_dir_across_restarts(tmp_path: Path) -
     with _broker("--data-dir", str(data)) as (proc, address):
         assert "kept.requests: exists" in topics("create", address)
         _ctrl_c(proc)
-    result = subprocess.run(
-        [*JOBCTL, "broker", "--data-dir", str(tmp_path / "kafka" / "server.properties")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert "is not a directory" in result.stderr
-    assert "Traceback" not in result.stderr
+    file = tmp_path / "kafka" / "server.properties"
+    assert "is not a directory" in _fails_in_one_line("broker", "--data-dir", str(file))
 
 
 def test_demo_plays_its_scenario(kafka_bootstrap: str) -> None:
@@ -268,34 +262,20 @@ def test_run_refuses_mismatched_partition_counts(
             await admin.close()
 
     asyncio.run(make())
-    result = subprocess.run(
-        [*JOBCTL, "run", "-b", kafka_bootstrap, "--prefix", prefix, "--db", str(tmp_path / "j.db")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    stderr = _fails_in_one_line(
+        "run", "-b", kafka_bootstrap, "--prefix", prefix, "--db", str(tmp_path / "j.db")
     )
-    assert result.returncode == 1
-    assert f"{prefix}.dlq=3" in result.stderr
-    assert f"{prefix}.requests=2" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert f"{prefix}.dlq=3" in stderr
+    assert f"{prefix}.requests=2" in stderr
 
 
 def test_run_refuses_an_invalid_settings_file(tmp_path: Path) -> None:
     """`jobctl run` with an invalid TOML file exits 1 naming the file, the line and the field."""
     bad = tmp_path / "jobs.toml"
     bad.write_text('[defaults]\npolicy = "reject"\n\n[job_types.etl]\npolicy = "sometimes"\n')
-    result = subprocess.run(
-        [*JOBCTL, "run", "--config", str(bad), "--db", str(tmp_path / "j.db")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert f"{bad}:5:" in result.stderr
-    assert "job_types.etl.policy" in result.stderr
-    assert "Traceback" not in result.stderr
+    stderr = _fails_in_one_line("run", "--config", str(bad), "--db", str(tmp_path / "j.db"))
+    assert f"{bad}:5:" in stderr
+    assert "job_types.etl.policy" in stderr
 
 
 def test_version_and_shell_completion_are_offered() -> None:
