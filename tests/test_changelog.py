@@ -284,3 +284,77 @@ def test_sqlite_takes_the_job_rows_state_when_it_left_out_no_payload(
         assert b'"initial_data"' not in (written[0][1] or b"")
     snapshot = _restored([*written, *(changelog.run_row(r) for r in rows.values() if r)])
     assert list(_states(snapshot)) == [("report", dump_state(after))]
+
+
+def _run_json(**changes: object) -> bytes:
+    """`ROW`'s changelog value with some of its run's fields changed."""
+    value = json.loads(changelog.run_row(ROW)[1])
+    value["run"].update(changes)
+    return json.dumps(value).encode()
+
+
+@pytest.mark.parametrize("partition", [2**31, 2**63, 2**70, -1])
+def test_a_run_row_with_a_number_sqlite_cannot_hold_is_skipped(partition: int) -> None:
+    """A run row whose partition no Kafka topic has (beyond 64 bits it would overflow
+    SQLite's INTEGER where it is written, at every restore): it does not validate, so it
+    is skipped and counted, as any row no worker wrote."""
+    snapshot = changelog.PartitionSnapshot()
+    changelog.apply_row(snapshot, b"r9", _run_json(run_id="r9", partition=partition))
+    changelog.apply_row(snapshot, *changelog.run_row(ROW))
+    assert [run.run_id for run in changelog.load_runs(snapshot)] == ["r1"]
+    assert snapshot.foreign == 1
+
+
+def test_an_active_runs_unusable_row_loses_its_payload_not_the_restore() -> None:
+    """The run row that carries an active run's payload, overwritten by one that does not
+    validate: the job state is restored, the run without its payload, the row counted."""
+    limits = Limits()
+    source = Source(topic="t.requests", partition=0, offset=0)
+    begin = Start("req-0", "report", None, {"blob": "x" * 5_000}, AT, source)
+    state, events = decide(JobState("report"), begin, JobConfig(), limits)
+    row = new_row(events[0], 0)
+    assert row is not None
+    written = staterows.job_rows("report", None, state, {row.run_id}.__contains__)
+    broken = (row.run_id.encode(), b'{"row":"run","v":1,"run":{"run_id":"x","status":"RUNNING"}}')
+    snapshot = _restored([*written, changelog.run_row(row), broken])
+    ((job_type, restored),) = _states(snapshot)
+    assert job_type == "report"
+    (run,) = load_state(restored).active
+    assert (run.run_id, run.initial_data) == (row.run_id, {})
+    assert snapshot.foreign >= 1
+
+
+@pytest.mark.parametrize("held", [10**9, 2**62])
+def test_a_job_row_holding_more_entries_than_the_changelog_fails_at_once(held: int) -> None:
+    """A job row that says its window holds a billion entries: the restore fails naming the
+    job type, without making a key for each of them first (gigabytes)."""
+    rows = [
+        row
+        for before, after in _lifecycles(2, Limits())
+        for row in staterows.job_rows("report", before, after)
+    ]
+    key, value = [r for r in rows if r[0] == b"report"][-1]
+    assert value is not None
+    head = json.loads(value)
+    head["held"][0] = held
+    head["state"]["decided_next"] = held
+    snapshot = _restored([*rows, (key, json.dumps(head).encode())])
+    with pytest.raises(ValueError, match=r"lacks at least .* of job type 'report'"):
+        list(_states(snapshot))
+
+
+def test_a_job_row_numbering_beyond_64_bits_does_not_validate() -> None:
+    """Window numbers are SQLite INTEGERs: a job row numbering past them is refused as a
+    damaged row, not an overflow where SQLite writes it."""
+    rows = [
+        row
+        for before, after in _lifecycles(1, Limits())
+        for row in staterows.job_rows("report", before, after)
+    ]
+    key, value = [r for r in rows if r[0] == b"report"][-1]
+    assert value is not None
+    head = json.loads(value)
+    head["state"]["decided_next"] = 2**64
+    snapshot = _restored([*rows, (key, json.dumps(head).encode())])
+    with pytest.raises(ValueError, match="decided_next"):
+        list(_states(snapshot))

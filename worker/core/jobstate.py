@@ -17,7 +17,7 @@ from pydantic import Field, TypeAdapter
 from pydantic.json_schema import SkipJsonSchema
 
 from schemas import EventType, RunStatus
-from worker.core.values import immutable
+from worker.core.values import Count, immutable
 
 
 @immutable
@@ -82,8 +82,8 @@ class JobState:
     # How many entries each window has taken in all: the number its next entry gets. The
     # changelog keeps each entry as a row of its own under that number, so a state row
     # stays small however full its windows are; not part of what a state decides.
-    ended_next: int = field(default=0, compare=False)
-    decided_next: int = field(default=0, compare=False)
+    ended_next: Count = field(default=0, compare=False)
+    decided_next: Count = field(default=0, compare=False)
     # Each request ID of `decided` and its latest entry: an index, not part of the value.
     # Never read from input or written out; built at its first lookup and handed on to the
     # state that replaces this one (`worker.core.lifecycle`), so that a busy job type's

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
-from worker.core.values import immutable
+from worker.core.values import Partition, immutable
 
 
 @immutable
@@ -22,7 +22,7 @@ class RunRow:
     client_id: str | None
     request_id: str | None
     status: RunStatus
-    partition: int
+    partition: Partition
     started_at: datetime
     ended_at: datetime | None
     initial_data: dict[str, Any]

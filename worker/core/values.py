@@ -13,9 +13,17 @@ class (mypyc does not make it native), which builds faster still.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeVar, dataclass_transform
+from typing import Annotated, TypeVar, dataclass_transform
+
+from pydantic import Field
 
 T = TypeVar("T")
+
+# Integers a row read back (from the changelog, a status event) carries into SQLite's
+# 64-bit INTEGER columns: bounded when validated, so that an out-of-range number is a row
+# that does not validate (skipped, or reported), never an overflow where it is written.
+Partition = Annotated[int, Field(ge=0, le=2**31 - 1)]  # a Kafka partition (int32)
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))

@@ -175,10 +175,15 @@ class PartitionSnapshot:
     ) -> Iterator[stored.Entry]:
         """The `held` entries of `job_type`'s window `kind` numbered up to `end`, oldest
         first, each validated."""
+        name = {b"d": "idempotency", b"e": "ended-runs"}[kind]
+        if held > len(self.entries):  # a count no changelog could back: keys not made
+            raise ValueError(
+                f"the changelog lacks at least {held - len(self.entries)} of the {held} "
+                f"entries of job type {job_type!r}'s {name} window"
+            )
         keys = [window_key(kind, n, job_type) for n in range(end - held, end)]
         missing = [n for n, key in enumerate(keys, end - held) if key not in self.entries]
         if missing:
-            name = {b"d": "idempotency", b"e": "ended-runs"}[kind]
             raise ValueError(
                 f"the changelog lacks {len(missing)} of the {held} entries of job type "
                 f"{job_type!r}'s {name} window (first missing: number {missing[0]})"
@@ -194,7 +199,13 @@ class PartitionSnapshot:
 
         def payload(run_id: str, inline: Mapping[str, Any]) -> Mapping[str, Any]:
             row = None if inline else self.runs.get(run_id)
-            return inline if row is None else load_run(row).initial_data
+            if row is None:
+                return inline
+            try:
+                return load_run(row).initial_data
+            except ValueError:  # a row no worker wrote: skipped, as `load_runs` skips it
+                self.foreign += 1
+                return inline
 
         active = tuple(
             replace(r, initial_data=payload(r.run_id, r.initial_data)) for r in state.active
