@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -354,10 +355,17 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     assert "No such file" in message
 
 
-def test_directory_is_a_clear_error(tmp_path: Path) -> None:
-    """A path naming a directory is a ConfigError, not a crash."""
-    with pytest.raises(ConfigError, match="cannot read"):
-        load(tmp_path)
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_path_that_is_no_file_is_a_clear_error(tmp_path: Path, kind: str) -> None:
+    """A directory, or a FIFO (whose read would block with no writer, past SIGTERM), is a
+    ConfigError naming it, not a crash or a hang."""
+    path = tmp_path / "jobs.toml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    with pytest.raises(ConfigError, match=f"{path} is not a regular file"):
+        load(path)
 
 
 def test_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ import os
 from datetime import timedelta
 
 import pytest
-from pydantic import ValidationError
 
 from worker.audit.verify import Rulebook, VerifyReport
 from worker.core.config import JobsConfig, parse
@@ -82,13 +81,22 @@ def test_the_settings_row_is_found_and_skipped_by_a_restore() -> None:
         b'{"row":"settings","settings":{"v":1,"defaults":{"policy":"nope"}}}',
         b'{"row":"settings","settings":{"v":1,"ended_window":"many"}}',
         b'{"row":"settings","settings":"' + b"x" * 1_000_000 + b'"}',
+        pytest.param(b"", id="timeout-beyond-timedelta"),
     ],
 )
 def test_a_damaged_document_is_refused_with_an_error_not_a_crash(value: bytes) -> None:
+    if not value:  # a document of ours, but for a time-out no duration holds
+        valid = rulebook.document_of(rules(JobsConfig()))
+        value = (
+            b'{"row":"settings","settings":'
+            + valid.replace(b'"timeout_s":null', b'"timeout_s":1e300', 1)
+            + b"}"
+        )
+        assert b"1e300" in value
     found = rulebook.document_in(rulebook.KEY_PREFIX + b"abc", value)
     if found is None:
         return  # not even shaped as a settings row: not read as one
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError, match=r"validation error|out of range"):
         rulebook.rules_from(found[1], rules(JobsConfig()))
 
 

@@ -121,6 +121,8 @@ def load(path: Path | None) -> JobsConfig:
     """Read the TOML file at `path` (no file: every job type uses the built-in defaults)."""
     if path is None:
         return JobsConfig()
+    if path.exists() and not path.is_file():  # a FIFO would block the read, uninterruptibly
+        raise ConfigError(f"the job-type settings {path} is not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -99,8 +99,18 @@ def digest_of(document: bytes) -> str:
 
 
 def rules_from(document: bytes, base: Rules) -> Rules:
-    """`base` with the settings of `document` (partitions and test hooks stay `base`'s)."""
+    """`base` with the settings of `document` (partitions and test hooks stay `base`'s).
+
+    Raises ValueError for a document this code would not write, durations no `timedelta`
+    holds included."""
     doc = SettingsDocument.model_validate_json(document)
+    try:
+        return _rules(doc, base)
+    except OverflowError as exc:
+        raise ValueError(f"a duration of the settings is out of range: {exc}") from None
+
+
+def _rules(doc: SettingsDocument, base: Rules) -> Rules:
     return replace(
         base,
         jobs=JobsConfig(
