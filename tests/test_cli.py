@@ -766,3 +766,10 @@ def test_a_broker_that_does_not_answer_is_one_line_and_nothing_else(
     why = "" if command[0] == "acls" else "no bootstrap server answered ("
     assert line.startswith(f"error: cannot connect to Kafka: {why}"), line
     assert "check JOBS_BOOTSTRAP_SERVERS" in line
+
+
+def test_runs_limit_beyond_what_sqlite_takes_is_a_usage_error(tmp_path: Path) -> None:
+    """`runs --limit` past a billion: a usage error naming the option, not a file error."""
+    result = runner.invoke(app, ["runs", "--db", str(tmp_path / "x.db"), "--limit", str(2**63)])
+    assert result.exit_code == 2
+    assert "--limit" in result.output

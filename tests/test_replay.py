@@ -110,7 +110,10 @@ async def test_parallel_replay_and_a_replay_resumed_from_a_time_equal_one_proces
     assert progress[-1] == (len(second_half), len(second_half))
 
     alone, parallel = tmp_path / "alone.db", tmp_path / "parallel.db"
-    one = await replay(settings, alone, from_offset=0, processes=1)
+    # A time before any record's (before 1970, which Kafka's lookup refuses): all of them.
+    one = await replay(
+        settings, alone, from_timestamp=datetime(1969, 12, 31, 23, 59, tzinfo=UTC), processes=1
+    )
     default = await replay(settings, parallel, from_offset=0)
     assert (one.processes, one.events, one.runs) == (1, len(first) + len(closers), 400)
     assert (default.events, default.runs) == (one.events, one.runs)

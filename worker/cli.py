@@ -936,7 +936,7 @@ def runs(
     since: datetime = typer.Option(
         None, "--since", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"], help="Started at or after."
     ),
-    limit: int = typer.Option(50, "--limit", min=1),
+    limit: int = typer.Option(50, "--limit", min=1, max=1_000_000_000),
     as_json: bool = JSON_OUT,
 ) -> None:
     """List run history from the worker's SQLite file, newest first.

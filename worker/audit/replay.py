@@ -154,7 +154,8 @@ async def _ranges(
         if from_timestamp is None:
             return {p: (max(from_offset or 0, start), end) for p, (start, end) in whole.items()}
         topic = settings.topics.status
-        stamp = int(from_timestamp.timestamp() * 1000)
+        # No record is stamped before 1970: every one is at or after such a time.
+        stamp = max(0, int(from_timestamp.timestamp() * 1000))
         found = await consumer.offsets_for_times({TopicPartition(topic, p): stamp for p in whole})
         firsts = {tp.partition: at.offset for tp, at in found.items() if at is not None}
         return {p: (firsts.get(p, end), end) for p, (_, end) in whole.items()}
