@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from typer.testing import CliRunner
 
 from schemas import EventType, RunStatus, StatusEvent
+from tests.chaos import end_offsets
 from tests.conftest import RunningWorker
 from worker.audit.replay import replay
 from worker.cli import app
-from worker.client import ClientNotOpenError, JobClient, JobRejectedError, JobTimeoutError
+from worker.client import (
+    ClientNotOpenError,
+    JobClient,
+    JobInvalidError,
+    JobRejectedError,
+    JobTimeoutError,
+)
 from worker.client.executor import Executor, RunContext
 from worker.client.watch import StatusTail
 from worker.engine.store import Store
@@ -253,6 +260,47 @@ async def test_cli_without_worker_says_so_and_times_out_with_exit_4(topics: Sett
     assert "no worker is running" in result.output
     assert "no answer" in result.output
     assert "request_id=" in result.output
+
+
+BAD_JOB_TYPES = ["K" * 201, "", "a\x1bb", "two\nlines"]
+
+
+@pytest.mark.parametrize("job_type", BAD_JOB_TYPES)
+async def test_a_request_the_worker_would_dead_letter_is_refused_before_it_is_sent(
+    topics: Settings, client: JobClient, job_type: str
+) -> None:
+    """A job type the wire models refuse (too long, empty, a control character, spaces
+    around it): each call says which field and why at once, sends nothing (the worker
+    would dead-letter it and no answer would ever come), and `jobctl submit` exits 2."""
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: client.start_job(job_type, timeout=1),
+        lambda: client.start_job("etl", request_id="a\x01b", timeout=1),
+        lambda: client.cancel_job(job_type, timeout=1),
+        lambda: client.complete_job(job_type, "260101-000000-0.1", timeout=1),
+        lambda: client.report_progress(job_type, "260101-000000-0.1", {"done": 1}),
+    ]
+    for call in calls:
+        with pytest.raises(JobInvalidError, match=r"not sent: (job_type|request_id)"):
+            await call()
+    ends = await _end_offsets(topics)
+    assert ends == {topics.topics.requests: 0, topics.topics.results: 0}
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    result = await _cli("submit", job_type, "--timeout", "30", *base)
+    assert result.exit_code == 2, result.output
+    assert "job_type" in result.output
+    assert "no answer" not in result.output
+
+
+async def _end_offsets(topics: Settings) -> dict[str, int]:
+    """Records on each input topic, summed over its partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers)
+    await consumer.start()
+    try:
+        inputs = [topics.topics.requests, topics.topics.results]
+        ends = await end_offsets(consumer, inputs)
+        return {topic: sum(n for tp, n in ends.items() if tp.topic == topic) for topic in inputs}
+    finally:
+        await consumer.stop()
 
 
 async def test_the_running_view_follows_run_rows_only(topics: Settings) -> None:

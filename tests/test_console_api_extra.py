@@ -165,6 +165,23 @@ async def test_cancel_through_the_api(
     assert (await api.ok(f"/api/runs/{run_id}"))["status"] == "RUNNING"  # none of it was sent
     unknown = await post(session, f"{cancelling.url}/api/runs/nope-1", {"status": "CANCELLED"})
     assert unknown[0] == 404
+    # A run read from the status topic whose job type no request can carry (a forged event):
+    # 409 at once, saying why, not 504 after waiting for an answer that never comes.
+    forged = lifecycle(7)[0].model_copy(
+        update={"job_type": "K" * 300, "run_id": "261201-000000-0.99", "event_id": "forged"}
+    )
+    await publish(topics, [forged])
+
+    async def forged_listed() -> bool:
+        return (await api.get("/api/runs/261201-000000-0.99"))[0] == 200
+
+    await until(forged_listed, "the console did not read the forged run")
+    status, answer = await post(
+        session, f"{cancelling.url}/api/runs/261201-000000-0.99", {"status": "CANCELLED"}
+    )
+    assert status == 409, answer
+    assert "cannot be cancelled by a request" in answer["error"]
+    assert "job_type" in answer["error"]
 
     status, answer = await post(session, url, {"status": "CANCELLED", "reason": "by hand"})
     assert status == 200, answer

@@ -683,10 +683,12 @@ async def _warn_without_worker(s: Settings) -> None:
 
 
 def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
-    from worker.client import JobError, JobRejectedError, JobTimeoutError
+    from worker.client import JobError, JobInvalidError, JobRejectedError, JobTimeoutError
 
     try:
         return _run(_with_client(s, action))
+    except JobInvalidError as exc:  # what to fix in the command's arguments
+        raise _fail(str(exc), code=2) from None
     except JobTimeoutError as exc:
         raise _fail(str(exc), code=EXIT_TIMEOUT) from None
     except JobRejectedError as exc:

@@ -38,6 +38,11 @@ class JobRejectedError(JobError):
         self.event = event
 
 
+class JobInvalidError(JobError, ValueError):
+    """The request or result is not one the orchestrator takes (it would dead-letter it):
+    the message names each bad field. Nothing was sent."""
+
+
 class JobConnectionError(JobError, ConnectionError):
     """The client could not connect to Kafka: the message says why and what to check."""
 

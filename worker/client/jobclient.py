@@ -29,12 +29,14 @@ from typing import Any, Literal, overload
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
+from pydantic import ValidationError
 
-from schemas import EventType, RunStatus, StatusEvent
+from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import compat
 from worker.client.answers import (
     ClientNotOpenError,
     JobConnectionError,
+    JobInvalidError,
     JobRejectedError,
     JobTimeoutError,
     RunInfo,
@@ -150,8 +152,26 @@ class JobClient:
     # -- requests -------------------------------------------------------------------------------
 
     async def send(self, topic: str, body: Mapping[str, Any]) -> str:
-        """Send one request or result as it is; its request ID."""
+        """Send one request (to the requests topic) or result (any other) as it is; its
+        request ID.
+
+        Raises `JobInvalidError`, sending nothing, for a body the orchestrator would
+        dead-letter as `schema_invalid` (a job type too long or with control characters, a
+        bad request ID...): no answer would ever come.
+        """
         self._check_open()
+        model = JobRequest if topic == self.topics.requests else JobResult
+        try:
+            model.model_validate(body)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
+                for e in exc.errors(include_url=False, include_input=False)
+            )
+            what = "request" if model is JobRequest else "result"
+            raise JobInvalidError(
+                f"not a valid {what}, not sent: {problems}", body.get("request_id")
+            ) from None
         await self._producer.send_and_wait(
             topic, json.dumps(body).encode(), key=str(body["job_type"]).encode()
         )

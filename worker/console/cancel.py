@@ -17,7 +17,7 @@ from aiohttp import web
 
 from schemas import RunStatus
 from worker.client import JobClient
-from worker.client.answers import JobRejectedError, JobTimeoutError
+from worker.client.answers import JobInvalidError, JobRejectedError, JobTimeoutError
 from worker.console.params import BadParameter
 from worker.console.queries import Queries
 
@@ -93,6 +93,8 @@ async def cancel(client: JobClient, queries: Queries, run_id: str, reason: str) 
         )
     except JobRejectedError as exc:
         raise Refused(409, f"the orchestrator did not cancel run {run_id}: {exc}") from None
+    except JobInvalidError as exc:  # a run whose job type no request can name
+        raise Refused(409, f"run {run_id} cannot be cancelled by a request: {exc}") from None
     except JobTimeoutError:
         raise Refused(
             504,

@@ -246,7 +246,11 @@ def _cancel() -> dict[str, Any]:
             "400": _json("Error", "A bad body: `parameter` names the field."),
             "403": _json("Error", "This console was started without --allow-cancel."),
             "404": _json("Error", "No such run has been read."),
-            "409": _json("Error", "The run has ended, or the orchestrator refused."),
+            "409": _json(
+                "Error",
+                "The run has ended, the orchestrator refused, or no request can name the "
+                "run's job type.",
+            ),
             "415": _json("Error", "The body is not sent as JSON."),
             "504": _json("Error", "The orchestrator did not answer in time."),
         },
