@@ -7,7 +7,8 @@ fields, so a misspelt field is reported instead of silently dropped.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import math
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from operator import attrgetter
 from typing import Annotated, Any, Literal
@@ -49,9 +50,12 @@ def time_problem(value: datetime) -> str | None:
 def _checked_time(value: datetime) -> datetime:
     if (problem := time_problem(value)) is not None:
         raise ValueError(problem)
-    return value
+    # Held in UTC, whatever offset it was written with: times are compared and stored
+    # (SQLite's text columns, the console's filters) as UTC.
+    return value if value.utcoffset() == _NO_OFFSET else value.astimezone(UTC)
 
 
+_NO_OFFSET = timedelta(0)
 WireTime = Annotated[datetime, AfterValidator(_checked_time)]
 # What the schema documents say of every time (readers refuse others: `time_problem`).
 TIME_RULE = "With a UTC offset, from 1970 to 9000 (readers skip others)."
@@ -230,6 +234,12 @@ def read_status_event(value: bytes | str) -> StatusEvent:
     folded."""
     event = StatusEvent.model_validate_json(value)
     problem = None
+    if _maybe_non_finite(value) and not all(
+        _finite(data) for data in (event.metrics, event.initial_data)
+    ):
+        raise ValueError(
+            "not a status event the orchestrator writes: NaN or Infinity, which JSON has not"
+        )
     for at in (event.occurred_at, event.started_at):
         if at is not None and (problem := time_problem(at)) is not None:
             break
@@ -242,7 +252,39 @@ def read_status_event(value: bytes | str) -> StatusEvent:
             problem = f"a {event.type.value} event names its run and the status it ended in"
     if problem is not None:
         raise ValueError(f"not a status event the orchestrator writes: {problem}")
+    started = event.started_at
+    if event.occurred_at.utcoffset() != _NO_OFFSET or (
+        started is not None and started.utcoffset() != _NO_OFFSET
+    ):  # held in UTC, as the orchestrator writes them (stored and compared as UTC)
+        return event.model_copy(
+            update={
+                "occurred_at": event.occurred_at.astimezone(UTC),
+                "started_at": None if started is None else started.astimezone(UTC),
+            }
+        )
     return event
+
+
+def _maybe_non_finite(value: bytes | str) -> bool:
+    """Whether `value` may spell NaN or Infinity (pydantic's parser takes both): looked for
+    as substrings first, so an event without them is not walked."""
+    if isinstance(value, str):
+        return "NaN" in value or "Infinity" in value
+    return value.find(b"NaN") >= 0 or value.find(b"Infinity") >= 0
+
+
+def _finite(data: object) -> bool:
+    """Whether no float inside `data` (maps and lists, any depth) is NaN or infinite."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return False
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 class DeadLetterReason(WireModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,34 @@ def test_a_status_event_its_readers_cannot_fold_is_refused_where_it_is_read() ->
             schemas.RunRecord.model_validate({**row.model_dump(), "started_at": at})
         with pytest.raises(ValidationError):
             schemas.ViewMark.model_validate({"since": at, "every_s": 60})
+
+
+def test_a_status_event_with_nan_is_refused_and_other_offsets_are_read_as_utc() -> None:
+    """NaN and Infinity, which pydantic's parser takes and JSON has not (a console would
+    serve them as invalid JSON), are refused at any depth of the data; the words as text
+    are not. A time written with another offset than UTC is read as the same instant in
+    UTC, so that it is stored and filtered as the orchestrator's own times are."""
+    from tests.test_console import lifecycle
+
+    started = lifecycle(1)[0]
+    text = started.model_dump_json()
+    for data in ('{"x": NaN}', '{"a": [1, {"b": -Infinity}]}', '{"y": Infinity}'):
+        forged = text.replace('"initial_data":{"n":1}', f'"initial_data":{data}')
+        assert forged != text
+        with pytest.raises(ValueError, match="NaN or Infinity"):
+            schemas.read_status_event(forged.encode())
+        with pytest.raises(ValueError, match="NaN or Infinity"):
+            schemas.read_status_event(forged)
+    words = text.replace('"initial_data":{"n":1}', '"initial_data":{"NaN":"Infinity"}')
+    assert schemas.read_status_event(words.encode()).initial_data == {"NaN": "Infinity"}
+    assert started.started_at is not None
+    local = started.started_at.astimezone(timezone(timedelta(hours=-11)))
+    shifted = started.model_copy(update={"started_at": local, "occurred_at": local})
+    read = schemas.read_status_event(shifted.model_dump_json().encode())
+    assert read.started_at == started.started_at
+    assert read.started_at is not None
+    assert read.started_at.utcoffset() == timedelta(0)
+    assert read.occurred_at.utcoffset() == timedelta(0)
 
 
 def test_status_and_event_type_members_keep_their_values_and_serialize_as_them() -> None:
