@@ -773,3 +773,13 @@ def test_runs_limit_beyond_what_sqlite_takes_is_a_usage_error(tmp_path: Path) ->
     result = runner.invoke(app, ["runs", "--db", str(tmp_path / "x.db"), "--limit", str(2**63)])
     assert result.exit_code == 2
     assert "--limit" in result.output
+
+
+def test_a_db_that_links_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    """`serve --db` a symbolic link into a directory that does not exist: one line naming the
+    directory, without aiosqlite's thread error after it."""
+    link = tmp_path / "jobs.db"
+    link.symlink_to(tmp_path / "gone" / "jobs.db")
+    stderr = _fails_in_one_line("serve", "--db", str(link), *NOWHERE[:2])
+    assert f"there is no directory {tmp_path / 'gone'}" in stderr
+    assert "Exception in thread" not in stderr

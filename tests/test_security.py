@@ -351,7 +351,7 @@ def test_tls_files_that_cannot_be_used_are_named(certificates: dict[str, Path]) 
         ({"ssl_certfile": certificates["cert"], "ssl_keyfile": missing}, "is not a file"),
         (
             {"ssl_certfile": certificates["cert"], "ssl_keyfile": certificates["locked"]},
-            "JOBS_SSL_KEY_PASSWORD",
+            "give its password as JOBS_SSL_KEY_PASSWORD",
         ),
         (
             {
@@ -359,7 +359,15 @@ def test_tls_files_that_cannot_be_used_are_named(certificates: dict[str, Path]) 
                 "ssl_keyfile": certificates["locked"],
                 "ssl_key_password": "wrong",
             },
-            "JOBS_SSL_KEYFILE",
+            "JOBS_SSL_KEYFILE .*check JOBS_SSL_KEY_PASSWORD",
+        ),
+        (  # not PEM at all: the password is not what to look at
+            {
+                "ssl_certfile": certificates["junk"],
+                "ssl_keyfile": certificates["junk"],
+                "ssl_key_password": "given",
+            },
+            "both must be PEM files",
         ),
     ]
     for files, says in cases:

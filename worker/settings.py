@@ -361,9 +361,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
         raise ValueError(_file_problem("JOBS_SSL_CAFILE", cafile, exc)) from None
     if settings.ssl_certfile is not None and settings.ssl_keyfile is not None:
         key_password = settings.ssl_key_password
+        asked: list[bool] = []
 
         def password() -> str:
             # Called only for an encrypted key: without one, OpenSSL would prompt.
+            asked.append(True)
             return "" if key_password is None else key_password.get_secret_value()
 
         for name, path in (
@@ -377,11 +379,16 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
                 str(settings.ssl_certfile), str(settings.ssl_keyfile), password=password
             )
         except (OSError, ssl.SSLError) as exc:
+            if not asked:
+                hint = "both must be PEM files, the key the certificate's"
+            elif key_password is None:
+                hint = "the key is encrypted: give its password as JOBS_SSL_KEY_PASSWORD"
+            else:
+                hint = "the key is encrypted: check JOBS_SSL_KEY_PASSWORD"
             raise ValueError(
                 f"cannot use the client certificate JOBS_SSL_CERTFILE {settings.ssl_certfile} "
                 f"with its key JOBS_SSL_KEYFILE {settings.ssl_keyfile}: "
-                f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}; "
-                "an encrypted key needs JOBS_SSL_KEY_PASSWORD"
+                f"{getattr(exc, 'reason', None) or exc.strerror or type(exc).__name__}; {hint}"
             ) from None
     return context
 

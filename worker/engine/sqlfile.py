@@ -356,6 +356,11 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
 
 async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
     """A connection to `path` with the schema in place; `_Damaged` or `StoreError` if not."""
+    if not path.exists() and not (parent := path.resolve().parent).is_dir():
+        # Said here (a link to a missing directory): SQLite's own words are "unable to open
+        # database file", and aiosqlite leaves its thread to outlive the event loop after
+        # a failed connect.
+        raise StoreError(f"{path}: there is no directory {parent} to make it in")
     db = await aiosqlite.connect(str(path), timeout=BUSY_TIMEOUT_S)
     try:
         await _prepare(db, path, check=check)
