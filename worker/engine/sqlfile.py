@@ -354,9 +354,18 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
         )
 
 
+def _missing_directory(path: Path) -> Path | None:
+    """The directory a new file at `path` (through any link) would be made in, when it does
+    not exist; None when the file exists or can be made."""
+    if path.exists():
+        return None
+    parent = path.resolve().parent
+    return None if parent.is_dir() else parent
+
+
 async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
     """A connection to `path` with the schema in place; `_Damaged` or `StoreError` if not."""
-    if not path.exists() and not (parent := path.resolve().parent).is_dir():
+    if (parent := _missing_directory(path)) is not None:
         # Said here (a link to a missing directory): SQLite's own words are "unable to open
         # database file", and aiosqlite leaves its thread to outlive the event loop after
         # a failed connect.
