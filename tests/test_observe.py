@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import json
 import random
 import socket
@@ -286,3 +287,34 @@ async def test_a_taken_http_port_stops_the_worker_with_one_line(
     assert "Traceback" not in text
     assert f"cannot serve the HTTP endpoints on port {port} (JOBS_HTTP_PORT)" in text
     assert "address already in use" in text.lower()
+
+
+async def test_the_worker_says_when_the_broker_stops_answering_and_when_it_answers_again() -> None:
+    """One warning when the probe first fails (not one per probe), one info line with how
+    long it lasted when it answers again, nothing while nothing changes."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from worker.engine.observe import BrokerWatch
+    from worker.logs import configure
+
+    answers = [True, False, False, False, True, True]
+
+    async def probe() -> None:
+        if not answers.pop(0):
+            raise KafkaConnectionError("Unable to bootstrap from [('10.0.0.9', 9092)]")
+
+    watch = BrokerWatch(probe)
+    out = io.StringIO()
+    configure("info", "json", stream=out)
+    try:
+        for _ in range(6):
+            await watch.check()
+    finally:
+        configure("info", "json", stream=io.StringIO())
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(line["event"], line["level"]) for line in lines] == [
+        ("the broker does not answer; the worker waits for it", "warning"),
+        ("the broker answers again", "info"),
+    ]
+    assert "Unable to bootstrap" in lines[0]["reason"]
+    assert lines[1]["after_s"] >= 0

@@ -37,7 +37,7 @@ from worker.engine.codec import TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
 from worker.engine.hooks import Hooks
 from worker.engine.intake import Intake
-from worker.engine.observe import HttpServer, Metrics
+from worker.engine.observe import BrokerWatch, HttpServer, Metrics
 from worker.engine.partitions import PartitionManager
 from worker.engine.processing import BatchRunner
 from worker.engine.shared import SharedExactlyOnce
@@ -216,7 +216,11 @@ class Worker:
                 job_types=sorted(self.jobs_config.job_types)[:20],  # the first, for a glance
                 code=compiled.state(),
             )
-            await self._loop(stop)
+            watch = asyncio.create_task(BrokerWatch(self._probe).run())
+            try:
+                await self._loop(stop)
+            finally:
+                watch.cancel()
         finally:
             await self._shutdown()
         if self._failure is not None:
@@ -328,6 +332,7 @@ class Worker:
         out (a call that never returns) is `worker.watchdog`'s.
         """
         bound = self.settings.shutdown_timeout_s
+        log.info("stopping", within_s=bound)
         if self.hooks.on_stop is not None:
             self.hooks.on_stop(bound)
         try:

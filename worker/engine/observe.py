@@ -21,6 +21,7 @@ one happens. No counter has a `_created` series beside it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -208,6 +209,51 @@ class Metrics:
         self.commits.labels("aborted").inc()
 
 
+def broker_problem(exc: BaseException) -> str:
+    """Why the broker did not answer a probe, in the words `/readyz` and the log use."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {_BROKER_PROBE_S:g} s"
+    return str(exc) or type(exc).__name__
+
+
+async def probe_broker(probe: Callable[[], Awaitable[None]]) -> str | None:
+    """Why the broker does not answer `probe` within 2 s, or None when it does."""
+    try:
+        async with asyncio.timeout(_BROKER_PROBE_S):
+            await probe()
+    except (TimeoutError, KafkaError, OSError) as exc:
+        return broker_problem(exc)
+    return None
+
+
+class BrokerWatch:
+    """Says in the worker's log when the broker stops answering and when it answers again
+    (aiokafka's own lines, repeated while it retries, say neither): the probe of `/readyz`
+    every `every_s` seconds."""
+
+    def __init__(self, probe: Callable[[], Awaitable[None]], every_s: float = 5.0) -> None:
+        self._probe = probe
+        self._every_s = every_s
+        self._since: float | None = None  # when the broker last stopped answering
+
+    async def run(self) -> None:
+        """Probe until cancelled."""
+        while True:
+            await asyncio.sleep(self._every_s)
+            await self.check()
+
+    async def check(self) -> None:
+        """One probe; a line when the broker's answering changed since the last."""
+        problem = await probe_broker(self._probe)
+        now = time.monotonic()
+        if problem is not None and self._since is None:
+            self._since = now
+            log.warning("the broker does not answer; the worker waits for it", reason=problem)
+        elif problem is None and self._since is not None:
+            log.info("the broker answers again", after_s=round(now - self._since, 1))
+            self._since = None
+
+
 class HttpServer:
     """`/healthz`, `/readyz` and `/metrics` on `port`."""
 
@@ -257,14 +303,8 @@ class HttpServer:
         reason: str | None = None
         if not self._ready():
             reason = "a partition is being taken, or none is assigned"
-        else:
-            try:  # the broker answers: end offsets of the owned partitions, within 2 s
-                async with asyncio.timeout(_BROKER_PROBE_S):
-                    await self._probe()
-            except TimeoutError:
-                reason = f"the broker does not answer: no answer within {_BROKER_PROBE_S:g} s"
-            except (KafkaError, OSError) as exc:
-                reason = f"the broker does not answer: {str(exc) or type(exc).__name__}"
+        elif (problem := await probe_broker(self._probe)) is not None:
+            reason = f"the broker does not answer: {problem}"
         self._metrics.ready.set(1 if reason is None else 0)
         return reason
 
