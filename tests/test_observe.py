@@ -73,7 +73,9 @@ async def test_health_readiness_and_metrics(
     the events and dead letters the worker published, by type and reason code."""
     await create_topics(settings, 2)
     port = _free_port()
-    worker = WorkerProcess(settings.model_copy(update={"http_port": port}), "http", tmp_path)
+    worker = WorkerProcess(
+        settings.model_copy(update={"http_port": port}), "http", tmp_path, http_host="127.0.0.1"
+    )
     base = f"http://127.0.0.1:{port}"
     worker.start()
     try:
@@ -287,6 +289,14 @@ async def test_a_taken_http_port_stops_the_worker_with_one_line(
     assert "Traceback" not in text
     assert f"cannot serve the HTTP endpoints on port {port} (JOBS_HTTP_PORT)" in text
     assert "address already in use" in text.lower()
+    # An address no interface of this host has (TEST-NET-3): the same, naming it.
+    worker.start(http_host="203.0.113.7", http_port=str(_free_port()))
+    try:
+        assert await worker.wait_exit() == 1
+    finally:
+        worker.ensure_dead()
+    assert "on 203.0.113.7 (JOBS_HTTP_HOST), port" in worker.log_text()
+    assert "Traceback" not in worker.log_text()
 
 
 async def test_the_worker_says_when_the_broker_stops_answering_and_when_it_answers_again() -> None:

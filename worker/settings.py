@@ -224,6 +224,9 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the worker's /healthz, /readyz and /metrics; 0 switches them off.",
     )
+    http_host: str = Field(
+        default="", max_length=255, description="Address they listen on; empty: every interface."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

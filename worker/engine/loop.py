@@ -195,7 +195,12 @@ class Worker:
         try:
             if s.http_port:
                 self._http = HttpServer(
-                    self.metrics, self.is_ready, self._measure, self._probe, s.http_port
+                    self.metrics,
+                    self.is_ready,
+                    self._measure,
+                    self._probe,
+                    s.http_port,
+                    s.http_host,
                 )
                 await self._http.start()
             await collector.start()

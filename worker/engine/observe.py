@@ -264,8 +264,10 @@ class HttpServer:
         refresh: Callable[[], Awaitable[None]],
         probe: Callable[[], Awaitable[None]],
         port: int,
+        host: str = "",
     ) -> None:
         self._metrics = metrics
+        self._host = host
         self._ready = ready
         self._refresh = refresh
         self._probe = probe
@@ -273,7 +275,7 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        """Listen on all interfaces."""
+        """Listen on `host` (every interface when empty)."""
         app = web.Application()
         app.router.add_get("/healthz", self._health)
         app.router.add_get("/readyz", self._readiness)
@@ -281,14 +283,15 @@ class HttpServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, port=self._port).start()
+            await web.TCPSite(self._runner, host=self._host or None, port=self._port).start()
         except OSError as exc:
             await self._runner.cleanup()
+            where = f"{self._host} (JOBS_HTTP_HOST), " if self._host else ""
             raise ConfigError(
-                f"cannot serve the HTTP endpoints on port {self._port} (JOBS_HTTP_PORT): "
+                f"cannot serve the HTTP endpoints on {where}port {self._port} (JOBS_HTTP_PORT): "
                 f"{exc.strerror or exc}; give a free port, or 0 to switch them off"
             ) from None
-        log.info("http endpoints listening", port=self._port)
+        log.info("http endpoints listening", host=self._host or "every interface", port=self._port)
 
     async def stop(self) -> None:
         """Stop listening."""
