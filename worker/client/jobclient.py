@@ -78,6 +78,22 @@ def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Setting
     return Settings(**{**dict(settings), **overrides})
 
 
+def _check(model: type[JobRequest] | type[JobResult], body: Mapping[str, Any]) -> None:
+    """`JobInvalidError` naming each field of `body` that `model` (what the worker reads)
+    refuses."""
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        what = "request" if model is JobRequest else "result"
+        raise JobInvalidError(
+            f"not a valid {what}, not sent: {problems}", body.get("request_id")
+        ) from None
+
+
 class JobClient:
     """Async context manager speaking to the orchestrator through its topics."""
 
@@ -160,18 +176,7 @@ class JobClient:
         bad request ID...): no answer would ever come.
         """
         self._check_open()
-        model = JobRequest if topic == self.topics.requests else JobResult
-        try:
-            model.model_validate(body)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
-                for e in exc.errors(include_url=False, include_input=False)
-            )
-            what = "request" if model is JobRequest else "result"
-            raise JobInvalidError(
-                f"not a valid {what}, not sent: {problems}", body.get("request_id")
-            ) from None
+        _check(JobRequest if topic == self.topics.requests else JobResult, body)
         await self._producer.send_and_wait(
             topic, json.dumps(body).encode(), key=str(body["job_type"]).encode()
         )
