@@ -324,10 +324,9 @@ def test_an_active_runs_unusable_row_loses_its_payload_not_the_restore() -> None
     assert snapshot.foreign >= 1
 
 
-@pytest.mark.parametrize("held", [10**9, 2**62])
-def test_a_job_row_holding_more_entries_than_the_changelog_fails_at_once(held: int) -> None:
-    """A job row that says its window holds a billion entries: the restore fails naming the
-    job type, without making a key for each of them first (gigabytes)."""
+def _with_head_changed(held: int, decided_next: int) -> changelog.PartitionSnapshot:
+    """The rows of two lifecycles, then their job row again saying `held` idempotency
+    entries numbered up to `decided_next`."""
     rows = [
         row
         for before, after in _lifecycles(2, Limits())
@@ -337,8 +336,15 @@ def test_a_job_row_holding_more_entries_than_the_changelog_fails_at_once(held: i
     assert value is not None
     head = json.loads(value)
     head["held"][0] = held
-    head["state"]["decided_next"] = held
-    snapshot = _restored([*rows, (key, json.dumps(head).encode())])
+    head["state"]["decided_next"] = decided_next
+    return _restored([*rows, (key, json.dumps(head).encode())])
+
+
+@pytest.mark.parametrize("held", [10**9, 2**62])
+def test_a_job_row_holding_more_entries_than_the_changelog_fails_at_once(held: int) -> None:
+    """A job row that says its window holds a billion entries: the restore fails naming the
+    job type, without making a key for each of them first (gigabytes)."""
+    snapshot = _with_head_changed(held, held)
     with pytest.raises(ValueError, match=r"lacks at least .* of job type 'report'"):
         list(_states(snapshot))
 
@@ -346,15 +352,6 @@ def test_a_job_row_holding_more_entries_than_the_changelog_fails_at_once(held: i
 def test_a_job_row_numbering_beyond_64_bits_does_not_validate() -> None:
     """Window numbers are SQLite INTEGERs: a job row numbering past them is refused as a
     damaged row, not an overflow where SQLite writes it."""
-    rows = [
-        row
-        for before, after in _lifecycles(1, Limits())
-        for row in staterows.job_rows("report", before, after)
-    ]
-    key, value = [r for r in rows if r[0] == b"report"][-1]
-    assert value is not None
-    head = json.loads(value)
-    head["state"]["decided_next"] = 2**64
-    snapshot = _restored([*rows, (key, json.dumps(head).encode())])
+    snapshot = _with_head_changed(2, 2**64)
     with pytest.raises(ValueError, match="decided_next"):
         list(_states(snapshot))
