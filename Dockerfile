@@ -13,8 +13,12 @@ RUN python -m venv /venv \
 
 FROM python:3.11-slim
 COPY --from=build /venv /venv
-ENV PATH=/venv/bin:$PATH
+# An unprivileged user; its SQLite file in /data (a volume there starts owned by it).
+RUN useradd --system --uid 10001 --no-create-home jobs && mkdir /data && chown jobs /data
+ENV PATH=/venv/bin:$PATH JOBS_DB_PATH=/data/jobs.db
 WORKDIR /app
 COPY examples ./examples
+USER jobs
+EXPOSE 8080
 STOPSIGNAL SIGTERM
 CMD ["jobctl", "run"]

@@ -65,6 +65,18 @@ def test_the_worker_is_checked_on_its_real_endpoint_and_kept_running() -> None:
     assert set(COMPOSE["volumes"]) >= {"kafka-data", "worker-data"}
 
 
+def test_the_image_runs_unprivileged_with_its_file_in_the_volume() -> None:
+    """The image's last stage runs as a user of its own, which owns /data (the worker's
+    volume, which starts with the image's ownership), its default SQLite file is there, and
+    it exposes the HTTP port the compose file maps."""
+    final = (ROOT / "Dockerfile").read_text().rsplit("\nFROM ", 1)[1]
+    assert "\nUSER jobs\n" in final
+    assert "chown jobs /data" in final
+    assert "JOBS_DB_PATH=/data/jobs.db" in final
+    port = SERVICES["worker"]["environment"]["JOBS_HTTP_PORT"]
+    assert f"\nEXPOSE {port}\n" in final
+
+
 def test_the_executor_runs_the_example() -> None:
     """The example executor service runs a module that exists and has a main block."""
     command = SERVICES["executor"]["command"]
