@@ -291,6 +291,25 @@ async def test_a_request_the_worker_would_dead_letter_is_refused_before_it_is_se
     assert "no answer" not in result.output
 
 
+async def test_padded_ids_and_bad_data_are_answered_as_the_worker_reads_them(
+    worker: RunningWorker, client: JobClient
+) -> None:
+    """A request ID or job type with spaces around it is decided trimmed, and the caller
+    gets that answer (it waited for the untrimmed ID before); data that is no mapping, or
+    NaN, is refused before it is sent; a client ID matches in any case, as the worker's
+    scopes do."""
+    decision = await client.start_job(" padded.job\t", client_id="Acme", request_id=" lead ")
+    assert decision.type is EventType.STARTED
+    assert decision.request_id == "lead"
+    assert await client.is_job_running("padded.job", client_id="acme")
+    assert await client.get_running_job_info(" padded.job ", client_id="ACME ") is not None
+    for data in ([1, 2], "abc"):
+        with pytest.raises(JobInvalidError, match="initial_data must be a mapping"):
+            await client.start_job("etl", initial_data=data)  # type: ignore[arg-type]
+    with pytest.raises(JobInvalidError, match="not JSON"):
+        await client.start_job("etl", initial_data={"x": float("nan")})
+
+
 async def _end_offsets(topics: Settings) -> dict[str, int]:
     """Records on each input topic, summed over its partitions."""
     consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap_servers)

@@ -231,17 +231,41 @@ async def test_a_job_s_bad_return_value_fails_the_run_with_the_reason(
     async def setty(run: RunContext) -> Any:
         return {"seen": {1, 2}}
 
+    @executor.job("deep")
+    async def deep(run: RunContext) -> Any:  # the worker would dead-letter it: too_deep
+        value: dict[str, Any] = {}
+        for _ in range(40):
+            value = {"a": value}
+        return value
+
+    @executor.job("intkeys")
+    async def intkeys(run: RunContext) -> Any:  # JSON makes the key a string: reported so
+        return {1: "a"}
+
+    with pytest.raises(TypeError, match="not a coroutine function; write it with async def"):
+
+        @executor.job("plain")
+        def plain(run: RunContext) -> Any:
+            return {"ok": 1}
+
     stop = asyncio.Event()
     task = asyncio.create_task(executor.run(stop))
     try:
         await asyncio.wait_for(executor.ready.wait(), 30)
         bad_type = await client.start_job("listy")
         bad_json = await client.start_job("setty")
+        too_deep = await client.start_job("deep")
+        keyed = await client.start_job("intkeys")
         failed = await tail.wait_event(run_id=bad_type.run_id, type=EventType.FAILED)
         assert failed.metrics == {SYSTEM_NOTES: "the job returned list, not a mapping of metrics"}
         failed = await tail.wait_event(run_id=bad_json.run_id, type=EventType.FAILED)
         assert failed.metrics is not None
         assert "not JSON" in failed.metrics[SYSTEM_NOTES]
+        failed = await tail.wait_event(run_id=too_deep.run_id, type=EventType.FAILED)
+        assert failed.metrics is not None
+        assert "JOBS_MAX_NESTING_DEPTH" in failed.metrics[SYSTEM_NOTES]
+        done = await tail.wait_event(run_id=keyed.run_id, type=EventType.COMPLETED)
+        assert done.metrics == {"1": "a"}
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -19,7 +19,6 @@ another process finished first). The orchestrator accepts one outcome per run.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ import structlog
 from aiokafka.errors import KafkaError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential, wait_random
 
-from schemas import StatusEvent
-from worker.client.answers import JobRejectedError, JobTimeoutError
+from schemas import JobResult, StatusEvent
+from worker.client.answers import JobInvalidError, JobRejectedError, JobTimeoutError
 from worker.client.jobclient import JobClient
+from worker.client.wire import encoded
 
 log = structlog.get_logger("executor")
 
@@ -74,8 +74,10 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def outcome_of(task: asyncio.Task[Mapping[str, Any] | None], max_bytes: int) -> Outcome:
-    """The finished coroutine's outcome; anything that cannot be reported fails the run."""
+def outcome_of(task: asyncio.Task[Mapping[str, Any] | None], run: RunContext) -> Outcome:
+    """The finished coroutine's outcome; anything that cannot be reported as it is (not a
+    mapping, not JSON, too deep or too large for the worker: `worker.client.wire`) fails the
+    run, with what was wrong in its metrics."""
     error = task.exception()
     if error is not None:
         return Outcome("FAILED", {"error": repr(error)})
@@ -86,13 +88,19 @@ def outcome_of(task: asyncio.Task[Mapping[str, Any] | None], max_bytes: int) -> 
         note = f"the job returned {type(value).__name__}, not a mapping of metrics"
         return Outcome("FAILED", {SYSTEM_NOTES: note})
     metrics = dict(value)
+    result = {
+        "kind": "result",
+        "request_id": "outcome",
+        "job_type": run.job_type,
+        "run_id": run.run_id,
+        "status": "COMPLETED",
+        "final_metrics": metrics,
+    }
     try:
-        size = len(json.dumps(metrics, allow_nan=False).encode())
-    except (TypeError, ValueError) as exc:
-        return Outcome("FAILED", {SYSTEM_NOTES: f"the job's metrics are not JSON: {exc}"[:500]})
-    if size > max_bytes:
-        note = f"the job's metrics are {size} bytes, over the limit of {max_bytes}"
-        return Outcome("FAILED", {SYSTEM_NOTES: note})
+        encoded(JobResult, result, run.client.settings)
+    except JobInvalidError as exc:
+        problem = str(exc).removeprefix("not a valid result, not sent: ")
+        return Outcome("FAILED", {SYSTEM_NOTES: f"the job's metrics: {problem}"[:500]})
     return Outcome("COMPLETED", metrics)
 
 
@@ -120,7 +128,14 @@ class RunExecution:
             ended.cancel()
 
     async def _work(self, ended: asyncio.Future[StatusEvent]) -> Outcome | None:
-        job = asyncio.create_task(self.function(self.run))
+        try:
+            work = self.function(self.run)
+        except Exception as exc:  # a plain function that raised: it ran, and failed
+            return Outcome("FAILED", {"error": repr(exc)})
+        if not asyncio.iscoroutine(work):  # a plain function registered: it ran, unreported
+            note = f"the job returned {type(work).__name__}, not a coroutine: use async def"
+            return Outcome("FAILED", {SYSTEM_NOTES: note})
+        job = asyncio.create_task(work)
         beats = asyncio.create_task(self._heartbeats()) if self.timing.heartbeat else None
         try:
             racing: set[asyncio.Future[Any]] = {job, ended}
@@ -139,7 +154,7 @@ class RunExecution:
         if job.cancelled():
             self.log.info("the job cancelled itself; failing the run")
             return Outcome("FAILED", {SYSTEM_NOTES: "the job was cancelled"})
-        outcome = outcome_of(job, self.run.client.settings.max_data_bytes)
+        outcome = outcome_of(job, self.run)
         if outcome.status == "FAILED":
             self.log.warning("run failed", **outcome.metrics)
         return outcome

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
@@ -109,6 +110,15 @@ class Executor:
         """Register the decorated coroutine for `job_type`."""
 
         def register(function: JobFunction) -> JobFunction:
+            if not (
+                inspect.iscoroutinefunction(function)
+                or inspect.iscoroutinefunction(type(function).__call__)
+            ):
+                name = getattr(function, "__name__", type(function).__name__)
+                raise TypeError(
+                    f"@job({job_type!r}): {name} is not a coroutine function; write it with "
+                    "async def (a blocking job can await asyncio.to_thread)"
+                )
             self._jobs[job_type] = function
             return function
 

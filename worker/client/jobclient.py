@@ -20,7 +20,6 @@ sees its own starts. Nothing of the orchestrator's engine or core is imported he
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -29,7 +28,6 @@ from typing import Any, Literal, overload
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
-from pydantic import ValidationError
 
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import compat
@@ -44,6 +42,7 @@ from worker.client.answers import (
 )
 from worker.client.replies import Replies
 from worker.client.view import RunningView, window_of
+from worker.client.wire import encoded
 from worker.kafkaio import connection
 from worker.settings import Settings
 
@@ -78,20 +77,20 @@ def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Setting
     return Settings(**{**dict(settings), **overrides})
 
 
-def _check(model: type[JobRequest] | type[JobResult], body: Mapping[str, Any]) -> None:
-    """`JobInvalidError` naming each field of `body` that `model` (what the worker reads)
-    refuses."""
-    try:
-        model.model_validate(body)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']) or 'body'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        what = "request" if model is JobRequest else "result"
+def _client(client_id: str | None) -> str | None:
+    """A client ID as the worker compares them (trimmed, any case)."""
+    return None if client_id is None else client_id.strip().lower()
+
+
+def _data(name: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`value` as the JSON object sent as `name` (None: an empty one)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
         raise JobInvalidError(
-            f"not a valid {what}, not sent: {problems}", body.get("request_id")
-        ) from None
+            f"not sent: {name} must be a mapping (a JSON object), not {type(value).__name__}"
+        )
+    return dict(value)
 
 
 class JobClient:
@@ -176,21 +175,23 @@ class JobClient:
         bad request ID...): no answer would ever come.
         """
         self._check_open()
-        _check(JobRequest if topic == self.topics.requests else JobResult, body)
-        await self._producer.send_and_wait(
-            topic, json.dumps(body).encode(), key=str(body["job_type"]).encode()
-        )
-        return str(body["request_id"])
+        sent, payload = encoded(self._model_of(topic), body, self.settings)
+        await self._producer.send_and_wait(topic, payload, key=sent["job_type"].encode())
+        return str(sent["request_id"])
+
+    def _model_of(self, topic: str) -> type[JobRequest] | type[JobResult]:
+        return JobRequest if topic == self.topics.requests else JobResult
 
     async def _ask(
         self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
     ) -> StatusEvent:
         self._check_open()
-        request_id = body["request_id"]
+        sent, payload = encoded(self._model_of(topic), body, self.settings)
+        request_id = sent["request_id"]  # as the worker reads it, and names in its answer
         future = self.replies.answer(request_id, answers)
         try:
             async with asyncio.timeout(timeout):
-                await self.send(topic, body)
+                await self._producer.send_and_wait(topic, payload, key=sent["job_type"].encode())
                 event = await future
         except TimeoutError:
             raise JobTimeoutError(
@@ -253,14 +254,14 @@ class JobClient:
             "kind": "start",
             "request_id": request_id or str(uuid.uuid4()),
             "job_type": job_type,
-            "initial_data": dict(initial_data or {}),
+            "initial_data": _data("initial_data", initial_data),
         }
         if client_id is not None:
             body["client_id"] = client_id
         if not wait:
             return await self.send(self.topics.requests, body)
         event = await self._ask(self.topics.requests, body, _START_ANSWERS, timeout)
-        decision = StartDecision(body["request_id"], event)
+        decision = StartDecision(event.request_id or body["request_id"], event)
         await self._refresh(decision.request_id, timeout, f"was decided ({decision.type})")
         if decision.running_run_id is not None:
             running = self.view.get(decision.running_run_id)
@@ -297,7 +298,7 @@ class JobClient:
             "job_type": job_type,
             "run_id": run_id,
             "status": status,
-            "final_metrics": dict(final_metrics or {}),
+            "final_metrics": _data("final_metrics", final_metrics),
         }
         return await self._ask(self.topics.results, body, _RESULT_ANSWERS, timeout)
 
@@ -311,7 +312,7 @@ class JobClient:
         request_id: str | None = None,
     ) -> StatusEvent:
         """Report a run as FAILED; `error` goes into the metrics as the seed did."""
-        metrics = dict(final_metrics or {})
+        metrics = _data("final_metrics", final_metrics)
         if error is not None:
             metrics.setdefault("error", str(error) if isinstance(error, str) else repr(error))
         return await self.complete_job(job_type, run_id, metrics, "FAILED", timeout, request_id)
@@ -347,7 +348,7 @@ class JobClient:
             "run_id": run_id,
         }
         if metrics is not None:
-            body["metrics"] = dict(metrics)
+            body["metrics"] = _data("metrics", metrics)
         return await self.send(self.topics.results, body)
 
     # -- the running view -----------------------------------------------------------------------
@@ -355,9 +356,11 @@ class JobClient:
     async def get_running_job_info(
         self, job_type: str, client_id: str | None = None, timeout: float = 30
     ) -> RunInfo | None:
-        """The running run of `job_type` (for `client_id`, if given), or None."""
+        """The running run of `job_type` (for `client_id`, if given, in any case), or None:
+        the names as the worker reads them (trimmed)."""
+        job_type, client = job_type.strip(), None if client_id is None else _client(client_id)
         for run in await self.running_jobs(timeout):
-            if run.job_type == job_type and (client_id is None or run.client_id == client_id):
+            if run.job_type == job_type and (client is None or _client(run.client_id) == client):
                 return run
         return None
 
