@@ -21,6 +21,7 @@ from worker.cli import app
 from worker.client import (
     ClientNotOpenError,
     JobClient,
+    JobConnectionError,
     JobInvalidError,
     JobRejectedError,
     JobTimeoutError,
@@ -381,14 +382,18 @@ async def test_wait_false_errors_and_misuse_name_the_request(
         assert rejected.value.request_id == "mine-1"
     with pytest.raises(ClientNotOpenError):
         await jobs.is_job_running("sync")
+    with pytest.raises(JobConnectionError, match="was closed; make a new one"):
+        await jobs.open()
 
 
 async def test_a_client_that_fails_to_open_leaves_nothing_open(settings: Settings) -> None:
-    """Topics missing: open raises a clear error and no connection or task is left behind."""
+    """Topics missing: open raises the client's connection error saying what to check,
+    and no connection or task is left behind."""
     before = asyncio.all_tasks()
-    with pytest.raises(LookupError, match="does not exist"):
+    with pytest.raises(JobConnectionError, match="does not exist; is the prefix") as failed:
         async with JobClient(settings):
             pass
+    assert "jobctl topics create" in str(failed.value)
     assert asyncio.all_tasks() - before == set()
 
 

@@ -40,3 +40,16 @@ def test_the_client_loads_nothing_of_the_orchestrator() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_the_packages_say_they_are_typed() -> None:
+    """`py.typed` in both packages, and in the wheel's package data, so that mypy checks a
+    user's calls into the client (PEP 561) instead of reporting the modules missing."""
+    import tomllib
+
+    root = WORKER.parent
+    assert (root / "worker" / "py.typed").exists()
+    assert (root / "schemas" / "py.typed").exists()
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in data["package-data"]["worker"]
+    assert "py.typed" in data["package-data"]["schemas"]

@@ -77,6 +77,17 @@ def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Setting
     return Settings(**{**dict(settings), **overrides})
 
 
+def _cannot_connect(exc: Exception, settings: Settings) -> JobConnectionError:
+    """What to check when opening failed: the broker's address, or the topics' prefix."""
+    if isinstance(exc, LookupError):  # a topic of the prefix does not exist
+        return JobConnectionError(
+            f"{exc}; is the prefix {settings.topic_prefix!r} right, and were the topics "
+            "created (jobctl topics create)?"
+        )
+    where = settings.bootstrap_servers
+    return JobConnectionError(f"cannot connect to Kafka at {where}: {compat.connect_failure(exc)}")
+
+
 def _client(client_id: str | None) -> str | None:
     """A client ID as the worker compares them (trimmed, any case)."""
     return None if client_id is None else client_id.strip().lower()
@@ -105,10 +116,13 @@ class JobClient:
         self.view = RunningView(
             self.topics.state, kafka, window=window_of(self.settings.view_refresh_s)
         )
-        self._open = False
+        self._open = self._closed = False
 
     async def open(self) -> JobClient:
-        """Connect; on any failure, close what was opened and raise."""
+        """Connect; on any failure, close what was opened and raise. A client opens once:
+        after `close`, make another."""
+        if self._closed:
+            raise JobConnectionError("this JobClient was closed; make a new one to reconnect")
         try:
             await self._producer.start()
             await self.replies.open()
@@ -122,12 +136,9 @@ class JobClient:
                 f"{_VIEW_STALL_S:g} s; is the broker at {self.settings.bootstrap_servers} "
                 "answering, and may this client read that topic?"
             ) from None
-        except KafkaConnectionError as exc:
+        except (KafkaConnectionError, LookupError) as exc:
             await self.close()
-            where = self.settings.bootstrap_servers
-            raise JobConnectionError(
-                f"cannot connect to Kafka at {where}: {compat.connect_failure(exc)}"
-            ) from exc
+            raise _cannot_connect(exc, self.settings) from exc
         except BaseException:
             await self.close()
             raise
@@ -135,7 +146,7 @@ class JobClient:
 
     async def close(self) -> None:
         """Stop reading and disconnect everything; safe to call more than once."""
-        self._open = False
+        self._open, self._closed = False, True
         await self.view.close()
         await self.replies.close()
         await self._producer.stop()
