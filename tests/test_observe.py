@@ -328,3 +328,16 @@ async def test_the_worker_says_when_the_broker_stops_answering_and_when_it_answe
     ]
     assert "Unable to bootstrap" in lines[0]["reason"]
     assert lines[1]["after_s"] >= 0
+
+
+def test_the_dead_letter_series_made_at_start_are_the_readmes_codes() -> None:
+    """The codes whose series start at 0 are the table of README's "Bad input and dead
+    letters", no more and no fewer: a code added to one without the other fails here."""
+    import re
+
+    from worker.engine.observe import DEAD_LETTER_CODES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Bad input and dead letters", 1)[1].split("\n## ", 1)[0]
+    table = re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)
+    assert sorted(table) == sorted(DEAD_LETTER_CODES)

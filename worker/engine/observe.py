@@ -209,20 +209,16 @@ class Metrics:
         self.commits.labels("aborted").inc()
 
 
-def broker_problem(exc: BaseException) -> str:
-    """Why the broker did not answer a probe, in the words `/readyz` and the log use."""
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {_BROKER_PROBE_S:g} s"
-    return str(exc) or type(exc).__name__
-
-
 async def probe_broker(probe: Callable[[], Awaitable[None]]) -> str | None:
-    """Why the broker does not answer `probe` within 2 s, or None when it does."""
+    """Why the broker does not answer `probe` within 2 s, in the words `/readyz` and the
+    log use, or None when it does."""
     try:
         async with asyncio.timeout(_BROKER_PROBE_S):
             await probe()
-    except (TimeoutError, KafkaError, OSError) as exc:
-        return broker_problem(exc)
+    except TimeoutError:
+        return f"no answer within {_BROKER_PROBE_S:g} s"
+    except (KafkaError, OSError) as exc:
+        return str(exc) or type(exc).__name__
     return None
 
 
