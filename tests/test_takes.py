@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from structlog.testing import capture_logs
 
 from schemas import RunStatus
@@ -166,3 +167,47 @@ async def test_a_changelog_read_leaves_no_fetch_waiting_at_the_broker(settings: 
             assert reader.assignment() == set()
     finally:
         await reader.stop()
+
+
+class _ClosedCollector:
+    """Opening fails as a client closed by the worker's stop fails a request in flight."""
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self.stopping = stopping
+
+    async def open(self, number: int) -> None:
+        await self.stopping.wait()
+        raise KafkaConnectionError("Connection at 127.0.0.1:9092 closed")
+
+    async def close(self, number: int) -> None:
+        pass
+
+
+async def test_a_take_cut_short_by_stopping_does_not_fail_the_worker(
+    settings: Settings,
+) -> None:
+    """SIGTERM while a partition is being taken: stopping closes the clients, the take's
+    request fails with a closed connection, and that is the end of the take, not a
+    partition left unserved (which would make the stop exit 1)."""
+    stopping = asyncio.Event()
+    failures: list[BaseException] = []
+    manager = PartitionManager(
+        settings,
+        _Consumer(),  # type: ignore[arg-type]
+        _ClosedCollector(stopping),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]  # never reached: the take fails in `open`
+        lambda: None,  # type: ignore[arg-type, return-value]
+        failures.append,
+        stopping,
+        asyncio.Event(),
+    )
+    await manager.assigned([TopicPartition(settings.topics.requests, 0)])
+    await asyncio.sleep(0)  # the take starts and waits in `open`
+    assert manager.taking == 1
+    stopping.set()
+    async with asyncio.timeout(5):
+        while manager.taking:  # noqa: ASYNC110 (the take's end is a counter, not an event)
+            await asyncio.sleep(0)
+        await manager.close_all()
+    assert failures == []
+    assert manager.owned == {}

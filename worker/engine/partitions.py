@@ -186,7 +186,11 @@ class PartitionManager:
         try:
             await self._take(number, this)
         except Exception as exc:
-            if self._takes.get(number) is this:
+            if self._takes.get(number) is this and self._stopping.is_set():
+                # Stopping closes the clients a take uses: what it could not finish, the
+                # next owner takes. Not a partition left unserved.
+                log.info("take cut short by stopping", partition=number, error=repr(exc))
+            elif self._takes.get(number) is this:
                 failed = True
                 self._unserved([number], exc)
         finally:
