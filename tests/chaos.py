@@ -40,7 +40,10 @@ from worker.settings import Settings
 
 
 class WorkerProcess:
-    """`jobctl run` in a child process, with its own SQLite file and log."""
+    """`jobctl run` in a child process, with its own SQLite file and log; by default through
+    the crash tests' entry point, which adds the fault points of `JOBS_FAULT_*`."""
+
+    module = "worker.devtools.faults"  # "worker.cli": `jobctl run` itself
 
     def __init__(self, settings: Settings, name: str, directory: Path, **extra: str) -> None:
         self.name = name
@@ -69,7 +72,7 @@ class WorkerProcess:
         with self.log_path.open("ab") as log:
             self._log_mark = log.tell()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "run"],
+                [sys.executable, "-m", self.module, "run"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

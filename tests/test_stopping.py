@@ -108,6 +108,21 @@ async def test_a_failed_step_of_stopping_leaves_the_others_to_run(
 
 @pytest.mark.kafka
 @pytest.mark.timeout(300)
+async def test_jobctl_run_itself_reads_no_fault_points(
+    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+) -> None:
+    """The crash tests' variables in a production worker's environment do nothing: `jobctl
+    run` stops cleanly where the crash tests' entry point would fail its stop."""
+    plain = WorkerProcess(topics, "worker", tmp_path, fault_point="fail_stopping")
+    plain.module = "worker.cli"
+    _, code, _ = await started_then_stopped(plain, topics, producer, tail)
+    assert code == 0, plain.log_text()[-4000:]
+    assert "injected fault" not in plain.log_text()
+    assert events_named(plain, "worker stopped")[0].get("failed_steps") in (None, [])
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
 async def test_a_stop_whose_event_loop_never_returns_ends_by_the_watchdog(
     topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import typer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -38,6 +38,9 @@ from worker.kafkaio import connection, librdkafka_config
 from worker.logs import configure as configure_logs
 from worker.settings import LONGEST_S, Settings
 from worker.shown import shown
+
+if TYPE_CHECKING:
+    from worker.engine.hooks import Hooks
 
 app = typer.Typer(
     name="jobctl",
@@ -313,6 +316,11 @@ def topics_describe(bootstrap: str = BOOTSTRAP, prefix: str = PREFIX) -> None:
         raise _fail(str(exc)) from None
 
 
+# What `run` adds to its hooks: None in `jobctl`; set only by `python -m
+# worker.devtools.faults`, the crash tests' way to run a worker with fault points.
+RUN_HOOKS: Callable[[Hooks], Hooks] | None = None
+
+
 @app.command()
 def run(
     bootstrap: str = BOOTSTRAP,
@@ -327,7 +335,6 @@ def run(
     Example: JOBS_BOOTSTRAP_SERVERS=kafka:9092 jobctl run --db /var/lib/jobs/jobs.db
     """
     from worker.core.config import ConfigError
-    from worker.devtools.faults import from_environment
     from worker.engine.hooks import Hooks
     from worker.engine.loop import StopTimedOut, Worker
     from worker.watchdog import StopWatchdog
@@ -338,8 +345,8 @@ def run(
     gctuning.tune()
 
     hooks = Hooks(on_stop=StopWatchdog().arm)
-    if (faults := from_environment()) is not None:  # the crash tests
-        hooks = faults.hooks(hooks)
+    if RUN_HOOKS is not None:  # the crash tests' entry point (`worker.devtools.faults`)
+        hooks = RUN_HOOKS(hooks)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -1,6 +1,7 @@
 """Fault injection for the crash tests: hooks for the engine, read from the environment.
 
-Only `jobctl run` reads these variables; a worker embedded elsewhere never faults.
+`python -m worker.devtools.faults run [options]` is `jobctl run` with these faults added;
+`jobctl run` itself never reads the variables, nor does a worker embedded elsewhere.
 
 - `JOBS_FAULT_POINT`: `in_transaction` or `after_commit` (exit the process hard there),
   `stop_in_transaction` (freeze it with SIGSTOP inside an open transaction), or, once the
@@ -95,3 +96,17 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Faults | None:
         return None
     after = int(environ.get("JOBS_FAULT_AFTER_BATCHES", "0"))
     return Faults(point, after, record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`jobctl` with the faults of the environment added to `run`'s hooks."""
+    from worker import cli
+
+    faults = from_environment()
+    if faults is not None:
+        cli.RUN_HOOKS = faults.hooks
+    cli.app(args=argv, prog_name="faults")
+
+
+if __name__ == "__main__":
+    main()
