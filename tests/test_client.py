@@ -292,6 +292,38 @@ async def test_a_request_the_worker_would_dead_letter_is_refused_before_it_is_se
     assert "no answer" not in result.output
 
 
+@pytest.mark.parametrize("timeout", [None, 0, -1, float("nan"), float("inf"), "5"])
+async def test_a_timeout_that_is_no_positive_number_is_refused_before_anything_is_sent(
+    topics: Settings, client: JobClient, timeout: Any
+) -> None:
+    """`timeout=None` (or 0, NaN, a string) is a clear error at once, naming `timeout`, not
+    a failure deep inside the wait or an answer that never comes; nothing is sent."""
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: client.start_job("etl", timeout=timeout),
+        lambda: client.cancel_job("etl", timeout=timeout),
+        lambda: client.complete_job("etl", "260101-000000-0.1", timeout=timeout),
+        lambda: client.is_job_running("etl", timeout=timeout),
+        lambda: client.running_jobs(timeout=timeout),
+    ]
+    for call in calls:
+        with pytest.raises((TypeError, ValueError), match=r"^timeout must be"):
+            await call()
+    ends = await _end_offsets(topics)
+    assert ends == {topics.topics.requests: 0, topics.topics.results: 0}
+
+
+async def test_an_unknown_keyword_names_the_setting_it_may_have_meant() -> None:
+    """`JobClient(bootstrap=...)` is a TypeError as Python gives one for an unknown
+    keyword, with the setting's name when one is close; a known one still works."""
+    with pytest.raises(TypeError, match="'bootstrap'; did you mean 'bootstrap_servers'"):
+        JobClient(bootstrap="kafka:9092")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'colour'$"):
+        JobClient(colour="blue")
+    made = JobClient(bootstrap_servers="kafka:1234")
+    assert made.settings.bootstrap_servers == "kafka:1234"
+    await made.close()
+
+
 async def test_padded_ids_and_bad_data_are_answered_as_the_worker_reads_them(
     worker: RunningWorker, client: JobClient
 ) -> None:

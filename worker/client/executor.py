@@ -80,7 +80,15 @@ class _Held:
 
 
 class Executor:
-    """Runs registered job coroutines for `started` events; reports their outcomes."""
+    """Runs registered job coroutines for `started` events; reports their outcomes.
+
+    `Executor(client, group=None, *, grace=20.0, cancel_grace=10.0, heartbeat=None)`:
+    `client` an open `JobClient`; `group` the consumer group that shares the `started`
+    events among executor processes (by default one named after the topic prefix and the
+    registered job types); `grace` the seconds running jobs have to finish once stopping
+    begins; `cancel_grace` the seconds a cancelled job has to end before it is abandoned;
+    `heartbeat` the seconds between heartbeats sent for each running job (None: none).
+    """
 
     def __init__(
         self,

@@ -15,11 +15,20 @@ it again with the same `request_id` is safe (the orchestrator answers with the o
 decision, which `start_job` returns as what it was). The running view (`is_job_running`,
 `get_running_job_info`) is `RunningView`, brought up to date before each answer, so a client
 sees its own starts. Nothing of the orchestrator's engine or core is imported here.
+
+`JobClient(settings=None, **overrides)`: the connection and topics are `settings` (by
+default `Settings()`, read from the JOBS_* variables), with each keyword overriding the
+setting of that name: `JobClient(bootstrap_servers="kafka:9092", topic_prefix="jobs")`.
+An unknown keyword raises TypeError, naming the setting it may have meant; a value the
+settings refuse raises pydantic's ValidationError (a ValueError). Every call that waits
+takes `timeout`, in seconds (a positive number; 30 by default).
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
+import math
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -69,6 +78,12 @@ def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Setting
     values from the environment are: `model_copy(update=...)` would keep a password as the
     plain str given (shown by repr, without `password()`) and a combination the settings
     refuse, such as SASL without a user."""
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:
+        name = unknown[0]
+        near = difflib.get_close_matches(name, Settings.model_fields, n=1, cutoff=0.5)
+        maybe = f"; did you mean {near[0]!r}?" if near else ""
+        raise TypeError(f"JobClient() got an unexpected keyword argument {name!r}{maybe}")
     if settings is None:
         return Settings(**overrides)  # keywords come before JOBS_* variables
     if not overrides:
@@ -88,6 +103,15 @@ def _cannot_connect(exc: Exception, settings: Settings) -> JobConnectionError:
     return JobConnectionError(f"cannot connect to Kafka at {where}: {compat.connect_failure(exc)}")
 
 
+def _seconds(timeout: float) -> float:
+    """`timeout` if it is a positive number of seconds; else TypeError or ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if not timeout > 0 or math.isinf(timeout):
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout}")
+    return timeout
+
+
 def _client(client_id: str | None) -> str | None:
     """A client ID as the worker compares them (trimmed, any case)."""
     return None if client_id is None else client_id.strip().lower()
@@ -105,7 +129,8 @@ def _data(name: str, value: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class JobClient:
-    """Async context manager speaking to the orchestrator through its topics."""
+    """Async context manager speaking to the orchestrator through its topics: made as the
+    module's docstring says (`settings`, keywords overriding settings by name)."""
 
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = _overridden(settings, overrides)
@@ -197,6 +222,7 @@ class JobClient:
         self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
     ) -> StatusEvent:
         self._check_open()
+        timeout = _seconds(timeout)
         sent, payload = encoded(self._model_of(topic), body, self.settings)
         request_id = sent["request_id"]  # as the worker reads it, and names in its answer
         future = self.replies.answer(request_id, answers)
@@ -282,7 +308,7 @@ class JobClient:
 
     async def _refresh(self, request_id: str | None, timeout: float, what: str) -> None:
         try:
-            await self.view.sync(timeout)
+            await self.view.sync(_seconds(timeout))
         except TimeoutError:
             late = f"the running view did not catch up with {self.topics.state} within {timeout:g}s"
             message = late if request_id is None else f"request {request_id} {what}, but {late}"
