@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import random
 import re
@@ -479,6 +480,10 @@ def _one_line_error(result: Any, *, after: str | None = None) -> str:
     if after is not None and len(lines) == 2 and lines[0].startswith(after):
         lines = lines[1:]
     assert len(lines) == 1, result.output
+    if lines[0].startswith("{"):  # `serve` off a terminal logs JSON lines: its last one
+        logged = json.loads(lines[0])
+        assert logged["level"] == "error", result.output
+        return f"error: {logged['event']}"
     assert lines[0].startswith("error: "), result.output
     return lines[0]
 
@@ -634,6 +639,24 @@ def test_run_refuses_a_directory(tmp_path: Path) -> None:
     assert result.returncode == 1
     expected = f"error: {tmp_path} is a directory; --db (or JOBS_DB_PATH) names a SQLite file"
     assert result.stderr.strip() == expected
+
+
+def test_run_logging_json_says_its_last_word_as_a_json_line_too(tmp_path: Path) -> None:
+    """With JSON logs, the line saying why `jobctl run` stopped is one more JSON line (a log
+    pipeline parses every line), not plain text after them; on a terminal, plain text."""
+    result = subprocess.run(
+        [*JOBCTL, "run", "--db", str(tmp_path / "j.db"), "-b", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "JOBS_LOG_FORMAT": "json", "JOBS_HTTP_PORT": "0"},
+    )
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines[-1]["level"] == "error"
+    assert lines[-1]["event"].startswith("cannot connect to Kafka")
+    assert "JOBS_BOOTSTRAP_SERVERS" in lines[-1]["event"]
 
 
 def test_verify_refuses_a_settings_file_nested_too_deeply(tmp_path: Path) -> None:

@@ -900,7 +900,8 @@ def test_serve_refuses_a_file_it_cannot_use_in_one_line(tmp_path: Path, where: s
         db.write_bytes(random.Random(3).randbytes(4096))
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", "serve", "--db", str(db), "--port", "0"],
-        env={**os.environ, "JOBS_BOOTSTRAP_SERVERS": "127.0.0.1:1"},
+        # plain text, as on a terminal (JSON lines are `auto`'s choice off one)
+        env={**os.environ, "JOBS_BOOTSTRAP_SERVERS": "127.0.0.1:1", "JOBS_LOG_FORMAT": "console"},
         capture_output=True,
         text=True,
         timeout=60,

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import structlog
 import typer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -31,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from schemas import RunStatus, StatusEvent
-from worker import compat, gctuning
+from worker import compat, gctuning, logs
 from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, librdkafka_config
@@ -85,6 +86,10 @@ def _logging(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Say `message` in one line, and the exit with `code` to raise."""
+    if logs.json_lines():  # `run` and `serve` log JSON lines: one more, not plain text
+        structlog.get_logger("jobctl").error(message)
+        return typer.Exit(code)
     # One line, however long, and the message printed as it is (no markup read into it).
     err.print(
         Text.assemble(("error:", "red"), " ", shown(message, keep_newlines=True)),
@@ -341,7 +346,7 @@ def run(
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix, db_path=db, config=config)
     _sqlite_file(s.db_path, existing=False, option="--db (or JOBS_DB_PATH)")
-    configure_logs(s.log_level, s.log_format)
+    configure_logs(s.log_level, s.log_format, service=True)
     gctuning.tune()
 
     hooks = Hooks(on_stop=StopWatchdog().arm)

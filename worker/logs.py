@@ -92,16 +92,30 @@ class Repeats:
         return event_dict
 
 
+_json_lines = False  # whether `configure` made a service's log JSON lines
+
+
+def json_lines() -> bool:
+    """Whether a service's log is JSON lines (`configure`): its last word, a failure, then
+    goes there as one more line, not as plain text among them."""
+    return _json_lines
+
+
 def configure(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
     stream: TextIO | None = None,
     library_level: str = "warning",
     quiet_kafka: bool = False,
+    service: bool = False,
 ) -> None:
-    """Configure structlog and route the standard library's logging through it."""
+    """Configure structlog and route the standard library's logging through it. A
+    `service` (`jobctl run`, `serve`) logging JSON lines says its last word there too
+    (`json_lines`)."""
+    global _json_lines
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    _json_lines = service and not use_console
     # A traceback in the console shows no frame's locals (rich's default shows them): a
     # connection's frames hold the SASL password. Every record's exc_info is rendered by
     # `format_exc_info` before the renderer; the plain formatter is the console's fallback.

@@ -59,7 +59,7 @@ def serve(
 
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     _sqlite_file(db, existing=False)
-    configure_logs(s.log_level, s.log_format)
+    configure_logs(s.log_level, s.log_format, service=True)
 
     async def main() -> None:
         stop = asyncio.Event()
