@@ -202,3 +202,64 @@ async def test_cancel_through_the_api(
     again = await post(session, url, {"status": "CANCELLED"})
     assert again[0] == 409
     assert "already ended" in again[1]["error"]
+
+
+async def test_a_page_on_another_name_or_origin_can_neither_read_nor_cancel(
+    worker: RunningWorker, topics: Settings, cancelling: Console, session: aiohttp.ClientSession
+) -> None:
+    """DNS rebinding: a request naming a host the console does not serve (an attacker's name
+    pointed at its address) is refused, reads as well as cancels; a cancel posted with
+    another page's Origin is refused; the console's own page (its Origin, an IP address or
+    localhost as host) cancels. Every answer forbids framing and sniffing."""
+    async with JobClient(topics) as client:
+        run_id = (await client.start_job("nightly", "acme")).run_id
+    api = Api(session, cancelling.url)
+
+    async def listed() -> bool:
+        return (await api.get(f"/api/runs/{run_id}"))[0] == 200
+
+    await until(listed, "the console did not read the started run")
+    port = cancelling.url.rsplit(":", 1)[1]
+    url = f"{cancelling.url}/api/runs/{run_id}"
+    rebound = {"Host": f"rebind.attacker.example:{port}"}
+    async with session.get(f"{cancelling.url}/api/runs", headers=rebound) as read:
+        assert read.status == 403
+        assert "--allowed-host rebind.attacker.example" in (await read.json())["error"]
+    for headers in (
+        {**rebound, "Origin": f"http://rebind.attacker.example:{port}"},
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+    ):
+        async with session.post(
+            url,
+            json={"status": "CANCELLED"},
+            headers={**headers, "Content-Type": "application/json"},
+        ) as refused:
+            assert refused.status == 403, headers
+    assert (await api.ok(f"/api/runs/{run_id}"))["status"] == "RUNNING"
+    assert await requests_written(topics) == 1  # the start alone
+    async with session.get(f"{cancelling.url}/", headers={"Host": f"localhost:{port}"}) as page:
+        assert page.status == 200
+        assert page.headers["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+    own = {"Origin": cancelling.url, "Content-Type": "application/json"}
+    async with session.post(url, json={"status": "CANCELLED"}, headers=own) as cancelled:
+        assert cancelled.status == 200, await cancelled.text()
+        assert cancelled.headers["X-Frame-Options"] == "DENY"
+
+
+def test_the_guard_reads_host_names_as_browsers_send_them() -> None:
+    """IP addresses (v4, v6 in brackets) and localhost are served whatever the options; a
+    name only when it is --host or given with --allowed-host, in any case."""
+    from worker.console.guard import Guard
+
+    default = Guard("127.0.0.1")
+    for host in ("127.0.0.1:8081", "[::1]:8081", "10.0.0.7", "localhost:8081", "app.localhost"):
+        assert default.serves(host), host
+    for host in ("console.internal:8081", "", None, "127.0.0.1.nip.io"):
+        assert not default.serves(host), host
+    named = Guard("0.0.0.0", ["Console.Internal"])
+    assert named.serves("console.internal:8081")
+    assert named.serves("CONSOLE.internal")
+    assert Guard("console.internal").serves("console.internal:80")

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ from tests.conftest import RunningWorker
 from worker.client.watch import StatusTail
 from worker.engine.codec import partition_for
 from worker.engine.loop import Worker
-from worker.engine.store import SCHEMA_VERSION, Store, StoreError
+from worker.engine.store import SCHEMA_VERSION, RunWrites, Store, StoreError
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -126,16 +127,18 @@ def log_lines(process: WorkerProcess) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 async def refusal(process: WorkerProcess, *, traceback: bool = False) -> str:
-    """Wait for `process` to exit; assert it failed with one line of its own (and, unless
-    `traceback`, logged none); the line."""
+    """Wait for `process` to exit; assert it failed with a last log line saying why (and,
+    unless `traceback`, logged none), its JSON lines all; that line, as `error: <why>`."""
     code = await process.wait_exit(START_S)
     records, other = log_lines(process)
     assert code == 1, process.log_text()[-4000:]
-    assert len(other) == 1, other
-    assert other[0].startswith("error: "), other
+    assert other == [], other
+    last = records[-1]
+    assert last["level"] == "error", last
+    assert "exception" not in last, last
     if not traceback:
         assert not any("exception" in r for r in records), records
-    return other[0]
+    return f"error: {last['event']}"
 
 
 def side_files(db: Path) -> list[Path]:
@@ -344,6 +347,49 @@ async def test_a_text_file_given_as_the_database_is_refused_untouched(
     assert str(refused.value).startswith(f"{db} is a text file, not a worker's SQLite file")
     assert db.read_text() == text
     assert damaged_copies(db) == []
+
+
+async def test_a_new_file_and_its_companions_are_readable_by_their_user_only(
+    tmp_path: Path,
+) -> None:
+    """Runs carry payloads: the SQLite file a worker makes, its WAL and shared-memory files
+    and its lock are mode 0600 whatever the umask lets through; a file that exists keeps
+    the mode its owner gave it."""
+    db = tmp_path / "jobs.db"
+    old = os.umask(0o022)
+    try:
+        store = await Store.open(db, exclusive=True)
+        try:
+            await store.write_runs(RunWrites())  # a write transaction: the WAL is made
+            made = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in os.scandir(tmp_path)}
+        finally:
+            await store.close()
+        given = tmp_path / "given.db"
+        given.touch(mode=0o640)
+        given.chmod(0o640)
+        await (await Store.open(given, exclusive=True)).close()
+    finally:
+        os.umask(old)
+    assert made == dict.fromkeys(("jobs.db", "jobs.db-wal", "jobs.db-shm", "jobs.db.lock"), 0o600)
+    assert stat.S_IMODE(given.stat().st_mode) == 0o640
+
+
+async def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    """`<file>.lock` made a link to another file (by anyone who may write the directory)
+    is refused in one line; the file it points at keeps its content (the lock's PID used
+    to be written over it)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    db = tmp_path / "jobs.db"
+    os.symlink(victim, f"{db}.lock")
+    with pytest.raises(StoreError) as refused:
+        await Store.open(db, exclusive=True)
+    assert str(refused.value) == (
+        f"cannot use the lock file {db}.lock: it is a symbolic link (remove it)"
+    )
+    assert victim.read_text() == "keep me\n"
 
 
 async def test_a_file_locked_by_another_process_is_refused(

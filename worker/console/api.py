@@ -22,6 +22,7 @@ from worker.console import params
 from worker.console.cancel import Refused, cancel, not_allowed, read_reason
 from worker.console.db import Folded
 from worker.console.follow import Follower, Hub, Subscription
+from worker.console.guard import Guard
 from worker.console.openapi import document
 from worker.console.params import BadParameter, RunFilter
 from worker.console.queries import Queries
@@ -259,10 +260,17 @@ async def _stream(
 
 
 def make_app(
-    queries: Queries, hub: Hub, follower: Follower, client: JobClient | None = None
+    queries: Queries,
+    hub: Hub,
+    follower: Follower,
+    client: JobClient | None = None,
+    guard: Guard | None = None,
 ) -> web.Application:
-    """The console's application; with `client`, it may cancel runs."""
-    app = web.Application(middlewares=[_errors])
+    """The console's application; with `client`, it may cancel runs. `guard` says whom it
+    answers (by default, as listening on the loopback interface)."""
+    guard = guard or Guard("127.0.0.1")
+    app = web.Application(middlewares=[_errors, guard.middleware])
+    app.on_response_prepare.append(guard.headers)
     app[QUERIES] = queries
     app[HUB] = hub
     app[FOLLOWER] = follower

@@ -12,7 +12,12 @@ import typer
 
 # The same options as `worker.cli`'s BOOTSTRAP and PREFIX (defined here too: this module
 # is imported by `worker.cli`, so it cannot import them from there at import time).
-_BOOTSTRAP = typer.Option(None, "--bootstrap", "-b", help="Kafka bootstrap servers.")
+_BOOTSTRAP = typer.Option(
+    None,
+    "--bootstrap",
+    "-b",
+    help="Kafka bootstrap servers (default: JOBS_BOOTSTRAP_SERVERS or 127.0.0.1:9092).",
+)
 _PREFIX = typer.Option(None, "--prefix", help="Topic prefix (default: JOBS_TOPIC_PREFIX or jobs).")
 
 
@@ -27,6 +32,13 @@ def serve(
     ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: all of them)."
+    ),
+    allowed_host: list[str] = typer.Option(
+        [],
+        "--allowed-host",
+        help="A host name the console answers to, besides IP addresses, localhost and "
+        "--host (repeat for more): a request naming any other host is refused (403), so a "
+        "web page cannot reach the console through a DNS name of its own.",
     ),
     allow_cancel: bool = typer.Option(
         False,
@@ -66,7 +78,9 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        console = await Console(s, db, host, port, allow_cancel=allow_cancel).start()
+        console = await Console(
+            s, db, host, port, allow_cancel=allow_cancel, allowed_hosts=allowed_host
+        ).start()
         await console.run(stop)
 
     try:

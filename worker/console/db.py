@@ -30,6 +30,7 @@ import aiosqlite
 
 from schemas import StatusEvent
 from worker.console.params import stored_time
+from worker.engine.sqlfile import open_lock_file
 from worker.engine.store import DamagedFile, RunWrites, Store, fold_events
 
 # An ended run's duration in seconds, as the duration index computes it (the queries must
@@ -107,7 +108,10 @@ class Folded:
 def _lock(path: Path) -> int:
     """Hold `<path>.lock`, the lock a worker takes on its file: one process per file."""
     lock = Path(f"{path}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = open_lock_file(lock)
+    except OSError as exc:
+        raise ConsoleError(f"cannot use the lock file {lock}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

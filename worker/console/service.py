@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -21,6 +22,7 @@ from worker.client import JobClient
 from worker.console.api import make_app
 from worker.console.db import ConsoleDb, ConsoleError
 from worker.console.follow import Follower, Hub
+from worker.console.guard import Guard
 from worker.console.queries import Queries
 from worker.kafkaio import stop_task
 from worker.settings import Settings
@@ -39,10 +41,12 @@ class Console:
         port: int = 8081,
         *,
         allow_cancel: bool = False,
+        allowed_hosts: Sequence[str] = (),
     ):
         self._settings = settings
         self._db_path = Path(db_path)
         self._host = host
+        self._guard = Guard(host, allowed_hosts)
         self._port = port
         self.allow_cancel = allow_cancel
         self._client: JobClient | None = None
@@ -82,7 +86,7 @@ class Console:
             self._following = asyncio.create_task(self.follower.run(), name="console-follower")
             if self.allow_cancel:
                 self._client = await JobClient(self._settings).open()
-            app = make_app(self._queries, self.hub, self.follower, self._client)
+            app = make_app(self._queries, self.hub, self.follower, self._client, self._guard)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             await self._listen(self._runner)

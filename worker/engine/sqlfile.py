@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
 import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -247,13 +249,42 @@ _DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
+# The files a worker or console makes (its SQLite file, whose WAL and shared-memory files
+# SQLite makes with the same mode, and its lock) are its user's alone: runs carry payloads.
+PRIVATE_MODE = 0o600
+
+
+def open_lock_file(lock: Path) -> int:
+    """A descriptor of the lock file `lock`, made if missing (readable by its user only);
+    OSError if it is a symbolic link (followed, a lock in a shared directory could be aimed
+    at any file the process may write, and its PID written over that file) or not a
+    regular file."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "it is a symbolic link (remove it)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
+def make_private(path: Path) -> None:
+    """Make the file `path`, empty and readable by its user only, if there is none yet, so
+    that SQLite opens it as it is: its own default would let every user read it."""
+    with contextlib.suppress(FileExistsError):  # an existing file keeps its owner's mode
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+
+
 def hold_lock(path: Path) -> int:
     """Hold `<path>.lock` (flock, released when the descriptor closes): one worker per file."""
     lock = Path(f"{path}.lock")
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(lock)
     except OSError as exc:
-        raise StoreError(f"cannot create the lock file {lock}: {exc.strerror}") from None
+        raise StoreError(f"cannot use the lock file {lock}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -370,6 +401,7 @@ async def _connect(path: Path, *, check: bool) -> aiosqlite.Connection:
         # database file", and aiosqlite leaves its thread to outlive the event loop after
         # a failed connect.
         raise StoreError(f"{path}: there is no directory {parent} to make it in")
+    make_private(path)
     db = await aiosqlite.connect(str(path), timeout=BUSY_TIMEOUT_S)
     try:
         await _prepare(db, path, check=check)
