@@ -99,6 +99,22 @@ def _chars(max_length: int, pattern: str) -> StringConstraints:
 JobType = Annotated[str, _chars(200, _NAME), _utf8_at_most(200)]
 ClientId = Annotated[str, _chars(128, _NAME), _utf8_at_most(128)]
 RequestId = Annotated[str, _chars(200, _TEXT), _utf8_at_most(200)]
+# The worker names a request sent without an ID `auto-<partition>.<offset>` (its record's
+# coordinates): a request may not take such a name itself, or it could claim another
+# request's and have that one answered as its duplicate.
+AUTO_REQUEST_ID = "auto-"
+
+
+def _not_automatic(value: str) -> str:
+    if value.startswith(AUTO_REQUEST_ID):
+        raise ValueError(
+            f"request IDs beginning with {AUTO_REQUEST_ID!r} are the worker's own, for "
+            "requests sent without one; choose another (a UUID) or leave it out"
+        )
+    return value
+
+
+SentRequestId = Annotated[RequestId, AfterValidator(_not_automatic)]
 RunIdText = Annotated[str, _chars(400, _TEXT), _utf8_at_most(400)]
 
 
@@ -156,7 +172,7 @@ class JobRequest(WireModel):
     """A request to start a job, or to cancel one, written to `<prefix>.requests`."""
 
     kind: Literal["start", "cancel"] = "start"
-    request_id: RequestId | None = None
+    request_id: SentRequestId | None = None
     job_type: JobType
     client_id: ClientId | None = None
     initial_data: dict[str, Any] = Field(default_factory=dict)

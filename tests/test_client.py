@@ -276,6 +276,7 @@ async def test_a_request_the_worker_would_dead_letter_is_refused_before_it_is_se
     calls: list[Callable[[], Awaitable[object]]] = [
         lambda: client.start_job(job_type, timeout=1),
         lambda: client.start_job("etl", request_id="a\x01b", timeout=1),
+        lambda: client.start_job("etl", request_id="auto-0.1", timeout=1),  # the worker's
         lambda: client.cancel_job(job_type, timeout=1),
         lambda: client.complete_job(job_type, "260101-000000-0.1", timeout=1),
         lambda: client.report_progress(job_type, "260101-000000-0.1", {"done": 1}),

@@ -831,6 +831,23 @@ def test_a_rerouted_start_without_request_id_keeps_its_origin_as_request_id() ->
     assert forged.request_id == f"auto-{p(JOB)}.52"
 
 
+@pytest.mark.parametrize("kind", ["start", "cancel"])
+def test_a_request_may_not_name_itself_as_the_worker_names_requests_without_an_id(
+    kind: str,
+) -> None:
+    """`auto-<partition>.<offset>` is the worker's name for a request sent without an ID: a
+    request taking one (to have another producer's request answered as its duplicate) is
+    dead-lettered, its sender told why; a request ID merely containing `auto-` is fine."""
+    forged = run(record({"kind": kind, "job_type": JOB, "request_id": f"auto-{p(JOB)}.18"}))
+    assert isinstance(forged, Bad)
+    assert forged.dead_letter.reason.code == "schema_invalid"
+    assert "are the worker's own" in forged.dead_letter.reason.message
+    assert forged.reject is not None
+    assert "request_id" in forged.reject.reason
+    fine = run(record({"kind": kind, "job_type": JOB, "request_id": "not-auto-1.2"}))
+    assert not isinstance(fine, Bad)
+
+
 def _edge_values() -> list[InputRecord]:
     """Records on the border of what the one-pass decode takes, with the right key and
     partition unless the case is about them."""

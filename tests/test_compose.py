@@ -127,3 +127,13 @@ def test_the_dashboard_asks_for_metrics_the_worker_exports() -> None:
     )
     mounted = {v.split(":")[1] for v in SERVICES["grafana"]["volumes"]}
     assert provisioning["providers"][0]["options"]["path"] in mounted
+
+
+def test_the_stack_publishes_its_ports_on_the_loopback_interface_only() -> None:
+    """Kafka without authentication and Grafana without login are not offered to the
+    network the host is on: every published port is bound to 127.0.0.1."""
+    published = [
+        port for service in COMPOSE["services"].values() for port in service.get("ports", [])
+    ]
+    assert published, "the stack publishes no port"
+    assert all(str(port).startswith("127.0.0.1:") for port in published), published

@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
 
 from schemas import DeadLetter, DeadLetterReason, Header, JobRequest, JobResult, RunStatus, Source
-from schemas.messages import RequestId, RunIdText
+from schemas.messages import AUTO_REQUEST_ID, RequestId, RunIdText
 from worker.core.lifecycle import (
     Cancel,
     Command,
@@ -604,8 +604,8 @@ def _auto_request_id(record: InputRecord) -> str:
     committing, at least once, makes two) is the same request."""
     for name, value in record.headers:
         if name == REROUTED_FROM and value and (origin := _ORIGIN.fullmatch(value)):
-            return f"auto-{int(origin[1])}.{int(origin[2])}"
-    return f"auto-{record.partition}.{record.offset}"
+            return f"{AUTO_REQUEST_ID}{int(origin[1])}.{int(origin[2])}"
+    return f"{AUTO_REQUEST_ID}{record.partition}.{record.offset}"
 
 
 def _command(record: InputRecord, message: JobRequest | JobResult) -> Command:
