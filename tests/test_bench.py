@@ -13,6 +13,7 @@ from rich.console import Console
 
 from worker.devtools.bench import BenchOptions, growth_table, pass_rate, run_bench
 from worker.devtools.latency import BenchError
+from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
 
@@ -148,3 +149,31 @@ def test_a_pass_the_reader_saw_in_one_fetch_is_timed_from_its_first_step() -> No
             pass_rate(1_000, 10.0, 10.0, first_step)
     with pytest.raises(BenchError, match="too few records"):
         pass_rate(1_000, None, None, 9.0)
+
+
+def test_a_bench_worker_connects_with_every_connection_setting_of_the_bench(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker processes the bench starts get every connection setting it was given,
+    the secrets too (an encrypted client key's password was left out): read back from
+    the environment they make, the same settings."""
+    from worker.devtools.bench import _connection_env
+
+    given = Settings(
+        bootstrap_servers="kafka:9093",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="bench",
+        sasl_password="s3cret",
+        ssl_key_password="key-s3cret",
+    )
+    for name in [n for n in os.environ if n.startswith("JOBS_")]:
+        monkeypatch.delenv(name)
+    for name, value in _connection_env(given).items():
+        monkeypatch.setenv(name, value)
+    read = Settings()
+    fields = ("bootstrap_servers", "security_protocol", "sasl_mechanism", "sasl_username")
+    assert [getattr(read, f) for f in fields] == [getattr(given, f) for f in fields]
+    assert read.password() == "s3cret"
+    assert read.ssl_key_password is not None
+    assert read.ssl_key_password.get_secret_value() == "key-s3cret"

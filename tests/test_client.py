@@ -25,6 +25,7 @@ from worker.client import (
     JobInvalidError,
     JobRejectedError,
     JobTimeoutError,
+    SettingsError,
 )
 from worker.client.executor import Executor, RunContext
 from worker.client.watch import StatusTail
@@ -315,11 +316,18 @@ async def test_a_timeout_that_is_no_positive_number_is_refused_before_anything_i
 
 async def test_an_unknown_keyword_names_the_setting_it_may_have_meant() -> None:
     """`JobClient(bootstrap=...)` is a TypeError as Python gives one for an unknown
-    keyword, with the setting's name when one is close; a known one still works."""
+    keyword, with the setting's name when one is close; settings that cannot work a
+    `SettingsError` that keeps no value given; a known keyword still works."""
     with pytest.raises(TypeError, match="'bootstrap'; did you mean 'bootstrap_servers'"):
         JobClient(bootstrap="kafka:9092")
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'colour'$"):
         JobClient(colour="blue")
+    with pytest.raises(SettingsError) as refused:
+        JobClient(security_protocol="SASL_PLAINTEXT", sasl_password="S3cret-pw")
+    assert str(refused.value) == "bad settings: SASL_PLAINTEXT needs JOBS_SASL_USERNAME"
+    assert isinstance(refused.value, ValueError)
+    seen = f"{refused.value!r} {refused.value.__context__!r} {refused.value.__cause__!r}"
+    assert "S3cret-pw" not in seen  # nothing of the values given is kept
     made = JobClient(bootstrap_servers="kafka:1234")
     assert made.settings.bootstrap_servers == "kafka:1234"
     await made.close()

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import structlog
 import typer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError, KafkaError
 from pydantic import ValidationError
 from pydantic_core import to_json
 from rich.console import Console
@@ -37,7 +37,7 @@ from worker.devtools import localkafka
 from worker.engine import topics as topic_admin
 from worker.kafkaio import connection, librdkafka_config
 from worker.logs import configure as configure_logs
-from worker.settings import LONGEST_S, Settings
+from worker.settings import LONGEST_S, Settings, settings_problems
 from worker.shown import shown
 
 if TYPE_CHECKING:
@@ -103,12 +103,7 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'JOBS_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}"
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise _fail(f"bad settings: {problems}") from None
+        raise _fail(f"bad settings: {settings_problems(exc)}") from None
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -679,7 +674,14 @@ async def _warn_without_worker(s: Settings) -> None:
     try:
         async with asyncio.timeout(3):
             await admin.start()
-            described = await admin.describe_consumer_groups([s.group_id])
+            while True:
+                try:
+                    described = await admin.describe_consumer_groups([s.group_id])
+                    break
+                except GroupCoordinatorNotAvailableError:
+                    # A cluster where no group was ever made has no coordinator until the
+                    # asking makes its topic: asked again, it answers within a second.
+                    await asyncio.sleep(0.2)
         members = described[0].groups[0][5] if described and described[0].groups else None
     except (KafkaError, TimeoutError, IndexError):
         return  # not allowed to look (ACLs), or no answer: nothing to say

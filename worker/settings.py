@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the client reads these settings too, and must not load the engine
@@ -322,6 +322,21 @@ class Settings(BaseSettings):
         """Whether one transactional producer serves all of a worker's partitions (exactly
         once, `JOBS_TRANSACTIONS=worker`)."""
         return self.processing_guarantee == "exactly_once" and self.transactions == "worker"
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """What a refused `Settings` was refused for, naming each `JOBS_*` variable and none of
+    the values given (a password among them)."""
+    return "; ".join(
+        f"{'JOBS_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}"
+        f"{e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
+
+
+class SettingsError(ValueError):
+    """Settings given as keywords that cannot work (`JobClient(...)`): the message names
+    each setting refused and why, without the values; nothing of them is kept."""
 
 
 @dataclass(frozen=True, slots=True)

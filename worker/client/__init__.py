@@ -17,6 +17,7 @@ from worker.client.answers import (
 from worker.client.execution import RunContext
 from worker.client.executor import Executor
 from worker.client.jobclient import JobClient
+from worker.settings import SettingsError
 
 __all__ = [
     "ClientNotOpenError",
@@ -29,5 +30,6 @@ __all__ = [
     "JobTimeoutError",
     "RunContext",
     "RunInfo",
+    "SettingsError",
     "StartDecision",
 ]

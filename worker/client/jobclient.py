@@ -19,9 +19,9 @@ sees its own starts. Nothing of the orchestrator's engine or core is imported he
 `JobClient(settings=None, **overrides)`: the connection and topics are `settings` (by
 default `Settings()`, read from the JOBS_* variables), with each keyword overriding the
 setting of that name: `JobClient(bootstrap_servers="kafka:9092", topic_prefix="jobs")`.
-An unknown keyword raises TypeError, naming the setting it may have meant; a value the
-settings refuse raises pydantic's ValidationError (a ValueError). Every call that waits
-takes `timeout`, in seconds (a positive number; 30 by default).
+An unknown keyword raises TypeError, naming the setting it may have meant; values the
+settings refuse raise `SettingsError` (a ValueError) naming each, without the values.
+Every call that waits takes `timeout`, in seconds (a positive number; 30 by default).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any, Literal, overload
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
+from pydantic import ValidationError
 
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
 from worker import compat
@@ -53,7 +54,7 @@ from worker.client.replies import Replies
 from worker.client.view import RunningView, window_of
 from worker.client.wire import encoded
 from worker.kafkaio import connection
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError, settings_problems
 
 log = structlog.get_logger("client")
 
@@ -85,11 +86,16 @@ def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Setting
         maybe = f"; did you mean {near[0]!r}?" if near else ""
         raise TypeError(f"JobClient() got an unexpected keyword argument {name!r}{maybe}")
     if settings is None:
-        return Settings(**overrides)  # keywords come before JOBS_* variables
-    if not overrides:
+        given = overrides  # keywords come before JOBS_* variables
+    elif not overrides:
         return settings
-    # Every field given, so the environment adds nothing; a SecretStr validates as itself.
-    return Settings(**{**dict(settings), **overrides})
+    else:  # every field given, so the environment adds nothing; a SecretStr stays one
+        given = {**dict(settings), **overrides}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:  # its errors() hold the values given, passwords too
+        problems = settings_problems(exc)
+    raise SettingsError(f"bad settings: {problems}")
 
 
 def _cannot_connect(exc: Exception, settings: Settings) -> JobConnectionError:

@@ -881,6 +881,11 @@ def _connection_env(settings: Settings) -> dict[str, str]:
         "JOBS_SSL_CAFILE": settings.ssl_cafile,
         "JOBS_SSL_CERTFILE": settings.ssl_certfile,
         "JOBS_SSL_KEYFILE": settings.ssl_keyfile,
+        "JOBS_SSL_KEY_PASSWORD": (
+            None
+            if settings.ssl_key_password is None
+            else settings.ssl_key_password.get_secret_value()
+        ),
     }
     env.update({name: str(value) for name, value in optional.items() if value is not None})
     return env
