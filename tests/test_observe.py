@@ -341,3 +341,35 @@ def test_the_dead_letter_series_made_at_start_are_the_readmes_codes() -> None:
     section = readme.split("### Bad input and dead letters", 1)[1].split("\n## ", 1)[0]
     table = re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE)
     assert sorted(table) == sorted(DEAD_LETTER_CODES)
+
+
+async def test_a_flood_of_probes_asks_the_broker_once_a_second() -> None:
+    """Fifty readiness checks at once ask the broker once and all get its answer; within a
+    second the answer is given again; a second later the broker is asked anew; an asker that
+    goes away does not cancel the others' answer."""
+    from worker.engine.observe import SharedProbe
+
+    asked = 0
+    answering = asyncio.Event()
+    now = [100.0]
+
+    async def probe() -> None:
+        nonlocal asked
+        asked += 1
+        await answering.wait()
+        if asked > 1:
+            raise ConnectionError("broker gone")
+
+    shared = SharedProbe(probe, fresh_s=1.0, clock=lambda: now[0])
+    askers = [asyncio.create_task(shared()) for _ in range(50)]
+    await asyncio.sleep(0)
+    askers[0].cancel()  # a closed request
+    answering.set()
+    answers = await asyncio.gather(*askers[1:])
+    assert (asked, set(answers)) == (1, {None})
+    now[0] += 0.5
+    assert await shared() is None
+    assert asked == 1
+    now[0] += 0.6
+    assert await shared() == "broker gone"
+    assert asked == 2

@@ -222,6 +222,42 @@ async def probe_broker(probe: Callable[[], Awaitable[None]]) -> str | None:
     return None
 
 
+class SharedProbe:
+    """`probe_broker` of one probe, shared by whoever asks: an answer younger than `fresh_s`
+    is given again, and askers while the broker is being asked wait for that answer. A flood
+    of requests to `/readyz` or `/metrics` (which anyone reaching the port may send) asks
+    the broker at most once per `fresh_s`."""
+
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[None]],
+        fresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._probe = probe
+        self._fresh_s = fresh_s
+        self._clock = clock
+        self._answer: tuple[float, str | None] | None = None  # (when, why it did not answer)
+        self._asking: asyncio.Future[str | None] | None = None
+
+    async def __call__(self) -> str | None:
+        """Why the broker does not answer, or None when it does (`probe_broker`)."""
+        if self._answer is not None and self._clock() - self._answer[0] < self._fresh_s:
+            return self._answer[1]
+        if self._asking is None:
+            self._asking = asyncio.ensure_future(self._ask())
+        # Shielded: an asker that goes away (a closed request) does not cancel the others'.
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self) -> str | None:
+        try:
+            problem = await probe_broker(self._probe)
+            self._answer = (self._clock(), problem)
+            return problem
+        finally:
+            self._asking = None
+
+
 class BrokerWatch:
     """Says in the worker's log when the broker stops answering and when it answers again
     (aiokafka's own lines, repeated while it retries, say neither): the probe of `/readyz`
@@ -266,7 +302,7 @@ class HttpServer:
         self._host = host
         self._ready = ready
         self._refresh = refresh
-        self._probe = probe
+        self._probe = SharedProbe(probe)
         self._port = port
         self._runner: web.AppRunner | None = None
 
@@ -302,7 +338,7 @@ class HttpServer:
         reason: str | None = None
         if not self._ready():
             reason = "a partition is being taken, or none is assigned"
-        elif (problem := await probe_broker(self._probe)) is not None:
+        elif (problem := await self._probe()) is not None:
             reason = f"the broker does not answer: {problem}"
         self._metrics.ready.set(1 if reason is None else 0)
         return reason
