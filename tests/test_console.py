@@ -658,6 +658,34 @@ async def test_the_event_stream_delivers_new_events(
         assert [f["id"] for f in all_frames] == sorted(f["id"] for f in all_frames)
 
 
+async def test_event_streams_past_the_console_s_limit_are_refused_until_one_closes(
+    api: Api, console: Console, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each open stream holds a connection and a queue: past `MAX_STREAMS` a new one is
+    refused (503, saying so) instead of served; once one closes, the next is served."""
+    from worker.console import api as console_api
+
+    monkeypatch.setattr(console_api, "MAX_STREAMS", 3)
+    # A closed stream is noticed at its next write: a keep-alive, every 15 s, here sooner.
+    monkeypatch.setattr(console_api, "_KEEPALIVE_S", 0.2)
+    streams = [await open_stream(api) for _ in range(3)]
+    try:
+        async with api.session.get(api.base + "/api/events") as refused:
+            assert refused.status == 503
+            assert "3 event streams at once" in (await refused.json())["error"]
+        streams.pop().close()
+
+        async def served() -> bool:
+            async with api.session.get(api.base + "/api/status") as status:
+                return int((await status.json())["streams"]) < 3
+
+        await until(served, "the closed stream was not let go")
+        streams.append(await open_stream(api))
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 async def read_block(response: aiohttp.ClientResponse) -> dict[str, str]:
     """The next SSE block's fields (a comment as ":"), up to its blank line."""
     block: dict[str, str] = {}

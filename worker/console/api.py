@@ -31,6 +31,7 @@ log = structlog.get_logger("worker")
 
 STATIC = Path(__file__).resolve().parent / "static"
 _KEEPALIVE_S = 15.0
+MAX_STREAMS = 100  # event streams open at once (`GET /api/events`)
 _RUN_PARAMS = (*params.FILTERS, "limit", "cursor")
 _RUNNING_PARAMS = ("job_type", "client_id", "since", "until", "limit", "cursor")
 _EVENT_PARAMS = (*params.FILTERS, "after")
@@ -194,6 +195,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     f = params.run_filter(query)
     after = _resume_from(request, query)
     hub = request.app[HUB]
+    if hub.streams >= MAX_STREAMS:  # each holds a connection, a queue and maybe a replay
+        raise Refused(503, f"the console serves {MAX_STREAMS} event streams at once; try later")
     subscription = hub.subscribe(f)  # before the replay: nothing falls between the two
     try:
         response = web.StreamResponse(

@@ -309,6 +309,7 @@ def _paths() -> dict[str, Any]:
                 },
             ],
             {"description": "An event stream", "content": {"text/event-stream": {}}},
+            **{"503": _json("Error", "As many streams are open as the console serves (100).")},
         ),
         "/api/status": _get(
             "What the console has read of the status topic.", [], _json("Status", "Its state.")
