@@ -216,7 +216,9 @@ async def test_cli_submit_status_complete_runs_and_watch(
 ) -> None:
     """submit, status, complete, fail, cancel, runs and watch: output and exit codes."""
     base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
-    submitted = await _cli("submit", "report", "--data", '{"day": 2}', "--json", *base)
+    submitted = await _cli(
+        "submit", "report", "--client-id", "Acme", "--data", '{"day": 2}', "--json", *base
+    )
     assert submitted.exit_code == 0, submitted.output
     started = json.loads(submitted.output)
     assert started["type"] == "started"
@@ -243,6 +245,10 @@ async def test_cli_submit_status_complete_runs_and_watch(
     assert watched.exit_code == 0, watched.output
     types = [json.loads(line)["type"] for line in watched.output.splitlines()]
     assert types == ["started", "refused"]
+    # a client ID as the worker compares it: in any case, trimmed
+    acme = await _cli("watch", "--from-beginning", "--count", "1", "--client-id", " ACME", *base)
+    assert acme.exit_code == 0, acme.output
+    assert started["run_id"] in acme.output
     await worker.stop()
     history = await _cli("runs", "--db", str(topics.db_path), "--json", "--status", "completed")
     assert history.exit_code == 0, history.output

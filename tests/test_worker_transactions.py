@@ -123,6 +123,7 @@ def test_worker_transactions_time_out_sooner_unless_told(monkeypatch: pytest.Mon
     monkeypatch.delenv("JOBS_TRANSACTION_TIMEOUT_MS", raising=False)
     assert Settings().transactions == "worker"
     assert Settings().transaction_timeout_ms == WORKER_TRANSACTION_TIMEOUT_MS == 10_000
+    assert Settings.model_fields["transaction_timeout_ms"].default == 10_000  # as documented
     monkeypatch.setenv("JOBS_TRANSACTIONS", "partition")
     assert Settings().transaction_timeout_ms == 60_000
     monkeypatch.setenv("JOBS_TRANSACTIONS", "worker")

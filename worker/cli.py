@@ -1047,13 +1047,17 @@ def watch(
     seen = 0
     done = asyncio.Event()
 
+    # As the worker compares them: job types trimmed, client IDs trimmed and in any case.
+    wanted_type = job_type.strip() if job_type else None
+    wanted_client = client_id.strip().lower() if client_id else None
+
     def show(item: Any) -> None:
         nonlocal seen
         if not isinstance(item, StatusEvent) or done.is_set():
             return
-        if job_type and item.job_type != job_type:
+        if wanted_type and item.job_type != wanted_type:
             return
-        if client_id and item.client_id != client_id:
+        if wanted_client and (item.client_id or "").lower() != wanted_client:
             return
         if wanted and item.status != wanted:
             return

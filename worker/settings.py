@@ -24,6 +24,7 @@ LONGEST_S = 100 * 365 * 86_400
 # JOBS_TRANSACTION_TIMEOUT_MS's default with JOBS_TRANSACTIONS=worker (Kafka Streams' with
 # exactly-once).
 WORKER_TRANSACTION_TIMEOUT_MS = 10_000
+PARTITION_TRANSACTION_TIMEOUT_MS = 60_000  # with JOBS_TRANSACTIONS=partition
 
 
 class Settings(BaseSettings):
@@ -105,8 +106,9 @@ class Settings(BaseSettings):
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
     processing_guarantee: Literal["exactly_once", "at_least_once"] = Field(
         default="exactly_once",
-        description="exactly_once: one Kafka transaction per partition batch; "
-        "at_least_once: no transactions, a crash may republish a batch's events.",
+        description="exactly_once: each batch's events, changelog rows and input offsets in "
+        "one Kafka transaction (JOBS_TRANSACTIONS says whose); at_least_once: no "
+        "transactions, a crash may republish a batch's events.",
     )
     transactions: Literal["partition", "worker"] = Field(
         default="worker",
@@ -132,7 +134,7 @@ class Settings(BaseSettings):
         "topics' max.message.bytes (1 MiB by default).",
     )
     transaction_timeout_ms: int = Field(
-        default=60_000,
+        default=WORKER_TRANSACTION_TIMEOUT_MS,
         gt=0,
         description="How long a transaction may stay open before the broker aborts it: the "
         "longest a crashed worker's open transaction can hold back readers of what it wrote "
@@ -254,15 +256,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _worker_transactions_time_out_sooner(cls, data: Any) -> Any:
-        # A crashed worker's open transaction holds its partitions' next owner this long
-        # when the owner cannot abort it (a tick's, an older Kafka).
+    def _partition_transactions_time_out_later(cls, data: Any) -> Any:
+        # With worker-wide transactions (the default) a crashed worker's open transaction
+        # holds its partitions' next owner this long when the owner cannot abort it (a
+        # tick's, an older Kafka): 10 s. A producer per partition is fenced by the next
+        # owner at once, and keeps Kafka's longer default.
         if (
             isinstance(data, dict)
-            and data.get("transactions", "worker") == "worker"
+            and data.get("transactions", "worker") == "partition"
             and data.get("transaction_timeout_ms") is None
         ):
-            return {**data, "transaction_timeout_ms": WORKER_TRANSACTION_TIMEOUT_MS}
+            return {**data, "transaction_timeout_ms": PARTITION_TRANSACTION_TIMEOUT_MS}
         return data
 
     def password(self) -> str | None:
