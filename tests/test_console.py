@@ -575,7 +575,10 @@ async def test_hostile_bytes_on_the_wire(console: Console, api: Api) -> None:
     ]
     for target in targets:
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        host = f"{parts.hostname}:{parts.port}".encode()
+        writer.write(
+            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+        )
         await writer.drain()
         answer = await reader.read()
         writer.close()

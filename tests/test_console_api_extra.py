@@ -257,7 +257,8 @@ def test_the_guard_reads_host_names_as_browsers_send_them() -> None:
     default = Guard("127.0.0.1")
     for host in ("127.0.0.1:8081", "[::1]:8081", "10.0.0.7", "localhost:8081", "app.localhost"):
         assert default.serves(host), host
-    for host in ("console.internal:8081", "", None, "127.0.0.1.nip.io"):
+    hostile = ["[", "[::1", ":", "\udcff\udcfe:80", "a" * 10_000, "127.0.0.1:80:80", "\x00"]
+    for host in ("console.internal:8081", "", None, "127.0.0.1.nip.io", *hostile):
         assert not default.serves(host), host
     named = Guard("0.0.0.0", ["Console.Internal"])
     assert named.serves("console.internal:8081")

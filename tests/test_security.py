@@ -426,3 +426,25 @@ def test_a_heartbeat_no_shorter_than_the_session_is_refused() -> None:
     with pytest.raises(ValidationError, match="must be below JOBS_SESSION_TIMEOUT_MS"):
         Settings(heartbeat_interval_ms=20_000, session_timeout_ms=10_000)
     assert Settings(heartbeat_interval_ms=3_000, session_timeout_ms=10_000)
+
+
+def test_a_password_sent_in_the_clear_is_warned_of() -> None:
+    """PLAIN over SASL_PLAINTEXT sends the password as it is: the worker warns at start
+    (aiokafka's own warning is silenced with its other lines); SCRAM, or TLS, does not."""
+    from worker.kafkaio import cleartext_password
+
+    def warned(protocol: str, mechanism: str) -> str | None:
+        given = Settings(
+            security_protocol=protocol,
+            sasl_mechanism=mechanism,
+            sasl_username="u",
+            sasl_password=SECRET,
+        )
+        return cleartext_password(given)
+
+    warning = warned("SASL_PLAINTEXT", "PLAIN")
+    assert warning is not None
+    assert "in the clear" in warning
+    assert SECRET not in warning
+    assert warned("SASL_PLAINTEXT", "SCRAM-SHA-512") is None
+    assert warned("SASL_SSL", "PLAIN") is None

@@ -13,6 +13,17 @@ from worker import compat
 from worker.settings import Settings, tls_context
 
 
+def cleartext_password(settings: Settings) -> str | None:
+    """A warning when these settings send the SASL password as it is over an unencrypted
+    connection (PLAIN without TLS; SCRAM never sends it), else None."""
+    if settings.security_protocol == "SASL_PLAINTEXT" and settings.sasl_mechanism == "PLAIN":
+        return (
+            "SASL PLAIN without TLS: the password crosses the network in the clear; use "
+            "SASL_SSL (JOBS_SECURITY_PROTOCOL) or a SCRAM mechanism (JOBS_SASL_MECHANISM)"
+        )
+    return None
+
+
 def connection(settings: Settings) -> dict[str, Any]:
     """The keyword arguments that connect any aiokafka client to the cluster: the bootstrap
     servers and, from `JOBS_SECURITY_PROTOCOL` and friends, TLS and SASL. The one place

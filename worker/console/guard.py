@@ -39,8 +39,8 @@ def host_name(host: str) -> str:
     """The name in a `Host` header (its port and an IPv6 address's brackets left out), in
     lower case."""
     host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host[1:]
+    if host.startswith("["):  # an IPv6 address; without its closing bracket, no name
+        return host[1 : host.find("]")] if "]" in host else ""
     name, _, _ = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
     return name
 

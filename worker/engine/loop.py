@@ -43,7 +43,7 @@ from worker.engine.processing import BatchRunner
 from worker.engine.shared import SharedExactlyOnce
 from worker.engine.state import StateManager
 from worker.engine.task import Rules
-from worker.kafkaio import connection
+from worker.kafkaio import cleartext_password, connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -221,6 +221,8 @@ class Worker:
                 job_types=sorted(self.jobs_config.job_types)[:20],  # the first, for a glance
                 code=compiled.state(),
             )
+            if (cleartext := cleartext_password(s)) is not None:
+                log.warning(cleartext)
             watch = asyncio.create_task(BrokerWatch(self._probe).run())
             try:
                 await self._loop(stop)
