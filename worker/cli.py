@@ -86,7 +86,7 @@ def _logging(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    """Say `message` in one line, and the exit with `code` to raise."""
+    """Say `message` in one line; the exit (with `code`) for the caller to raise."""
     if logs.json_lines():  # `run` and `serve` log JSON lines: one more, not plain text
         structlog.get_logger("jobctl").error(message)
         return typer.Exit(code)
