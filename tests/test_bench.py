@@ -56,6 +56,10 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
         report.floor_latency_cpu_us_per_transition,
         report.quix_latency_cpu_pct,
         report.quix_latency_cpu_us_per_transition,
+        report.joined_new_start_s,
+        report.joined_new_p99_ms,
+        report.joined_new_librdkafka_p99_ms,
+        report.floor_joined_new_p99_ms,
         report.joined_fresh_start_s,
         report.joined_fresh_p99_ms,
         report.joined_fresh_librdkafka_p99_ms,
@@ -135,8 +139,9 @@ async def test_quick_bench_reports_every_figure(kafka_bootstrap: str) -> None:
     assert "worker CPU, exactly_once" in out.getvalue()
     assert "latency p99, librdkafka" in out.getvalue()
     assert "jobctl status, 300 ended runs, from its view mark" in out.getvalue()
-    assert "restarted worker: p99, first 2 s, librdkafka" in out.getvalue()
-    assert "fresh contract floor: p99, first 2 s, aiokafka" in out.getvalue()
+    assert "worker, restarted on its file: p99, first 2 s, librdkafka" in out.getvalue()
+    assert "worker, fresh, on new topics: p99, first 2 s, aiokafka" in out.getvalue()
+    assert "contract floor, fresh, on served topics: p99, first 2 s, aiokafka" in out.getvalue()
 
 
 def test_a_pass_the_reader_saw_in_one_fetch_is_timed_from_its_first_step() -> None:

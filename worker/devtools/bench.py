@@ -67,8 +67,10 @@ each round on fresh topics under a unique prefix, with a fresh SQLite file):
    `jobctl replay` runs by default (one process per CPU).
 7. A worker that has just joined: the same offered rate for `joined_seconds` from the moment
    a worker has taken its partitions ("partitions assigned"), p99 request → `started` seen
-   by both consumers; first with an empty SQLite file on fresh topics, then restarted on that
-   file and topics. Also the seconds from spawning the process to partitions taken. The
+   by both consumers; first with an empty SQLite file on new topics (the broker's first
+   writes to them in the measure), then another with an empty file on those topics once
+   served (a new worker of a running deployment: it restores the changelog), then that
+   one restarted on its file. Also the seconds from spawning the process to partitions taken. The
    same for the contract floor, in rounds interleaved with the worker's.
 8. Client calls on an idle system, as an application makes them: `JobClient.start_job` (a
    new job type each time, so each one starts a run), `is_job_running` and
@@ -352,13 +354,19 @@ class BenchReport:
     latency_aiokafka_seen: int  # of `latency_requests`, in the round that saw fewest
     latency_librdkafka_seen: int
     joined_seconds: float  # measured after a worker has taken its partitions
-    joined_fresh_start_s: Figure  # spawn → partitions taken, empty SQLite file
+    joined_new_start_s: Figure  # spawn → partitions taken, empty SQLite file, new topics
+    joined_new_p99_ms: Figure  # aiokafka
+    joined_new_librdkafka_p99_ms: Figure
+    joined_fresh_start_s: Figure  # the same, on those topics once served
     joined_fresh_p99_ms: Figure  # aiokafka
     joined_fresh_librdkafka_p99_ms: Figure
     joined_restarted_start_s: Figure  # the same, restarted on its SQLite file
     joined_restarted_p99_ms: Figure
     joined_restarted_librdkafka_p99_ms: Figure
     # The same, for the contract floor in rounds interleaved with the worker's.
+    floor_joined_new_start_s: Figure
+    floor_joined_new_p99_ms: Figure
+    floor_joined_new_librdkafka_p99_ms: Figure
     floor_joined_fresh_start_s: Figure
     floor_joined_fresh_p99_ms: Figure
     floor_joined_fresh_librdkafka_p99_ms: Figure
@@ -488,8 +496,8 @@ class BenchReport:
     def _joined_rows(self, row: Callable[[str, Figure, str, str], None]) -> None:
         """The just-joined figures of the worker and of the contract floor."""
         for who, prefix in (("worker", "joined"), ("contract floor", "floor_joined")):
-            for label in ("fresh", "restarted"):
-                name = f"{label} {who}"
+            for label, shown in _JOINED:
+                name = f"{who}, {shown}"
                 row(
                     f"{name}: spawn → partitions taken",
                     getattr(self, f"{prefix}_{label}_start_s"),
@@ -1360,6 +1368,14 @@ async def latency_round(
     return LatencyRound(sent, achieved, cpu, window_s, tail, others)
 
 
+# The phases of a just-joined round, as named in the report's fields, and as shown.
+_JOINED = (
+    ("new", "fresh, on new topics"),
+    ("fresh", "fresh, on served topics"),
+    ("restarted", "restarted on its file"),
+)
+
+
 async def _joined_phase(
     bench: _Bench,
     topics: Topics,
@@ -1408,10 +1424,12 @@ async def _joined_phase(
 async def _joined_round(
     bench: _Bench, floor: bool = False
 ) -> list[tuple[float, Percentiles, Percentiles]]:
-    """A fresh worker, then one restarted on its SQLite file (`_joined_phase` each); with
-    `floor`, the contract floor."""
+    """A worker with an empty SQLite file on new topics, another with an empty file on those
+    topics once served, then that one restarted on its file (`_JOINED`, `_joined_phase`
+    each); with `floor`, the contract floor."""
     topics = await bench.topics("joined", bench.options.partitions)
-    db = str(bench.tmp / f"{topics.requests.removesuffix('.requests')}.db")
+    stem = bench.tmp / topics.requests.removesuffix(".requests")
+    files = {"new": f"{stem}-new.db", "fresh": f"{stem}.db", "restarted": f"{stem}.db"}
     async with _producer(bench.kafka, linger_ms=0) as producer:
         tail = _Tail(bench.kafka, topics.status, executor=(producer, topics.results), track=True)
         rdkafka = RdkafkaTail(bench.settings, topics.status, bench.options.partitions)
@@ -1419,8 +1437,10 @@ async def _joined_round(
             await tail.start()
             await rdkafka.start()
             return [
-                await _joined_phase(bench, topics, producer, (tail, rdkafka), db, label, floor)
-                for label in ("fresh", "restarted")
+                await _joined_phase(
+                    bench, topics, producer, (tail, rdkafka), files[label], label, floor
+                )
+                for label, _ in _JOINED
             ]
         finally:
             await tail.stop()
@@ -1848,15 +1868,16 @@ async def _latency_rounds(bench: _Bench) -> dict[str, Any]:
 
 
 async def _joined_rounds(bench: _Bench) -> dict[str, Any]:
-    """The figures of a worker that has just joined, fresh and restarted on its file; and
-    the same of the contract floor, in rounds interleaved with the worker's."""
+    """The figures of a worker that has just joined (`_JOINED`: on new topics, fresh on
+    served ones, restarted on its file); and the same of the contract floor, in rounds
+    interleaved with the worker's."""
     o = bench.options
     columns: dict[str, list[float]] = {}
     for r in range(o.rounds):
         for floor in (False, True) if r % 2 == 0 else (True, False):
             who = "floor_joined" if floor else "joined"
             for label, (joined, aio, rdk) in zip(
-                ("fresh", "restarted"), await _joined_round(bench, floor), strict=True
+                (label for label, _ in _JOINED), await _joined_round(bench, floor), strict=True
             ):
                 for name, value in (
                     ("start_s", joined),
@@ -1865,7 +1886,7 @@ async def _joined_rounds(bench: _Bench) -> dict[str, Any]:
                 ):
                     columns.setdefault(f"{who}_{label}_{name}", []).append(value)
                 bench.say(
-                    f"just joined {r + 1}/{o.rounds}, {label}"
+                    f"just joined {r + 1}/{o.rounds}, {dict(_JOINED)[label]}"
                     f"{' contract floor' if floor else ''}: partitions taken {joined:.2f} s "
                     f"after spawn; first {o.joined_seconds:g} s at {o.latency_rate:,.0f}/s: "
                     f"aiokafka {aio.line()}; librdkafka {rdk.line()}"
