@@ -8,6 +8,7 @@ fields, so a misspelt field is reported instead of silently dropped.
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from operator import attrgetter
@@ -103,18 +104,23 @@ RequestId = Annotated[str, _chars(200, _TEXT), _utf8_at_most(200)]
 # coordinates): a request may not take such a name itself, or it could claim another
 # request's and have that one answered as its duplicate.
 AUTO_REQUEST_ID = "auto-"
+_AUTOMATIC = re.compile(r"auto-[0-9]+\.[0-9]+")
 
 
 def _not_automatic(value: str) -> str:
-    if value.startswith(AUTO_REQUEST_ID):
+    if value.startswith(AUTO_REQUEST_ID) and _AUTOMATIC.fullmatch(value):
         raise ValueError(
-            f"request IDs beginning with {AUTO_REQUEST_ID!r} are the worker's own, for "
+            "request IDs of the form auto-<partition>.<offset> are the worker's own, for "
             "requests sent without one; choose another (a UUID) or leave it out"
         )
     return value
 
 
-SentRequestId = Annotated[RequestId, AfterValidator(_not_automatic)]
+SentRequestId = Annotated[
+    RequestId,
+    AfterValidator(_not_automatic),
+    Field(description="Not of the form auto-<partition>.<offset>: the worker's own IDs."),
+]
 RunIdText = Annotated[str, _chars(400, _TEXT), _utf8_at_most(400)]
 
 

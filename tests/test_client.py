@@ -320,6 +320,19 @@ async def test_a_timeout_that_is_no_positive_number_is_refused_before_anything_i
     assert ends == {topics.topics.requests: 0, topics.topics.results: 0}
 
 
+async def test_a_timeout_of_any_real_number_type_is_taken(
+    topics: Settings, client: JobClient
+) -> None:
+    """A Fraction (or numpy's numbers) is a number of seconds like a float: no worker
+    answers here, so the wait ends after it with JobTimeoutError."""
+    from fractions import Fraction
+
+    with pytest.raises(JobTimeoutError, match=r"within 0\.5s"):
+        await client.start_job("etl", timeout=Fraction(1, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not inf"):
+        await client.start_job("etl", timeout=10**5000)
+
+
 async def test_an_unknown_keyword_names_the_setting_it_may_have_meant() -> None:
     """`JobClient(bootstrap=...)` is a TypeError as Python gives one for an unknown
     keyword, with the setting's name when one is close; settings that cannot work a

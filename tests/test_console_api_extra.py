@@ -260,7 +260,36 @@ def test_the_guard_reads_host_names_as_browsers_send_them() -> None:
     hostile = ["[", "[::1", ":", "\udcff\udcfe:80", "a" * 10_000, "127.0.0.1:80:80", "\x00"]
     for host in ("console.internal:8081", "", None, "127.0.0.1.nip.io", *hostile):
         assert not default.serves(host), host
+    for host in ("localhost.:8081", "127.0.0.1.:8081"):  # a name's root: the same host
+        assert default.serves(host), host
     named = Guard("0.0.0.0", ["Console.Internal"])
+    assert named.serves("console.internal.")
     assert named.serves("console.internal:8081")
     assert named.serves("CONSOLE.internal")
     assert Guard("console.internal").serves("console.internal:80")
+
+
+async def test_a_cancel_through_a_proxy_that_sends_its_own_host_is_the_console_s_own() -> None:
+    """Behind a proxy that sends `Host: 127.0.0.1:8081`, the page's `Origin` is the public
+    name: a change from it is the console's own when that name is --allowed-host, and
+    still refused from any other origin."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from worker.console.guard import Guard
+
+    guard = Guard("127.0.0.1", ["console.example.com"])
+
+    async def changed(request: web.Request) -> web.Response:
+        return web.json_response({"changed": True})
+
+    app = web.Application(middlewares=[guard.middleware])
+    app.router.add_post("/change", changed)
+    async with TestClient(TestServer(app)) as client:
+        proxied = {"Host": "127.0.0.1:8081"}
+        own = await client.post(
+            "/change", headers={**proxied, "Origin": "https://console.example.com"}
+        )
+        assert own.status == 200
+        other = await client.post("/change", headers={**proxied, "Origin": "https://evil.example"})
+        assert other.status == 403

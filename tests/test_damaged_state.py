@@ -368,10 +368,42 @@ async def test_a_new_file_and_its_companions_are_readable_by_their_user_only(
         given.touch(mode=0o640)
         given.chmod(0o640)
         await (await Store.open(given, exclusive=True)).close()
+        os.mkdir(tmp_path / "linked")
+        os.symlink(tmp_path / "linked" / "target.db", tmp_path / "linked" / "link.db")
+        await (await Store.open(tmp_path / "linked" / "link.db")).close()  # to a missing file
+        target = stat.S_IMODE(os.stat(tmp_path / "linked" / "target.db").st_mode)
     finally:
         os.umask(old)
     assert made == dict.fromkeys(("jobs.db", "jobs.db-wal", "jobs.db-shm", "jobs.db.lock"), 0o600)
+    assert target == 0o600
     assert stat.S_IMODE(given.stat().st_mode) == 0o640
+
+
+async def test_a_file_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """A SQLite file in a directory no file can be made in (here /sys) is refused with one
+    line naming it, for the worker and for replay and the other readers alike."""
+    for exclusive in (False, True):
+        db = Path("/sys") / f"jobs-{exclusive}.db"
+        with pytest.raises(StoreError) as refused:
+            await Store.open(db, exclusive=exclusive)
+        assert str(db) in str(refused.value)
+        assert db.name not in os.listdir("/sys")
+
+
+async def test_replay_s_lock_that_is_a_symbolic_link_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    """Replay in several processes shares a lock beside its file: one planted as a link to
+    another file is refused, naming it, and that file keeps its content."""
+    from worker.audit.replay import _in_processes
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    db = tmp_path / "replayed.db"
+    os.symlink(victim, tmp_path / ".replayed.db.replay-lock")
+    with pytest.raises(StoreError, match="it is a symbolic link"):
+        await _in_processes(Settings(), db, [], lambda applied, total: None)
+    assert victim.read_text() == "keep me\n"
 
 
 async def test_a_lock_file_that_is_a_symbolic_link_is_refused_and_its_target_untouched(

@@ -373,3 +373,33 @@ async def test_a_flood_of_probes_asks_the_broker_once_a_second() -> None:
     now[0] += 0.6
     assert await shared() == "broker gone"
     assert asked == 2
+
+
+async def test_a_probe_that_fails_after_every_asker_left_leaves_no_unretrieved_error() -> None:
+    """The shared probe's failure is retrieved even when no asker waits for it any more:
+    no "exception was never retrieved" in the worker's log."""
+    from worker.engine.observe import SharedProbe
+
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    failing = asyncio.Event()
+
+    async def probe() -> None:
+        await failing.wait()
+        raise RuntimeError("not a Kafka error")
+
+    shared = SharedProbe(probe)
+    asker = asyncio.create_task(shared())
+    await asyncio.sleep(0)
+    asker.cancel()
+    failing.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asker
+    for _ in range(3):
+        await asyncio.sleep(0)
+    del shared, asker
+    gc.collect()
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported

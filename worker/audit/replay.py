@@ -26,6 +26,7 @@ from pydantic import SecretStr
 
 from schemas import StatusEvent, read_status_event
 from worker import gctuning
+from worker.engine.sqlfile import StoreError, open_lock_file
 from worker.engine.store import RunWrites, Store, fold_events
 from worker.kafkaio import connection, partitions_of, read_until, start_client
 from worker.settings import Settings
@@ -245,7 +246,10 @@ async def _in_processes(
     which reports each batch as a JSON line; the events applied in all."""
     children = []
     lock_path = db_path.with_name(f".{db_path.name}.replay-lock")
-    lock_path.touch()
+    try:
+        os.close(open_lock_file(lock_path))  # not through a link planted in its place
+    except OSError as exc:
+        raise StoreError(f"cannot use the lock file {lock_path}: {exc.strerror}") from None
     try:
         for ranges in groups:
             child = await asyncio.create_subprocess_exec(

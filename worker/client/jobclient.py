@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import math
+import numbers
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -110,12 +111,17 @@ def _cannot_connect(exc: Exception, settings: Settings) -> JobConnectionError:
 
 
 def _seconds(timeout: float) -> float:
-    """`timeout` if it is a positive number of seconds; else TypeError or ValueError."""
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+    """`timeout` as a positive, finite number of seconds (any real number type: an int, a
+    Fraction, numpy's); else TypeError or ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if not timeout > 0 or math.isinf(timeout):
-        raise ValueError(f"timeout must be a positive, finite number of seconds, not {timeout}")
-    return timeout
+    try:
+        seconds = float(timeout)
+    except OverflowError:
+        seconds = math.inf
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"timeout must be a positive, finite number of seconds, not {seconds:g}")
+    return seconds
 
 
 def _client(client_id: str | None) -> str | None:

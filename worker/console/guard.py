@@ -6,8 +6,9 @@
   only when its `Host` is an IP address (which no DNS answer changes), `localhost`, the
   name the console listens on, or a name given with `--allowed-host`.
 - **Writes from other origins** (CSRF): a request that changes something (not GET, HEAD or
-  OPTIONS) carrying an `Origin` must come from the origin it is sent to. A browser sends
-  `Origin` with every such request; a script or `curl` sends none and is not a page.
+  OPTIONS) carrying an `Origin` must come from the origin it is sent to, or from a name the
+  console serves (a proxy in front may send a `Host` of its own). A browser sends `Origin`
+  with every such request; a script or `curl` sends none and is not a page.
 - **Framing and sniffing**: every answer forbids framing (the cancel button cannot be
   clicked through a transparent frame), loads scripts and styles from the console alone,
   and is taken as the type it says.
@@ -42,7 +43,7 @@ def host_name(host: str) -> str:
     if host.startswith("["):  # an IPv6 address; without its closing bracket, no name
         return host[1 : host.find("]")] if "]" in host else ""
     name, _, _ = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
-    return name
+    return name.removesuffix(".")  # a fully qualified name's root: the same host
 
 
 def _is_address(name: str) -> bool:
@@ -86,12 +87,18 @@ class Guard:
         if (
             request.method not in _READS
             and origin is not None
-            and urlsplit(origin).netloc.lower() != (host or "").strip().lower()
+            and not self._own_origin(origin, host or "")
         ):
             raise web.HTTPForbidden(
                 reason="a change must come from the console's own page (Origin)"
             )
         return await handler(request)
+
+    def _own_origin(self, origin: str, host: str) -> bool:
+        """Whether a change's `Origin` is the console's page: the host the request was sent
+        to, or a name the console serves (behind a proxy that sends its own `Host`)."""
+        netloc = urlsplit(origin).netloc.lower()
+        return netloc == host.strip().lower() or host_name(netloc) in self.names
 
     @staticmethod
     async def headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -222,6 +222,11 @@ async def probe_broker(probe: Callable[[], Awaitable[None]]) -> str | None:
     return None
 
 
+def _retrieved(future: asyncio.Future[str | None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class SharedProbe:
     """`probe_broker` of one probe, shared by whoever asks: an answer younger than `fresh_s`
     is given again, and askers while the broker is being asked wait for that answer. A flood
@@ -246,6 +251,8 @@ class SharedProbe:
             return self._answer[1]
         if self._asking is None:
             self._asking = asyncio.ensure_future(self._ask())
+            # Retrieved even when every asker has gone: no "exception never retrieved".
+            self._asking.add_done_callback(_retrieved)
         # Shielded: an asker that goes away (a closed request) does not cancel the others'.
         return await asyncio.shield(self._asking)
 

@@ -272,10 +272,15 @@ def open_lock_file(lock: Path) -> int:
 
 
 def make_private(path: Path) -> None:
-    """Make the file `path`, empty and readable by its user only, if there is none yet, so
-    that SQLite opens it as it is: its own default would let every user read it."""
-    with contextlib.suppress(FileExistsError):  # an existing file keeps its owner's mode
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    """Make the file `path` (where a link points, for a link to a missing file), empty and
+    readable by its user only, if there is none yet, so that SQLite opens it as it is: its
+    own default would let every user read it. `StoreError` if it cannot be made."""
+    try:
+        os.close(os.open(path.resolve(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    except FileExistsError:
+        pass  # an existing file keeps its owner's mode
+    except OSError as exc:
+        raise StoreError(f"cannot make the SQLite file {path}: {exc.strerror}") from None
 
 
 def hold_lock(path: Path) -> int:
