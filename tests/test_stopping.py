@@ -212,3 +212,47 @@ def test_the_watchdog_exits_with_one_line_once_its_bound_and_grace_are_past() ->
         ("the worker has not exited since it began to stop; exiting hard", "error", 0.1)
     ]
     json.dumps(logs)  # nothing in the line that a JSON log cannot carry
+
+
+async def test_a_step_whose_inner_wait_is_cancelled_under_it_fails_alone() -> None:
+    """A client closing with its broker gone can leak a CancelledError of its own waits: that
+    step fails, and the steps after it still run (SQLite's close among them), where the
+    error used to end the whole stop and leave SQLite's thread holding the process. A stop
+    that is itself cancelled still ends at once."""
+    import asyncio
+
+    from worker.engine.loop import run_steps
+
+    ran: list[str] = []
+    failures: list[BaseException] = []
+
+    async def leaking() -> None:
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel()
+        await inner  # raises CancelledError, though the stop's task was not cancelled
+
+    async def closing() -> None:
+        ran.append("closing SQLite")
+
+    failed = await run_steps(
+        [("leaving the group", leaking), ("closing SQLite", closing)], failures.append
+    )
+    assert failed == ["leaving the group"]
+    assert ran == ["closing SQLite"]
+    assert "cancelled" in str(failures[0])
+
+    entered = asyncio.Event()
+
+    async def waiting() -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    stop = asyncio.create_task(
+        run_steps([("waiting", waiting), ("closing SQLite", closing)], failures.append)
+    )
+    await entered.wait()
+    stop.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await stop
+    assert stop.cancelled()
+    assert ran == ["closing SQLite"]  # not run again: the cancelled stop ended at once

@@ -71,6 +71,15 @@ async def run_steps(steps: list[Step], failed: Callable[[BaseException], None]) 
             continue
         try:
             await action()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # the stop itself is cancelled
+            # A wait inside the step was cancelled under it (a client closing with its broker
+            # gone): the step failed; the steps after it still run, SQLite's close among them.
+            names.append(name)
+            log.error("a step of stopping failed; going on", step=name, error="cancelled inside")
+            failed(RuntimeError(f"{name}: a wait inside it was cancelled"))
         except Exception as exc:
             names.append(name)
             log.error("a step of stopping failed; going on", step=name, error=repr(exc))
