@@ -304,7 +304,7 @@ async def test_the_worker_says_when_the_broker_stops_answering_and_when_it_answe
     long it lasted when it answers again, nothing while nothing changes."""
     from aiokafka.errors import KafkaConnectionError
 
-    from worker.engine.observe import BrokerWatch
+    from worker.engine.observe import BrokerWatch, SharedProbe
     from worker.logs import configure
 
     answers = [True, False, False, False, True, True]
@@ -313,7 +313,7 @@ async def test_the_worker_says_when_the_broker_stops_answering_and_when_it_answe
         if not answers.pop(0):
             raise KafkaConnectionError("Unable to bootstrap from [('10.0.0.9', 9092)]")
 
-    watch = BrokerWatch(probe)
+    watch = BrokerWatch(SharedProbe(probe, fresh_s=0))  # a fresh answer at each check
     out = io.StringIO()
     configure("info", "json", stream=out)
     try:

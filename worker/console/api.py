@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from worker.console import params
 from worker.console.cancel import Refused, cancel, not_allowed, read_reason
 from worker.console.db import Folded
 from worker.console.follow import Follower, Hub, Subscription
-from worker.console.guard import Guard
+from worker.console.guard import Guard, Handler
 from worker.console.openapi import document
 from worker.console.params import BadParameter, RunFilter
 from worker.console.queries import Queries
@@ -41,8 +40,6 @@ HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
 FOLLOWER: web.AppKey[Follower] = web.AppKey("follower", Follower)
 # The client that sends cancel requests: None unless the console runs with --allow-cancel.
 CLIENT: web.AppKey[JobClient | None] = web.AppKey("client")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, message: str, parameter: str | None = None) -> web.Response:

@@ -37,7 +37,7 @@ from worker.engine.codec import TopicRole
 from worker.engine.collector import AtLeastOnce, ExactlyOnce, RecordCollector
 from worker.engine.hooks import Hooks
 from worker.engine.intake import Intake
-from worker.engine.observe import BrokerWatch, HttpServer, Metrics
+from worker.engine.observe import BrokerWatch, HttpServer, Metrics, SharedProbe
 from worker.engine.partitions import PartitionManager
 from worker.engine.processing import BatchRunner
 from worker.engine.shared import SharedExactlyOnce
@@ -201,13 +201,15 @@ class Worker:
             partitions, collector, self._state, self.hooks, self.stop_with, self.metrics
         )
         self._intake = Intake(s, partitions, runner, collector, self._roles, self._halted)
+        # One probe of the broker for /readyz, /metrics and the log's broker lines.
+        broker = SharedProbe(self._probe)
         try:
             if s.http_port:
                 self._http = HttpServer(
                     self.metrics,
                     self.is_ready,
                     self._measure,
-                    self._probe,
+                    broker,
                     s.http_port,
                     s.http_host,
                 )
@@ -232,7 +234,7 @@ class Worker:
             )
             if (cleartext := cleartext_password(s)) is not None:
                 log.warning(cleartext)
-            watch = asyncio.create_task(BrokerWatch(self._probe).run())
+            watch = asyncio.create_task(BrokerWatch(broker).run())
             try:
                 await self._loop(stop)
             finally:

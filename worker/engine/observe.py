@@ -267,11 +267,11 @@ class SharedProbe:
 
 class BrokerWatch:
     """Says in the worker's log when the broker stops answering and when it answers again
-    (aiokafka's own lines, repeated while it retries, say neither): the probe of `/readyz`
-    every `every_s` seconds."""
+    (aiokafka's own lines, repeated while it retries, say neither): the probe `/readyz`
+    shares (a `SharedProbe`), every `every_s` seconds."""
 
-    def __init__(self, probe: Callable[[], Awaitable[None]], every_s: float = 5.0) -> None:
-        self._probe = probe
+    def __init__(self, broker: Callable[[], Awaitable[str | None]], every_s: float = 5.0) -> None:
+        self._broker = broker
         self._every_s = every_s
         self._since: float | None = None  # when the broker last stopped answering
 
@@ -283,7 +283,7 @@ class BrokerWatch:
 
     async def check(self) -> None:
         """One probe; a line when the broker's answering changed since the last."""
-        problem = await probe_broker(self._probe)
+        problem = await self._broker()
         now = time.monotonic()
         if problem is not None and self._since is None:
             self._since = now
@@ -301,7 +301,7 @@ class HttpServer:
         metrics: Metrics,
         ready: Callable[[], bool],
         refresh: Callable[[], Awaitable[None]],
-        probe: Callable[[], Awaitable[None]],
+        broker: Callable[[], Awaitable[str | None]],
         port: int,
         host: str = "",
     ) -> None:
@@ -309,7 +309,7 @@ class HttpServer:
         self._host = host
         self._ready = ready
         self._refresh = refresh
-        self._probe = SharedProbe(probe)
+        self._broker = broker  # why the broker does not answer (a `SharedProbe`)
         self._port = port
         self._runner: web.AppRunner | None = None
 
@@ -345,7 +345,7 @@ class HttpServer:
         reason: str | None = None
         if not self._ready():
             reason = "a partition is being taken, or none is assigned"
-        elif (problem := await self._probe()) is not None:
+        elif (problem := await self._broker()) is not None:
             reason = f"the broker does not answer: {problem}"
         self._metrics.ready.set(1 if reason is None else 0)
         return reason

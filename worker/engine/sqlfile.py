@@ -275,12 +275,12 @@ def make_private(path: Path) -> None:
     """Make the file `path` (where a link points, for a link to a missing file), empty and
     readable by its user only, if there is none yet, so that SQLite opens it as it is: its
     own default would let every user read it. `StoreError` if it cannot be made."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # an existing file keeps its owner's mode
     try:
-        os.close(os.open(path.resolve(), os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
-    except FileExistsError:
-        pass  # an existing file keeps its owner's mode
+        os.close(os.open(path.resolve(), flags, PRIVATE_MODE))
     except OSError as exc:
-        raise StoreError(f"cannot make the SQLite file {path}: {exc.strerror}") from None
+        if exc.errno != errno.EEXIST:
+            raise StoreError(f"cannot make the SQLite file {path}: {exc.strerror}") from None
 
 
 def hold_lock(path: Path) -> int:
