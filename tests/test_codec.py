@@ -6,7 +6,6 @@ import base64
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -937,7 +936,7 @@ def test_a_broker_time_is_the_stamps_utc_time(timestamp_ms: int) -> None:
     at = codec.broker_time(timestamp_ms)
     assert at == datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
     assert at.tzinfo is UTC
-    assert replace(record(b"{}"), timestamp_ms=timestamp_ms).at == at
+    assert record(b"{}").replace(timestamp_ms=timestamp_ms).at == at
 
 
 @given(

@@ -483,7 +483,7 @@ def _reject_cases() -> list[RejectCase]:
 @pytest.mark.parametrize("case", _reject_cases(), ids=lambda c: c.name)
 def test_result_rejected(case: RejectCase) -> None:
     """A result that cannot apply yields one rejected event with a specific reason, no change."""
-    decision = decide(case.state, replace(case.command, request_id="res-9"), QUEUE)
+    decision = decide(case.state, case.command.replace(request_id="res-9"), QUEUE)
     event = only(decision)
     assert decision.state is case.state
     assert event.type is EventType.REJECTED
@@ -912,7 +912,7 @@ def _repeat_cases() -> list[RepeatCase]:
         RepeatCase("cancel that cancelled", cancelled, cancel_cmd, REJECT, EventType.CANCELLED,
                    run.run_id, RunStatus.CANCELLED),
         RepeatCase("start repeated with other fields", running,
-                   replace(first, client_id="x", initial_data={"y": 1}, at=later), REJECT,
+                   first.replace(client_id="x", initial_data={"y": 1}, at=later), REJECT,
                    EventType.STARTED, run.run_id, RunStatus.RUNNING),
     ]  # fmt: skip
 
@@ -920,7 +920,7 @@ def _repeat_cases() -> list[RepeatCase]:
 @pytest.mark.parametrize("case", _repeat_cases(), ids=lambda c: c.name)
 def test_repeated_request_is_a_duplicate(case: RepeatCase) -> None:
     """A request ID seen in the window gets `duplicate` with the original decision; no change."""
-    resent = replace(case.command, source=Source(topic=REQUESTS, partition=0, offset=900))
+    resent = case.command.replace(source=Source(topic=REQUESTS, partition=0, offset=900))
     decision = decide(case.state, resent, case.config)
     event = only(decision)
     assert decision.state is case.state
@@ -942,7 +942,7 @@ def test_duplicate_of_a_replacing_start_names_the_new_run() -> None:
     cmd = start(11, request_id="r2")
     state = decide(state, cmd, REPLACE).state
     (new,) = state.active
-    resent = replace(cmd, source=Source(topic=REQUESTS, partition=0, offset=12))
+    resent = cmd.replace(source=Source(topic=REQUESTS, partition=0, offset=12))
     event = only(decide(state, resent, REPLACE))
     assert event.type is EventType.DUPLICATE
     assert (event.original_type, event.run_id) == (EventType.STARTED, new.run_id)
@@ -1138,7 +1138,7 @@ def test_rejected_cancel_is_not_remembered() -> None:
     state = JobState(JOB)
     assert decide(state, stop).state is state
     state, run = running_state()
-    resent = replace(stop, source=Source(topic=REQUESTS, partition=0, offset=21))
+    resent = stop.replace(source=Source(topic=REQUESTS, partition=0, offset=21))
     event = only(decide(state, resent))
     assert event.type is EventType.CANCELLED
     assert event.run_id == run.run_id
@@ -1883,7 +1883,7 @@ def _run(
             cmd = Progress(job_type, run_text, metrics, None, at, source(RESULTS, job_type))
         elif kind == "repeat" and requests:
             original = requests[-1 - a % len(requests)]
-            cmd = replace(original, at=at, source=source(REQUESTS, original.job_type))
+            cmd = original.replace(at=at, source=source(REQUESTS, original.job_type))
         elif kind == "reject":
             job_type = JOB_TYPES[a]
             cmd = Reject(job_type, f"req-{n}", None, "malformed", at, source(REQUESTS, job_type))
@@ -2030,7 +2030,7 @@ def test_lifecycle_invariants(
 
 def sized(offset: int, size: int, **fields: Any) -> Start:
     """A start whose run counts `size` bytes against `Limits.run_bytes`."""
-    return replace(start(offset, **fields), size=size)
+    return start(offset, **fields).replace(size=size)
 
 
 SMALL = Limits(run_bytes=1000)

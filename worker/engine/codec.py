@@ -18,9 +18,9 @@ import functools
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_json
@@ -35,11 +35,11 @@ from worker.core.lifecycle import (
     Progress,
     Reject,
     Start,
+    Value,
     built,
     run_size,
 )
 from worker.core.limits import InputLimits
-from worker.core.values import immutable
 
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a machine integer where compiled
@@ -50,20 +50,35 @@ TopicRole = Literal["requests", "results"]
 _SOURCE_FIELDS = ModelFields(Source)
 
 
-@immutable
-class InputRecord:
-    """The parts of a Kafka record the orchestrator uses (no Kafka types past this point)."""
+class InputRecord(Value):
+    """The parts of a Kafka record the orchestrator uses (no Kafka types past this point).
 
-    role: TopicRole
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes | None]] = ()
-    # `at`, once asked for (holding, deciding and the command each ask).
-    _at: datetime | None = field(default=None, init=False, repr=False, compare=False)
+    A native class where compiled, as the commands are (`lifecycle.Value`)."""
+
+    FIELDS = ("role", "topic", "partition", "offset", "timestamp_ms", "key", "value", "headers")
+    __slots__ = (*FIELDS, "_at")
+
+    def __init__(
+        self,
+        role: TopicRole,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> None:
+        self.role: Final = role
+        self.topic: Final = topic
+        self.partition: Final = partition
+        self.offset: Final = offset
+        self.timestamp_ms: Final = timestamp_ms
+        self.key: Final = key
+        self.value: Final = value
+        self.headers: Final = headers
+        # `at`, once asked for (holding, deciding and the command each ask).
+        self._at: datetime | None = None
 
     @classmethod
     def of(cls, role: TopicRole, record: Any) -> InputRecord:
@@ -91,7 +106,7 @@ class InputRecord:
         at = self._at
         if at is None:  # made when first asked: a stamp out of range fails the record's batch
             at = broker_time(self.timestamp_ms)
-            object.__setattr__(self, "_at", at)
+            self._at = at
         return at
 
 
