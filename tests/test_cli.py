@@ -418,6 +418,31 @@ def test_runs_prints_the_file_s_text_literally(
         assert text in out.getvalue()
 
 
+def test_runs_client_filter_compares_as_the_worker_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`runs --client-id acme` lists the runs of `Acme`: the worker counts `Acme` and `acme`
+    as one client (trimmed, any case), and so does the filter, beyond ASCII too."""
+    path = tmp_path / "jobs.db"
+    _store_with(path, _run_row(run_id="261128-093000-0.1", client_id="Acme"))
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for n, client in enumerate(["ACME", "acme2", "ÉMILE"], start=2):
+            row = _run_row(run_id=f"261128-093000-0.{n}", client_id=client)
+            db.execute(UPSERT_RUN, run_params(row, retained=True))
+    for asked, found, left in (
+        ("acme", ["Acme", "ACME"], ["acme2", "ÉMILE"]),
+        (" aCmE ", ["Acme", "ACME"], ["acme2", "ÉMILE"]),
+        ("émile", ["ÉMILE"], ["Acme", "acme2"]),
+    ):
+        out = _captured(monkeypatch)
+        result = runner.invoke(app, ["runs", "--db", str(path), "--client-id", asked])
+        assert result.exit_code == 0, result.output
+        for client in found:
+            assert f" {client} " in out.getvalue(), (asked, out.getvalue())
+        for client in left:
+            assert f" {client} " not in out.getvalue(), (asked, out.getvalue())
+
+
 def test_paths_given_print_literally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A path the user gives (`--dir`, `--db`, `--json`) is printed as given."""
     target = tmp_path / "a[/]b"

@@ -60,16 +60,23 @@ CREATE INDEX IF NOT EXISTS console_events_by_run ON console_events (run_id, seq)
 CREATE INDEX IF NOT EXISTS console_runs_recent ON runs (started_at, run_id);
 CREATE INDEX IF NOT EXISTS console_runs_by_type ON runs (job_type, started_at, run_id);
 CREATE INDEX IF NOT EXISTS console_runs_by_status ON runs (status, started_at, run_id);
-CREATE INDEX IF NOT EXISTS console_runs_by_client ON runs (client_id, started_at, run_id);
 CREATE INDEX IF NOT EXISTS console_runs_by_type_status
     ON runs (job_type, status, started_at, run_id);
-CREATE INDEX IF NOT EXISTS console_runs_by_type_client
-    ON runs (job_type, client_id, started_at, run_id);
-CREATE INDEX IF NOT EXISTS console_runs_by_client_status
-    ON runs (client_id, status, started_at, run_id);
+-- client IDs are filtered as the worker compares them, in any case (`worker.clientkey`);
+-- files made before that have indexes on the client ID as sent, which no query uses
+DROP INDEX IF EXISTS console_runs_by_client;
+DROP INDEX IF EXISTS console_runs_by_type_client;
+DROP INDEX IF EXISTS console_runs_by_client_status;
+DROP INDEX IF EXISTS console_runs_by_type_client_status;
+CREATE INDEX IF NOT EXISTS console_runs_by_client_key
+    ON runs (lower(client_id), started_at, run_id);
+CREATE INDEX IF NOT EXISTS console_runs_by_type_client_key
+    ON runs (job_type, lower(client_id), started_at, run_id);
+CREATE INDEX IF NOT EXISTS console_runs_by_client_key_status
+    ON runs (lower(client_id), status, started_at, run_id);
 -- all three filters: a pair's index would walk every run of the pair to find the third
-CREATE INDEX IF NOT EXISTS console_runs_by_type_client_status
-    ON runs (job_type, client_id, status, started_at, run_id);
+CREATE INDEX IF NOT EXISTS console_runs_by_type_client_key_status
+    ON runs (job_type, lower(client_id), status, started_at, run_id);
 CREATE INDEX IF NOT EXISTS console_runs_durations ON runs (job_type, {DURATION})
     WHERE ended_at IS NOT NULL;
 """

@@ -23,6 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas import RunStatus
 from schemas.messages import ClientId, JobType
+from worker.clientkey import client_key
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -230,7 +231,7 @@ class RunFilter:
 
     job_type: str | None = None
     status: RunStatus | None = None
-    client_id: str | None = None
+    client_id: str | None = None  # as `client_key` spells it
     since: str | None = None  # inclusive
     until: str | None = None  # exclusive
 
@@ -239,7 +240,10 @@ class RunFilter:
         return (
             (self.job_type is None or job_type == self.job_type)
             and (self.status is None or status == self.status)
-            and (self.client_id is None or client == self.client_id)
+            and (
+                self.client_id is None
+                or (client is not None and client_key(client) == self.client_id)
+            )
             and (self.since is None or at >= self.since)
             and (self.until is None or at < self.until)
         )
@@ -257,7 +261,7 @@ def run_filter(query: dict[str, str]) -> RunFilter:
     return RunFilter(
         job_type=job_type(query["job_type"]) if "job_type" in query else None,
         status=status(query["status"]) if "status" in query else None,
-        client_id=client_id(query["client_id"]) if "client_id" in query else None,
+        client_id=client_key(client_id(query["client_id"])) if "client_id" in query else None,
         since=None if since is None else stored_time(since),
         until=None if until is None else stored_time(until),
     )

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import aiosqlite
 
 from schemas import ENDED_STATUSES
+from worker.clientkey import client_clause, register_key_async
 from worker.console.db import DURATION
 from worker.console.params import DEFAULT_LIMIT, RunFilter, make_cursor, make_type_cursor
 
@@ -88,14 +89,16 @@ def event_json(topic: str, seq: int, partition: int, offset: int, body: str) -> 
 def _where(f: RunFilter, after: tuple[str, str] | None) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
-    for column, value in (
-        ("job_type", f.job_type),
-        ("status", f.status),
-        ("client_id", f.client_id),
-    ):
+    for column, value in (("job_type", f.job_type), ("status", f.status)):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(str(value))
+    if f.client_id is not None:
+        # As the worker compares client IDs (`Acme` and `acme` are one client), on the
+        # indexes of `lower(client_id)`.
+        clause, key = client_clause(f.client_id)
+        clauses.append(clause)
+        params.append(key)
     if f.since is not None:
         clauses.append("started_at >= ?")
         params.append(f.since)
@@ -212,6 +215,7 @@ class Queries:
         uri = f"file:{quote(str(path))}?mode=ro"
         db = await aiosqlite.connect(uri, uri=True, timeout=10.0)
         await db.execute("PRAGMA query_only = 1")
+        await register_key_async(db)
         return cls(db, topic, uri)
 
     async def close(self) -> None:

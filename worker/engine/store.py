@@ -22,6 +22,7 @@ from typing import Any
 import aiosqlite
 
 from schemas import RunStatus, StatusEvent
+from worker.clientkey import client_clause, register_key_async
 from worker.core.lifecycle import JobState, load_state
 from worker.core.runs import RunRow, new_row, run_change
 from worker.engine import stored
@@ -342,10 +343,16 @@ class Store:
         at or after it (an aware time). SQLite filters and limits, so a long history is not
         read whole for the last few runs."""
         clauses, params = [], []
-        for column, value in (("job_type", job_type), ("client_id", client_id), ("status", status)):
+        for column, value in (("job_type", job_type), ("status", status)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(str(value))
+        if client_id is not None:
+            # As the worker compares client IDs: `Acme` and `acme` are one client.
+            clause, key = client_clause(client_id)
+            await register_key_async(self._db)
+            clauses.append(clause)
+            params.append(key)
         if since is not None:
             # Start times are stored as UTC ISO strings, which sort as text.
             clauses.append("started_at >= ?")
