@@ -277,43 +277,70 @@ def topics_create(
     bootstrap: str = BOOTSTRAP,
     prefix: str = PREFIX,
 ) -> None:
-    """Create the five topics (idempotent); refuse when existing counts differ.
+    """Create the five topics (idempotent); refuse when existing counts differ, and exit 1
+    when existing topics have settings the worker does not work with (naming the fix).
 
     Example: jobctl topics create --partitions 12
     """
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
 
-    async def action(admin: AIOKafkaAdminClient) -> list[str]:
-        return await topic_admin.create(admin, s.topics, partitions, replication_factor)
+    async def action(admin: AIOKafkaAdminClient) -> tuple[list[str], str | None]:
+        created = await topic_admin.create(admin, s.topics, partitions, replication_factor)
+        try:
+            await topic_admin.check_configs(admin, s.topics, s.bootstrap_servers)
+        except topic_admin.TopicError as exc:
+            return created, str(exc)
+        return created, None
 
-    created = _run(_with_admin(s, action))
+    created, wrong = _run(_with_admin(s, action))
     for name in s.topics.all():
         console.print(f"{name}: {'created' if name in created else 'exists'}")
+    if wrong is not None:
+        raise _fail(wrong)
 
 
 @topics_app.command("describe")
 def topics_describe(bootstrap: str = BOOTSTRAP, prefix: str = PREFIX) -> None:
-    """Show the five topics and their partition counts.
+    """Show the five topics, their partition counts and the settings the worker needs, as
+    the broker has them; exit 1 if any is not what the worker needs.
 
     Example: jobctl topics describe --prefix jobs
     """
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
 
-    async def action(admin: AIOKafkaAdminClient) -> list[topic_admin.TopicInfo]:
-        return await topic_admin.describe(admin, s.topics)
+    async def action(
+        admin: AIOKafkaAdminClient,
+    ) -> tuple[list[topic_admin.TopicInfo], dict[str, dict[str, str | None]]]:
+        infos = await topic_admin.describe(admin, s.topics)
+        present = [i.name for i in infos if i.partitions is not None]
+        return infos, await topic_admin.topic_configs(admin, present)
 
-    infos = _run(_with_admin(s, action))
+    infos, configs = _run(_with_admin(s, action))
+    wrong = topic_admin.config_mismatches(s.topics, configs)
+    needs = {(m.topic, m.key): m.wanted for m in wrong}
     table = Table("topic", "partitions", "config")
-    for info, role in zip(infos, topic_admin.TOPIC_CONFIGS, strict=True):
-        config = ", ".join(f"{k}={v}" for k, v in topic_admin.TOPIC_CONFIGS[role].items())
+    for info in infos:
+        found = configs.get(info.name, {})
+        config = ", ".join(
+            f"{key}={found.get(key) or 'unknown'}"
+            + (f" (needs {needs[info.name, key]})" if (info.name, key) in needs else "")
+            for key in topic_admin.SHOWN_CONFIGS
+        )
         table.add_row(
-            info.name, "missing" if info.partitions is None else str(info.partitions), config
+            info.name,
+            "missing" if info.partitions is None else str(info.partitions),
+            escape(config) if info.name in configs else "",
         )
     console.print(table)
     try:
         topic_admin.check_counts(infos)
     except topic_admin.TopicError as exc:
         raise _fail(str(exc)) from None
+    if wrong:
+        raise _fail(
+            f"{'; '.join(str(m) for m in wrong)}. Set them with "
+            f"{topic_admin.fix_command(wrong, s.bootstrap_servers)}"
+        )
 
 
 # What `run` adds to its hooks: None in `jobctl`; set only by `python -m

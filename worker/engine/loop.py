@@ -250,6 +250,13 @@ class Worker:
         try:
             count = topic_admin.check_counts(await topic_admin.describe(admin, self.topics))
             await topic_admin.check_timestamps(admin, self.topics)
+            if unkept := await topic_admin.unkept(admin, self.topics):
+                # The worker runs (as it always has), but what it needs kept is not.
+                log.warning(
+                    "the broker will delete records the worker needs kept: "
+                    + "; ".join(str(m) for m in unkept),
+                    fix=topic_admin.fix_command(unkept, self.settings.bootstrap_servers),
+                )
             return count
         finally:
             await admin.close()

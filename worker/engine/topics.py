@@ -105,6 +105,89 @@ async def check_timestamps(admin: AIOKafkaAdminClient, topics: Topics) -> None:
         )
 
 
+# The settings `describe` shows for every topic: those `TOPIC_CONFIGS` asks of some topic.
+SHOWN_CONFIGS = (_TIMESTAMP_TYPE, "retention.ms", "cleanup.policy")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigMismatch:
+    """An existing topic's setting that is not what the worker needs."""
+
+    topic: str
+    key: str
+    wanted: str
+    found: str | None  # None: the broker did not say
+
+    def __str__(self) -> str:
+        return f"{self.topic} has {self.key}={self.found or 'unknown'}, needs {self.wanted}"
+
+
+async def topic_configs(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> dict[str, dict[str, str | None]]:
+    """What the broker says of `SHOWN_CONFIGS` for each topic of `names` that exists (its
+    own settings and the broker's defaults alike)."""
+    if not names:
+        return {}
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(SHOWN_CONFIGS))
+        for name in names
+    ]
+    found: dict[str, dict[str, str | None]] = {}
+    for response in await admin.describe_configs(resources):
+        for code, _message, _type, name, entries in response.resources:
+            if code == 0:
+                found[name] = {entry[0]: entry[1] for entry in entries}
+    return found
+
+
+def config_mismatches(
+    topics: Topics, configs: Mapping[str, Mapping[str, str | None]]
+) -> list[ConfigMismatch]:
+    """The settings of the described topics `configs` that differ from `TOPIC_CONFIGS`."""
+    wrong = []
+    for name, wanted in _role_configs(topics).items():
+        if name not in configs:
+            continue
+        for key, value in wanted.items():
+            found = configs[name].get(key)
+            if found != value:
+                wrong.append(ConfigMismatch(name, key, value, found))
+    return wrong
+
+
+def fix_command(mismatches: list[ConfigMismatch], bootstrap: str) -> str:
+    """What sets `mismatches` right: kafka-configs.sh, one topic a command."""
+    by_topic: dict[str, list[str]] = {}
+    for m in mismatches:
+        by_topic.setdefault(m.topic, []).append(f"{m.key}={m.wanted}")
+    return "; ".join(
+        f"kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics "
+        f"--entity-name {topic} --add-config {','.join(settings)}"
+        for topic, settings in by_topic.items()
+    )
+
+
+async def check_configs(admin: AIOKafkaAdminClient, topics: Topics, bootstrap: str) -> None:
+    """Raise `TopicError` naming every existing topic's setting that is not what the worker
+    needs (`TOPIC_CONFIGS`), and the commands that set them."""
+    configs = await topic_configs(admin, list(topics.all()))
+    wrong = config_mismatches(topics, configs)
+    if wrong:
+        raise TopicError(
+            f"topics exist with settings the worker does not work with: "
+            f"{'; '.join(str(m) for m in wrong)}. Set them with "
+            f"{fix_command(wrong, bootstrap)} (or the admin API's IncrementalAlterConfigs)"
+        )
+
+
+async def unkept(admin: AIOKafkaAdminClient, topics: Topics) -> list[ConfigMismatch]:
+    """The status topic's retention and the state topic's cleanup policy where they are not
+    what the worker needs: records the broker will delete."""
+    configs = await topic_configs(admin, [topics.status, topics.state])
+    return config_mismatches(topics, configs)
+
+
 async def create(
     admin: AIOKafkaAdminClient,
     topics: Topics,
