@@ -82,7 +82,9 @@ class Summary:
     transactions: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.batches or self.failed)
+        # Whether anything was decided (or failed): an idle worker's batches (a view mark
+        # refreshed, a tick) decide nothing and make no line.
+        return bool(self.events or self.dead_letters or self.failed)
 
 
 class Metrics:
