@@ -228,9 +228,10 @@ async def test_a_damaged_file_is_moved_aside_and_rebuilt_from_the_changelog(
 
 async def test_a_reader_refuses_a_damaged_file_and_moves_nothing(tmp_path: Path) -> None:
     """A reader's open (`jobctl runs`, replay) refuses a file that is not a database, with one
-    line, and leaves it where it is."""
+    line, and leaves it where it is. (Bytes that are no text, as a worker's damaged file's
+    are: a text file is refused as one, `tests/test_file_refusals.py`.)"""
     db = tmp_path / "jobs.db"
-    db.write_bytes(b"not a database" * 512)
+    db.write_bytes(b"not a database\x00" * 512)
     with pytest.raises(StoreError) as refused:
         await Store.open(db)
     assert str(refused.value) == (
@@ -238,7 +239,7 @@ async def test_a_reader_refuses_a_damaged_file_and_moves_nothing(tmp_path: Path)
         "and restores its partitions from the changelog"
     )
     assert damaged_copies(db) == []
-    assert db.read_bytes() == b"not a database" * 512
+    assert db.read_bytes() == b"not a database\x00" * 512
 
 
 async def test_a_damaged_file_moves_aside_with_its_wal(tmp_path: Path) -> None:

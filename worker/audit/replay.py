@@ -26,7 +26,13 @@ from pydantic import SecretStr
 
 from schemas import StatusEvent, read_status_event
 from worker import gctuning
-from worker.engine.sqlfile import StoreError, open_lock_file
+from worker.engine.sqlfile import (
+    StoreError,
+    hold_lock,
+    lock_exists,
+    open_lock_file,
+    release_lock,
+)
 from worker.engine.store import RunWrites, Store, fold_events
 from worker.kafkaio import connection, partitions_of, read_until, start_client
 from worker.settings import Settings
@@ -115,9 +121,20 @@ async def replay(
     events a second, all of it under one GIL.
     """
     started = time.perf_counter()
-    # Opened first: a file it cannot use is refused before any record is read. The schema
-    # exists before processes share the file.
-    store = await Store.open(db_path)
+    # The lock a worker or console holds on its file while it runs: replay writes runs a
+    # running one does not expect, so a file in use is refused; while replay runs, a worker
+    # or console is refused the file instead. Its processes share it (`_in_processes`).
+    made = not lock_exists(db_path)
+    held = hold_lock(
+        db_path, advice="stop the worker or console that uses it, or give replay another --db"
+    )
+    try:
+        # Opened first: a file it cannot use is refused before any record is read. The
+        # schema exists before processes share the file.
+        store = await Store.open(db_path)
+    except BaseException:
+        release_lock(db_path, held, remove=made)
+        raise
     try:
         ranges = await _ranges(settings, from_offset, from_timestamp)
         groups = _groups_of(ranges, processes or os.cpu_count() or 1)
@@ -140,7 +157,10 @@ async def replay(
             progress(total, total)
         runs = await store.count_runs()
     finally:
-        await store.close()
+        try:
+            await store.close()
+        finally:
+            release_lock(db_path, held, remove=made)
     return ReplayReport(applied, runs, time.perf_counter() - started, max(1, len(groups)))
 
 

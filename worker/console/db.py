@@ -19,7 +19,6 @@ between reads those records again, and folding them again ends in the same rows.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import aiosqlite
 
 from schemas import StatusEvent
 from worker.console.params import stored_time
-from worker.engine.sqlfile import open_lock_file
+from worker.engine.sqlfile import StoreError, hold_lock, lock_exists, release_lock
 from worker.engine.store import DamagedFile, RunWrites, Store, fold_events
 
 # An ended run's duration in seconds, as the duration index computes it (the queries must
@@ -114,20 +113,10 @@ class Folded:
 
 def _lock(path: Path) -> int:
     """Hold `<path>.lock`, the lock a worker takes on its file: one process per file."""
-    lock = Path(f"{path}.lock")
     try:
-        fd = open_lock_file(lock)
-    except OSError as exc:
-        raise ConsoleError(f"cannot use the lock file {lock}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise ConsoleError(
-            f"{path} is in use by another process ({lock} is locked); give the console a "
-            "SQLite file of its own (--db)"
-        ) from None
-    return fd
+        return hold_lock(path, advice="give the console a SQLite file of its own (--db)")
+    except StoreError as exc:
+        raise ConsoleError(str(exc)) from None
 
 
 class ConsoleDb:
@@ -145,17 +134,18 @@ class ConsoleDb:
     @classmethod
     async def open(cls, path: Path, topic: str) -> ConsoleDb:
         """Open (creating) the file at `path` to follow the status topic `topic`."""
+        made = not lock_exists(path)
         fd = _lock(path)
         try:
             store = await Store.open(path)
         except DamagedFile as exc:
-            os.close(fd)
+            release_lock(path, fd, remove=made)  # a path refused leaves no lock file made
             # A console's file holds only what it folded: it can be folded again.
             raise ConsoleError(
                 exc.rebuilt("the console folds the status topic again from its start")
             ) from None
         except BaseException:
-            os.close(fd)
+            release_lock(path, fd, remove=made)
             raise
         db: aiosqlite.Connection | None = None
         try:

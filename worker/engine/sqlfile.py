@@ -283,28 +283,56 @@ def make_private(path: Path) -> None:
             raise StoreError(f"cannot make the SQLite file {path}: {exc.strerror}") from None
 
 
-def hold_lock(path: Path) -> int:
-    """Hold `<path>.lock` (flock, released when the descriptor closes): one worker per file."""
+def hold_lock(path: Path, *, advice: str | None = None) -> int:
+    """Hold `<path>.lock` (flock, released when the descriptor closes): one worker, console
+    or replay per file. A holder refused says `advice` (a worker's by default)."""
     lock = Path(f"{path}.lock")
-    try:
-        fd = open_lock_file(lock)
-    except OSError as exc:
-        raise StoreError(f"cannot use the lock file {lock}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    while True:
+        try:
+            fd = open_lock_file(lock)
+        except OSError as exc:
+            raise StoreError(f"cannot use the lock file {lock}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if not isinstance(exc, BlockingIOError):
+                raise StoreError(f"cannot lock {lock}: {exc.strerror}") from None
+            by = f" (process {holder})" if holder.isdigit() else ""
+            if advice is not None:
+                raise StoreError(
+                    f"{path} is in use by another process: {lock} is locked{by}; {advice}"
+                ) from None
+            raise StoreError(
+                f"{path} is in use by another worker: {lock} is locked{by}; "
+                "give each worker a SQLite file of its own (JOBS_DB_PATH)"
+            ) from None
+        # A holder that refused its path removes the lock file it made (`release_lock`):
+        # a lock taken on the file it removed is no lock, so take the one there now.
+        with contextlib.suppress(OSError):
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
         os.close(fd)
-        if not isinstance(exc, BlockingIOError):
-            raise StoreError(f"cannot lock {lock}: {exc.strerror}") from None
-        by = f" (process {holder})" if holder.isdigit() else ""
-        raise StoreError(
-            f"{path} is in use by another worker: {lock} is locked{by}; "
-            "give each worker a SQLite file of its own (JOBS_DB_PATH)"
-        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_exists(path: Path) -> bool:
+    """Whether `<path>.lock` is there (before `hold_lock`: whether it would make it)."""
+    return os.path.lexists(f"{path}.lock")
+
+
+def release_lock(path: Path, fd: int, *, remove: bool) -> None:
+    """Let go of `<path>.lock` held by `fd`; with `remove` (a holder that made the lock file
+    and then refused the path), remove the file first, while still held."""
+    try:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}.lock")
+    finally:
+        os.close(fd)
 
 
 async def _prepare(db: aiosqlite.Connection, path: Path, *, check: bool) -> None:
@@ -456,14 +484,16 @@ async def open_file(path: Path, *, repair: bool) -> aiosqlite.Connection:
     try:
         return await _connect(path, check=repair)
     except _Damaged as damage:
-        if not repair:
-            raise DamagedFile(path, str(damage)) from None
         reason = str(damage)
+    # Said alike by the worker and by the commands that only read or rebuild: a text file
+    # is nobody's damaged SQLite file, and none of them moves it.
     if _text_file(path):
         raise StoreError(
             f"{path} is a text file, not a worker's SQLite file; it is left as it is "
             "(give the worker's file, or a new path, as JOBS_DB_PATH or --db)"
         )
+    if not repair:
+        raise DamagedFile(path, reason)
     moved = _move_aside(path)
     log.warning(
         "the SQLite file is damaged: moved it aside and started an empty one; every "

@@ -43,8 +43,10 @@ from worker.engine.sqlfile import (
     StoreError,
     chunks,
     hold_lock,
+    lock_exists,
     open_file,
     read_states,
+    release_lock,
     run_params,
     run_row,
     upsert_runs,
@@ -137,12 +139,14 @@ class Store:
         every refusal is a `StoreError`.
         """
         path = Path(path)
+        made = not lock_exists(path)
         lock = hold_lock(path) if exclusive else None
         try:
             db = await open_file(path, repair=exclusive)
         except BaseException:
             if lock is not None:
-                os.close(lock)
+                # A path refused leaves no lock file this open made.
+                release_lock(path, lock, remove=made)
             raise
         return cls(db, str(path), lock)
 
