@@ -94,6 +94,9 @@ class StartDecision:
     request_id: str
     event: StatusEvent
     running: RunInfo | None = None
+    # `event` answers an earlier record with this request ID: the original decision, read
+    # as the answer to a retry (whose own answer is a `duplicate` of it).
+    answered: bool = False
 
     @property
     def type(self) -> EventType:
@@ -105,7 +108,7 @@ class StartDecision:
     @property
     def retried(self) -> bool:
         """Whether the request ID had been decided before and this is that decision again."""
-        return self.event.type is EventType.DUPLICATE
+        return self.event.type is EventType.DUPLICATE or self.answered
 
     @property
     def started(self) -> bool:

@@ -233,6 +233,15 @@ class JobClient:
     async def _ask(
         self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
     ) -> StatusEvent:
+        return (await self._ask_sent(topic, body, answers, timeout))[0]
+
+    async def _ask_sent(
+        self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
+    ) -> tuple[StatusEvent, bool]:
+        """The answer to `body` sent to `topic`, and whether it answers an earlier record
+        with the same request ID: the first event for a request ID is taken, and a retry
+        sent before (or soon after) the original's answer was read gets that answer, not
+        the `duplicate` the worker sends its own record."""
         self._check_open()
         timeout = _seconds(timeout)
         sent, payload = encoded(self._model_of(topic), body, self.settings)
@@ -240,7 +249,9 @@ class JobClient:
         future = self.replies.answer(request_id, answers)
         try:
             async with asyncio.timeout(timeout):
-                await self._producer.send_and_wait(topic, payload, key=sent["job_type"].encode())
+                sent_as = await self._producer.send_and_wait(
+                    topic, payload, key=sent["job_type"].encode()
+                )
                 event = await future
         except TimeoutError:
             raise JobTimeoutError(
@@ -253,7 +264,13 @@ class JobClient:
             future.cancel()
         if event.type is EventType.REJECTED:
             raise JobRejectedError(event)
-        return event
+        source = event.source
+        earlier = source is not None and (source.topic, source.partition, source.offset) != (
+            topic,
+            sent_as.partition,
+            sent_as.offset,
+        )
+        return event, earlier
 
     @overload
     async def start_job(
@@ -309,13 +326,13 @@ class JobClient:
             body["client_id"] = client_id
         if not wait:
             return await self.send(self.topics.requests, body)
-        event = await self._ask(self.topics.requests, body, _START_ANSWERS, timeout)
-        decision = StartDecision(event.request_id or body["request_id"], event)
+        event, earlier = await self._ask_sent(self.topics.requests, body, _START_ANSWERS, timeout)
+        decision = StartDecision(event.request_id or body["request_id"], event, answered=earlier)
         await self._refresh(decision.request_id, timeout, f"was decided ({decision.type})")
         if decision.running_run_id is not None:
             running = self.view.get(decision.running_run_id)
             info = RunInfo.of(running) if running is not None else None
-            return StartDecision(decision.request_id, event, info)
+            return StartDecision(decision.request_id, event, info, answered=earlier)
         return decision
 
     async def _refresh(self, request_id: str | None, timeout: float, what: str) -> None:
