@@ -144,22 +144,34 @@ class JobClient:
     """Async context manager speaking to the orchestrator through its topics: made as the
     module's docstring says (`settings`, keywords overriding settings by name)."""
 
+    # Made by `open` (`_make`)
+    _producer: AIOKafkaProducer
+    replies: Replies
+    view: RunningView
+
     def __init__(self, settings: Settings | None = None, **overrides: Any) -> None:
         self.settings = _overridden(settings, overrides)
         self.topics = self.settings.topics
+        self._open = self._closed = self._made = False
+
+    def _make(self) -> None:
+        """Make the Kafka clients, when the client opens: made and never started (a client
+        that is never opened), aiokafka warns of each as unclosed when it is collected."""
         kafka = connection(self.settings)
         self._producer = AIOKafkaProducer(acks="all", linger_ms=1, **kafka)
         self.replies = Replies(self.topics.status, kafka)
         self.view = RunningView(
             self.topics.state, kafka, window=window_of(self.settings.view_refresh_s)
         )
-        self._open = self._closed = False
+        self._made = True
 
     async def open(self) -> JobClient:
         """Connect; on any failure, close what was opened and raise. A client opens once:
         after `close`, make another."""
         if self._closed:
             raise JobConnectionError("this JobClient was closed; make a new one to reconnect")
+        if not self._made:
+            self._make()
         try:
             await self._producer.start()
             await self.replies.open()
@@ -184,6 +196,8 @@ class JobClient:
     async def close(self) -> None:
         """Stop reading and disconnect everything; safe to call more than once."""
         self._open, self._closed = False, True
+        if not self._made:
+            return
         await self.view.close()
         await self.replies.close()
         await self._producer.stop()
