@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -58,7 +57,7 @@ def test_a_snapshot_keeps_the_latest_rows_and_refuses_a_damaged_state() -> None:
     changelog.apply_row(snapshot, *changelog.job_row("report", dump_state(JobState("report"))))
     changelog.apply_row(snapshot, *changelog.job_row("report", dump_state(STATE)))
     changelog.apply_row(snapshot, *changelog.run_row(ROW))
-    changelog.apply_row(snapshot, *changelog.run_row(replace(ROW, run_id="r2")))
+    changelog.apply_row(snapshot, *changelog.run_row(ROW.replace(run_id="r2")))
     changelog.apply_row(snapshot, b"r1", None)
     assert snapshot.jobs == {"report": dump_state(STATE)}
     assert list(snapshot.runs) == ["r2"]
@@ -157,7 +156,7 @@ def test_a_state_an_earlier_version_wrote_gets_its_entries_written_once() -> Non
     first change writes every entry as a row, numbered from there on."""
     limits = Limits(ended_window=3, idempotency_window=4)
     steps = _lifecycles(6, limits)
-    old = replace(steps[-1][1], decided_next=0, ended_next=0)  # as version 1 wrote it
+    old = steps[-1][1].replace(decided_next=0, ended_next=0)  # as version 1 wrote it
     rows: list[staterows.Row] = [changelog.job_row("report", dump_state(old))]
     assert list(_states(_restored(rows))) == [("report", dump_state(old))]
     numbered = staterows.numbered(old)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -400,7 +399,7 @@ def _run_row(**changes: Any) -> RunRow:
         metrics=None,
         reason=None,
     )
-    return dataclasses.replace(row, **changes)
+    return row.replace(**changes)
 
 
 def test_runs_prints_the_file_s_text_literally(

@@ -157,7 +157,9 @@ def test_a_head_is_the_state_without_its_windows_as_pydantic_writes_it(state: Jo
 @SETTINGS
 @given(st.one_of(decided, ended, _payloads()))
 def test_entries_and_payloads_are_written_as_pydantic_writes_them(value: Any) -> None:
-    assert encoding.value_json(value) == TypeAdapter(Any).dump_json(value)
+    # A window entry by its own type's schema (as the changelog reads it), a payload as any.
+    kind = type(value) if isinstance(value, Decided | EndedRun) else Any
+    assert encoding.value_json(value) == TypeAdapter(kind).dump_json(value)
 
 
 @SETTINGS

@@ -811,7 +811,7 @@ def test_client_ids_differing_in_case_share_one_scope() -> None:
     state, _ = play(JobState(JOB), start(10, client_id="Acme"), config=PER_CLIENT)
     refused = only(decide(state, start(11, client_id=" acme"), PER_CLIENT))
     assert refused.type is EventType.REFUSED
-    old = replace(state, active=tuple(replace(r, scope="Acme") for r in state.active))
+    old = state.replace(active=tuple(r.replace(scope="Acme") for r in state.active))
     assert only(decide(old, start(12, client_id="ACME"), PER_CLIENT)).type is EventType.REFUSED
     queued_config = JobConfig(policy=Policy.QUEUE, scope=Scope.JOB_TYPE_CLIENT)
     waiting = decide(old, start(13, client_id="acme"), queued_config).state
@@ -1173,7 +1173,7 @@ def test_progress_reports_metrics_and_renews_the_deadline() -> None:
     assert event.occurred_at == MID
     assert event.source == cmd.source
     assert event.event_id == event_id(cmd.source, 0)
-    assert decision.state.active == (replace(run, deadline=MID + TIMEOUT),)
+    assert decision.state.active == (run.replace(deadline=MID + TIMEOUT),)
     assert decision.state.decided == state.decided
 
 
@@ -1190,7 +1190,7 @@ def test_heartbeat_renews_the_deadline_silently() -> None:
     state, run = running_state(config=TIMED)
     decision = decide(state, progress(run.run_id, 4, metrics=None), TIMED)
     assert decision.events == ()
-    assert decision.state.active == (replace(run, deadline=MID + TIMEOUT),)
+    assert decision.state.active == (run.replace(deadline=MID + TIMEOUT),)
     assert decide(decision.state, advance(T0 + TIMEOUT), TIMED).events == ()
     late = only(decide(decision.state, advance(MID + TIMEOUT), TIMED))
     assert late.type is EventType.TIMED_OUT

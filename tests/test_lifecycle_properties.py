@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -174,10 +173,9 @@ def _as_validated(event: StatusEvent) -> None:
 
 def _adoptable(state: JobState) -> JobState:
     """`state` without what the log does not say: deadlines and run sizes."""
-    return replace(
-        state,
-        active=tuple(replace(r, deadline=None, size=0) for r in state.active),
-        queue=tuple(replace(q, size=0) for q in state.queue),
+    return state.replace(
+        active=tuple(r.replace(deadline=None, size=0) for r in state.active),
+        queue=tuple(q.replace(size=0) for q in state.queue),
     )
 
 

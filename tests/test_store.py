@@ -6,7 +6,6 @@ import asyncio
 import re
 import sqlite3
 import threading
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -116,10 +115,10 @@ async def test_run_history_is_filtered_by_start_time_and_limited_newest_first(
     store = await Store.open(tmp_path / "jobs.db")
     try:
         rows = [
-            replace(run(f"r{i}", RunStatus.COMPLETED), started_at=AT + timedelta(minutes=i))
+            run(f"r{i}", RunStatus.COMPLETED).replace(started_at=AT + timedelta(minutes=i))
             for i in range(6)
         ]
-        rows[3] = replace(rows[3], started_at=rows[3].started_at.replace(microsecond=250_000))
+        rows[3] = rows[3].replace(started_at=rows[3].started_at.replace(microsecond=250_000))
         store.writes.record_batch(0, rows, [], {})
         await store.flush()
         since = AT + timedelta(minutes=2)
@@ -143,7 +142,7 @@ async def test_a_head_given_with_a_state_is_written_and_a_later_batch_without_on
     store = await Store.open(tmp_path / "jobs.db")
     try:
         old = JobState("report")
-        newer = replace(old, queue=(Queued("r-q", "req-q", None, "", AT),))
+        newer = old.replace(queue=(Queued("r-q", "req-q", None, "", AT),))
         given = {"report": stored.head(newer)}
         store.writes.record_batch(0, [], [("report", old)], {}, heads=given)
         await store.flush()
@@ -161,13 +160,12 @@ async def test_an_end_written_over_its_start_leaves_the_row_as_a_whole_write_wou
 ) -> None:
     """Ends are written as updates of the row the start wrote; a run that started and ended
     in one batch (no row yet) is still written whole, and both files read the same."""
-    ended = replace(
-        run("r1", RunStatus.FAILED),
+    ended = run("r1", RunStatus.FAILED).replace(
         ended_at=AT + timedelta(seconds=3),
         metrics={"n": 1},
         reason="boom",
     )
-    alone = replace(ended, run_id="r2", request_id="req-r2")
+    alone = ended.replace(run_id="r2", request_id="req-r2")
     updated = await Store.open(tmp_path / "updated.db")
     whole = await Store.open(tmp_path / "whole.db")
     try:
@@ -196,7 +194,7 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
         active = Run("r-active", "busy", None, "req-a", RunStatus.RUNNING, AT)
         queued = Queued("r-queued", "req-q", None, "", AT)
         early, late = (
-            replace(run(r, RunStatus.COMPLETED), ended_at=AT + timedelta(seconds=s))
+            run(r, RunStatus.COMPLETED).replace(ended_at=AT + timedelta(seconds=s))
             for r, s in (("r-z", 1), ("r-a", 2))
         )
         store.writes.record_batch(
@@ -210,7 +208,7 @@ async def test_a_partition_take_reads_only_the_work_in_flight(tmp_path: Path) ->
             {},
         )
         store.writes.record_batch(
-            1, [replace(run("r-other"), partition=1)], [state("elsewhere")], {}
+            1, [run("r-other").replace(partition=1)], [state("elsewhere")], {}
         )
         await store.flush()
 
@@ -243,13 +241,13 @@ async def test_a_job_type_that_moved_partition_is_read_from_its_new_one(
         store.writes.record_batch(0, [], [("stays", JobState("stays")), state("moves")], {})
         await store.flush()
         store.writes.record_batch(0, [], [("stays", busy)], {})
-        store.writes.record_batch(1, [], [("moves", replace(busy, job_type="moves"))], {})
+        store.writes.record_batch(1, [], [("moves", busy.replace(job_type="moves"))], {})
         await store.flush()
 
         names = {p: [n for c in [c async for c in store.job_types(p)] for n in c] for p in (0, 1)}
         assert names == {0: ["stays"], 1: ["moves"]}
         assert await store.busy_states(0) == {"stays": busy}
-        assert await store.busy_states(1) == {"moves": replace(busy, job_type="moves")}
+        assert await store.busy_states(1) == {"moves": busy.replace(job_type="moves")}
     finally:
         await store.close()
 
@@ -261,7 +259,7 @@ async def test_states_are_readable_while_queued_and_after_they_are_written(
     store = await Store.open(tmp_path / "jobs.db")
     try:
         old = JobState("report")
-        newer = replace(old, queue=(Queued("r-q", "req-q", None, "", AT),))
+        newer = old.replace(queue=(Queued("r-q", "req-q", None, "", AT),))
         store.writes.record_batch(0, [], [("report", old)], {})
         await store.flush()
         store.writes.record_batch(0, [], [("report", newer)], {})
@@ -279,7 +277,7 @@ async def test_a_failed_write_stops_the_queue(tmp_path: Path) -> None:
     """After a write fails nothing later is written: the file stays a prefix of the batches."""
     store = await Store.open(tmp_path / "jobs.db")
     try:
-        bad = replace(run("r1"), initial_data={"not json": object()})  # cannot be stored
+        bad = run("r1").replace(initial_data={"not json": object()})  # cannot be stored
         store.writes.record_batch(0, [bad], [], {"jobs.requests": 1})
         with pytest.raises(PydanticSerializationError):
             await store.flush()
@@ -395,12 +393,11 @@ async def test_a_version_1_file_is_converted_and_reads_the_same(tmp_path: Path) 
     numbered windows become rows, a state not numbered yet stays whole, and every state
     reads back as it was."""
     path = tmp_path / "jobs.db"
-    numbered = replace(
-        JobState(
-            "numbered",
-            decided=tuple(Decided(f"req-{i}", EventType.REFUSED, None) for i in range(3)),
-            ended=(EndedRun("numbered-r1", RunStatus.COMPLETED, AT),),
-        ),
+    numbered = JobState(
+        "numbered",
+        decided=tuple(Decided(f"req-{i}", EventType.REFUSED, None) for i in range(3)),
+        ended=(EndedRun("numbered-r1", RunStatus.COMPLETED, AT),),
+    ).replace(
         decided_next=10,
         ended_next=1,
     )
@@ -522,10 +519,10 @@ def test_the_write_behind_binds_only_types_sqlite3_takes_without_an_adapter_look
     alone; and every row reads back as it was queued."""
     db = sqlite3.connect(":memory:")
     db.executescript(sqlfile.SCHEMA)
-    zeros = replace(run("r0"), client_id="0", request_id="0", metrics={"n": 0}, reason="0")
-    nothing = replace(run("r1"), request_id=None)
-    ended = replace(
-        run("r2", RunStatus.COMPLETED), ended_at=AT + timedelta(seconds=1), metrics={"n": 2}
+    zeros = run("r0").replace(client_id="0", request_id="0", metrics={"n": 0}, reason="0")
+    nothing = run("r1").replace(request_id=None)
+    ended = run("r2", RunStatus.COMPLETED).replace(
+        ended_at=AT + timedelta(seconds=1), metrics={"n": 2}
     )
     job = JobState("report")
     first = writer._Pending(

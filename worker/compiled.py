@@ -29,14 +29,18 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 
-# What a transition runs through, in the worker's process: decoding, deciding, the status
-# events' headers and records, SQLite's rows and the records held for the other input. Left out: the
-# write-behind queue (`engine/writer.py`, asynchronous, its work SQLite's); what
-# pydantic validates or serializes by its annotations (mypyc erases those it does not
-# need): the job state (`core/jobstate.py`), run rows (`core/runs.py`) and the changelog's
-# rows as read and restored (`engine/changelog.py`); and what mypyc does not compile
-# (classes derived from a builtin exception or from pydantic, async generators).
+# What a transition runs through, in the worker's process: its values (`core/values.py`,
+# job states, run rows), decoding, deciding, the status events' headers and records,
+# SQLite's rows and the records held for the other input. Left out: the write-behind queue
+# (`engine/writer.py`, asynchronous, its work SQLite's); what pydantic validates or
+# serializes by its annotations (mypyc erases those it does not need): the values' shapes
+# (`core/shapes.py`) and the changelog's rows as read and restored
+# (`engine/changelog.py`); and what mypyc does not compile (classes derived from a builtin
+# exception or from pydantic, async generators).
 MODULES = (
+    "worker.core.values",
+    "worker.core.jobstate",
+    "worker.core.runs",
     "worker.core.lifecycle",
     "worker.core.runid",
     "worker.engine.task",

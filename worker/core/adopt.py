@@ -15,7 +15,6 @@ holds but two things, and `adopt` says so in what it returns:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
 from worker.core.lifecycle import (
@@ -44,7 +43,7 @@ def _remember(state: JobState, event: StatusEvent, limits: Limits) -> JobState:
     ):
         earlier = earlier[:-1]
     decided = (*earlier, Decided(event.request_id, event.type, event.run_id))
-    return replace(state, decided=decided[max(0, len(decided) - limits.idempotency_window) :])
+    return state.replace(decided=decided[max(0, len(decided) - limits.idempotency_window) :])
 
 
 def _size(event: StatusEvent) -> int:
@@ -67,8 +66,7 @@ def _started(state: JobState, event: StatusEvent, config: JobConfig, limits: Lim
         size=waiting.size if waiting is not None else _size(event),
         was_queued=waiting is not None,
     )
-    state = replace(
-        state,
+    state = state.replace(
         active=(*state.active, run),
         queue=tuple(q for q in state.queue if q is not waiting),
     )
@@ -85,14 +83,13 @@ def _queued(state: JobState, event: StatusEvent, config: JobConfig, limits: Limi
         queued_at=event.occurred_at,
         size=_size(event),
     )
-    return _remember(replace(state, queue=(*state.queue, waiting)), event, limits)
+    return _remember(state.replace(queue=(*state.queue, waiting)), event, limits)
 
 
 def _ended(state: JobState, event: StatusEvent, limits: Limits) -> JobState:
     assert event.status is not None
     ended = (*state.ended, EndedRun(event.run_id or "", event.status, event.occurred_at))
-    state = replace(
-        state,
+    state = state.replace(
         active=tuple(r for r in state.active if r.run_id != event.run_id),
         queue=tuple(q for q in state.queue if q.run_id != event.run_id),
         ended=ended[max(0, len(ended) - limits.ended_window) :],
@@ -119,10 +116,9 @@ def adopt(state: JobState, event: StatusEvent, config: JobConfig, limits: Limits
 def with_deadline(state: JobState, run_id: str, deadline: StatusEvent) -> JobState:
     """`state` with the run `run_id`'s unknown deadline set to when `deadline` (its logged
     `timed_out`) happened."""
-    return replace(
-        state,
+    return state.replace(
         active=tuple(
-            replace(r, deadline=deadline.occurred_at)
+            r.replace(deadline=deadline.occurred_at)
             if r.run_id == run_id and r.deadline is None
             else r
             for r in state.active

@@ -45,10 +45,10 @@ import hashlib
 import heapq
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, ClassVar, Final, NamedTuple, Protocol, TypeVar, cast
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 from schemas import EventType, RunStatus, Source, StatusEvent
 from worker.core.jobstate import (
@@ -61,6 +61,7 @@ from worker.core.jobstate import (
     load_state as load_state,
 )
 from worker.core.runid import InvalidRunId, make_run_id, normalize_run_id
+from worker.core.values import Value
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 _NAMESPACE_SHA1 = hashlib.sha1(_EVENT_NAMESPACE.bytes)
@@ -126,48 +127,6 @@ class Limits:
     ended_window: int = 256
     idempotency_window: int = 1000
     run_bytes: int = 393_216  # what active and queued runs of a job type may hold together
-
-
-V = TypeVar("V", bound="Value")
-
-
-class Value:
-    """A command's or an input record's value: built once, never changed, equal and hashed
-    by its fields.
-
-    Written as plain classes, not `immutable` dataclasses: in a compiled module mypyc makes
-    them native classes, which a transition builds and reads in C (building a command
-    and reading four of its fields took 200-230 ns as a dataclass, 35-45 as a native class).
-    Their fields are `Final`, so mypy refuses an assignment to one, and so does a compiled
-    build at run time. Each class names its fields in `FIELDS`, in order.
-    """
-
-    __slots__ = ()
-    FIELDS: ClassVar[tuple[str, ...]] = ()
-
-    def _values(self) -> tuple[object, ...]:
-        return tuple(getattr(self, name) for name in self.FIELDS)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        assert isinstance(other, Value)
-        return self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
-        return f"{type(self).__name__}({shown})"
-
-    def replace(self: V, **changes: Any) -> V:
-        """A copy with `changes` made: `dataclasses.replace` for these classes."""
-        if unknown := changes.keys() - set(self.FIELDS):
-            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
-        values = {name: changes.get(name, getattr(self, name)) for name in self.FIELDS}
-        made: V = cast(Any, type(self))(**values)
-        return made
 
 
 class Start(Value):
@@ -681,9 +640,9 @@ def _changed(
     index = state.decided_index
     if index is not None:
         # One owner at a time: `state` builds an index of its own if it is asked again.
-        object.__setattr__(state, "decided_index", None)
+        state.decided_index = None
         if new.decided is state.decided or _reindex(index, state, new):
-            object.__setattr__(new, "decided_index", index)
+            new.decided_index = index
     return new
 
 
@@ -700,7 +659,7 @@ def _in_window(state: JobState, request_id: str) -> Decided | None:
         if len(decided) <= _SCANNED:
             return next((d for d in reversed(decided) if d.request_id == request_id), None)
         index = {d.request_id: d for d in decided}  # the latest entry wins
-        object.__setattr__(state, "decided_index", index)
+        state.decided_index = index
     return index.get(request_id)
 
 
@@ -1152,7 +1111,7 @@ def _progress(
     deadline = _deadline(config, cmd.at)
     if deadline is not None and active.deadline is not None and deadline < active.deadline:
         deadline = active.deadline  # a report stamped earlier never moves a deadline back
-    renewed = replace(active, deadline=deadline)
+    renewed = active.replace(deadline=deadline)
     if cmd.metrics is not None:
         status, event_type = move
         out.emit(

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -208,12 +208,12 @@ class PartitionSnapshot:
                 return inline
 
         active = tuple(
-            replace(r, initial_data=payload(r.run_id, r.initial_data)) for r in state.active
+            r.replace(initial_data=payload(r.run_id, r.initial_data)) for r in state.active
         )
         queue = tuple(
-            replace(q, initial_data=payload(q.run_id, q.initial_data)) for q in state.queue
+            q.replace(initial_data=payload(q.run_id, q.initial_data)) for q in state.queue
         )
-        return replace(state, active=active, queue=queue)
+        return state.replace(active=active, queue=queue)
 
 
 def _apply_entry(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> None:

@@ -35,11 +35,11 @@ from worker.core.lifecycle import (
     Progress,
     Reject,
     Start,
-    Value,
     built,
     run_size,
 )
 from worker.core.limits import InputLimits
+from worker.core.values import Value
 
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a machine integer where compiled
@@ -53,7 +53,7 @@ _SOURCE_FIELDS = ModelFields(Source)
 class InputRecord(Value):
     """The parts of a Kafka record the orchestrator uses (no Kafka types past this point).
 
-    A native class where compiled, as the commands are (`lifecycle.Value`)."""
+    A native class where compiled (`worker.core.values`)."""
 
     FIELDS = ("role", "topic", "partition", "offset", "timestamp_ms", "key", "value", "headers")
     __slots__ = (*FIELDS, "_at")

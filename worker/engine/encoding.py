@@ -15,7 +15,6 @@ worker reads is still validated by pydantic. A hot module (`worker.compiled`).
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import msgspec
@@ -24,6 +23,7 @@ from pydantic import TypeAdapter
 from schemas import Source, StatusEvent
 from worker.core.jobstate import JobState
 from worker.core.runs import RunRow
+from worker.core.values import Value
 
 # What msgspec raises for a value it cannot write (a type it does not know, nesting past
 # its depth): pydantic's serializer then writes it, or fails as it always did.
@@ -31,9 +31,12 @@ _CANNOT = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 
 
 def _plain(value: Any) -> Any:
-    """An event's source as its fields (a frozen model: its `__dict__`)."""
+    """An event's source as its fields (a frozen model: its `__dict__`), and a native value
+    (a run row, a job state's run or window entry) as its fields, in order."""
     if type(value) is Source:
         return value.__dict__
+    if isinstance(value, Value):
+        return value.as_dict()
     raise TypeError(f"{type(value).__name__} is not written by msgspec")
 
 
@@ -50,7 +53,7 @@ _ANY_JSON = TypeAdapter(Any).serializer.to_json
 # A head is the state without its windows (rows of their own) and without the index of its
 # idempotency window, which is never written (`JobState.decided_index`).
 _NOT_IN_HEAD = frozenset({"decided", "ended", "decided_index"})
-_HEAD_FIELDS = tuple(f.name for f in fields(JobState) if f.name not in _NOT_IN_HEAD)
+_HEAD_FIELDS = tuple(name for name in JobState.FIELDS if name not in _NOT_IN_HEAD)
 _NO_WINDOWS = {"decided": True, "ended": True}
 
 

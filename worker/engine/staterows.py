@@ -10,7 +10,6 @@ and hands SQLite the job row's state when it is the state as it is.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from worker.core.lifecycle import JobState, Queued, Run
@@ -137,8 +136,7 @@ def numbered(state: JobState) -> JobState | None:
     (its windows then still have to be written as rows: `job_rows(..., before=None)`)."""
     if state.decided_next >= len(state.decided) and state.ended_next >= len(state.ended):
         return None
-    return replace(
-        state,
+    return state.replace(
         decided_next=max(state.decided_next, len(state.decided)),
         ended_next=max(state.ended_next, len(state.ended)),
     )
