@@ -9,9 +9,13 @@ next worker on the file serves the runs started before and decides every input o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -190,6 +194,54 @@ async def test_a_stop_held_by_a_locked_sqlite_file_ends_at_its_bound(
     await served_by_the_next(topics, producer, tail, tmp_path, runs)
 
 
+@pytest.mark.kafka
+@pytest.mark.timeout(300)
+async def test_a_worker_whose_log_reader_went_away_still_serves_and_stops(
+    topics: Settings, producer: AIOKafkaProducer, tail: StatusTail, tmp_path: Path
+) -> None:
+    """The reader of the worker's log goes away (a log shipper that crashed, `| head`):
+    every line after that fails to write (a broken pipe). The worker still decides, stops on
+    SIGTERM within its bound with exit 0, and leaves its SQLite file closed: the next
+    worker on it serves the runs started before."""
+    process = WorkerProcess(topics, "worker", tmp_path)
+    read, write = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "run",
+        env=process.env,
+        stdout=subprocess.DEVNULL,
+        stderr=write,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as log:
+            # Read until the worker has its partitions, then close the pipe's reading end.
+            seen = await asyncio.wait_for(
+                asyncio.to_thread(_lines_until, log, b"partitions assigned"), 60
+            )
+        assert seen, "the worker exited before it took its partitions"
+        runs = await started_runs(topics, producer, tail)  # its log lines now all fail
+        asked = time.monotonic()
+        proc.terminate()
+        code = await asyncio.wait_for(proc.wait(), 60)
+        assert code == 0
+        assert time.monotonic() - asked < Settings().shutdown_timeout_s + 5
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    await served_by_the_next(topics, producer, tail, tmp_path, runs)
+
+
+def _lines_until(log: Any, text: bytes) -> bool:
+    """Read `log` line by line until a line holds `text` (True) or it ends (False)."""
+    return any(text in line for line in log)
+
+
 def test_the_watchdog_exits_with_one_line_once_its_bound_and_grace_are_past() -> None:
     """Armed twice, it fires once, at the first deadline, with its exit code and a line."""
     fired = threading.Event()
@@ -219,8 +271,6 @@ async def test_a_step_whose_inner_wait_is_cancelled_under_it_fails_alone() -> No
     step fails, and the steps after it still run (SQLite's close among them), where the
     error used to end the whole stop and leave SQLite's thread holding the process. A stop
     that is itself cancelled still ends at once."""
-    import asyncio
-
     from worker.engine.loop import run_steps
 
     ran: list[str] = []

@@ -15,6 +15,7 @@ reasons, are on the dead-letter topic, and the periodic `decided` line counts th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -101,6 +102,20 @@ def json_lines() -> bool:
     return _json_lines
 
 
+class _Lines(structlog.PrintLogger):
+    """structlog's printer, except that a line that cannot be written (its reader gone: a
+    broken pipe, a closed stream) is dropped. No log line is worth a stop that stops half-way:
+    an error raised by the line that says "stopping" would skip closing SQLite, whose thread
+    then keeps the process alive for good."""
+
+    def msg(self, message: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().msg(message)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
 def configure(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
@@ -139,7 +154,7 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_: _Lines(file=out),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)

@@ -45,11 +45,12 @@ class StopWatchdog:
         self._timer.start()
 
     def _fire(self, seconds: float) -> None:
-        log.error(
-            "the worker has not exited since it began to stop; exiting hard",
-            seconds=round(seconds, 1),
-            exit_code=EXIT_CODE,
-        )
+        with contextlib.suppress(Exception):  # nothing may keep the exit from happening
+            log.error(
+                "the worker has not exited since it began to stop; exiting hard",
+                seconds=round(seconds, 1),
+                exit_code=EXIT_CODE,
+            )
         for stream in (sys.stdout, sys.stderr):
             # A closed or broken stream: the exit matters more than the line.
             with contextlib.suppress(OSError, ValueError):
