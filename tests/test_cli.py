@@ -301,7 +301,7 @@ def test_bench_refuses_growth_sizes_it_cannot_run(sizes: str) -> None:
     """`--growth` takes counts from 1 to 10,000,000: anything else is one line naming the
     option, before a broker is started."""
     result = runner.invoke(app, ["bench", "--growth", sizes])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--growth takes counts from 1 to 10,000,000" in result.output
     assert "starting a local Kafka broker" not in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -310,7 +310,7 @@ def test_bench_refuses_growth_sizes_it_cannot_run(sizes: str) -> None:
 def test_bench_growth_only_needs_sizes() -> None:
     """`--growth-only` with `--growth none` has nothing to measure: one line, no broker."""
     result = runner.invoke(app, ["bench", "--growth-only", "--growth", "none"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--growth-only needs sizes" in result.output
     assert "starting a local Kafka broker" not in result.output
 
@@ -495,11 +495,12 @@ async def test_a_failing_on_item_ends_the_wait_with_its_error(topics: Settings) 
 # --- --data and --metrics: what the worker would refuse, refused here in one line ------------
 
 
-def _one_line_error(result: Any, *, after: str | None = None) -> str:
-    """The error line of a command that must fail with exit 1 and without a traceback
-    (after a line starting with `after`, such as a progress bar, if given)."""
+def _one_line_error(result: Any, *, after: str | None = None, code: int = 1) -> str:
+    """The error line of a command that must fail with exit `code` (1, an error; 2, a usage
+    error) and without a traceback (after a line starting with `after`, such as a progress
+    bar, if given)."""
     assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     lines = result.output.strip().splitlines()
     if after is not None and len(lines) == 2 and lines[0].startswith(after):
         lines = lines[1:]
@@ -537,21 +538,22 @@ NOWHERE = ["-b", "127.0.0.1:1", "--timeout", "1"]  # sent nowhere, should it get
 )
 def test_data_the_worker_would_refuse_is_one_line(value: str, fragment: str) -> None:
     """`--data` JSON that the worker would refuse (or json.loads could not take) is a line
-    naming the option and the problem, before anything is sent."""
+    naming the option and the problem, before anything is sent: a usage error, exit 2."""
     result = runner.invoke(app, ["submit", "etl", "--data", value, *NOWHERE])
-    line = _one_line_error(result)
+    line = _one_line_error(result, code=2)
     assert "--data" in line
     assert fragment in line
     assert "cannot connect" not in line
 
 
 def test_metrics_the_worker_would_refuse_is_one_line() -> None:
-    """`complete` and `fail` check `--metrics` as `submit` checks `--data`."""
+    """`complete` and `fail` check `--metrics` as `submit` checks `--data`: exit 2."""
     for command in ("complete", "fail"):
-        args = [command, "etl", "261128-093000-0.1", "--metrics", "[" * 100_000, *NOWHERE]
-        line = _one_line_error(runner.invoke(app, args))
-        assert "--metrics" in line
-        assert "nested too deeply" in line
+        for metrics, why in (("[" * 100_000, "nested too deeply"), ('{"a":NaN}', "NaN")):
+            args = [command, "etl", "261128-093000-0.1", "--metrics", metrics, *NOWHERE]
+            line = _one_line_error(runner.invoke(app, args), code=2)
+            assert "--metrics" in line
+            assert why in line
 
 
 def test_data_as_deep_as_the_worker_takes_is_sent() -> None:
@@ -751,10 +753,58 @@ def test_a_timeout_that_cannot_be_waited_is_a_usage_error(command: list[str], se
 
 def test_watch_refuses_an_unknown_status_at_once() -> None:
     """`jobctl watch --status` names the statuses, as `jobctl runs` does, rather than
-    waiting for events that can never match."""
-    result = runner.invoke(app, ["watch", "--status", "BOGUS", "-b", "127.0.0.1:1"])
-    assert result.exit_code == 1
-    assert "unknown status 'BOGUS'; one of QUEUED, RUNNING" in result.stderr
+    waiting for events that can never match: a usage error."""
+    result = runner.invoke(app, ["watch", "--status", "FAILD", "-b", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "unknown status 'FAILD'; one of QUEUED, RUNNING" in result.stderr
+
+
+@pytest.mark.parametrize("status", ["DONE", "\udcff", "x" * 10_000, "RUNNING\x00"])
+def test_runs_refuses_an_unknown_status_before_opening_the_file(
+    tmp_path: Path, status: str
+) -> None:
+    """`jobctl runs --status DONE` is a usage error (exit 2) naming the statuses, said
+    before the file is looked at (a missing file would otherwise hide it)."""
+    result = runner.invoke(app, ["runs", "--status", status, "--db", str(tmp_path / "no.db")])
+    line = _one_line_error(result, code=2)
+    assert "unknown status" in line
+    assert "one of QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, TIMED_OUT" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["cancel", *NOWHERE], "give a RUN_ID or --job-type"),
+        (["bench", "--transactions", "both"], "--transactions 'both': use partition or worker"),
+        (["acls", "--orchestrator", "x", "--producer", "User:p", "--executor", "User:e"], "x"),
+        (
+            ["replay", "--db", "x.db", "--from-offset", "1", "--from-timestamp", "2026-01-01"],
+            "not both",
+        ),
+    ],
+    ids=["cancel-without-run", "bench-transactions", "acls-principal", "replay-window"],
+)
+def test_what_cannot_be_right_is_a_usage_error(args: list[str], fragment: str) -> None:
+    """Arguments wrong on their face exit 2 with one line, before anything is asked of
+    Kafka, as the README's exit codes say."""
+    line = _one_line_error(runner.invoke(app, args), code=2)
+    assert fragment in line
+    assert "cannot connect" not in line
+
+
+@pytest.mark.parametrize(
+    "servers", ["127.0.0.1:notaport", "", "host:70000", "\udcff\udcfe:1", "h:" + "9" * 5000]
+)
+def test_a_bootstrap_option_that_is_no_address_names_the_option(servers: str) -> None:
+    """`-b 127.0.0.1:notaport` is a usage error naming --bootstrap, the option given, not
+    the environment variable it stands in for; the same in JOBS_BOOTSTRAP_SERVERS names
+    that, an error of the environment (exit 1)."""
+    line = _one_line_error(runner.invoke(app, ["status", "-b", servers]), code=2)
+    assert line.startswith("error: bad settings: --bootstrap: "), line
+    assert "JOBS_BOOTSTRAP_SERVERS" not in line
+    from_env = runner.invoke(app, ["status"], env={"JOBS_BOOTSTRAP_SERVERS": "h:notaport"})
+    line = _one_line_error(from_env, code=1)
+    assert line.startswith("error: bad settings: JOBS_BOOTSTRAP_SERVERS: "), line
 
 
 def test_runs_piped_to_a_file_keeps_every_value_whole(tmp_path: Path) -> None:

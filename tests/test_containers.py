@@ -140,7 +140,7 @@ def test_demo_docker_without_an_engine_says_why_in_one_line(tmp_path: Path) -> N
         env=env,
         timeout=60,
     )
-    assert both.returncode == 1
+    assert both.returncode == 2  # a usage error
     assert "not both" in both.stderr
 
 

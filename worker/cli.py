@@ -85,6 +85,9 @@ def _logging(
     configure_logs("warning", "auto", library_level="error", quiet_kafka=True)
 
 
+EXIT_USAGE = 2  # an option or argument that cannot be right, whatever Kafka or the files hold
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     """Say `message` in one line; the exit (with `code`) for the caller to raise."""
     if logs.json_lines():  # `run` and `serve` log JSON lines: one more, not plain text
@@ -99,11 +102,26 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# The settings the commands take as options, by the options' names.
+_OPTIONS = {
+    "bootstrap_servers": "--bootstrap",
+    "topic_prefix": "--prefix",
+    "db_path": "--db",
+    "config": "--config",
+}
+
+
 def _settings(**overrides: Any) -> Settings:
+    """The settings, with the options given over the environment's; settings that cannot
+    work are one line naming the option (a usage error) or the JOBS_* variable."""
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return Settings(**given)
     except ValidationError as exc:
-        raise _fail(f"bad settings: {settings_problems(exc)}") from None
+        options = {k: _OPTIONS.get(k, f"--{k}") for k in given}
+        wrong = {str(e["loc"][0]) for e in exc.errors(include_input=False) if e["loc"]}
+        code = EXIT_USAGE if wrong & options.keys() else 1
+        raise _fail(f"bad settings: {settings_problems(exc, options)}", code=code) from None
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -448,7 +466,7 @@ def _window_start(
     from_offset: int | None, from_timestamp: datetime | None
 ) -> tuple[int | None, datetime | None]:
     if from_offset is not None and from_timestamp is not None:
-        raise _fail("give --from-offset or --from-timestamp, not both")
+        raise _fail("give --from-offset or --from-timestamp, not both", code=EXIT_USAGE)
     if from_timestamp is not None and from_timestamp.tzinfo is None:
         from_timestamp = from_timestamp.replace(tzinfo=UTC)
     return from_offset, from_timestamp
@@ -597,7 +615,7 @@ def _run_status(given: str) -> RunStatus:
         return RunStatus(given.upper())
     except ValueError:
         names = ", ".join(m.value for m in RunStatus)
-        raise _fail(f"unknown status {given!r}; one of {names}") from None
+        raise _fail(f"unknown status {given!r}; one of {names}", code=EXIT_USAGE) from None
 
 
 def _wait_seconds(value: float) -> float:
@@ -647,7 +665,7 @@ def _json_data(text: str | None, what: str, s: Settings) -> dict[str, Any]:
     try:
         raw = text.encode("utf-8")
     except UnicodeEncodeError:  # an argument's bytes that are not UTF-8
-        raise _fail(f"{what} is not UTF-8 text") from None
+        raise _fail(f"{what} is not UTF-8 text", code=EXIT_USAGE) from None
     # Counted before parsing, as the worker does: json.loads recurses once per level, and
     # `[` * 100000 would exhaust the stack. The request around the object is one level.
     depth = limits.nesting_depth - 1
@@ -655,31 +673,40 @@ def _json_data(text: str | None, what: str, s: Settings) -> dict[str, Any]:
         raise _fail(
             f"{what} is not a JSON object the worker takes: nested too deeply (arrays and "
             f"objects at most {depth} deep, JOBS_MAX_NESTING_DEPTH={limits.nesting_depth} "
-            "counting the request around it)"
+            "counting the request around it)",
+            code=EXIT_USAGE,
         )
     try:
         data = json.loads(
             text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
         )
     except json.JSONDecodeError as exc:
-        raise _fail(f"{what} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        raise _fail(
+            f"{what} is not valid JSON: {exc.msg} at position {exc.pos}", code=EXIT_USAGE
+        ) from None
     except _NotJson as exc:
-        raise _fail(f"{what} is not a JSON object the worker takes: {exc}") from None
+        raise _fail(
+            f"{what} is not a JSON object the worker takes: {exc}", code=EXIT_USAGE
+        ) from None
     except RecursionError:  # a JOBS_MAX_NESTING_DEPTH above what Python can parse
-        raise _fail(f"{what} is not a JSON object the worker takes: nested too deeply") from None
+        raise _fail(
+            f"{what} is not a JSON object the worker takes: nested too deeply", code=EXIT_USAGE
+        ) from None
     if not isinstance(data, dict):
-        raise _fail(f"{what} must be a JSON object, like '{{\"rows\": 10}}'")
+        raise _fail(f"{what} must be a JSON object, like '{{\"rows\": 10}}'", code=EXIT_USAGE)
     try:
         size = len(to_json(data))
     except ValueError:  # pydantic-core refuses a lone surrogate, as the worker then does
         raise _fail(
             f"{what} is not a JSON object the worker takes: it escapes a lone UTF-16 surrogate "
-            "(\\ud800-\\udfff without its pair)"
+            "(\\ud800-\\udfff without its pair)",
+            code=EXIT_USAGE,
         ) from None
     if size > limits.data_bytes:
         raise _fail(
             f"{what} is {size} bytes as JSON; the limit is {limits.data_bytes} "
-            "(JOBS_MAX_DATA_BYTES)"
+            "(JOBS_MAX_DATA_BYTES)",
+            code=EXIT_USAGE,
         )
     return data
 
@@ -846,7 +873,7 @@ def cancel(
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     if job_type is None:
         if run_id is None:
-            raise _fail("give a RUN_ID or --job-type")
+            raise _fail("give a RUN_ID or --job-type", code=EXIT_USAGE)
         job_type = _job_type_of(s, run_id)
 
     async def action(client: Any) -> Any:
@@ -988,9 +1015,9 @@ def runs(
     """
     from worker.engine.store import Store
 
+    wanted = None if status_filter is None else _run_status(status_filter)
     s = _settings(db_path=db)
     _sqlite_file(s.db_path, existing=True, option="--db (or JOBS_DB_PATH)")
-    wanted = None if status_filter is None else _run_status(status_filter)
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
 
@@ -1235,7 +1262,7 @@ def _transactions(text: str) -> Literal["partition", "worker"]:
         return "partition"
     if text == "worker":
         return "worker"
-    raise _fail(f"--transactions {text!a}: use partition or worker")
+    raise _fail(f"--transactions {text!a}: use partition or worker", code=EXIT_USAGE)
 
 
 def _growth_sizes(text: str) -> tuple[int, ...]:
@@ -1249,7 +1276,8 @@ def _growth_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1 or max(sizes) > _GROWTH_MAX:
         raise _fail(
             f"--growth takes counts from 1 to {_GROWTH_MAX:,}, comma-separated (or 'none'), "
-            f"not {text[:80]!r}"
+            f"not {text[:80]!r}",
+            code=EXIT_USAGE,
         )
     return sizes
 
@@ -1286,7 +1314,7 @@ def acls(
             reader=reader,
         )
     except PrincipalError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc), code=EXIT_USAGE) from None
     if as_json:
         print(json.dumps([dataclasses.asdict(r) for r in wanted], indent=2))
     else:
@@ -1370,7 +1398,7 @@ def _growth(options: Any, json_path: Path | None) -> None:
     from worker.devtools.bench import BenchError, growth_json, growth_rows, growth_table, with_bench
 
     if not options.growth_job_types:
-        raise _fail("--growth-only needs sizes: --growth 1000,100000")
+        raise _fail("--growth-only needs sizes: --growth 1000,100000", code=EXIT_USAGE)
     try:
         rows = _run(with_bench(options, console, growth_rows))
     except (localkafka.LocalKafkaError, BenchError) as exc:
@@ -1456,7 +1484,10 @@ def demo(
     if docker and bootstrap is not None:
         source = ctx.get_parameter_source("bootstrap")
         if source is None or source.name != "ENVIRONMENT":
-            raise _fail("--docker starts a broker of its own: give it or --bootstrap, not both")
+            raise _fail(
+                "--docker starts a broker of its own: give it or --bootstrap, not both",
+                code=EXIT_USAGE,
+            )
         bootstrap = None  # the option given wins over the environment
     # The demo reports every outcome itself; the clients' transient retries are noise here.
     configure_logs("error", "console", library_level="critical")

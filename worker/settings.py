@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -328,11 +329,17 @@ class Settings(BaseSettings):
         return self.processing_guarantee == "exactly_once" and self.transactions == "worker"
 
 
-def settings_problems(exc: ValidationError) -> str:
-    """What a refused `Settings` was refused for, naming each `JOBS_*` variable and none of
-    the values given (a password among them)."""
+def settings_problems(exc: ValidationError, options: Mapping[str, str] | None = None) -> str:
+    """What a refused `Settings` was refused for, naming each `JOBS_*` variable (or, for a
+    setting given as a command-line option, the option: `options` maps settings to them)
+    and none of the values given (a password among them)."""
+    options = options or {}
+
+    def named(field: str) -> str:
+        return options.get(field) or f"JOBS_{field.upper()}"
+
     return "; ".join(
-        f"{'JOBS_' + str(e['loc'][0]).upper() + ': ' if e['loc'] else ''}"
+        f"{named(str(e['loc'][0])) + ': ' if e['loc'] else ''}"
         f"{e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors(include_url=False, include_input=False)
     )
@@ -434,6 +441,10 @@ def _addresses(value: str) -> str:
     if not any(servers):
         raise ValueError("no server given; expected host:port, comma-separated")
     for server in servers:
+        try:
+            server.encode()
+        except UnicodeEncodeError:  # an argument's bytes that are not UTF-8
+            raise ValueError(f"{server!r} is not UTF-8 text, so no host name") from None
         match = _SERVER.fullmatch(server)
         if match is None:
             raise ValueError(f"{server!r} is not host:port (or host, for port 9092)")
