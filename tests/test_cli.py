@@ -880,3 +880,74 @@ def test_a_db_that_links_into_a_missing_directory_is_one_line(tmp_path: Path) ->
     stderr = _fails_in_one_line("serve", "--db", str(link), *NOWHERE[:2])
     assert f"there is no directory {tmp_path / 'gone'}" in stderr
     assert "Exception in thread" not in stderr
+
+
+# --- times: --since and --from-timestamp read what the commands print ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("since", "shown"),
+    [
+        ("2026-11-28", ["261128-100000-0.2", "261128-093000-0.1"]),
+        ("2026-11-28T09:30:00Z", ["261128-100000-0.2", "261128-093000-0.1"]),
+        ("2026-11-28T09:30:00+00:00", ["261128-100000-0.2", "261128-093000-0.1"]),
+        ("2026-11-28 09:30:00.5", ["261128-100000-0.2"]),
+        ("2026-11-28T10:30:00+01:00", ["261128-100000-0.2", "261128-093000-0.1"]),
+        ("2026-11-28T09:30:01", ["261128-100000-0.2"]),
+        ("  2026-11-28T10:00:00.000001Z ", []),
+    ],
+)
+def test_runs_since_takes_the_times_the_tools_print(
+    tmp_path: Path, since: str, shown: list[str]
+) -> None:
+    """`runs --since` takes ISO 8601 as `runs --json` and `status` print it (a `Z` or an
+    offset, `T` or a space, a fraction), a time without a zone in UTC."""
+    path = tmp_path / "jobs.db"
+    _store_with(path, _run_row())
+    later = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
+    _store_with(path, _run_row(run_id="261128-100000-0.2", started_at=later, ended_at=later))
+    result = runner.invoke(app, ["runs", "--db", str(path), "--since", since, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["run_id"] for r in json.loads(result.stdout)] == shown
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        "yesterday",
+        "2026-02-30",
+        "2026-11-28T25:00",
+        "",
+        "\udcff\udcfe",
+        "2026-11-28\x00",
+        "9" * 100_000,
+        "2026-11-28T09:30:00+99:00",
+        "[red]x[/red]\x1b[2J",
+    ],
+)
+def test_a_time_that_is_none_is_one_line_saying_what_is_read(tmp_path: Path, since: str) -> None:
+    """A time that cannot be read is a usage error (exit 2) in one line naming the option
+    and the forms it takes, without pydantic's or click's wording, before the file or Kafka
+    is looked at; hostile text is shown escaped, long text cut."""
+    for args in (
+        ["runs", "--db", str(tmp_path / "none.db"), "--since", since],
+        ["replay", "--db", str(tmp_path / "r.db"), "--from-timestamp", since, *NOWHERE[:2]],
+        ["verify", "--from-timestamp", since, *NOWHERE[:2]],
+    ):
+        line = _one_line_error(runner.invoke(app, args), code=2)
+        option = "--since" if args[0] == "runs" else "--from-timestamp"
+        assert line.startswith(f"error: {option} "), line
+        assert "is not a time; give an ISO 8601 date or date and time" in line
+        assert "a time without a zone is UTC" in line
+        assert "Value error" not in line
+        assert "\x1b" not in line
+        assert len(line) < 400
+
+
+def test_a_from_timestamp_with_a_space_and_a_fraction_is_read() -> None:
+    """`replay --from-timestamp '2026-12-06 11:43:35.5'` gets past the option (here to find
+    no broker), as `verify`'s does."""
+    for command in (["replay", "--db", "r.db"], ["verify"]):
+        args = [*command, "--from-timestamp", "2026-12-06 11:43:35.5", *NOWHERE[:2]]
+        line = _one_line_error(runner.invoke(app, args), after="replaying")
+        assert "cannot connect to Kafka" in line

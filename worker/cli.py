@@ -454,29 +454,51 @@ def _progress_bar(
 FROM_OFFSET = typer.Option(
     None, "--from-offset", min=0, help="Start at this offset of every status partition."
 )
+# What `_moment` reads, for the options' help and its message.
+TIME_FORMS = (
+    "an ISO 8601 date or date and time, such as 2026-11-01, 2026-11-01T09:30:00Z, "
+    "2026-11-01 09:30:00.5 or 2026-11-01T09:30:00+01:00; a time without a zone is UTC"
+)
+
+
+def _moment(text: str, option: str) -> datetime:
+    """The time `text` names, for `option`: an ISO 8601 date, or a date and time with `T` or
+    a space between them, a fraction of a second and `Z` or an offset, each optional (the
+    forms the commands print); UTC when it names no zone. Anything else is a usage error
+    saying what is read."""
+    try:
+        moment = datetime.fromisoformat(text.strip()) if len(text) <= 64 else None
+    except ValueError:  # not ISO 8601, a day or hour that does not exist, bad UTF-8
+        moment = None
+    if moment is None:
+        given = text if len(text) <= 40 else text[:40] + "…"
+        raise _fail(f"{option} {given!r} is not a time; give {TIME_FORMS}", code=EXIT_USAGE)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 FROM_TIMESTAMP = typer.Option(
     None,
     "--from-timestamp",
-    formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"],
-    help="Start at the first event at or after this time (UTC unless it has an offset).",
+    help="Start at the first event at or after this time: an ISO 8601 date or date and "
+    "time (2026-11-01T09:30:00Z, T or a space, a fraction, an offset); UTC without a zone.",
 )
 
 
 def _window_start(
-    from_offset: int | None, from_timestamp: datetime | None
+    from_offset: int | None, from_timestamp: str | None
 ) -> tuple[int | None, datetime | None]:
     if from_offset is not None and from_timestamp is not None:
         raise _fail("give --from-offset or --from-timestamp, not both", code=EXIT_USAGE)
-    if from_timestamp is not None and from_timestamp.tzinfo is None:
-        from_timestamp = from_timestamp.replace(tzinfo=UTC)
-    return from_offset, from_timestamp
+    if from_timestamp is None:
+        return from_offset, None
+    return from_offset, _moment(from_timestamp, "--from-timestamp")
 
 
 @app.command()
 def replay(
     db: Path = typer.Option(..., "--db", help="The SQLite file to (re)build."),
     from_offset: int = FROM_OFFSET,
-    from_timestamp: datetime = FROM_TIMESTAMP,
+    from_timestamp: str = FROM_TIMESTAMP,
     processes: int = typer.Option(
         None,
         "--processes",
@@ -536,7 +558,7 @@ def verify(
         "when it was decided: what would they have decided?",
     ),
     from_offset: int = FROM_OFFSET,
-    from_timestamp: datetime = FROM_TIMESTAMP,
+    from_timestamp: str = FROM_TIMESTAMP,
     show: int = typer.Option(20, "--show", min=0, help="How many divergences to print."),
     as_json: bool = typer.Option(False, "--json", help="The whole report as one JSON object."),
 ) -> None:
@@ -1003,8 +1025,11 @@ def runs(
     job_type: str = typer.Option(None, "--job-type", help="Only this job type's runs."),
     client_id: str = typer.Option(None, "--client-id", help="Only this client's runs."),
     status_filter: str = typer.Option(None, "--status", help="RUNNING, COMPLETED, FAILED..."),
-    since: datetime = typer.Option(
-        None, "--since", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"], help="Started at or after."
+    since: str = typer.Option(
+        None,
+        "--since",
+        help="Started at or after this time: an ISO 8601 date or date and time "
+        "(2026-11-01T09:30:00Z, T or a space, a fraction, an offset); UTC without a zone.",
     ),
     limit: int = typer.Option(50, "--limit", min=1, max=1_000_000_000),
     as_json: bool = JSON_OUT,
@@ -1016,16 +1041,15 @@ def runs(
     from worker.engine.store import Store
 
     wanted = None if status_filter is None else _run_status(status_filter)
+    start = None if since is None else _moment(since, "--since")
     s = _settings(db_path=db)
     _sqlite_file(s.db_path, existing=True, option="--db (or JOBS_DB_PATH)")
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
 
     async def load() -> list[Any]:
         store = await Store.open(s.db_path)
         try:
             return await store.runs(
-                job_type=job_type, client_id=client_id, status=wanted, since=since, limit=limit
+                job_type=job_type, client_id=client_id, status=wanted, since=start, limit=limit
             )
         finally:
             await store.close()
