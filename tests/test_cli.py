@@ -951,3 +951,73 @@ def test_a_from_timestamp_with_a_space_and_a_fraction_is_read() -> None:
         args = [*command, "--from-timestamp", "2026-12-06 11:43:35.5", *NOWHERE[:2]]
         line = _one_line_error(runner.invoke(app, args), after="replaying")
         assert "cannot connect to Kafka" in line
+
+
+# --- a request sent and not answered: its ID, to retry it with --------------------------------
+
+
+async def _first_request(settings: Settings) -> dict[str, Any]:
+    """The first request in the requests topic, once there is one (waits for it)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.topics.requests,
+        **connection(settings),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), 60)
+    finally:
+        await consumer.stop()
+    body: dict[str, Any] = json.loads(record.value or b"")
+    return body
+
+
+async def test_ctrl_c_while_submit_waits_names_the_request_sent(topics: Settings) -> None:
+    """Ctrl-C once `submit` has sent its request (no worker answers it here) exits 130 with
+    a line naming the request and how to retry it, as the time-out does: a run may start
+    from it later."""
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    proc = await asyncio.create_subprocess_exec(
+        *JOBCTL,
+        "submit",
+        "etl",
+        "--timeout",
+        "300",
+        *base,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        # As from a terminal: a shell without job control starts background commands with
+        # SIGINT ignored, and the child would inherit it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        sent = await _first_request(topics)
+        proc.send_signal(signal.SIGINT)
+        _out, errors = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, errors
+    last = errors.decode().strip().splitlines()[-1]
+    request_id = sent["request_id"]
+    assert last == (
+        f"error: interrupted; request {request_id} may have been sent, and a run may start "
+        f"from it: retrying with --request-id {request_id} is safe (it is answered with that "
+        "request's decision)"
+    )
+    assert "Traceback" not in errors.decode()
+
+
+async def test_a_submit_not_answered_says_to_retry_with_the_option(topics: Settings) -> None:
+    """The time-out's line names `--request-id`, the option, quoted for the shell, not the
+    client's keyword `request_id=`."""
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    args = ["submit", "etl", "--request-id", "retry me", "--timeout", "1", *base]
+    result = await asyncio.to_thread(runner.invoke, app, args)
+    assert result.exit_code == 4, result.output
+    assert "Retrying with --request-id 'retry me' is safe" in result.stderr
+    assert "request_id=" not in result.stderr

@@ -14,6 +14,7 @@ import sqlite3
 import stat
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -780,6 +781,9 @@ def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
     except JobInvalidError as exc:  # what to fix in the command's arguments
         raise _fail(str(exc), code=2) from None
     except JobTimeoutError as exc:
+        if exc.retry_safe and exc.request_id is not None:  # said as the option, not Python
+            retry = f"Retrying with --request-id {_quoted(exc.request_id)} is safe"
+            raise _fail(f"{exc.unanswered} {retry}", code=EXIT_TIMEOUT) from None
         raise _fail(str(exc), code=EXIT_TIMEOUT) from None
     except JobRejectedError as exc:
         raise _fail(f"rejected: {exc}") from None
@@ -787,6 +791,13 @@ def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
         raise _fail(str(exc)) from None
     except LookupError as exc:
         raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
+
+
+def _quoted(request_id: str) -> str:
+    """`request_id` as a shell takes it back: quoted when it needs it."""
+    import shlex
+
+    return shlex.quote(request_id)
 
 
 def _print_event(event: StatusEvent | str, as_json: bool) -> None:
@@ -831,13 +842,28 @@ def submit(
     """
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     initial = _json_data(data, "--data", s)
+    # Chosen here, not by the client: a Ctrl-C after the request went out can name it.
+    request_id = request_id or str(uuid.uuid4())
+    sending = False
 
     async def action(client: Any) -> Any:
+        nonlocal sending
+        sending = True
         return await client.start_job(
             job_type, client_id, initial, not no_wait, timeout, request_id=request_id
         )
 
-    decision = _client_call(s, action)
+    try:
+        decision = _client_call(s, action)
+    except KeyboardInterrupt:
+        if not sending:
+            raise _fail("interrupted before the request was sent", code=130) from None
+        raise _fail(
+            f"interrupted; request {request_id} may have been sent, and a run may start from "
+            f"it: retrying with --request-id {_quoted(request_id)} is safe (it is answered "
+            "with that request's decision)",
+            code=130,
+        ) from None
     _print_event(decision if isinstance(decision, str) else decision.event, as_json)
     if not isinstance(decision, str) and decision.already_running:
         raise typer.Exit(3)

@@ -26,8 +26,18 @@ class JobTimeoutError(JobError, TimeoutError):
     """No answer within the timeout; the request may still be decided later.
 
     Sending the request again with the same `request_id` is safe: the orchestrator answers a
-    decided request ID with its original decision.
+    decided request ID with its original decision. `unanswered` is the message without the
+    sentence that says so (`retry_safe`), for a caller that says it in its own terms.
     """
+
+    def __init__(
+        self, message: str, request_id: str | None = None, *, retry_safe: bool = False
+    ) -> None:
+        self.unanswered = message
+        self.retry_safe = retry_safe and request_id is not None
+        if self.retry_safe:
+            message = f"{message} Retrying with request_id={request_id!r} is safe"
+        super().__init__(message, request_id)
 
 
 class JobRejectedError(JobError):

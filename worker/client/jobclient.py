@@ -270,9 +270,9 @@ class JobClient:
         except TimeoutError:
             raise JobTimeoutError(
                 f"no answer to request {request_id} ({body['job_type']}) within {timeout:g}s; "
-                f"is a worker running for prefix {self.settings.topic_prefix!r}? Retrying "
-                f"with request_id={request_id!r} is safe",
+                f"is a worker running for prefix {self.settings.topic_prefix!r}?",
                 request_id,
+                retry_safe=True,
             ) from None
         finally:
             future.cancel()
