@@ -1021,3 +1021,17 @@ async def test_a_submit_not_answered_says_to_retry_with_the_option(topics: Setti
     assert result.exit_code == 4, result.output
     assert "Retrying with --request-id 'retry me' is safe" in result.stderr
     assert "request_id=" not in result.stderr
+
+
+def test_status_without_a_worker_says_what_that_means_for_it(topics: Settings) -> None:
+    """`status` sends no request: with no worker running its warning says that what it
+    shows is as the last worker recorded it, not that a request waits."""
+    base = ["-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    result = runner.invoke(app, ["status", *base])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == (
+        f"warning: no worker is running for prefix {topics.topic_prefix!r} (the consumer "
+        f"group {topics.group_id} has no members); what is shown is as the last worker "
+        "recorded it, and stays so until one runs"
+    )
+    assert result.stdout.strip() == "no job is running or queued"

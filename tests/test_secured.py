@@ -242,6 +242,43 @@ async def test_a_wrong_password_is_one_clear_error(
     assert "not-the-password" not in done.stderr + done.stdout
 
 
+async def test_a_principal_that_may_not_see_the_group_is_told_so(
+    secured: dict[str, Settings],
+) -> None:
+    """The producer's principal may not describe the orchestrator's group (the ACLs give
+    that to the orchestrator): `submit` says in one line that whether a worker runs could
+    not be checked, and why, instead of nothing; `status` says nothing of it."""
+    producer = secured["producer"]
+    env = env_of(producer)
+    submitted = await asyncio.to_thread(
+        subprocess.run,
+        [*JOBCTL, "submit", "acl.job", "--timeout", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submitted.returncode == 4, submitted.stderr
+    first, *_ = submitted.stderr.splitlines()
+    assert first == (
+        f"warning: whether a worker is running for prefix {producer.topic_prefix!r} could "
+        f"not be checked: not authorized to describe the consumer group {producer.group_id}"
+    )
+    assert "no worker is running" not in submitted.stderr
+    assert producer.password() not in submitted.stderr + submitted.stdout
+    reader = secured["reader"]
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [*JOBCTL, "status"],
+        env=env_of(reader),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    assert status.stderr == ""
+
+
 async def test_a_client_over_sasl_ssl(broker: LocalKafka, secured: dict[str, Settings]) -> None:
     """The producer role over TLS (the broker's CA from JOBS_SSL_CAFILE) starts a run."""
     worker = await RunningWorker(secured["orchestrator"]).start()

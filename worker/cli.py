@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import structlog
 import typer
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError, KafkaError
+from aiokafka.errors import (
+    GroupAuthorizationFailedError,
+    GroupCoordinatorNotAvailableError,
+    KafkaConnectionError,
+    KafkaError,
+)
 from pydantic import ValidationError
 from pydantic_core import to_json
 from rich.console import Console
@@ -737,17 +742,30 @@ def _json_data(text: str | None, what: str, s: Settings) -> dict[str, Any]:
 EXIT_TIMEOUT = 4  # no answer in time (1: an error, 2: a usage error, 3: refused)
 
 
-async def _with_client(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+# What no worker in the orchestrator's group means for a command, the end of its warning.
+WAITS = "the request waits for one"
+DECIDED_LATER = "the request is decided when one runs"
+AS_LEFT = "what is shown is as the last worker recorded it, and stays so until one runs"
+
+
+async def _with_client(
+    s: Settings, action: Callable[[Any], Awaitable[T]], without_worker: str | None
+) -> T:
     from worker.client.jobclient import JobClient
 
     async with JobClient(s) as client:
-        await _warn_without_worker(s)
+        if without_worker is not None:
+            await _warn_without_worker(s, without_worker, answer_awaited=without_worker == WAITS)
         return await action(client)
 
 
-async def _warn_without_worker(s: Settings) -> None:
-    """Say at once when no worker is in the orchestrator's group: the answer will not come."""
+async def _warn_without_worker(s: Settings, meaning: str, *, answer_awaited: bool) -> None:
+    """Say at once when no worker is in the orchestrator's group, and what that `meaning`s
+    for the command. When the principal may not describe the group (the ACLs give that to
+    the orchestrator), say that it could not be checked, where an answer is awaited."""
     admin = AIOKafkaAdminClient(request_timeout_ms=3_000, **connection(s))
+    refused = False
+    members = None
     try:
         async with asyncio.timeout(3):
             await admin.start()
@@ -759,25 +777,46 @@ async def _warn_without_worker(s: Settings) -> None:
                     # A cluster where no group was ever made has no coordinator until the
                     # asking makes its topic: asked again, it answers within a second.
                     await asyncio.sleep(0.2)
-        members = described[0].groups[0][5] if described and described[0].groups else None
+        group = described[0].groups[0] if described and described[0].groups else None
+        if group is not None and group[0] == GroupAuthorizationFailedError.errno:
+            refused = True
+        elif group is not None and group[0] == 0:
+            members = group[5]
+        else:
+            return  # the group could not be described: nothing sure to say
+    except GroupAuthorizationFailedError:
+        refused = True
     except (KafkaError, TimeoutError, IndexError):
-        return  # not allowed to look (ACLs), or no answer: nothing to say
+        return  # no answer, or one not understood: nothing sure to say
     finally:
         await admin.close()
+    if refused:
+        if answer_awaited:
+            err.print(
+                f"warning: whether a worker is running for prefix {s.topic_prefix!r} could "
+                f"not be checked: not authorized to describe the consumer group {s.group_id}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return
     if not members:
         err.print(
             f"warning: no worker is running for prefix {s.topic_prefix!r} (the consumer group "
-            f"{s.group_id} has no members); the request waits for one",
+            f"{s.group_id} has no members); {meaning}",
             highlight=False,
             soft_wrap=True,
         )
 
 
-def _client_call(s: Settings, action: Callable[[Any], Awaitable[T]]) -> T:
+def _client_call(
+    s: Settings, action: Callable[[Any], Awaitable[T]], without_worker: str | None = WAITS
+) -> T:
+    """`action` with a client; `without_worker`, what no worker means for it (warned of
+    first), or None to check nothing."""
     from worker.client import JobError, JobInvalidError, JobRejectedError, JobTimeoutError
 
     try:
-        return _run(_with_client(s, action))
+        return _run(_with_client(s, action, without_worker))
     except JobInvalidError as exc:  # what to fix in the command's arguments
         raise _fail(str(exc), code=2) from None
     except JobTimeoutError as exc:
@@ -854,7 +893,7 @@ def submit(
         )
 
     try:
-        decision = _client_call(s, action)
+        decision = _client_call(s, action, DECIDED_LATER if no_wait else WAITS)
     except KeyboardInterrupt:
         if not sending:
             raise _fail("interrupted before the request was sent", code=130) from None
@@ -939,7 +978,7 @@ def _job_type_of(s: Settings, run_id: str) -> str:
     async def action(client: Any) -> list[Any]:
         return list(await client.running_jobs())
 
-    for info in _client_call(s, action):
+    for info in _client_call(s, action, without_worker=None):  # the cancel itself warns
         if info.run_id == run_id.strip().lower():
             return str(info.job_type)
     found = _run(_requested_job_type(s, run_id))
@@ -1006,7 +1045,7 @@ def status(
             ("QUEUED", i) for i in await client.queued_jobs()
         ]
 
-    infos = _client_call(s, action)
+    infos = _client_call(s, action, AS_LEFT)
     if as_json:
         rows = [
             {
