@@ -1035,3 +1035,63 @@ def test_status_without_a_worker_says_what_that_means_for_it(topics: Settings) -
         "recorded it, and stays so until one runs"
     )
     assert result.stdout.strip() == "no job is running or queued"
+
+
+# --- cancel by run ID: why its start request cannot be read ---------------------------------
+
+
+async def test_cancel_by_a_run_id_says_whether_its_request_never_was_or_was_deleted(
+    topics: Settings,
+) -> None:
+    """A run ID names its start request's place in the requests topic: `cancel` without
+    --job-type reads the job type there, and when it cannot, says whether the place was
+    never written (past the partition's end, no such partition: a wrong run ID) or the
+    retention deleted it (then --job-type helps); a run ID that is none is a usage error."""
+    from aiokafka import AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import RecordsToDelete
+
+    producer = AIOKafkaProducer(**connection(topics))
+    await producer.start()
+    try:
+        for _ in range(3):
+            await producer.send_and_wait(topics.topics.requests, b"{}", key=b"etl", partition=0)
+    finally:
+        await producer.stop()
+    admin = AIOKafkaAdminClient(**connection(topics))
+    await admin.start()
+    try:
+        tp = TopicPartition(topics.topics.requests, 0)
+        await admin.delete_records({tp: RecordsToDelete(before_offset=2)})
+    finally:
+        await admin.close()
+    base = ["--timeout", "1", "-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    requests = topics.topics.requests
+
+    async def cancel(run_id: str, code: int = 1) -> str:
+        result = await asyncio.to_thread(runner.invoke, app, ["cancel", run_id, *base])
+        return _one_line_error(result, code=code)
+
+    never = "no such run was ever started; check the run ID"
+    assert await cancel("261206-120257-0.169") == (
+        f"error: no run 261206-120257-0.169 is running, and {requests} partition 0 has no "
+        f"offset 169 (its next is 3): {never}"
+    )
+    assert await cancel("261206-120257-9.1") == (
+        f"error: no run 261206-120257-9.1 is running, and {requests} has no partition 9: {never}"
+    )
+    assert await cancel("261206-120257-0.0") == (
+        f"error: no run 261206-120257-0.0 is running, and its start request is not in "
+        f"{requests} any more (the retention deleted partition 0 up to offset 2); give its "
+        "--job-type too"
+    )
+    # The request that is there names its job type: the cancel goes out, unanswered here.
+    late = await asyncio.to_thread(runner.invoke, app, ["cancel", "261206-120257-0.2", *base])
+    assert late.exit_code == 4, late.output
+    assert "(etl)" in late.stderr
+    for hostile in ("\udcff", "x" * 100_000, "[red]x[/red]\x1b[2J", ""):
+        line = await cancel(hostile, code=2)
+        assert "is not a run ID (like 261128-093000-4.1187); give one, or --job-type" in line
+        assert "\x1b" not in line
+        assert len(line) < 300
+    huge = "261206-120257-0." + "9" * 30
+    assert f"partition 0 has no offset {'9' * 30} (its next is " in await cancel(huge)

@@ -974,6 +974,13 @@ def cancel(
 def _job_type_of(s: Settings, run_id: str) -> str:
     """A run's job type: from the running view, else from the start request the run ID
     names (`<time>-<partition>.<offset>`), so a queued run is found too."""
+    from worker.core.runid import RUN_ID_RE
+
+    if RUN_ID_RE.match(run_id.strip().lower()) is None:
+        raise _fail(
+            f"{run_id[:80]!r} is not a run ID (like 261128-093000-4.1187); give one, or --job-type",
+            code=EXIT_USAGE,
+        )
 
     async def action(client: Any) -> list[Any]:
         return list(await client.running_jobs())
@@ -982,48 +989,64 @@ def _job_type_of(s: Settings, run_id: str) -> str:
         if info.run_id == run_id.strip().lower():
             return str(info.job_type)
     found = _run(_requested_job_type(s, run_id))
-    if found is None:
-        raise _fail(
-            f"no run {run_id} is running, and its start request is not in "
-            f"{s.topics.requests} any more; give its --job-type too"
-        )
+    if isinstance(found, _NoRequest):
+        raise _fail(f"no run {run_id} is running, and {found.why}")
     return found
 
 
-async def _requested_job_type(s: Settings, run_id: str) -> str | None:
-    """The key (job type) of the start request at the coordinates in `run_id`, if it is
-    still in the requests topic."""
+@dataclasses.dataclass(frozen=True)
+class _NoRequest:
+    """Why a run ID's start request cannot be read: `why` ends the sentence."""
+
+    why: str
+
+
+async def _requested_job_type(s: Settings, run_id: str) -> str | _NoRequest:
+    """The key (job type) of the start request at the coordinates in `run_id`, or why it
+    cannot be had: never written (past the partition's end, or no such partition), deleted
+    by the retention, or no request with a job type there."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from worker.core.runid import RUN_ID_RE
     from worker.kafkaio import partitions_of, start_client
 
     m = RUN_ID_RE.match(run_id.strip().lower())
-    if m is None:
-        return None
+    assert m is not None  # checked by the caller
     tp, offset = TopicPartition(s.topics.requests, int(m.group(3))), int(m.group(4))
+    never = "no such run was ever started; check the run ID"
     consumer = AIOKafkaConsumer(**connection(s), enable_auto_commit=False)
     await start_client(consumer)
     try:
         if tp not in await partitions_of(consumer, tp.topic):
-            return None
+            return _NoRequest(f"{tp.topic} has no partition {tp.partition}: {never}")
         start, end = (
             (await consumer.beginning_offsets([tp]))[tp],
             (await consumer.end_offsets([tp]))[tp],
         )
-        if not start <= offset < end:
-            return None
+        if offset >= end:
+            return _NoRequest(
+                f"{tp.topic} partition {tp.partition} has no offset {offset} (its next is "
+                f"{end}): {never}"
+            )
+        if offset < start:
+            return _NoRequest(
+                f"its start request is not in {tp.topic} any more (the retention deleted "
+                f"partition {tp.partition} up to offset {start}); give its --job-type too"
+            )
         consumer.assign([tp])
         consumer.seek(tp, offset)
         record = await asyncio.wait_for(consumer.getone(tp), 10)
     finally:
         await consumer.stop()
+    unreadable = _NoRequest(
+        f"{tp.topic} partition {tp.partition} holds no request at offset {offset}: {never}"
+    )
     if record.offset != offset or not record.key:
-        return None
+        return unreadable
     try:
         return str(record.key.decode())
     except UnicodeDecodeError:
-        return None
+        return unreadable
 
 
 @app.command()
