@@ -33,5 +33,10 @@ if __name__ == "__main__":  # python -m examples.downstream: waits for the next 
     import asyncio
     import os
 
+    from aiokafka.errors import KafkaError
+
     servers = os.environ.get("JOBS_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-    print(asyncio.run(main(servers, os.environ.get("JOBS_TOPIC_PREFIX", "jobs"))))
+    try:
+        print(asyncio.run(main(servers, os.environ.get("JOBS_TOPIC_PREFIX", "jobs"))))
+    except (KafkaError, ValueError) as exc:  # no broker answers, no address: one line, exit 1
+        raise SystemExit(f"error: {servers!r}: {exc}") from None

@@ -26,4 +26,9 @@ if __name__ == "__main__":  # python -m examples.executor: runs until SIGTERM or
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(until_stopped())
+    from worker.client import JobError, SettingsError
+
+    try:
+        asyncio.run(until_stopped())
+    except (JobError, SettingsError) as exc:  # no broker, bad settings...: one line, exit 1
+        raise SystemExit(f"error: {exc}") from None

@@ -14,4 +14,9 @@ async def main() -> str | None:
 if __name__ == "__main__":  # python -m examples.producer
     import asyncio
 
-    print("started run", asyncio.run(main()))
+    from worker.client import JobError, SettingsError
+
+    try:
+        print("started run", asyncio.run(main()))
+    except (JobError, SettingsError) as exc:  # no broker, bad settings...: one line, exit 1
+        raise SystemExit(f"error: {exc}") from None

@@ -67,3 +67,33 @@ async def test_examples_run_end_to_end(
     finally:
         stop.set()
         await asyncio.wait_for(executing, 30)
+
+
+@pytest.mark.parametrize("module", ["producer", "executor", "downstream"])
+@pytest.mark.parametrize("servers", ["127.0.0.1:{free}", "127.0.0.1:notaport", "\udcff:1"])
+def test_an_example_without_a_broker_ends_in_an_error_line(module: str, servers: str) -> None:
+    """`python -m examples.<name>` with a bootstrap address where no broker answers, or
+    that is no address, exits 1 with a line saying why, not a traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    env = {**os.environ, "JOBS_BOOTSTRAP_SERVERS": servers.format(free=free)}
+    done = subprocess.run(
+        [sys.executable, "-m", f"examples.{module}"],
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr
