@@ -1095,3 +1095,26 @@ async def test_cancel_by_a_run_id_says_whether_its_request_never_was_or_was_dele
         assert len(line) < 300
     huge = "261206-120257-0." + "9" * 30
     assert f"partition 0 has no offset {'9' * 30} (its next is " in await cancel(huge)
+
+
+def test_missing_topics_are_created_by_the_command_given_in_full(
+    kafka_bootstrap: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jobctl run --prefix nosuch` (and `topics describe`, `status`) on topics that do not
+    exist names the command that makes them with the prefix and broker given, so that
+    running it as printed makes the very topics missing."""
+    monkeypatch.delenv("JOBS_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("JOBS_TOPIC_PREFIX", raising=False)
+    base = ["-b", kafka_bootstrap, "--prefix", prefix]
+    wanted = f"`jobctl topics create --prefix {prefix} --bootstrap {kafka_bootstrap}`"
+    stderr = _fails_in_one_line("run", *base, "--db", str(tmp_path / "j.db"))
+    assert f"Create them with {wanted}." in stderr
+    described = runner.invoke(app, ["topics", "describe", *base])
+    assert described.exit_code == 1
+    assert f"Create them with {wanted}." in described.stderr
+    status = runner.invoke(app, ["status", *base])
+    assert status.exit_code == 1
+    assert f"were the topics created ({wanted.strip('`')})?" in status.stderr
+    done = runner.invoke(app, ["topics", "create", *base])
+    assert done.exit_code == 0, done.output
+    assert runner.invoke(app, ["status", *base]).exit_code == 0

@@ -130,12 +130,36 @@ def _settings(**overrides: Any) -> Settings:
         raise _fail(f"bad settings: {settings_problems(exc, options)}", code=code) from None
 
 
-def _run(coro: Awaitable[T]) -> T:
-    """Run `coro`, turning connection and topic problems into one clear line."""
+CREATE = "`jobctl topics create`"
+
+
+def _create_command(s: Settings) -> str:
+    """`jobctl topics create` as it would make the topics `s` names: with the --prefix
+    and --bootstrap they need, when not those it would use without them."""
+    import shlex
+
+    def unsaid(field: str) -> str:  # what the command uses without the option
+        default = Settings.model_fields[field].default
+        return os.environ.get(f"JOBS_{field.upper()}") or str(default)
+
+    words = ["jobctl", "topics", "create"]
+    if s.topic_prefix != unsaid("topic_prefix"):
+        words += ["--prefix", shlex.quote(s.topic_prefix)]
+    if s.bootstrap_servers != unsaid("bootstrap_servers"):
+        words += ["--bootstrap", shlex.quote(s.bootstrap_servers)]
+    return f"`{' '.join(words)}`"
+
+
+def _run(coro: Awaitable[T], s: Settings | None = None) -> T:
+    """Run `coro`, turning connection and topic problems into one clear line (which, with
+    the settings `s`, gives the command that creates the topics in full)."""
     try:
         return asyncio.run(coro)  # type: ignore[arg-type]
     except topic_admin.TopicError as exc:
-        raise _fail(str(exc)) from None
+        message = str(exc)
+        if s is not None:
+            message = message.replace(CREATE, _create_command(s))
+        raise _fail(message) from None
     except KafkaConnectionError as exc:
         raise _fail(f"cannot connect to Kafka: {compat.connect_failure(exc)}") from None
     except KafkaError as exc:
@@ -339,7 +363,7 @@ def topics_describe(bootstrap: str = BOOTSTRAP, prefix: str = PREFIX) -> None:
         present = [i.name for i in infos if i.partitions is not None]
         return infos, await topic_admin.topic_configs(admin, present)
 
-    infos, configs = _run(_with_admin(s, action))
+    infos, configs = _run(_with_admin(s, action), s)
     wrong = topic_admin.config_mismatches(s.topics, configs)
     needs = {(m.topic, m.key): m.wanted for m in wrong}
     table = Table("topic", "partitions", "config")
@@ -359,7 +383,7 @@ def topics_describe(bootstrap: str = BOOTSTRAP, prefix: str = PREFIX) -> None:
     try:
         topic_admin.check_counts(infos)
     except topic_admin.TopicError as exc:
-        raise _fail(str(exc)) from None
+        raise _fail(str(exc).replace(CREATE, _create_command(s))) from None
     if wrong:
         raise _fail(
             f"{'; '.join(str(m) for m in wrong)}. Set them with "
@@ -417,7 +441,7 @@ def run(
             collecting.cancel()
 
     try:
-        _run(main())
+        _run(main(), s)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     except sqlite3.Error as exc:  # a StoreError among them
@@ -816,7 +840,7 @@ def _client_call(
     from worker.client import JobError, JobInvalidError, JobRejectedError, JobTimeoutError
 
     try:
-        return _run(_with_client(s, action, without_worker))
+        return _run(_with_client(s, action, without_worker), s)
     except JobInvalidError as exc:  # what to fix in the command's arguments
         raise _fail(str(exc), code=2) from None
     except JobTimeoutError as exc:
@@ -826,10 +850,11 @@ def _client_call(
         raise _fail(str(exc), code=EXIT_TIMEOUT) from None
     except JobRejectedError as exc:
         raise _fail(f"rejected: {exc}") from None
-    except JobError as exc:
-        raise _fail(str(exc)) from None
+    except JobError as exc:  # a topic missing among them: the command that makes them
+        bare = _create_command(s).strip("`")
+        raise _fail(str(exc).replace("(jobctl topics create)", f"({bare})")) from None
     except LookupError as exc:
-        raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
+        raise _fail(f"{exc}; create the topics with {_create_command(s)}") from None
 
 
 def _quoted(request_id: str) -> str:
@@ -1245,9 +1270,9 @@ def watch(
 
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            _run(follow())
+            _run(follow(), s)
         except LookupError as exc:
-            raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
+            raise _fail(f"{exc}; create the topics with {_create_command(s)}") from None
         except BrokenPipeError:
             # The reader of the output has gone (`jobctl watch | head -3`): stop quietly, as
             # commands writing into a closed pipe do. Python flushes stdout at exit, which
