@@ -1118,3 +1118,32 @@ def test_missing_topics_are_created_by_the_command_given_in_full(
     done = runner.invoke(app, ["topics", "create", *base])
     assert done.exit_code == 0, done.output
     assert runner.invoke(app, ["status", *base]).exit_code == 0
+
+
+async def test_complete_for_a_job_type_the_orchestrator_never_saw_says_so(
+    worker: Any, topics: Settings
+) -> None:
+    """`complete report.dialy <run>`: the orchestrator holds nothing of that job type, so
+    the line says the job type is unknown (a typo?) rather than that the run is not among
+    its last 0 ended runs; a run unknown of a known job type keeps the worker's words."""
+    from worker.client import JobClient
+
+    base = ["--timeout", "30", "-b", topics.bootstrap_servers, "--prefix", topics.topic_prefix]
+    typo = await asyncio.to_thread(
+        runner.invoke, app, ["complete", "report.dialy", "261206-120257-0.169", *base]
+    )
+    line = _one_line_error(typo)
+    assert line == (
+        "error: rejected: the orchestrator knows no job type 'report.dialy' (no run of it is "
+        "active, queued or ended within the retention); a typo?"
+    )
+    async with JobClient(topics) as jobs:
+        decision = await jobs.start_job("report.daily")
+        assert decision.run_id is not None
+        await jobs.complete_job("report.daily", decision.run_id)
+    known = await asyncio.to_thread(
+        runner.invoke, app, ["fail", "report.daily", "261206-120257-0.169", *base]
+    )
+    line = _one_line_error(known)
+    assert "unknown run 261206-120257-0.169 of job type 'report.daily'" in line
+    assert "not among its last 1 ended runs" in line

@@ -948,9 +948,22 @@ def _result_command(status: str) -> Callable[..., None]:
         final = _json_data(metrics, "--metrics", s)
 
         async def action(client: Any) -> Any:
-            return await client.complete_job(
-                job_type, run_id, final, status, timeout, request_id=request_id
-            )
+            from worker.client import JobError, JobRejectedError
+
+            try:
+                return await client.complete_job(
+                    job_type, run_id, final, status, timeout, request_id=request_id
+                )
+            except JobRejectedError as exc:
+                # The orchestrator holds no run of the job type at all: the type is the
+                # likelier typo, not the run ID.
+                if (exc.event.reason or "").endswith(" not among its last 0 ended runs"):
+                    raise JobError(
+                        f"rejected: the orchestrator knows no job type {job_type!r} (no run "
+                        "of it is active, queued or ended within the retention); a typo?",
+                        exc.request_id,
+                    ) from None
+                raise
 
         _print_event(_client_call(s, action), as_json)
 
