@@ -226,7 +226,7 @@ async def test_cli_submit_status_complete_runs_and_watch(
     assert refused.exit_code == 3
     assert "refused" in refused.output
     bad = await _cli("submit", "report", "--data", "[1,", *base)
-    assert bad.exit_code == 1
+    assert bad.exit_code == 2  # a usage error
     assert "--data is not valid JSON" in bad.output
     shown = await _cli("status", "--json", *base)
     assert [r["run_id"] for r in json.loads(shown.output)] == [started["run_id"]]
@@ -267,7 +267,8 @@ async def test_cli_without_worker_says_so_and_times_out_with_exit_4(topics: Sett
     assert result.exit_code == 4
     assert "no worker is running" in result.output
     assert "no answer" in result.output
-    assert "request_id=" in result.output
+    assert "Retrying with --request-id " in result.output
+    assert "request_id=" not in result.output
 
 
 BAD_JOB_TYPES = ["K" * 201, "", "a\x1bb", "two\nlines"]
@@ -482,10 +483,14 @@ async def test_cli_cancels_a_queued_run_by_its_id(topics: Settings, tmp_path: Pa
             event = json.loads(cancelled.output)
             assert (event["type"], event["run_id"]) == ("cancelled", waiting.run_id)
             assert [r.run_id for r in await client.running_jobs()] == [first.run_id]
-        for nothing in ["261202-101010-1.999999", "261202-101010-99999.1", "x" * 5000, "\udcff"]:
+        for nothing in ["261202-101010-1.999999", "261202-101010-99999.1"]:
             unknown = await _cli("cancel", nothing, *base)
             assert unknown.exit_code == 1
-            assert "give its --job-type" in unknown.output
+            assert "no such run was ever started; check the run ID" in unknown.output
+        for nothing in ["x" * 5000, "\udcff"]:
+            unknown = await _cli("cancel", nothing, *base)
+            assert unknown.exit_code == 2
+            assert "is not a run ID" in unknown.output
     finally:
         await running.stop()
 
