@@ -142,6 +142,9 @@ class PartitionSnapshot:
     records: int = 0
     end: int = 0  # the end offset it was read up to
     foreign: int = 0  # records no worker writes (not a row of ours): skipped
+    # The partition count of the latest settings row that records one: what the partition's
+    # state was decided with (`rulebook.SettingsDocument.partitions`).
+    partitions: int | None = None
 
     @property
     def job_types(self) -> int:
@@ -272,6 +275,19 @@ def apply_row(snapshot: PartitionSnapshot, key: bytes, value: bytes | None) -> N
         snapshot.heads.pop(text, None)
     elif kind == "run":
         snapshot.runs[text] = data
+    elif kind == "settings" and (count := _partitions_in(data)) is not None:
+        snapshot.partitions = count
+
+
+def _partitions_in(document: bytes) -> int | None:
+    """The partition count a settings document records, if it records one (read without
+    validating the rest: that is `verify`'s to read)."""
+    try:
+        data = json.loads(document)
+    except (ValueError, RecursionError):
+        return None
+    count = data.get("partitions") if isinstance(data, dict) else None
+    return count if type(count) is int and count > 0 else None
 
 
 async def read_partition(

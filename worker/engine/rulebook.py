@@ -5,7 +5,8 @@ shortened. To audit a decision, `verify` needs the settings in force when it was
 they are part of the log:
 
 - every status event carries the header `jobs-settings`: the digest of the settings document
-  its worker decided with (`document_of`: job-type settings, limits, retention, time rules);
+  its worker decided with (`document_of`: job-type settings, limits, retention, time rules,
+  and the topics' partition count, which says where each job type's records go);
 - the document itself is a changelog row (`<prefix>.state`), key ``\\x00settings:<digest>``,
   value ``{"row": "settings", "settings": <document>}``. A worker writes it into the first
   transaction it commits for each partition it takes, so the row is committed with (never
@@ -20,7 +21,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.core.config import JobsConfig
 from worker.core.lifecycle import JobConfig, Limits, Policy, Scope
@@ -59,6 +60,8 @@ class SettingsDocument(BaseModel):
     retention_s: float
     hold_s: float
     skew_s: float
+    # The topics' partition count (a document written before it was recorded has none).
+    partitions: int | None = Field(default=None, ge=1)
 
 
 def _job(config: JobConfig) -> _Job:
@@ -87,6 +90,7 @@ def document_of(rules: Rules) -> bytes:
             retention_s=rules.retention.total_seconds(),
             hold_s=rules.hold.total_seconds(),
             skew_s=rules.skew.total_seconds(),
+            partitions=rules.partitions,
         )
         .model_dump_json()
         .encode()
@@ -99,7 +103,8 @@ def digest_of(document: bytes) -> str:
 
 
 def rules_from(document: bytes, base: Rules) -> Rules:
-    """`base` with the settings of `document` (partitions and test hooks stay `base`'s).
+    """`base` with the settings of `document` (its partition count when it has one; test
+    hooks stay `base`'s).
 
     Raises ValueError for a document this code would not write, durations no `timedelta`
     holds included."""
@@ -130,6 +135,7 @@ def _rules(doc: SettingsDocument, base: Rules) -> Rules:
         retention=timedelta(seconds=doc.retention_s),
         hold=timedelta(seconds=doc.hold_s),
         skew=timedelta(seconds=doc.skew_s),
+        partitions=base.partitions if doc.partitions is None else doc.partitions,
     )
 
 

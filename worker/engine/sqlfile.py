@@ -78,6 +78,12 @@ CREATE TABLE IF NOT EXISTS window_entries (
 CREATE TABLE IF NOT EXISTS worker_identity (
     id TEXT NOT NULL
 );
+-- the topics' partition count this file's rows were decided with (one row, from its first
+-- take): a job type's partition follows from it, so rows decided with another are not
+-- this deployment's to decide on (`Store.partitions_decided_with`)
+CREATE TABLE IF NOT EXISTS decided_with (
+    partitions INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS applied_offsets (
     topic       TEXT NOT NULL,
     partition   INTEGER NOT NULL,

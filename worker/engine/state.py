@@ -35,6 +35,7 @@ from worker.engine import changelog
 from worker.engine.observe import Metrics
 from worker.engine.store import Abandoned, Store
 from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
+from worker.engine.topics import PartitionCountChanged
 from worker.kafkaio import connection
 from worker.settings import Settings
 
@@ -75,6 +76,7 @@ class StateManager:
         self._watermarks: AIOKafkaConsumer | None = None
         self._restoring = asyncio.Lock()  # one partition restored at a time
         self._abandoned: set[int] = set()  # partitions whose restore no one wants now
+        self._decided_with: int | None = None  # the file's partition count, once read
 
     @property
     def store(self) -> Store:
@@ -140,6 +142,12 @@ class StateManager:
         """
         store = self.store
         await store.flush()  # SQLite holds every batch this process committed
+        if self._decided_with is None:
+            self._decided_with = await store.partitions_decided_with(rules.partitions)
+        if self._decided_with != rules.partitions:
+            raise PartitionCountChanged(
+                f"the SQLite file {self._settings.db_path}", self._decided_with, rules.partitions
+            )
         applied = await store.applied_offsets(number)
         position = applied.pop(self._settings.topics.state, 0)
         end = await self._changelog_end(number)
@@ -147,7 +155,7 @@ class StateManager:
         moved = end > position  # someone wrote the changelog after this file's last batch
         restored = behind or moved or (exact and applied != committed)
         if restored:
-            await self._restore(number, committed)
+            await self._restore(number, committed, rules.partitions)
             applied = committed
         # Only what has work in flight is loaded: a long history stays in SQLite.
         known = known_filter()
@@ -208,7 +216,7 @@ class StateManager:
         tp = TopicPartition(self._settings.topics.state, number)
         return int((await self._restorer.end_offsets([tp]))[tp])
 
-    async def _restore(self, number: int, committed: dict[str, int]) -> None:
+    async def _restore(self, number: int, committed: dict[str, int], partitions: int) -> None:
         assert self._restorer is not None
         started = time.perf_counter()
         # One partition at a time, read and written: one restore consumer, re-assigned per
@@ -221,6 +229,10 @@ class StateManager:
                 snapshot = await changelog.read_partition(
                     self._restorer, topic, number, wanted=wanted
                 )
+                if snapshot.partitions not in (None, partitions):
+                    raise PartitionCountChanged(
+                        f"partition {number} of {topic}", snapshot.partitions, partitions
+                    )
                 # Shielded: a take cancelled at shutdown leaves the write to finish (or roll
                 # back), never a transaction open on the store's connection.
                 stale = await asyncio.shield(

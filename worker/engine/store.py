@@ -234,6 +234,21 @@ class Store:
             await self._db.commit()
             return made
 
+    async def partitions_decided_with(self, partitions: int) -> int:
+        """The topics' partition count this file's rows were decided with: `partitions`,
+        recorded now, the first time it is asked; afterwards as recorded, which the caller
+        compares with the topics' count."""
+        async with self._lock:
+            async with self._db.execute("SELECT partitions FROM decided_with") as cursor:
+                row = await cursor.fetchone()
+            if row is not None:
+                return int(row[0])
+            await self._db.execute(
+                "INSERT INTO decided_with (partitions) VALUES (?)", (partitions,)
+            )
+            await self._db.commit()
+            return partitions
+
     async def flush(self) -> None:
         """Wait until every queued batch is written; raise the error of a failed write."""
         await self.writes.flush()

@@ -30,6 +30,20 @@ class TopicError(RuntimeError):
     """The topics are missing or inconsistent; the message names them and says what to do."""
 
 
+class PartitionCountChanged(TopicError):
+    """The topics' partition count is not the one a partition's state was decided with:
+    partitions were added to the topics, and a job type's records now go to another
+    partition than its state (README, "The partition count is fixed")."""
+
+    def __init__(self, where: str, decided: int, now: int) -> None:
+        super().__init__(
+            f"{where} was decided with {decided} partitions and the topics have {now} now: "
+            "added partitions send a job type's records to another partition than its "
+            "state, where a running job type would start again; the worker does not decide "
+            'on them (README, "The partition count is fixed", says what to do)'
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class TopicInfo:
     """A topic as the cluster describes it."""
