@@ -8,15 +8,18 @@ file's, and the setting is checked when it is read.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from worker import compat
+from worker.engine.collector import FencedError
 from worker.engine.hooks import Hooks
 from worker.engine.observe import Metrics
 from worker.engine.shared import SharedExactlyOnce
@@ -168,3 +171,50 @@ async def test_a_take_that_cannot_look_for_open_transactions_says_so_and_goes_on
     assert waiting[0]["partition"] == 2
     assert waiting[0]["error"] == repr(failure)
     assert not [e for e in logs if e["event"].startswith("aborted a transaction")]
+
+
+@pytest.mark.kafka
+async def test_a_fenced_transaction_leaves_no_failure_unretrieved(
+    topics: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another producer starts with the worker's transactional ID: the worker's next
+    transaction is fenced (its outcome fails with `FencedError`), and nothing of it is left
+    for asyncio to report as "Future exception was never retrieved" when it is collected."""
+    settings = topics.model_copy(update={"transactions": "worker"})
+    t = settings.topics
+    consumer = AIOKafkaConsumer(
+        t.requests, t.results, **connection(settings), group_id=settings.group_id
+    )
+
+    async def identity() -> str:
+        return "twin"
+
+    stopped: list[BaseException] = []
+    collector = SharedExactlyOnce(settings, Hooks(), consumer, identity, stopped.append, Metrics())
+    outcome = BatchOutcome(state_rows=[(b"row", b"{}")], next_offsets={t.requests: 1})
+    await consumer.start()
+    try:
+        while not consumer.assignment():
+            await consumer.getmany(timeout_ms=200)  # joins the group: a generation to send
+        await collector.start()
+        collector.begin(0)
+        assert await collector.commit(0, outcome, {}) == 2
+        twin = AIOKafkaProducer(
+            **connection(settings), transactional_id=f"{settings.group_id}.worker.twin"
+        )
+        await twin.start()  # InitProducerId: the worker's producer is fenced
+        await twin.stop()
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            collector.begin(0)
+            with pytest.raises(FencedError):
+                await collector.commit(0, outcome, {})
+            await collector.stop()
+            for _ in range(3):  # what the failed producer left is collected now
+                gc.collect()
+                await asyncio.sleep(0)
+        never = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert never == []
+        assert stopped == []  # one fence is no twin
+    finally:
+        await collector.stop()
+        await consumer.stop()

@@ -12,6 +12,10 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
   commit can be held back until the transaction's records are acknowledged.
 - `send_with_offsets`: a transaction's input offsets added beside its records, and
   committed once they are acknowledged (one request fewer in turn, no superseded check).
+- `retrieve_failures`: a failed transactional producer's own futures that carry the
+  failure (its transaction's waiter, its record batches' drain waiters), retrieved once the
+  failure has reached the caller: aiokafka leaves them for asyncio to report as "Future
+  exception was never retrieved" when they are collected.
 - `worker.engine.records.append_record` (kept with the record batches it fills, in a
   compiled module): a record appended to a producer's record batch without
   `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
@@ -222,6 +226,31 @@ async def send_with_offsets(
 def _retrieved(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def retrieve_failures(producer: AIOKafkaProducer) -> None:
+    """Retrieve the failure each of `producer`'s own futures holds, once the caller has had
+    it (a fenced or failed transaction, raised to whoever sent or committed).
+
+    When the sender fails (`ProducerFenced`), aiokafka sets the error on the transaction's
+    waiter, which only `commit_transaction` reads, and on every record batch's drain waiter,
+    which only a `send` into a full batch reads; a transaction that fails before its commit
+    leaves both for the garbage collector, which has asyncio log each at error level.
+    Futures still pending are left alone.
+    """
+    txn = producer._txn_manager
+    waiters: list[asyncio.Future[Any] | None] = []
+    if txn is not None:
+        waiters.append(txn._transaction_waiter)
+    accumulator = producer._message_accumulator
+    for batch in (
+        *(b for bs in accumulator._batches.values() for b in bs),
+        *accumulator._pending_batches,
+    ):
+        waiters += (batch.future, batch._drain_waiter)
+    for waiter in waiters:
+        if waiter is not None and waiter.done():
+            _retrieved(waiter)
 
 
 class TolerantMemoryRecords:

@@ -181,6 +181,7 @@ class ExactlyOnce:
         if producer is not None:
             with contextlib.suppress(KafkaError):
                 await producer.stop()
+            compat.retrieve_failures(producer)  # a fenced one's, raised to its batch
 
     async def stop(self) -> None:
         """Stop every partition's producer."""

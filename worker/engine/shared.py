@@ -275,6 +275,9 @@ class SharedExactlyOnce:
             self._producer = None
             with contextlib.suppress(KafkaError):
                 await producer.stop()
+            # The failure is raised below; the producer's own futures holding it are not
+            # left for the garbage collector to report as never retrieved.
+            compat.retrieve_failures(producer)
             raise
         return ends
 
