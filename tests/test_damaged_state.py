@@ -226,6 +226,43 @@ async def test_a_damaged_file_is_moved_aside_and_rebuilt_from_the_changelog(
     await assert_converged(topics, process, tmp_path)
 
 
+async def test_a_damaged_job_state_restores_its_partition_from_the_changelog(
+    topics: Settings,
+    producer: AIOKafkaProducer,
+    tail: StatusTail,
+    spawn: Callable[[], WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    """One damaged byte pair inside a stored job state's JSON, in a file whose pages are
+    sound (`PRAGMA quick_check` passes): the worker does not stop at every start; the take
+    restores that partition from the changelog, with one warning naming the file, the job
+    type and the partition, and serves the runs started before, each input decided once."""
+    db = topics.db_path
+    runs = await first_runs(topics, producer, tail)
+    held = next(iter(runs))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        [(state, partition)] = conn.execute(
+            "SELECT state, partition FROM job_states WHERE job_type = ?", (held,)
+        ).fetchall()
+        assert b'"queue":[]' in state
+        damaged = bytes(state).replace(b'"queue":[]', b'"queue":\x01\xff')
+        conn.execute("UPDATE job_states SET state = ? WHERE job_type = ?", (damaged, held))
+        conn.commit()
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    process = spawn()
+    process.start()
+    await assert_served(topics, producer, tail, runs)
+
+    records, _ = log_lines(process)
+    warnings = [r for r in records if "job state in the SQLite file is damaged" in r["event"]]
+    assert len(warnings) == 1, warnings
+    assert warnings[0]["level"] == "warning"
+    assert (warnings[0]["path"], warnings[0]["job_type"]) == (str(db), held)
+    assert warnings[0]["partition"] == partition
+    assert damaged_copies(db) == []  # the other partition's rows were sound: nothing moved
+    await assert_converged(topics, process, tmp_path)
+
+
 async def test_a_reader_refuses_a_damaged_file_and_moves_nothing(tmp_path: Path) -> None:
     """A reader's open (`jobctl runs`, replay) refuses a file that is not a database, with one
     line, and leaves it where it is. (Bytes that are no text, as a worker's damaged file's

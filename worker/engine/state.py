@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaTimeoutError
 from worker.core.lifecycle import JobState
 from worker.engine import changelog
 from worker.engine.observe import Metrics
-from worker.engine.store import Abandoned, Store
+from worker.engine.store import Abandoned, DamagedState, Store
 from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
 from worker.engine.topics import PartitionCountChanged
 from worker.kafkaio import connection
@@ -157,6 +157,24 @@ class StateManager:
         if restored:
             await self._restore(number, committed, rules.partitions)
             applied = committed
+        try:
+            busy = await store.busy_states(number)
+        except DamagedState as damage:
+            if restored:  # the rows just restored from the changelog: not this file's damage
+                raise
+            # Damage of the file, confined to this partition's rows: what moving the file
+            # aside would do for them, without stopping the partitions it serves.
+            log.warning(
+                "a job state in the SQLite file is damaged: restoring its partition from "
+                "the changelog",
+                path=damage.path,
+                job_type=damage.job_type,
+                partition=number,
+                error=damage.error,
+            )
+            await self._restore(number, committed)
+            applied = committed
+            busy = await store.busy_states(number)
         # Only what has work in flight is loaded: a long history stays in SQLite.
         known = known_filter()
         async for names in store.job_types(number):
@@ -168,7 +186,7 @@ class StateManager:
         task = PartitionTask(
             number,
             rules,
-            jobs=await store.busy_states(number),
+            jobs=busy,
             runs=await store.active_runs(number),
             retained=retained,
             applied=applied,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Abandoned",
     "DamagedFile",
+    "DamagedState",
     "RunWrites",
     "Store",
     "StoreError",
@@ -110,6 +112,24 @@ def fold_events(partition: int, events: Iterable[StatusEvent]) -> RunWrites:
 
 class Abandoned(Exception):
     """A restore stopped on its way because its partition was revoked; nothing written."""
+
+
+class DamagedState(StoreError):
+    """A job state row of the file that SQLite or pydantic cannot read (a damaged byte that
+    `PRAGMA quick_check` does not see, since the page itself is sound): damage of the file,
+    confined to the partition's rows, which a restore from the changelog replaces."""
+
+    def __init__(self, path: str, partition: int, job_type: str | None, error: str) -> None:
+        named = "a job type" if job_type is None else f"job type {job_type!r}"
+        super().__init__(
+            f"the SQLite file {path} holds a damaged state of {named} on partition "
+            f"{partition} ({error}); move the file aside and start the worker again: every "
+            "partition is restored from the changelog"
+        )
+        self.path = path
+        self.partition = partition
+        self.job_type = job_type
+        self.error = error
 
 
 class Store:
@@ -169,10 +189,30 @@ class Store:
         """The state of each job type of `partition` that has an active or queued run.
 
         SQLite looks into each state's JSON, so the idle ones (nearly all, with a long
-        history) are neither sent over nor parsed.
+        history) are neither sent over nor parsed. A state SQLite cannot read as JSON, or
+        pydantic as a job state, raises `DamagedState` naming its job type.
         """
-        found = await read_states(self._db, f"partition = ? AND ({BUSY})", [partition])
-        return {job_type: load_state(state) for job_type, state in found.items()}
+        try:
+            found = await read_states(self._db, f"partition = ? AND ({BUSY})", [partition])
+        except sqlite3.OperationalError as exc:
+            if "JSON" not in str(exc):  # locked, busy, I/O: not the file's content
+                raise
+            async with self._db.execute(
+                "SELECT job_type FROM job_states "
+                "WHERE partition = ? AND NOT json_valid(CAST(state AS TEXT))",
+                (partition,),
+            ) as cursor:
+                row = await cursor.fetchone()
+            named = None if row is None else str(row[0])
+            raise DamagedState(self._path, partition, named, str(exc)) from exc
+        states = {}
+        for job_type, state in found.items():
+            try:
+                states[job_type] = load_state(state)
+            except ValueError as exc:  # pydantic's ValidationError among them
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                raise DamagedState(self._path, partition, job_type, error) from exc
+        return states
 
     async def job_types(self, partition: int) -> AsyncIterator[list[str]]:
         """Every job type recorded on `partition`, a chunk at a time."""
