@@ -150,13 +150,16 @@ class Worker:
         return self._rules
 
     def is_ready(self) -> bool:
-        """Whether every assigned partition is taken and restored, and nothing failed."""
+        """Whether every assigned partition is taken and restored, nothing failed, and the
+        broker is not fencing this worker's transactions again and again."""
         partitions = self._partitions
+        collector = self._collector
         return (
             self._failure is None
             and self.ready.is_set()
             and partitions is not None
             and partitions.taking == 0
+            and not (isinstance(collector, SharedExactlyOnce) and collector.fenced_again())
         )
 
     def _halted(self) -> bool:

@@ -346,7 +346,9 @@ class HttpServer:
         """Why the worker is not ready, or None when it is; `jobs_ready` says the same."""
         reason: str | None = None
         if not self._ready():
-            reason = "a partition is being taken, or none is assigned"
+            reason = (
+                "a partition is being taken, none is assigned, or transactions are being fenced"
+            )
         elif (problem := await self._broker()) is not None:
             reason = f"the broker does not answer: {problem}"
         self._metrics.ready.set(1 if reason is None else 0)

@@ -20,13 +20,15 @@ Fencing is by the group's generation (KIP-447), not by a transactional ID per pa
   is read.
 
 The transactional ID is `<group>.worker.<ID>`, the ID kept in the worker's SQLite file: a
-worker restarted on its file aborts its own transaction left open at once. A worker that
-takes a partition aborts any other of the group's transactions still holding records on it
-(`open`): every live member ended its transactions on the partitions it gave up before the
-assignment, so what is left belongs to a worker that crashed, froze or was cut off. Only a
-transaction holding just the partition's offsets (a tick's, with no records) is waited
-out until the broker times it out (`JOBS_TRANSACTION_TIMEOUT_MS`), as is everything on a
-Kafka older than 3.0, which cannot list its transactions.
+worker restarted on its file aborts its own transaction left open at once. Two workers on
+copies of one file share it and fence each other by turns; the broker fencing five of a
+worker's transactions within a minute, each within the group session (`_fenced`), stops it.
+A worker that takes a partition aborts any other of the group's transactions still holding
+records on it (`open`): every live member ended its transactions on the partitions it gave up
+before the assignment, so what is left belongs to a worker that crashed, froze or was cut
+off. Only a transaction holding just the partition's offsets (a tick's, with no records) is
+waited out until the broker times it out (`JOBS_TRANSACTION_TIMEOUT_MS`), as is everything
+on a Kafka older than 3.0, which cannot list its transactions.
 
 A failed transaction fails every outcome in it (each partition retries from what Kafka
 committed, as with a producer of its own), and the producer is started again before the next
@@ -36,6 +38,7 @@ transaction, which aborts at the broker whatever the failed one left open.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -50,15 +53,19 @@ from worker.engine.collector import FencedError, Outbox
 from worker.engine.hooks import Hooks
 from worker.engine.observe import Metrics
 from worker.engine.records import write_outcome
+from worker.engine.sqlfile import StoreError
 from worker.engine.task import BatchOutcome
 from worker.kafkaio import connection
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
 
-# A worker whose transactions the broker fences this often in a row, each time with a new
-# producer, shares its transactional ID with another process: it stops.
-PRODUCER_FENCED_IN_A_ROW = 5
+# A worker whose transactions the broker fences this often within `TWIN_WINDOW_S`, each
+# time with a new producer, shares its transactional ID with another process (a copy of
+# its SQLite file): it stops. Not "in a row": two such workers take turns, each fencing the
+# other when it starts its producer again, so successes come between the fences.
+PRODUCER_FENCED_TWIN = 5
+TWIN_WINDOW_S = 60.0
 
 
 @dataclass
@@ -104,7 +111,10 @@ class SharedExactlyOnce:
         self._deciding: set[int] = set()
         self._quiet = asyncio.Event()
         self._quiet.set()
-        self._producer_fenced = 0  # transactions in a row the broker fenced
+        # When the broker fenced a transaction no partition move explains, within the window.
+        self._unexplained: collections.deque[float] = collections.deque()
+        self._began = 0.0  # when the transaction in flight began (time.monotonic)
+        self._twin = False  # another process uses this worker's transactional ID
         self._aborting = asyncio.Lock()
 
     async def start(self) -> None:
@@ -239,7 +249,6 @@ class SharedExactlyOnce:
                     raise
                 continue
             self._metrics.transaction()
-            self._producer_fenced = 0
             state = self._settings.topics.state
             for item in handed:
                 if item.waited:
@@ -254,6 +263,7 @@ class SharedExactlyOnce:
     async def _transaction(self, handed: list[_Handed]) -> dict[tuple[str, int], int]:
         producer = self._producer
         assert producer is not None
+        self._began = time.monotonic()
         await producer.begin_transaction()
         try:
             out = Outbox(producer)
@@ -289,17 +299,47 @@ class SharedExactlyOnce:
         if not isinstance(exc, ProducerFenced | InvalidProducerEpoch):
             return exc
         # The broker aborted the transaction (it outlived JOBS_TRANSACTION_TIMEOUT_MS, a
-        # frozen process), or another process started a producer with this worker's ID.
-        self._producer_fenced += 1
-        if self._producer_fenced >= PRODUCER_FENCED_IN_A_ROW:
-            message = (
-                f"fenced {self._producer_fenced} times in a row: another process uses this "
-                f"worker's transactional ID {self._transactional_id!r} (a copy of its SQLite "
-                f"file?); two workers must not share one"
-            )
-            log.error("fenced again and again by another producer; stopping", error=message)
-            self._stop(FencedError(message))
+        # frozen process), another worker took a partition of it and aborted it (this one
+        # had been dropped from the group meanwhile), or another process started a
+        # producer with this worker's ID.
+        self._fenced(time.monotonic())
         return FencedError(f"the broker fenced this worker's transaction: {exc!r}")
+
+    def _fenced(self, now: float) -> None:
+        """Count a fence of this worker's transaction; stop when another process shares its
+        transactional ID.
+
+        A transaction open longer than the group session is explained: the group may have
+        dropped this worker meanwhile and its partitions' next owner aborted what it held,
+        or the broker timed it out; once, for a freeze or a move. One fenced within the
+        session is not: only a producer started with this worker's ID fences it, and a twin
+        does so each time it starts its producer again after a fence of its own.
+        """
+        s = self._settings
+        if now - self._began > min(s.session_timeout_ms, s.transaction_timeout_ms) / 1000:
+            return
+        fences = self._unexplained
+        fences.append(now)
+        while fences and now - fences[0] > TWIN_WINDOW_S:
+            fences.popleft()
+        if len(fences) >= PRODUCER_FENCED_TWIN and not self._twin:
+            self._twin = True  # said once; the worker is stopping
+            message = (
+                f"another worker uses this worker's identity (transactional ID "
+                f"{self._transactional_id!r}): it runs on a copy of this worker's SQLite file "
+                f"{str(s.db_path)!r}; its transactions and this one's fenced each other "
+                f"{len(fences)} times in {now - fences[0]:.0f} s. Give each worker its own "
+                "SQLite file: start the other on a new, empty JOBS_DB_PATH (its partitions "
+                "are restored from the changelog)"
+            )
+            log.error("stopping: another worker uses this worker's identity", error=message)
+            self._stop(StoreError(message))
+
+    def fenced_again(self) -> bool:
+        """Whether the broker fenced more than one transaction within the window that no
+        partition move explains (a twin, until it is told apart): not ready."""
+        now = time.monotonic()
+        return sum(1 for t in self._unexplained if now - t <= TWIN_WINDOW_S) > 1
 
     async def close(self, number: int) -> None:
         """Nothing is held per partition (its last batch has committed or failed)."""
