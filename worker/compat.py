@@ -15,7 +15,8 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
 - `retrieve_failures`: a failed transactional producer's own futures that carry the
   failure (its transaction's waiter, its record batches' drain waiters), retrieved once the
   failure has reached the caller: aiokafka leaves them for asyncio to report as "Future
-  exception was never retrieved" when they are collected.
+  exception was never retrieved" when they are collected (tested where a transaction is
+  fenced on the broker, `tests/test_worker_transactions.py`).
 - `worker.engine.records.append_record` (kept with the record batches it fills, in a
   compiled module): a record appended to a producer's record batch without
   `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
