@@ -1,6 +1,6 @@
 """Damaged local state, on the real broker: a worker's SQLite file truncated, overwritten
-with random bytes, missing, from a newer schema version or locked by another process, and a
-SQLite write failing as on a full disk.
+with random bytes, a job state's JSON damaged inside a sound page, missing, from a newer
+schema version or locked by another process, and a SQLite write failing as on a full disk.
 
 The tests on the broker write runs with a worker, stop it, damage its file and start
 `jobctl run` on it again, then check what a user would notice: the same running runs are

@@ -2,7 +2,8 @@
 
 The crash, takeover and zombie tests of `tests/test_exactly_once.py` run in this mode too;
 here: batches begun together commit in one transaction, the transactional ID is the SQLite
-file's, and the setting is checked when it is read.
+file's (two workers on copies of one file do not fence each other for ever), a fenced
+transaction leaves no failure unretrieved, and the setting is checked when it is read.
 """
 
 from __future__ import annotations
