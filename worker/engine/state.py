@@ -172,7 +172,7 @@ class StateManager:
                 partition=number,
                 error=damage.error,
             )
-            await self._restore(number, committed)
+            await self._restore(number, committed, rules.partitions)
             applied = committed
             busy = await store.busy_states(number)
         # Only what has work in flight is loaded: a long history stays in SQLite.
