@@ -133,3 +133,36 @@ def test_replay_refuses_a_file_a_worker_or_console_holds(tmp_path: Path, holder:
     said = _error(result)
     assert "in use" not in said
     assert "cannot connect to Kafka" in said
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_link_to_a_file_in_use_is_refused_too(tmp_path: Path, link: str) -> None:
+    """A worker's lock file goes by the path: a second worker given a symbolic or hard link
+    to a file in use took a lock file of its own, and the two wrote one file at once until
+    it was damaged. The file itself is locked too, so the link is refused in one line; once
+    the first worker stops, a worker on the link gets the file."""
+    path = tmp_path / "jobs.db"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    alias = other / "alias.db"
+
+    async def scenario() -> None:
+        store = await Store.open(path, exclusive=True)
+        try:
+            if link == "symbolic":
+                alias.symlink_to(path)
+            else:
+                alias.hardlink_to(path)
+            with pytest.raises(StoreError, match="through another path") as refused:
+                await Store.open(alias, exclusive=True)
+            assert str(alias) in str(refused.value)
+            assert "a SQLite file of its own" in str(refused.value)
+            # and the console, and replay's lock, the same
+            with pytest.raises(ConsoleError, match="through another path"):
+                await ConsoleDb.open(alias, "jobs.status")
+        finally:
+            await store.close()
+        again = await Store.open(alias, exclusive=True)
+        await again.close()
+
+    asyncio.run(scenario())

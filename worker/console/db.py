@@ -19,7 +19,6 @@ between reads those records again, and folding them again ends in the same rows.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +162,7 @@ class ConsoleDb:
             if db is not None:
                 await db.close()
             await store.close()
-            os.close(fd)
+            release_lock(path, fd, remove=False)
             raise
 
     @staticmethod
@@ -187,7 +186,7 @@ class ConsoleDb:
             await self._store.close()
         finally:
             if self._lock_fd is not None:
-                os.close(self._lock_fd)
+                release_lock(self.path, self._lock_fd, remove=False)
                 self._lock_fd = None
 
     async def positions(self) -> dict[int, int]:

@@ -289,9 +289,20 @@ def make_private(path: Path) -> None:
             raise StoreError(f"cannot make the SQLite file {path}: {exc.strerror}") from None
 
 
+# A held `<path>.lock`'s descriptor -> a descriptor of the file itself, locked too
+# (`hold_lock`); both are closed by `release_lock`.
+_FILE_LOCKS: dict[int, int] = {}
+
+
 def hold_lock(path: Path, *, advice: str | None = None) -> int:
     """Hold `<path>.lock` (flock, released when the descriptor closes): one worker, console
-    or replay per file. A holder refused says `advice` (a worker's by default)."""
+    or replay per file. A holder refused says `advice` (a worker's by default).
+
+    The lock file goes by the path, so a symbolic or hard link to a file in use would take a
+    lock file of its own: the file itself is locked as well (flock on its inode, which
+    SQLite's own locks, fcntl's, never meet), made empty first if it is missing. Release
+    with `release_lock`.
+    """
     lock = Path(f"{path}.lock")
     while True:
         try:
@@ -320,8 +331,43 @@ def hold_lock(path: Path, *, advice: str | None = None) -> int:
             if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break
         os.close(fd)
+    try:
+        own = _lock_the_file(path, lock, advice)
+    except BaseException:
+        os.close(fd)
+        raise
+    if own is not None:
+        _FILE_LOCKS[fd] = own
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _lock_the_file(path: Path, lock: Path, advice: str | None) -> int | None:
+    """A descriptor of the file `path` names (through any link), flocked; None when it is no
+    regular file (the open refuses it then). `StoreError` if another process holds it."""
+    make_private(path)
+    try:
+        # Non-blocking: opening a FIFO for reading would wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # what the open then says of the path
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if not isinstance(exc, BlockingIOError):
+            raise StoreError(f"cannot lock {path}: {exc.strerror}") from None
+        why = (
+            f"{path} is in use by another process through another path (a link to the same "
+            f"file), though {lock} is free"
+        )
+        raise StoreError(
+            f"{why}; {advice or 'give each worker a SQLite file of its own (JOBS_DB_PATH)'}"
+        ) from None
     return fd
 
 
@@ -338,6 +384,9 @@ def release_lock(path: Path, fd: int, *, remove: bool) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(f"{path}.lock")
     finally:
+        own = _FILE_LOCKS.pop(fd, None)
+        if own is not None:
+            os.close(own)
         os.close(fd)
 
 

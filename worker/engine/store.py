@@ -11,7 +11,6 @@ the worker's committed batches go through the write-behind queue (`worker.engine
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -182,7 +181,7 @@ class Store:
                     await self._db.close()
             finally:
                 if self._lock_fd is not None:
-                    os.close(self._lock_fd)
+                    release_lock(Path(self._path), self._lock_fd, remove=False)
                     self._lock_fd = None
 
     async def busy_states(self, partition: int) -> dict[str, JobState]:
