@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         "(and, with JOBS_TRANSACTIONS=worker, its partitions' next owner when it cannot abort "
         "it). 10000 by default, 60000 with JOBS_TRANSACTIONS=partition.",
     )
+    request_timeout_ms: int = Field(
+        default=40_000,
+        ge=100,
+        le=2_147_483_647,
+        description="A client's (JobClient, jobctl's client commands) Kafka request timeout: "
+        "how long its producer waits for the broker to acknowledge a request or result before "
+        "that attempt fails. A call that waits sends it again, with the same request ID, "
+        "until its own timeout; one that does not wait raises JobTimeoutError.",
+    )
     run_retention_s: float = Field(
         allow_inf_nan=False,
         le=LONGEST_S,

@@ -21,7 +21,11 @@ default `Settings()`, read from the JOBS_* variables), with each keyword overrid
 setting of that name: `JobClient(bootstrap_servers="kafka:9092", topic_prefix="jobs")`.
 An unknown keyword raises TypeError, naming the setting it may have meant; values the
 settings refuse raise `SettingsError` (a ValueError) naming each, without the values.
-Every call that waits takes `timeout`, in seconds (a positive number; 30 by default).
+Every call that waits takes `timeout`, in seconds (a positive number; 30 by default). A
+request the broker does not acknowledge is sent again, with the same request ID, each time
+the producer gives up on it (`request_timeout_ms`), until that timeout: then, as after any
+Kafka failure once the request may have gone out, the call raises `JobTimeoutError` with
+the request ID; a refusal (which sending again gets again) is a `JobError` naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ from typing import Any, Literal, overload
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from aiokafka.structs import RecordMetadata
 from pydantic import ValidationError
 
 from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
@@ -45,6 +50,7 @@ from worker import compat
 from worker.client.answers import (
     ClientNotOpenError,
     JobConnectionError,
+    JobError,
     JobInvalidError,
     JobRejectedError,
     JobTimeoutError,
@@ -73,6 +79,20 @@ _START_ANSWERS = frozenset(
 _VIEW_STALL_S = 30.0
 _RESULT_ANSWERS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.REJECTED})
 _CANCEL_ANSWERS = frozenset({EventType.CANCELLED, EventType.REJECTED, EventType.DUPLICATE})
+# Between a delivery that failed and the next attempt within a call's timeout.
+_RESEND_BACKOFF_S = 0.1
+
+
+def _resendable(exc: KafkaError) -> bool:
+    """Whether a failed delivery may succeed when sent again: the broker did not answer in
+    time, a connection dropped, a leader moved. Not a refusal (authorization, a record too
+    large), which sending again gets again."""
+    return exc.retriable or isinstance(exc, KafkaTimeoutError)
+
+
+def _kafka_failure(exc: KafkaError) -> str:
+    """A Kafka error as a few words: aiokafka's str() of some is empty."""
+    return str(exc) or type(exc).__name__
 
 
 def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
@@ -158,7 +178,9 @@ class JobClient:
         """Make the Kafka clients, when the client opens: made and never started (a client
         that is never opened), aiokafka warns of each as unclosed when it is collected."""
         kafka = connection(self.settings)
-        self._producer = AIOKafkaProducer(acks="all", linger_ms=1, **kafka)
+        self._producer = AIOKafkaProducer(
+            acks="all", linger_ms=1, request_timeout_ms=self.settings.request_timeout_ms, **kafka
+        )
         self.replies = Replies(self.topics.status, kafka)
         self.view = RunningView(
             self.topics.state, kafka, window=window_of(self.settings.view_refresh_s)
@@ -238,8 +260,44 @@ class JobClient:
         """
         self._check_open()
         sent, payload = encoded(self._model_of(topic), body, self.settings)
-        await self._producer.send_and_wait(topic, payload, key=sent["job_type"].encode())
-        return str(sent["request_id"])
+        request_id, job_type = str(sent["request_id"]), sent["job_type"]
+        try:
+            await self._producer.send_and_wait(topic, payload, key=job_type.encode())
+        except KafkaError as exc:
+            if not _resendable(exc):
+                raise self._refused(request_id, job_type, exc) from None
+            waited = self.settings.request_timeout_ms / 1000
+            raise JobTimeoutError(
+                f"the broker at {self.settings.bootstrap_servers} did not acknowledge request "
+                f"{request_id} ({job_type}) within {waited:g}s (JOBS_REQUEST_TIMEOUT_MS): "
+                f"{_kafka_failure(exc)}; it may have gone out.",
+                request_id,
+                retry_safe=True,
+            ) from None
+        return request_id
+
+    def _refused(self, request_id: str, job_type: str, exc: KafkaError) -> JobError:
+        """A delivery Kafka refused (sending again would be refused again): nothing written."""
+        return JobError(
+            f"Kafka refused request {request_id} ({job_type}): {_kafka_failure(exc)}", request_id
+        )
+
+    async def _delivered(
+        self, topic: str, payload: bytes, job_type: str, failures: list[KafkaError]
+    ) -> RecordMetadata:
+        """`payload` sent and acknowledged, sent again after each failure that may pass (the
+        producer gives up after JOBS_REQUEST_TIMEOUT_MS, maybe sooner than the caller's
+        timeout, which bounds this). A refusal is raised; the failures that may pass are
+        appended to `failures`, for the time-out's message."""
+        while True:
+            try:
+                return await self._producer.send_and_wait(topic, payload, key=job_type.encode())
+            except KafkaError as exc:
+                if not _resendable(exc):
+                    raise
+                failures.append(exc)
+                log.debug("request not acknowledged; sending it again", error=repr(exc))
+                await asyncio.sleep(_RESEND_BACKOFF_S)
 
     def _model_of(self, topic: str) -> type[JobRequest] | type[JobResult]:
         return JobRequest if topic == self.topics.requests else JobResult
@@ -261,19 +319,33 @@ class JobClient:
         sent, payload = encoded(self._model_of(topic), body, self.settings)
         request_id = sent["request_id"]  # as the worker reads it, and names in its answer
         future = self.replies.answer(request_id, answers)
+        failures: list[KafkaError] = []
+        acknowledged = False
+        timer = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                sent_as = await self._producer.send_and_wait(
-                    topic, payload, key=sent["job_type"].encode()
-                )
+            async with timer:
+                sent_as = await self._delivered(topic, payload, sent["job_type"], failures)
+                acknowledged = True
                 event = await future
         except TimeoutError:
-            raise JobTimeoutError(
-                f"no answer to request {request_id} ({body['job_type']}) within {timeout:g}s; "
-                f"is a worker running for prefix {self.settings.topic_prefix!r}?",
-                request_id,
-                retry_safe=True,
-            ) from None
+            if not timer.expired():
+                raise
+            if acknowledged:
+                said = (
+                    f"no answer to request {request_id} ({sent['job_type']}) within "
+                    f"{timeout:g}s; is a worker running for prefix "
+                    f"{self.settings.topic_prefix!r}?"
+                )
+            else:
+                why = f" ({_kafka_failure(failures[-1])})" if failures else ""
+                said = (
+                    f"the broker at {self.settings.bootstrap_servers} did not answer in time: "
+                    f"request {request_id} ({sent['job_type']}) was not acknowledged within "
+                    f"{timeout:g}s{why}, and may have gone out."
+                )
+            raise JobTimeoutError(said, request_id, retry_safe=True) from None
+        except KafkaError as exc:  # refused: sending again is refused again
+            raise self._refused(request_id, sent["job_type"], exc) from None
         finally:
             future.cancel()
         if event.type is EventType.REJECTED:
