@@ -1,5 +1,6 @@
-"""A broker that hangs (SIGSTOP) under a client: every call ends within its timeout with
-`JobTimeoutError`, carrying the request ID to retry with, never with a raw aiokafka error.
+"""A broker that hangs (SIGSTOP) under a client and under jobctl: every call ends within its
+timeout with `JobTimeoutError`, carrying the request ID to retry with, never with a raw
+aiokafka error; jobctl ends within about its --timeout and says the broker did not answer.
 
 The broker is this module's own (the session's cannot be frozen), its producer's request
 timeout lowered (JOBS_REQUEST_TIMEOUT_MS) below the calls' timeouts, so that the producer
@@ -12,16 +13,20 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from tests.conftest import create_topics
+from worker.cli import app
 from worker.client import JobClient, JobTimeoutError
 from worker.devtools.localkafka import LocalKafka
 from worker.settings import Settings
 
 pytestmark = pytest.mark.kafka
+runner = CliRunner()
 REQUEST_TIMEOUT_MS = 1_000  # the producer's, per attempt
 CALL_TIMEOUT_S = 3.0  # longer than one attempt: the call honours it, not the producer's
 
@@ -95,6 +100,63 @@ async def test_a_send_without_waiting_to_a_frozen_broker_raises_with_its_request
     assert start.value.request_id == "start-1"
     assert "JOBS_REQUEST_TIMEOUT_MS" in str(start.value)
     assert "Retrying with request_id='start-1' is safe" in str(start.value)
+
+
+def _submit(settings: Settings, *args: str) -> tuple[Any, float]:
+    began = time.monotonic()
+    result = runner.invoke(
+        app,
+        [
+            "submit",
+            "report",
+            "--timeout",
+            str(CALL_TIMEOUT_S),
+            "--bootstrap",
+            settings.bootstrap_servers,
+            "--prefix",
+            settings.topic_prefix,
+            *args,
+        ],
+    )
+    return result, time.monotonic() - began
+
+
+def test_submit_to_a_broker_frozen_before_it_connects_ends_within_its_timeout(
+    broker: LocalKafka, frozen_settings: Settings
+) -> None:
+    """Nothing could be sent: exit 4 within about --timeout, saying the broker did not
+    answer and that nothing was sent (not 'cannot connect ... closed the connection')."""
+    broker.freeze()
+    result, took = _submit(frozen_settings)
+    broker.thaw()
+    assert result.exit_code == 4, result.output
+    assert (
+        f"the broker at {frozen_settings.bootstrap_servers} did not answer within 3s "
+        "(--timeout); nothing was sent"
+    ) in result.output
+    assert "closed the connection" not in result.output
+    assert took < CALL_TIMEOUT_S + 3
+
+
+def test_submit_to_a_broker_frozen_once_connected_names_the_request_to_retry(
+    broker: LocalKafka, frozen_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker hangs once the client is open: the request may have gone out, so the line
+    gives the --request-id to retry with, within about --timeout."""
+    opened = JobClient.open
+
+    async def open_then_freeze(self: JobClient) -> JobClient:
+        client = await opened(self)
+        await asyncio.to_thread(broker.freeze)
+        return client
+
+    monkeypatch.setattr(JobClient, "open", open_then_freeze)
+    result, took = _submit(frozen_settings, "--request-id", "retry-me")
+    broker.thaw()
+    assert result.exit_code == 4, result.output
+    assert "did not answer in time" in result.output
+    assert "Retrying with --request-id retry-me is safe" in result.output
+    assert took < CALL_TIMEOUT_S + 3 + 1  # connecting first, then the call's --timeout
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "99", "1e400", "9" * 40, "\udcff", "1.5"])

@@ -772,15 +772,65 @@ DECIDED_LATER = "the request is decided when one runs"
 AS_LEFT = "what is shown is as the last worker recorded it, and stays so until one runs"
 
 
+# How much longer than its --timeout a command may wait for the broker before it gives up
+# itself: the call's own time-out, with what it knows (the broker did not acknowledge the
+# request, or no worker answered), comes first.
+_TIMEOUT_GRACE_S = 1.0
+
+
+@dataclasses.dataclass
+class _Request:
+    """The request a client command sends: its ID, chosen here and not by the client so
+    that a time-out or a Ctrl-C can name it, whether it may have gone out, and the command's
+    --timeout, over all it does (connecting, the call)."""
+
+    request_id: str
+    job_type: str
+    seconds: float
+    began: float = dataclasses.field(default_factory=time.monotonic)
+    sending: bool = False
+
+    def left(self) -> float:
+        """Seconds left of --timeout, for the call (never none: a call needs some)."""
+        return max(self.seconds - (time.monotonic() - self.began), 0.001)
+
+
 async def _with_client(
-    s: Settings, action: Callable[[Any], Awaitable[T]], without_worker: str | None
+    s: Settings,
+    action: Callable[[Any], Awaitable[T]],
+    without_worker: str | None,
+    request: _Request | None = None,
 ) -> T:
+    from worker.client import JobTimeoutError
     from worker.client.jobclient import JobClient
 
-    async with JobClient(s) as client:
-        if without_worker is not None:
-            await _warn_without_worker(s, without_worker, answer_awaited=without_worker == WAITS)
-        return await action(client)
+    async def call() -> T:
+        async with JobClient(s) as client:
+            if without_worker is not None:
+                await _warn_without_worker(
+                    s, without_worker, answer_awaited=without_worker == WAITS
+                )
+            return await action(client)
+
+    if request is None:
+        return await call()
+    timer = asyncio.timeout(request.seconds + _TIMEOUT_GRACE_S)
+    try:
+        async with timer:
+            return await call()
+    except TimeoutError:
+        if not timer.expired():
+            raise
+    within = f"within {request.seconds:g}s (--timeout)"
+    if not request.sending:
+        raise JobTimeoutError(
+            f"the broker at {s.bootstrap_servers} did not answer {within}; nothing was sent"
+        )
+    raise JobTimeoutError(
+        f"no answer {within}: request {request.request_id} ({request.job_type}) may have gone out.",
+        request.request_id,
+        retry_safe=True,
+    )
 
 
 async def _warn_without_worker(s: Settings, meaning: str, *, answer_awaited: bool) -> None:
@@ -833,14 +883,18 @@ async def _warn_without_worker(s: Settings, meaning: str, *, answer_awaited: boo
 
 
 def _client_call(
-    s: Settings, action: Callable[[Any], Awaitable[T]], without_worker: str | None = WAITS
+    s: Settings,
+    action: Callable[[Any], Awaitable[T]],
+    without_worker: str | None = WAITS,
+    request: _Request | None = None,
 ) -> T:
     """`action` with a client; `without_worker`, what no worker means for it (warned of
-    first), or None to check nothing."""
+    first), or None to check nothing; `request`, the request it sends, whose --timeout
+    bounds connecting too."""
     from worker.client import JobError, JobInvalidError, JobRejectedError, JobTimeoutError
 
     try:
-        return _run(_with_client(s, action, without_worker), s)
+        return _run(_with_client(s, action, without_worker, request), s)
     except JobInvalidError as exc:  # what to fix in the command's arguments
         raise _fail(str(exc), code=2) from None
     except JobTimeoutError as exc:
@@ -907,20 +961,19 @@ def submit(
     s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
     initial = _json_data(data, "--data", s)
     # Chosen here, not by the client: a Ctrl-C after the request went out can name it.
-    request_id = request_id or str(uuid.uuid4())
-    sending = False
+    request = _Request(request_id or str(uuid.uuid4()), job_type, timeout)
+    request_id = request.request_id
 
     async def action(client: Any) -> Any:
-        nonlocal sending
-        sending = True
+        request.sending = True
         return await client.start_job(
-            job_type, client_id, initial, not no_wait, timeout, request_id=request_id
+            job_type, client_id, initial, not no_wait, request.left(), request_id=request_id
         )
 
     try:
-        decision = _client_call(s, action, DECIDED_LATER if no_wait else WAITS)
+        decision = _client_call(s, action, DECIDED_LATER if no_wait else WAITS, request)
     except KeyboardInterrupt:
-        if not sending:
+        if not request.sending:
             raise _fail("interrupted before the request was sent", code=130) from None
         raise _fail(
             f"interrupted; request {request_id} may have been sent, and a run may start from "
@@ -946,13 +999,15 @@ def _result_command(status: str) -> Callable[..., None]:
     ) -> None:
         s = _settings(bootstrap_servers=bootstrap, topic_prefix=prefix)
         final = _json_data(metrics, "--metrics", s)
+        request = _Request(request_id or str(uuid.uuid4()), job_type, timeout)
 
         async def action(client: Any) -> Any:
             from worker.client import JobError, JobRejectedError
 
+            request.sending = True
             try:
                 return await client.complete_job(
-                    job_type, run_id, final, status, timeout, request_id=request_id
+                    job_type, run_id, final, status, request.left(), request.request_id
                 )
             except JobRejectedError as exc:
                 # The orchestrator holds no run of the job type at all: the type is the
@@ -965,7 +1020,7 @@ def _result_command(status: str) -> Callable[..., None]:
                     ) from None
                 raise
 
-        _print_event(_client_call(s, action), as_json)
+        _print_event(_client_call(s, action, request=request), as_json)
 
     verb = "complete" if status == "COMPLETED" else "fail"
     command.__doc__ = (
@@ -1001,12 +1056,15 @@ def cancel(
             raise _fail("give a RUN_ID or --job-type", code=EXIT_USAGE)
         job_type = _job_type_of(s, run_id)
 
+    request = _Request(request_id or str(uuid.uuid4()), job_type, timeout)
+
     async def action(client: Any) -> Any:
+        request.sending = True
         return await client.cancel_job(
-            job_type, run_id, client_id, reason, timeout, request_id=request_id
+            job_type, run_id, client_id, reason, request.left(), request.request_id
         )
 
-    _print_event(_client_call(s, action), as_json)
+    _print_event(_client_call(s, action, request=request), as_json)
 
 
 def _job_type_of(s: Settings, run_id: str) -> str:

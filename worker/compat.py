@@ -125,8 +125,10 @@ def connect_failure(error: BaseException) -> str:
     # aiokafka's own sentence lists the resolved addresses as Python tuples.
     what = "no bootstrap server answered" if "Unable to bootstrap" in str(error) else error
     if cause is not None:
-        # A TLS client on a plaintext listener is cut off by an error with no text.
-        said = str(cause) or f"{type(cause).__name__}: the broker closed the connection"
+        if isinstance(cause, TimeoutError):  # connected, and no answer (a frozen broker)
+            said = "it did not answer in time"
+        else:  # a TLS client on a plaintext listener is cut off by an error with no text
+            said = str(cause) or f"{type(cause).__name__}: the broker closed the connection"
         return f"{what} ({said}); check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
     return f"{what}; check JOBS_BOOTSTRAP_SERVERS and JOBS_SECURITY_PROTOCOL"
 
