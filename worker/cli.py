@@ -26,6 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     GroupAuthorizationFailedError,
     GroupCoordinatorNotAvailableError,
+    InvalidTransactionTimeout,
     KafkaConnectionError,
     KafkaError,
 )
@@ -431,6 +432,13 @@ def run(
         collecting = asyncio.create_task(gctuning.collecting())
         try:
             await Worker(s, hooks).run(stop)
+        except InvalidTransactionTimeout:  # known only once a transactional producer starts
+            raise _fail(
+                f"JOBS_TRANSACTION_TIMEOUT_MS={s.transaction_timeout_ms} is above the broker's "
+                "maximum transaction timeout (its transaction.max.timeout.ms, 900000 by "
+                "default): lower JOBS_TRANSACTION_TIMEOUT_MS, or raise the broker's "
+                "transaction.max.timeout.ms"
+            ) from None
         except StopTimedOut as exc:
             # Exiting without what did not answer: asyncio.run's clean-up would wait on those
             # very clients and on SQLite's thread.
