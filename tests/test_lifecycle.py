@@ -2036,6 +2036,31 @@ def sized(offset: int, size: int, **fields: Any) -> Start:
 SMALL = Limits(run_bytes=1000)
 
 
+def test_a_start_alone_over_the_run_bytes_is_not_told_to_wait_for_runs_to_end() -> None:
+    """With nothing running, a start bigger than the whole limit never fits: its rejection
+    says so, and what to change, not 'try again when runs end'."""
+    _, events = decide(JobState(JOB), sized(0, 1001), QUEUE, SMALL)
+    assert [e.type for e in events] == [EventType.REJECTED]
+    reason = events[0].reason or ""
+    assert "try again when runs end" not in reason
+    assert "it alone is over the limit: send less, or raise JOBS_MAX_RUN_BYTES" in reason
+
+
+def test_the_settings_minimum_run_bytes_is_what_the_smallest_run_costs() -> None:
+    """JOBS_MAX_RUN_BYTES's minimum is run_size of the smallest start request the worker
+    takes, and admits that run."""
+    from schemas import JobRequest
+    from worker.core.lifecycle import run_size
+    from worker.settings import MIN_RUN_BYTES, SMALLEST_START
+
+    JobRequest.model_validate_json(SMALLEST_START)
+    assert run_size(len(SMALLEST_START), None) == MIN_RUN_BYTES
+    _, events = decide(
+        JobState(JOB), sized(0, MIN_RUN_BYTES), QUEUE, Limits(run_bytes=MIN_RUN_BYTES)
+    )
+    assert [e.type for e in events] == [EventType.STARTED]
+
+
 def test_a_start_beyond_the_run_bytes_is_rejected_and_can_be_retried() -> None:
     """Queued runs fill the job type up to its limit; the next start is `rejected` (not
     remembered, so the same request succeeds once runs have ended)."""

@@ -27,6 +27,13 @@ LONGEST_S = 100 * 365 * 86_400
 WORKER_TRANSACTION_TIMEOUT_MS = 10_000
 PARTITION_TRANSACTION_TIMEOUT_MS = 60_000  # with JOBS_TRANSACTIONS=partition
 
+# The smallest start request the worker takes, and what a run it starts costs against
+# JOBS_MAX_RUN_BYTES (worker.core.lifecycle.run_size: the request's bytes, twice its client
+# ID's, and 512): a smaller budget can never admit a run. Not imported from the core, which
+# a client of these settings must not load.
+SMALLEST_START = b'{"job_type":"a"}'
+MIN_RUN_BYTES = len(SMALLEST_START) + 512
+
 
 class Settings(BaseSettings):
     """Worker and client settings; every field reads `JOBS_<NAME>` from the environment."""
@@ -160,8 +167,7 @@ class Settings(BaseSettings):
         "tombstoned; SQLite keeps the history.",
     )
     max_run_bytes: int = Field(
-        default=393_216,
-        gt=0,
+        default=393_216,  # at least MIN_RUN_BYTES (`_a_run_fits`)
         description="What the active and queued runs of one job type may hold together "
         "(each about its start request's size plus 512 bytes); a start beyond is rejected. "
         "The job type's state, with its idempotency and ended windows, must fit one Kafka "
@@ -241,6 +247,16 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("max_run_bytes")
+    @classmethod
+    def _a_run_fits(cls, value: int) -> int:
+        if value < MIN_RUN_BYTES:
+            raise ValueError(
+                f"at least {MIN_RUN_BYTES}, what one run of the smallest start request costs "
+                f"({len(SMALLEST_START)} bytes, plus 512); a smaller value admits no run"
+            )
+        return value
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -932,7 +932,12 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             out,
             f"job type {cmd.job_type!r} is full: its active and queued runs hold "
             f"{_held(state)} bytes, and this start needs {cmd.size} more of the "
-            f"{limits.run_bytes} allowed (JOBS_MAX_RUN_BYTES); try again when runs end",
+            f"{limits.run_bytes} allowed (JOBS_MAX_RUN_BYTES); "
+            + (
+                "try again when runs end"
+                if cmd.size <= limits.run_bytes
+                else "it alone is over the limit: send less, or raise JOBS_MAX_RUN_BYTES"
+            ),
             request_id=cmd.request_id,
             client_id=cmd.client_id,
         )
