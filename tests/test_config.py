@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -408,3 +409,42 @@ def test_a_seconds_setting_no_time_can_hold_is_refused_naming_it(
 def test_the_seconds_settings_are_the_ones_the_worker_turns_into_durations() -> None:
     """The list above is not empty by accident: the worker's durations are among them."""
     assert {"run_retention_s", "time_hold_s", "max_clock_skew_s", "tick_s"} <= set(SECONDS_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("bad type", "no whitespace or control character"),
+        (" post_scoring", "no whitespace or control character"),
+        ("tab\there", "no whitespace or control character"),
+        ("nul\x00", "no whitespace or control character"),
+        ("bell\x07", "no whitespace or control character"),
+        ("", "not empty"),
+        ("é" * 101, "at most 200 bytes as UTF-8"),
+        ("x" * 100_000, "at most 200 bytes as UTF-8"),
+    ],
+)
+def test_a_table_of_a_name_that_can_never_be_a_job_type_is_refused(name: str, why: str) -> None:
+    """A `[job_types."..."]` whose name no record can carry (the wire's job type rules) is
+    refused, naming the table, its line and why, its name cut short when long."""
+    quoted = json.dumps(name, ensure_ascii=False)
+    text = f'[defaults]\npolicy = "queue"\n\n[job_types.{quoted}]\npolicy = "reject"\n'
+    with pytest.raises(ConfigError) as refused:
+        parse(text, "jobs.toml")
+    said = str(refused.value)
+    assert said.startswith("jobs.toml:4: [job_types.")
+    assert f"never a job type: a job type is {why}" in said or f"holds {why}" in said
+    assert len(said) < 300
+
+
+def test_a_valid_job_type_table_is_still_taken() -> None:
+    parsed = parse('[job_types."post.scoring-v2"]\npolicy = "queue"\n')
+    assert parsed.for_job("post.scoring-v2").policy is Policy.QUEUE
+
+
+def test_the_bad_duration_message_lists_every_unit_taken() -> None:
+    """The message lists "1d" too, which is taken."""
+    with pytest.raises(ConfigError) as refused:
+        parse('[defaults]\ntimeout = "3w"\n')
+    assert '"90s", "15m", "2h", "1d"' in str(refused.value)
+    assert parse('[defaults]\ntimeout = "1d"\n').defaults.timeout == timedelta(days=1)

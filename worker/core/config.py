@@ -14,20 +14,42 @@ An invalid file stops start-up with a message naming the file, the line and the 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
 from worker.core.lifecycle import JobConfig, Policy, Scope
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _LONGEST = 10 * 365 * 86400  # also rules out inf and nan, which compare false
+_DURATIONS = '"90s", "15m", "2h", "1d"'
+# What a job type is on the wire (schemas.messages.JobType): 1-200 characters, at most 200
+# bytes as UTF-8, no whitespace or control character (the worker strips it at the ends).
+_JOB_TYPE_CHARS = re.compile(r"[^\s\x00-\x1f\x7f]+")
+_JOB_TYPE_MAX = 200
+
+
+def _job_type_name(name: str) -> str:
+    """`name`, a `[job_types.<name>]` table's, when a record can carry it as its job type;
+    else why not (a table no job type would ever use)."""
+    if not name:
+        raise ValueError("never a job type: a job type is not empty")
+    if _JOB_TYPE_CHARS.fullmatch(name) is None:
+        raise ValueError("never a job type: a job type holds no whitespace or control character")
+    if len(name) > _JOB_TYPE_MAX or len(name.encode("utf-8", "surrogatepass")) > _JOB_TYPE_MAX:
+        raise ValueError(f"never a job type: a job type is at most {_JOB_TYPE_MAX} bytes as UTF-8")
+    return name
+
+
+_SHOWN = 80  # characters of a table's name a message shows
+_JobTypeName = Annotated[str, AfterValidator(_job_type_name)]
 
 
 class ConfigError(ValueError):
@@ -45,11 +67,13 @@ class _Table(BaseModel):
     @classmethod
     def _duration(cls, value: object) -> object:
         if isinstance(value, bool):
-            raise ValueError('a duration is a number of seconds or like "90s", not true/false')
+            raise ValueError(
+                f"a duration is a number of seconds or like {_DURATIONS}, not true/false"
+            )
         if isinstance(value, str):
             m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
             if m is None:
-                raise ValueError('a duration is a number of seconds or like "90s", "15m", "2h"')
+                raise ValueError(f"a duration is a number of seconds or like {_DURATIONS}")
             return float(m.group(1)) * _UNITS[m.group(2) or "s"]
         return value
 
@@ -65,7 +89,7 @@ class _File(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     defaults: _Table = _Table()
-    job_types: dict[str, _Table] = {}
+    job_types: dict[_JobTypeName, _Table] = {}
 
 
 def _merge(base: JobConfig, table: _Table) -> JobConfig:
@@ -105,7 +129,7 @@ def parse(text: str, source: str = "<config>") -> JobsConfig:
         parsed = _File.model_validate(data)
     except ValidationError as exc:
         problems = [
-            f"{source}:{_line_of(text, item['loc'])}: {'.'.join(map(str, item['loc']))}: "
+            f"{source}:{_line_of(text, item['loc'])}: {_where(item['loc'])}: "
             f"{item['msg'].removeprefix('Value error, ')}"
             for item in exc.errors(include_url=False)
         ]
@@ -132,6 +156,18 @@ def load(path: Path | None) -> JobsConfig:
     return parse(text, str(path))
 
 
+def _where(loc: tuple[Any, ...]) -> str:
+    """The setting at `loc`, dotted; a job type's table that cannot be one as its header,
+    the name quoted as TOML reads it (escapes for control characters)."""
+    if len(loc) == 3 and loc[0] == "job_types" and loc[2] == "[key]":
+        name = str(loc[1])
+        shown = json.dumps(name[:_SHOWN], ensure_ascii=False)
+        if len(name) > _SHOWN:
+            shown = shown[:-1] + '..."'
+        return f"[job_types.{shown}]"
+    return ".".join(map(str, loc))
+
+
 def _long_integer(text: str, source: str) -> str | None:
     """The error for an integer too long to convert, at its line; None if there is none."""
     limit = sys.get_int_max_str_digits()
@@ -152,7 +188,8 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int:
         key_index = 1
     elif loc[0] == "job_types" and len(loc) > 1:
         name = re.escape(str(loc[1]))
-        header = rf"""\[\s*job_types\s*\.\s*(["']?){name}\1\s*\]"""
+        escaped = re.escape(json.dumps(str(loc[1]), ensure_ascii=False))  # "\t", "\u0000"
+        header = rf"""\[\s*job_types\s*\.\s*(?:(["']?){name}\1|{escaped})\s*\]"""
         key_index = 2
     else:
         header = rf"\[\s*{re.escape(str(loc[0]))}\b"
