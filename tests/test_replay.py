@@ -174,3 +174,18 @@ async def test_progress_ends_at_its_total_on_a_transactional_log(
     done, total = progress[-1]
     assert done == total
     assert total > report.events  # the markers are counted in the total
+
+
+def test_the_progress_bar_says_it_counts_offsets_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar counts the status topic's offsets (transaction markers among them), the
+    summary after it events: the bar says what it counts."""
+    from rich.console import Console
+
+    from worker import cli
+
+    shown = Console(record=True, force_terminal=True, width=100)
+    monkeypatch.setattr(cli, "err", shown)
+    bar, update = cli._progress_bar("replaying")
+    with bar:
+        update(19_205, 19_205)
+    assert "19205/19205 offsets read" in shown.export_text()

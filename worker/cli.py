@@ -460,11 +460,14 @@ def _progress_bar(
     description: str,
 ) -> tuple[contextlib.AbstractContextManager[None], Callable[[int, int], None]]:
     """A progress bar on stderr, shown from the first progress reported (so a command that
-    fails to connect prints its error alone), and its update function."""
+    fails to connect prints its error alone), and its update function. What it counts is
+    the status topic's offsets read, transaction markers among them, not events: labelled
+    so, as the summary after it counts events."""
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("offsets read"),
         TimeElapsedColumn(),
         console=err,
     )
