@@ -63,7 +63,14 @@ def serve(
     import signal
     import sqlite3
 
-    from worker.cli import _fail, _run, _settings, _sqlite_file, _store_failure
+    from worker.cli import (
+        _create_command,
+        _fail,
+        _run,
+        _settings,
+        _sqlite_file,
+        _store_failure,
+    )
     from worker.client.answers import JobError
     from worker.console.db import ConsoleError
     from worker.console.service import Console
@@ -84,12 +91,14 @@ def serve(
         await console.run(stop)
 
     try:
-        _run(main())
+        _run(main(), s)
     except ConsoleError as exc:
         raise _fail(str(exc)) from None
     except sqlite3.Error as exc:  # a StoreError names the file itself
         raise _store_failure(db, exc) from None
-    except JobError as exc:
-        raise _fail(f"--allow-cancel: {exc}") from None
+    except JobError as exc:  # the cancelling client's: Kafka's answer, not a usage error
+        bare = _create_command(s).strip("`")
+        said = str(exc).replace("(jobctl topics create)", f"({bare})")
+        raise _fail(f"--allow-cancel: {said}") from None
     except LookupError as exc:
-        raise _fail(f"{exc}; create the topics with `jobctl topics create`") from None
+        raise _fail(f"{exc}; create the topics with {_create_command(s)}") from None
