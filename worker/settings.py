@@ -7,9 +7,9 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the client reads these settings too, and must not load the engine
@@ -35,6 +35,56 @@ SMALLEST_START = b'{"job_type":"a"}'
 MIN_RUN_BYTES = len(SMALLEST_START) + 512
 
 
+def _addresses(value: str) -> str:
+    """`value` if it is a comma-separated list of host:port (or host); else ValueError."""
+    servers = [server.strip() for server in value.split(",")]
+    if not any(servers):
+        raise ValueError("no server given; expected host:port, comma-separated")
+    for server in servers:
+        try:
+            server.encode()
+        except UnicodeEncodeError:  # an argument's bytes that are not UTF-8
+            raise ValueError(f"{server!r} is not UTF-8 text, so no host name") from None
+        match = _SERVER.fullmatch(server)
+        if match is None:
+            raise ValueError(f"{server!r} is not host:port (or host, for port 9092)")
+        port = match.group("port")
+        if port is not None and not 0 < int(port) <= 65535:
+            raise ValueError(f"{server!r} has a port outside 1-65535")
+    return value
+
+
+# host:port, host alone, or [IPv6]:port
+_SERVER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/,]+)(?::(?P<port>\d{1,5}))?")
+
+
+def _a_run_fits(value: int) -> int:
+    """`JOBS_MAX_RUN_BYTES` admits at least one run of the smallest start request."""
+    if value < MIN_RUN_BYTES:
+        raise ValueError(
+            f"at least {MIN_RUN_BYTES}, what one run of the smallest start request costs "
+            f"({len(SMALLEST_START)} bytes, plus 512); a smaller value admits no run"
+        )
+    return value
+
+
+def _security_complete(s: Settings) -> None:
+    """The security settings of `s` are complete and agree, and their files can be used."""
+    if s.security_protocol.startswith("SASL_"):
+        if not s.sasl_username:
+            raise ValueError(f"{s.security_protocol} needs JOBS_SASL_USERNAME")
+        if s.sasl_password is None and s.sasl_password_file is None:
+            raise ValueError(
+                f"{s.security_protocol} needs JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE"
+            )
+    _settings_agree(s)
+    if (s.ssl_certfile is None) != (s.ssl_keyfile is None):
+        raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
+    s.password()  # an unreadable password file fails here, with its name
+    if s.security_protocol in ("SSL", "SASL_SSL") and (s.ssl_cafile or s.ssl_certfile):
+        tls_context(s)  # a file that cannot be used fails here, with its name
+
+
 class Settings(BaseSettings):
     """Worker and client settings; every field reads `JOBS_<NAME>` from the environment."""
 
@@ -45,7 +95,7 @@ class Settings(BaseSettings):
     # `errors()` still holds the input, for code that asks for it.
     model_config = SettingsConfigDict(env_prefix="JOBS_", frozen=True, hide_input_in_errors=True)
 
-    bootstrap_servers: str = Field(
+    bootstrap_servers: Annotated[str, AfterValidator(_addresses)] = Field(
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -166,8 +216,8 @@ class Settings(BaseSettings):
         description="Ended runs stay in the changelog this long (broker time), then are "
         "tombstoned; SQLite keeps the history.",
     )
-    max_run_bytes: int = Field(
-        default=393_216,  # at least MIN_RUN_BYTES (`_a_run_fits`)
+    max_run_bytes: Annotated[int, AfterValidator(_a_run_fits)] = Field(
+        default=393_216,
         description="What the active and queued runs of one job type may hold together "
         "(each about its start request's size plus 512 bytes); a start beyond is rejected. "
         "The job type's state, with its idempotency and ended windows, must fit one Kafka "
@@ -248,36 +298,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    @field_validator("max_run_bytes")
-    @classmethod
-    def _a_run_fits(cls, value: int) -> int:
-        if value < MIN_RUN_BYTES:
-            raise ValueError(
-                f"at least {MIN_RUN_BYTES}, what one run of the smallest start request costs "
-                f"({len(SMALLEST_START)} bytes, plus 512); a smaller value admits no run"
-            )
-        return value
-
-    @field_validator("bootstrap_servers")
-    @classmethod
-    def _servers_are_addresses(cls, value: str) -> str:
-        return _addresses(value)
-
     @model_validator(mode="after")
     def _security_is_complete(self) -> Settings:
-        if self.security_protocol.startswith("SASL_"):
-            if not self.sasl_username:
-                raise ValueError(f"{self.security_protocol} needs JOBS_SASL_USERNAME")
-            if self.sasl_password is None and self.sasl_password_file is None:
-                raise ValueError(
-                    f"{self.security_protocol} needs JOBS_SASL_PASSWORD or JOBS_SASL_PASSWORD_FILE"
-                )
-        _settings_agree(self)
-        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
-            raise ValueError("JOBS_SSL_CERTFILE and JOBS_SSL_KEYFILE go together")
-        self.password()  # an unreadable password file fails here, with its name
-        if self.security_protocol in ("SSL", "SASL_SSL") and (self.ssl_cafile or self.ssl_certfile):
-            tls_context(self)  # a file that cannot be used fails here, with its name
+        _security_complete(self)
         return self
 
     @model_validator(mode="before")
@@ -458,29 +481,6 @@ def _settings_agree(s: Settings) -> None:
             f"JOBS_HEARTBEAT_INTERVAL_MS ({s.heartbeat_interval_ms}) must be below "
             f"JOBS_SESSION_TIMEOUT_MS ({s.session_timeout_ms}); a third of it is usual"
         )
-
-
-def _addresses(value: str) -> str:
-    """`value` if it is a comma-separated list of host:port (or host); else ValueError."""
-    servers = [server.strip() for server in value.split(",")]
-    if not any(servers):
-        raise ValueError("no server given; expected host:port, comma-separated")
-    for server in servers:
-        try:
-            server.encode()
-        except UnicodeEncodeError:  # an argument's bytes that are not UTF-8
-            raise ValueError(f"{server!r} is not UTF-8 text, so no host name") from None
-        match = _SERVER.fullmatch(server)
-        if match is None:
-            raise ValueError(f"{server!r} is not host:port (or host, for port 9092)")
-        port = match.group("port")
-        if port is not None and not 0 < int(port) <= 65535:
-            raise ValueError(f"{server!r} has a port outside 1-65535")
-    return value
-
-
-# host:port, host alone, or [IPv6]:port
-_SERVER = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]/,]+)(?::(?P<port>\d{1,5}))?")
 
 
 def _file_problem(name: str, path: Path | None, exc: OSError | ssl.SSLError) -> str:

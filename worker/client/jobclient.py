@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import math
-import numbers
 import uuid
 from collections.abc import Mapping
 from types import TracebackType
@@ -41,25 +39,22 @@ from typing import Any, Literal, overload
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
-from aiokafka.structs import RecordMetadata
+from aiokafka.errors import KafkaConnectionError
 from pydantic import ValidationError
 
-from schemas import EventType, JobRequest, JobResult, RunStatus, StatusEvent
+from schemas import EventType, RunStatus, StatusEvent
 from worker import compat
 from worker.client.answers import (
     ClientNotOpenError,
     JobConnectionError,
-    JobError,
     JobInvalidError,
-    JobRejectedError,
     JobTimeoutError,
     RunInfo,
     StartDecision,
 )
 from worker.client.replies import Replies
+from worker.client.sending import Sender, seconds_of
 from worker.client.view import RunningView, window_of
-from worker.client.wire import encoded
 from worker.kafkaio import connection
 from worker.settings import Settings, SettingsError, settings_problems
 
@@ -79,20 +74,6 @@ _START_ANSWERS = frozenset(
 _VIEW_STALL_S = 30.0
 _RESULT_ANSWERS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.REJECTED})
 _CANCEL_ANSWERS = frozenset({EventType.CANCELLED, EventType.REJECTED, EventType.DUPLICATE})
-# Between a delivery that failed and the next attempt within a call's timeout.
-_RESEND_BACKOFF_S = 0.1
-
-
-def _resendable(exc: KafkaError) -> bool:
-    """Whether a failed delivery may succeed when sent again: the broker did not answer in
-    time, a connection dropped, a leader moved. Not a refusal (authorization, a record too
-    large), which sending again gets again."""
-    return exc.retriable or isinstance(exc, KafkaTimeoutError)
-
-
-def _kafka_failure(exc: KafkaError) -> str:
-    """A Kafka error as a few words: aiokafka's str() of some is empty."""
-    return str(exc) or type(exc).__name__
 
 
 def _overridden(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
@@ -130,20 +111,6 @@ def _cannot_connect(exc: Exception, settings: Settings) -> JobConnectionError:
     return JobConnectionError(f"cannot connect to Kafka at {where}: {compat.connect_failure(exc)}")
 
 
-def _seconds(timeout: float) -> float:
-    """`timeout` as a positive, finite number of seconds (any real number type: an int, a
-    Fraction, numpy's); else TypeError or ValueError."""
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    try:
-        seconds = float(timeout)
-    except OverflowError:
-        seconds = math.inf
-    if not 0 < seconds < math.inf:
-        raise ValueError(f"timeout must be a positive, finite number of seconds, not {seconds:g}")
-    return seconds
-
-
 def _client(client_id: str | None) -> str | None:
     """A client ID as the worker compares them (trimmed, any case)."""
     return None if client_id is None else client_id.strip().lower()
@@ -166,6 +133,7 @@ class JobClient:
 
     # Made by `open` (`_make`)
     _producer: AIOKafkaProducer
+    _sender: Sender
     replies: Replies
     view: RunningView
 
@@ -182,6 +150,7 @@ class JobClient:
             acks="all", linger_ms=1, request_timeout_ms=self.settings.request_timeout_ms, **kafka
         )
         self.replies = Replies(self.topics.status, kafka)
+        self._sender = Sender(self._producer, self.replies, self.settings)
         self.view = RunningView(
             self.topics.state, kafka, window=window_of(self.settings.view_refresh_s)
         )
@@ -259,48 +228,7 @@ class JobClient:
         bad request ID...): no answer would ever come.
         """
         self._check_open()
-        sent, payload = encoded(self._model_of(topic), body, self.settings)
-        request_id, job_type = str(sent["request_id"]), sent["job_type"]
-        try:
-            await self._producer.send_and_wait(topic, payload, key=job_type.encode())
-        except KafkaError as exc:
-            if not _resendable(exc):
-                raise self._refused(request_id, job_type, exc) from None
-            waited = self.settings.request_timeout_ms / 1000
-            raise JobTimeoutError(
-                f"the broker at {self.settings.bootstrap_servers} did not acknowledge request "
-                f"{request_id} ({job_type}) within {waited:g}s (JOBS_REQUEST_TIMEOUT_MS): "
-                f"{_kafka_failure(exc)}; it may have gone out.",
-                request_id,
-                retry_safe=True,
-            ) from None
-        return request_id
-
-    def _refused(self, request_id: str, job_type: str, exc: KafkaError) -> JobError:
-        """A delivery Kafka refused (sending again would be refused again): nothing written."""
-        return JobError(
-            f"Kafka refused request {request_id} ({job_type}): {_kafka_failure(exc)}", request_id
-        )
-
-    async def _delivered(
-        self, topic: str, payload: bytes, job_type: str, failures: list[KafkaError]
-    ) -> RecordMetadata:
-        """`payload` sent and acknowledged, sent again after each failure that may pass (the
-        producer gives up after JOBS_REQUEST_TIMEOUT_MS, maybe sooner than the caller's
-        timeout, which bounds this). A refusal is raised; the failures that may pass are
-        appended to `failures`, for the time-out's message."""
-        while True:
-            try:
-                return await self._producer.send_and_wait(topic, payload, key=job_type.encode())
-            except KafkaError as exc:
-                if not _resendable(exc):
-                    raise
-                failures.append(exc)
-                log.debug("request not acknowledged; sending it again", error=repr(exc))
-                await asyncio.sleep(_RESEND_BACKOFF_S)
-
-    def _model_of(self, topic: str) -> type[JobRequest] | type[JobResult]:
-        return JobRequest if topic == self.topics.requests else JobResult
+        return await self._sender.send(topic, body)
 
     async def _ask(
         self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
@@ -310,53 +238,8 @@ class JobClient:
     async def _ask_sent(
         self, topic: str, body: dict[str, Any], answers: frozenset[EventType], timeout: float
     ) -> tuple[StatusEvent, bool]:
-        """The answer to `body` sent to `topic`, and whether it answers an earlier record
-        with the same request ID: the first event for a request ID is taken, and a retry
-        sent before (or soon after) the original's answer was read gets that answer, not
-        the `duplicate` the worker sends its own record."""
         self._check_open()
-        timeout = _seconds(timeout)
-        sent, payload = encoded(self._model_of(topic), body, self.settings)
-        request_id = sent["request_id"]  # as the worker reads it, and names in its answer
-        future = self.replies.answer(request_id, answers)
-        failures: list[KafkaError] = []
-        acknowledged = False
-        timer = asyncio.timeout(timeout)
-        try:
-            async with timer:
-                sent_as = await self._delivered(topic, payload, sent["job_type"], failures)
-                acknowledged = True
-                event = await future
-        except TimeoutError:
-            if not timer.expired():
-                raise
-            if acknowledged:
-                said = (
-                    f"no answer to request {request_id} ({sent['job_type']}) within "
-                    f"{timeout:g}s; is a worker running for prefix "
-                    f"{self.settings.topic_prefix!r}?"
-                )
-            else:
-                why = f" ({_kafka_failure(failures[-1])})" if failures else ""
-                said = (
-                    f"the broker at {self.settings.bootstrap_servers} did not answer in time: "
-                    f"request {request_id} ({sent['job_type']}) was not acknowledged within "
-                    f"{timeout:g}s{why}, and may have gone out."
-                )
-            raise JobTimeoutError(said, request_id, retry_safe=True) from None
-        except KafkaError as exc:  # refused: sending again is refused again
-            raise self._refused(request_id, sent["job_type"], exc) from None
-        finally:
-            future.cancel()
-        if event.type is EventType.REJECTED:
-            raise JobRejectedError(event)
-        source = event.source
-        earlier = source is not None and (source.topic, source.partition, source.offset) != (
-            topic,
-            sent_as.partition,
-            sent_as.offset,
-        )
-        return event, earlier
+        return await self._sender.ask(topic, body, answers, timeout)
 
     @overload
     async def start_job(
@@ -423,7 +306,7 @@ class JobClient:
 
     async def _refresh(self, request_id: str | None, timeout: float, what: str) -> None:
         try:
-            await self.view.sync(_seconds(timeout))
+            await self.view.sync(seconds_of(timeout))
         except TimeoutError:
             late = f"the running view did not catch up with {self.topics.state} within {timeout:g}s"
             message = late if request_id is None else f"request {request_id} {what}, but {late}"

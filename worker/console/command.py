@@ -63,14 +63,7 @@ def serve(
     import signal
     import sqlite3
 
-    from worker.cli import (
-        _create_command,
-        _fail,
-        _run,
-        _settings,
-        _sqlite_file,
-        _store_failure,
-    )
+    from worker.cli import _create_command, _fail, _run, _settings, _sqlite_file, _store_failure
     from worker.client.answers import JobError
     from worker.console.db import ConsoleError
     from worker.console.service import Console

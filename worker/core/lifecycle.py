@@ -918,6 +918,20 @@ def _held(state: JobState) -> int:
     return sum(r.size for r in state.active) + sum(q.size for q in state.queue)
 
 
+def _full(state: JobState, cmd: Start, limits: Limits) -> str:
+    """Why a start does not fit in what its job type's runs may hold (rule 8)."""
+    fix = (
+        "try again when runs end"
+        if cmd.size <= limits.run_bytes
+        else "it alone is over the limit: send less, or raise JOBS_MAX_RUN_BYTES"
+    )
+    return (
+        f"job type {cmd.job_type!r} is full: its active and queued runs hold "
+        f"{_held(state)} bytes, and this start needs {cmd.size} more of the "
+        f"{limits.run_bytes} allowed (JOBS_MAX_RUN_BYTES); {fix}"
+    )
+
+
 def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: _Out) -> JobState:
     scope = scope_key(config, cmd.client_id)
     suffix = cmd.client_id if config.scope is Scope.JOB_TYPE_CLIENT else None
@@ -930,14 +944,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
         return _reject(
             state,
             out,
-            f"job type {cmd.job_type!r} is full: its active and queued runs hold "
-            f"{_held(state)} bytes, and this start needs {cmd.size} more of the "
-            f"{limits.run_bytes} allowed (JOBS_MAX_RUN_BYTES); "
-            + (
-                "try again when runs end"
-                if cmd.size <= limits.run_bytes
-                else "it alone is over the limit: send less, or raise JOBS_MAX_RUN_BYTES"
-            ),
+            _full(state, cmd, limits),
             request_id=cmd.request_id,
             client_id=cmd.client_id,
         )
