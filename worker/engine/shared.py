@@ -125,8 +125,7 @@ class SharedExactlyOnce:
     async def _restart(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
+            await _stopped(producer)
         s = self._settings
         producer = AIOKafkaProducer(
             **connection(s),
@@ -350,5 +349,14 @@ class SharedExactlyOnce:
             await asyncio.gather(self._cycle, return_exceptions=True)
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            with contextlib.suppress(KafkaError):
-                await producer.stop()
+            await _stopped(producer)
+
+
+async def _stopped(producer: AIOKafkaProducer) -> None:
+    """Stop `producer`, whatever Kafka says. A producer stopped after a fence (a twin found,
+    the worker stopping, a restart) holds the failure on futures nobody reads, before its
+    stop and after: retrieved, so that asyncio does not log each at error level."""
+    compat.retrieve_failures(producer)
+    with contextlib.suppress(KafkaError):
+        await producer.stop()
+    compat.retrieve_failures(producer)

@@ -346,7 +346,8 @@ def hold_lock(path: Path, *, advice: str | None = None) -> int:
 def _lock_the_file(path: Path, lock: Path, advice: str | None) -> int | None:
     """A descriptor of the file `path` names (through any link), flocked; None when it is no
     regular file (the open refuses it then). `StoreError` if another process holds it."""
-    make_private(path)
+    with contextlib.suppress(StoreError):  # what the open then says of a path it cannot make
+        make_private(path)
     try:
         # Non-blocking: opening a FIFO for reading would wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
