@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,3 +190,36 @@ def test_the_progress_bar_says_it_counts_offsets_read(monkeypatch: pytest.Monkey
     with bar:
         update(19_205, 19_205)
     assert "19205/19205 offsets read" in shown.export_text()
+
+
+@pytest.mark.kafka
+async def test_a_read_of_ranges_leaves_nothing_assigned(topics: Settings) -> None:
+    """`replay` and `verify` read one topic after another through one consumer: a read that
+    left its partitions assigned kept a fetch waiting at the broker, and the next topic's
+    offsets request waited it out (a `verify` of five records took 7 s, 0.5 s once nothing
+    is left assigned). After a whole read, and after a read stopped early, none is."""
+    from aiokafka import AIOKafkaProducer
+
+    from worker.audit.replay import consumer_for, read_ranges, whole_topic
+    from worker.kafkaio import connection, start_client
+
+    producer = AIOKafkaProducer(**connection(topics))
+    await producer.start()
+    try:
+        for partition in (0, 1):
+            await producer.send_and_wait(topics.topics.dlq, b"{}", key=b"k", partition=partition)
+    finally:
+        await producer.stop()
+    consumer = consumer_for(topics)
+    await start_client(consumer)
+    try:
+        ranges = await whole_topic(consumer, topics.topics.dlq)
+        read = [r async for _, rs in read_ranges(consumer, ranges, topics.topics.dlq) for r in rs]
+        assert len(read) == 2
+        assert consumer.assignment() == set()
+        async with contextlib.aclosing(read_ranges(consumer, ranges, topics.topics.dlq)) as rows:
+            async for _ in rows:
+                break  # a reader that stops early, and closes the read
+        assert consumer.assignment() == set()
+    finally:
+        await consumer.stop()

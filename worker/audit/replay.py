@@ -71,10 +71,16 @@ async def read_ranges(
     if not ends:
         return
     consumer.assign(list(ends))
-    for tp in ends:
-        consumer.seek(tp, ranges[tp.partition][0])
-    async for tp, records in read_until(consumer, ends, max_records=20_000):
-        yield tp, records
+    try:
+        for tp in ends:
+            consumer.seek(tp, ranges[tp.partition][0])
+        async for tp, records in read_until(consumer, ends, max_records=20_000):
+            yield tp, records
+    finally:
+        # Nothing left assigned: an assigned partition keeps a fetch waiting at the broker,
+        # and the broker answers a connection in order, so the next offsets request (the
+        # next topic's ranges) waited that fetch out: half a second a topic.
+        consumer.assign([])
 
 
 async def whole_topic(consumer: AIOKafkaConsumer, topic: str) -> dict[int, tuple[int, int]]:
