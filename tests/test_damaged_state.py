@@ -263,6 +263,78 @@ async def test_a_damaged_job_state_restores_its_partition_from_the_changelog(
     await assert_converged(topics, process, tmp_path)
 
 
+async def test_a_damaged_window_entry_restores_its_partition_at_the_batch(
+    topics: Settings,
+    producer: AIOKafkaProducer,
+    tail: StatusTail,
+    spawn: Callable[[], WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    """A window entry of an idle job type is damaged (valid UTF-8, not the entry's JSON), in
+    a file whose pages are sound: the take does not read idle job types, so the first batch
+    naming it finds it. That batch's records are not at fault: the partition is restored
+    from the changelog, with one warning naming the job type, and the record is decided as
+    before the damage (a resent start answered `duplicate`, not dead-lettered)."""
+    db = topics.db_path
+    idle = f"{topics.topic_prefix}-idle"
+    running = await RunningWorker(topics).start()
+    try:
+        request_id = await start(producer, topics, idle)
+        started = await tail.wait_event(START_S, request_id=request_id)
+        assert started.type is EventType.STARTED
+        assert started.run_id is not None
+        done = await tail.wait_event(
+            START_S, request_id=await complete(producer, topics, idle, started.run_id)
+        )
+        assert done.type is EventType.COMPLETED
+    finally:
+        await running.stop()
+    runs = await first_runs(topics, producer, tail)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        entries = conn.execute(
+            "SELECT kind, number FROM window_entries WHERE job_type = ?", (idle,)
+        ).fetchall()
+        assert ("d", 0) in entries, entries
+        conn.execute(
+            "UPDATE window_entries SET entry = ? WHERE job_type = ? AND kind = 'd'",
+            (b'{"request_id": 1}', idle),
+        )
+        conn.commit()
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    process = spawn()
+    process.start()
+    await start_again(producer, topics, idle, request_id)
+    again = await tail.wait_for(
+        lambda item: (
+            isinstance(item, StatusEvent)
+            and item.request_id == request_id
+            and item.event_id != started.event_id
+        ),
+        START_S,
+    )
+    assert isinstance(again, StatusEvent)
+    assert (again.type, again.run_id) == (EventType.DUPLICATE, started.run_id)
+    await assert_served(topics, producer, tail, runs)
+
+    records, _ = log_lines(process)
+    warnings = [r for r in records if "job state in the SQLite file is damaged" in r["event"]]
+    assert [(w["level"], w["job_type"]) for w in warnings] == [("warning", idle)], warnings
+    assert warnings[0]["partition"] == partition_for(idle.encode(), 2)
+    assert not [r for r in records if r.get("code") == "unprocessable"]
+    await assert_converged(topics, process, tmp_path)
+
+
+async def start_again(
+    producer: AIOKafkaProducer, s: Settings, job_type: str, request_id: str
+) -> str:
+    """Send a start request again, with the request ID it had; that ID."""
+    body = {"job_type": job_type, "request_id": request_id}
+    await producer.send_and_wait(
+        s.topics.requests, json.dumps(body).encode(), key=job_type.encode()
+    )
+    return request_id
+
+
 async def test_a_reader_refuses_a_damaged_file_and_moves_nothing(tmp_path: Path) -> None:
     """A reader's open (`jobctl runs`, replay) refuses a file that is not a database, with one
     line, and leaves it where it is. (Bytes that are no text, as a worker's damaged file's

@@ -39,7 +39,7 @@ from worker.engine.hooks import Hooks
 from worker.engine.observe import Metrics
 from worker.engine.partitions import BACKOFF_FIRST_S, BACKOFF_MAX_S, Owned, PartitionManager
 from worker.engine.state import StateManager
-from worker.engine.task import BatchOutcome
+from worker.engine.task import BatchOutcome, UnreadableState
 
 log = structlog.get_logger("worker")
 
@@ -124,6 +124,7 @@ class BatchRunner:
         self._stop = stop
         self._metrics = metrics
         self._trouble: dict[int, Trouble] = {}
+        self._mended: set[int] = set()  # partitions restored for a damaged stored state
 
     def isolating(self, number: int) -> bool:
         """Whether partition `number` takes one record per batch (after a failed batch)."""
@@ -231,6 +232,20 @@ class BatchRunner:
         """Retry after a backoff from what Kafka committed; isolate records at fault."""
         number = owned.task.number
         self._partitions.pause(number)  # read again from the committed offsets after the reset
+        if isinstance(exc, UnreadableState) and number not in self._mended:
+            # The file's damage, not the records': restore the partition and decide again.
+            # Once per partition: damage the restore does not mend fails as any batch does.
+            self._mended.add(number)
+            log.warning(
+                "a job state in the SQLite file is damaged: restoring its partition from "
+                "the changelog",
+                partition=number,
+                job_type=exc.job_type,
+                error=exc.error,
+            )
+            self._state.restore_next(number)
+            await self._partitions.reset(owned)
+            return
         tied = tied_to_input(exc)
         if not tied and not isinstance(exc, KafkaError):
             log.exception("batch failed unexpectedly; stopping", partition=number)

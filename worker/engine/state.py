@@ -76,6 +76,8 @@ class StateManager:
         self._watermarks: AIOKafkaConsumer | None = None
         self._restoring = asyncio.Lock()  # one partition restored at a time
         self._abandoned: set[int] = set()  # partitions whose restore no one wants now
+        # Partitions whose next load restores them whatever their offsets (`restore_next`).
+        self._damaged: set[int] = set()
         self._decided_with: int | None = None  # the file's partition count, once read
 
     @property
@@ -154,6 +156,9 @@ class StateManager:
         behind = any(applied.get(t, 0) < o for t, o in committed.items())
         moved = end > position  # someone wrote the changelog after this file's last batch
         restored = behind or moved or (exact and applied != committed)
+        if number in self._damaged:
+            self._damaged.discard(number)
+            restored = True
         if restored:
             await self._restore(number, committed, rules.partitions)
             applied = committed
@@ -288,6 +293,11 @@ class StateManager:
                 partition=number,
                 runs=stale,
             )
+
+    def restore_next(self, number: int) -> None:
+        """Restore partition `number` from the changelog at its next load: its rows in the
+        file are damaged (`UnreadableState`)."""
+        self._damaged.add(number)
 
     async def states(self, job_types: list[str]) -> dict[str, JobState | bytes]:
         """The stored states of `job_types` (from the write queue or SQLite)."""

@@ -59,6 +59,18 @@ from worker.settings import Settings
 log = structlog.get_logger("worker")
 
 
+class UnreadableState(Exception):
+    """A job state read back from SQLite does not parse (a damaged window entry or head in
+    a file whose pages are sound): damage of the file, confined to its partition, which a
+    restore from the changelog mends; the records of the batch are not at fault."""
+
+    def __init__(self, partition: int, job_type: str, error: str) -> None:
+        super().__init__(f"the stored state of job type {job_type!r} does not parse: {error}")
+        self.partition = partition
+        self.job_type = job_type
+        self.error = error
+
+
 class Retained:
     """Ended runs still in the changelog, in the order they ended, until their tombstone.
 
@@ -528,12 +540,17 @@ class PartitionTask:
         self.view.mark(outcome, self.runs, datetime.now(UTC))
 
     def state_of(self, job_type: str) -> JobState:
-        """The job type's state, parsed (a new one for an unknown job type)."""
+        """The job type's state, parsed (a new one for an unknown job type). A stored state
+        that does not parse raises `UnreadableState`: the file's damage, not the record's."""
         held = self.jobs.get(job_type)
         if held is None:
             return JobState(job_type)
         if isinstance(held, bytes):
-            return self.rows.loaded(job_type, load_state(held))
+            try:
+                state = load_state(held)
+            except ValueError as exc:
+                raise UnreadableState(self.number, job_type, str(exc)) from None
+            return self.rows.loaded(job_type, state)
         return held
 
     def _decide(self, command: Command, outcome: BatchOutcome) -> None:
