@@ -466,3 +466,24 @@ async def test_a_protocol_the_listener_does_not_speak_is_named(
         assert "JOBS_SASL_PASSWORD" not in said
     else:  # cut off (here, a reset with no text) or refused by TLS, by the platform
         assert said.startswith(("no bootstrap server answered (", "TLS failed (")), said
+
+
+def test_a_fenced_producers_own_future_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A future aiokafka set with a fencing error that nobody awaits (its transaction
+    manager's, out of any caller's reach) is not logged at error level once collected; a
+    never-retrieved future holding any other error still is."""
+    loop = asyncio.new_event_loop()
+    try:
+        compat.quiet_fenced_futures(loop)
+        with caplog.at_level("DEBUG", logger="asyncio"):
+            for error in (ProducerFenced(), KafkaTimeoutError()):
+                future = loop.create_future()
+                future.set_exception(error)
+                del future
+                gc.collect()
+        never = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert [(r.levelname, r.exc_info[1].__class__ if r.exc_info else None) for r in never] == [
+            ("ERROR", KafkaTimeoutError)
+        ]
+    finally:
+        loop.close()

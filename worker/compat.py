@@ -52,13 +52,16 @@ from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 import aiokafka.errors as Errors
+import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import AIOKafkaClient, CoordinationType
 from aiokafka.consumer import fetcher
 from aiokafka.errors import (
     AuthenticationFailedError,
     IllegalSaslStateError,
+    InvalidProducerEpoch,
     KafkaError,
+    ProducerFenced,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
 )
@@ -177,6 +180,33 @@ def install() -> None:
     fetcher.MemoryRecords = TolerantMemoryRecords
     sender.BACKOFF_OVERRIDE = TXN_BUSY_BACKOFF_S
     TransactionManager.offsets_to_commit = _offsets_to_commit_after_records
+
+
+_log = structlog.get_logger("worker")
+
+
+def quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
+    """Have `loop` log at debug level, not error, a future that aiokafka set with a fencing
+    error and that nobody awaits: a fenced producer's transaction manager sets the error on
+    futures of its own (the offsets added to the transaction, behind a shield; a waiter it
+    replaces), which no caller can reach, so `retrieve_failures` misses some. The fence
+    itself has reached the batch by then (`FencedError`) and is logged there; any other
+    never-retrieved failure is reported as before."""
+    before = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, ProducerFenced | InvalidProducerEpoch) and "never retrieved" in str(
+            context.get("message", "")
+        ):
+            _log.debug("a fenced producer's own future held the fence", error=repr(exc))
+            return
+        if before is None:
+            loop.default_exception_handler(context)
+        else:
+            before(loop, context)
+
+    loop.set_exception_handler(handler)
 
 
 _OFFSETS_TO_COMMIT = TransactionManager.offsets_to_commit

@@ -175,6 +175,7 @@ class Worker:
         stop = stop or asyncio.Event()
         s = self.settings
         compat.install()
+        compat.quiet_fenced_futures(asyncio.get_running_loop())
         self.partition_count = await self._check_topics()
         await self._state.start(s.db_path)
         consumer = self._consumer = AIOKafkaConsumer(

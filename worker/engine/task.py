@@ -540,17 +540,12 @@ class PartitionTask:
         self.view.mark(outcome, self.runs, datetime.now(UTC))
 
     def state_of(self, job_type: str) -> JobState:
-        """The job type's state, parsed (a new one for an unknown job type). A stored state
-        that does not parse raises `UnreadableState`: the file's damage, not the record's."""
+        """The job type's state, parsed (a new one for an unknown job type)."""
         held = self.jobs.get(job_type)
         if held is None:
             return JobState(job_type)
         if isinstance(held, bytes):
-            try:
-                state = load_state(held)
-            except ValueError as exc:
-                raise UnreadableState(self.number, job_type, str(exc)) from None
-            return self.rows.loaded(job_type, state)
+            return self.rows.loaded(job_type, _parsed(self.number, job_type, held))
         return held
 
     def _decide(self, command: Command, outcome: BatchOutcome) -> None:
@@ -590,6 +585,15 @@ class PartitionTask:
         else:
             del self.runs[run_id]
             self.retained.add(event.occurred_at, run_id)
+
+
+def _parsed(number: int, job_type: str, held: bytes) -> JobState:
+    """A state read back from SQLite, parsed; one that does not parse raises
+    `UnreadableState`: the file's damage, not the batch's records'."""
+    try:
+        return load_state(held)
+    except ValueError as exc:
+        raise UnreadableState(number, job_type, str(exc)) from None
 
 
 def _log_decided(logger: structlog.typing.FilteringBoundLogger, event: StatusEvent) -> None:
