@@ -209,3 +209,45 @@ def test_deep_and_huge_payloads_are_written_as_pydantic_writes_them() -> None:
         assert encoding.value_json(value) == TypeAdapter(Any).dump_json(value)
     with pytest.raises(ValueError, match="depth exceeded"):  # past both serializers' depth
         encoding.value_json(_nested(5_000))
+
+
+def test_each_native_value_lists_its_fields_once_for_all() -> None:
+    """A native value class names its fields in `FIELDS`, in its shape for pydantic
+    (`worker.core.shapes`) and, in the hot classes, in `as_dict` (`__slots__`, which mypy
+    checks, besides). A field added to one and not the others would be dropped where it is
+    read back or written out, so they must agree, in order."""
+    from typing import get_type_hints
+
+    from worker.core.shapes import SHAPES
+
+    for cls, shape in SHAPES.items():
+        assert tuple(get_type_hints(shape)) == cls.FIELDS, cls.__name__
+        built = TypeAdapter(cls).validate_python(_SAMPLES[cls])
+        assert tuple(built.as_dict()) == cls.FIELDS, cls.__name__
+
+
+_AT = "2026-12-06T12:00:00Z"
+_RUN = {
+    "run_id": "r",
+    "job_type": "t",
+    "client_id": None,
+    "request_id": "q",
+    "status": "RUNNING",
+    "started_at": _AT,
+}
+_SAMPLES: dict[type, dict[str, Any]] = {
+    Run: _RUN,
+    Queued: {"run_id": "r", "request_id": "q", "client_id": None, "scope": "", "queued_at": _AT},
+    EndedRun: {"run_id": "r", "status": "COMPLETED", "ended_at": _AT},
+    Decided: {"request_id": "q", "type": "started", "run_id": "r"},
+    JobState: {"job_type": "t", "active": [_RUN]},
+    RunRow: {
+        **_RUN,
+        "request_id": "q",
+        "partition": 0,
+        "ended_at": None,
+        "initial_data": {},
+        "metrics": None,
+        "reason": None,
+    },
+}
