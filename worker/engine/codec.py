@@ -7,8 +7,8 @@ be identified (a request ID or run ID and a job type), it also becomes a `Reject
 the sender gets a `rejected` status event.
 
 A record that passes every check is validated once, by pydantic-core straight from its bytes
-(`_well_formed`); only a record that may fail one goes through the checks one by one, which
-say what is wrong.
+into a dict of its fields (`_well_formed`, `worker.engine.inputshapes`); only a record that
+may fail one goes through the checks one by one, and its model, which say what is wrong.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from worker.core.lifecycle import (
 )
 from worker.core.limits import InputLimits
 from worker.core.values import Value
+from worker.engine.inputshapes import REQUEST_FIELDS, RESULT_FIELDS
 
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a machine integer where compiled
@@ -415,10 +416,10 @@ def decode(
     record: InputRecord, *, partitions: int, limits: InputLimits, now: datetime
 ) -> Command | Bad | Reroute:
     """Turn an input record into a core command, or explain why it cannot be one."""
-    message = _well_formed(record, limits)
-    if message is None:  # something is off: find what, to say it
+    fields = _well_formed(record, limits)
+    if fields is None:  # something is off: find what, to say it
         return explained(record, partitions=partitions, limits=limits, now=now)
-    return _routed(record, message, partitions)
+    return _routed(record, fields, partitions)
 
 
 def explained(
@@ -434,20 +435,19 @@ def explained(
         reason = f"{problem.code}: {problem.message}"
         reject = _reject_for(record, problem.payload, reason, problem.key_text)
         return Bad(dead_letter(record, problem.code, problem.message, now), reject)
-    return _routed(record, message, partitions)
+    return _routed(record, message.__dict__, partitions)  # a model's fields, all of them
 
 
-def _routed(
-    record: InputRecord, message: JobRequest | JobResult, partitions: int
-) -> Command | Reroute:
-    """The command of a valid message, or where its record must go instead."""
-    key = message.job_type.encode()
+def _routed(record: InputRecord, fields: dict[str, Any], partitions: int) -> Command | Reroute:
+    """The command of a valid message (its fields: `_well_formed`'s, or a model's), or where
+    its record must go instead."""
+    key = fields["job_type"].encode()
     expected = partition_for(key, partitions)
     if expected != record.partition or record.key is None:
         # Another partitioner (librdkafka's CRC32, a keyless send): the owner of the job
         # type's partition must decide, so the record moves there inside this transaction.
         return Reroute(partition=expected, key=key)
-    return _command(record, message)
+    return _command(record, fields)
 
 
 # Tokens json.loads would take for numbers, which `_parse` refuses and pydantic-core takes
@@ -455,20 +455,24 @@ def _routed(
 # as an integer, and formats and clears a TypeError every time).
 _NAN = b"NaN"
 _INFINITY = b"Infinity"
-# The models' validators themselves: `model_validate_json` adds a Python wrapper per call.
-_REQUEST_JSON = JobRequest.__pydantic_validator__.validate_json
-_RESULT_JSON = JobResult.__pydantic_validator__.validate_json
+_REQUEST_FIELDS = REQUEST_FIELDS.validator.validate_json
+_RESULT_FIELDS = RESULT_FIELDS.validator.validate_json
 _RESULT_STATUS = {s.value: s for s in (RunStatus.COMPLETED, RunStatus.FAILED)}
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff, either half
+# The text fields whose models bound them in UTF-8 bytes (a Python validator) as well as in
+# characters (the shapes' constraint, the same number): ASCII text is as long in both.
+_BOUNDED_TEXT = ("job_type", "request_id", "client_id", "run_id")
 
 
-def _well_formed(record: InputRecord, limits: InputLimits) -> JobRequest | JobResult | None:
-    """The message of a record that passes every check, validated by pydantic-core straight
-    from its bytes (one pass, no intermediate objects); None if any check might fail.
+def _well_formed(record: InputRecord, limits: InputLimits) -> dict[str, Any] | None:
+    """The fields of a record that passes every check, validated by pydantic-core straight
+    from its bytes into a dict (one pass, no model: `worker.engine.inputshapes`); None if
+    any check might fail.
 
     What pydantic-core refuses here (bad UTF-8, lone surrogates, a BOM, oversized numbers,
     schema errors) `_parse` and `_validate` refuse too: they then say what is wrong. What
-    only they refuse is looked for first (size, header names, nesting, NaN and Infinity).
+    only they refuse is looked for first (size, header names, nesting, NaN and Infinity),
+    and what only the models' Python validators check, after (`_plain`).
     """
     value = record.value
     if (
@@ -480,16 +484,36 @@ def _well_formed(record: InputRecord, limits: InputLimits) -> JobRequest | JobRe
         or value.find(_INFINITY) >= 0
     ):
         return None
-    message: JobRequest | JobResult
+    requests = record.role == "requests"
+    fields: dict[str, Any]
     try:
-        message = _REQUEST_JSON(value) if record.role == "requests" else _RESULT_JSON(value)
+        fields = _REQUEST_FIELDS(value) if requests else _RESULT_FIELDS(value)
     except ValueError:  # ValidationError included
         return None
-    if record.key is not None and record.key != message.job_type.encode():
-        return None  # a key mismatch, or a key that is not UTF-8
-    if _data_size(_data_of(message)[1], len(value), limits.data_bytes) is not None:
+    if not _plain(fields, requests):
         return None
-    return message
+    if record.key is not None and record.key != fields["job_type"].encode():
+        return None  # a key mismatch, or a key that is not UTF-8
+    if _data_size(_data_of(requests, fields)[1], len(value), limits.data_bytes) is not None:
+        return None
+    return fields
+
+
+def _plain(fields: dict[str, Any], requests: bool) -> bool:
+    """Whether the fields a shape took pass what only their model's Python validators check
+    (or may fail it: the model then says): text within its bound in UTF-8 bytes (ASCII
+    text is), a request ID not of the worker's own form, no run ID on a start, a status on
+    a result."""
+    for name in _BOUNDED_TEXT:
+        text = fields.get(name)
+        if text is not None and not text.isascii():
+            return False
+    if requests:
+        request_id = fields.get("request_id")
+        if request_id is not None and request_id.startswith(AUTO_REQUEST_ID):
+            return False
+        return fields.get("kind", "start") != "start" or fields.get("run_id") is None
+    return fields.get("kind", "result") != "result" or fields.get("status") is not None
 
 
 def _parse(record: InputRecord, limits: InputLimits) -> object:
@@ -584,14 +608,14 @@ def _validate(record: InputRecord, payload: object) -> tuple[JobRequest | JobRes
     return message, key_text
 
 
-def _data_of(message: JobRequest | JobResult) -> tuple[str, dict[str, Any] | None]:
-    """The free-form part of a message, and its name: `initial_data`, `metrics` or
+def _data_of(requests: bool, fields: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The free-form part of a message's fields, and its name: `initial_data`, `metrics` or
     `final_metrics`."""
-    if isinstance(message, JobRequest):
-        return "initial_data", message.initial_data
-    if message.kind == "progress":
-        return "metrics", message.metrics
-    return "final_metrics", message.final_metrics
+    if requests:
+        return "initial_data", fields.get("initial_data")
+    if fields.get("kind") == "progress":
+        return "metrics", fields.get("metrics")
+    return "final_metrics", fields.get("final_metrics")
 
 
 def _check_data(
@@ -602,7 +626,7 @@ def _check_data(
     key_text: str | None,
 ) -> None:
     """`initial_data`, `final_metrics` or `metrics` within `JOBS_MAX_DATA_BYTES`."""
-    name, data = _data_of(message)
+    name, data = _data_of(isinstance(message, JobRequest), message.__dict__)
     if (size := _data_size(data, record_size, limits.data_bytes)) is not None:
         raise _Unusable(
             "too_large",
@@ -623,45 +647,49 @@ def _auto_request_id(record: InputRecord) -> str:
     return f"{AUTO_REQUEST_ID}{record.partition}.{record.offset}"
 
 
-def _command(record: InputRecord, message: JobRequest | JobResult) -> Command:
-    """The core command a valid message on its own partition asks for."""
-    if isinstance(message, JobRequest):
-        request_id = message.request_id or _auto_request_id(record)
-        if message.kind == "cancel":
+def _command(record: InputRecord, fields: dict[str, Any]) -> Command:
+    """The core command a valid message on its own partition asks for, from its fields
+    (those of a model, or of a shape, which leaves out what was not sent)."""
+    job_type: str = fields["job_type"]
+    if record.role == "requests":
+        request_id = fields.get("request_id") or _auto_request_id(record)
+        client_id = fields.get("client_id")
+        if fields.get("kind") == "cancel":
             return Cancel(
                 request_id=request_id,
-                job_type=message.job_type,
-                client_id=message.client_id,
-                run_id=message.run_id,
-                reason=message.reason,
+                job_type=job_type,
+                client_id=client_id,
+                run_id=fields.get("run_id"),
+                reason=fields.get("reason"),
                 at=record.at,
                 source=record.source,
             )
+        initial_data = fields.get("initial_data")
         return Start(  # by position: a call by keyword builds a dict of them first
             request_id,
-            message.job_type,
-            message.client_id,
-            message.initial_data,
+            job_type,
+            client_id,
+            {} if initial_data is None else initial_data,
             record.at,
             record.source,
-            run_size(len(record.value or b""), message.client_id),
+            run_size(len(record.value or b""), client_id),
         )
-    if message.kind == "progress":
+    if fields.get("kind") == "progress":
         return Progress(
-            job_type=message.job_type,
-            run_id=message.run_id,
-            metrics=message.metrics,
-            request_id=message.request_id,
+            job_type=job_type,
+            run_id=fields["run_id"],
+            metrics=fields.get("metrics"),
+            request_id=fields.get("request_id"),
             at=record.at,
             source=record.source,
         )
-    assert message.status is not None  # the model requires it of a result
+    final_metrics = fields.get("final_metrics")
     return Finish(  # by position, as a start
-        message.job_type,
-        message.run_id,
-        _RESULT_STATUS[message.status],
-        message.final_metrics,
-        message.request_id,
+        job_type,
+        fields["run_id"],
+        _RESULT_STATUS[fields["status"]],  # the shape and the model require it of a result
+        {} if final_metrics is None else final_metrics,
+        fields.get("request_id"),
         record.at,
         record.source,
     )
