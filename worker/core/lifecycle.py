@@ -65,6 +65,11 @@ from worker.core.values import Value
 
 _EVENT_NAMESPACE = uuid.UUID("6f1f4c1e-8a53-4f4f-9a4e-2a0d3c9b7e11")
 _NAMESPACE_SHA1 = hashlib.sha1(_EVENT_NAMESPACE.bytes)
+# Its methods called through their descriptors: compiled, `sha1.copy()` looks the method up
+# by name at each call (the same for `Retained`'s and the run IDs' `datetime.timestamp`).
+_SHA1_COPY: Final = type(_NAMESPACE_SHA1).copy
+_SHA1_UPDATE: Final = type(_NAMESPACE_SHA1).update
+_SHA1_HEXDIGEST: Final = type(_NAMESPACE_SHA1).hexdigest
 # An RFC 4122 variant's first hex digit (binary 10xx) for each first digit of a hash.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
@@ -83,7 +88,7 @@ class Action(StrEnum):
 
 
 # (status before, or None for "no run yet", action) -> (status after, event emitted)
-TRANSITIONS: Mapping[tuple[RunStatus | None, Action], tuple[RunStatus, EventType]] = {
+TRANSITIONS: dict[tuple[RunStatus | None, Action], tuple[RunStatus, EventType]] = {
     (None, Action.START): (RunStatus.RUNNING, EventType.STARTED),
     (None, Action.ENQUEUE): (RunStatus.QUEUED, EventType.QUEUED),
     (RunStatus.QUEUED, Action.DEQUEUE): (RunStatus.RUNNING, EventType.STARTED),
@@ -401,9 +406,9 @@ def _event_id(cause: str, index: int) -> str:
     """`str(uuid.uuid5(_EVENT_NAMESPACE, f"{cause}/{index}"))`, in a fifth of the time: the
     namespace's hash state copied rather than OpenSSL's SHA-1 looked up again, and the
     version and variant digits set in the hex text."""
-    sha1 = _NAMESPACE_SHA1.copy()
-    sha1.update(f"{cause}/{index}".encode())
-    h = sha1.hexdigest()
+    sha1 = _SHA1_COPY(_NAMESPACE_SHA1)
+    _SHA1_UPDATE(sha1, f"{cause}/{index}".encode())
+    h: str = _SHA1_HEXDIGEST(sha1)
     return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 

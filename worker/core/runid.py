@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 RUN_ID_RE = re.compile(r"^(\d{6})-(\d{6})-(\d+)\.(\d+)(?:-(.+))?$")
 SEED_RUN_ID_RE = re.compile(r"^(\d{6})-(\d{6})(?:-(.+))?$")
@@ -45,6 +46,10 @@ class SeedRunId:
         return client_id is not None and client_id.lower() == self.client
 
 
+# Called through its descriptor: compiled, `at.timestamp()` looks the method up at each call.
+_TIMESTAMP: Final = datetime.timestamp
+
+
 @functools.lru_cache(maxsize=64)
 def _stamp(second: int) -> str:
     """``YYMMDD-HHMMSS`` (UTC) of a Unix time in seconds: the requests of a batch share a
@@ -55,7 +60,7 @@ def _stamp(second: int) -> str:
 
 def make_run_id(at: datetime, partition: int, offset: int, client_id: str | None = None) -> str:
     """The run ID of a request recorded at broker time `at` on `partition` at `offset`."""
-    run_id = f"{_stamp(math.floor(at.timestamp()))}-{partition}.{offset}"
+    run_id = f"{_stamp(math.floor(_TIMESTAMP(at)))}-{partition}.{offset}"
     if client_id is not None:
         run_id += f"-{client_id.strip().lower()}"
     return run_id

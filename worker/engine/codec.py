@@ -349,6 +349,12 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# Methods of built-in types called through their descriptors: compiled, `value.count(...)`
+# looks the method up by name at each call, which costs more than the count itself.
+_COUNT: Final = bytes.count
+_FIND: Final = bytes.find
+_IS_ASCII: Final = str.isascii
+
 # A JSON string (escapes included) or one bracket: what the nesting scan steps over.
 _DEPTH_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 _OPENING = frozenset(b"[{")
@@ -361,7 +367,7 @@ def nesting_depth_over(value: bytes, limit: int) -> bool:
     a recursion that ends in `RecursionError`. Values with at most `limit` brackets (nearly
     all) are answered by counting alone.
     """
-    if value.count(b"[") + value.count(b"{") <= limit:
+    if _COUNT(value, b"[") + _COUNT(value, b"{") <= limit:
         return False
     depth = 0
     for token in _DEPTH_TOKENS.finditer(value):
@@ -441,7 +447,8 @@ def explained(
 def _routed(record: InputRecord, fields: dict[str, Any], partitions: int) -> Command | Reroute:
     """The command of a valid message (its fields: `_well_formed`'s, or a model's), or where
     its record must go instead."""
-    key = fields["job_type"].encode()
+    job_type: str = fields["job_type"]  # typed, as in `_well_formed`
+    key = job_type.encode()
     expected = partition_for(key, partitions)
     if expected != record.partition or record.key is None:
         # Another partitioner (librdkafka's CRC32, a keyless send): the owner of the job
@@ -480,8 +487,8 @@ def _well_formed(record: InputRecord, limits: InputLimits) -> dict[str, Any] | N
         or len(value) > limits.record_bytes
         or (record.headers and _bad_header(record.headers) is not None)
         or nesting_depth_over(value, limits.nesting_depth)
-        or value.find(_NAN) >= 0
-        or value.find(_INFINITY) >= 0
+        or _FIND(value, _NAN) >= 0
+        or _FIND(value, _INFINITY) >= 0
     ):
         return None
     requests = record.role == "requests"
@@ -492,7 +499,8 @@ def _well_formed(record: InputRecord, limits: InputLimits) -> dict[str, Any] | N
         return None
     if not _plain(fields, requests):
         return None
-    if record.key is not None and record.key != fields["job_type"].encode():
+    job_type: str = fields["job_type"]  # typed: a str's `encode` is compiled, an Any's looked up
+    if record.key is not None and record.key != job_type.encode():
         return None  # a key mismatch, or a key that is not UTF-8
     if _data_size(_data_of(requests, fields)[1], len(value), limits.data_bytes) is not None:
         return None
@@ -505,11 +513,11 @@ def _plain(fields: dict[str, Any], requests: bool) -> bool:
     text is), a request ID not of the worker's own form, no run ID on a start, a status on
     a result."""
     for name in _BOUNDED_TEXT:
-        text = fields.get(name)
-        if text is not None and not text.isascii():
+        text: str | None = fields.get(name)
+        if text is not None and not _IS_ASCII(text):
             return False
     if requests:
-        request_id = fields.get("request_id")
+        request_id: str | None = fields.get("request_id")
         if request_id is not None and request_id.startswith(AUTO_REQUEST_ID):
             return False
         return fields.get("kind", "start") != "start" or fields.get("run_id") is None

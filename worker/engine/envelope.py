@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from typing import Final
 
 from schemas import EventType, StatusEvent
 
@@ -55,17 +56,20 @@ def trace_of(headers: Sequence[tuple[str, bytes | None]]) -> tuple[bytes, bytes]
 
 
 _OCCURRED_AT = b'"occurred_at":"'
+# Called through their descriptors: compiled, `value.find(...)` looks the method up each time.
+_FIND: Final = bytes.find
+_RFIND: Final = bytes.rfind
 
 
 def _time_in(value: bytes) -> bytes | None:
     """`occurred_at` as the event's JSON already spells it (RFC 3339, UTC, `Z`): formatting
     the datetime again would cost as much as serializing the rest of the event. The last
     match: the field comes after `metrics` and `initial_data`, whose keys are anyone's."""
-    start = value.rfind(_OCCURRED_AT)
+    start = _RFIND(value, _OCCURRED_AT)
     if start < 0:
         return None
     start += len(_OCCURRED_AT)
-    end = value.find(b'"', start)
+    end = _FIND(value, b'"', start)
     return value[start:end] if end > start else None
 
 

@@ -34,12 +34,7 @@ def append_record(
     against `BatchBuilder.append`'s 0.56), and the count the producer reads
     (`record_count`) moves with it. aiokafka's internals, as in `worker.compat`, and tested
     against the installed aiokafka likewise (`tests/test_compat.py`)."""
-    if (
-        builder._builder.append(
-            builder._relative_offset, None, key=key, value=value, headers=headers
-        )
-        is None
-    ):
+    if builder._builder.append(builder._relative_offset, None, key, value, headers) is None:
         builder.close()
         return False
     builder._relative_offset += 1

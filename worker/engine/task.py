@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Final
 
 import structlog
 from rbloom import Bloom
@@ -31,6 +32,7 @@ from worker.core.config import JobsConfig
 from worker.core.lifecycle import (
     AdvanceTime,
     Command,
+    JobConfig,
     JobState,
     Limits,
     decide,
@@ -71,6 +73,10 @@ class UnreadableState(Exception):
         self.error = error
 
 
+# Called through its descriptor: compiled, `t.timestamp()` looks the method up at each call.
+_TIMESTAMP: Final = datetime.timestamp
+
+
 class Retained:
     """Ended runs still in the changelog, in the order they ended, until their tombstone.
 
@@ -88,7 +94,7 @@ class Retained:
 
     def add(self, ended_at: datetime, run_id: str) -> None:
         """Hold `run_id`, which ended at `ended_at`."""
-        self._ended.append(ended_at.timestamp())
+        self._ended.append(_TIMESTAMP(ended_at))
         self._run_ids.append(run_id)
 
     def expire(self, horizon: datetime) -> list[str]:
@@ -178,6 +184,12 @@ class Rules:
     def __post_init__(self) -> None:
         document = rulebook.document_of(self)
         object.__setattr__(self, "settings", (rulebook.digest_of(document), document))
+
+    def config_for(self, job_type: str) -> JobConfig:
+        """`jobs.for_job(job_type)`, compiled here: `JobsConfig`'s method is interpreted, and
+        every decision asks."""
+        jobs = self.jobs
+        return jobs.job_types.get(job_type, jobs.defaults)
 
 
 _VIEW_MARGIN = timedelta(seconds=5)
@@ -551,8 +563,8 @@ class PartitionTask:
     def _decide(self, command: Command, outcome: BatchOutcome) -> None:
         job_type = command.job_type
         state = self.state_of(job_type)
-        rules = self.rules
-        new_state, events = decide(state, command, rules.jobs.for_job(job_type), rules.limits)
+        config = self.rules.config_for(job_type)
+        new_state, events = decide(state, command, config, self.rules.limits)
         if new_state is not state:
             self.jobs[job_type] = new_state
             outcome.changed[job_type] = new_state
