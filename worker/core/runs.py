@@ -79,26 +79,31 @@ class RunRow(Value):
 def new_row(event: StatusEvent, partition: int) -> RunRow | None:
     """The whole row an event creates: a run started, or queued (QUEUED, its `started_at`
     when it was queued, until its `started` event replaces the row); None for any other."""
-    if event.type is EventType.STARTED:
-        assert event.started_at is not None
-        return _created(event, partition, RunStatus.RUNNING, event.started_at)
-    if event.type is EventType.QUEUED and event.run_id is not None:
-        return _created(event, partition, RunStatus.QUEUED, event.occurred_at)
+    fields = event.__dict__  # its fields, read past pydantic's `__getattr__` hook (`built`)
+    kind = fields["type"]
+    if kind is EventType.STARTED:
+        started_at = fields["started_at"]
+        assert started_at is not None
+        return _created(fields, partition, RunStatus.RUNNING, started_at)
+    if kind is EventType.QUEUED and fields["run_id"] is not None:
+        return _created(fields, partition, RunStatus.QUEUED, fields["occurred_at"])
     return None
 
 
-def _created(event: StatusEvent, partition: int, status: RunStatus, at: datetime) -> RunRow:
-    assert event.run_id is not None
+def _created(fields: dict[str, Any], partition: int, status: RunStatus, at: datetime) -> RunRow:
+    """The row of a run an event (its `fields`) started or queued."""
+    run_id = fields["run_id"]
+    assert run_id is not None
     return RunRow(  # by position: a call by keyword builds a dict of them first
-        event.run_id,
-        event.job_type,
-        event.client_id,
-        event.request_id,
+        run_id,
+        fields["job_type"],
+        fields["client_id"],
+        fields["request_id"],
         status,
         partition,
         at,  # started_at
         None,  # ended_at
-        dict(event.initial_data or {}),
+        dict(fields["initial_data"] or {}),
         None,  # metrics
         None,  # reason
     )
@@ -109,18 +114,20 @@ def run_change(event: StatusEvent) -> dict[str, Any] | None:
 
     The worker's live rows and `replay` both go through here, so they cannot drift apart.
     """
-    if event.type is EventType.PROGRESS:
-        return {"metrics": event.metrics}
-    if event.type not in ENDING_EVENTS:
+    fields = event.__dict__  # its fields, read past pydantic's `__getattr__` hook (`built`)
+    kind = fields["type"]
+    if kind is EventType.PROGRESS:
+        return {"metrics": fields["metrics"]}
+    if kind not in ENDING_EVENTS:
         return None
-    assert event.status is not None
+    assert fields["status"] is not None
     change: dict[str, Any] = {
-        "status": event.status,
-        "ended_at": event.occurred_at,
-        "reason": event.reason,
+        "status": fields["status"],
+        "ended_at": fields["occurred_at"],
+        "reason": fields["reason"],
     }
-    if event.metrics is not None:  # else the last progress metrics stay
-        change["metrics"] = event.metrics
+    if (metrics := fields["metrics"]) is not None:  # else the last progress metrics stay
+        change["metrics"] = metrics
     return change
 
 

@@ -77,18 +77,21 @@ def status_headers(
     event: StatusEvent, value: bytes, source: bytes, trace: tuple[bytes, bytes] | None = None
 ) -> list[tuple[str, bytes | None]]:
     """The headers of `event`'s record, whose value is `value` (its JSON)."""
+    fields = event.__dict__  # read past pydantic's `__getattr__` hook (`lifecycle.built`)
+    event_id: str = fields["event_id"]
     headers: list[tuple[str, bytes | None]] = [
         ("ce_specversion", SPEC_VERSION),
-        ("ce_id", event.event_id.encode()),
-        ("ce_type", _TYPES[event.type]),
+        ("ce_id", event_id.encode()),
+        ("ce_type", _TYPES[fields["type"]]),
         ("ce_source", source),
-        ("ce_time", _time_in(value) or event.occurred_at.isoformat().encode()),
+        ("ce_time", _time_in(value) or fields["occurred_at"].isoformat().encode()),
         ("content-type", CONTENT_TYPE),
     ]
-    if event.run_id is not None:
-        headers.append(("ce_subject", event.run_id.encode()))
+    run_id: str | None = fields["run_id"]
+    if run_id is not None:
+        headers.append(("ce_subject", run_id.encode()))
     if trace is not None:
         trace_id, flags = trace
-        span = hashlib.sha256(event.event_id.encode()).hexdigest()[:16].encode()
+        span = hashlib.sha256(event_id.encode()).hexdigest()[:16].encode()
         headers.append(("traceparent", b"00-" + trace_id + b"-" + span + b"-" + flags))
     return headers

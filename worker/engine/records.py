@@ -94,12 +94,15 @@ def write_outcome(out: RecordBatches, topics: Topics, number: int, outcome: Batc
     settings = (rulebook.HEADER, outcome.settings.encode()) if outcome.settings else None
     if outcome.events:
         statuses = out.to(topics.status, number)
+        traces = outcome.traces
         for event in outcome.events:
             value = event_json(event)
-            headers = status_headers(event, value, source, outcome.traces.get(event.event_id))
+            trace = traces.get(event.__dict__["event_id"]) if traces else None
+            headers = status_headers(event, value, source, trace)
             if settings is not None:
                 headers.append(settings)
-            out.append(statuses, event.job_type.encode(), value, headers)
+            job_type: str = event.__dict__["job_type"]  # past pydantic's `__getattr__` hook
+            out.append(statuses, job_type.encode(), value, headers)
     for key, letter in outcome.dead_letters:
         out.add(topics.dlq, number, key, letter.model_dump_json().encode())
     for record, reroute in outcome.reroutes:

@@ -580,7 +580,7 @@ class PartitionTask:
 
     def _track_run(self, outcome: BatchOutcome, event: StatusEvent) -> None:
         """Keep the run rows (changelog and SQLite) in step with an event."""
-        run_id = event.run_id
+        run_id = event.__dict__["run_id"]  # past pydantic's `__getattr__` hook (`built`)
         if run_id is None:
             return
         if (row := new_row(event, self.number)) is not None:  # started or queued
@@ -592,7 +592,7 @@ class PartitionTask:
             return  # a run queued before queued runs had rows, cancelled before it started
         row = changed(active, change)
         outcome.runs[run_id] = row
-        if event.type is EventType.PROGRESS:
+        if event.__dict__["type"] is EventType.PROGRESS:
             self.runs[run_id] = row
         else:
             del self.runs[run_id]
