@@ -224,6 +224,10 @@ def test_each_native_value_lists_its_fields_once_for_all() -> None:
         assert tuple(get_type_hints(shape)) == cls.FIELDS, cls.__name__
         built = TypeAdapter(cls).validate_python(_SAMPLES[cls])
         assert tuple(built.as_dict()) == cls.FIELDS, cls.__name__
+    # A job state's head row: every field but its windows, in order.
+    state = TypeAdapter(JobState).validate_python(_SAMPLES[JobState])
+    head = [name for name in JobState.FIELDS if name not in ("decided", "ended")]
+    assert list(json.loads(encoding.head_json(state))) == head
 
 
 _AT = "2026-12-06T12:00:00Z"
