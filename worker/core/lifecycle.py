@@ -50,6 +50,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
+from pydantic import BaseModel
+
 from schemas import EventType, RunStatus, Source, StatusEvent
 from worker.core.jobstate import (
     Decided as Decided,
@@ -432,7 +434,12 @@ def _active_in(state: JobState, scope: str) -> Run | None:
 
 W = TypeVar("W", StatusEvent, Source)
 _NEW = object.__new__
-_SET = object.__setattr__
+# `BaseModel`'s slots, set through their descriptors: `object.__setattr__(m, name, v)` looks
+# the name up in the model's type first, which costs half as much again.
+_SET_DICT: Final = BaseModel.__dict__["__dict__"].__set__
+_SET_FIELDS_SET: Final = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_SET_EXTRA: Final = BaseModel.__dict__["__pydantic_extra__"].__set__
+_SET_PRIVATE: Final = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 class ModelFields:
@@ -461,10 +468,10 @@ def built(model: type[W], known: ModelFields, values: dict[str, Any]) -> W:
     its slower hook.
     """
     instance = _NEW(model)
-    _SET(instance, "__dict__", values)
-    _SET(instance, "__pydantic_fields_set__", known.names)
-    _SET(instance, "__pydantic_extra__", None)
-    _SET(instance, "__pydantic_private__", None)
+    _SET_DICT(instance, values)
+    _SET_FIELDS_SET(instance, known.names)
+    _SET_EXTRA(instance, None)
+    _SET_PRIVATE(instance, None)
     return instance
 
 
