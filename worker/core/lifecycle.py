@@ -287,6 +287,9 @@ class Decision(NamedTuple):
     events: tuple[StatusEvent, ...]
 
 
+_NEW_TUPLE: Final = tuple.__new__
+
+
 class Arrival(Protocol):
     """What the decision order needs to know of an input record."""
 
@@ -585,7 +588,8 @@ def decide(
         new = _finish(state, command, config, limits, out)
     else:
         new = _progress(state, command, config, limits, out)
-    return Decision(new, tuple(out.events))
+    # As `Decision(...)` makes it, without the named tuple's `__new__`, which is interpreted.
+    return _NEW_TUPLE(Decision, (new, tuple(out.events)))
 
 
 # -- helpers ------------------------------------------------------------------------------------
