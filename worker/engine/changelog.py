@@ -42,7 +42,7 @@ from schemas import RUN_ROW_PREFIX, VIEW_ROW_KEY, VIEW_ROW_PREFIX
 from worker.core.lifecycle import JobState, dump_state, load_state
 from worker.core.runs import RunRow
 from worker.engine import encoding, stored
-from worker.engine.encoding import run_json
+from worker.engine.encoding import run_row as run_row  # (key, value) of a run's row
 from worker.engine.staterows import (
     ENTRY as _ENTRY,
     HEAD as _HEAD,
@@ -74,11 +74,6 @@ def job_row(job_type: str, state: bytes) -> tuple[bytes, bytes]:
     """(key, value) of a version 1 job state row (windows inside); `state` is `dump_state`'s
     JSON. Workers write `job_rows`; this is what earlier versions wrote."""
     return job_type.encode(), _JOB + state + b"}"
-
-
-def run_row(row: RunRow) -> tuple[bytes, bytes]:
-    """(key, value) of a run's row."""
-    return row.run_id.encode(), _RUN + run_json(row) + b"}"
 
 
 def split_row(value: bytes) -> tuple[str, bytes]:

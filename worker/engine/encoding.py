@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 from pydantic import TypeAdapter
 
-from schemas import Source, StatusEvent
+from schemas import RUN_ROW_PREFIX, Source, StatusEvent
 from worker.core.jobstate import JobState
 from worker.core.runs import RunRow
 from worker.core.values import Value
@@ -70,6 +70,12 @@ def run_json(row: RunRow) -> bytes:
         return _ENCODE(row)
     except _CANNOT:
         return _RUN_JSON(row)
+
+
+def run_row(row: RunRow) -> tuple[bytes, bytes]:
+    """(key, value) of a run's changelog row (`worker.engine.changelog`'s format), here in a
+    compiled module: every transition writes one."""
+    return row.run_id.encode(), RUN_ROW_PREFIX + run_json(row) + b"}"
 
 
 def head_json(state: JobState) -> bytes:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas import view_row
-from worker.engine import changelog, rulebook
+from worker.engine import rulebook
 from worker.engine.codec import REROUTED_FROM
-from worker.engine.encoding import event_json
+from worker.engine.encoding import event_json, run_row
 from worker.engine.envelope import source_of, status_headers
 from worker.engine.task import BatchOutcome
 from worker.settings import Topics
@@ -116,12 +116,12 @@ def write_outcome(out: RecordBatches, topics: Topics, number: int, outcome: Batc
     for row_key, row_value in outcome.state_rows:
         out.append(rows, row_key, row_value, _NO_HEADERS)
     for row in outcome.runs.values():
-        run_key, run_value = changelog.run_row(row)
+        run_key, run_value = run_row(row)
         out.append(rows, run_key, run_value, _NO_HEADERS)
     for run_id in outcome.tombstones:
         out.append(rows, run_id.encode(), None, _NO_HEADERS)
     for row in outcome.view_rows:
-        run_key, run_value = changelog.run_row(row)
+        run_key, run_value = run_row(row)
         out.append(rows, run_key, run_value, _NO_HEADERS)
     if outcome.view_mark is not None:  # after the rows it vouches for
         mark_key, mark_value = view_row(outcome.view_mark)
