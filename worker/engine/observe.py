@@ -176,7 +176,7 @@ class Metrics:
         self.batches.labels("committed").inc()
         self.batch_seconds.observe(seconds)
         # Counted per batch, not per event: a label lookup per event costs the hot path.
-        kinds = Counter(event.type.value for event in outcome.events)
+        kinds = outcome.event_counts()
         for kind, n in kinds.items():
             self.events.labels(kind).inc(n)
         codes = Counter(letter.reason.code for _, letter in outcome.dead_letters)

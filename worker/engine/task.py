@@ -145,6 +145,15 @@ class BatchOutcome:
     view_rows: list[RunRow] = field(default_factory=list)
     view_mark: ViewMark | None = None
 
+    def event_counts(self) -> dict[str, int]:
+        """How many events of each type (its value) the batch made: compiled, for the
+        metrics of every committed batch."""
+        counts: dict[str, int] = {}
+        for event in self.events:
+            kind: str = event.__dict__["type"].value  # past pydantic's `__getattr__` hook
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
     @property
     def empty(self) -> bool:
         """Whether there is nothing to publish or record."""
