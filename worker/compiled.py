@@ -51,6 +51,7 @@ MODULES = (
     "worker.engine.envelope",
     "worker.engine.records",
     "worker.engine.staterows",
+    "worker.engine.writer",
 )
 GROUP = "worker_native"  # mypyc's shared library of the group: `worker_native__mypyc`
 BUILD = Path(__file__).resolve().parent / "_compiled"
