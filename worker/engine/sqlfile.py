@@ -31,7 +31,7 @@ import structlog
 from schemas import RunStatus
 from worker.core.runs import RunRow
 from worker.engine import stored
-from worker.engine.encoding import value_json
+from worker.engine.stored import dumps, run_params
 
 log = structlog.get_logger("worker")
 
@@ -146,28 +146,6 @@ COLUMNS = (
 )
 
 
-# The sqlite3 module looks up an adapter for every parameter that is not exactly an int, a
-# float, a str or a bytearray (None, bytes, a str enum, a bool), raising and clearing an
-# AttributeError on the way: 0.4-0.5 µs a parameter, a dozen in a run's lifecycle. So the
-# write-behind's statements take exact types: `NULL`, an int, for an empty text column
-# (through `NULLIF(?, 0)`: SQLite compares storage classes first, so no text equals the
-# integer 0, and None still binds NULL), statuses as plain strings (`status_text`), and
-# blobs as bytearrays.
-NULL = 0
-_STATUS_TEXT: dict[RunStatus, str] = {status: status.value for status in RunStatus}
-
-
-def status_text(status: RunStatus) -> str:
-    """`status.value` as a plain str, for binding (typed: the enum's `value` is not)."""
-    return _STATUS_TEXT[status]
-
-
-def dumps(value: object) -> str | None:
-    # msgspec's encoder (`encoding.value_json`). Keys keep the order they arrived in, which
-    # the live worker, a restore and a replay all preserve.
-    return None if value is None else value_json(value).decode()
-
-
 # A run's identity columns never change; updating only the others leaves the by-type index
 # alone (INSERT OR REPLACE deleted and re-inserted the row and every index entry).
 UPSERT_RUN = (
@@ -191,24 +169,6 @@ END_RUN = (
     "UPDATE runs SET status = ?, ended_at = ?, metrics = NULLIF(?, 0), reason = NULLIF(?, 0) "
     "WHERE run_id = ?"
 )
-
-
-def run_params(r: RunRow, *, retained: bool) -> list[Any]:
-    """`UPSERT_RUN` parameters of a row."""
-    return [
-        r.run_id,
-        r.job_type,
-        NULL if r.client_id is None else r.client_id,
-        NULL if r.request_id is None else r.request_id,
-        status_text(r.status),
-        r.partition,
-        stored.time_text(r.started_at),
-        NULL if r.ended_at is None else stored.time_text(r.ended_at),
-        dumps(r.initial_data),
-        NULL if r.metrics is None else dumps(r.metrics),
-        NULL if r.reason is None else r.reason,
-        int(retained),
-    ]
 
 
 # Each `run_change` field: its position in an `UPSERT_RUN` row and in an `UPDATE_RUN` one,
@@ -661,8 +621,3 @@ def run_row(r: Any) -> RunRow:
 async def upsert_runs(db: aiosqlite.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
     """Write `runs` whole (`UPSERT_RUN`)."""
     await db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])
-
-
-def upsert_runs_now(db: sqlite3.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
-    """`upsert_runs` on the connection's own thread (`write_in_thread`)."""
-    db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])

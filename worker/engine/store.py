@@ -47,11 +47,11 @@ from worker.engine.sqlfile import (
     open_file,
     read_states,
     release_lock,
-    run_params,
     run_row,
     upsert_runs,
     writing,
 )
+from worker.engine.stored import run_params
 from worker.engine.writer import WriteBehind
 
 __all__ = [

@@ -12,19 +12,22 @@ not numbered yet (written by a build before the numbers) stays inline until it c
 the changelog must then write its every entry, which `StateRows` learns from the state as
 loaded; the same change writes them to SQLite (`inline`).
 
-Also `time_text`: a time as SQLite's run rows hold it (a compiled module: a transition's
-run row writes one).
+Also a run row's parameters as the write-behind's statements bind them (`run_params`, its
+time columns spelt by `time_text`): a compiled module, as a transition's run row goes
+through here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from pydantic import TypeAdapter
 
+from schemas import RunStatus
 from worker.core.lifecycle import Decided, EndedRun, JobState, load_state
+from worker.core.runs import RunRow
 from worker.engine import encoding
 
 Entry = tuple[str, int, bytes]  # (kind "d" or "e", number, entry JSON)
@@ -138,3 +141,43 @@ def time_text(at: datetime) -> str:
         f"{year}-{two[at.month]}-{two[at.day]}T{two[at.hour]}:{two[at.minute]}:"
         f"{two[at.second]}{fraction}+00:00"
     )
+
+
+# The sqlite3 module looks up an adapter for every parameter that is not exactly an int, a
+# float, a str or a bytearray (None, bytes, a str enum, a bool), raising and clearing an
+# AttributeError on the way: 0.4-0.5 µs a parameter, a dozen in a run's lifecycle. So the
+# write-behind's statements take exact types: `NULL`, an int, for an empty text column
+# (through `NULLIF(?, 0)`: SQLite compares storage classes first, so no text equals the
+# integer 0, and None still binds NULL), statuses as plain strings (`status_text`), and
+# blobs as bytearrays.
+NULL: Final = 0
+_STATUS_TEXT: Final[dict[RunStatus, str]] = {status: status.value for status in RunStatus}
+
+
+def status_text(status: RunStatus) -> str:
+    """`status.value` as a plain str, for binding (typed: the enum's `value` is not)."""
+    return _STATUS_TEXT[status]
+
+
+def dumps(value: object) -> str | None:
+    # msgspec's encoder (`encoding.value_json`). Keys keep the order they arrived in, which
+    # the live worker, a restore and a replay all preserve.
+    return None if value is None else encoding.value_json(value).decode()
+
+
+def run_params(r: RunRow, *, retained: bool) -> list[Any]:
+    """`sqlfile.UPSERT_RUN`'s parameters of a row."""
+    return [
+        r.run_id,
+        r.job_type,
+        NULL if r.client_id is None else r.client_id,
+        NULL if r.request_id is None else r.request_id,
+        status_text(r.status),
+        r.partition,
+        time_text(r.started_at),
+        NULL if r.ended_at is None else time_text(r.ended_at),
+        dumps(r.initial_data),
+        NULL if r.metrics is None else dumps(r.metrics),
+        NULL if r.reason is None else r.reason,
+        int(retained),
+    ]

@@ -36,16 +36,14 @@ from worker.engine import stored
 from worker.engine.sqlfile import (
     DROP_ENTRY,
     END_RUN,
-    NULL,
     PUT_ENTRY,
     PUT_OFFSET,
     PUT_STATE,
     PUT_STATE_IN_PLACE,
-    dumps,
-    status_text,
-    upsert_runs_now,
+    UPSERT_RUN,
     write_in_thread,
 )
+from worker.engine.stored import NULL, dumps, run_params, status_text
 
 log = structlog.get_logger("worker")
 
@@ -227,3 +225,8 @@ class WriteBehind:
                     await asyncio.wait_for(self._hurry.wait(), GATHER_S)
         finally:
             self._hurry.clear()  # a flush hurries the writer it found, to its end
+
+
+def upsert_runs_now(db: sqlite3.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
+    """`sqlfile.upsert_runs` on the connection's own thread (`write_in_thread`)."""
+    db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])
