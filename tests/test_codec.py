@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner, murmur2 as aiokafka_murmur2
-from hypothesis import given, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from schemas import DeadLetter, RunStatus, Source
 from tests.hostile import hostile_records
@@ -967,6 +967,11 @@ _FIELD_NAMES = st.sampled_from(
 )  # fmt: skip
 
 
+# Generating dictionaries of long texts is slow on a busy machine (the suite's brokers run
+# beside it): no deadline, and no health check on the time a draw takes.
+@settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     st.sampled_from(["requests", "results"]),
     st.dictionaries(_FIELD_NAMES, _FIELD_VALUES, max_size=6),
