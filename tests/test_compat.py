@@ -487,3 +487,37 @@ def test_a_fenced_producers_own_future_is_not_an_error(caplog: pytest.LogCapture
         ]
     finally:
         loop.close()
+
+
+class Sender:
+    """Stands for aiokafka's `Sender`: its produce tasks are named as aiokafka's are."""
+
+    async def _send_produce_req(self) -> None:
+        raise KeyError("a record batch the fence already failed")
+
+
+async def _another_task() -> None:
+    raise KeyError("anything else")
+
+
+def test_a_produce_request_that_outlived_its_sender_is_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A produce task of aiokafka's sender that failed with nobody reading it (its routine,
+    which reads them all while it runs, ended with a fence) is not logged at error level
+    once collected; any other task failing unread still is."""
+    loop = asyncio.new_event_loop()
+    try:
+        compat.quiet_fenced_futures(loop)
+        with caplog.at_level("DEBUG", logger="asyncio"):
+            for coro in (Sender()._send_produce_req(), _another_task()):
+                task = loop.create_task(coro)
+                loop.run_until_complete(asyncio.wait([task]))
+                del task
+                gc.collect()
+        never = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        assert [(r.levelname, "_another_task" in r.getMessage()) for r in never] == [
+            ("ERROR", True)
+        ]
+    finally:
+        loop.close()

@@ -190,16 +190,19 @@ def quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
     error and that nobody awaits: a fenced producer's transaction manager sets the error on
     futures of its own (the offsets added to the transaction, behind a shield; a waiter it
     replaces), which no caller can reach, so `retrieve_failures` misses some. The fence
-    itself has reached the batch by then (`FencedError`) and is logged there; any other
+    itself has reached the batch by then (`FencedError`) and is logged there. Likewise a
+    produce request that outlived its sender's routine (`_orphaned_send`). Any other
     never-retrieved failure is reported as before."""
     before = loop.get_exception_handler()
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, ProducerFenced | InvalidProducerEpoch) and "never retrieved" in str(
-            context.get("message", "")
-        ):
+        never = "never retrieved" in str(context.get("message", ""))
+        if never and isinstance(exc, ProducerFenced | InvalidProducerEpoch):
             _log.debug("a fenced producer's own future held the fence", error=repr(exc))
+            return
+        if never and _orphaned_send(context.get("future")):
+            _log.debug("a produce request outlived its sender's routine", error=repr(exc))
             return
         if before is None:
             loop.default_exception_handler(context)
@@ -207,6 +210,18 @@ def quiet_fenced_futures(loop: asyncio.AbstractEventLoop) -> None:
             before(loop, context)
 
     loop.set_exception_handler(handler)
+
+
+def _orphaned_send(future: object) -> bool:
+    """Whether `future` is one of aiokafka's produce tasks (`Sender._send_produce_req`).
+
+    The sender's routine reads the result of each while it runs; one nobody read outlived
+    the routine, which ended with its own error (a fence, reported where the batch fails),
+    and can fail afterwards (aiokafka raises a `KeyError` for a record batch the fence has
+    already failed)."""
+    if not isinstance(future, asyncio.Task):
+        return False
+    return getattr(future.get_coro(), "__qualname__", "") == "Sender._send_produce_req"
 
 
 _OFFSETS_TO_COMMIT = TransactionManager.offsets_to_commit
