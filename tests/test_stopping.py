@@ -306,3 +306,44 @@ async def test_a_step_whose_inner_wait_is_cancelled_under_it_fails_alone() -> No
         await stop
     assert stop.cancelled()
     assert ran == ["closing SQLite"]  # not run again: the cancelled stop ended at once
+
+
+def _sqlite_threads() -> int:
+    return sum("_connection_worker_thread" in t.name for t in threading.enumerate())
+
+
+@pytest.mark.kafka
+async def test_a_worker_that_cannot_start_its_second_reader_leaves_its_file_closed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With worker-wide transactions a starting worker opens its SQLite file, the changelog
+    reader and a reader of the changelog's high watermarks. When the broker stops answering
+    between the two readers, the start fails with the connection error, and the file is
+    closed again: its lock released, and no SQLite thread left to keep the process from
+    exiting after the error (it hung there until killed)."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from worker.engine import state
+    from worker.engine.observe import Metrics
+    from worker.engine.store import Store
+
+    assert settings.worker_transactions
+    started = state.start_client
+    starts: list[object] = []
+
+    async def second_fails(client: Any) -> None:
+        starts.append(client)
+        if len(starts) == 2:  # the watermarks' reader: fails, stopped again as `start_client` does
+            await client.stop()
+            raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 1)]")
+        await started(client)
+
+    monkeypatch.setattr(state, "start_client", second_fails)
+    before = _sqlite_threads()
+    manager = state.StateManager(settings, Metrics())
+    with pytest.raises(KafkaConnectionError):
+        await manager.start(settings.db_path)
+    assert len(starts) == 2
+    assert _sqlite_threads() == before
+    again = await Store.open(settings.db_path, exclusive=True)  # the lock was released
+    await again.close()

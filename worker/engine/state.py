@@ -20,6 +20,7 @@ stopped between a commit and its SQLite write), and when its input offsets diffe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -36,7 +37,7 @@ from worker.engine.observe import Metrics
 from worker.engine.store import Abandoned, DamagedState, Store
 from worker.engine.task import BatchOutcome, PartitionTask, Retained, Rules, known_filter
 from worker.engine.topics import PartitionCountChanged
-from worker.kafkaio import connection
+from worker.kafkaio import connection, start_client
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -113,15 +114,25 @@ class StateManager:
             # and one still in flight after a read delays its next request that long.
             fetch_max_wait_ms=RESTORE_FETCH_WAIT_MS,
         )
+        watermarks = None
         try:
-            await restorer.start()
+            await start_client(restorer)
+            if self._settings.worker_transactions:
+                watermarks = AIOKafkaConsumer(**connection(self._settings))
+                try:
+                    await start_client(watermarks)
+                except BaseException:
+                    # Stopped just after its start, aiokafka's consumer can raise the
+                    # cancellation of a task of its own that had not run yet.
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
+                        await restorer.stop()
+                    raise
         except BaseException:
-            await store.close()  # releases the file's lock
+            # Closed, or SQLite's thread would keep the process from exiting after the error
+            # (a broker down as the worker starts): releases the file's lock too.
+            await store.close()
             raise
-        self._store, self._restorer = store, restorer
-        if self._settings.worker_transactions:
-            self._watermarks = AIOKafkaConsumer(**connection(self._settings))
-            await self._watermarks.start()
+        self._store, self._restorer, self._watermarks = store, restorer, watermarks
 
     async def stop(self) -> None:
         """Write what is queued and close; raise the error of a failed write."""
