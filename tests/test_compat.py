@@ -14,8 +14,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.consumer import fetcher
 from aiokafka.errors import KafkaTimeoutError, ProducerFenced
 from aiokafka.producer.transaction_manager import TransactionState
+from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.hostile import _RawName
 from worker import compat
@@ -366,6 +368,47 @@ def test_the_fetcher_builds_record_sets_through_the_tolerant_reader() -> None:
     """`install` replaces the record-set class aiokafka's fetcher uses."""
     compat.install()
     assert fetcher.MemoryRecords is TolerantMemoryRecords
+
+
+_BATCHES = st.none() | st.binary(max_size=64) | st.binary(max_size=64).map(bytearray)
+_TOPICS = st.lists(
+    st.tuples(
+        st.text(max_size=12),
+        st.lists(st.tuples(st.integers(0, 2**31 - 1), _BATCHES), max_size=4),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    request=st.sampled_from(compat.PRODUCE_REQUESTS),
+    transactional_id=st.none() | st.text(max_size=20),
+    acks=st.sampled_from([-1, 0, 1]),
+    timeout=st.integers(0, 2**31 - 1),
+    topics=_TOPICS,
+)
+def test_a_produce_request_is_written_as_aiokafkas_encoder_writes_it(
+    request: type, transactional_id: str | None, acks: int, timeout: int, topics: list
+) -> None:
+    """Every produce request `install` gives the one-piece encoder is written byte for
+    byte as aiokafka's schema writes it: any transactional ID (or none), topics and
+    partitions of any number, record batches as bytes, bytearrays or none."""
+    compat.install()
+    struct = request(transactional_id, acks, timeout, topics)
+    assert struct.encode() == struct.SCHEMA.encode([transactional_id, acks, timeout, topics])
+
+
+def test_the_produce_request_every_broker_is_sent_is_written_in_one_piece() -> None:
+    """The newest produce request aiokafka sends, the one a broker of today negotiates, is
+    among those written in one piece, and a batch of a megabyte is copied into it whole."""
+    compat.install()
+    newest = ProduceRequest._CLASSES[-1]
+    assert newest in compat.PRODUCE_REQUESTS
+    batch = bytes(range(256)) * 4096
+    body = newest("jobs-worker", -1, 30_000, [("jobs.status", [(3, batch)])]).encode()
+    assert body.endswith(batch)
+    assert len(body) == 2 + 11 + 2 + 4 + 4 + 2 + 11 + 4 + 4 + 4 + len(batch)
 
 
 async def test_a_busy_transaction_coordinator_is_asked_again_after_the_short_backoff() -> None:

@@ -22,6 +22,10 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
   `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
 - `open_transactions`: the transactions open on the cluster, and the partitions each holds
   (a worker aborts those a previous owner that is gone left on the partitions it takes).
+- `install` also has a produce request written in one piece: aiokafka's generic encoder
+  joins each level of the request (a partition's batch, the partitions, the topic, the
+  topics, the request) into bytes of its own, copying every record batch six times; a
+  transaction's request carries about a megabyte of them (`_encode_produce`).
 - `connect_failure`: why a client could not connect. aiokafka's bootstrap raises only
   "Unable to bootstrap from [...]" and logs the cause (a wrong password, an untrusted
   certificate); a filter on its logger keeps that cause.
@@ -67,6 +71,7 @@ from aiokafka.errors import (
 )
 from aiokafka.producer import sender
 from aiokafka.producer.transaction_manager import TransactionManager, TransactionState
+from aiokafka.protocol import produce
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     Boolean,
@@ -76,6 +81,7 @@ from aiokafka.protocol.types import (
     Int32,
     Int64,
     Schema,
+    String,
     TaggedFields,
 )
 from aiokafka.record.default_records import _DefaultRecordBatchPy, _DefaultRecordPy
@@ -180,6 +186,37 @@ def install() -> None:
     fetcher.MemoryRecords = TolerantMemoryRecords
     sender.BACKOFF_OVERRIDE = TXN_BUSY_BACKOFF_S
     TransactionManager.offsets_to_commit = _offsets_to_commit_after_records
+    for request in PRODUCE_REQUESTS:
+        request.encode = _encode_produce
+
+
+# aiokafka's produce requests of version 3's schema (versions 3 to 8 share it), which
+# `_encode_produce` writes (`tests/test_compat.py` checks it against aiokafka's encoder); a
+# version of another schema keeps aiokafka's.
+PRODUCE_REQUESTS = tuple(
+    request
+    for request in vars(produce).values()
+    if getattr(request, "SCHEMA", None) is produce.ProduceRequest_v3.SCHEMA
+)
+_PRODUCE_FIELDS = ("transactional_id", "required_acks", "timeout", "topics")
+_INT16 = struct.Struct(">h").pack
+_INT32 = struct.Struct(">i").pack
+_TEXT = String("utf-8").encode
+
+
+def _encode_produce(self: RequestStruct) -> bytes:
+    """A produce request's body as aiokafka's `Struct.encode` writes it, joined once: each
+    record batch is copied into it, not into every level's bytes on the way."""
+    transactional_id, acks, timeout, topics = (self.__dict__[name] for name in _PRODUCE_FIELDS)
+    parts = [_TEXT(transactional_id), _INT16(acks), _INT32(timeout), _INT32(len(topics))]
+    for topic, partitions in topics:
+        parts += (_TEXT(topic), _INT32(len(partitions)))
+        for partition, batch in partitions:
+            if batch is None:
+                parts += (_INT32(partition), _INT32(-1))
+            else:
+                parts += (_INT32(partition), _INT32(len(batch)), batch)
+    return b"".join(parts)
 
 
 _log = structlog.get_logger("worker")
