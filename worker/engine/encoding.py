@@ -9,19 +9,24 @@ exponent has no plus sign in it (`1e20` where pydantic writes `1e+20`), the same
 to any JSON reader. Infinity and NaN, which no input carries, are written as `null`.
 `tests/test_encoding.py` checks both serializers against each other over generated values.
 
+The worker's own values (a run row, a job state's runs and window entries) are handed to
+msgspec as structs of their fields (`_plain`): msgspec writes a struct's keys as it made
+them once, where a dict of the fields (`Value.as_dict`) was built for each value and its
+keys escaped again each time (a run row in 0.35 µs instead of 0.69).
+
 Whatever msgspec cannot encode goes to pydantic's serializer, as before. Everything the
 worker reads is still validated by pydantic. A hot module (`worker.compiled`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from pydantic import TypeAdapter
 
 from schemas import RUN_ROW_PREFIX, Source, StatusEvent
-from worker.core.jobstate import JobState
+from worker.core.jobstate import Decided, EndedRun, JobState, Queued, Run
 from worker.core.runs import RunRow
 from worker.core.values import Value
 
@@ -30,14 +35,81 @@ from worker.core.values import Value
 _CANNOT = (TypeError, ValueError, RecursionError, msgspec.EncodeError)
 
 
+def _struct(value_class: type[Value]) -> Any:
+    """A msgspec struct class of `value_class`'s fields, in order, of any type; not tracked
+    by the garbage collector (one lives only while its value is written)."""
+    fields = [(name, Any) for name in value_class.FIELDS]
+    return msgspec.defstruct(f"{value_class.__name__}Fields", fields, gc=False)
+
+
+_RUN_ROW: Final[Any] = _struct(RunRow)
+_RUN: Final[Any] = _struct(Run)
+_DECIDED: Final[Any] = _struct(Decided)
+_ENDED: Final[Any] = _struct(EndedRun)
+_QUEUED: Final[Any] = _struct(Queued)
+# A head is the state without its windows (rows of their own) and without the index of its
+# idempotency window, which is never written (`JobState.decided_index`): its other fields.
+_NO_WINDOWS = {"decided": True, "ended": True}
+_HEAD: Final[Any] = msgspec.defstruct(
+    "JobStateHead", [(n, Any) for n in JobState.FIELDS if n not in _NO_WINDOWS], gc=False
+)
+
+
 def _plain(value: Any) -> Any:
-    """An event's source as its fields (a frozen model: its `__dict__`), and a native value
-    (a run row, a job state's run or window entry) as its fields, in order."""
+    """What msgspec writes for a value it does not know: an event's source as its fields (a
+    frozen model: its `__dict__`), a native value as a struct of its fields, in order
+    (`_struct`; another `Value` as the dict of them)."""
+    if isinstance(value, Run):
+        return _RUN(
+            value.run_id,
+            value.job_type,
+            value.client_id,
+            value.request_id,
+            value.status,
+            value.started_at,
+            value.initial_data,
+            value.scope,
+            value.deadline,
+            value.size,
+            value.was_queued,
+        )
+    if isinstance(value, Decided):
+        return _DECIDED(value.request_id, value.type, value.run_id)
+    if isinstance(value, EndedRun):
+        return _ENDED(value.run_id, value.status, value.ended_at)
+    if isinstance(value, RunRow):
+        return _row_fields(value)
     if type(value) is Source:
         return value.__dict__
+    if isinstance(value, Queued):
+        return _QUEUED(
+            value.run_id,
+            value.request_id,
+            value.client_id,
+            value.scope,
+            value.queued_at,
+            value.size,
+            value.initial_data,
+        )
     if isinstance(value, Value):
         return value.as_dict()
     raise TypeError(f"{type(value).__name__} is not written by msgspec")
+
+
+def _row_fields(row: RunRow) -> Any:
+    return _RUN_ROW(
+        row.run_id,
+        row.job_type,
+        row.client_id,
+        row.request_id,
+        row.status,
+        row.partition,
+        row.started_at,
+        row.ended_at,
+        row.initial_data,
+        row.metrics,
+        row.reason,
+    )
 
 
 _ENCODE = msgspec.json.Encoder(enc_hook=_plain).encode
@@ -50,9 +122,6 @@ _EVENT_JSON = StatusEvent.__pydantic_serializer__.to_json
 _RUN_JSON = RUN.serializer.to_json
 _STATE_JSON = STATE.serializer.to_json
 _ANY_JSON = TypeAdapter(Any).serializer.to_json
-# A head is the state without its windows (rows of their own) and without the index of its
-# idempotency window, which is never written (`JobState.decided_index`).
-_NO_WINDOWS = {"decided": True, "ended": True}
 
 
 def event_json(event: StatusEvent) -> bytes:
@@ -67,7 +136,7 @@ def event_json(event: StatusEvent) -> bytes:
 def run_json(row: RunRow) -> bytes:
     """A run row's JSON, as in its changelog row."""
     try:
-        return _ENCODE(row)
+        return _ENCODE(_row_fields(row))
     except _CANNOT:
         return _RUN_JSON(row)
 
@@ -82,13 +151,7 @@ def head_json(state: JobState) -> bytes:
     """A job state's JSON without its windows: its head row (`stored.head`)."""
     try:
         return _ENCODE(
-            {  # its fields, read one by one (by name, each read is looked up)
-                "job_type": state.job_type,
-                "active": state.active,
-                "queue": state.queue,
-                "ended_next": state.ended_next,
-                "decided_next": state.decided_next,
-            }
+            _HEAD(state.job_type, state.active, state.queue, state.ended_next, state.decided_next)
         )
     except _CANNOT:
         return _STATE_JSON(state, exclude=_NO_WINDOWS)
