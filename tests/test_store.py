@@ -511,6 +511,101 @@ class _Binding:
         self.types.update(type(value) for row in rows for value in row)
         return self.db.executemany(sql, rows)
 
+    def execute(self, sql: str, params: Any) -> sqlite3.Cursor:
+        self.types.update(type(value) for value in params)
+        return self.db.execute(sql, params)
+
+    def getlimit(self, category: int) -> int:
+        return self.db.getlimit(category)
+
+
+def _batches(count: int) -> tuple[writer._Pending, writer._Pending]:
+    """`count` runs started on as many job types (each with a window entry), then ended."""
+    ids = [f"r{n:04d}" for n in range(count)]
+    started = writer._Pending(
+        runs={i: run(i).replace(job_type=f"job-{i}") for i in ids},
+        states={f"job-{i}": (0, JobState(f"job-{i}")) for i in ids},
+        entries={(f"job-{i}", "d", 0): b'{"request_id":"%s"}' % i.encode() for i in ids},
+        offsets={("jobs.requests", 0): count},
+    )
+    ended = writer._Pending(
+        runs={
+            i: run(i, RunStatus.COMPLETED).replace(job_type=f"job-{i}", metrics={"n": n})
+            for n, i in enumerate(ids)
+        },
+        ended=set(ids),
+        states={f"job-{i}": (0, JobState(f"job-{i}", ended_next=1)) for i in ids},
+        entries={(f"job-{i}", "e", 0): b'{"run_id":"%s"}' % i.encode() for i in ids},
+        offsets={("jobs.results", 0): count},
+    )
+    return started, ended
+
+
+def _tables(db: sqlite3.Connection) -> list[list[Any]]:
+    return [
+        db.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+        for table in ("runs", "job_states", "window_entries", "applied_offsets")
+    ]
+
+
+def _one_a_row(db: sqlite3.Connection, batch: writer._Pending) -> None:
+    """What the write-behind wrote of `batch` with one-row statements (its runs either new or
+    ended over their start's row), the oracle of the many-row statements."""
+    params = [stored.run_params(r, retained=True) for i, r in batch.runs.items()]
+    if batch.ended:
+        db.executemany(
+            sqlfile.END_RUN,
+            [
+                (r.status.value, stored.time_text(r.ended_at), stored.dumps(r.metrics), 0, i)
+                for i, r in batch.runs.items()
+                if r.ended_at is not None
+            ],
+        )
+    else:
+        db.executemany(sqlfile.UPSERT_RUN, params)
+    db.executemany(
+        sqlfile.PUT_STATE_IN_PLACE,
+        [(j, p, bytearray(stored.head(state))) for j, (p, state) in batch.states.items()],
+    )
+    db.executemany(
+        sqlfile.PUT_ENTRY, [(*key, bytearray(e or b"")) for key, e in batch.entries.items()]
+    )
+    db.executemany(sqlfile.PUT_OFFSET, [(*key, o) for key, o in batch.offsets.items()])
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 255, 256, 257, 700])
+@pytest.mark.parametrize("update_from", [True, False])
+@pytest.mark.parametrize("variables", [32_766, 30])
+def test_a_batch_written_a_few_statements_of_many_rows_writes_what_one_a_row_wrote(
+    monkeypatch: pytest.MonkeyPatch, count: int, update_from: bool, variables: int
+) -> None:
+    """The write-behind writes a batch's runs, job states and window entries in statements
+    of many rows (`writer.execute_many`): whatever the batch's size, what SQLite allows in a
+    statement, and whether it can update from a list of values (3.33 and later), the file
+    then holds, row for row, what one-row statements wrote, in a few statements."""
+    many, one = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    for db in (many, one):
+        db.executescript(sqlfile.SCHEMA)
+    many.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, variables)
+    monkeypatch.setattr(writer, "UPDATE_FROM", update_from)
+    ran: list[str] = []
+    many.set_trace_callback(ran.append)
+    for batch in _batches(count):
+        batch.write(many)
+        _one_a_row(one, batch)
+    many.set_trace_callback(None)
+    assert _tables(many) == _tables(one)
+    assert len(_tables(many)[0]) == count
+    assert many.execute("SELECT COUNT(*) FROM runs WHERE status = 'COMPLETED'").fetchone() == (
+        count,
+    )
+    updates_from = [sql for sql in ran if "FROM (VALUES" in sql]
+    assert bool(updates_from) is update_from
+    if update_from and variables > 12 * writer.MOST_ROWS:  # 256 runs a statement allowed
+        # each batch: BEGIN, its offset, and for each of its 3 tables one statement a
+        # `MOST_ROWS` rows and at most 8 more (128, 64, ... 1 rows) for the rest
+        assert len(ran) <= 2 * (2 + 3 * (count // writer.MOST_ROWS + 8))
+
 
 def test_the_write_behind_binds_only_types_sqlite3_takes_without_an_adapter_lookup() -> None:
     """sqlite3 looks for an adapter for any parameter that is not exactly an int, float, str

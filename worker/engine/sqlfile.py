@@ -146,6 +146,42 @@ COLUMNS = (
 )
 
 
+class Many:
+    """One statement for many rows: `head`, then `row` once for each row, comma-separated,
+    then `tail`; `sql(n)` is the statement for `n` rows (made once for each `n`).
+
+    The write-behind writes a batch's rows with these (`writer.execute_many`) rather than
+    with `executemany`, which runs the statement once for each row: each run a step of
+    SQLite's machine with its locks and GIL hand-over, and the end of a statement
+    (`sqlite3VdbeHalt`), a sixth of SQLite's instructions in a transition.
+    """
+
+    def __init__(self, head: str, row: str, tail: str = "") -> None:
+        self.head = head
+        self.row = row
+        self.tail = tail
+        self.width = row.count("?")  # parameters a row
+        self._sql: dict[int, str] = {}
+
+    @classmethod
+    def of(cls, statement: str) -> Many:
+        """The many-row form of a one-row `INSERT ... VALUES (...) [tail]`."""
+        start = statement.index(" VALUES (") + len(" VALUES ")
+        depth = 0
+        for end, char in enumerate(statement[start:], start):
+            depth += (char == "(") - (char == ")")
+            if depth == 0:
+                return cls(statement[:start], statement[start : end + 1], statement[end + 1 :])
+        raise ValueError(f"no row of values in {statement!r}")
+
+    def sql(self, rows: int) -> str:
+        """The statement for `rows` rows."""
+        made = self._sql.get(rows)
+        if made is None:
+            made = self._sql[rows] = self.head + ",".join([self.row] * rows) + self.tail
+        return made
+
+
 # A run's identity columns never change; updating only the others leaves the by-type index
 # alone (INSERT OR REPLACE deleted and re-inserted the row and every index entry).
 UPSERT_RUN = (
@@ -169,6 +205,19 @@ END_RUN = (
     "UPDATE runs SET status = ?, ended_at = ?, metrics = NULLIF(?, 0), reason = NULLIF(?, 0) "
     "WHERE run_id = ?"
 )
+
+
+UPSERT_RUNS = Many.of(UPSERT_RUN)
+# `END_RUN` for many runs: SQLite 3.33 and later (`UPDATE ... FROM`); before, run by run.
+END_RUNS = Many(
+    "UPDATE runs SET status = v.column1, ended_at = v.column2, metrics = NULLIF(v.column3, 0), "
+    "reason = NULLIF(v.column4, 0) FROM (VALUES ",
+    "(?, ?, ?, ?, ?)",
+    ") AS v WHERE runs.run_id = v.column5",
+)
+UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+PUT_STATES_IN_PLACE = Many.of(PUT_STATE_IN_PLACE)
+PUT_ENTRIES = Many.of(PUT_ENTRY)
 
 
 # Each `run_change` field: its position in an `UPSERT_RUN` row and in an `UPDATE_RUN` one,

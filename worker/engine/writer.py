@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiosqlite
 import structlog
@@ -36,11 +37,14 @@ from worker.engine import stored
 from worker.engine.sqlfile import (
     DROP_ENTRY,
     END_RUN,
-    PUT_ENTRY,
+    END_RUNS,
+    PUT_ENTRIES,
     PUT_OFFSET,
     PUT_STATE,
-    PUT_STATE_IN_PLACE,
-    UPSERT_RUN,
+    PUT_STATES_IN_PLACE,
+    UPDATE_FROM,
+    UPSERT_RUNS,
+    Many,
     write_in_thread,
 )
 from worker.engine.stored import NULL, dumps, run_params, status_text
@@ -78,12 +82,13 @@ class _Pending:
             (j, p, bytearray(heads.get(j) or stored.head(state)))
             for j, (p, state) in self.states.items()
         ]
-        if db.executemany(PUT_STATE_IN_PLACE, states).rowcount < len(states):
+        if execute_many(db, PUT_STATES_IN_PLACE, states) < len(states):
             db.executemany(PUT_STATE, states)  # some job type moved to another partition
         if gone := [key for key, entry in self.entries.items() if entry is None]:
-            db.executemany(DROP_ENTRY, gone)
-        db.executemany(
-            PUT_ENTRY,
+            db.executemany(DROP_ENTRY, gone)  # (a row-value IN over many rows scans)
+        execute_many(
+            db,
+            PUT_ENTRIES,
             [(*key, bytearray(entry)) for key, entry in self.entries.items() if entry is not None],
         )
         db.executemany(PUT_OFFSET, [(t, p, o) for (t, p), o in self.offsets.items()])
@@ -97,20 +102,21 @@ class _Pending:
         if not ended:
             return
         ends = [rows[run_id] for run_id in ended]
-        cursor = db.executemany(
-            END_RUN,
-            [
-                (
-                    status_text(r.status),
-                    stored.time_text(r.ended_at) if r.ended_at else None,
-                    NULL if r.metrics is None else dumps(r.metrics),
-                    NULL if r.reason is None else r.reason,
-                    r.run_id,
-                )
-                for r in ends
-            ],
-        )
-        if cursor.rowcount < len(ends):
+        params = [
+            (
+                status_text(r.status),
+                stored.time_text(r.ended_at) if r.ended_at else None,
+                NULL if r.metrics is None else dumps(r.metrics),
+                NULL if r.reason is None else r.reason,
+                r.run_id,
+            )
+            for r in ends
+        ]
+        if UPDATE_FROM:
+            updated = execute_many(db, END_RUNS, params)
+        else:
+            updated = db.executemany(END_RUN, params).rowcount
+        if updated < len(ends):
             # A run started and ended in one batch has no row yet: write the ends whole
             # (an upsert leaves the rows that were updated as they are now).
             upsert_runs_now(db, ends, retained=True)
@@ -229,4 +235,32 @@ class WriteBehind:
 
 def upsert_runs_now(db: sqlite3.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
     """`sqlfile.upsert_runs` on the connection's own thread (`write_in_thread`)."""
-    db.executemany(UPSERT_RUN, [run_params(r, retained=retained) for r in runs])
+    execute_many(db, UPSERT_RUNS, [run_params(r, retained=retained) for r in runs])
+
+
+MOST_ROWS = 256  # rows a statement of `execute_many` at most
+
+
+def execute_many(db: sqlite3.Connection, many: Many, rows: Sequence[Sequence[Any]]) -> int:
+    """`many`'s statement over `rows`, in order, a few statements of many rows each; how
+    many rows they changed (as `executemany`'s `rowcount`).
+
+    Each statement takes a power of two rows, at most `MOST_ROWS` and as many parameters
+    as SQLite allows: a batch's rows go in a few statements of a few sizes, each prepared
+    once and then found in the connection's statement cache.
+    """
+    total = len(rows)
+    most = MOST_ROWS
+    limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    while most > 1 and most * many.width > limit:
+        most //= 2
+    changed = 0
+    start = 0
+    while start < total:
+        size = most
+        while size > total - start:
+            size //= 2
+        params = [value for row in rows[start : start + size] for value in row]
+        changed += db.execute(many.sql(size), params).rowcount
+        start += size
+    return changed
