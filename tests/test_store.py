@@ -656,7 +656,7 @@ def test_the_write_behind_binds_only_types_sqlite3_takes_without_an_adapter_look
 )
 def test_a_brokers_time_is_stored_as_isoformat_spells_it(at: datetime) -> None:
     """SQLite's time columns hold `isoformat`'s text (their order and the `since` filter
-    compare it); `time_text` spells a UTC time to the millisecond from tables."""
+    compare it); `time_text` has msgspec spell a UTC time, a broker's to the millisecond."""
     assert stored.time_text(at) == at.isoformat()
 
 

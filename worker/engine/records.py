@@ -98,7 +98,7 @@ def write_outcome(out: RecordBatches, topics: Topics, number: int, outcome: Batc
         for event in outcome.events:
             value = event_json(event)
             trace = traces.get(event.__dict__["event_id"]) if traces else None
-            headers = status_headers(event, value, source, trace)
+            headers = status_headers(event, source, trace)
             if settings is not None:
                 headers.append(settings)
             job_type: str = event.__dict__["job_type"]  # past pydantic's `__getattr__` hook
