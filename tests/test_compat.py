@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from tests.hostile import _RawName
 from worker import compat
 from worker.compat import TolerantMemoryRecords
-from worker.engine.records import _NO_HEADERS, RecordBatches, append_record
+from worker.engine.records import _NO_HEADERS, RecordBatches
 from worker.settings import Settings
 
 
@@ -343,23 +343,34 @@ async def test_open_transactions_name_their_partitions_and_a_new_producer_aborts
             await client.stop()
 
 
-async def test_a_record_appended_directly_reads_back_as_appended_and_a_full_batch_closes() -> None:
-    """`append_record` writes what `BatchBuilder.append` writes, counts it as the producer
-    does, and says when the batch is full (closing it)."""
+async def test_records_appended_directly_read_back_as_appended_and_counted_as_by_the_producer() -> (
+    None
+):
+    """`RecordBatches.append` writes what `BatchBuilder.append` writes, a full batch is
+    closed and the next opened, and each batch taken counts its records (`record_count`)
+    as the producer would have counted them: the count it sends and sequences by."""
     producer = AIOKafkaProducer(bootstrap_servers="localhost:9", max_batch_size=600)
     try:
-        builder = producer.create_batch()
+        out = RecordBatches(producer.create_batch)
         sent = [
             (b"job-%d" % i, b"v" * 100, [("ce_id", b"%d" % i), ("empty", None)]) for i in range(9)
         ]
-        taken = [append_record(builder, *record) for record in sent]
-        assert builder.closed()
-        count = builder.record_count()
-        assert 0 < count < len(sent)
-        assert taken == [True] * count + [False] * (len(sent) - count)
-        batch = list(MemoryRecords(bytes(builder._build())).next_batch())
-        assert [(r.key, r.value, list(r.headers)) for r in batch] == sent[:count]
-        assert [r.offset for r in batch] == list(range(count))
+        for record in sent:
+            out.append(out.to("jobs.status", 3), *record)
+        (where, builders), *others = out.take().items()
+        assert where == ("jobs.status", 3)
+        assert not others
+        assert len(builders) > 1
+        assert all(builder.closed() for builder in builders[:-1])
+        assert not builders[-1].closed()
+        read = []
+        for builder in builders:
+            batch = list(MemoryRecords(bytes(builder._build())).next_batch())
+            assert builder.record_count() == len(batch) > 0
+            assert [r.offset for r in batch] == list(range(len(batch)))
+            read += [(r.key, r.value, list(r.headers)) for r in batch]
+        assert read == sent
+        assert out.take() == {}  # taken: the next record opens new batches
     finally:
         await producer.stop()
 
@@ -468,8 +479,9 @@ async def test_record_batches_keep_each_partitions_order_across_full_batches() -
             headers = [("n", b"%d" % i)] if i % 2 else ()
             out.add("jobs.state", i % 2, b"k%d" % i, b"v" * 100, headers)
         assert out.records == 30
-        assert sorted(out.batches) == [("jobs.state", 0), ("jobs.state", 1)]
-        for (_, partition), builders in out.batches.items():
+        taken = out.take()
+        assert sorted(taken) == [("jobs.state", 0), ("jobs.state", 1)]
+        for (_, partition), builders in taken.items():
             assert len(builders) > 1
             read = [
                 (r.key, list(r.headers))

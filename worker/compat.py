@@ -17,9 +17,10 @@ installed aiokafka (`tests/test_compat.py`), so an upgrade that removes one fail
   failure has reached the caller: aiokafka leaves them for asyncio to report as "Future
   exception was never retrieved" when they are collected (tested where a transaction is
   fenced on the broker, `tests/test_worker_transactions.py`).
-- `worker.engine.records.append_record` (kept with the record batches it fills, in a
-  compiled module): a record appended to a producer's record batch without
-  `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four).
+- `worker.engine.records.Partition` (kept with the record batches it fills, in a
+  compiled module): records appended to a producer's record batch without
+  `BatchBuilder.append`'s wrapper (0.56 → 0.22 µs a record; a transition writes four),
+  counted as it counts them.
 - `open_transactions`: the transactions open on the cluster, and the partitions each holds
   (a worker aborts those a previous owner that is gone left on the partitions it takes).
 - `install` also has a produce request written in one piece: aiokafka's generic encoder

@@ -89,12 +89,10 @@ class Outbox:
         """
         futures = []
         sent: list[tuple[tuple[str, int], int]] = []  # (topic-partition, records) a batch
-        batches = self.batches.batches
-        for (topic, partition), builders in batches.items():
+        for (topic, partition), builders in self.batches.take().items():
             for builder in builders:
                 sent.append(((topic, partition), builder.record_count()))
                 futures.append(await self._producer.send_batch(builder, topic, partition=partition))
-        batches.clear()
         ends: dict[tuple[str, int], int] = {}
         if futures:
             # Every delivery is awaited, so that no failure is left unretrieved.
