@@ -73,7 +73,7 @@ _SHA1_COPY: Final = type(_NAMESPACE_SHA1).copy
 _SHA1_UPDATE: Final = type(_NAMESPACE_SHA1).update
 _SHA1_HEXDIGEST: Final = type(_NAMESPACE_SHA1).hexdigest
 # An RFC 4122 variant's first hex digit (binary 10xx) for each first digit of a hash.
-_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+_VARIANT: Final = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 class Action(StrEnum):
@@ -116,6 +116,21 @@ class Scope(StrEnum):
 
     JOB_TYPE = "job_type"  # one run per job type
     JOB_TYPE_CLIENT = "job_type+client"  # one run per job type and client ID
+
+
+# The members the rules read on every transition, in compiled constants: read from their
+# classes, each is looked up through `EnumType`'s `__getattr__` hook, at several hundred
+# instructions a read.
+_JOB_TYPE_CLIENT: Final = Scope.JOB_TYPE_CLIENT
+_REJECT: Final = Policy.REJECT
+_QUEUE: Final = Policy.QUEUE
+_REPLACE: Final = Policy.REPLACE
+_START: Final = Action.START
+_COMPLETE: Final = Action.COMPLETE
+_FAIL: Final = Action.FAIL
+_QUEUED_RUN: Final = RunStatus.QUEUED
+_COMPLETED_RUN: Final = RunStatus.COMPLETED
+_REJECTED: Final = EventType.REJECTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +436,7 @@ def scope_key(config: JobConfig, client_id: str | None) -> str:
     """The scope a request with `client_id` counts against. Client IDs are compared as run
     IDs spell them (trimmed, lower case): `Acme` and `acme` share one scope, as they share
     one run-ID suffix."""
-    if config.scope is not Scope.JOB_TYPE_CLIENT or not client_id:
+    if config.scope is not _JOB_TYPE_CLIENT or not client_id:
         return ""
     return client_id.strip().lower()
 
@@ -618,7 +633,7 @@ def _decided(state: JobState, request_id: str, start: bool = False) -> Decided |
     return None
 
 
-_START_ANSWERS = frozenset({EventType.STARTED, EventType.QUEUED, EventType.REFUSED})
+_START_ANSWERS: Final = frozenset({EventType.STARTED, EventType.QUEUED, EventType.REFUSED})
 
 
 def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limits) -> JobState:
@@ -627,7 +642,7 @@ def _remember(state: JobState, command: Start | Cancel, out: _Out, limits: Limit
     A rejection is not recorded: an input that cannot apply leaves the state unchanged.
     """
     first = out.events[0].__dict__  # its fields, past pydantic's `__getattr__` hook (`built`)
-    if first["type"] is EventType.REJECTED:
+    if first["type"] is _REJECTED:
         return state
     if isinstance(command, Start):
         # A replacing start first cancels the old run; its answer is the run it started.
@@ -763,7 +778,7 @@ def _start_run(
         scope,
         _deadline(config, started_at),
         size,
-        before is RunStatus.QUEUED,  # was_queued
+        before is _QUEUED_RUN,  # was_queued
     )
     out.emit(
         event_type,
@@ -955,11 +970,11 @@ def _full(state: JobState, cmd: Start, limits: Limits) -> str:
 
 def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: _Out) -> JobState:
     scope = scope_key(config, cmd.client_id)
-    suffix = cmd.client_id if config.scope is Scope.JOB_TYPE_CLIENT else None
+    suffix = cmd.client_id if config.scope is _JOB_TYPE_CLIENT else None
     run_id = make_run_id(cmd.at, cmd.source.partition, cmd.source.offset, suffix)
     active = _active_in(state, scope)
-    freed = active.size if active is not None and config.policy is Policy.REPLACE else 0
-    if (active is None or config.policy is not Policy.REJECT) and (
+    freed = active.size if active is not None and config.policy is _REPLACE else 0
+    if (active is None or config.policy is not _REJECT) and (
         _held(state) - freed + cmd.size > limits.run_bytes
     ):
         return _reject(
@@ -969,7 +984,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             request_id=cmd.request_id,
             client_id=cmd.client_id,
         )
-    if active is not None and config.policy is Policy.QUEUE:
+    if active is not None and config.policy is _QUEUE:
         move = _move(None, Action.ENQUEUE)
         if move is None:
             return _reject(state, out, _illegal(None, Action.ENQUEUE), request_id=cmd.request_id)
@@ -988,7 +1003,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
             run_id, cmd.request_id, cmd.client_id, scope, cmd.at, cmd.size, cmd.initial_data
         )
         return _changed(state, queue=(*state.queue, waiting))
-    if active is not None and config.policy is not Policy.REPLACE:
+    if active is not None and config.policy is not _REPLACE:
         what = f"job type {cmd.job_type!r}"
         if scope:
             what += f" for client {cmd.client_id!r}"
@@ -1024,7 +1039,7 @@ def _start(state: JobState, cmd: Start, config: JobConfig, limits: Limits, out: 
         initial_data=cmd.initial_data,
         scope=scope,
         before=None,
-        action=Action.START,
+        action=_START,
         config=config,
         out=out,
         size=cmd.size,
@@ -1112,7 +1127,7 @@ def _finish(state: JobState, cmd: Finish, config: JobConfig, limits: Limits, out
     if run_id is None:
         assert problem is not None
         return _reject(state, out, problem, request_id=cmd.request_id, run_id=cmd.run_id)
-    action = Action.COMPLETE if cmd.status is RunStatus.COMPLETED else Action.FAIL
+    action = _COMPLETE if cmd.status is _COMPLETED_RUN else _FAIL
     active = next((r for r in state.active if r.run_id == run_id), None)
     if active is None or _move(active.status, action) is None:
         return _reject(

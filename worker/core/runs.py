@@ -13,6 +13,15 @@ from typing import Any, Final
 from schemas import ENDING_EVENTS, EventType, RunStatus, StatusEvent
 from worker.core.values import Value
 
+# Read on every transition, in compiled constants: an enum member read from its class is
+# looked up through `EnumType`'s `__getattr__` hook, an imported name in the module's dict.
+_STARTED: Final = EventType.STARTED
+_QUEUED: Final = EventType.QUEUED
+_PROGRESS: Final = EventType.PROGRESS
+_RUNNING: Final = RunStatus.RUNNING
+_QUEUED_RUN: Final = RunStatus.QUEUED
+_ENDING: Final = ENDING_EVENTS
+
 
 class RunRow(Value):
     """One run as recorded. A native class where compiled (`worker.core.values`); pydantic
@@ -81,12 +90,12 @@ def new_row(event: StatusEvent, partition: int) -> RunRow | None:
     when it was queued, until its `started` event replaces the row); None for any other."""
     fields = event.__dict__  # its fields, read past pydantic's `__getattr__` hook (`built`)
     kind = fields["type"]
-    if kind is EventType.STARTED:
+    if kind is _STARTED:
         started_at = fields["started_at"]
         assert started_at is not None
-        return _created(fields, partition, RunStatus.RUNNING, started_at)
-    if kind is EventType.QUEUED and fields["run_id"] is not None:
-        return _created(fields, partition, RunStatus.QUEUED, fields["occurred_at"])
+        return _created(fields, partition, _RUNNING, started_at)
+    if kind is _QUEUED and fields["run_id"] is not None:
+        return _created(fields, partition, _QUEUED_RUN, fields["occurred_at"])
     return None
 
 
@@ -116,9 +125,9 @@ def run_change(event: StatusEvent) -> dict[str, Any] | None:
     """
     fields = event.__dict__  # its fields, read past pydantic's `__getattr__` hook (`built`)
     kind = fields["type"]
-    if kind is EventType.PROGRESS:
+    if kind is _PROGRESS:
         return {"metrics": fields["metrics"]}
-    if kind not in ENDING_EVENTS:
+    if kind not in _ENDING:
         return None
     assert fields["status"] is not None
     change: dict[str, Any] = {

@@ -75,6 +75,8 @@ class UnreadableState(Exception):
 
 # Called through its descriptor: compiled, `t.timestamp()` looks the method up at each call.
 _TIMESTAMP: Final = datetime.timestamp
+# A compiled constant: read from its class, a member is looked up through a hook.
+_PROGRESS: Final = EventType.PROGRESS
 
 
 class Retained:
@@ -601,7 +603,7 @@ class PartitionTask:
             return  # a run queued before queued runs had rows, cancelled before it started
         row = changed(active, change)
         outcome.runs[run_id] = row
-        if event.__dict__["type"] is EventType.PROGRESS:
+        if event.__dict__["type"] is _PROGRESS:
             self.runs[run_id] = row
         else:
             del self.runs[run_id]
