@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,19 +78,19 @@ class _Pending:
             )
         heads = self.heads
         # Blobs as bytearrays, which sqlite3 binds without looking for an adapter (`NULL`).
-        states = [
-            (j, p, bytearray(heads.get(j) or stored.head(state)))
-            for j, (p, state) in self.states.items()
-        ]
-        if execute_many(db, PUT_STATES_IN_PLACE, states) < len(states):
-            db.executemany(PUT_STATE, states)  # some job type moved to another partition
+        states: list[Any] = []  # each state's parameters, one after another
+        for j, (p, state) in self.states.items():
+            states += (j, p, bytearray(heads.get(j) or stored.head(state)))
+        if execute_many(db, PUT_STATES_IN_PLACE, states) < len(self.states):
+            # some job type moved to another partition
+            db.executemany(PUT_STATE, [states[i : i + 3] for i in range(0, len(states), 3)])
         if gone := [key for key, entry in self.entries.items() if entry is None]:
             db.executemany(DROP_ENTRY, gone)  # (a row-value IN over many rows scans)
-        execute_many(
-            db,
-            PUT_ENTRIES,
-            [(*key, bytearray(entry)) for key, entry in self.entries.items() if entry is not None],
-        )
+        entries: list[Any] = []
+        for key, entry in self.entries.items():
+            if entry is not None:
+                entries += (*key, bytearray(entry))
+        execute_many(db, PUT_ENTRIES, entries)
         db.executemany(PUT_OFFSET, [(t, p, o) for (t, p), o in self.offsets.items()])
 
     def _write_runs(self, db: sqlite3.Connection) -> None:
@@ -102,20 +102,20 @@ class _Pending:
         if not ended:
             return
         ends = [rows[run_id] for run_id in ended]
-        params = [
-            (
+        params: list[Any] = []  # each end's, one after another
+        for r in ends:
+            params += (
                 status_text(r.status),
                 stored.time_text(r.ended_at) if r.ended_at else None,
                 NULL if r.metrics is None else dumps(r.metrics),
                 NULL if r.reason is None else r.reason,
                 r.run_id,
             )
-            for r in ends
-        ]
         if UPDATE_FROM:
             updated = execute_many(db, END_RUNS, params)
         else:
-            updated = db.executemany(END_RUN, params).rowcount
+            one_a_row = [params[i : i + 5] for i in range(0, len(params), 5)]
+            updated = db.executemany(END_RUN, one_a_row).rowcount
         if updated < len(ends):
             # A run started and ended in one batch has no row yet: write the ends whole
             # (an upsert leaves the rows that were updated as they are now).
@@ -235,24 +235,29 @@ class WriteBehind:
 
 def upsert_runs_now(db: sqlite3.Connection, runs: Iterable[RunRow], *, retained: bool) -> None:
     """`sqlfile.upsert_runs` on the connection's own thread (`write_in_thread`)."""
-    execute_many(db, UPSERT_RUNS, [run_params(r, retained=retained) for r in runs])
+    params: list[Any] = []  # each run's, one after another
+    for r in runs:
+        params += run_params(r, retained=retained)
+    execute_many(db, UPSERT_RUNS, params)
 
 
 MOST_ROWS = 256  # rows a statement of `execute_many` at most
 
 
-def execute_many(db: sqlite3.Connection, many: Many, rows: Sequence[Sequence[Any]]) -> int:
-    """`many`'s statement over `rows`, in order, a few statements of many rows each; how
-    many rows they changed (as `executemany`'s `rowcount`).
+def execute_many(db: sqlite3.Connection, many: Many, params: list[Any]) -> int:
+    """`many`'s statement over rows whose parameters `params` holds one row after another
+    (`many.width` a row), in order, in a few statements of many rows each; how many rows
+    they changed (as `executemany`'s `rowcount`).
 
     Each statement takes a power of two rows, at most `MOST_ROWS` and as many parameters
     as SQLite allows: a batch's rows go in a few statements of a few sizes, each prepared
     once and then found in the connection's statement cache.
     """
-    total = len(rows)
+    width = many.width
+    total = len(params) // width
     most = MOST_ROWS
     limit = db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    while most > 1 and most * many.width > limit:
+    while most > 1 and most * width > limit:
         most //= 2
     changed = 0
     start = 0
@@ -260,7 +265,7 @@ def execute_many(db: sqlite3.Connection, many: Many, rows: Sequence[Sequence[Any
         size = most
         while size > total - start:
             size //= 2
-        params = [value for row in rows[start : start + size] for value in row]
-        changed += db.execute(many.sql(size), params).rowcount
+        rows = params if size == total else params[start * width : (start + size) * width]
+        changed += db.execute(many.sql(size), rows).rowcount
         start += size
     return changed
