@@ -26,7 +26,7 @@ import msgspec
 from pydantic import TypeAdapter
 
 from schemas import RUN_ROW_PREFIX, Source, StatusEvent
-from worker.core.jobstate import Decided, EndedRun, JobState, Queued, Run
+from worker.core.jobstate import Decided, EndedRun, JobState, Run
 from worker.core.runs import RunRow
 from worker.core.values import Value
 
@@ -46,7 +46,6 @@ _RUN_ROW: Final[Any] = _struct(RunRow)
 _RUN: Final[Any] = _struct(Run)
 _DECIDED: Final[Any] = _struct(Decided)
 _ENDED: Final[Any] = _struct(EndedRun)
-_QUEUED: Final[Any] = _struct(Queued)
 # A head is the state without its windows (rows of their own) and without the index of its
 # idempotency window, which is never written (`JobState.decided_index`): its other fields.
 _NO_WINDOWS = {"decided": True, "ended": True}
@@ -57,8 +56,8 @@ _HEAD: Final[Any] = msgspec.defstruct(
 
 def _plain(value: Any) -> Any:
     """What msgspec writes for a value it does not know: an event's source as its fields (a
-    frozen model: its `__dict__`), a native value as a struct of its fields, in order
-    (`_struct`; another `Value` as the dict of them)."""
+    frozen model: its `__dict__`), a value a transition writes as a struct of its fields,
+    in order (`_struct`; any other `Value` as the dict of them)."""
     if isinstance(value, Run):
         return _RUN(
             value.run_id,
@@ -81,17 +80,7 @@ def _plain(value: Any) -> Any:
         return _row_fields(value)
     if type(value) is Source:
         return value.__dict__
-    if isinstance(value, Queued):
-        return _QUEUED(
-            value.run_id,
-            value.request_id,
-            value.client_id,
-            value.scope,
-            value.queued_at,
-            value.size,
-            value.initial_data,
-        )
-    if isinstance(value, Value):
+    if isinstance(value, Value):  # a queued start: a queue is seldom written
         return value.as_dict()
     raise TypeError(f"{type(value).__name__} is not written by msgspec")
 
